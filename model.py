@@ -1,0 +1,1032 @@
+"""The language model and what every stage of the pipeline shares.
+
+A decoder-only transformer (Radford et al. 2019; Vaswani et al. 2017) whose design choices are
+config switches, because the choices are the lesson:
+
+    x_0     = E[tokens] (+ P[positions] with learned positions)
+    x_{l+1} = x_l + Attn(Norm(x_l)) ;  x_{l+1} = x_{l+1} + FFN(Norm(x_{l+1}))      (pre-norm)
+    logits  = Norm(x_L) W_out^T ,  p(x_t | x_<t) = softmax(logits_{t-1})
+
+and the plumbing the stages need: a byte-level tiktoken tokenizer built in code, one pure
+sampling function, batched KV-cache generation, per-token log-probabilities, atomic checkpoints,
+the `#### answer` verifier, and run helpers (device, seeding, DDP, args, JSONL, metrics).
+
+    python model.py            # benchmark: params, train tokens/s, MFU vs measured peak, KV-cache speed-up
+    python model.py --help
+
+Sections: 1. model  2. tokenizer  3. sampling and generation  4. log-probabilities
+          5. checkpoints  6. verifiable answers  7. run plumbing  8. benchmark (main)
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import inspect
+import io
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import tokenize
+import typing
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Model
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    vocab_size: int = 258        # 256 bytes + <|endoftext|> + <|pad|>
+    block_size: int = 256        # longest sequence (learned positions have this many rows)
+    n_layer: int = 4             # transformer blocks
+    n_head: int = 4              # query heads
+    n_kv_head: int = 4           # key/value heads; < n_head is grouped-query attention (GQA)
+    n_embd: int = 128            # residual width C
+    ffn: str = "swiglu"          # swiglu | geglu | gelu | relu | relu2 | moe
+    ffn_hidden: int = 0          # FFN width; 0 = 4C (plain) or 8C/3 (gated, rounded to 16)
+    norm: str = "rmsnorm"        # rmsnorm | layernorm
+    norm_position: str = "pre"   # pre | post (post = the original Transformer)
+    pos: str = "rope"            # rope | learned
+    rope_base: float = 10000.0   # RoPE frequency base theta
+    tie_embeddings: bool = True  # output matrix = input embedding matrix
+    bias: bool = False           # biases in linear layers and LayerNorm
+    dropout: float = 0.0         # dropout on attention and residual branches
+    n_expert: int = 4            # MoE: experts per layer
+    moe_top_k: int = 2           # MoE: experts per token
+    moe_balance_coef: float = 0.01  # MoE: weight of the Switch load-balancing loss in aux_loss
+    moe_z_coef: float = 0.001       # MoE: weight of the router z-loss in aux_loss
+
+    def __post_init__(self):
+        choices = {"ffn": ("swiglu", "geglu", "gelu", "relu", "relu2", "moe"),
+                   "norm": ("rmsnorm", "layernorm"), "norm_position": ("pre", "post"),
+                   "pos": ("rope", "learned")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Config.{name}={getattr(self, name)!r}; choose one of {allowed}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2 and self.pos == "rope":
+            raise ValueError("RoPE needs an even head dimension")
+        if self.ffn == "moe" and not 1 <= self.moe_top_k <= self.n_expert:
+            raise ValueError(f"moe_top_k={self.moe_top_k} must be in [1, n_expert={self.n_expert}]")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.ffn in ("swiglu", "geglu", "moe"):   # 8C/3 keeps gated FFNs at 4C's parameter count
+            return 16 * math.ceil(8 * self.n_embd / 3 / 16)
+        return 4 * self.n_embd
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): y = x / sqrt(mean(x^2) + eps) * g. No mean subtraction."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def make_norm(cfg: Config) -> nn.Module:
+    return RMSNorm(cfg.n_embd) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+
+def rope_cos_sin(positions, head_dim: int, base: float):
+    """Rotary position embedding angles (Su et al. 2021, RoFormer).
+
+    theta_i = base^(-2i/d),  angle[t, i] = position_t * theta_i.    positions (B, T) -> cos, sin (B, 1, T, d/2)
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq            # (B, T, d/2)
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x1_i, x2_i) by angle[t, i]; then q_i . k_j depends only on i - j.   x (B, H, T, d)"""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def attention_mask(q_doc, k_doc, q_index, k_index):
+    """Boolean mask (B, 1, Tq, Tk): key j is visible to query i iff j <= i (causal, by index in the row)
+    and both belong to the same document (packing, and left padding: pads are their own document)."""
+    causal = k_index[None, None, :] <= q_index[None, :, None]            # (1, Tq, Tk)
+    same_doc = q_doc[:, :, None] == k_doc[:, None, :]                    # (B, Tq, Tk)
+    return (causal & same_doc)[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so decoding one token costs O(T), not O(T^2).
+
+    k[l], v[l]: (B, n_kv_head, max_len, head_dim); doc_ids (B, max_len); `length` tokens are filled."""
+
+    def __init__(self, cfg: Config, batch_size: int, max_len: int, device):
+        self.k = [None] * cfg.n_layer
+        self.v = [None] * cfg.n_layer
+        self.shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.doc_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k, v):
+        """Write this step's k, v (B, Hkv, T, d) after the cached ones; return all keys and values so far."""
+        if self.k[layer] is None:   # allocate lazily in the dtype the layer produces (bf16 under autocast)
+            self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with grouped-query attention (Ainslie et al. 2023).
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d) + mask) V, through F.scaled_dot_product_attention
+    (fused kernels on CUDA). With n_kv_head < n_head each K/V head serves n_head / n_kv_head query heads.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.proj.residual = True   # scaled init
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)        # (B, H, T, d)
+        k, v = self.kv(x).view(B, T, 2, self.n_kv_head, self.head_dim).unbind(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)                                  # (B, Hkv, T, d)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                                         # (B, Hkv, Tk, d)
+        if self.n_kv_head != self.n_head:
+            repeat = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.cfg.dropout if self.training else 0.0)                   # (B, H, T, d)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,                                   # GELU(x) = x * Phi(x) (Hendrycks & Gimpel 2016)
+    "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),            # squared ReLU (So et al. 2021, Primer)
+    "swiglu": F.silu,                                 # SwiGLU = SiLU(x W1) * (x W3)  (Shazeer 2020)
+    "geglu": F.gelu,                                  # GEGLU  = GELU(x W1) * (x W3)
+}
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN: W2 act(W1 x) or, gated (GLU variants, Shazeer 2020), W2 (act(W1 x) * W3 x)."""
+
+    def __init__(self, cfg: Config, kind: str):
+        super().__init__()
+        self.act = ACTIVATIONS[kind]
+        self.gated = kind in ("swiglu", "geglu")
+        self.w1 = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias) if self.gated else None
+        self.w2 = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
+        self.w2.residual = True
+
+    def forward(self, x):
+        h = self.act(self.w1(x))
+        return self.w2(h * self.w3(x) if self.gated else h)
+
+
+def load_balancing_loss(router_probs, expert_index, n_expert: int):
+    """Switch Transformer load-balancing loss (Fedus et al. 2021):  L = E * sum_e f_e * P_e
+
+    f_e = share of the N*k token->expert assignments that go to expert e, P_e = mean router probability
+    of e. Equals 1 when routing is uniform and grows as it concentrates (up to E).
+    router_probs (N, E), expert_index (N, k)."""
+    counts = torch.zeros(n_expert, device=router_probs.device).index_add_(
+        0, expert_index.reshape(-1), torch.ones(expert_index.numel(), device=router_probs.device))
+    f = counts / expert_index.numel()                                             # (E,)
+    P = router_probs.float().mean(0)                                              # (E,)
+    return n_expert * (f * P).sum()
+
+
+def router_z_loss(router_logits):
+    """Router z-loss (Zoph et al. 2022, ST-MoE): mean over tokens of (log sum_e exp z_e)^2."""
+    return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
+
+
+class MoE(nn.Module):
+    """Mixture of experts FFN: each token goes to its top-k of n experts, outputs mixed by the
+    renormalised router probabilities:  y = sum_{e in topk(p)} (p_e / sum_{topk} p) * FFN_e(x)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=False)
+        self.experts = nn.ModuleList(FeedForward(cfg, "swiglu") for _ in range(cfg.n_expert))
+        self.aux_loss = torch.zeros(())
+
+    def route(self, x):
+        """x (N, C) -> weights (N, k) summing to 1, experts (N, k), probs (N, E), logits (N, E)."""
+        logits = self.router(x)                                                   # (N, E)
+        probs = logits.float().softmax(-1)
+        top_p, experts = probs.topk(self.cfg.moe_top_k, dim=-1)                   # (N, k)
+        return top_p / top_p.sum(-1, keepdim=True), experts, probs, logits
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                              # (N, C)
+        weights, experts, probs, logits = self.route(x)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = (experts == e).nonzero(as_tuple=True)                   # tokens routed to e
+            if token.numel():
+                y.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(y.dtype))
+        self.aux_loss = (self.cfg.moe_balance_coef * load_balancing_loss(probs, experts, self.cfg.n_expert)
+                         + self.cfg.moe_z_coef * router_z_loss(logits))
+        return y.view(shape)
+
+
+class Block(nn.Module):
+    """One transformer block; pre-norm x + f(Norm(x)) (GPT-2) or post-norm Norm(x + f(x)) (Vaswani)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.pre = cfg.norm_position == "pre"
+        self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.ffn = MoE(cfg) if cfg.ffn == "moe" else FeedForward(cfg, cfg.ffn)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, cache, layer):
+        if self.pre:
+            x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache, layer))
+            return x + self.drop(self.ffn(self.norm2(x)))
+        x = self.norm1(x + self.drop(self.attn(x, rope, mask, cache, layer)))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer. forward(tokens (B, T)) -> logits (B, T, V) in float32.
+
+    Optional per-token `positions` (B, T) and `doc_ids` (B, T): with doc_ids a token attends only to
+    earlier tokens of the same document, so a packed row (or a left-padded one) gives each document
+    the logits it would have alone. `cache` (a KVCache) appends this call's tokens after the cached ones.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight   # Press & Wolf 2017
+
+    def _init_weights(self, module):
+        """N(0, 0.02); residual output projections N(0, 0.02 / sqrt(2 L)) so the residual stream's
+        variance does not grow with depth (GPT-2)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())   # tied weights are counted once
+
+    @property
+    def aux_loss(self):
+        """MoE load-balancing + router z-loss of the last forward pass (0 without MoE): add it to the loss."""
+        losses = [b.ffn.aux_loss for b in self.blocks if isinstance(b.ffn, MoE)]
+        return sum(losses) if losses else torch.zeros((), device=self.wte.weight.device)
+
+    def hidden(self, tokens, positions=None, doc_ids=None, cache: KVCache | None = None):
+        """Final normalised hidden states (B, T, C): what the LM head, a reward head or a value head reads."""
+        B, T = tokens.shape
+        offset = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(offset, offset + T, device=tokens.device).expand(B, T)
+        x = self.wte(tokens)                                                      # (B, T, C)
+        if self.wpe is not None:
+            if int(positions.max()) >= self.config.block_size:
+                raise ValueError(f"position {int(positions.max())} >= block_size {self.config.block_size}")
+            x = x + self.wpe(positions)
+        x = self.drop(x)
+        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_base) if self.wpe is None else None
+        mask = None                                  # None = plain causal (fast path)
+        if cache is not None:
+            if doc_ids is None:
+                doc_ids = torch.zeros(B, T, dtype=torch.long, device=tokens.device)
+            cache.doc_ids[:, offset:offset + T] = doc_ids
+            mask = attention_mask(doc_ids, cache.doc_ids[:, :offset + T],
+                                  torch.arange(offset, offset + T, device=tokens.device),
+                                  torch.arange(offset + T, device=tokens.device))
+        elif doc_ids is not None:
+            index = torch.arange(T, device=tokens.device)
+            mask = attention_mask(doc_ids, doc_ids, index, index)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, mask, cache, layer)
+        if cache is not None:
+            cache.length += T
+        return self.norm_f(x)
+
+    def forward(self, tokens, positions=None, doc_ids=None, cache: KVCache | None = None):
+        return self.lm_head(self.hidden(tokens, positions, doc_ids, cache)).float()   # (B, T, V)
+
+
+def unwrap(model) -> GPT:
+    """The GPT inside a DistributedDataParallel (or any .module) wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+def padded_batch(seqs, pad_id: int, side: str = "right", device=None):
+    """list of token lists -> tokens (B, T) padded with pad_id on `side`, mask (B, T) True at real tokens."""
+    T = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        tokens[i, sl] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, sl] = True
+    return tokens.to(device), mask.to(device)
+
+
+def left_pad_inputs(mask):
+    """For a left-padded batch: positions that start at 0 on the first real token, and doc_ids that
+    put pads in a document of their own (0; real tokens 1), so every row's logits equal the row alone."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions, mask.long()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+EOT, PAD = "<|endoftext|>", "<|pad|>"
+BYTE_EOT_ID, BYTE_PAD_ID = 256, 257
+# GPT-2's pre-tokenisation split; with no merges it does not change the byte-level result.
+SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def get_tokenizer(name: str = "bytes") -> tiktoken.Encoding:
+    """"bytes": 256 byte tokens, <|endoftext|> = 256, <|pad|> = 257; built in code, no download.
+    Any named tiktoken encoding ("gpt2", "cl100k_base", "o200k_base") gains a <|pad|> token at the end."""
+    if name == "bytes":
+        return tiktoken.Encoding(name="bytes", pat_str=SPLIT_PATTERN,
+                                 mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={EOT: BYTE_EOT_ID, PAD: BYTE_PAD_ID})
+    try:
+        base = tiktoken.get_encoding(name)
+    except Exception as e:   # unknown name, or the ranks file cannot be downloaded offline
+        raise UserError(f"tokenizer {name!r} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        "offline, use the built-in 'bytes' tokenizer") from None
+    specials = dict(base._special_tokens)
+    specials.setdefault(PAD, base.n_vocab)
+    return tiktoken.Encoding(name=name, pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                             special_tokens=specials)
+
+
+def pad_id(enc: tiktoken.Encoding) -> int:
+    return enc.encode_single_token(PAD)
+
+
+def encode(enc: tiktoken.Encoding, text: str) -> list[int]:
+    """Ordinary text to ids; special-token strings in the text are encoded as plain text, never as specials."""
+    return enc.encode_ordinary(text)
+
+
+def decode(enc: tiktoken.Encoding, ids) -> str:
+    """Ids to text, dropping <|endoftext|> and <|pad|>."""
+    skip = {enc.eot_token, pad_id(enc)}
+    return enc.decode([int(i) for i in ids if int(i) not in skip])
+
+
+def tokenizer_spec(enc: tiktoken.Encoding) -> dict:
+    return {"name": enc.name, "n_vocab": enc.n_vocab}
+
+
+def tokenizer_from_spec(spec: dict) -> tiktoken.Encoding:
+    enc = get_tokenizer(spec["name"])
+    if enc.n_vocab != spec["n_vocab"]:
+        raise UserError(f"tokenizer {spec['name']!r} has {enc.n_vocab} tokens, the checkpoint expects {spec['n_vocab']}")
+    return enc
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Sampling and generation
+# ----------------------------------------------------------------------------------------------
+
+def sampling_logprobs(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+    """Log-probabilities (..., V) of the distribution we actually sample from; -inf outside the kept set.
+
+    temperature: softmax(z / tau) (tau == 0: greedy, a point mass on argmax z)
+    top_k:       keep the k largest logits (Fan et al. 2018)
+    top_p:       keep the smallest set of most likely tokens whose mass reaches p (Holtzman et al. 2020)
+    min_p:       keep tokens with p >= min_p * max p (Nguyen et al. 2024)
+    The same function serves sampling and the importance ratio, so both use one distribution.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        greedy = F.one_hot(logits.argmax(-1), logits.shape[-1]).bool()
+        return torch.zeros_like(logits).masked_fill(~greedy, -math.inf)
+    logits = logits / temperature
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, -math.inf)
+    if top_p < 1.0:
+        probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+        mass_before = probs.cumsum(-1) - probs                  # mass of the strictly more likely tokens
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, mass_before < top_p)
+        logits = logits.masked_fill(~keep, -math.inf)
+    if min_p > 0.0:
+        logp = logits.log_softmax(-1)
+        logits = logits.masked_fill(logp < logp.max(-1, keepdim=True).values + math.log(min_p), -math.inf)
+    return logits.log_softmax(-1)
+
+
+def sample(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+           generator=None):
+    """Draw one token per row of logits (..., V); return tokens (...,) and their sampling log-probs (...,)."""
+    logp = sampling_logprobs(logits, temperature, top_k, top_p, min_p)
+    if temperature == 0:
+        tokens = logp.argmax(-1)
+    else:
+        flat = logp.reshape(-1, logp.shape[-1]).exp()
+        tokens = torch.multinomial(flat, 1, generator=generator).view(logp.shape[:-1])
+    return tokens, logp.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor     # (B, N) new tokens, right-padded with pad_id; a stop token is included
+    logprobs: torch.Tensor   # (B, N) log-prob of each new token under the sampling distribution, 0 at pads
+    lengths: torch.Tensor    # (B,) new tokens per row
+    finished: torch.Tensor   # (B,) True: ended with a stop token; False: truncated at max_new_tokens
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, min_p: float = 0.0, stop_ids=(BYTE_EOT_ID,), pad_id: int = BYTE_PAD_ID,
+             generator=None) -> Generation:
+    """Batched sampling with a KV cache. Prompts of different lengths are left-padded; pads form their own
+    document and positions start at each row's first real token, so a row samples as it would alone.
+    A row stops at its first stop id (the defaults are the byte tokenizer's; pass enc-specific ids)."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()                                    # sampling policy = eval mode: no dropout
+    device = model.wte.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    if model.wpe is not None and P + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) > block_size {model.config.block_size}")
+    tokens, mask = padded_batch(prompts, pad_id, side="left", device=device)
+    positions, doc_ids = left_pad_inputs(mask)
+    cache = KVCache(model.config, B, P + max_new_tokens, device)
+    stop = torch.tensor(list(stop_ids), device=device)
+    out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros(B, max_new_tokens, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    next_pos = positions[:, -1:] + 1                                            # (B, 1)
+    real = torch.ones(B, 1, dtype=torch.long, device=device)
+    with autocast(device):
+        logits = model(tokens, positions, doc_ids, cache)[:, -1]               # (B, V)
+        n = 0
+        for t in range(max_new_tokens):
+            token, logprob = sample(logits, temperature, top_k, top_p, min_p, generator)
+            out_tokens[:, t] = token.masked_fill(done, pad_id)
+            out_logprobs[:, t] = logprob.masked_fill(done, 0.0)
+            hit = torch.isin(token, stop) & ~done
+            finished |= hit
+            done |= hit
+            n = t + 1
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            logits = model(token[:, None], next_pos, real, cache)[:, -1]
+            next_pos = next_pos + 1
+    model.train(was_training)
+    out_tokens, out_logprobs = out_tokens[:, :n], out_logprobs[:, :n]
+    return Generation(out_tokens, out_logprobs, (out_tokens != pad_id).sum(-1), finished)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Log-probabilities
+# ----------------------------------------------------------------------------------------------
+
+def token_logprobs(model, tokens, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0, positions=None, doc_ids=None, mask=None):
+    """log pi(x_t | x_<t) for t = 1..T-1 under the sampling transform (the quantity SFT, DPO, PPO and
+    GRPO all need). tokens (B, T) -> (B, T-1); with mask (B, T), positions whose token is padding give 0."""
+    logits = model(tokens, positions, doc_ids)[:, :-1]                         # (B, T-1, V)
+    logp = sampling_logprobs(logits, temperature, top_k, top_p, min_p)
+    out = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)                       # (B, T-1)
+    return out if mask is None else out.masked_fill(~mask[:, 1:].bool(), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """Bad input from the user (a path, a line of a file, an argument): printed as one line by `cli`."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that is missing, truncated or not ours; the message names the path."""
+
+
+def save(path: str, model, enc: tiktoken.Encoding, **meta) -> None:
+    """Write config, weights, tokenizer spec and metadata (optimizer state, step, ...) atomically:
+    a temporary file in the same folder, then os.replace, so a crash never leaves a half-written model."""
+    model = unwrap(model)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    ckpt = {"config": asdict(model.config), "model": model.state_dict(),
+            "tokenizer": tokenizer_spec(enc), "meta": meta}
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load(path: str, device="cpu"):
+    """-> (model, enc, ckpt). torch.load(weights_only=True): tensors and plain containers only, no code."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        model = GPT(Config(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+        enc = tokenizer_from_spec(ckpt["tokenizer"])
+    except UserError:
+        raise
+    except Exception as e:
+        reason = (str(e).splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
+    return model.to(device), enc, ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Verifiable answers: the `#### answer` convention (GSM8K) and worked steps "lhs=rhs"
+# ----------------------------------------------------------------------------------------------
+
+NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+def extract_answer(text: str) -> str | None:
+    """The answer after the LAST '####': its first whitespace-separated token, commas removed."""
+    at = text.rfind("####")
+    if at < 0:
+        return None
+    rest = text[at + 4:].split()
+    return rest[0].replace(",", "").rstrip(".") if rest else None
+
+
+def is_correct(completion: str, answer) -> bool:
+    """Does the completion's final answer equal `answer`? Numbers compare by value ("12.0" == "12")."""
+    pred, gold = extract_answer(completion), str(answer).replace(",", "").strip()
+    if pred is None:
+        return False
+    if NUMBER.match(pred) and NUMBER.match(gold):
+        return float(pred) == float(gold)
+    return pred == gold
+
+
+ARITH_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+             ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
+             ast.Pow: lambda a, b: a ** b}
+ARITH_MAX_CHARS, ARITH_MAX_DEPTH, ARITH_MAX_ABS = 200, 32, 10 ** 60
+
+
+def arith(expr: str):
+    """Evaluate + - * / // % ** and parentheses on numbers, by walking the `ast` (never eval).
+    Bounded: at most 200 characters, nesting 32, |values| <= 1e60, exponents checked before computing.
+    Anything else raises ValueError with the reason."""
+    if not isinstance(expr, str) or len(expr) > ARITH_MAX_CHARS:
+        raise ValueError(f"expression longer than {ARITH_MAX_CHARS} characters")
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise ValueError(f"not an arithmetic expression ({type(e).__name__})") from None
+
+    def check(value):
+        if isinstance(value, float) and not math.isfinite(value) or abs(value) > ARITH_MAX_ABS:
+            raise ValueError("value out of range")
+        return value
+
+    def walk(node, depth):
+        if depth > ARITH_MAX_DEPTH:
+            raise ValueError("expression nested too deeply")
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return check(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+            value = walk(node.operand, depth + 1)
+            return -value if isinstance(node.op, ast.USub) else value
+        if isinstance(node, ast.BinOp) and type(node.op) in ARITH_OPS:
+            a, b = walk(node.left, depth + 1), walk(node.right, depth + 1)
+            if isinstance(node.op, ast.Pow):
+                if abs(b) > 256 or (a != 0 and abs(b) * math.log10(abs(a) + 1) > 60):
+                    raise ValueError("exponent too large")
+                if a == 0 and b < 0:
+                    raise ValueError("division by zero")
+            if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b == 0:
+                raise ValueError("division by zero")
+            return check(ARITH_OPS[type(node.op)](a, b))
+        raise ValueError(f"unsupported syntax: {type(node).__name__}")
+
+    return walk(tree.body, 0)
+
+
+def step_lines(text: str) -> list[tuple[str, str]]:
+    """The worked steps before the '####' line: lines 'lhs=rhs' with an integer rhs -> [(lhs, rhs)]."""
+    body = text[:text.rfind("####")] if "####" in text else text
+    steps = []
+    for line in body.splitlines():
+        lhs, eq, rhs = line.rpartition("=")
+        if eq and re.fullmatch(r"\s*-?\d+\s*", rhs) and lhs.strip():
+            steps.append((lhs.strip(), rhs.strip()))
+    return steps
+
+
+def completion_style(text: str) -> str:
+    """'no_answer' (no #### answer), 'bare' (an answer with no steps), 'wrong_step' (a step whose
+    left side does not evaluate to its right side) or 'worked' (at least one step, all correct)."""
+    if extract_answer(text) is None:
+        return "no_answer"
+    steps = step_lines(text)
+    if not steps:
+        return "bare"
+    for lhs, rhs in steps:
+        try:
+            if arith(lhs) != int(rhs):
+                return "wrong_step"
+        except ValueError:
+            return "wrong_step"
+    return "worked"
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Run plumbing: device, seeds, DDP, arguments, JSONL, metrics, upstream stages
+# ----------------------------------------------------------------------------------------------
+
+def get_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device {name}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (matmuls in bf16, reductions in fp32); plain fp32 on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_ddp():
+    """Under torchrun (RANK/WORLD_SIZE set): join the process group (nccl on CUDA, gloo on CPU).
+    -> (rank, world_size, is_ddp). A plain `python file.py` gives (0, 1, False)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def cleanup_ddp() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main(rank: int = 0) -> bool:
+    return rank == 0
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The trailing `# comment` of each field in a dataclass's source: the help text of its option."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        name = None
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.NAME and tok.start[1] == 4 and name is None:
+                name = tok.string
+            elif tok.type == tokenize.COMMENT and name is not None:
+                comments[name] = tok.string.lstrip("# ").strip()
+            elif tok.type in (tokenize.NEWLINE, tokenize.NL):
+                name = None
+    return comments
+
+
+def parse_args(cls, argv=None, description: str | None = None):
+    """An argparse CLI from a dataclass: --field-name for each field, its trailing comment as help,
+    its default shown; bools become --flag / --no-flag. Returns an instance of `cls`."""
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    if description is None:
+        main_doc = sys.modules["__main__"].__doc__
+        description = main_doc if main_doc and cls.__module__ == "__main__" else cls.__doc__
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = comments.get(f.name, "")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind if kind in (int, float, str) else str,
+                                default=default, metavar=kind.__name__.upper() if hasattr(kind, "__name__") else "X",
+                                help=f"{help_text} (default: {default})")
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def cli(main) -> None:
+    """Run main(); a UserError becomes one line on stderr and exit status 2, not a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def read_jsonl(path: str, required_keys=()) -> list[dict]:
+    """Read a JSONL file; a missing file, a malformed line or a missing key is a UserError naming file:line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required_keys if k not in row]
+            if missing:
+                raise UserError(f"{path}:{number}: missing key(s) {', '.join(missing)}")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: empty, no examples")
+    return rows
+
+
+def write_jsonl(path: str, rows) -> None:
+    """Write rows atomically (temporary file, then rename): readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_args(run_dir: str, args) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args) if dataclasses.is_dataclass(args) else dict(args), f, indent=2)
+
+
+def format_seconds(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class MetricsLogger:
+    """One JSON line per log call into run_dir/metrics.jsonl, and a readable progress line with an ETA.
+    `total` is the number of steps, or None when a time budget (`budget_s`) sets the end instead."""
+
+    def __init__(self, run_dir: str, total: int | None = None, budget_s: float | None = None,
+                 enabled: bool = True, append: bool = False):
+        self.enabled, self.total, self.budget_s = enabled, total, budget_s
+        self.start = time.time()
+        self.file = None
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
+            self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a" if append else "w")
+
+    def log(self, step: int, echo: bool = True, **metrics) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.time() - self.start
+        row = {"step": step, "time_s": round(elapsed, 3)}
+        row.update({k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in metrics.items()})
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if echo:
+            if self.budget_s:
+                eta = self.budget_s - elapsed
+            elif self.total:
+                eta = elapsed / max(step, 1) * (self.total - step)
+            else:
+                eta = None
+            shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                             if k not in ("step", "time_s") and not isinstance(v, (list, dict)))
+            where = f"step {step}" + (f"/{self.total}" if self.total else "")
+            tail = f" | {format_seconds(elapsed)} elapsed" + (f", ETA {format_seconds(eta)}" if eta is not None else "")
+            print(f"{where} | {shown}{tail}", flush=True)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def ensure_input(path: str, default_path: str, command: list[str]) -> str:
+    """A stage's input: if `path` exists, use it. If it is missing and is the stage's default, make it by
+    running the upstream stage (`command` = script and its arguments, run with this Python, printed
+    first). If the user named it explicitly, that is an error naming the path."""
+    if os.path.exists(path):
+        return path
+    if os.path.normpath(path) != os.path.normpath(default_path):
+        raise UserError(f"{path}: no such file")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), command[0])
+    full = [sys.executable, script, *command[1:]]
+    print(f"{path} is missing; making it with: python {' '.join(command)}", flush=True)
+    result = subprocess.run(full)
+    if result.returncode != 0 or not os.path.exists(path):
+        raise UserError(f"{path}: `python {' '.join(command)}` failed (exit {result.returncode}) to make it")
+    return path
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process: CUDA's max_memory_allocated on a GPU, else the peak resident set."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Benchmark
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class BenchArgs:
+    n_layer: int = 4             # transformer blocks
+    n_embd: int = 128            # residual width
+    n_head: int = 4              # attention heads
+    ffn: str = "swiglu"          # swiglu | geglu | gelu | relu | relu2 | moe
+    batch_size: int = 32         # sequences per training step
+    seq_len: int = 128           # tokens per sequence
+    steps: int = 10              # timed training steps (after 2 warm-up steps)
+    gen_batch: int = 16          # prompts generated in parallel
+    gen_tokens: int = 96         # new tokens per prompt in the generation benchmark
+    device: str = "auto"         # auto | cpu | cuda
+    seed: int = 0                # random seed
+
+
+def matmul_peak_flops(device, n: int = 1024, reps: int = 10) -> float:
+    """This machine's measured dense fp32 (bf16 on CUDA) matmul throughput, 2 n^3 FLOPs per product."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    args = parse_args(BenchArgs)
+    seed_everything(args.seed)
+    device = get_device(args.device)
+    enc = get_tokenizer("bytes")
+    cfg = Config(vocab_size=enc.n_vocab, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
+                 n_kv_head=args.n_head, ffn=args.ffn, block_size=max(256, args.seq_len))
+    model = GPT(cfg).to(device)
+    n_params = model.num_params()
+    print(f"device {device} | model {n_params / 1e6:.3f} M parameters "
+          f"({cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, ffn {cfg.ffn}, vocab {cfg.vocab_size})")
+
+    # Training throughput: forward + backward + AdamW step on random tokens.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    x = torch.randint(0, 256, (args.batch_size, args.seq_len + 1), device=device)
+    def train_step():
+        with autocast(device):
+            logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)) + model.aux_loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(2):
+        train_step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        train_step()
+    sync(device)
+    train_s = (time.perf_counter() - t) / args.steps
+    tokens_per_s = args.batch_size * args.seq_len / train_s
+    # FLOPs per token (Kaplan et al. 2020; PaLM appendix B): 6 N for the matmuls + 12 L C T for attention.
+    n_matmul = n_params - cfg.vocab_size * cfg.n_embd * (1 if cfg.tie_embeddings else 0)
+    flops_per_token = 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * args.seq_len
+    peak = matmul_peak_flops(device)
+    achieved = flops_per_token * tokens_per_s
+    print(f"training   {tokens_per_s:,.0f} tokens/s ({train_s * 1e3:.1f} ms/step, batch {args.batch_size}x{args.seq_len})")
+    print(f"compute    {achieved / 1e9:.2f} GFLOP/s achieved vs {peak / 1e9:.1f} GFLOP/s measured matmul peak "
+          f"= {achieved / peak:.1%} of peak (MFU)")
+
+    # Generation: KV cache against recomputing the whole sequence for every new token (greedy, same tokens).
+    prompts = [encode(enc, f"{random.randint(100, 999)}+{random.randint(100, 999)}=?\n") for _ in range(args.gen_batch)]
+    t = time.perf_counter()
+    gen = generate(model, prompts, args.gen_tokens, temperature=0.0, stop_ids=())
+    sync(device)
+    cached_s = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.eval()
+        seq, _ = padded_batch(prompts, BYTE_PAD_ID, side="left", device=device)
+        for _ in range(args.gen_tokens):
+            _, mask = padded_batch(prompts, BYTE_PAD_ID, side="left", device=device)
+            mask = torch.cat([mask, torch.ones(len(prompts), seq.shape[1] - mask.shape[1], dtype=torch.bool,
+                                               device=device)], 1)
+            positions, doc_ids = left_pad_inputs(mask)
+            with autocast(device):
+                nxt = model(seq, positions, doc_ids)[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    sync(device)
+    full_s = time.perf_counter() - t
+    same = torch.equal(seq[:, -args.gen_tokens:], gen.tokens)
+    n_new = args.gen_batch * args.gen_tokens
+    print(f"generation {n_new / cached_s:,.0f} tokens/s with KV cache vs {n_new / full_s:,.0f} tokens/s recomputing "
+          f"= {full_s / cached_s:.2f}x speed-up ({args.gen_batch} prompts x {args.gen_tokens} tokens; "
+          f"identical greedy tokens: {same})")
+    sample_gen = generate(model, prompts[:1], 48, temperature=1.0, generator=torch.Generator(device).manual_seed(args.seed))
+    print(f"untrained sample: {decode(enc, prompts[0])!r} -> {decode(enc, sample_gen.tokens[0])!r}")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,474 @@
+"""Supervised fine-tuning (SFT): teach a language model to imitate demonstrations.
+
+A demonstration is a prompt x and a completion y (a worked solution ending in "#### answer"),
+followed by the end-of-sequence token. SFT maximises the likelihood of the completion given the
+prompt; the prompt's tokens are inputs only, masked out of the loss:
+
+    L(theta) = -1/N * sum_{i in batch} sum_{t in y_i + EOS} log p_theta(y_{i,t} | x_i, y_{i,<t})
+
+N counts the completion tokens (EOS included) of the WHOLE batch, so the gradient is the same
+whether the batch goes through at once, in micro-batches (gradient accumulation) or split across
+processes (DDP). Ouyang et al. 2022 (InstructGPT, the SFT stage); Wei et al. 2022 (FLAN);
+AdamW: Loshchilov & Hutter 2019; warmup + cosine: Loshchilov & Hutter 2017, Goyal et al. 2017.
+
+    python sft.py                                     # ~4 min on 2 CPU cores -> runs/sft/model.pt
+    torchrun --nproc_per_node=2 sft.py                # same updates, batch split over 2 processes
+    python sft.py --init runs/sft/model.pt --time-budget 5 --out runs/control   # continue training
+    python sft.py --resume                            # continue an interrupted run exactly
+"""
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import model as M
+
+
+@dataclass
+class Args:
+    data: str = "data/sft_train.jsonl"       # prompt/completion JSONL to train on
+    test_data: str = "data/sft_test.jsonl"   # prompt/completion JSONL for the eval loss
+    heldout: str = "data/rl_test.jsonl"      # prompt/answer JSONL for held-out greedy accuracy
+    out: str = "runs/sft"                    # run folder: model.pt, metrics.jsonl, args.json
+    init: str = ""                           # start from this checkpoint (fresh optimizer, step 0)
+    resume: bool = False                     # continue the run saved in --out exactly where it stopped
+    tokenizer: str = "bytes"                 # tiktoken encoding for a model built from scratch
+    n_layer: int = 4                         # transformer blocks (from scratch only)
+    n_head: int = 4                          # attention heads (from scratch only)
+    n_kv_head: int = 4                       # key/value heads, < n_head = grouped-query attention
+    n_embd: int = 128                        # model width (from scratch only)
+    block_size: int = 256                    # context length (from scratch only)
+    ffn: str = "swiglu"                      # swiglu|geglu|gelu|relu|relu2|moe
+    norm: str = "rmsnorm"                    # rmsnorm|layernorm
+    pos: str = "rope"                        # rope|learned
+    dropout: float = 0.0                     # dropout probability (from scratch only)
+    batch_size: int = 64                     # sequences per update, over all processes together
+    micro_batch: int = 0                     # sequences per forward/backward (0 = the whole share)
+    lr: float = 0.0                          # peak learning rate (0 = 3e-3 from scratch, 1e-3 with --init)
+    min_lr_ratio: float = 0.1                # the cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0                    # linear warmup updates (0 = 30 from scratch, 10 with --init)
+    weight_decay: float = 0.1                # AdamW decay on matrices/embeddings, never on norms/biases
+    beta1: float = 0.9                       # AdamW beta1
+    beta2: float = 0.99                      # AdamW beta2
+    grad_clip: float = 1.0                   # clip the global gradient norm to this (0 = off)
+    aux_loss_weight: float = 0.01            # weight of the MoE load-balancing loss (ffn=moe only)
+    max_steps: int = 0                       # stop after this many updates (0 = no step limit)
+    time_budget: float = 4.0                 # minutes of training, eval excluded (0 = no time limit)
+    eval_every: int = 150                    # updates between evals and checkpoints (0 = only at the end)
+    eval_examples: int = 256                 # test_data examples for the eval loss (0 = all)
+    heldout_n: int = 500                     # held-out prompts for accuracy (0 = all)
+    max_new_tokens: int = 96                 # generation limit for held-out accuracy
+    eval_batch: int = 250                    # prompts per generation batch
+    log_every: int = 10                      # updates between metric lines
+    device: str = "auto"                     # auto|cpu|cuda
+    seed: int = 0                            # seeds the model init, batch order and dropout
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: tokens = prompt ++ completion ++ [EOS], and which targets the loss sees
+# ---------------------------------------------------------------------------------------------
+
+def encode_example(enc, prompt, completion):
+    """-> (tokens, n_prompt): tokens = encode(prompt) + encode(completion) + [EOS]."""
+    prompt_ids = M.encode(enc, prompt)
+    return prompt_ids + M.encode(enc, completion) + [enc.eot_token], len(prompt_ids)
+
+
+def make_examples(rows, enc, block_size):
+    """Tokenise prompt/completion rows -> (examples, n_skipped).
+
+    An example is (tokens (L,) long tensor, n_prompt). A sequence of L tokens gives L - 1
+    (input, target) pairs, so it fits the context when L - 1 <= block_size; longer ones are
+    skipped (truncating would cut off the "#### answer" the model must learn to write)."""
+    examples, skipped = [], 0
+    for row in rows:
+        tokens, n_prompt = encode_example(enc, row["prompt"], row["completion"])
+        if len(tokens) - 1 > block_size:
+            skipped += 1
+            continue
+        examples.append((torch.tensor(tokens, dtype=torch.long), n_prompt))
+    return examples, skipped
+
+
+def collate(examples, pad_id):
+    """Right-pad a list of examples to the longest one -> (inputs, targets, loss_mask), each (B, T).
+
+    inputs = tokens[:, :-1], targets = tokens[:, 1:]; target t is token t+1 of the sequence, so
+        loss_mask[b, t] = (t + 1 >= n_prompt_b) and (t + 1 < L_b)
+    selects exactly the completion tokens and the EOS (never the prompt, never padding)."""
+    tokens = torch.nn.utils.rnn.pad_sequence([ex[0] for ex in examples], batch_first=True,
+                                             padding_value=pad_id)  # (B, L_max)
+    lengths = torch.tensor([len(ex[0]) for ex in examples])  # (B,)
+    n_prompt = torch.tensor([ex[1] for ex in examples])      # (B,)
+    target_pos = torch.arange(1, tokens.shape[1])[None, :]   # (1, T): position of each target
+    loss_mask = (target_pos >= n_prompt[:, None]) & (target_pos < lengths[:, None])  # (B, T)
+    return tokens[:, :-1], tokens[:, 1:], loss_mask
+
+
+def masked_nll(logits, targets, loss_mask, n_tokens=None):
+    """Prompt-masked SFT loss.
+
+        L = -1/N * sum_{b,t} m_{b,t} * log softmax(logits_{b,t})[targets_{b,t}]
+
+    logits (B, T, V), targets (B, T), loss_mask (B, T) bool. N = n_tokens, the completion-token
+    count of the WHOLE batch (pass it when this is one micro-batch of many), else loss_mask.sum().
+    Only the selected positions enter the graph, so the gradient at a prompt position is exactly 0."""
+    if n_tokens is None:
+        n_tokens = loss_mask.sum()
+    selected = logits[loss_mask]  # (N_micro, V)
+    return F.cross_entropy(selected.float(), targets[loss_mask], reduction="sum") / n_tokens
+
+
+def batch_indices(n_examples, batch_size, step, seed):
+    """Indices of the global batch at `step`: consecutive slices of a fresh permutation per epoch.
+
+    A pure function of (step, seed), so a resumed run sees the same batches as an uninterrupted
+    one, and every DDP rank draws the same global batch and keeps its own share of it."""
+    start = step * batch_size
+    indices = []
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), n_examples)
+        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        indices += perm[offset:offset + batch_size - len(indices)].tolist()
+    return indices
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation: AdamW with weight-decay groups, warmup + cosine, one accumulated update
+# ---------------------------------------------------------------------------------------------
+
+def adamw(model, lr, weight_decay, betas):
+    """AdamW (Loshchilov & Hutter 2019) with two groups: decay every matrix and embedding
+    (dim >= 2); never decay norm gains and biases (dim < 2), which only scale or shift."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def lr_at(step, progress, peak, warmup_steps, min_ratio):
+    """Linear warmup, then cosine decay on the run's progress in [0, 1]:
+
+        lr = peak * min(1, (step + 1) / warmup) * (r + (1 - r) * (1 + cos(pi * progress)) / 2)
+
+    progress = step / max_steps, or elapsed / budget under a wall-clock budget."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    progress = min(max(progress, 0.0), 1.0)
+    return peak * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def allreduce_sum(tensor, world_size):
+    """Sum a tensor over all processes (identity for a single process)."""
+    if world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def train_step(model, optimizer, micro_batches, device, grad_clip=1.0, world_size=1,
+               aux_loss_weight=0.0, batch_size=None):
+    """One optimizer update from this process's share of a batch, as micro-batches.
+
+    Each micro-batch's summed -log p is divided by N, the completion-token count of the whole
+    global batch, so accumulating the micro-batch gradients gives the whole-batch gradient. Across
+    processes the gradients are then SUMMED (each already carries 1/N_global): the update equals
+    one process on the whole batch (what DistributedDataParallel does, minus overlapping the
+    communication with the backward pass). Returns (loss, grad_norm, n_tokens)."""
+    n_local = sum(int(mask.sum()) for _, _, mask in micro_batches)
+    n_tokens = int(allreduce_sum(torch.tensor([float(n_local)]), world_size).item())
+    n_tokens = max(n_tokens, 1)
+    batch_size = batch_size or sum(len(inputs) for inputs, _, _ in micro_batches)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for inputs, targets, mask in micro_batches:
+        inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
+        with M.autocast(device):
+            logits = model(inputs)  # (b, T, V)
+        loss = masked_nll(logits, targets, mask, n_tokens)
+        if aux_loss_weight:  # MoE load balancing, weighted by this micro-batch's share of rows
+            loss = loss + aux_loss_weight * model.aux_loss * (len(inputs) / batch_size)
+        loss.backward()
+        loss_sum += loss.item()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # a parameter unused on this rank (an idle MoE expert) still joins the sum
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if world_size > 1:  # one flat all-reduce for every gradient plus the loss
+        flat = torch.cat([p.grad.reshape(-1) for p in params] + [torch.tensor([loss_sum], device=device)])
+        allreduce_sum(flat, world_size)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        loss_sum = float(flat[-1])
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    return loss_sum, float(grad_norm), n_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: loss on held-out demonstrations, greedy accuracy on held-out prompts
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def eval_loss(model, examples, pad_id, device, batch_size=64):
+    """Mean -log p over every completion token of `examples` (the SFT loss without an update).
+    Batches are formed from length-sorted examples, so there is little padding to compute."""
+    was_training = model.training
+    model.eval()
+    examples = sorted(examples, key=lambda ex: len(ex[0]))
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        inputs, targets, mask = collate(examples[start:start + batch_size], pad_id)
+        with M.autocast(device):
+            logits = model(inputs.to(device))  # (B, T, V)
+        total += float(masked_nll(logits, targets.to(device), mask.to(device), n_tokens=1))  # a sum
+        count += int(mask.sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def heldout_accuracy(model, enc, rows, max_new_tokens, batch_size=250):
+    """Greedy (temperature 0) completions of held-out prompts, each checked by the verifier
+    (model.is_correct: the number after the last "#### " equals the answer).
+    Returns (correct: list[bool], completions: list[str]) in the order of `rows`."""
+    was_training = model.training
+    model.eval()
+    prompts = [M.encode(enc, row["prompt"]) for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # similar lengths, less padding
+    correct, completions = [False] * len(rows), [""] * len(rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        room = model.config.block_size - max(len(prompts[i]) for i in idx)
+        gen = M.generate(model, [prompts[i] for i in idx], max(1, min(max_new_tokens, room)),
+                         temperature=0.0, pad_id=M.pad_id(enc))
+        for j, i in enumerate(idx):
+            completions[i] = M.decode(enc, gen.tokens[j, :int(gen.lengths[j])].tolist())
+            correct[i] = M.is_correct(completions[i], rows[i]["answer"])
+    model.train(was_training)
+    return correct, completions
+
+
+def accuracy_report(correct, rows):
+    """-> dict: overall accuracy, its standard error sqrt(p(1-p)/n), and accuracy per difficulty."""
+    n = len(correct)
+    acc = sum(correct) / max(n, 1)
+    report = {"heldout_acc": acc, "heldout_se": math.sqrt(acc * (1 - acc) / max(n, 1)), "heldout_n": n}
+    by_difficulty = {}
+    for ok, row in zip(correct, rows):
+        by_difficulty.setdefault(str(row.get("difficulty", "all")), []).append(ok)
+    report["heldout_acc_by_difficulty"] = {d: sum(v) / len(v) for d, v in sorted(by_difficulty.items())}
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: data, model, loop with budgets, evals and atomic checkpoints, DDP
+# ---------------------------------------------------------------------------------------------
+
+def fail(message):
+    """One clear line on stderr and exit 1 (before anything has been written)."""
+    raise SystemExit(f"sft.py: {message}")
+
+
+def load_rows(path, keys, default=None, world=(0, 1)):
+    """Read JSONL rows holding string `keys`; a missing default input is built by synth.py."""
+    rank, world_size = world
+    if default is not None and rank == 0:
+        M.ensure_input(path, default, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "synth.py")])
+    if world_size > 1:
+        dist.barrier()
+    if not os.path.exists(path):
+        fail(f"{path}: no such file")
+    rows = M.read_jsonl(path, required_keys=keys)
+    for i, row in enumerate(rows):
+        for key in keys:
+            if not isinstance(row[key], (str, int, float)) or isinstance(row[key], bool):
+                fail(f"{path}: row {i + 1}: '{key}' must be a string, got {type(row[key]).__name__}")
+    if not rows:
+        fail(f"{path}: empty dataset")
+    return rows
+
+
+def build_model(args, device):
+    """-> (model, enc, checkpoint or None): resumed from --out, initialised from --init, or new."""
+    if args.resume or args.init:
+        path = os.path.join(args.out, "model.pt") if args.resume else args.init
+        if not os.path.exists(path):
+            fail(f"{'--resume' if args.resume else '--init'}: checkpoint {path} does not exist")
+        try:
+            policy, enc, ckpt = M.load(path, device=device)
+        except M.CheckpointError as err:
+            fail(str(err))
+        return policy, enc, ckpt
+    enc = M.get_tokenizer(args.tokenizer)
+    config = M.Config(vocab_size=enc.n_vocab, block_size=args.block_size, n_layer=args.n_layer,
+                      n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd, ffn=args.ffn,
+                      norm=args.norm, pos=args.pos, dropout=args.dropout)
+    return M.GPT(config).to(device), enc, None
+
+
+def checkpoint(args, policy, enc, optimizer, step, train_seconds, peak_lr, warmup, results=None):
+    """Atomic save (model.save writes a temporary file, then renames it) of everything --resume needs."""
+    M.save(os.path.join(args.out, "model.pt"), policy, enc, optimizer=optimizer.state_dict(), step=step,
+           train_seconds=train_seconds, rng=torch.get_rng_state(), peak_lr=peak_lr, warmup_steps=warmup,
+           args=asdict(args), results=results or {})
+
+
+def run(args):
+    """Train; returns the final results dict (held-out accuracy, eval loss, steps, minutes)."""
+    if args.max_steps <= 0 and args.time_budget <= 0:
+        fail("set a budget: --max-steps N or --time-budget MINUTES")
+    if args.resume and args.init:
+        fail("--resume continues the run in --out; it cannot be combined with --init")
+    rank, world_size, is_ddp = M.setup_ddp()
+    try:
+        return _run(args, rank, world_size)
+    finally:
+        if is_ddp:
+            M.cleanup_ddp()
+
+
+def _run(args, rank, world_size):
+    main_proc = M.is_main(rank)
+    if args.batch_size < world_size:
+        fail(f"--batch-size {args.batch_size} is smaller than the {world_size} processes")
+    device = M.get_device(args.device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    M.seed_everything(args.seed)  # the same init on every rank
+
+    # -- inputs, checked before anything is written --------------------------------------------
+    world = (rank, world_size)
+    train_rows = load_rows(args.data, ("prompt", "completion"), default="data/sft_train.jsonl", world=world)
+    test_rows = load_rows(args.test_data, ("prompt", "completion"), default="data/sft_test.jsonl", world=world)
+    heldout_rows = load_rows(args.heldout, ("prompt", "answer"), default="data/rl_test.jsonl", world=world)
+    if args.heldout_n > 0:
+        heldout_rows = heldout_rows[:args.heldout_n]
+    if args.eval_examples > 0:
+        test_rows = test_rows[:args.eval_examples]
+    policy, enc, ckpt = build_model(args, device)
+    block = policy.config.block_size
+    train_examples, skipped = make_examples(train_rows, enc, block)
+    test_examples, test_skipped = make_examples(test_rows, enc, block)
+    if main_proc and (skipped or test_skipped):
+        print(f"skipped {skipped} of {len(train_rows)} training and {test_skipped} of {len(test_rows)} "
+              f"test examples longer than the context ({block} tokens)")
+    if not train_examples:
+        fail(f"{args.data}: no example fits the context of {block} tokens")
+    pad = M.pad_id(enc)
+
+    # -- optimiser and state -------------------------------------------------------------------
+    continuing = bool(args.init) or (ckpt is not None and bool(ckpt.get("args", {}).get("init")))
+    peak_lr = args.lr or (ckpt["peak_lr"] if args.resume else (1e-3 if continuing else 3e-3))
+    warmup = args.warmup_steps or (ckpt["warmup_steps"] if args.resume else (10 if continuing else 30))
+    optimizer = adamw(policy, peak_lr, args.weight_decay, (args.beta1, args.beta2))
+    step, train_seconds = 0, 0.0
+    if args.resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, train_seconds = int(ckpt["step"]), float(ckpt["train_seconds"])
+        torch.set_rng_state(ckpt["rng"])
+    if main_proc:
+        os.makedirs(args.out, exist_ok=True)
+        if not args.resume and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+            os.remove(os.path.join(args.out, "metrics.jsonl"))  # a fresh run starts a fresh log
+        M.save_args(args.out, args)
+        start = f"from {args.init}" if args.init else ("resumed at step %d" % step if args.resume else "from scratch")
+        print(f"sft: {policy.num_params() / 1e6:.2f}M params {start}, {len(train_examples)} examples, "
+              f"batch {args.batch_size} over {world_size} process(es), peak lr {peak_lr:g}, device {device}, "
+              f"budget {args.max_steps or '-'} steps / {args.time_budget or '-'} min")
+    logger = M.MetricsLogger(args.out, total=args.max_steps or None) if main_proc else None
+
+    def evaluate():
+        if not main_proc:
+            return {}
+        correct, _ = heldout_accuracy(policy, enc, heldout_rows, args.max_new_tokens, args.eval_batch)
+        results = accuracy_report(correct, heldout_rows)
+        results["eval_loss"] = eval_loss(policy, test_examples, pad, device) if test_examples else float("nan")
+        return results
+
+    # -- the loop ------------------------------------------------------------------------------
+    policy.train()
+    window = {"loss": 0.0, "grad_norm": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
+    try:
+        while True:
+            progress = torch.tensor([0.0])
+            if main_proc:  # rank 0's clock decides, so every rank stops at the same step
+                progress[0] = max(step / args.max_steps if args.max_steps > 0 else 0.0,
+                                  train_seconds / (60 * args.time_budget) if args.time_budget > 0 else 0.0)
+            if world_size > 1:
+                dist.broadcast(progress, src=0)
+            if float(progress) >= 1.0:
+                break
+            t0 = time.perf_counter()
+            lr = lr_at(step, float(progress), peak_lr, warmup, args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            indices = batch_indices(len(train_examples), args.batch_size, step, args.seed)
+            mine = torch.tensor_split(torch.tensor(indices), world_size)[rank].tolist()  # this rank's share
+            size = args.micro_batch or len(mine)
+            micro_batches = [collate([train_examples[i] for i in mine[s:s + size]], pad)
+                             for s in range(0, len(mine), size)]
+            loss, grad_norm, _ = train_step(policy, optimizer, micro_batches, device, args.grad_clip,
+                                            world_size, args.aux_loss_weight if policy.config.ffn == "moe" else 0.0,
+                                            args.batch_size)
+            step += 1
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            window["loss"] += loss
+            window["grad_norm"] += grad_norm
+            window["tokens"] += sum(len(train_examples[i][0]) - 1 for i in indices)
+            window["seconds"] += seconds
+            window["steps"] += 1
+            if main_proc and (step % args.log_every == 0 or step == 1):
+                logger.log(step, loss=window["loss"] / window["steps"], lr=lr,
+                           grad_norm=window["grad_norm"] / window["steps"],
+                           tokens_per_s=window["tokens"] / max(window["seconds"], 1e-9),
+                           minutes=train_seconds / 60)
+                window = dict.fromkeys(window, 0)
+            if args.eval_every > 0 and step % args.eval_every == 0:
+                if main_proc:
+                    results = evaluate()
+                    logger.log(step, eval_loss=results["eval_loss"], heldout_acc=results["heldout_acc"],
+                               minutes=train_seconds / 60)
+                    checkpoint(args, policy, enc, optimizer, step, train_seconds, peak_lr, warmup, results)
+                if world_size > 1:
+                    dist.barrier()
+    except KeyboardInterrupt:
+        if main_proc:  # the state of the last finished step: weights and optimizer are untouched
+            checkpoint(args, policy, enc, optimizer, step, train_seconds, peak_lr, warmup)
+            print(f"interrupted after step {step}; saved {args.out}/model.pt, continue with --resume")
+        raise SystemExit(130)
+
+    # -- the end: final eval, checkpoint, report -----------------------------------------------
+    results = {}
+    if main_proc:
+        results = evaluate()
+        results.update(steps=step, minutes=train_seconds / 60)
+        checkpoint(args, policy, enc, optimizer, step, train_seconds, peak_lr, warmup, results)
+        logger.log(step, eval_loss=results["eval_loss"], heldout_acc=results["heldout_acc"],
+                   heldout_se=results["heldout_se"], minutes=train_seconds / 60, final=True)
+        logger.close()
+        n = results["heldout_n"]
+        print(f"held-out accuracy (greedy, {n} prompts): {100 * results['heldout_acc']:.1f}% "
+              f"+/- {100 * results['heldout_se']:.1f} | eval loss {results['eval_loss']:.4f} | "
+              f"{step} steps in {train_seconds / 60:.1f} min | {args.out}/model.pt")
+        print("  by difficulty: " + "  ".join(f"{d}: {100 * a:.1f}%"
+                                             for d, a in results["heldout_acc_by_difficulty"].items()))
+    if world_size > 1:
+        dist.barrier()
+    return results
+
+
+def main(argv=None):
+    args = M.parse_args(Args, argv, description=__doc__.split("\n\n")[0])
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
