@@ -699,6 +699,41 @@ def completion_style(text: str) -> str:
     return "worked"
 
 
+@torch.no_grad()
+def evaluate(model, enc, rows, max_new_tokens: int = 128, temperature: float = 0.0, samples: int = 1,
+             batch_size: int = 256, generator=None) -> dict:
+    """Held-out accuracy on {"prompt", "answer"[, "difficulty"]} rows, the one protocol every stage reports.
+
+    Greedy (temperature 0, samples 1) or `samples` sampled completions per prompt. Returns
+      accuracy      mean correctness over all completions, with stderr = sqrt(p (1 - p) / n)
+      pass_at_k     share of prompts with at least one correct completion among the `samples`
+      per_difficulty {difficulty: accuracy};  styles {worked|bare|wrong_step|no_answer: share}
+      mean_length   new tokens per completion;  truncated: share cut by max_new_tokens
+      completions   the decoded texts (prompt-major: samples consecutive completions per prompt)."""
+    prompts = [encode(enc, r["prompt"]) for r in rows for _ in range(samples)]
+    answers = [r["answer"] for r in rows for _ in range(samples)]
+    texts, lengths, truncated = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        gen = generate(model, prompts[start:start + batch_size], max_new_tokens, temperature=temperature,
+                       stop_ids=(enc.eot_token,), pad_id=pad_id(enc), generator=generator)
+        texts += [decode(enc, row) for row in gen.tokens.tolist()]
+        lengths += gen.lengths.tolist()
+        truncated += (~gen.finished).tolist()
+    correct = np.array([is_correct(t, a) for t, a in zip(texts, answers)], dtype=float)
+    per_prompt = correct.reshape(len(rows), samples)
+    p, n = float(correct.mean()), len(correct)
+    by_difficulty = {}
+    for r, c in zip(rows, per_prompt.mean(1)):
+        by_difficulty.setdefault(r.get("difficulty", "all"), []).append(c)
+    styles = [completion_style(t) for t in texts]
+    return {"accuracy": p, "stderr": math.sqrt(p * (1 - p) / n), "n": n,
+            "pass_at_k": float(per_prompt.max(1).mean()),
+            "per_difficulty": {k: float(np.mean(v)) for k, v in sorted(by_difficulty.items())},
+            "styles": {s: styles.count(s) / n for s in ("worked", "bare", "wrong_step", "no_answer")},
+            "mean_length": float(np.mean(lengths)), "truncated": float(np.mean(truncated)),
+            "completions": texts}
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. Run plumbing: device, seeds, DDP, arguments, JSONL, metrics, upstream stages
 # ----------------------------------------------------------------------------------------------
