@@ -86,6 +86,8 @@ class Args:
     eval_minutes: float = 1.0              # training minutes between periodic evals
     pass_k: int = 4                        # samples per prompt for sampled accuracy and pass@k
     control: bool = True                   # run the equal-time SFT control and add it to the table
+    compare_ppo: bool = False              # instead: GRPO vs PPO (ppo.py --reward verifier) on the same task and budget
+    compare_seeds: str = "0,1,2"           # seeds of the GRPO-vs-PPO comparison
     png: bool = True                       # write a PNG plot when matplotlib is installed
     device: str = "auto"                   # auto | cpu | cuda
     seed: int = 0                          # seeds sampling, prompt order and (with --fresh-start) the SFT start
@@ -627,8 +629,107 @@ def plot(results: dict, args) -> None:
     print(f"plot: {path}")
 
 
+# ----------------------------------------------------------------------------------------------
+# GRPO vs PPO: the same prompts, start, completions per step, temperature and minutes
+# ----------------------------------------------------------------------------------------------
+
+def read_run(run_dir: str) -> tuple[dict, list]:
+    """A finished run's summary.json and the eval rows of its metrics.jsonl (train_minutes, eval_accuracy)."""
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    evals = [r for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl"))) if r.get("kind") == "eval"]
+    return summary, evals
+
+
+def minutes_to_reach(evals: list, target: float):
+    """First training minute at which held-out accuracy reached `target` (None if it never did)."""
+    return next((r["train_minutes"] for r in evals if r["eval_accuracy"] >= target - 1e-9), None)
+
+
+def compare_with_ppo(args) -> dict:
+    """Run GRPO (this file) and PPO (ppo.py, verifier reward, as a subprocess) on each seed with the same
+    start, prompts, completions per step, temperature and training minutes; tabulate what each costs
+    and buys, from the two runs' own summary.json and metrics.jsonl."""
+    seeds = [int(s) for s in args.compare_seeds.split(",") if s.strip()]
+    root = args.out
+    runs = {"grpo": [], "ppo": []}
+    for seed in seeds:
+        grpo_args = Args(**{**asdict(args), "seed": seed, "out": os.path.join(root, f"seed{seed}", "grpo"),
+                            "control": False, "compare_ppo": False})
+        results = train(grpo_args)
+        with open(os.path.join(grpo_args.out, "summary.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        ppo_out = os.path.join(root, f"seed{seed}", "ppo")
+        run_stage(["ppo.py", "--reward", "verifier", "--init", grpo_args.init, "--data", args.data,
+                   "--eval-data", args.eval_data, "--n-eval", str(args.n_eval),
+                   "--completions-per-step", str(args.prompts_per_step * args.group_size),
+                   "--temperature", str(args.temperature), "--max-new-tokens", str(args.max_new_tokens),
+                   "--time-budget", str(args.time_budget), "--max-steps", str(args.max_steps),
+                   "--eval-minutes", str(args.eval_minutes), "--n-eval-during", str(args.n_eval_during),
+                   "--out", ppo_out, "--seed", str(seed), "--device", args.device])
+        runs["grpo"].append(read_run(grpo_args.out))
+        runs["ppo"].append(read_run(ppo_out))
+    ppo_final = sum(s["final_accuracy"] for s, _ in runs["ppo"]) / len(seeds)
+    lines = [f"GRPO vs PPO on {args.data}: start {args.init}, {args.prompts_per_step * args.group_size} completions "
+             f"per step, temperature {args.temperature}, {args.time_budget} training minutes, seeds {seeds}",
+             "| | held-out acc (mean ± spread) | per seed | min to reach PPO's final acc | s/step | "
+             "gen / score / adv / update s | peak mem MB | params in memory (policy/ref/value/reward) |",
+             "|---|---|---|---|---|---|---|---|"]
+    table = {}
+    for algo in ("grpo", "ppo"):
+        finals = [s["final_accuracy"] for s, _ in runs[algo]]
+        reach = [minutes_to_reach(e, ppo_final) for _, e in runs[algo]]
+        mean = lambda xs: sum(xs) / len(xs)
+        split = {k: mean([s["time_split"].get(k, 0.0) for s, _ in runs[algo]]) for k in ("gen_s", "score_s", "adv_s", "update_s")}
+        roles = runs[algo][0][0]["params_by_role"]
+        table[algo] = {"final": finals, "reach_minutes": reach, "sec_per_step": mean([s["sec_per_step"] for s, _ in runs[algo]]),
+                       "time_split": split, "peak_mem_mb": mean([s["peak_mem_mb"] for s, _ in runs[algo]]),
+                       "params_by_role": roles,
+                       "curves": [([r["train_minutes"] for r in e], [r["eval_accuracy"] for r in e]) for _, e in runs[algo]]}
+        reached = [f"{m:.1f}" if m is not None else "never" for m in reach]
+        lines.append(f"| {algo.upper()} | {100 * mean(finals):.1f} ± {100 * (max(finals) - min(finals)) / 2:.1f} | "
+                     f"{' / '.join(f'{100 * a:.1f}' for a in finals)} | {' / '.join(reached)} | "
+                     f"{table[algo]['sec_per_step']:.2f} | {' / '.join(f'{split[k]:.2f}' for k in split)} | "
+                     f"{table[algo]['peak_mem_mb']:.0f} | "
+                     f"{sum(roles.values()) / 1e6:.2f} M ({' / '.join(f'{roles.get(k, 0) / 1e6:.2f}' for k in ('policy', 'reference', 'value', 'reward'))}) |")
+    g, p = table["grpo"], table["ppo"]
+    lines.append(f"GRPO / PPO: seconds per step {g['sec_per_step'] / p['sec_per_step']:.2f}x, peak memory "
+                 f"{g['peak_mem_mb'] / p['peak_mem_mb']:.2f}x, parameters in memory "
+                 f"{sum(g['params_by_role'].values()) / sum(p['params_by_role'].values()):.2f}x")
+    for algo in ("grpo", "ppo"):
+        for seed, (_, accuracy) in zip(seeds, table[algo]["curves"]):
+            lines.append(f"{algo.upper():4s} seed {seed} held-out accuracy: {sparkline(accuracy)} "
+                         f"({100 * accuracy[0]:.1f}% -> {100 * accuracy[-1]:.1f}%)")
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "comparison.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(root, "comparison.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    if args.png:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for algo, color in (("grpo", "C0"), ("ppo", "C3")):
+                for i, (minutes, accuracy) in enumerate(table[algo]["curves"]):
+                    ax.plot(minutes, [100 * a for a in accuracy], "o-", color=color, alpha=0.7,
+                            label=algo.upper() if i == 0 else None)
+            ax.set_xlabel("training minutes")
+            ax.set_ylabel("held-out greedy accuracy (%)")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            fig.savefig(os.path.join(root, "grpo_vs_ppo.png"), dpi=120, bbox_inches="tight")
+        except ImportError:
+            print("(matplotlib is not installed: no PNG)")
+    return table
+
+
 def main(argv=None):
     args = parse_args(Args, argv)
+    if args.compare_ppo:
+        return compare_with_ppo(args)
     results = train(args)
     if not results:          # a non-zero rank under torchrun
         return results

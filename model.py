@@ -824,7 +824,7 @@ def parse_args(cls, argv=None, description: str | None = None):
         help_text = comments.get(f.name, "")
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
+                                help=f"{help_text} (default: {default})")
         else:
             parser.add_argument(flag, dest=f.name, type=kind if kind in (int, float, str) else str,
                                 default=default, metavar=kind.__name__.upper() if hasattr(kind, "__name__") else "X",
