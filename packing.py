@@ -72,6 +72,8 @@ def split_documents(lengths, T):
 
 def _place_in_columns(T, doc, start, length, row, rank):
     """Order pieces by (row, rank) and give each its column: the tokens of the pieces before it in the row."""
+    if not len(row):
+        return Packing(T, 0, doc, start, length, row, row.copy())
     order = np.lexsort((rank, row))                                       # (P,)
     doc, start, length, row = doc[order], start[order], length[order], row[order]
     end = np.cumsum(length)                                               # (P,) running token count
@@ -101,7 +103,7 @@ def fit_decreasing(lengths, T, rule="first"):
     room = np.zeros(len(size), np.int64)                     # (P,) free tokens of each row; <= one row per piece
     row_of = np.empty(len(size), np.int64)                   # (P,) row chosen for each piece
     n_rows = 0
-    group_begin = np.flatnonzero(np.r_[True, np.diff(size[order]) != 0])
+    group_begin = np.flatnonzero(np.r_[True, np.diff(size[order]) != 0]) if len(size) else []
     for begin, end in zip(group_begin, np.r_[group_begin[1:], len(order)]):
         items = order[begin:end]                             # k pieces, all of size s
         s, k = int(size[items[0]]), len(items)
@@ -158,7 +160,7 @@ def greedy_concat(lengths, T):
     doc_begin = doc_end - lengths
     total = int(doc_end[-1]) if len(lengths) else 0
     begins = np.sort(np.r_[doc_begin, np.arange(0, total, T)])   # (P',) where a document or a row begins
-    begins = begins[np.r_[True, begins[1:] != begins[:-1]]]      # (P,) piece begins, each once
+    begins = begins[np.r_[True, begins[1:] != begins[:-1]][:len(begins)]]   # (P,) piece begins, each once
     length = np.diff(np.r_[begins, total])
     doc = np.searchsorted(doc_end, begins, side="right")     # the document containing each begin
     n_rows = -(-total // T)
@@ -173,19 +175,20 @@ PACKERS = {"greedy concat": greedy_concat, "first-fit decr.": first_fit_decreasi
 # Baselines: padding
 
 
-def padded_batches(lengths, batch_size, T, bucketed=False):
-    """Batches of piece indices for padding: documents split to <= T tokens (as packing does), then B
-    at a time in data order, or (bucketed) sorted by length first so a batch holds similar lengths.
-    Returns (sizes (P,), batches: list of index arrays); each batch is padded to its own maximum."""
-    _, _, sizes = split_documents(lengths, T)
-    order = np.argsort(sizes, kind="stable") if bucketed else np.arange(len(sizes))
-    return sizes, [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+def padded_cost(sizes, batch_size, bucket_window=0):
+    """Token positions computed when every batch is padded to its longest sequence:
 
+        computed = sum_b |b| * max_{i in b} L_i
 
-def padded_cost(sizes, batch_size, bucketed=False):
-    """Token positions computed by padding to the batch max: sum_b |b| * max_{i in b} L_i."""
-    sizes = np.sort(sizes, kind="stable") if bucketed else np.asarray(sizes)
-    begins = np.arange(0, len(sizes), batch_size)
+    Batches of batch_size sequences in data order (bucket_window = 0), or length-bucketed: sorted by
+    length inside windows of bucket_window batches (a "mega-batch", as in Hugging Face's
+    LengthGroupedSampler), so a batch holds similar lengths yet batches still come from all the data.
+    """
+    sizes = np.asarray(sizes, np.int64)
+    if bucket_window:
+        window = np.arange(len(sizes)) // (bucket_window * batch_size)      # (P,) mega-batch of each sequence
+        sizes = sizes[np.lexsort((sizes, window))]                         # sorted inside each mega-batch
+    begins = np.arange(0, len(sizes), batch_size)                           # (n_batches,)
     if not len(begins):
         return 0
     return int((np.maximum.reduceat(sizes, begins) * np.diff(np.r_[begins, len(sizes)])).sum())
@@ -201,17 +204,268 @@ def lower_bound(lengths, T):
     return -(-int(np.sum(lengths)) // T)
 
 
-def efficiency_table(lengths, T, batch_size):
-    """One line per method: rows (sequences for padding), computed positions, real-token fraction."""
+def efficiency_table(lengths, T, batch_size, bucket_window=50):
+    """One line per method: rows (sequences, for padding), token positions computed, real-token fraction,
+    and documents split. Padding splits only documents longer than T, as the packers do."""
     lengths = check_lengths(lengths, T)
     real = int(lengths.sum())
+    doc, _, sizes = split_documents(lengths, T)
     lines = []
-    _, _, sizes = split_documents(lengths, T)
-    for name, bucketed in (("pad to batch max", False), ("length-bucketed", True)):
-        computed = padded_cost(sizes, batch_size, bucketed)
-        lines.append(dict(method=name, rows=len(sizes), computed=computed, real_fraction=efficiency(real, computed)))
+    for name, window in (("pad to batch max", 0), ("length-bucketed", bucket_window)):
+        computed = padded_cost(sizes, batch_size, window)
+        lines.append(dict(method=name, rows=len(sizes), computed=computed, real_fraction=efficiency(real, computed),
+                          split=int((lengths > T).sum())))
     for name, pack in PACKERS.items():
         packing = pack(lengths, T)
         computed = packing.n_rows * T
-        lines.append(dict(method=name, rows=packing.n_rows, computed=computed, real_fraction=efficiency(real, computed)))
+        lines.append(dict(method=name, rows=packing.n_rows, computed=computed, real_fraction=efficiency(real, computed),
+                          split=len(np.unique(packing.doc[packing.start > 0]))))
     return lines, lower_bound(lengths, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tensors of a training step
+
+
+@dataclass
+class Batch:
+    """What one training step feeds the model; every tensor is (R, T)."""
+    tokens: torch.Tensor                # token ids, pad_id at padding
+    loss_mask: torch.Tensor             # True where token t is predicted from tokens < t of its own document
+    doc_ids: torch.Tensor | None = None    # document of each token, -1 at padding; None = one sequence per row
+    positions: torch.Tensor | None = None  # 0, 1, 2, ... inside each document; None = 0..T-1
+
+    def to(self, device):
+        move = lambda x: None if x is None else x.to(device)
+        return Batch(move(self.tokens), move(self.loss_mask), move(self.doc_ids), move(self.positions))
+
+
+def packed_batch(packing, docs, pad_id):
+    """Rows of a packing filled with tokens.  For piece p and j < length[p]:
+
+        tokens[row_p, col_p + j]    = docs[doc_p][start_p + j]
+        doc_ids[row_p, col_p + j]   = doc_p         (-1 at padding: pads form a document of their own)
+        positions[row_p, col_p + j] = j             (restarts at 0 at every piece)
+        loss_mask[row_p, col_p + j] = j > 0         (a piece's first token is never predicted from the
+                                                     previous document; padding is never predicted)
+    A piece cut from a longer document is a sequence of its own: nothing before it is in its row.
+    """
+    lengths = np.array([len(d) for d in docs], np.int64)
+    if len(packing.doc) and np.any(packing.start + packing.length > lengths[packing.doc]):
+        raise ValueError("packing.py: the packing does not match the documents' lengths")
+    flat = np.concatenate([np.asarray(d, np.int64) for d in docs]) if docs else np.zeros(0, np.int64)
+    doc_begin = np.cumsum(lengths) - lengths                                    # (N,) offset of each doc in flat
+    piece = np.repeat(np.arange(len(packing.doc)), packing.length)             # (n,) piece of each placed token
+    j = np.arange(len(piece)) - np.repeat(np.cumsum(packing.length) - packing.length, packing.length)  # (n,)
+    source = doc_begin[packing.doc[piece]] + packing.start[piece] + j          # (n,) index into flat
+    target = packing.row[piece] * packing.T + packing.col[piece] + j           # (n,) index into the R*T grid
+    R, T = packing.n_rows, packing.T
+    tokens = np.full(R * T, pad_id, np.int64)
+    doc_ids = np.full(R * T, -1, np.int64)
+    positions = np.zeros(R * T, np.int64)
+    tokens[target], doc_ids[target], positions[target] = flat[source], packing.doc[piece], j
+    as_rows = lambda x: torch.from_numpy(x).view(R, T)
+    return Batch(as_rows(tokens), as_rows(positions > 0), as_rows(doc_ids), as_rows(positions))
+
+
+def padded_batch(docs, pad_id):
+    """The baseline: one document per row, right-padded to the longest (B, max_i L_i). Causal attention
+    alone keeps real tokens from seeing the pads after them, so no doc_ids or positions are needed."""
+    width = max(len(d) for d in docs)
+    tokens = torch.full((len(docs), width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(len(docs), width, dtype=torch.bool)
+    for i, d in enumerate(docs):
+        tokens[i, :len(d)] = torch.as_tensor(d, dtype=torch.long)
+        loss_mask[i, 1:len(d)] = True
+    return Batch(tokens, loss_mask)
+
+
+def token_nll(model, batch):
+    """-log p(x_t | x_<t) at every position, (R, T); column 0 has no prediction and holds 0.
+    With doc_ids and positions, x_<t means the earlier tokens of the same document only."""
+    logits = model(batch.tokens, positions=batch.positions, doc_ids=batch.doc_ids)   # (R, T, V)
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch.tokens[:, 1:], reduction="none")
+    return F.pad(nll, (1, 0))                                                        # (R, T)
+
+
+def masked_loss(model, batch):
+    """Mean next-token loss over the tokens that are predicted:  L = sum m * nll / sum m.
+    The same documents give the same sum and the same count padded or packed, so the same loss."""
+    m = batch.loss_mask.float()
+    return (token_nll(model, batch) * m).sum() / m.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: padded against packed on the same documents
+
+
+def synthetic_documents(n, median, sigma, T, enc, rng):
+    """n documents of log-normal length (capped at T tokens, the last one <|endoftext|>): lines of
+    arithmetic facts 'a+b=c', so a small model has something to learn."""
+    lengths = np.clip(np.rint(rng.lognormal(math.log(median), sigma, n)), 2, T).astype(int)
+    docs = []
+    for length in lengths:
+        lines, size = [], 0
+        while size < length:
+            a, b = rng.integers(0, 100, 2)
+            lines.append(f"{a}+{b}={a + b}\n")
+            size += len(lines[-1])
+        docs.append(model.encode(enc, "".join(lines))[:length - 1] + [enc.eot_token])
+    return docs
+
+
+def compare_training(docs, args, device, out_dir=None):
+    """Train two copies of one model on the same documents, step by step: one on padded batches, one
+    on packed rows (best-fit decreasing). Same documents, same loss, so the same gradients: the losses
+    agree to fp32 rounding while the packed run computes far fewer token positions.
+    Time the steps side by side (alternating) so machine load hits both alike."""
+    enc = model.get_tokenizer("bytes")
+    pad = model.pad_id(enc)
+    T, B = args.train_seq_len, args.batch_size
+    steps = [docs[i:i + B] for i in range(0, len(docs) - B + 1, B)][:args.train_steps]
+    padded = [padded_batch(step, pad).to(device) for step in steps]
+    packed = [packed_batch(best_fit_decreasing([len(d) for d in step], T), step, pad).to(device) for step in steps]
+    cfg = model.Config(vocab_size=enc.n_vocab, block_size=T, n_layer=args.n_layer, n_head=args.n_head,
+                       n_kv_head=args.n_head, n_embd=args.n_embd)
+    runs = {}
+    for name, batches in (("padded", padded), ("packed", packed)):
+        torch.manual_seed(args.seed)                                      # identical initial weights
+        gpt = model.GPT(cfg).to(device)
+        runs[name] = dict(model=gpt, batches=batches, opt=torch.optim.AdamW(gpt.parameters(), lr=args.lr),
+                          losses=[], seconds=0.0, real=0, computed=0)
+    logger = model.MetricsLogger(out_dir, total=len(steps), enabled=out_dir is not None)
+    warmup = min(2, len(steps) - 1)                                       # steps left out of the timing
+    for step in range(len(steps)):
+        for name, run in runs.items():
+            batch = run["batches"][step]
+            model.sync(device)
+            t0 = time.perf_counter()
+            with model.autocast(device):
+                loss = masked_loss(run["model"], batch)
+            loss.backward()
+            run["opt"].step()
+            run["opt"].zero_grad(set_to_none=True)
+            run["losses"].append(loss.item())                             # .item() waits for the device
+            if step >= warmup:
+                run["seconds"] += time.perf_counter() - t0
+                run["real"] += sum(len(d) for d in steps[step])
+                run["computed"] += batch.tokens.numel()
+        if step % max(1, len(steps) // 5) == 0 or step == len(steps) - 1:
+            logger.log(step + 1, echo=False, **{f"{n}_loss": r["losses"][-1] for n, r in runs.items()})
+    logger.close()
+    for run in runs.values():
+        run["tokens_per_s"] = run["real"] / max(run["seconds"], 1e-9)
+    return runs, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+@dataclass
+class Args:
+    seq_len: int = 2048           # T of the efficiency table and the speed benchmark: tokens per row
+    n_docs: int = 100000          # documents drawn for the log-normal efficiency table
+    median_len: float = 256.0     # median document length (tokens) of the log-normal distribution
+    sigma: float = 1.0            # log-normal shape: standard deviation of log(length)
+    batch_size: int = 32          # documents per padded batch (baselines) and per training step
+    bucket_window: int = 50       # length-bucketed baseline: sort by length within windows of this many batches
+    data: str = "data/sft_train.jsonl"  # the project's SFT data (prompt + completion); tabled when it exists
+    train_seq_len: int = 256      # T of the training comparison (= the model's block_size)
+    train_median_len: float = 48.0  # median length of the training documents (byte tokens)
+    train_steps: int = 60         # optimizer steps, each on batch_size documents, padded and packed alike
+    n_layer: int = 2              # transformer blocks of the small model
+    n_embd: int = 64              # residual width of the small model
+    n_head: int = 4               # attention heads of the small model
+    lr: float = 1e-3              # AdamW learning rate
+    bench_docs: int = 2000000     # documents in the packing-speed benchmark (0 skips it)
+    out_dir: str = "runs/packing"  # metrics.jsonl and args.json of the training comparison
+    device: str = "auto"          # auto | cpu | cuda
+    seed: int = 0                 # random seed
+
+
+def lognormal_lengths(n, median, sigma, rng):
+    """Document lengths L = round(exp(N(log median, sigma^2))) >= 1: a few long documents, many short ones."""
+    return np.maximum(1, np.rint(rng.lognormal(math.log(median), sigma, n))).astype(np.int64)
+
+
+def print_table(title, lengths, T, batch_size, bucket_window):
+    lines, bound = efficiency_table(lengths, T, batch_size, bucket_window)
+    print(f"\n{title}: {len(lengths):,} documents, mean {lengths.mean():.0f}, max {lengths.max():,} tokens; "
+          f"T = {T}; lower bound ceil(sum / T) = {bound:,} rows")
+    print(f"  {'method':<18} {'rows':>10} {'computed tokens':>16} {'real-token fraction':>20} "
+          f"{'rows / bound':>13} {'docs split':>11}")
+    for line in lines:
+        ratio = f"{line['rows'] / bound:.4f}" if line["method"] in PACKERS else "-"
+        print(f"  {line['method']:<18} {line['rows']:>10,} {line['computed']:>16,} "
+              f"{line['real_fraction']:>20.3f} {ratio:>13} {line['split']:>11,}")
+    return lines, bound
+
+
+def main(argv=None):
+    args = model.parse_args(Args, argv)
+    for name in ("seq_len", "n_docs", "batch_size", "train_seq_len", "train_steps"):
+        if getattr(args, name) < 1:
+            raise model.UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.median_len < 1 or args.train_median_len < 2 or args.sigma < 0 or min(args.bench_docs, args.bucket_window) < 0:
+        raise model.UserError("need --median-len >= 1, --train-median-len >= 2, --sigma >= 0, "
+                              "--bench-docs >= 0 and --bucket-window >= 0")
+    model.seed_everything(args.seed)
+    device = model.get_device(args.device)
+    rng = np.random.default_rng(args.seed)
+    results = {}
+
+    # 1. Efficiency: the rows each method needs for the same documents.
+    lengths = lognormal_lengths(args.n_docs, args.median_len, args.sigma, rng)
+    results["lognormal"] = print_table(f"log-normal lengths (median {args.median_len:g}, sigma {args.sigma:g})",
+                                       lengths, args.seq_len, args.batch_size, args.bucket_window)
+    if os.path.exists(args.data):
+        enc = model.get_tokenizer("bytes")
+        rows = model.read_jsonl(args.data, required_keys=("prompt", "completion"))
+        sft_lengths = np.array([len(model.encode(enc, r["prompt"] + r["completion"])) + 1 for r in rows])
+        results["sft"] = print_table(f"{args.data} (prompt + completion + <|endoftext|>, byte tokens)",
+                                     sft_lengths, args.train_seq_len, args.batch_size, args.bucket_window)
+    elif os.path.normpath(args.data) != os.path.normpath(Args.data):
+        raise model.UserError(f"--data {args.data}: no such file")
+    else:
+        print(f"\n({args.data} not found: run `python synth.py` to table the project's own data too)")
+
+    # 2. Training: padded vs packed, same model, same documents, same steps.
+    enc = model.get_tokenizer("bytes")
+    docs = synthetic_documents(args.batch_size * args.train_steps, args.train_median_len, args.sigma,
+                               args.train_seq_len, enc, rng)
+    if args.out_dir:
+        model.save_args(args.out_dir, args)
+    runs, cfg = compare_training(docs, args, device, args.out_dir or None)
+    pad, pack = runs["padded"], runs["packed"]
+    print(f"\ntraining on {device}: the same {cfg.n_layer}-layer, width-{cfg.n_embd} model, {len(pad['losses'])} "
+          f"AdamW steps of the same {args.batch_size} documents each ({sum(len(d) for d in docs):,} real tokens), "
+          f"T = {args.train_seq_len}")
+    print(f"  {'batches':<8} {'computed tokens':>16} {'real-token fraction':>20} {'real tokens/s':>14} "
+          f"{'first loss':>11} {'final loss':>11}")
+    for name, run in runs.items():
+        print(f"  {name:<8} {run['computed']:>16,} {run['real'] / run['computed']:>20.3f} "
+              f"{run['tokens_per_s']:>14,.0f} {run['losses'][0]:>11.5f} {run['losses'][-1]:>11.5f}")
+    speedup = pack["tokens_per_s"] / pad["tokens_per_s"]
+    max_diff = max(abs(a - b) for a, b in zip(pad["losses"], pack["losses"]))
+    print(f"  packed / padded: {speedup:.2f}x the real tokens per second; "
+          f"largest |loss difference| over all {len(pad['losses'])} steps: {max_diff:.2e}")
+    results.update(speedup=speedup, max_loss_diff=max_diff, padded=pad, packed=pack)
+
+    # 3. Speed: pack a large dataset.
+    if args.bench_docs:
+        big = lognormal_lengths(args.bench_docs, args.median_len, args.sigma, rng)
+        print(f"\npacking speed: {args.bench_docs:,} log-normal documents ({big.sum() / 1e6:,.0f} M tokens), T = {args.seq_len}")
+        results["bench"] = {}
+        for name, pack_fn in PACKERS.items():
+            t0 = time.perf_counter()
+            packing = pack_fn(big, args.seq_len)
+            seconds = time.perf_counter() - t0
+            results["bench"][name] = seconds
+            print(f"  {name:<16} {seconds:6.2f} s  ({args.bench_docs / seconds / 1e6:.2f} M documents/s), "
+                  f"{packing.n_rows:,} rows, real-token fraction {big.sum() / (packing.n_rows * args.seq_len):.4f}")
+    return results
+
+
+if __name__ == "__main__":
+    model.cli(main)
