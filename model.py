@@ -468,7 +468,9 @@ def sampling_logprobs(logits, temperature: float = 1.0, top_k: int = 0, top_p: f
     if top_p < 1.0:
         probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
         mass_before = probs.cumsum(-1) - probs                  # mass of the strictly more likely tokens
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, mass_before < top_p)
+        keep_sorted = mass_before < top_p
+        keep_sorted[..., 0] = True                              # always keep the most likely token
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, keep_sorted)
         logits = logits.masked_fill(~keep, -math.inf)
     if min_p > 0.0:
         logp = logits.log_softmax(-1)
@@ -518,6 +520,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
     out_logprobs = torch.zeros(B, max_new_tokens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
     next_pos = positions[:, -1:] + 1                                            # (B, 1)
     real = torch.ones(B, 1, dtype=torch.long, device=device)
     with autocast(device):
@@ -527,6 +530,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
             token, logprob = sample(logits, temperature, top_k, top_p, min_p, generator)
             out_tokens[:, t] = token.masked_fill(done, pad_id)
             out_logprobs[:, t] = logprob.masked_fill(done, 0.0)
+            lengths += (~done).long()                  # count tokens, not non-pad ids
             hit = torch.isin(token, stop) & ~done
             finished |= hit
             done |= hit
@@ -537,7 +541,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
             next_pos = next_pos + 1
     model.train(was_training)
     out_tokens, out_logprobs = out_tokens[:, :n], out_logprobs[:, :n]
-    return Generation(out_tokens, out_logprobs, (out_tokens != pad_id).sum(-1), finished)
+    return Generation(out_tokens, out_logprobs, lengths, finished)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,6 +578,14 @@ def save(path: str, model, enc: tiktoken.Encoding, **meta) -> None:
     os.makedirs(folder, exist_ok=True)
     ckpt = {"config": asdict(model.config), "model": model.state_dict(),
             "tokenizer": tokenizer_spec(enc), "meta": meta}
+    buffer = io.BytesIO()                       # refuse meta that load(weights_only=True) could not read
+    torch.save(meta, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: meta holds objects that load(weights_only=True) cannot read "
+                         f"(use tensors, numbers, strings, lists, dicts): {str(e).splitlines()[0][:120]}") from None
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         torch.save(ckpt, tmp)
@@ -644,6 +656,8 @@ def arith(expr: str):
         raise ValueError(f"not an arithmetic expression ({type(e).__name__})") from None
 
     def check(value):
+        if not isinstance(value, (int, float)):   # e.g. (-8) ** 0.5 is complex
+            raise ValueError(f"not a real number: {value!r}")
         if isinstance(value, float) and not math.isfinite(value) or abs(value) > ARITH_MAX_ABS:
             raise ValueError("value out of range")
         return value

@@ -1,0 +1,1056 @@
+"""Tests of model.py: each property against something independent of the code under test.
+
+References used: the property itself (causality, invariance to padding/packing/caching), closed forms
+(GELU via erf, SiLU, RoPE as complex rotations), brute force (per-token loops, sorting for top-p,
+Python arithmetic), PyTorch's own nn.MultiheadAttention, and a chi-square bound on sampling.
+Models are tiny (n_layer <= 2, n_embd <= 32) so the file runs in well under a minute on one core.
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_model.py
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import operator
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import assume, given, settings, strategies as st
+
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FFNS = ("swiglu", "geglu", "gelu", "relu", "relu2", "moe")
+EOT, PAD = M.BYTE_EOT_ID, M.BYTE_PAD_ID
+torch.set_num_threads(1)
+
+
+def tiny_model(seed: int = 0, std: float = 0.2, **overrides) -> M.GPT:
+    """A 2-layer, width-32 GPT in eval mode. Matrices are re-drawn with std 0.2 (instead of GPT-2's 0.02)
+    so logits are spread out: greedy argmax then never sits on a near-tie that fp32 noise could flip."""
+    cfg = dict(vocab_size=258, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = M.GPT(M.Config(**cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+def random_tokens(seed: int, *shape, high: int = 256) -> torch.Tensor:
+    return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def close(a, b, tol=1e-5):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Causality, KV cache, padding, packing
+# ----------------------------------------------------------------------------------------------
+
+CAUSAL_CONFIGS = [dict(), dict(ffn="moe"), dict(norm="layernorm", norm_position="post"),
+                  dict(pos="learned", ffn="gelu"), dict(n_kv_head=1, ffn="relu2"),
+                  dict(n_kv_head=4, tie_embeddings=False, bias=True, norm="layernorm")]
+
+
+@pytest.mark.parametrize("overrides", CAUSAL_CONFIGS, ids=str)
+@settings(max_examples=5)
+@given(seed=st.integers(0, 10 ** 6), t=st.integers(0, 14))
+def test_causality_future_tokens_do_not_change_past_logits(overrides, seed, t):
+    model = tiny_model(**overrides)
+    a = random_tokens(seed, 2, 16)
+    b = a.clone()
+    b[:, t + 1:] = random_tokens(seed + 1, 2, 15 - t)
+    with torch.no_grad():
+        la, lb = model(a), model(b)
+    close(la[:, :t + 1], lb[:, :t + 1])
+
+
+KV_CONFIGS = [dict(ffn=f, norm=n, norm_position=p, pos=q)
+              for f, n, p, q in itertools.product(FFNS, ("rmsnorm", "layernorm"), ("pre", "post"), ("rope", "learned"))]
+KV_CONFIGS += [dict(n_kv_head=k, pos=q) for k in (1, 4) for q in ("rope", "learned")]
+
+
+@pytest.mark.parametrize("overrides", KV_CONFIGS, ids=str)
+def test_kv_cache_decoding_equals_full_recomputation(overrides):
+    """Prefill P tokens into a model.KVCache, then feed one token at a time: every logit equals the
+    logit of one forward pass over the whole sequence (fp32 tolerance)."""
+    model = tiny_model(seed=1, **overrides)
+    tokens = random_tokens(2, 2, 12)
+    P = 5
+    with torch.no_grad():
+        full = model(tokens)                                                    # (B, T, V)
+        cache = M.KVCache(model.config, 2, 12, "cpu")
+        steps = [model(tokens[:, :P], cache=cache)]
+        for t in range(P, 12):
+            steps.append(model(tokens[:, t:t + 1], cache=cache))
+    close(torch.cat(steps, 1), full)
+    assert cache.length == 12
+
+
+def greedy_by_recomputation(model, prompt, n):
+    """Greedy decoding with no cache: one full forward pass over the whole sequence per new token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("overrides", KV_CONFIGS, ids=str)
+def test_generate_equals_full_recomputation(overrides):
+    """model.generate (KV cache): greedy tokens = argmax of full recomputation; sampled tokens' logprobs
+    = log_softmax of a full forward pass at those tokens."""
+    model = tiny_model(seed=3, **overrides)
+    prompt = random_tokens(4, 7).tolist()
+    gen = M.generate(model, [prompt], 6, temperature=0.0, stop_ids=())
+    assert gen.tokens[0].tolist() == greedy_by_recomputation(model, prompt, 6)
+    gen = M.generate(model, [prompt], 6, temperature=1.0, stop_ids=(),
+                     generator=torch.Generator().manual_seed(0))
+    seq = torch.tensor([prompt + gen.tokens[0].tolist()])
+    with torch.no_grad():
+        logp = model(seq)[0].log_softmax(-1)                                     # (T, V)
+    expected = torch.stack([logp[len(prompt) - 1 + i, tok] for i, tok in enumerate(gen.tokens[0].tolist())])
+    close(gen.logprobs[0], expected)
+
+
+def test_generate_samples_in_eval_mode_and_restores_training_mode():
+    """With dropout 0.5 and the model in train mode, generate still samples the deterministic policy
+    (greedy tokens = recomputation in eval mode) and hands the model back in train mode."""
+    model = tiny_model(seed=3, dropout=0.5).train()
+    prompt = random_tokens(4, 7).tolist()
+    gen = M.generate(model, [prompt], 6, temperature=0.0, stop_ids=())
+    assert model.training
+    assert gen.tokens[0].tolist() == greedy_by_recomputation(model.eval(), prompt, 6)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(pos="learned", ffn="moe", norm_position="post")], ids=str)
+@settings(max_examples=6)
+@given(lengths=st.lists(st.integers(1, 9), min_size=2, max_size=4), seed=st.integers(0, 1000))
+def test_left_padding_gives_each_row_its_result_alone(overrides, lengths, seed):
+    """Batched generation with left-padded prompts: greedy tokens equal each row generated alone, and
+    sampled tokens' logprobs equal a full forward pass over that row alone (no padding at all)."""
+    model = tiny_model(seed=5, **overrides)
+    prompts = [random_tokens(seed + i, n).tolist() for i, n in enumerate(lengths)]
+    batch = M.generate(model, prompts, 5, temperature=0.0, stop_ids=())
+    for i, p in enumerate(prompts):
+        alone = M.generate(model, [p], 5, temperature=0.0, stop_ids=())
+        assert batch.tokens[i].tolist() == alone.tokens[0].tolist()
+        close(batch.logprobs[i], alone.logprobs[0])
+    sampled = M.generate(model, prompts, 5, temperature=1.0, stop_ids=(),
+                         generator=torch.Generator().manual_seed(seed))
+    for i, p in enumerate(prompts):
+        seq = torch.tensor([p + sampled.tokens[i].tolist()])
+        with torch.no_grad():
+            logp = model(seq)[0].log_softmax(-1)
+        expected = torch.stack([logp[len(p) - 1 + j, tok] for j, tok in enumerate(sampled.tokens[i].tolist())])
+        close(sampled.logprobs[i], expected)
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+@settings(max_examples=6)
+@given(doc_lengths=st.lists(st.integers(1, 8), min_size=1, max_size=4), seed=st.integers(0, 1000))
+def test_packed_row_gives_each_document_its_logits_alone(pos, doc_lengths, seed):
+    model = tiny_model(seed=6, pos=pos)
+    docs = [random_tokens(seed + i, n) for i, n in enumerate(doc_lengths)]
+    tokens = torch.cat(docs)[None]                                                # (1, T)
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(doc_lengths)])[None]
+    positions = torch.cat([torch.arange(n) for n in doc_lengths])[None]          # restart per document
+    with torch.no_grad():
+        packed = model(tokens, positions=positions, doc_ids=doc_ids)[0]
+        alone = torch.cat([model(d[None])[0] for d in docs])
+    close(packed, alone)
+
+
+def test_padded_batch_and_left_pad_inputs():
+    tokens, mask = M.padded_batch([[1, 2, 3], [4]], pad_id=PAD, side="left")
+    assert tokens.tolist() == [[1, 2, 3], [PAD, PAD, 4]]
+    assert mask.tolist() == [[True] * 3, [False, False, True]]
+    positions, doc_ids = M.left_pad_inputs(mask)
+    assert positions[1, -1] == 0 and positions[0].tolist() == [0, 1, 2]
+    assert (doc_ids[1, :2] != doc_ids[1, 2]).all()
+    tokens, mask = M.padded_batch([[1, 2, 3], [4]], pad_id=PAD, side="right")
+    assert tokens.tolist() == [[1, 2, 3], [4, PAD, PAD]] and mask.sum() == 4
+
+
+def test_generate_lengths_count_every_new_token_even_the_pad_token():
+    """lengths must count the new tokens of each row: an unfinished row has max_new_tokens of them.
+    Here the model always predicts <|pad|> (a bias on the head), which a sampler may legally draw."""
+    model = tiny_model(seed=7)
+    model.lm_head = nn.Linear(32, 258, bias=True)
+    with torch.no_grad():
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[PAD] = 100.0
+    gen = M.generate(model, [[1, 2, 3], [4]], 4, temperature=0.0)
+    assert not gen.finished.any()
+    assert gen.lengths.tolist() == [4, 4], (
+        "BUG (requests_model.md #1): generate computes lengths as (tokens != pad_id).sum(), so a sampled "
+        f"<|pad|> token is not counted: lengths={gen.lengths.tolist()} for 4 generated tokens per row")
+
+
+def test_generate_stops_rows_at_their_stop_token():
+    """Row 0's model output is forced to EOT at once; it stops with length 1 and finished, the others run on."""
+    model = tiny_model(seed=8)
+    prompts = [[1, 2], [3, 4, 5]]
+    free = M.generate(model, prompts, 4, temperature=0.0, stop_ids=())
+    stop = int(free.tokens[0, 0])
+    assume_ok = stop not in free.tokens[1].tolist()
+    gen = M.generate(model, prompts, 4, temperature=0.0, stop_ids=(stop,), pad_id=PAD)
+    assert gen.tokens[0, 0] == stop and (gen.tokens[0, 1:] == PAD).all()
+    assert gen.lengths[0] == 1 and bool(gen.finished[0])
+    assert (gen.logprobs[0, 1:] == 0).all()
+    if assume_ok:
+        assert gen.lengths[1] == gen.tokens.shape[1] == 4 and not bool(gen.finished[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE, attention, activations
+# ----------------------------------------------------------------------------------------------
+
+@given(d=st.sampled_from([2, 4, 8, 16]), i=st.integers(0, 200), j=st.integers(0, 200),
+       shift=st.integers(0, 200), seed=st.integers(0, 1000), base=st.sampled_from([100.0, 10000.0]))
+def test_rope_score_depends_only_on_offset(d, i, j, shift, seed, base):
+    """q_i . k_j after rotation equals the closed form Re sum_m q_m conj(k_m) e^{i (i-j) theta_m}
+    (pairs (x_m, x_{m+d/2}) as complex numbers), which depends only on i - j."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(d, generator=g), torch.randn(d, generator=g)
+
+    def score(pi, pj):
+        cos, sin = M.rope_cos_sin(torch.tensor([[pi, pj]]), d, base)            # (1, 1, 2, d/2)
+        x = torch.stack([q, k])[None, None]                                      # (1, 1, 2, d)
+        rq, rk = M.apply_rope(x, cos, sin)[0, 0]
+        return float(rq @ rk)
+
+    theta = base ** (-np.arange(0, d, 2) / d)
+    qc = q[:d // 2].double().numpy() + 1j * q[d // 2:].double().numpy()
+    kc = k[:d // 2].double().numpy() + 1j * k[d // 2:].double().numpy()
+    closed = float(np.real(np.sum(qc * np.conj(kc) * np.exp(1j * (i - j) * theta))))
+    tol = 1e-3 * (1 + float(q.norm() * k.norm()))
+    assert abs(score(i, j) - closed) < tol
+    assert abs(score(i + shift, j + shift) - closed) < tol
+
+
+def test_rope_preserves_norm_and_is_identity_at_position_zero():
+    x = torch.randn(1, 2, 3, 8)
+    cos, sin = M.rope_cos_sin(torch.tensor([[0, 5, 77]]), 8, 10000.0)
+    y = M.apply_rope(x, cos, sin)
+    close(y.norm(dim=-1), x.norm(dim=-1))
+    close(y[:, :, 0], x[:, :, 0])
+
+
+def causal_scores_mask(T):
+    return torch.ones(T, T).tril().bool()
+
+
+@settings(max_examples=8)
+@given(seed=st.integers(0, 1000), T=st.integers(1, 10), bias=st.booleans())
+def test_gqa_with_all_kv_heads_equals_torch_multihead_attention(seed, T, bias):
+    """n_kv_head == n_head is plain multi-head attention: PyTorch's nn.MultiheadAttention with the same
+    weights (in_proj = [W_q; W_k; W_v], out_proj = W_o) and a causal mask gives the same output."""
+    torch.manual_seed(seed)
+    cfg = M.Config(n_embd=32, n_head=4, n_kv_head=4, bias=bias)
+    attn = M.Attention(cfg).eval()
+    mha = nn.MultiheadAttention(32, 4, bias=bias, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([attn.q.weight, attn.kv.weight]))
+        mha.out_proj.weight.copy_(attn.proj.weight)
+        if bias:
+            mha.in_proj_bias.copy_(torch.cat([attn.q.bias, attn.kv.bias]))
+            mha.out_proj.bias.copy_(attn.proj.bias)
+    x = torch.randn(2, T, 32)
+    with torch.no_grad():
+        ours = attn(x, None, None, None, 0)
+        ref, _ = mha(x, x, x, attn_mask=~causal_scores_mask(T), need_weights=False)
+    close(ours, ref)
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+@pytest.mark.parametrize("rope", [False, True])
+def test_gqa_equals_hand_computed_attention_with_repeated_kv_heads(n_kv_head, rope):
+    """Query head h uses key/value head h // (n_head / n_kv_head); softmax(q k^T / sqrt(d) + causal) v by loops."""
+    torch.manual_seed(n_kv_head)
+    H, C, T, B = 4, 32, 6, 2
+    d = C // H
+    attn = M.Attention(M.Config(n_embd=C, n_head=H, n_kv_head=n_kv_head)).eval()
+    x = torch.randn(B, T, C)
+    positions = torch.arange(T).expand(B, T)
+    cos_sin = M.rope_cos_sin(positions, d, 10000.0) if rope else None
+    with torch.no_grad():
+        ours = attn(x, cos_sin, None, None, 0)
+        q = (x @ attn.q.weight.T).view(B, T, H, d).transpose(1, 2)              # (B, H, T, d)
+        kv = (x @ attn.kv.weight.T).view(B, T, 2, n_kv_head, d)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)         # (B, Hkv, T, d)
+        if rope:
+            q, k = M.apply_rope(q, *cos_sin), M.apply_rope(k, *cos_sin)
+        heads = torch.zeros(B, T, H, d)
+        for b in range(B):
+            for h in range(H):
+                g = h // (H // n_kv_head)
+                for i in range(T):
+                    s = torch.tensor([float(q[b, h, i] @ k[b, g, j]) / math.sqrt(d) for j in range(i + 1)])
+                    w = s.exp() / s.exp().sum()
+                    heads[b, i, h] = sum(w[j] * v[b, g, j] for j in range(i + 1))
+        ref = heads.reshape(B, T, C) @ attn.proj.weight.T
+    close(ours, ref, tol=1e-5)
+
+
+@given(x=st.lists(st.floats(-20, 20), min_size=1, max_size=32))
+def test_activations_equal_closed_forms(x):
+    t = torch.tensor(x, dtype=torch.float64)
+    erf_gelu = 0.5 * t * (1 + torch.special.erf(t / math.sqrt(2)))
+    close(M.ACTIVATIONS["gelu"](t), erf_gelu, tol=1e-10)
+    close(M.ACTIVATIONS["geglu"](t), erf_gelu, tol=1e-10)
+    close(M.ACTIVATIONS["swiglu"](t), t * torch.sigmoid(t), tol=1e-10)
+    close(M.ACTIVATIONS["relu"](t), t.clamp(min=0), tol=0)
+    close(M.ACTIVATIONS["relu2"](t), t.clamp(min=0) ** 2, tol=0)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu", "gelu", "relu", "relu2"])
+def test_feedforward_equals_hand_computed(kind):
+    """W2 act(W1 x) or, gated, W2 (act(W1 x) * W3 x) with act written out by hand."""
+    torch.manual_seed(0)
+    ffn = M.FeedForward(M.Config(n_embd=16, ffn=kind), kind)
+    x = torch.randn(3, 5, 16)
+    acts = {"swiglu": lambda z: z * torch.sigmoid(z), "geglu": lambda z: 0.5 * z * (1 + torch.erf(z / math.sqrt(2))),
+            "gelu": lambda z: 0.5 * z * (1 + torch.erf(z / math.sqrt(2))), "relu": lambda z: z * (z > 0),
+            "relu2": lambda z: (z * (z > 0)) ** 2}
+    h = acts[kind](x @ ffn.w1.weight.T)
+    if kind in ("swiglu", "geglu"):
+        h = h * (x @ ffn.w3.weight.T)
+    with torch.no_grad():
+        close(ffn(x), h @ ffn.w2.weight.T)
+
+
+def test_norms_equal_closed_forms():
+    x = torch.randn(4, 16) * 3 + 1
+    rms = M.RMSNorm(16)
+    close(rms(x), x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-6))
+    ln = M.make_norm(M.Config(n_embd=16, n_head=4, n_kv_head=4, norm="layernorm"))
+    mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    close(ln(x), (x - mu) / torch.sqrt(var + 1e-5))
+
+
+def test_config_rejects_invalid_choices():
+    for bad in (dict(ffn="mlp"), dict(norm="batchnorm"), dict(n_head=4, n_kv_head=3),
+                dict(n_embd=30, n_head=4), dict(ffn="moe", n_expert=2, moe_top_k=3)):
+        with pytest.raises(ValueError):
+            M.Config(**bad)
+
+
+def test_tied_embeddings_share_one_matrix():
+    tied, untied = tiny_model(), tiny_model(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.wte.weight
+    assert untied.lm_head.weight is not untied.wte.weight
+    assert untied.num_params() - tied.num_params() == 258 * 32
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts
+# ----------------------------------------------------------------------------------------------
+
+def moe_layer(seed=0, n_expert=4, k=2):
+    torch.manual_seed(seed)
+    cfg = M.Config(n_embd=16, n_head=4, n_kv_head=4, ffn="moe", n_expert=n_expert, moe_top_k=k)
+    layer = M.MoE(cfg).eval()
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 1.0)
+    return layer
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 1000), n_expert=st.integers(1, 6), data=st.data())
+def test_moe_routes_each_token_to_k_distinct_experts_with_weights_summing_to_one(seed, n_expert, data):
+    k = data.draw(st.integers(1, n_expert))
+    layer = moe_layer(seed, n_expert, k)
+    x = torch.randn(7, 16)
+    weights, experts, probs, logits = layer.route(x)
+    assert weights.shape == experts.shape == (7, k)
+    close(weights.sum(-1), torch.ones(7))
+    assert (weights >= 0).all()
+    for row, p in zip(experts.tolist(), (x @ layer.router.weight.T).softmax(-1)):
+        assert len(set(row)) == k
+        assert set(row) == set(p.argsort(descending=True)[:k].tolist())   # the k most probable experts
+
+
+@settings(max_examples=6)
+@given(seed=st.integers(0, 1000), k=st.integers(1, 4))
+def test_moe_output_equals_brute_force_loop_over_tokens(seed, k):
+    """y_n = sum over the top-k experts e of token n of (p_e / sum_topk p) * FFN_e(x_n), by a Python loop."""
+    layer = moe_layer(seed, 4, k)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        y = layer(x)
+        ref = torch.zeros(10, 16)
+        for n, xn in enumerate(x.reshape(10, 16)):
+            p = (xn @ layer.router.weight.T).softmax(-1).tolist()
+            top = sorted(range(4), key=lambda e: -p[e])[:k]
+            total = sum(p[e] for e in top)
+            for e in top:
+                ref[n] += p[e] / total * layer.experts[e](xn[None])[0]
+    close(y, ref.view(2, 5, 16))
+
+
+def lb_brute_force(probs, experts, E):
+    N, k = experts.shape
+    f = [sum(int(e == j) for row in experts.tolist() for e in row) / (N * k) for j in range(E)]
+    P = [sum(float(probs[n, j]) for n in range(N)) / N for j in range(E)]
+    return E * sum(fj * pj for fj, pj in zip(f, P))
+
+
+@settings(max_examples=15)
+@given(E=st.integers(2, 8), N=st.integers(1, 20), seed=st.integers(0, 1000), data=st.data())
+def test_load_balancing_loss_matches_formula_uniform_is_one_concentrated_is_larger(E, N, seed, data):
+    k = data.draw(st.integers(1, E))
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.randn(N, E, generator=g).softmax(-1)
+    experts = probs.topk(k, -1).indices
+    assert abs(float(M.load_balancing_loss(probs, experts, E)) - lb_brute_force(probs, experts, E)) < 1e-5
+    # uniform: every probability 1/E and every expert chosen equally often -> exactly 1
+    uniform = torch.full((E * k, E), 1.0 / E)
+    rotating = torch.stack([(torch.arange(k) + n) % E for n in range(E * k)])
+    assert abs(float(M.load_balancing_loss(uniform, rotating, E)) - 1.0) < 1e-6
+    # concentrated: probability mass c on expert 0, which every token picks -> grows with c, up to E
+    losses = []
+    for c in (1.0 / E, 0.5 + 0.5 / E, 1.0):
+        p = torch.full((N, E), (1 - c) / (E - 1))
+        p[:, 0] = c
+        losses.append(float(M.load_balancing_loss(p, torch.zeros(N, 1, dtype=torch.long), E)))
+    assert losses[0] == pytest.approx(1.0) and losses[0] < losses[1] < losses[2] == pytest.approx(E)
+
+
+def test_aux_loss_is_balance_plus_z_loss_for_moe_and_zero_otherwise():
+    model = tiny_model(ffn="moe")
+    inputs = []
+    hooks = [b.ffn.register_forward_hook(lambda mod, args, out: inputs.append(args[0])) for b in model.blocks]
+    model(random_tokens(0, 2, 8))
+    for h in hooks:
+        h.remove()
+    cfg = model.config
+    expected = 0.0
+    for block, x in zip(model.blocks, inputs):
+        logits = (x.reshape(-1, cfg.n_embd) @ block.ffn.router.weight.T).detach()
+        probs = logits.softmax(-1)
+        experts = probs.topk(cfg.moe_top_k, -1).indices
+        z = float((torch.log(logits.exp().sum(-1)) ** 2).mean())
+        expected += cfg.moe_balance_coef * lb_brute_force(probs, experts, cfg.n_expert) + cfg.moe_z_coef * z
+    aux = model.aux_loss
+    assert aux.requires_grad
+    aux = aux.detach()
+    assert float(aux) > 0
+    assert float(aux) == pytest.approx(expected, rel=1e-5)
+    dense = tiny_model(ffn="swiglu")
+    dense(random_tokens(0, 2, 8))
+    assert float(dense.aux_loss) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+logit_vectors = st.integers(0, 10 ** 6).flatmap(
+    lambda seed: st.integers(2, 40).map(lambda V: torch.randn(V, generator=torch.Generator().manual_seed(seed)) * 3))
+
+
+def kept(logp):
+    return set(torch.isfinite(logp).nonzero().flatten().tolist())
+
+
+@given(logits=logit_vectors, temperature=st.sampled_from([1e-4, 1e-3, 0.0]))
+def test_greedy_and_vanishing_temperature_give_argmax(logits, temperature):
+    top2 = logits.topk(2).values
+    assume(float(top2[0] - top2[1]) > 1e-2)
+    tokens, logprob = M.sample(logits[None].expand(5, -1), temperature=temperature,
+                               generator=torch.Generator().manual_seed(0))
+    assert (tokens == logits.argmax()).all()
+    assert logprob.abs().max() < 1e-3
+    assert (M.sampling_logprobs(logits, 0.0).exp() == F.one_hot(logits.argmax(), len(logits))).all()
+
+
+@given(logits=logit_vectors, data=st.data())
+def test_top_k_keeps_exactly_the_k_largest(logits, data):
+    k = data.draw(st.integers(1, len(logits)))
+    logp = M.sampling_logprobs(logits, 1.0, top_k=k)
+    assert kept(logp) == set(logits.argsort(descending=True)[:k].tolist())
+    close(logp.exp().sum(), torch.tensor(1.0))
+
+
+@given(logits=logit_vectors, p=st.floats(0.01, 0.999), temperature=st.sampled_from([0.5, 1.0, 2.0]))
+def test_top_p_keeps_the_smallest_set_reaching_p(logits, p, temperature):
+    probs = sorted(((float(q), i) for i, q in enumerate((logits.double() / temperature).softmax(-1))), reverse=True)
+    cumulative, smallest = 0.0, []
+    for q, i in probs:                     # brute force: add the most likely tokens until the mass reaches p
+        assume(abs(cumulative - p) > 1e-5)
+        if cumulative >= p:
+            break
+        smallest.append(i)
+        cumulative += q
+    logp = M.sampling_logprobs(logits, temperature, top_p=p)
+    assert kept(logp) == set(smallest)
+    renormalised = {i: q / cumulative for q, i in probs if i in smallest}
+    for i in smallest:
+        assert math.exp(float(logp[i])) == pytest.approx(renormalised[i], rel=1e-4)
+
+
+@given(logits=logit_vectors, min_p=st.floats(0.001, 1.0))
+def test_min_p_keeps_tokens_with_p_at_least_min_p_times_max(logits, min_p):
+    probs = logits.double().softmax(-1)
+    ratio = probs / probs.max()
+    assume(((ratio - min_p).abs() > 1e-5).all())
+    assert kept(M.sampling_logprobs(logits, 1.0, min_p=min_p)) == set((ratio >= min_p).nonzero().flatten().tolist())
+
+
+@given(logits=logit_vectors, temperature=st.sampled_from([0.5, 1.0, 1.7]), top_k=st.integers(0, 10),
+       top_p=st.sampled_from([1.0, 0.9, 0.5]), min_p=st.sampled_from([0.0, 0.05]), seed=st.integers(0, 100))
+def test_sample_returns_log_of_its_sampling_distribution(logits, temperature, top_k, top_p, min_p, seed):
+    """Brute force: softmax(z/T) restricted to top-k, then the top-p nucleus, then min-p, renormalised."""
+    V = len(logits)
+    z = (logits.double() / temperature).tolist()
+    allowed = sorted(range(V), key=lambda i: -z[i])[:top_k if 0 < top_k < V else V]
+    def renorm(ids):
+        m = max(z[i] for i in ids)
+        s = sum(math.exp(z[i] - m) for i in ids)
+        return {i: math.exp(z[i] - m) / s for i in ids}
+    dist = renorm(allowed)
+    if top_p < 1.0:
+        cumulative, nucleus = 0.0, []
+        for i in sorted(dist, key=lambda i: -dist[i]):
+            assume(abs(cumulative - top_p) > 1e-5)
+            if cumulative >= top_p:
+                break
+            nucleus.append(i)
+            cumulative += dist[i]
+        dist = renorm(nucleus)
+    if min_p > 0:
+        best = max(dist.values())
+        assume(all(abs(q / best - min_p) > 1e-5 for q in dist.values()))
+        dist = renorm([i for i, q in dist.items() if q >= min_p * best])
+    tokens, logprobs = M.sample(logits[None].expand(50, -1), temperature, top_k, top_p, min_p,
+                                generator=torch.Generator().manual_seed(seed))
+    for tok, lp in zip(tokens.tolist(), logprobs.tolist()):
+        assert tok in dist
+        assert lp == pytest.approx(math.log(dist[tok]), abs=1e-4)
+
+
+def test_top_p_zero_keeps_the_most_likely_token_or_is_rejected():
+    """The smallest set whose mass reaches p = 0 is still one token (a sampler must draw something)."""
+    logits = torch.tensor([2.0, 1.0, 0.5])
+    try:
+        logp = M.sampling_logprobs(logits, 1.0, top_p=0.0)
+    except ValueError:
+        return
+    assert not torch.isnan(logp).any() and kept(logp) == {0}, (
+        f"BUG (requests_model.md #3): sampling_logprobs(top_p=0.0) gives {logp.tolist()} (NaN); "
+        "torch.multinomial then fails")
+
+
+CHI2_999 = {3: 16.27, 4: 18.47, 7: 24.32}   # chi-square quantile at 0.999 by degrees of freedom
+
+
+@pytest.mark.parametrize("V,top_k", [(8, 0), (8, 4), (5, 0)])
+def test_empirical_frequencies_match_the_softmax(V, top_k):
+    """20 000 draws with a fixed seed: Pearson's chi-square stays under its 0.999 quantile; tokens
+    outside the top-k set are never drawn."""
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(V + top_k)) * 1.5
+    n = 20_000
+    tokens, _ = M.sample(logits[None].expand(n, -1), 1.0, top_k=top_k, generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(tokens, minlength=V).double()
+    support = logits.argsort(descending=True)[:top_k] if top_k else torch.arange(V)
+    expected = logits.double()[support].softmax(-1) * n
+    assert counts.sum() == counts[support].sum() == n
+    chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
+    assert chi2 < CHI2_999[len(support) - 1], f"chi2 {chi2:.1f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+ENC = M.get_tokenizer("bytes")
+
+
+@given(text=st.text())
+def test_tokenizer_round_trips_arbitrary_unicode(text):
+    ids = M.encode(ENC, text)
+    assert all(0 <= i < 256 for i in ids) and len(ids) == len(text.encode("utf-8"))
+    assert M.decode(ENC, ids) == text
+
+
+@given(a=st.text(max_size=10), b=st.text(max_size=10))
+def test_special_tokens_are_not_produced_from_plain_text(a, b):
+    text = a + "<|endoftext|>" + b + "<|pad|>"
+    ids = M.encode(ENC, text)
+    assert EOT not in ids and PAD not in ids
+    assert M.decode(ENC, ids) == text
+    assert M.decode(ENC, [EOT] + ids + [PAD, PAD]) == text      # decode drops the specials
+
+
+def test_byte_tokenizer_ids_and_spec():
+    assert ENC.eot_token == EOT and M.pad_id(ENC) == PAD and ENC.n_vocab == 258
+    assert M.tokenizer_from_spec(M.tokenizer_spec(ENC)).encode_ordinary("héllo") == ENC.encode_ordinary("héllo")
+
+
+def test_named_encoding_that_cannot_load_offline_is_a_user_error(monkeypatch):
+    with pytest.raises(M.UserError, match="no_such_encoding"):
+        M.get_tokenizer("no_such_encoding")
+
+    def offline(name):
+        raise ConnectionError("could not reach openaipublic.blob.core.windows.net")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(M.UserError, match="gpt2"):
+        M.get_tokenizer("gpt2")
+
+
+# ----------------------------------------------------------------------------------------------
+# token_logprobs
+# ----------------------------------------------------------------------------------------------
+
+@settings(max_examples=6)
+@given(seed=st.integers(0, 1000), T=st.integers(2, 10), temperature=st.sampled_from([1.0, 0.7]),
+       top_k=st.sampled_from([0, 5]))
+def test_token_logprobs_equals_brute_force_log_softmax_gather(seed, T, temperature, top_k):
+    model = tiny_model(seed=9)
+    tokens = random_tokens(seed, 2, T)
+    with torch.no_grad():
+        got = M.token_logprobs(model, tokens, temperature, top_k)
+        logits = model(tokens).double()
+    assert got.shape == (2, T - 1)
+    for b in range(2):
+        for t in range(1, T):
+            z = (logits[b, t - 1] / temperature).tolist()
+            allowed = sorted(range(len(z)), key=lambda i: -z[i])[:top_k or len(z)]
+            m = max(z[i] for i in allowed)
+            lse = m + math.log(sum(math.exp(z[i] - m) for i in allowed))
+            tok = int(tokens[b, t])
+            expected = z[tok] - lse if tok in allowed else -math.inf
+            assert float(got[b, t - 1]) == pytest.approx(expected, abs=1e-4)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[0, -1] = False
+    with torch.no_grad():
+        masked = M.token_logprobs(model, tokens, temperature, top_k, mask=mask)
+    assert masked[0, -1] == 0 and torch.equal(masked[1], got[1])
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(ffn="moe", pos="learned")], ids=str)
+def test_first_ratio_is_one_sampler_and_token_logprobs_agree(overrides):
+    """Generate at temperature 0.7, top-k 20; token_logprobs on prompt + completion with the same
+    transform gives the sampler's logprobs to 1e-5, both row by row and as one left-padded batch."""
+    model = tiny_model(seed=10, **overrides)
+    prompts = [random_tokens(11 + i, n).tolist() for i, n in enumerate([3, 7, 1, 5])]
+    gen = M.generate(model, prompts, 8, temperature=0.7, top_k=20, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for i, p in enumerate(prompts):
+        new = gen.tokens[i].tolist()
+        n = new.index(EOT) + 1 if EOT in new else len(new)       # count independently of gen.lengths
+        rows.append((p, new[:n]))
+        with torch.no_grad():
+            lp = M.token_logprobs(model, torch.tensor([p + new[:n]]), temperature=0.7, top_k=20)[0, len(p) - 1:]
+        close(lp, gen.logprobs[i, :n])
+        assert (gen.logprobs[i, n:] == 0).all()
+    tokens, mask = M.padded_batch([p + c for p, c in rows], PAD, side="left")
+    positions, doc_ids = M.left_pad_inputs(mask)
+    with torch.no_grad():
+        lp = M.token_logprobs(model, tokens, 0.7, 20, positions=positions, doc_ids=doc_ids)
+    for i, (p, c) in enumerate(rows):
+        close(lp[i, lp.shape[1] - len(c):], gen.logprobs[i, :len(c)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def test_save_load_gives_identical_logits_tokenizer_and_meta(tmp_path):
+    model = tiny_model(seed=12, ffn="moe", norm="layernorm", pos="learned", tie_embeddings=False)
+    path = str(tmp_path / "run" / "model.pt")
+    M.save(path, model, ENC, step=7, args={"lr": 0.1}, state=torch.arange(3))
+    assert os.listdir(tmp_path / "run") == ["model.pt"]                  # no temporary file left behind
+    loaded, enc, ckpt = M.load(path)
+    tokens = random_tokens(0, 2, 9)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(tokens), model(tokens))
+    assert loaded.config == model.config
+    assert enc.name == ENC.name and enc.n_vocab == ENC.n_vocab
+    assert enc.encode_ordinary("ü 12+3") == ENC.encode_ordinary("ü 12+3") and enc.eot_token == EOT
+    assert ckpt["meta"]["step"] == 7 and ckpt["meta"]["args"] == {"lr": 0.1}
+    assert torch.equal(ckpt["meta"]["state"], torch.arange(3))
+
+
+def test_failed_save_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path):
+    model = tiny_model(seed=13)
+    path = str(tmp_path / "model.pt")
+    M.save(path, model, ENC, step=1)
+    before = open(path, "rb").read()
+    with pytest.raises(Exception):
+        M.save(path, model, ENC, step=2, unpicklable=lambda: None)
+    assert os.listdir(tmp_path) == ["model.pt"] and open(path, "rb").read() == before
+    assert M.load(path)[2]["meta"]["step"] == 1
+
+
+def test_a_checkpoint_that_saves_also_loads(tmp_path):
+    """save must not write a file that load (weights_only=True) refuses: either the meta is rejected
+    when saving, or it loads back."""
+    path = str(tmp_path / "model.pt")
+    model = tiny_model(seed=13)
+    try:
+        M.save(path, model, ENC, best_accuracy=np.float64(0.5), args=DemoArgs())
+    except (TypeError, ValueError):
+        assert not os.path.exists(path)
+        return
+    try:
+        M.load(path)
+    except M.CheckpointError as e:
+        pytest.fail(f"BUG (requests_model.md #4): save accepted meta (numpy scalar, dataclass) that "
+                    f"load(weights_only=True) cannot read: {e}")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing", "not_ours", "empty"])
+def test_bad_checkpoint_raises_checkpoint_error_naming_the_path(tmp_path, damage):
+    path = str(tmp_path / f"{damage}.pt")
+    if damage != "missing":
+        M.save(path, tiny_model(seed=14), ENC)
+        data = open(path, "rb").read()
+        if damage == "truncated":
+            data = data[:len(data) // 2]
+        elif damage == "garbage":
+            data = bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))
+        elif damage == "empty":
+            data = b""
+        with open(path, "wb") as f:
+            f.write(data)
+        if damage == "not_ours":
+            torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(M.CheckpointError) as info:
+        M.load(path)
+    assert path in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, M.UserError)
+
+
+# ----------------------------------------------------------------------------------------------
+# Verifier: #### answers, safe arithmetic, completion styles
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,answer", [
+    ("#### 42", "42"), ("#### 1,234", "1234"), ("so 3+4=7\n#### 7", "7"), ("#### -5", "-5"),
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", "72"),
+    ("#### 1\nmore\n#### 2.5.", "2.5"), ("no answer here", None), ("####   ", None), ("####12 apples", "12"),
+])
+def test_extract_answer(text, answer):
+    assert M.extract_answer(text) == answer
+
+
+@pytest.mark.parametrize("completion,answer,ok", [
+    ("#### 42", 42, True), ("#### 42", "42", True), ("#### 42.0", "42", True), ("#### 1,234", "1234", True),
+    ("#### 1234", "1,234", True), ("#### 41", "42", False), ("42", "42", False), ("#### -3", -3, True),
+    ("#### 4 2", "42", False), ("#### 0.5", "0.50", True),
+])
+def test_is_correct(completion, answer, ok):
+    assert M.is_correct(completion, answer) is ok
+
+
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
+       "//": operator.floordiv, "%": operator.mod}
+leaves = st.one_of(st.integers(0, 999).map(lambda n: (str(n), n)),
+                   st.integers(0, 99).map(lambda n: (f"{n / 4}", n / 4)))
+
+
+def extend(children):
+    binary = st.tuples(children, st.sampled_from(sorted(OPS)), children).map(
+        lambda t: (f"({t[0][0]} {t[1]} {t[2][0]})", ("op", t[1], t[0][1], t[2][1])))
+    power = st.tuples(children, st.integers(0, 3)).map(lambda t: (f"({t[0][0]})**{t[1]}", ("pow", t[0][1], t[1])))
+    negate = children.map(lambda c: (f"(-{c[0]})", ("neg", c[1])))
+    return st.one_of(binary, power, negate)
+
+
+expressions = st.recursive(leaves, extend, max_leaves=8)
+
+
+def python_value(tree):
+    """The reference: Python's own operators on the expression tree (no parsing involved)."""
+    if not isinstance(tree, tuple):
+        return tree
+    if tree[0] == "neg":
+        return -python_value(tree[1])
+    if tree[0] == "pow":
+        return python_value(tree[1]) ** tree[2]
+    a, b = python_value(tree[2]), python_value(tree[3])
+    result = OPS[tree[1]](a, b)
+    if abs(result) > 1e40:
+        raise OverflowError
+    return result
+
+
+@given(expr=expressions)
+def test_arith_agrees_with_python_arithmetic(expr):
+    text, tree = expr
+    assume(len(text) <= 200)
+    try:
+        expected = python_value(tree)
+    except ZeroDivisionError:
+        with pytest.raises(ValueError):
+            M.arith(text)
+        return
+    except OverflowError:
+        assume(False)
+    assume(abs(expected) < 1e40)
+    got = M.arith(text)
+    assert got == expected and type(got) is type(expected)
+
+
+@contextlib.contextmanager
+def watchdog(seconds=5):
+    """Fail (instead of hanging the suite) if the block runs for more than `seconds`."""
+    def expired(signum, frame):
+        raise TimeoutError(f"took more than {seconds}s")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("expr", [
+    "x", "x + 1", "__import__('os')", "abs(-1)", "(1).real", "'a' * 3", "[1, 2]", "1 if 1 else 2", "lambda: 1",
+    "True + 1", "1j", "1 < 2", "9**9**9", "2**10000", "10**100", "1e400", "99**99", "(2**200) * (2**200)",
+    "(" * 100 + "1" + ")" * 100, "-" * 150 + "1", "1+" * 99 + "1", "1" * 500, "1+1" * 100, "1/0", "5 // 0",
+    "5 % 0", "0**-1", "1; 2", "", "import os", "x = 1",
+])
+def test_arith_rejects_everything_else_quickly(expr):
+    with watchdog(5), pytest.raises(ValueError):
+        M.arith(expr)
+
+
+def test_arith_returns_a_real_number():
+    """arith's contract is int | float; a negative base to a fractional power is complex in Python."""
+    try:
+        value = M.arith("(-8) ** 0.5")
+    except ValueError:
+        return
+    assert isinstance(value, (int, float)), (
+        f"BUG (requests_model.md #2): arith('(-8) ** 0.5') returned {value!r} (complex), not a ValueError")
+
+
+@pytest.mark.parametrize("text,style", [
+    ("3+4=7\n#### 7", "worked"),
+    ("We add.\n12*3=36\n36-6=30\n#### 30", "worked"),
+    ("#### 7", "bare"),
+    ("Just guess.\n#### 7", "bare"),
+    ("3+4=8\n#### 8", "wrong_step"),
+    ("2*3=6\n6+1=8\n#### 8", "wrong_step"),
+    ("import os=0\n#### 0", "wrong_step"),
+    ("3+4=7", "no_answer"),
+    ("", "no_answer"),
+])
+def test_completion_style_classifies_constructed_cases(text, style):
+    assert M.completion_style(text) == style
+
+
+def test_step_lines_reads_only_lines_before_the_answer():
+    assert M.step_lines("a\n3+4=7\n10 - 3 = 7\nx=y\n#### 7\n1+1=2") == [("3+4", "7"), ("10 - 3", "7")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run plumbing
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class DemoArgs:
+    lr: float = 3e-4             # peak learning rate
+    group_size: int = 8          # completions sampled per prompt
+    name: str = "run"            # folder under runs/
+    compile: bool = True         # torch.compile the model
+
+
+def test_parse_args_defaults_flags_and_help(capsys):
+    assert M.parse_args(DemoArgs, []) == DemoArgs()
+    args = M.parse_args(DemoArgs, ["--lr", "0.1", "--group-size", "3", "--name", "x", "--no-compile"])
+    assert args == DemoArgs(lr=0.1, group_size=3, name="x", compile=False)
+    assert M.parse_args(DemoArgs, ["--compile"]).compile is True
+    with pytest.raises(SystemExit):
+        M.parse_args(DemoArgs, ["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for expected in ("peak learning rate", "completions sampled per prompt", "torch.compile the model",
+                     "--group-size", "--no-compile", "0.0003", "default: 8"):
+        assert expected in help_text
+    with pytest.raises(SystemExit):
+        M.parse_args(DemoArgs, ["--group-size", "many"])
+
+
+def test_read_jsonl_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b"\n')
+    with pytest.raises(M.UserError, match=f"{path}:3"):
+        M.read_jsonl(str(path))
+    path.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n')
+    with pytest.raises(M.UserError, match=f"{path}:2.*answer"):
+        M.read_jsonl(str(path), required_keys=("prompt", "answer"))
+    path.write_text('{"prompt": "a"}\n[1, 2]\n')
+    with pytest.raises(M.UserError, match=f"{path}:2"):
+        M.read_jsonl(str(path))
+    path.write_text("\n")
+    with pytest.raises(M.UserError, match=str(path)):
+        M.read_jsonl(str(path))
+    with pytest.raises(M.UserError, match="missing.jsonl"):
+        M.read_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+json_values = st.one_of(st.text(), st.integers(-10 ** 9, 10 ** 9), st.booleans(), st.none())
+
+
+@given(rows=st.lists(st.dictionaries(st.text(max_size=5), json_values, min_size=1, max_size=4), min_size=1, max_size=5))
+def test_write_jsonl_round_trips_atomically(tmp_path_factory, rows):
+    folder = tmp_path_factory.mktemp("jsonl")
+    path = str(folder / "out.jsonl")
+    M.write_jsonl(path, rows)
+    assert os.listdir(folder) == ["out.jsonl"]
+    assert M.read_jsonl(path) == rows
+
+
+def test_metrics_logger_writes_one_json_line_per_call(tmp_path, capsys):
+    logger = M.MetricsLogger(str(tmp_path), total=3)
+    for step in (1, 2, 3):
+        logger.log(step, loss=torch.tensor(1.5 / step), lr=0.1, note="ok")
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    rows = [json.loads(line) for line in lines]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[1]["loss"] == pytest.approx(0.75) and rows[0]["lr"] == 0.1 and rows[2]["note"] == "ok"
+    out = capsys.readouterr().out
+    assert out.count("\n") == 3 and "ETA" in out and "loss" in out
+    again = M.MetricsLogger(str(tmp_path), append=True)
+    again.log(4, echo=False, loss=0.1)
+    again.close()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+    assert capsys.readouterr().out == ""
+
+
+def test_ensure_input_user_named_missing_path_is_an_error_and_default_runs_upstream(tmp_path):
+    named = str(tmp_path / "mine.jsonl")
+    with pytest.raises(M.UserError, match="mine.jsonl"):
+        M.ensure_input(named, str(tmp_path / "default.jsonl"), ["synth.py"])
+    existing = tmp_path / "there.jsonl"
+    existing.write_text("{}\n")
+    assert M.ensure_input(str(existing), "other", ["synth.py"]) == str(existing)
+    default = tmp_path / "default.jsonl"
+    maker = tmp_path / "maker.py"           # an absolute script path stands in for the upstream stage
+    maker.write_text("import sys\nopen(sys.argv[1], 'w').write('{}\\n')\n")
+    assert M.ensure_input(str(default), str(default), [str(maker), str(default)]) == str(default)
+    assert default.exists()
+    failing = tmp_path / "fail.py"
+    failing.write_text("raise SystemExit(3)\n")
+    with pytest.raises(M.UserError, match="default2.jsonl"):
+        M.ensure_input(str(tmp_path / "default2.jsonl"), str(tmp_path / "default2.jsonl"), [str(failing)])
+
+
+def test_get_device_and_cli(capsys):
+    assert M.get_device("cpu") == torch.device("cpu")
+    with pytest.raises(M.UserError):
+        M.get_device("tpu")
+
+    def failing_main():
+        raise M.UserError("data.jsonl:3: bad line")
+    with pytest.raises(SystemExit) as info:
+        M.cli(failing_main)
+    assert info.value.code == 2 and capsys.readouterr().err.strip() == "error: data.jsonl:3: bad line"
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate: the shared held-out protocol
+# ----------------------------------------------------------------------------------------------
+
+@settings(max_examples=10)
+@given(table=st.lists(st.lists(st.sampled_from(["right", "wrong", "none", "long"]), min_size=3, max_size=3),
+                      min_size=1, max_size=5),
+       samples=st.integers(1, 3), batch_size=st.integers(1, 4))
+def test_evaluate_counts_accuracy_and_pass_at_k_against_brute_force(table, samples, batch_size):
+    """A stub generate returns scripted completions per (prompt, sample); evaluate's numbers must equal
+    the counts done by hand over the script."""
+    rows = [{"prompt": f"Q{i}: ", "answer": str(10 + i), "difficulty": i % 2} for i in range(len(table))]
+    script = {f"Q{i}: ": [kinds[s] for s in range(samples)] for i, kinds in enumerate(table)}
+    texts = {"right": lambda a: f"1+1=2\n#### {a}", "wrong": lambda a: f"#### {int(a) + 1}",
+             "none": lambda a: "I do not know", "long": lambda a: "1+1=3\n#### " + a}
+    seen = {}
+
+    def stub_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                      stop_ids=(EOT,), pad_id=PAD, generator=None):
+        outs, finished = [], []
+        for p in prompts:
+            prompt = M.decode(ENC, p)
+            s = seen.get(prompt, 0)
+            seen[prompt] = s + 1
+            kind = script[prompt][s]
+            ids = M.encode(ENC, texts[kind](str(10 + int(prompt[1:-2]))))
+            finished.append(kind != "long")
+            outs.append(ids + [EOT] if kind != "long" else ids)
+        N = max(len(o) for o in outs)
+        tokens = torch.full((len(outs), N), pad_id)
+        for i, o in enumerate(outs):
+            tokens[i, :len(o)] = torch.tensor(o)
+        return M.Generation(tokens, torch.zeros(tokens.shape), torch.tensor([len(o) for o in outs]),
+                            torch.tensor(finished))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M, "generate", stub_generate)
+        result = M.evaluate(None, ENC, rows, max_new_tokens=64, temperature=1.0 if samples > 1 else 0.0,
+                            samples=samples, batch_size=batch_size)
+    kinds = [k for r in rows for k in script[r["prompt"]]]
+    good = [k in ("right", "long") for k in kinds]
+    n = len(kinds)
+    assert result["n"] == n and result["accuracy"] == pytest.approx(sum(good) / n)
+    p = sum(good) / n
+    assert result["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / n))
+    assert result["pass_at_k"] == pytest.approx(
+        sum(any(k in ("right", "long") for k in script[r["prompt"]]) for r in rows) / len(rows))
+    assert result["truncated"] == pytest.approx(kinds.count("long") / n)
+    assert result["styles"]["no_answer"] == pytest.approx(kinds.count("none") / n)
+    assert result["styles"]["wrong_step"] == pytest.approx(kinds.count("long") / n)
+    assert result["styles"]["bare"] == pytest.approx(kinds.count("wrong") / n)
+    assert result["styles"]["worked"] == pytest.approx(kinds.count("right") / n)
+    for d in (0, 1):
+        mine = [g for r in rows if r["difficulty"] == d for g in
+                [k in ("right", "long") for k in script[r["prompt"]]]]
+        if mine:
+            assert result["per_difficulty"][d] == pytest.approx(sum(mine) / len(mine))
+    assert len(result["completions"]) == n
+
+
+def test_evaluate_on_a_tiny_model_matches_its_own_greedy_completions():
+    """With a real (untrained) model: evaluate's completions are the greedy continuations of each
+    prompt alone, and a row whose answer is set to its own extracted answer would count as correct."""
+    model = tiny_model(seed=15)
+    rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "#### ", "answer": "0"}]
+    result = M.evaluate(model, ENC, rows, max_new_tokens=6, batch_size=2)
+    for row, text in zip(rows, result["completions"]):
+        alone = M.generate(model, [M.encode(ENC, row["prompt"])], 6, temperature=0.0)
+        assert text == M.decode(ENC, alone.tokens[0])
+    expected = np.mean([M.is_correct(t, r["answer"]) for t, r in zip(result["completions"], rows)])
+    assert result["accuracy"] == expected and 0 <= result["truncated"] <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------
+
+def test_model_py_benchmark_smoke_runs():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "model.py", "--steps", "1", "--gen-tokens", "4", "--gen-batch", "2",
+                             "--batch-size", "2", "--seq-len", "16", "--device", "cpu"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for word in ("parameters", "tokens/s", "MFU", "speed-up", "untrained sample"):
+        assert word in result.stdout
