@@ -551,7 +551,9 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
 def token_logprobs(model, tokens, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    min_p: float = 0.0, positions=None, doc_ids=None, mask=None):
     """log pi(x_t | x_<t) for t = 1..T-1 under the sampling transform (the quantity SFT, DPO, PPO and
-    GRPO all need). tokens (B, T) -> (B, T-1); with mask (B, T), positions whose token is padding give 0."""
+    GRPO all need). tokens (B, T) -> (B, T-1); with mask (B, T), positions whose token is padding give 0.
+    The model is used in the mode it is in: for an importance ratio against `generate`'s log-probs, call
+    it in eval mode (no dropout), as generate samples."""
     logits = model(tokens, positions, doc_ids)[:, :-1]                         # (B, T-1, V)
     logp = sampling_logprobs(logits, temperature, top_k, top_p, min_p)
     out = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)                       # (B, T-1)
@@ -607,7 +609,7 @@ def load(path: str, device="cpu"):
     except UserError:
         raise
     except Exception as e:
-        reason = (str(e).splitlines() or [""])[0][:160]
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).splitlines() or [""])[0])[:160]   # no terminal codes
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
     return model.to(device), enc, ckpt
 

@@ -321,7 +321,7 @@ def newton_schulz(G, steps=5, coeffs=NS_QUINTIC, eps=1e-7):
     batch; iterates on the wide orientation so X X^T is the smaller Gram matrix.
     """
     a, b, c = coeffs
-    X = G.float()                                                   # (..., m, n)
+    X = G.to(torch.promote_types(G.dtype, torch.float32))           # (..., m, n), >= fp32
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT                                                    # (..., n, m), now wide
@@ -455,11 +455,12 @@ def lr_wsd(step, lr, total_steps, warmup_steps=0, decay_frac=0.2, min_lr=0.0):
     into a decay at any point) without knowing the total length in advance.
 
         lr(t) = lr for W <= t < D,   lr - (lr - min_lr) * (t - D) / (T - D) for D <= t <= T,
-        D = T - decay_frac * T
+        D = T - max(1, round(decay_frac * T))
     """
     if step < warmup_steps:
         return _warmup(step, lr, warmup_steps, min_lr)
-    decay_start = max(warmup_steps, total_steps - int(round(decay_frac * total_steps)))
+    decay_steps = max(1, round(decay_frac * total_steps)) if decay_frac > 0 else 0
+    decay_start = max(warmup_steps, total_steps - decay_steps)
     if step < decay_start:
         return lr
     progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
@@ -469,10 +470,15 @@ def lr_wsd(step, lr, total_steps, warmup_steps=0, decay_frac=0.2, min_lr=0.0):
 SCHEDULES = {"constant": lr_constant, "cosine": lr_cosine, "linear": lr_linear, "wsd": lr_wsd}
 
 
-def set_lr(optimizer, lr):
-    """Write lr into every param group (times the group's optional "lr_scale")."""
+def scale_lr(optimizer, factor):
+    """Set every group's lr to its peak lr times `factor` (a schedule called with lr=1.0).
+
+    The peak is the group's lr the first time this is called, kept in group["initial_lr"] as
+    torch's own LR schedulers do, so groups with different peaks (Muon + AdamW) keep their ratio.
+    """
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * factor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,6 +508,11 @@ def clip_grad_norm_(params, max_norm):
 # Diagnostics: what practitioners look at to judge a run's health
 # ----------------------------------------------------------------------------------------------
 
+def _exact(x):
+    """x detached, in at least float32 (bf16 statistics are too coarse to read)."""
+    return x.detach().to(torch.promote_types(x.dtype, torch.float32))
+
+
 def layer_of(name):
     """Group a parameter name into its layer: up to the first integer index ("blocks.3.attn.w"
     -> "blocks.3"), else its first component ("wte.weight" -> "wte")."""
@@ -518,7 +529,7 @@ def grad_norms(model):
     for name, p in model.named_parameters():
         if p.grad is not None:
             layer = layer_of(name)
-            per_layer[layer] = per_layer.get(layer, 0.0) + p.grad.detach().float().pow(2).sum().item()
+            per_layer[layer] = per_layer.get(layer, 0.0) + _exact(p.grad).pow(2).sum().item()
     total = math.sqrt(sum(per_layer.values()))
     return total, {layer: math.sqrt(sq) for layer, sq in per_layer.items()}
 
@@ -538,8 +549,8 @@ def update_ratios(before, model):
     for name, p in model.named_parameters():
         if name in before:
             layer = layer_of(name)
-            old = before[name].float()
-            delta_sq[layer] = delta_sq.get(layer, 0.0) + (p.detach().float() - old).pow(2).sum().item()
+            old = _exact(before[name])
+            delta_sq[layer] = delta_sq.get(layer, 0.0) + (_exact(p) - old).pow(2).sum().item()
             param_sq[layer] = param_sq.get(layer, 0.0) + old.pow(2).sum().item()
     return {layer: math.sqrt(delta_sq[layer]) / max(math.sqrt(param_sq[layer]), 1e-12)
             for layer in delta_sq}
@@ -554,11 +565,12 @@ def activation_stats(x, dead_eps=0.0, saturation=0.99):
         saturated        fraction of entries with |x| >= saturation (tanh/sigmoid-like units in
                          their flat region pass almost no gradient)
     """
-    x = x.detach().float()
+    x = _exact(x)
     units = x.reshape(-1, x.shape[-1])                                   # (N, C)
-    dead = (units.abs() <= dead_eps).all(dim=0).float().mean()
+    n_dead = (units.abs() <= dead_eps).all(dim=0).sum().item()
+    n_saturated = (x.abs() >= saturation).sum().item()
     return {"mean": x.mean().item(), "std": x.std(unbiased=False).item(),
-            "dead": dead.item(), "saturated": (x.abs() >= saturation).float().mean().item()}
+            "dead": n_dead / units.shape[1], "saturated": n_saturated / x.numel()}
 
 
 class ActivationStats:
@@ -643,3 +655,308 @@ def format_metrics(step, **metrics):
         else:
             parts.append(f"{key} {value}")
     return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo: the same tiny GPT on the same synthetic data with every optimizer
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Args:
+    steps: int = 200              # training steps per optimizer
+    batch_size: int = 16          # sequences per step
+    seq_len: int = 32             # tokens per sequence
+    symbols: int = 16             # K: alphabet size of the synthetic rule
+    noise: float = 0.1            # probability that a token ignores the rule (sets the loss floor)
+    n_layer: int = 2              # transformer blocks
+    n_embd: int = 64              # residual width
+    n_head: int = 4               # attention heads
+    warmup: int = 20              # linear warmup steps, then cosine decay to 0.1 x peak
+    weight_decay: float = 0.1     # decoupled decay on matrices (AdamW, Lion x10, Muon)
+    clip: float = 1.0             # global gradient-norm clip (0 = off)
+    target: float = 0.0           # held-out loss for "steps to target"; 0 = loss floor + 0.3 nats
+    eval_every: int = 10          # steps between held-out evaluations
+    eval_size: int = 64           # held-out sequences (the same for every run)
+    lr_scale: float = 1.0         # multiply every optimizer's peak lr (for sweeps)
+    optimizers: str = "all"       # comma-separated subset of the table's rows, or all
+    beta_steps: int = 120         # steps per run of the AdamW beta2 x warmup experiment (0 = skip)
+    beta_lr: float = 3e-2         # peak lr of that experiment (3x AdamW's best: where it matters)
+    beta_seeds: int = 2           # data/init seeds averaged in that experiment
+    timing_rounds: int = 20       # interleaved rounds of the optimizer.step() micro-benchmark
+    out_dir: str = "runs/optim"   # results.json, metrics.jsonl and args.json go here
+    device: str = "auto"          # auto | cpu | cuda
+    seed: int = 0                 # seed of the rule, the data and the model initialisation
+
+
+def make_rule(symbols, generator):
+    """A random second-order rule: rule[a, b] is the token that follows the pair (a, b)."""
+    return torch.randint(0, symbols, (symbols, symbols), generator=generator)      # (K, K)
+
+
+def sample_sequences(rule, n, seq_len, noise, generator):
+    """x_0, x_1 ~ U{K};  x_t = rule[x_{t-2}, x_{t-1}] with probability 1 - noise, else ~ U{K}."""
+    K = rule.shape[0]
+    x = torch.randint(0, K, (n, seq_len), generator=generator)                     # (n, T)
+    follows_rule = torch.rand(n, seq_len, generator=generator) >= noise
+    for t in range(2, seq_len):
+        x[:, t] = torch.where(follows_rule[:, t], rule[x[:, t - 2], x[:, t - 1]], x[:, t])
+    return x
+
+
+def loss_floor(symbols, noise, seq_len):
+    """The lowest reachable mean cross-entropy (nats) over the T-1 predicted tokens:
+    x_1 is uniform (log K); each later token is the rule's with probability p = 1 - noise + noise/K
+    and each other symbol with q = noise/K, entropy H = -p log p - (K-1) q log q."""
+    p, q = 1 - noise + noise / symbols, noise / symbols
+    H = -p * math.log(p) - ((symbols - 1) * q * math.log(q) if q > 0 else 0.0)
+    return (math.log(symbols) + (seq_len - 2) * H) / (seq_len - 1)
+
+
+# name: (peak lr, factory(model, lr, weight_decay) -> optimizers). Each peak lr is the best of a
+# sweep over x1/3, x1, x3 (x9 where x3 won) at the default config; "torch AdamW" is the baseline.
+RECIPES = {
+    "SGD": (0.5, lambda m, lr, wd: [SGD(m.parameters(), lr=lr)]),
+    "SGD momentum": (0.3, lambda m, lr, wd: [SGD(m.parameters(), lr=lr, momentum=0.9)]),
+    "SGD nesterov": (0.3, lambda m, lr, wd: [SGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True)]),
+    "Adagrad": (3e-2, lambda m, lr, wd: [Adagrad(m.parameters(), lr=lr)]),
+    "RMSprop": (3e-3, lambda m, lr, wd: [RMSprop(m.parameters(), lr=lr)]),
+    "Adam": (1e-2, lambda m, lr, wd: [Adam(m.parameters(), lr=lr, betas=(0.9, 0.95))]),
+    "AdamW": (1e-2, lambda m, lr, wd: [AdamW(weight_decay_groups(m, wd), lr=lr, betas=(0.9, 0.95))]),
+    "torch AdamW": (1e-2, lambda m, lr, wd: [torch.optim.AdamW(weight_decay_groups(m, wd), lr=lr,
+                                                                 betas=(0.9, 0.95), foreach=True)]),
+    "Lion": (3e-3, lambda m, lr, wd: [Lion(weight_decay_groups(m, 10 * wd), lr=lr, betas=(0.9, 0.99))]),
+    "Muon": (6e-2, lambda m, lr, wd: [Muon(muon_param_split(m)[0], lr=lr, weight_decay=wd),
+                                      AdamW(muon_param_split(m)[1], lr=3e-3, betas=(0.9, 0.95),
+                                            weight_decay=0.0)]),
+}
+BASELINE = "torch AdamW"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def evaluate(net, eval_data, device):
+    """Mean next-token cross-entropy on held-out sequences (B, T)."""
+    import model as lm
+    import torch.nn.functional as F
+
+    net.eval()
+    x = eval_data.to(device)
+    with torch.no_grad(), lm.autocast(device):
+        logits = net(x[:, :-1])                                                     # (B, T-1, K)
+    net.train()
+    return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].reshape(-1)).item()
+
+
+def train(args, cfg, data, eval_data, optimizers, device, warmup, name, logger=None, echo=False, seed=None):
+    """Train a fresh model (seeded, so every run starts from the same weights) on `data`
+    ((steps, B, T) tokens) with the optimizers `optimizers(model)` returns, a warmup + cosine
+    schedule and optional clipping. Returns the curves, per-step wall times and diagnostics."""
+    import model as lm
+    import torch.nn.functional as F
+
+    torch.manual_seed(args.seed if seed is None else seed)
+    net = lm.GPT(cfg).to(device)
+    opts = optimizers(net)
+    params = [p for p in net.parameters() if p.requires_grad]
+    spikes = LossSpikeDetector()
+    hooks = ActivationStats(net, lambda n, m: n.endswith("ffn.w2"), on="input")   # FFN hidden units
+    losses, evals, step_s = [], {}, []
+    steps = data.shape[0]
+    for step in range(1, steps + 1):
+        x = data[step - 1].to(device)                                               # (B, T)
+        factor = lr_cosine(step, 1.0, steps, warmup, 0.1)
+        for opt in opts:
+            scale_lr(opt, factor)
+        _sync(device)
+        t0 = time.perf_counter()
+        with lm.autocast(device):
+            logits = net(x[:, :-1])                                                 # (B, T-1, K)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].reshape(-1))
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf"))
+        log_now = step % 50 == 0 or step == steps
+        before = snapshot(net) if log_now else None
+        for opt in opts:
+            opt.step()
+        _sync(device)
+        step_s.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        spike = spikes.update(losses[-1])
+        if step % args.eval_every == 0 or step == steps:
+            evals[step] = evaluate(net, eval_data, device)
+        if log_now or spike:
+            ratio = max(update_ratios(before, net).values()) if before else float("nan")
+            acts = list(hooks.stats.values())
+            metrics = dict(loss=losses[-1], lr=opts[0].param_groups[0]["lr"], grad_norm=float(grad_norm),
+                           max_update_ratio=ratio, ffn_act_std=sum(a["std"] for a in acts) / len(acts),
+                           ffn_dead=max(a["dead"] for a in acts), spike=spike)
+            if logger is not None:
+                logger.log(step, echo=False, run=name, **metrics)
+            if echo:
+                print(f"  {name:>12} " + format_metrics(step, **metrics), flush=True)
+    hooks.remove()
+    return dict(losses=losses, evals=evals, step_s=step_s, spikes=spikes.n_spikes, final=evals[steps])
+
+
+def steps_to(evals, target):
+    """First evaluated step whose held-out loss is <= target (None if never)."""
+    return next((step for step, loss in sorted(evals.items()) if loss <= target), None)
+
+
+def time_optimizer_steps(cfg, names, lr_scale, weight_decay, device, rounds, reps=5):
+    """Seconds per optimizer.step() for each recipe: the best of `rounds` rounds (timeit's rule:
+    the minimum is the cost without interference), on one model with fixed random gradients,
+    interleaving the recipes round by round so that machine noise hits all alike."""
+    import model as lm
+
+    torch.manual_seed(0)
+    net = lm.GPT(cfg).to(device)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opts = {name: RECIPES[name][1](net, RECIPES[name][0] * lr_scale, weight_decay) for name in names}
+    saved = [p.detach().clone() for p in net.parameters()]
+    times = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                for opt in opts[name]:
+                    opt.step()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / reps)
+            with torch.no_grad():
+                for p, s in zip(net.parameters(), saved):
+                    p.copy_(s)
+    return {name: min(t) for name, t in times.items()}
+
+
+def make_task(args, seed, n_batches):
+    """The rule (fixed by --seed), `n_batches` training batches and the held-out set from `seed`."""
+    rule = make_rule(args.symbols, torch.Generator().manual_seed(args.seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    data = sample_sequences(rule, n_batches * args.batch_size, args.seq_len, args.noise, gen)
+    eval_data = sample_sequences(rule, args.eval_size, args.seq_len, args.noise, gen)
+    return data.view(n_batches, args.batch_size, args.seq_len), eval_data          # (S, B, T), (E, T)
+
+
+def optimizer_table(args, cfg, names, device, target, logger):
+    """Train with every recipe on the same data from the same init and print the table."""
+    data, eval_data = make_task(args, args.seed, args.steps)
+    results = {}
+    for name in names:
+        lr = RECIPES[name][0] * args.lr_scale
+        make = lambda net, name=name, lr=lr: RECIPES[name][1](net, lr, args.weight_decay)
+        run = train(args, cfg, data, eval_data, make, device, args.warmup, name, logger, echo=name == "AdamW")
+        run.update(lr=lr, steps_to_target=steps_to(run["evals"], target))
+        results[name] = run
+        print(f"  {name:>12} lr {lr:.0e}: held-out loss {run['final']:.3f} ({sum(run['step_s']):.1f}s)", flush=True)
+    opt_times = time_optimizer_steps(cfg, names, args.lr_scale, args.weight_decay, device, args.timing_rounds)
+    base_step = statistics.median(results[BASELINE]["step_s"])
+    print(f"\n{args.steps} steps, batch {args.batch_size}x{args.seq_len}, warmup {args.warmup} + cosine, "
+          f"clip {args.clip}; loss = held-out ({args.eval_size} sequences, every {args.eval_every} steps); "
+          f"times relative to {BASELINE}(foreach=True), measured in this run")
+    print(f"{'optimizer':<14}{'peak lr':>9}{'final loss':>12}{'steps to ' + format(target, '.2f'):>15}"
+          f"{'train step':>12}{'opt.step':>10}{'opt.step ms':>13}")
+    for name in names:
+        run = results[name]
+        run["opt_step_s"] = opt_times[name]
+        reached = run["steps_to_target"]
+        print(f"{name:<14}{run['lr']:>9.0e}{run['final']:>12.3f}{reached if reached else 'never':>15}"
+              f"{statistics.median(run['step_s']) / base_step:>11.2f}x"
+              f"{opt_times[name] / opt_times[BASELINE]:>9.2f}x{opt_times[name] * 1e3:>13.3f}")
+    if "AdamW" in results:
+        gap = max(abs(a - b) for a, b in zip(results["AdamW"]["losses"], results[BASELINE]["losses"]))
+        print(f"optim.AdamW vs torch.optim.AdamW, same data and init: max |training loss difference| over "
+              f"{args.steps} steps = {gap:.2e}")
+    return results
+
+
+def beta2_warmup_table(args, cfg, device, logger):
+    """AdamW at a too-high lr, beta2 in {0.95, 0.999} x {no warmup, warmup}, averaged over seeds."""
+    warm = max(1, args.beta_steps // 5)
+    early_step = args.beta_steps // 3
+    print(f"\nAdamW at a high peak lr {args.beta_lr:.0e}, no clipping, {args.beta_steps} steps, mean of "
+          f"{args.beta_seeds} seeds [min, max]: v averages g^2 over ~1/(1-beta2) steps (20 vs 1000)")
+    print(f"{'beta2':>7}{'warmup':>8}{'held-out @' + str(early_step):>21}{'final held-out':>21}{'spikes':>8}"
+          f"{'cost of no warmup':>19}")
+    no_clip = Args(**{**asdict(args), "clip": 0.0, "eval_every": early_step})
+    table = {}
+    tasks = [make_task(args, args.seed + s, args.beta_steps) for s in range(args.beta_seeds)]
+    for beta2 in (0.95, 0.999):
+        for warmup in (0, warm):
+            runs = []
+            for s, (data, eval_data) in enumerate(tasks):
+                make = lambda net, b2=beta2: [AdamW(weight_decay_groups(net, args.weight_decay),
+                                                    lr=args.beta_lr, betas=(0.9, b2))]
+                runs.append(train(no_clip, cfg, data, eval_data, make, device, warmup,
+                                  f"beta2={beta2} warmup={warmup} seed={args.seed + s}", logger,
+                                  seed=args.seed + s))
+            early = [r["evals"][early_step] for r in runs]
+            final = [r["final"] for r in runs]
+            row = dict(early=early, final=final, spikes=sum(r["spikes"] for r in runs))
+            table[f"beta2={beta2},warmup={warmup}"] = row
+            cost = ""
+            if warmup:
+                cold = table[f"beta2={beta2},warmup=0"]["final"]
+                cost = f"{statistics.mean(cold) - statistics.mean(final):+.3f}"
+            span = lambda v: f"{statistics.mean(v):.3f} [{min(v):.2f},{max(v):.2f}]"
+            print(f"{beta2:>7}{warmup:>8}{span(early):>21}{span(final):>21}{row['spikes']:>8}{cost:>19}",
+                  flush=True)
+    return table
+
+
+def main(argv=None):
+    import json
+    import os
+
+    import model as lm
+
+    args = lm.parse_args(Args, argv)
+    names = list(RECIPES) if args.optimizers == "all" else [n.strip() for n in args.optimizers.split(",")]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise lm.UserError(f"--optimizers: unknown {unknown}; choose from {list(RECIPES)}")
+    if BASELINE not in names:
+        names.append(BASELINE)
+    if (args.steps < 1 or args.seq_len < 3 or args.symbols < 2 or not 0.0 <= args.noise <= 1.0
+            or args.eval_every < 1 or args.eval_size < 1 or args.beta_steps < 0 or args.beta_seeds < 1):
+        raise lm.UserError("need --steps >= 1, --seq-len >= 3, --symbols >= 2, 0 <= --noise <= 1, "
+                           "--eval-every >= 1, --eval-size >= 1, --beta-steps >= 0, --beta-seeds >= 1")
+    if 0 < args.beta_steps < 3:
+        raise lm.UserError("--beta-steps must be 0 (skip) or >= 3")
+    device = lm.get_device(args.device)
+    lm.seed_everything(args.seed)
+    floor = loss_floor(args.symbols, args.noise, args.seq_len)
+    target = args.target if args.target > 0 else floor + 0.3
+    cfg = lm.Config(vocab_size=args.symbols, block_size=args.seq_len, n_layer=args.n_layer,
+                    n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_head)
+    print(f"device {device} | GPT {lm.GPT(cfg).num_params():,} params ({args.n_layer} layers, width "
+          f"{args.n_embd}) | task: x_t = rule[x_t-2, x_t-1] w.p. {1 - args.noise:.2f}, K={args.symbols}, "
+          f"T={args.seq_len} | loss at init ~ log K = {math.log(args.symbols):.3f}, floor = {floor:.3f} nats, "
+          f"target = {target:.3f}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    lm.save_args(args.out_dir, args)
+    logger = lm.MetricsLogger(args.out_dir, total=args.steps)
+    try:
+        results = optimizer_table(args, cfg, names, device, target, logger)
+        beta = beta2_warmup_table(args, cfg, device, logger) if args.beta_steps > 0 else {}
+    finally:
+        logger.close()
+    summary = {"floor": floor, "target": target, "beta2_warmup": beta,
+               "optimizers": {n: {k: v for k, v in r.items() if k not in ("losses", "step_s")}
+                              for n, r in results.items()}}
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"\nwrote {args.out_dir}/results.json, metrics.jsonl, args.json")
+    return summary
+
+
+if __name__ == "__main__":
+    import model
+    model.cli(main)

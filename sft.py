@@ -18,8 +18,6 @@ AdamW: Loshchilov & Hutter 2019; warmup + cosine: Loshchilov & Hutter 2017, Goya
 """
 import math
 import os
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -49,7 +47,7 @@ class Args:
     pos: str = "rope"                        # rope|learned
     dropout: float = 0.0                     # dropout probability (from scratch only)
     batch_size: int = 64                     # sequences per update, over all processes together
-    micro_batch: int = 0                     # sequences per forward/backward (0 = the whole share)
+    micro_batch: int = 16                    # sequences per forward/backward, length-sorted (0 = whole share)
     lr: float = 0.0                          # peak learning rate (0 = 3e-3 from scratch, 1e-3 with --init)
     min_lr_ratio: float = 0.1                # the cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0                    # linear warmup updates (0 = 30 from scratch, 10 with --init)
@@ -60,11 +58,12 @@ class Args:
     aux_loss_weight: float = 0.01            # weight of the MoE load-balancing loss (ffn=moe only)
     max_steps: int = 0                       # stop after this many updates (0 = no step limit)
     time_budget: float = 4.0                 # minutes of training, eval excluded (0 = no time limit)
-    eval_every: int = 150                    # updates between evals and checkpoints (0 = only at the end)
+    eval_minutes: float = 1.0                # training minutes between evals and checkpoints (0 = off)
+    eval_every: int = 0                      # updates between evals and checkpoints (0 = off)
     eval_examples: int = 256                 # test_data examples for the eval loss (0 = all)
     heldout_n: int = 500                     # held-out prompts for accuracy (0 = all)
-    max_new_tokens: int = 96                 # generation limit for held-out accuracy
-    eval_batch: int = 250                    # prompts per generation batch
+    max_new_tokens: int = 128                # generation limit for held-out accuracy (as grpo.py)
+    eval_batch: int = 256                    # prompts per generation batch
     log_every: int = 10                      # updates between metric lines
     device: str = "auto"                     # auto|cpu|cuda
     seed: int = 0                            # seeds the model init, batch order and dropout
@@ -123,6 +122,16 @@ def masked_nll(logits, targets, loss_mask, n_tokens=None):
         n_tokens = loss_mask.sum()
     selected = logits[loss_mask]  # (N_micro, V)
     return F.cross_entropy(selected.float(), targets[loss_mask], reduction="sum") / n_tokens
+
+
+def length_sorted_micro_batches(examples, micro_batch, pad_id):
+    """Sort a batch by length and cut it into micro-batches of `micro_batch` sequences, each padded
+    only to its own longest (0 = one micro-batch). Demonstrations differ a lot in length (a word
+    problem is ~3x a sum), so padding a random batch to its longest wastes most of the compute;
+    the gradient is unchanged, because each micro-batch is normalised by the whole batch's count."""
+    examples = sorted(examples, key=lambda ex: len(ex[0]))
+    size = micro_batch or len(examples)
+    return [collate(examples[s:s + size], pad_id) for s in range(0, len(examples), size)]
 
 
 def batch_indices(n_examples, batch_size, step, seed):
@@ -212,7 +221,7 @@ def train_step(model, optimizer, micro_batches, device, grad_clip=1.0, world_siz
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: loss on held-out demonstrations, greedy accuracy on held-out prompts
+# Evaluation: loss on held-out demonstrations (held-out accuracy is model.evaluate, shared by all stages)
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -233,65 +242,35 @@ def eval_loss(model, examples, pad_id, device, batch_size=64):
     return total / max(count, 1)
 
 
-@torch.no_grad()
-def heldout_accuracy(model, enc, rows, max_new_tokens, batch_size=250):
-    """Greedy (temperature 0) completions of held-out prompts, each checked by the verifier
-    (model.is_correct: the number after the last "#### " equals the answer).
-    Returns (correct: list[bool], completions: list[str]) in the order of `rows`."""
-    was_training = model.training
-    model.eval()
-    prompts = [M.encode(enc, row["prompt"]) for row in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # similar lengths, less padding
-    correct, completions = [False] * len(rows), [""] * len(rows)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        room = model.config.block_size - max(len(prompts[i]) for i in idx)
-        gen = M.generate(model, [prompts[i] for i in idx], max(1, min(max_new_tokens, room)),
-                         temperature=0.0, pad_id=M.pad_id(enc))
-        for j, i in enumerate(idx):
-            completions[i] = M.decode(enc, gen.tokens[j, :int(gen.lengths[j])].tolist())
-            correct[i] = M.is_correct(completions[i], rows[i]["answer"])
-    model.train(was_training)
-    return correct, completions
-
-
-def accuracy_report(correct, rows):
-    """-> dict: overall accuracy, its standard error sqrt(p(1-p)/n), and accuracy per difficulty."""
-    n = len(correct)
-    acc = sum(correct) / max(n, 1)
-    report = {"heldout_acc": acc, "heldout_se": math.sqrt(acc * (1 - acc) / max(n, 1)), "heldout_n": n}
-    by_difficulty = {}
-    for ok, row in zip(correct, rows):
-        by_difficulty.setdefault(str(row.get("difficulty", "all")), []).append(ok)
-    report["heldout_acc_by_difficulty"] = {d: sum(v) / len(v) for d, v in sorted(by_difficulty.items())}
-    return report
-
-
 # ---------------------------------------------------------------------------------------------
 # The run: data, model, loop with budgets, evals and atomic checkpoints, DDP
 # ---------------------------------------------------------------------------------------------
 
 def fail(message):
-    """One clear line on stderr and exit 1 (before anything has been written)."""
-    raise SystemExit(f"sft.py: {message}")
+    """Bad input: model.cli prints it as one line (exit 2), before anything has been written."""
+    raise M.UserError(message)
+
+
+def line_number(path, row_index):
+    """The file line of the row_index-th row (read_jsonl skips blank lines)."""
+    with open(path, encoding="utf-8") as f:
+        numbers = [n for n, line in enumerate(f, 1) if line.strip()]
+    return numbers[row_index]
 
 
 def load_rows(path, keys, default=None, world=(0, 1)):
     """Read JSONL rows holding string `keys`; a missing default input is built by synth.py."""
     rank, world_size = world
     if default is not None and rank == 0:
-        M.ensure_input(path, default, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "synth.py")])
+        M.ensure_input(path, default, ["synth.py"])
     if world_size > 1:
         dist.barrier()
-    if not os.path.exists(path):
-        fail(f"{path}: no such file")
-    rows = M.read_jsonl(path, required_keys=keys)
+    rows = M.read_jsonl(path, required_keys=keys)  # names file:line of a malformed line; empty = error
     for i, row in enumerate(rows):
         for key in keys:
-            if not isinstance(row[key], (str, int, float)) or isinstance(row[key], bool):
-                fail(f"{path}: row {i + 1}: '{key}' must be a string, got {type(row[key]).__name__}")
-    if not rows:
-        fail(f"{path}: empty dataset")
+            if not isinstance(row[key], str if key != "answer" else (str, int, float)):
+                fail(f"{path}:{line_number(path, i)}: '{key}' must be a string, "
+                     f"got {type(row[key]).__name__}")
     return rows
 
 
@@ -301,11 +280,7 @@ def build_model(args, device):
         path = os.path.join(args.out, "model.pt") if args.resume else args.init
         if not os.path.exists(path):
             fail(f"{'--resume' if args.resume else '--init'}: checkpoint {path} does not exist")
-        try:
-            policy, enc, ckpt = M.load(path, device=device)
-        except M.CheckpointError as err:
-            fail(str(err))
-        return policy, enc, ckpt
+        return M.load(path, device=device)  # a corrupt file: CheckpointError naming the path
     enc = M.get_tokenizer(args.tokenizer)
     config = M.Config(vocab_size=enc.n_vocab, block_size=args.block_size, n_layer=args.n_layer,
                       n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd, ffn=args.ffn,
@@ -364,56 +339,63 @@ def _run(args, rank, world_size):
     pad = M.pad_id(enc)
 
     # -- optimiser and state -------------------------------------------------------------------
-    continuing = bool(args.init) or (ckpt is not None and bool(ckpt.get("args", {}).get("init")))
-    peak_lr = args.lr or (ckpt["peak_lr"] if args.resume else (1e-3 if continuing else 3e-3))
-    warmup = args.warmup_steps or (ckpt["warmup_steps"] if args.resume else (10 if continuing else 30))
+    meta = ckpt["meta"] if ckpt is not None else {}
+    peak_lr = args.lr or (meta["peak_lr"] if args.resume else (1e-3 if args.init else 3e-3))
+    warmup = args.warmup_steps or (meta["warmup_steps"] if args.resume else (10 if args.init else 30))
     optimizer = adamw(policy, peak_lr, args.weight_decay, (args.beta1, args.beta2))
     step, train_seconds = 0, 0.0
     if args.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, train_seconds = int(ckpt["step"]), float(ckpt["train_seconds"])
-        torch.set_rng_state(ckpt["rng"])
+        optimizer.load_state_dict(meta["optimizer"])
+        step, train_seconds = int(meta["step"]), float(meta["train_seconds"])
+        torch.set_rng_state(meta["rng"].cpu())
     if main_proc:
-        os.makedirs(args.out, exist_ok=True)
-        if not args.resume and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-            os.remove(os.path.join(args.out, "metrics.jsonl"))  # a fresh run starts a fresh log
         M.save_args(args.out, args)
         start = f"from {args.init}" if args.init else ("resumed at step %d" % step if args.resume else "from scratch")
         print(f"sft: {policy.num_params() / 1e6:.2f}M params {start}, {len(train_examples)} examples, "
               f"batch {args.batch_size} over {world_size} process(es), peak lr {peak_lr:g}, device {device}, "
               f"budget {args.max_steps or '-'} steps / {args.time_budget or '-'} min")
-    logger = M.MetricsLogger(args.out, total=args.max_steps or None) if main_proc else None
+    logger = M.MetricsLogger(args.out, total=args.max_steps or None, enabled=main_proc, append=args.resume,
+                             budget_s=None if args.max_steps else 60 * args.time_budget)
 
     def evaluate():
+        """Greedy held-out accuracy (model.evaluate, the protocol every stage reports) and eval loss."""
         if not main_proc:
             return {}
-        correct, _ = heldout_accuracy(policy, enc, heldout_rows, args.max_new_tokens, args.eval_batch)
-        results = accuracy_report(correct, heldout_rows)
-        results["eval_loss"] = eval_loss(policy, test_examples, pad, device) if test_examples else float("nan")
-        return results
+        report = M.evaluate(policy, enc, heldout_rows, args.max_new_tokens, temperature=0.0,
+                            batch_size=args.eval_batch)
+        policy.train()
+        return {"heldout_acc": report["accuracy"], "heldout_se": report["stderr"], "heldout_n": report["n"],
+                "heldout_acc_by_difficulty": report["per_difficulty"], "styles": report["styles"],
+                "eval_loss": eval_loss(policy, test_examples, pad, device) if test_examples else float("nan")}
 
     # -- the loop ------------------------------------------------------------------------------
     policy.train()
     window = {"loss": 0.0, "grad_norm": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
+    next_eval_s = (math.floor(train_seconds / (60 * args.eval_minutes)) + 1) * 60 * args.eval_minutes \
+        if args.eval_minutes > 0 else float("inf")
+
+    def clock():
+        """(progress in [0, 1], is an eval due): rank 0's clock decides, so every rank stops and
+        evaluates at the same step."""
+        shared = torch.tensor([0.0, 0.0])
+        if main_proc:
+            shared[0] = max(step / args.max_steps if args.max_steps > 0 else 0.0,
+                            train_seconds / (60 * args.time_budget) if args.time_budget > 0 else 0.0)
+            shared[1] = float((args.eval_every > 0 and step % args.eval_every == 0) or train_seconds >= next_eval_s)
+        if world_size > 1:
+            dist.broadcast(shared, src=0)
+        return float(shared[0]), bool(shared[1])
+
     try:
-        while True:
-            progress = torch.tensor([0.0])
-            if main_proc:  # rank 0's clock decides, so every rank stops at the same step
-                progress[0] = max(step / args.max_steps if args.max_steps > 0 else 0.0,
-                                  train_seconds / (60 * args.time_budget) if args.time_budget > 0 else 0.0)
-            if world_size > 1:
-                dist.broadcast(progress, src=0)
-            if float(progress) >= 1.0:
-                break
+        progress, _ = clock()
+        while progress < 1.0:
             t0 = time.perf_counter()
             lr = lr_at(step, float(progress), peak_lr, warmup, args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             indices = batch_indices(len(train_examples), args.batch_size, step, args.seed)
             mine = torch.tensor_split(torch.tensor(indices), world_size)[rank].tolist()  # this rank's share
-            size = args.micro_batch or len(mine)
-            micro_batches = [collate([train_examples[i] for i in mine[s:s + size]], pad)
-                             for s in range(0, len(mine), size)]
+            micro_batches = length_sorted_micro_batches([train_examples[i] for i in mine], args.micro_batch, pad)
             loss, grad_norm, _ = train_step(policy, optimizer, micro_batches, device, args.grad_clip,
                                             world_size, args.aux_loss_weight if policy.config.ffn == "moe" else 0.0,
                                             args.batch_size)
@@ -431,7 +413,10 @@ def _run(args, rank, world_size):
                            tokens_per_s=window["tokens"] / max(window["seconds"], 1e-9),
                            minutes=train_seconds / 60)
                 window = dict.fromkeys(window, 0)
-            if args.eval_every > 0 and step % args.eval_every == 0:
+            progress, eval_due = clock()
+            if eval_due and progress < 1.0:  # the final eval follows the loop
+                while next_eval_s <= train_seconds:
+                    next_eval_s += 60 * args.eval_minutes
                 if main_proc:
                     results = evaluate()
                     logger.log(step, eval_loss=results["eval_loss"], heldout_acc=results["heldout_acc"],
@@ -459,16 +444,16 @@ def _run(args, rank, world_size):
               f"+/- {100 * results['heldout_se']:.1f} | eval loss {results['eval_loss']:.4f} | "
               f"{step} steps in {train_seconds / 60:.1f} min | {args.out}/model.pt")
         print("  by difficulty: " + "  ".join(f"{d}: {100 * a:.1f}%"
-                                             for d, a in results["heldout_acc_by_difficulty"].items()))
+                                             for d, a in results["heldout_acc_by_difficulty"].items())
+              + " | outputs: " + "  ".join(f"{s} {100 * v:.0f}%" for s, v in results["styles"].items()))
     if world_size > 1:
         dist.barrier()
     return results
 
 
 def main(argv=None):
-    args = M.parse_args(Args, argv, description=__doc__.split("\n\n")[0])
-    run(args)
+    run(M.parse_args(Args, argv))
 
 
 if __name__ == "__main__":
-    main()
+    M.cli(main)
