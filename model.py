@@ -610,9 +610,10 @@ def load(path: str, device="cpu"):
         raise
     except Exception as e:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).splitlines() or [""])[0])[:160]   # no terminal codes
-        if "Weights only load failed" in reason or "failed finding central directory" in reason:
-            reason = "truncated, corrupt, or not a torch checkpoint"
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
+        if "Weights only load failed" in reason:
+            reason = "holds objects other than tensors and plain containers"
+        raise CheckpointError(f"{path}: not a readable checkpoint; truncated, corrupt or not ours "
+                              f"({type(e).__name__}: {reason})") from None
     return model.to(device), enc, ckpt
 
 
