@@ -1,0 +1,732 @@
+"""Synthetic data with verifiers, and model-generated data filtered by them.
+
+Every task is a prompt whose answer a program can check. A completion shows its work as short
+steps "lhs=rhs" (each computable from a few digits) and ends with "#### answer" (GSM8K's
+convention), so one verifier serves every stage: the answer is right and no written step is wrong.
+Data made by a model is only as good as its filter (rejection sampling, as in STaR and RFT):
+
+    keep y ~ pi(. | x)  iff  verify(x, y)    =>   kept y ~ pi(y | x, y correct)
+    J(A, B)    = |A n B| / |A u B|              over character n-grams: near-duplicate when >= tau
+    distinct-n = |unique n-grams| / |n-grams|   over all completions: diversity (Li et al. 2016)
+
+Training on a model's own UNFILTERED samples shrinks diversity round after round (model collapse).
+Cobbe et al. 2021 (GSM8K, "#### answer"); Zelikman et al. 2022 (STaR); Yuan et al. 2023 (RFT);
+Broder 1997 and Lee et al. 2022 (near-duplicate removal); Shumailov et al. 2024 (model collapse).
+
+    python synth.py                                   # data/*.jsonl in seconds; prints counts, examples
+    python synth.py --mix worked=1 --n-sft 10000      # all worked demonstrations, a bigger file
+    python synth.py --from-model runs/sft/model.pt    # sample, verify, dedup, balance -> data/sft_model.jsonl
+    python synth.py --from-model runs/sft/model.pt --self-train-rounds 3   # retrain on unfiltered samples
+"""
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+
+import model as M
+
+FAMILIES = ("add", "sub", "mul", "word")
+STYLES = ("worked", "bare", "noisy")
+PREF_KINDS = ("off_by_one", "wrong_step", "bad_format")    # rejected = a plausible wrong completion
+DIAGNOSTIC_KINDS = ("length_only", "format_only")          # both correct: probes for reward shortcuts
+MAX_DIFFICULTY = 6
+
+
+@dataclass
+class Args:
+    out_dir: str = "data"                    # folder for the JSONL files and synth_config.json
+    seed: int = 0                            # one seed for every draw: same seed, same files
+    families: str = "add,sub,mul,word"       # task families (add, sub, mul, word)
+    n_sft: int = 4000                        # demonstrations in sft_train.jsonl (exactly this many)
+    mix: str = "worked=0.4,bare=0.4,noisy=0.2"  # style shares of the demonstrations: worked|bare|noisy
+    sft_difficulty: str = "1-3"              # difficulty range of the demonstrations (LO-HI)
+    n_sft_test: int = 200                    # held-out demonstrations in sft_test.jsonl (eval loss)
+    test_mix: str = "worked=1"               # style shares of sft_test.jsonl (the behaviour we want)
+    rl_difficulty: str = "1-4"               # difficulty range of RL prompts (answers only, no solutions)
+    n_rl: int = 5000                         # prompts in rl_train.jsonl
+    test_difficulty: str = "1-4"             # difficulty range of the held-out prompts rl_test.jsonl
+    n_test: int = 500                        # prompts in rl_test.jsonl: the accuracy every stage reports
+    pref_difficulty: str = "1-4"             # difficulty range of the preference pairs
+    n_prefs: int = 2000                      # pairs in prefs_train.jsonl
+    n_prefs_test: int = 300                  # pairs of the main kinds in prefs_test.jsonl
+    pref_mix: str = "off_by_one=0.34,wrong_step=0.33,bad_format=0.33"  # kinds of rejected completion
+    n_diagnostic: int = 100                  # prefs_test pairs per diagnostic kind (length_only, format_only)
+    n_examples: int = 1                      # examples printed per file
+    # -- model-generated data: rejection sampling (--from-model) --------------------------------------
+    from_model: str = ""                     # checkpoint to sample from; "" = write the synthetic files
+    prompts: str = "data/rl_train.jsonl"     # prompt/answer JSONL to sample on
+    n_prompts: int = 128                     # prompts drawn from --prompts
+    k: int = 4                               # completions sampled per prompt
+    temperature: float = 1.0                 # sampling temperature
+    max_new_tokens: int = 96                 # generation limit per completion
+    batch_size: int = 256                    # completions per generate() call
+    keep_bare: bool = False                  # also keep correct answers that show no steps
+    ngram: int = 3                           # character n-gram size of the near-duplicate test
+    jaccard: float = 0.8                     # tau: completions of one prompt with J >= tau are duplicates
+    out: str = "data/sft_model.jsonl"        # the filtered SFT file
+    # -- self-training on unfiltered samples (model collapse) ------------------------------------------
+    self_train_rounds: int = 0               # R: rounds of sample -> sft.py on the UNFILTERED samples
+    self_train_steps: int = 100              # sft.py --max-steps per round
+    self_train_dir: str = "runs/self_train"  # round files and checkpoints
+    sft_script: str = "sft.py"               # the SFT stage, run as a subprocess
+    sft_args: str = "--time-budget 0 --eval-every 0 --heldout-n 100"  # extra arguments for each sft.py round
+    eval_data: str = "data/rl_test.jsonl"    # held-out prompts for greedy accuracy per round
+    n_eval: int = 200                        # held-out prompts evaluated per round (0 = all)
+    device: str = "auto"                     # auto|cpu|cuda
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Task families: digit-level algorithms that write their steps (and can make one mistake)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Problem:
+    prompt: str        # the question, ending in "\n"
+    answer: int
+    family: str        # add | sub | mul | word
+    difficulty: int
+    operands: tuple    # what the family's step writer needs: (a, b) or (start, ops)
+
+
+def digits(n: int) -> list[int]:
+    """Decimal digits, least significant first: 357 -> [7, 5, 3]."""
+    return [int(c) for c in reversed(str(n))]
+
+
+def off(wrong, k: int) -> int:
+    """The error injected into step k: wrong = (step index, delta) or None."""
+    return wrong[1] if wrong is not None and wrong[0] == k else 0
+
+
+def assemble(columns: list[int]) -> int:
+    """Read the answer off the column results s_k: the last column whole, the others' last digit.
+
+    answer = s_{n-1} 10^{n-1} + sum_{k<n-1} (s_k mod 10) 10^k
+    With carries c_{k+1} = s_k // 10 this equals sum_k s_k 10^k - sum_k c_k 10^k, so an error of
+    delta in one column k moves the answer by exactly delta 10^k: a wrong step always shows."""
+    *low, last = columns
+    return last * 10 ** len(low) + sum((s % 10) * 10 ** k for k, s in enumerate(low))
+
+
+def add_steps(a: int, b: int, wrong=None):
+    """Column addition: s_k = a_k + b_k + c_k, carry c_{k+1} = s_k // 10.
+    357+486 -> ["7+6=13", "5+8+1=14", "3+4+1=8"], 843.  wrong=(k, delta): step k's result is off by
+    delta and carried through (the later steps are right given it). -> (step lines, final answer)"""
+    A, B = digits(a), digits(b)
+    n = max(len(A), len(B))
+    A, B = A + [0] * (n - len(A)), B + [0] * (n - len(B))
+    lines, columns, carry = [], [], 0
+    for k in range(n):
+        s = A[k] + B[k] + carry + off(wrong, k)
+        lines.append(f"{A[k]}+{B[k]}" + (f"+{carry}" if carry else "") + f"={s}")
+        columns.append(s)
+        carry = s // 10
+    return lines, assemble(columns)
+
+
+def sub_steps(a: int, b: int, wrong=None):
+    """Column subtraction (a >= b) with borrows: borrow from the next column when a_k - b_k - c_k < 0,
+    r_k = a_k + 10 * borrow_k - b_k - c_k.  357-186 -> ["7-6=1", "15-8=7", "3-1-1=1"], 171.
+    The borrow depends on the digits only, so a wrong r_k changes the answer by delta 10^k."""
+    A, B = digits(a), digits(b)
+    B = B + [0] * (len(A) - len(B))
+    lines, result, borrow_in = [], 0, 0
+    for k in range(len(A)):
+        borrow = 1 if A[k] - B[k] - borrow_in < 0 else 0
+        top = A[k] + 10 * borrow
+        r = top - B[k] - borrow_in + off(wrong, k)
+        lines.append(f"{top}-{B[k]}" + ("-1" if borrow_in else "") + f"={r}")
+        result += r * 10 ** k
+        borrow_in = borrow
+    return lines, result
+
+
+def mul_steps(a: int, b: int, wrong=None):
+    """Column (convolution) multiplication: s_k = sum_{i+j=k} a_i b_j + c_k, carry c_{k+1} = s_k // 10.
+    47*38 -> ["7*8=56", "7*3+4*8+5=58", "4*3+5=17"], 1786. Each step: a few one-digit products."""
+    A, B = digits(a), digits(b)
+    lines, columns, carry = [], [], 0
+    for k in range(len(A) + len(B) - 1):
+        pairs = [(A[i], B[k - i]) for i in range(len(A)) if 0 <= k - i < len(B)]
+        s = sum(x * y for x, y in pairs) + carry + off(wrong, k)
+        lines.append("+".join(f"{x}*{y}" for x, y in pairs) + (f"+{carry}" if carry else "") + f"={s}")
+        columns.append(s)
+        carry = s // 10
+    return lines, assemble(columns)
+
+
+def word_steps(start: int, ops, wrong=None):
+    """One step per sentence of the story: value_{j+1} = value_j op_j n_j.
+    (12, [("+", 7), ("-", 5)]) -> ["12+7=19", "19-5=14"], 14."""
+    value, lines = start, []
+    for k, (op, n) in enumerate(ops):
+        new = {"+": value + n, "-": value - n, "*": value * n}[op] + off(wrong, k)
+        lines.append(f"{value}{op}{n}={new}")
+        value = new
+    return lines, value
+
+
+def n_digit(rng: random.Random, n: int) -> int:
+    """A uniform n-digit number (0-9 for n = 1)."""
+    return rng.randrange(10) if n == 1 else rng.randrange(10 ** (n - 1), 10 ** n)
+
+
+def mul_shape(d: int) -> tuple[int, int]:
+    """Digits of the two factors at difficulty d: d+1 digits in all, 1x1, 2x1, 2x2, 3x2, 3x3, ..."""
+    nb = (d + 1) // 2
+    return d + 1 - nb, nb
+
+
+def draw_add(rng, d):
+    """Difficulty d: two d-digit numbers, d column steps."""
+    a, b = n_digit(rng, d), n_digit(rng, d)
+    return Problem(f"{a}+{b}=?\n", a + b, "add", d, (a, b))
+
+
+def draw_sub(rng, d):
+    """Difficulty d: two d-digit numbers, the larger first (answers are never negative)."""
+    a, b = sorted((n_digit(rng, d), n_digit(rng, d)), reverse=True)
+    return Problem(f"{a}-{b}=?\n", a - b, "sub", d, (a, b))
+
+
+def draw_mul(rng, d):
+    """Difficulty d: an na-digit times an nb-digit number, na + nb = d + 1 (see mul_shape)."""
+    na, nb = mul_shape(d)
+    a, b = n_digit(rng, na), n_digit(rng, nb)
+    return Problem(f"{a}*{b}=?\n", a * b, "mul", d, (a, b))
+
+
+NAMES = (("Ann", "She"), ("Bob", "He"), ("Eve", "She"), ("Sam", "He"), ("Kim", "She"), ("Tom", "He"),
+         ("Zoe", "She"), ("Max", "He"))
+ITEMS = ("apples", "pens", "cards", "coins", "eggs", "books", "shells", "stamps")
+SENTENCES = {"+": ("buys {n} more", "finds {n} more", "gets {n} more"),
+             "-": ("gives away {n}", "loses {n}", "sells {n}"),
+             "*": ("doubles them",)}
+
+
+def draw_word(rng, d):
+    """Difficulty d: a story with d operations, one sentence and one step each. Steps stay local:
+    add or take away 1-9, double only up to 20, so every step is a 2-digit +- 1-digit or a small double."""
+    name, pronoun = rng.choice(NAMES)
+    item = rng.choice(ITEMS)
+    start = value = rng.randint(2, 20)
+    ops, sentences = [], []
+    for _ in range(d):
+        op = rng.choice(["+"] + (["-"] if value > 0 else []) + (["*"] if 0 < value <= 20 else []))
+        n = 2 if op == "*" else rng.randint(1, min(value, 9) if op == "-" else 9)
+        value = {"+": value + n, "-": value - n, "*": value * n}[op]
+        ops.append((op, n))
+        sentences.append(f"{pronoun} " + rng.choice(SENTENCES[op]).format(n=n) + ".")
+    prompt = f"{name} has {start} {item}. " + " ".join(sentences) + f" How many {item} now?\n"
+    return Problem(prompt, value, "word", d, (start, tuple(ops)))
+
+
+DRAW = {"add": draw_add, "sub": draw_sub, "mul": draw_mul, "word": draw_word}
+STEP_WRITERS = {"add": add_steps, "sub": sub_steps, "mul": mul_steps, "word": word_steps}
+
+
+def space_size(family: str, d: int) -> int:
+    """How many distinct prompts the family can draw at difficulty d (word problems: unlimited)."""
+    count = lambda n: 10 if n == 1 else 9 * 10 ** (n - 1)   # n-digit numbers
+    if family == "add":
+        return count(d) ** 2
+    if family == "sub":
+        return count(d) * (count(d) + 1) // 2                 # unordered pairs a >= b
+    if family == "mul":
+        na, nb = mul_shape(d)
+        return count(na) * count(nb)
+    return 10 ** 12
+
+
+def worked_steps(problem: Problem, wrong=None):
+    """-> (step lines, final answer) of the family's algorithm, optionally with one wrong step."""
+    return STEP_WRITERS[problem.family](*problem.operands, wrong=wrong)
+
+
+def verify(completion: str, answer) -> bool:
+    """The verifier of every family and every stage: the final answer after '####' equals the
+    answer (model.is_correct) and no written step is arithmetically wrong (model.completion_style)."""
+    return M.is_correct(completion, answer) and M.completion_style(completion) != "wrong_step"
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Demonstration styles and preference pairs
+# ----------------------------------------------------------------------------------------------
+
+def format_completion(lines: list[str], answer) -> str:
+    return "\n".join([*lines, f"#### {answer}"])
+
+
+def step_results(lines: list[str]) -> list[int]:
+    return [int(line.rpartition("=")[2]) for line in lines]
+
+
+def noisy_completion(problem: Problem, rng: random.Random) -> str:
+    """A worked solution with exactly one wrong step (its result off by one), carried through, so the
+    final answer is wrong: a careless annotator. The step is uniform; the sign is random where both keep
+    every result a valid one (non-negative, a single digit for subtraction)."""
+    n_steps = len(worked_steps(problem)[0])
+    for k in rng.sample(range(n_steps), n_steps):
+        for delta in rng.sample((-1, 1), 2):
+            lines, answer = worked_steps(problem, wrong=(k, delta))
+            results = step_results(lines)
+            if min(results) >= 0 and (problem.family != "sub" or max(results) <= 9) and answer != problem.answer:
+                return format_completion(lines, answer)
+    raise AssertionError(f"no valid wrong step for {problem.prompt!r}")  # unreachable: +1 or -1 always fits
+
+
+def demonstration(problem: Problem, style: str, rng: random.Random) -> str:
+    """worked: the steps and the answer; bare: only '#### answer' (a shortcut a small model cannot
+    execute on hard problems); noisy: the steps with one wrong step carried through."""
+    if style == "worked":
+        lines, answer = worked_steps(problem)
+        return format_completion(lines, answer)
+    if style == "bare":
+        return f"#### {problem.answer}"
+    return noisy_completion(problem, rng)
+
+
+def spaced(line: str) -> str:
+    """'7+6=13' -> '7 + 6 = 13': the same step in another format."""
+    return re.sub(r"\s*([-+*=])\s*", r" \1 ", line).strip()
+
+
+def rejected_completion(problem: Problem, kind: str, rng: random.Random) -> str:
+    """The second completion of a pair; `chosen` is always the worked, correct one.
+    off_by_one:  correct steps, final answer +-1          wrong_step: one wrong step carried through
+    bad_format:  correct steps, the answer without '####'
+    length_only: (diagnostic, correct) one step written twice: longer, nothing else changes
+    format_only: (diagnostic, correct) spaces around the operators: other format, same content"""
+    lines, answer = worked_steps(problem)
+    if kind == "off_by_one":
+        return format_completion(lines, answer + (rng.choice((-1, 1)) if answer > 0 else 1))
+    if kind == "wrong_step":
+        return noisy_completion(problem, rng)
+    if kind == "bad_format":
+        final = rng.choice((f"{answer}", f"answer: {answer}", f"The answer is {answer}"))
+        return "\n".join([*lines, final])
+    if kind == "length_only":
+        k = rng.randrange(len(lines))
+        return format_completion(lines[:k + 1] + lines[k:], answer)
+    if kind == "format_only":
+        return format_completion([spaced(line) for line in lines], answer)
+    raise ValueError(f"unknown preference kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Splits: exact style counts, even allocation over (family, difficulty), disjoint prompts
+# ----------------------------------------------------------------------------------------------
+
+def exact_counts(n: int, shares: dict[str, float]) -> dict[str, int]:
+    """Largest-remainder rounding: counts sum to n and |count - n * share| < 1 for every key."""
+    raw = {key: n * share for key, share in shares.items()}
+    counts = {key: math.floor(value) for key, value in raw.items()}
+    by_remainder = sorted(raw, key=lambda key: raw[key] - counts[key], reverse=True)
+    for key in by_remainder[:n - sum(counts.values())]:
+        counts[key] += 1
+    return counts
+
+
+def shuffled_labels(rng: random.Random, n: int, shares: dict[str, float]) -> list[str]:
+    labels = [key for key, count in exact_counts(n, shares).items() for _ in range(count)]
+    rng.shuffle(labels)
+    return labels
+
+
+def allocate(n: int, capacities: list[int]) -> list[int]:
+    """Split n items over cells as evenly as possible, no cell above its capacity (water-filling):
+    sum = n, count_i <= capacity_i, and a cell below its capacity holds at least max_j count_j - 1."""
+    if n > sum(capacities):
+        raise ValueError(f"{n} items do not fit in capacity {sum(capacities)}")
+    counts, remaining = [0] * len(capacities), n
+    while remaining > 0:
+        open_cells = [i for i, cap in enumerate(capacities) if counts[i] < cap]
+        share = max(1, remaining // len(open_cells))
+        for i in open_cells:
+            take = min(share, capacities[i] - counts[i], remaining)
+            counts[i] += take
+            remaining -= take
+            if remaining == 0:
+                break
+    return counts
+
+
+def draw_split(rng: random.Random, n: int, families, difficulties, taken: set, used: Counter, name: str):
+    """n problems spread evenly over (family, difficulty) cells, none with a prompt in `taken`
+    (the prompts of every split drawn before): splits are disjoint by construction."""
+    cells = [(family, d) for family in families for d in difficulties]
+    capacities = [space_size(family, d) - used[(family, d)] for family, d in cells]
+    if n > sum(capacities):
+        raise M.UserError(f"{name}: only {sum(capacities)} unused distinct prompts in families "
+                          f"{','.join(families)} at difficulties {difficulties[0]}-{difficulties[-1]}, "
+                          f"{n} asked; widen the range or ask for fewer")
+    problems = []
+    for (family, d), count in zip(cells, allocate(n, capacities)):
+        misses, limit = 0, 50 * min(space_size(family, d), 10 ** 5)
+        while count > 0:
+            problem = DRAW[family](rng, d)
+            if problem.prompt in taken:
+                misses += 1
+                if misses > limit:  # only if space_size were wrong; a guard against looping forever
+                    raise RuntimeError(f"{name}: cannot find unused {family} prompts at difficulty {d}")
+                continue
+            taken.add(problem.prompt)
+            used[(family, d)] += 1
+            problems.append(problem)
+            count -= 1
+    rng.shuffle(problems)
+    return problems
+
+
+def sft_row(problem: Problem, style: str, rng: random.Random) -> dict:
+    return {"prompt": problem.prompt, "completion": demonstration(problem, style, rng), "answer": str(problem.answer),
+            "family": problem.family, "difficulty": problem.difficulty, "style": style}
+
+
+def rl_row(problem: Problem) -> dict:
+    return {"prompt": problem.prompt, "answer": str(problem.answer), "family": problem.family,
+            "difficulty": problem.difficulty}
+
+
+def pref_row(problem: Problem, kind: str, rng: random.Random) -> dict:
+    return {"prompt": problem.prompt, "chosen": demonstration(problem, "worked", rng),
+            "rejected": rejected_completion(problem, kind, rng), "kind": kind, "answer": str(problem.answer),
+            "family": problem.family, "difficulty": problem.difficulty}
+
+
+def build_dataset(args: Args) -> dict[str, list[dict]]:
+    """All six files, in memory. The held-out splits are drawn first, so when a small cell (1-digit sums
+    have only 100 prompts) runs out, it is the training splits that get fewer of it."""
+    families = parse_families(args.families)
+    mix, test_mix = parse_mix(args.mix, STYLES, "mix"), parse_mix(args.test_mix, STYLES, "test-mix")
+    pref_mix = parse_mix(args.pref_mix, PREF_KINDS, "pref-mix")
+    sft_d, rl_d = parse_range(args.sft_difficulty, "sft-difficulty"), parse_range(args.rl_difficulty, "rl-difficulty")
+    test_d = parse_range(args.test_difficulty, "test-difficulty")
+    pref_d = parse_range(args.pref_difficulty, "pref-difficulty")
+    rng, taken, used = random.Random(args.seed), set(), Counter()
+    split = lambda n, ds, name: draw_split(rng, n, families, ds, taken, used, name)
+    rl_test = split(args.n_test, test_d, "rl_test")
+    sft_test = split(args.n_sft_test, sft_d, "sft_test")
+    prefs_test = split(args.n_prefs_test + len(DIAGNOSTIC_KINDS) * args.n_diagnostic, pref_d, "prefs_test")
+    sft_train = split(args.n_sft, sft_d, "sft_train")
+    prefs_train = split(args.n_prefs, pref_d, "prefs_train")
+    rl_train = split(args.n_rl, rl_d, "rl_train")
+    test_kinds = shuffled_labels(rng, args.n_prefs_test, pref_mix) + \
+        [kind for kind in DIAGNOSTIC_KINDS for _ in range(args.n_diagnostic)]
+    return {
+        "sft_train": [sft_row(p, s, rng) for p, s in zip(sft_train, shuffled_labels(rng, args.n_sft, mix))],
+        "sft_test": [sft_row(p, s, rng) for p, s in zip(sft_test, shuffled_labels(rng, args.n_sft_test, test_mix))],
+        "prefs_train": [pref_row(p, k, rng) for p, k in zip(prefs_train, shuffled_labels(rng, args.n_prefs, pref_mix))],
+        "prefs_test": [pref_row(p, k, rng) for p, k in zip(prefs_test, test_kinds)],
+        "rl_train": [rl_row(p) for p in rl_train],
+        "rl_test": [rl_row(p) for p in rl_test],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Filtering model data: exact and near duplicates, diversity, balance
+# ----------------------------------------------------------------------------------------------
+
+def char_ngrams(text: str, n: int) -> set[str]:
+    """The set of character n-grams ('shingles'); a text shorter than n is its own single shingle."""
+    return {text[i:i + n] for i in range(len(text) - n + 1)} or {text}
+
+
+def jaccard(a: set, b: set) -> float:
+    """J(A, B) = |A n B| / |A u B|  (1 for two empty sets)."""
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def dedup(texts: list[str], n: int = 3, threshold: float = 0.8) -> list[int]:
+    """Indices of the texts to keep, first occurrence wins: exact duplicates by hash, then near
+    duplicates by brute-force Jaccard over character n-grams (O(N^2); MinHash makes it O(N) at scale)."""
+    kept, kept_shingles, seen = [], [], set()
+    for i, text in enumerate(texts):
+        if text in seen:
+            continue
+        shingles = char_ngrams(text, n)
+        if any(jaccard(shingles, other) >= threshold for other in kept_shingles):
+            continue
+        seen.add(text)
+        kept.append(i)
+        kept_shingles.append(shingles)
+    return kept
+
+
+def tokens_of(text: str) -> list[str]:
+    """Numbers, words and single symbols: '7+6=13' -> ['7', '+', '6', '=', '13']."""
+    return re.findall(r"\d+|[A-Za-z]+|\S", text)
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """distinct-n (Li et al. 2016): unique n-grams / all n-grams, over the tokens of every text."""
+    grams = [tuple(tokens[i:i + n]) for tokens in map(tokens_of, texts) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def balance_by_difficulty(rows: list[dict], rng: random.Random) -> list[dict]:
+    """Down-sample every difficulty to at most an equal share of the total, so the easy problems
+    (which pass most often) do not crowd out the hard ones; scarce difficulties keep all they have."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["difficulty"]].append(row)
+    cap = math.ceil(len(rows) / max(len(groups), 1))
+    return [row for d in sorted(groups) for row in (groups[d] if len(groups[d]) <= cap else rng.sample(groups[d], cap))]
+
+
+def filter_samples(rows: list[dict], samples: list[tuple], args: Args, rng: random.Random):
+    """Rejection sampling: samples = (row index, completion, finished) -> (kept SFT rows, counts).
+    Keep a sample iff it ended on its own, verify() accepts it and it shows its work (or --keep-bare);
+    then drop exact and near duplicates among each prompt's kept completions; then balance."""
+    by_prompt = defaultdict(list)
+    for i, text, finished in samples:
+        style = M.completion_style(text)
+        if finished and verify(text, rows[i]["answer"]) and (style == "worked" or args.keep_bare):
+            by_prompt[i].append((text, style))
+    verified, unique = sum(map(len, by_prompt.values())), []
+    for i, items in by_prompt.items():
+        for j in dedup([text for text, _ in items], args.ngram, args.jaccard):
+            text, style = items[j]
+            unique.append({"prompt": rows[i]["prompt"], "completion": text, "answer": str(rows[i]["answer"]),
+                           "family": rows[i].get("family", ""), "difficulty": rows[i].get("difficulty", 0),
+                           "style": style, "source": "model"})
+    kept = balance_by_difficulty(unique, rng)
+    return kept, {"sampled": len(samples), "verified": verified, "deduplicated": len(unique), "kept": len(kept)}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Sampling from a model; accuracy; self-training on unfiltered samples
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_completions(policy, enc, prompts: list[str], k: int, temperature: float, max_new_tokens: int,
+                       batch_size: int, generator=None) -> list[tuple[int, str, bool]]:
+    """k completions per prompt with model.generate, batch_size sequences per call.
+    -> [(prompt index, completion text, finished)], finished=False: cut by max_new_tokens."""
+    jobs = [i for i in range(len(prompts)) for _ in range(k)]
+    encoded = [M.encode(enc, p) for p in prompts]
+    samples = []
+    for start in range(0, len(jobs), batch_size):
+        idx = jobs[start:start + batch_size]
+        room = policy.config.block_size - max(len(encoded[i]) for i in idx)
+        gen = M.generate(policy, [encoded[i] for i in idx], max(1, min(max_new_tokens, room)),
+                         temperature=temperature, stop_ids=(enc.eot_token,), pad_id=M.pad_id(enc),
+                         generator=generator)
+        for row, i in enumerate(idx):
+            text = M.decode(enc, gen.tokens[row, :int(gen.lengths[row])].tolist())
+            samples.append((i, text, bool(gen.finished[row])))
+    return samples
+
+
+def pass_rates(rows: list[dict], samples) -> dict:
+    """Share of samples that verify(), per difficulty."""
+    hits = defaultdict(list)
+    for i, text, finished in samples:
+        hits[rows[i].get("difficulty", 0)].append(finished and verify(text, rows[i]["answer"]))
+    return {d: sum(v) / len(v) for d, v in sorted(hits.items())}
+
+
+def heldout_accuracy(policy, enc, rows: list[dict], args: Args) -> float:
+    """Greedy (temperature 0) accuracy on held-out prompt/answer rows."""
+    samples = sample_completions(policy, enc, [r["prompt"] for r in rows], 1, 0.0, args.max_new_tokens,
+                                 args.batch_size)
+    return sum(M.is_correct(text, rows[i]["answer"]) for i, text, _ in samples) / len(samples)
+
+
+def diversity(texts) -> str:
+    return " ".join(f"{distinct_n(texts, n):.3f}" for n in (1, 2, 3))
+
+
+def take_prompts(path: str, default: str, n: int, rng: random.Random) -> list[dict]:
+    rows = M.read_jsonl(M.ensure_input(path, default, ["synth.py"]), required_keys=("prompt", "answer"))
+    return rng.sample(rows, n) if 0 < n < len(rows) else rows
+
+
+def from_model(args: Args) -> dict:
+    """Rejection sampling (STaR / RFT): sample k per prompt, verify, dedup, balance, write --out."""
+    device, rng = M.get_device(args.device), random.Random(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    policy, enc, _ = M.load(args.from_model, device)
+    rows = take_prompts(args.prompts, Args.prompts, args.n_prompts, rng)
+    t0 = time.time()
+    samples = sample_completions(policy, enc, [r["prompt"] for r in rows], args.k, args.temperature,
+                                 args.max_new_tokens, args.batch_size, generator)
+    seconds = time.time() - t0
+    kept, counts = filter_samples(rows, samples, args, rng)
+    rates, kept_per_d = pass_rates(rows, samples), Counter(r["difficulty"] for r in kept)
+    print(f"sampled {len(samples)} completions ({len(rows)} prompts x {args.k}, T={args.temperature}) "
+          f"from {args.from_model} in {seconds:.1f} s")
+    print("difficulty  pass rate  kept")
+    for d, rate in rates.items():
+        print(f"{d:>10}  {100 * rate:8.1f}%  {kept_per_d[d]:4d}")
+    print(f"yield: {counts['kept']}/{counts['sampled']} = {100 * counts['kept'] / max(counts['sampled'], 1):.1f}% "
+          f"(verified {counts['verified']}, after dedup {counts['deduplicated']}, after balance {counts['kept']})")
+    print(f"distinct-1/2/3 of completions: all samples {diversity([s[1] for s in samples])} | "
+          f"kept {diversity([r['completion'] for r in kept])}")
+    if kept:
+        M.write_jsonl(args.out, kept)
+        print(f"wrote {args.out} ({len(kept)} rows)")
+    else:
+        print(f"no sample passed the verifier; {args.out} not written")
+    result = {"counts": counts, "pass_rate": rates}
+    if args.self_train_rounds > 0:
+        result["rounds"] = self_train(args, device, policy, enc)
+    return result
+
+
+def self_train(args: Args, device, policy, enc) -> list[dict]:
+    """Model collapse, shown: each round samples from the current model, keeps EVERY sample (no verifier),
+    and fine-tunes on them with sft.py as a subprocess. Prints diversity and held-out accuracy per round."""
+    if not os.path.isfile(args.sft_script):
+        raise M.UserError(f"--self-train-rounds needs the SFT stage: {args.sft_script}: no such file")
+    rng = random.Random(args.seed + 1)
+    rows = take_prompts(args.prompts, Args.prompts, args.n_prompts, rng)
+    heldout = take_prompts(args.eval_data, Args.eval_data, args.n_eval, rng)
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+    checkpoint, table = args.from_model, []
+    for r in range(args.self_train_rounds + 1):
+        samples = sample_completions(policy, enc, [row["prompt"] for row in rows], args.k, args.temperature,
+                                     args.max_new_tokens, args.batch_size, generator)
+        texts = [text for _, text, _ in samples]
+        passed = [finished and verify(text, rows[i]["answer"]) for i, text, finished in samples]
+        table.append({"round": r, "heldout_acc": heldout_accuracy(policy, enc, heldout, args),
+                      "sampled_pass": sum(passed) / len(passed),
+                      **{f"distinct_{n}": distinct_n(texts, n) for n in (1, 2, 3)}, "checkpoint": checkpoint})
+        print(f"round {r}: held-out greedy accuracy {100 * table[-1]['heldout_acc']:.1f}%, sampled pass rate "
+              f"{100 * table[-1]['sampled_pass']:.1f}%, distinct-1/2/3 {diversity(texts)}", flush=True)
+        if r == args.self_train_rounds:
+            break
+        data = os.path.join(args.self_train_dir, f"round{r + 1}.jsonl")
+        M.write_jsonl(data, [{"prompt": rows[i]["prompt"], "completion": text, "answer": str(rows[i]["answer"]),
+                              "family": rows[i].get("family", ""), "difficulty": rows[i].get("difficulty", 0),
+                              "style": M.completion_style(text), "source": f"self_train_round{r + 1}"}
+                             for i, text, _ in samples])
+        out = os.path.join(args.self_train_dir, f"round{r + 1}")
+        command = [sys.executable, args.sft_script, "--init", checkpoint, "--data", data, "--out", out,
+                   "--max-steps", str(args.self_train_steps), *args.sft_args.split()]
+        print("running: " + " ".join(command[1:]), flush=True)
+        if subprocess.run(command).returncode != 0:
+            raise M.UserError(f"round {r + 1}: `{' '.join(command[1:])}` failed")
+        checkpoint = os.path.join(out, "model.pt")
+        policy, enc, _ = M.load(checkpoint, device)
+    print("round  held-out acc  sampled pass  distinct-1  distinct-2  distinct-3")
+    for row in table:
+        print(f"{row['round']:5d}  {100 * row['heldout_acc']:11.1f}%  {100 * row['sampled_pass']:11.1f}%  "
+              f"{row['distinct_1']:10.3f}  {row['distinct_2']:10.3f}  {row['distinct_3']:10.3f}")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Options, the report, main
+# ----------------------------------------------------------------------------------------------
+
+def parse_range(text: str, name: str) -> list[int]:
+    """'1-3' -> [1, 2, 3]; '2' -> [2]."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    lo, hi = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (0, -1)
+    if not 1 <= lo <= hi <= MAX_DIFFICULTY:
+        raise M.UserError(f"--{name} {text!r}: expected LO-HI with 1 <= LO <= HI <= {MAX_DIFFICULTY}")
+    return list(range(lo, hi + 1))
+
+
+def parse_mix(text: str, allowed, name: str) -> dict[str, float]:
+    """'worked=0.4,bare=0.4,noisy=0.2' -> shares normalised to sum to 1."""
+    shares = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        try:
+            shares[key.strip()] = float(value)
+        except ValueError:
+            shares[key.strip()] = -1.0
+        if not eq or key.strip() not in allowed or not 0 <= shares[key.strip()] < math.inf:
+            raise M.UserError(f"--{name} {text!r}: expected KEY=SHARE pairs, KEY in {', '.join(allowed)}, SHARE >= 0")
+    total = sum(shares.values())
+    if total <= 0:
+        raise M.UserError(f"--{name} {text!r}: the shares sum to 0")
+    return {key: value / total for key, value in shares.items()}
+
+
+def parse_families(text: str) -> list[str]:
+    families = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in families if f not in FAMILIES]
+    if not families or unknown:
+        raise M.UserError(f"--families {text!r}: choose from {', '.join(FAMILIES)}")
+    return families
+
+
+def summarize(files: dict[str, list[dict]]) -> dict:
+    """Counts per file: total, per difficulty, per family, per style (SFT) or kind (preferences)."""
+    summary = {}
+    for name, rows in files.items():
+        label = "style" if name.startswith("sft") else "kind" if name.startswith("prefs") else None
+        texts = [r.get("completion", r.get("chosen", "")) for r in rows]
+        summary[name] = {"rows": len(rows),
+                         "difficulty": dict(sorted(Counter(r["difficulty"] for r in rows).items())),
+                         "family": {f: c for f in FAMILIES if (c := sum(r["family"] == f for r in rows))},
+                         **({label: {k: c for k in (*STYLES, *PREF_KINDS, *DIAGNOSTIC_KINDS)
+                                     if (c := sum(r[label] == k for r in rows))}} if label else {}),
+                         "max_bytes": max(len((r["prompt"] + t).encode()) for r, t in zip(rows, texts)) if rows else 0,
+                         "mean_completion_bytes": round(sum(map(len, texts)) / max(len(rows), 1), 1)}
+    return summary
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic, like model.write_jsonl: a temporary file, then os.replace."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def show(text: str) -> str:
+    return text.replace("\n", " | ")
+
+
+def main(argv=None):
+    args = M.parse_args(Args, argv)
+    if args.from_model:
+        return from_model(args)
+    t0 = time.time()
+    files = build_dataset(args)                     # everything in memory first: a bad option writes nothing
+    summary = summarize(files)
+    os.makedirs(args.out_dir, exist_ok=True)
+    for name, rows in files.items():
+        M.write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), rows)
+    write_json(os.path.join(args.out_dir, "synth_config.json"), {"args": asdict(args), "counts": summary})
+    print(f"wrote {len(files)} files to {args.out_dir}/ in {time.time() - t0:.1f} s (seed {args.seed})")
+    print(f"{'file':18s} {'rows':>5s}  {'by difficulty':30s} by style / kind")
+    for name, s in summary.items():
+        by_d = " ".join(f"{d}:{c}" for d, c in s["difficulty"].items())
+        by_label = " ".join(f"{k}:{c}" for k, c in s.get("style", s.get("kind", {})).items())
+        print(f"{name + '.jsonl':18s} {s['rows']:5d}  {by_d:30s} {by_label}")
+    print("families: " + ", ".join(f"{name} {' '.join(f'{f}:{c}' for f, c in s['family'].items())}"
+                                   for name, s in summary.items() if name in ("sft_train", "rl_test")))
+    print("longest prompt+completion: " + ", ".join(f"{name} {s['max_bytes']} B" for name, s in summary.items())
+          + " (context 256)")
+    print("mean completion: " + ", ".join(f"{name} {s['mean_completion_bytes']} B"
+                                          for name, s in summary.items() if not name.startswith("rl")))
+    rng = random.Random(args.seed)
+    for name, rows in files.items():
+        for row in rng.sample(rows, min(args.n_examples, len(rows))):
+            extra = {k: v for k, v in row.items() if k in ("style", "kind", "difficulty", "family")}
+            body = (f"-> {show(row['completion'])}" if "completion" in row else
+                    f"chosen: {show(row['chosen'])}  rejected: {show(row['rejected'])}" if "chosen" in row else
+                    f"answer {row['answer']}")
+            print(f"  {name}: {show(row['prompt'])}{body}  {extra}")
+    return {"files": files, "summary": summary}
+
+
+if __name__ == "__main__":
+    M.cli(main)
