@@ -81,7 +81,7 @@ class _Optimizer(torch.optim.Optimizer):
         steps = []
         for p in params:
             state = self.state[p]
-            state["step"] = state.get("step", 0) + 1
+            state["step"] = int(state.get("step", 0)) + 1      # int() also reads torch.optim states
             steps.append(state["step"])
         return steps
 
@@ -380,9 +380,10 @@ def _no_decay_ids(model):
 def weight_decay_groups(model, weight_decay=0.1):
     """Two param groups: {matrices, weight_decay} and {the rest, 0.0}, each with its "names".
 
-    Decay shrinks weights towards 0, which is a prior on matrices (it limits their norm), but is
-    harmful on a norm's gain (pulls it to 0), a bias (an offset with no scale symmetry) and an
-    embedding row (rare tokens would decay away between their updates). Rule: decay a tensor
+    Decay shrinks weights towards 0: a useful prior on the matrices (it bounds their norm), but
+    a norm's gain pulled to 0 fights the normalisation, a bias is a handful of offsets with nothing
+    to regularise, and an embedding row of a rare token would decay away between the few steps
+    that update it (nanoGPT/GPT-3 practice; Loshchilov & Hutter decay everything). Rule: decay a tensor
     iff it has >= 2 dims and is neither an nn.Embedding table nor held by a module whose class
     name contains "Norm". A tied embedding/output matrix is an embedding, so it is not decayed.
     Parameters shared between modules appear once (named_parameters de-duplicates).
@@ -421,7 +422,7 @@ def _warmup(step, lr, warmup_steps, min_lr):
 
 
 def lr_constant(step, lr, warmup_steps=0, min_lr=0.0):
-    """lr(t) = lr * t / W for t < W (linear warmup from min_lr), then lr."""
+    """lr(t) = min_lr + (lr - min_lr) * t / W for t < W (linear warmup), then lr."""
     if step < warmup_steps:
         return _warmup(step, lr, warmup_steps, min_lr)
     return lr
@@ -650,7 +651,8 @@ def format_metrics(step, **metrics):
             parts.append(f"{key} {value}")
         elif isinstance(value, float) or torch.is_tensor(value):
             value = float(value)
-            text = f"{value:.2e}" if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5) else f"{value:.4f}"
+            tiny_or_huge = value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5)
+            text = f"{value:.2e}" if tiny_or_huge else f"{value:.4f}"
             parts.append(f"{key} {text}")
         else:
             parts.append(f"{key} {value}")
@@ -684,6 +686,7 @@ class Args:
     beta_seeds: int = 2           # data/init seeds averaged in that experiment
     timing_rounds: int = 20       # interleaved rounds of the optimizer.step() micro-benchmark
     out_dir: str = "runs/optim"   # results.json, metrics.jsonl and args.json go here
+    threads: int = 1              # torch CPU threads (0 = torch default); a model this small is fastest on 1
     device: str = "auto"          # auto | cpu | cuda
     seed: int = 0                 # seed of the rule, the data and the model initialisation
 
@@ -855,7 +858,8 @@ def optimizer_table(args, cfg, names, device, target, logger):
         run = train(args, cfg, data, eval_data, make, device, args.warmup, name, logger, echo=name == "AdamW")
         run.update(lr=lr, steps_to_target=steps_to(run["evals"], target))
         results[name] = run
-        print(f"  {name:>12} lr {lr:.0e}: held-out loss {run['final']:.3f} ({sum(run['step_s']):.1f}s)", flush=True)
+        print(f"  {name:>12} lr {lr:.0e}: held-out loss {run['final']:.3f} ({sum(run['step_s']):.1f}s)",
+              flush=True)
     opt_times = time_optimizer_steps(cfg, names, args.lr_scale, args.weight_decay, device, args.timing_rounds)
     base_step = statistics.median(results[BASELINE]["step_s"])
     print(f"\n{args.steps} steps, batch {args.batch_size}x{args.seq_len}, warmup {args.warmup} + cosine, "
@@ -928,9 +932,13 @@ def main(argv=None):
             or args.eval_every < 1 or args.eval_size < 1 or args.beta_steps < 0 or args.beta_seeds < 1):
         raise lm.UserError("need --steps >= 1, --seq-len >= 3, --symbols >= 2, 0 <= --noise <= 1, "
                            "--eval-every >= 1, --eval-size >= 1, --beta-steps >= 0, --beta-seeds >= 1")
+    if args.threads < 0:
+        raise lm.UserError("--threads must be >= 0")
     if 0 < args.beta_steps < 3:
         raise lm.UserError("--beta-steps must be 0 (skip) or >= 3")
     device = lm.get_device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     lm.seed_everything(args.seed)
     floor = loss_floor(args.symbols, args.noise, args.seq_len)
     target = args.target if args.target > 0 else floor + 0.3
@@ -938,7 +946,8 @@ def main(argv=None):
                     n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_head)
     print(f"device {device} | GPT {lm.GPT(cfg).num_params():,} params ({args.n_layer} layers, width "
           f"{args.n_embd}) | task: x_t = rule[x_t-2, x_t-1] w.p. {1 - args.noise:.2f}, K={args.symbols}, "
-          f"T={args.seq_len} | loss at init ~ log K = {math.log(args.symbols):.3f}, floor = {floor:.3f} nats, "
+          f"T={args.seq_len} | loss at init ~ log K = {math.log(args.symbols):.3f}, "
+          f"floor = {floor:.3f} nats, "
           f"target = {target:.3f}")
     os.makedirs(args.out_dir, exist_ok=True)
     lm.save_args(args.out_dir, args)
