@@ -1,0 +1,523 @@
+"""RLHF with PPO: a policy, a frozen reference, a reward model, a value model, and GAE.
+
+The third stage of RLHF as InstructGPT did it. The policy pi (from the SFT checkpoint) samples a
+completion y = (y_1..y_T) for a prompt x; each token is an action. The reward of token t is a KL
+penalty that keeps pi near the frozen reference pi_ref, plus the reward model's score R(x, y) on
+the last token (Ziegler et al. 2019):
+
+    r_t     = -beta * (log pi(y_t | s_t) - log pi_ref(y_t | s_t))  +  [t = T] * R(x, y)
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   A_t = sum_l (gamma lam)^l delta_{t+l}     (GAE)
+    rho_t   = pi(y_t | s_t) / pi_old(y_t | s_t)
+    L       = -E_t[min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps_high) A_t)]                   (clipped surrogate)
+              + c_v * 1/2 E_t[max((V - R_t)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R_t)^2)]
+              - c_H * E_t[H(pi(. | s_t))]
+
+Schulman et al. 2017 (PPO) and 2016 (GAE); Ziegler et al. 2019 (KL-shaped reward, adaptive beta);
+Stiennon et al. 2020; Ouyang et al. 2022 (InstructGPT); Huang et al. 2024 (the N+ implementation
+details of RLHF with PPO). The value model is a copy of the REWARD model (body and head), the usual
+choice: it starts out already reading "how good is this text". With --reward verifier (1 if the
+final answer is correct by model.is_correct, else 0, on the last token: grpo.py's reward) there is
+no reward model; the value body then starts from the SFT checkpoint with a zero head.
+
+    python ppo.py                         # ~3 min on 2 CPU cores -> runs/ppo/ (builds missing inputs)
+    python ppo.py --reward verifier       # the verifiable reward grpo.py uses, for the GRPO-vs-PPO comparison
+    python ppo.py --beta 0.0              # no KL penalty: watch the RM score rise while accuracy does not
+"""
+import copy
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+import model as M
+
+
+@dataclass
+class Args:
+    init: str = "runs/sft/model.pt"          # policy and reference start here
+    reward: str = "rm"                       # rm (learned reward model) | verifier (1 if the answer is correct)
+    reward_model: str = "runs/rm/model.pt"   # reward model checkpoint for --reward rm (from reward.py)
+    data: str = "data/rl_train.jsonl"        # prompt/answer JSONL of training prompts
+    eval_data: str = "data/rl_test.jsonl"    # prompt/answer JSONL of held-out prompts
+    out: str = "runs/ppo"                    # run folder: model.pt, metrics.jsonl, summary.json, args.json
+    n_eval: int = 500                        # held-out prompts in the first and last greedy eval
+    n_eval_during: int = 200                 # held-out prompts in the periodic greedy evals
+    eval_minutes: float = 1.0                # minutes of training between periodic evals
+    completions_per_step: int = 32           # completions sampled per step (one per prompt)
+    temperature: float = 1.0                 # sampling temperature (the ratio uses the same one)
+    top_k: int = 0                           # sampling top-k (0 = off; the ratio uses the same one)
+    max_new_tokens: int = 96                 # generation limit in rollouts and in held-out evals
+    time_budget: float = 3.0                 # minutes of training, evals excluded (0 = no time limit)
+    max_steps: int = 0                       # stop after this many steps (0 = no step limit)
+    ppo_epochs: int = 4                      # passes over each rollout batch
+    n_minibatches: int = 4                   # gradient updates per epoch (shuffled minibatches of the rollout)
+    lr: float = 3e-5                         # policy learning rate (AdamW, constant)
+    value_lr: float = 1e-4                   # value model learning rate
+    eps: float = 0.2                         # clip range below 1 (and above, unless eps_high is set)
+    eps_high: float = 0.0                    # clip range above 1 (0 = eps; 0.28 = clip-higher, DAPO)
+    value_clip: float = 0.2                  # eps_v: clip the value change per rollout
+    vf_coef: float = 0.1                     # c_v: weight of the value loss
+    ent_coef: float = 0.0                    # c_H: weight of the entropy bonus
+    beta: float = 0.05                       # KL penalty coefficient (initial beta if kl_target > 0)
+    kl_target: float = 0.0                   # adaptive controller's target KL per completion (0 = fixed beta)
+    kl_horizon: int = 10000                  # adaptive controller's horizon (Ziegler et al.)
+    gamma: float = 1.0                       # discount over completion tokens
+    lam: float = 0.95                        # GAE lambda
+    whiten_advantages: bool = True           # normalise advantages to mean 0, std 1 over the batch
+    early_stop_kl: float = 0.05              # stop the epochs of a step once approx KL(old||new) exceeds this
+    grad_clip: float = 1.0                   # clip each model's gradient norm to this (0 = off)
+    missing_eos_penalty: float = 1.0         # subtracted from the RM score of a completion cut at the limit
+    device: str = "auto"                     # auto|cpu|cuda
+    seed: int = 0                            # seeds prompt order and sampling
+
+
+# ---------------------------------------------------------------------------------------------
+# The math: KL-shaped rewards, GAE, whitening, the clipped losses, the adaptive KL controller
+# ---------------------------------------------------------------------------------------------
+
+def masked_mean(x, mask):
+    """sum(x * m) / sum(m): the mean over real tokens only."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, beta):
+    """Per-token rewards (Ziegler et al. 2019; InstructGPT):
+
+        r_t = -beta * (log pi(y_t) - log pi_ref(y_t))  +  [t = T] * score
+
+    so sum_t r_t = score - beta * sum_t log(pi / pi_ref), a k1 estimate of beta * KL(pi || pi_ref).
+    score (B,), logprobs, ref_logprobs, mask (B, N) with mask a prefix of ones per row -> rewards (B, N)."""
+    rewards = -beta * (logprobs - ref_logprobs) * mask                        # (B, N)
+    last = mask.sum(-1).long().clamp(min=1) - 1                               # (B,) index of the last token
+    return rewards.index_put((torch.arange(len(score), device=score.device), last), score, accumulate=True)
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalized Advantage Estimation (Schulman et al. 2016).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t            (V_{T+1} = 0: the completion ends the episode)
+    A_t     = sum_{l>=0} (gamma * lam)^l * delta_{t+l}      computed backwards:
+    A_t     = delta_t + gamma * lam * A_{t+1}
+    returns R_t = A_t + V_t, the value target. lam = 0: the one-step TD error; lam = 1: the discounted
+    return minus V_t. rewards, values, mask (B, N), mask a prefix of ones (right padding): padded
+    positions get A = 0 and contribute nothing to earlier ones. -> (advantages, returns), each (B, N)."""
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])                              # (B,)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value = values[:, t] * mask[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x, mask, eps: float = 1e-8):
+    """(x - mean) / std over the real tokens of the batch (padding stays 0)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean).square(), mask)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, eps: float, eps_high: float):
+    """Clipped surrogate (Schulman et al. 2017), per token, averaged over real tokens:
+
+        rho = exp(log pi - log pi_old),  L = -mean(min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A))
+
+    Outside the clip region in the direction A pushes (rho > 1 + eps_high with A > 0, rho < 1 - eps
+    with A < 0) the min picks the constant clipped term: the gradient is 0 there.
+    -> (loss, clipfrac = share of tokens where the clipped term is the one taken,
+        approx_kl = mean((rho - 1) - log rho), the k3 estimate of KL(pi_old || pi))."""
+    log_ratio = logprobs - old_logprobs                                       # (B, N)
+    ratio = log_ratio.exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - eps, 1 + eps_high) * advantages
+    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped < unclipped).float(), mask)
+    approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+    return loss, clipfrac.detach(), approx_kl.detach()
+
+
+def value_loss(values, old_values, returns, mask, clip: float):
+    """Clipped value loss (the PPO2 baselines' form):
+
+        V_clip = V_old + clip(V - V_old, -eps_v, eps_v),  L_V = 1/2 mean(max((V - R)^2, (V_clip - R)^2))"""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns).square(), (clipped - returns).square()), mask)
+
+
+def entropy(logp):
+    """H = -sum_v p_v log p_v of each row of log-probs (..., V); tokens outside the kept set (-inf) add 0."""
+    return -torch.where(logp.isfinite(), logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
+
+
+def adaptive_beta(beta: float, kl: float, target: float, horizon: int, n: int) -> float:
+    """Adaptive KL controller (Ziegler et al. 2019): a proportional controller on log beta.
+
+    e = clip(KL / KL_target - 1, -0.2, 0.2),  beta <- beta * (1 + e * n / horizon)
+    KL is the batch's mean per-completion KL, n the completions in the batch: beta grows when the
+    policy drifts past the target and shrinks when it stays closer."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n / horizon)
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var[R - V] / Var[R] over real tokens: 1 = the critic predicts the returns, <= 0 = useless."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)).square(), mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)).square(), mask)
+    return float(1 - var_residual / var_returns) if var_returns > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: the reward / value model = a GPT body + a scalar head (the same few lines as reward.py)
+# ---------------------------------------------------------------------------------------------
+
+class ScalarHead(nn.Module):
+    """A model.GPT body and a linear head to one number per position, (B, T) -> (B, T): the reward
+    model (read at the last real token) and the value model V(s_t) (read before each response token)."""
+
+    def __init__(self, body: M.GPT, head: dict | None = None):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(body.config.n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        if head is not None:
+            self.head.load_state_dict(head)
+
+    def forward(self, tokens, positions=None, doc_ids=None):
+        return self.head(self.body.hidden(tokens, positions, doc_ids).float()).squeeze(-1)   # (B, T)
+
+
+def load_reward_model(path, device):
+    """reward.py's checkpoint: a model.GPT body + the head weights saved in its meta -> (ScalarHead, enc)."""
+    body, enc, ckpt = M.load(path, device=device)
+    if "reward_head" not in ckpt["meta"]:
+        raise M.UserError(f"{path}: not a reward model checkpoint (no reward_head in its meta)")
+    return ScalarHead(body, ckpt["meta"]["reward_head"]).to(device), enc
+
+
+def build_models(args, device):
+    """-> (models {"policy", "reference", "value", "reward"}, enc). The reference and the reward model are
+    frozen; the value model is a trainable copy of the reward model (or of the SFT body with --reward verifier)."""
+    policy, enc, _ = M.load(args.init, device=device)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    reward_model = None
+    if args.reward == "rm":
+        reward_model, rm_enc = load_reward_model(args.reward_model, device)
+        if rm_enc.name != enc.name:
+            raise M.UserError(f"{args.reward_model}: tokenizer {rm_enc.name!r} differs from the policy's {enc.name!r}")
+        reward_model.requires_grad_(False)
+        value = copy.deepcopy(reward_model).requires_grad_(True)
+    else:
+        value = ScalarHead(copy.deepcopy(policy)).to(device)
+    for m in (policy, reference, value) + ((reward_model,) if reward_model is not None else ()):
+        m.eval()   # no dropout anywhere: the ratio compares the very function that sampled the tokens
+    return {"policy": policy, "reference": reference, "value": value, "reward": reward_model}, enc
+
+
+def params_by_role(models):
+    """{role: sum of p.numel() over the module's parameters} (tied weights once; 0 for a role not held)."""
+    return {role: (sum(p.numel() for p in m.parameters()) if m is not None else 0) for role, m in models.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts: sample, lay out prompt + completion, score, log-probs of policy and reference
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor      # (B, P + N) left-padded prompt ++ right-padded completion
+    positions: torch.Tensor   # (B, P + N) positions from each row's first real token
+    doc_ids: torch.Tensor     # (B, P + N) 0 at pads, 1 at real tokens (pads never attend to them)
+    n_prompt: int             # P: the completion starts at column P for every row
+    mask: torch.Tensor        # (B, N) float, 1 at completion tokens (a prefix of each row)
+    finished: torch.Tensor    # (B,) bool, True if the completion ended with EOS (False = cut at the limit)
+    texts: list               # decoded completions (EOS dropped), what the verifier reads
+
+
+def make_batch(prompts, completions, finished, enc, device):
+    """Token lists -> Batch. prompts, completions: list[list[int]] (a completion includes its EOS)."""
+    pad = M.pad_id(enc)
+    prompt_tokens, prompt_mask = M.padded_batch(prompts, pad, "left", device)           # (B, P)
+    completion_tokens, completion_mask = M.padded_batch(completions, pad, "right", device)  # (B, N)
+    tokens = torch.cat([prompt_tokens, completion_tokens], 1)
+    positions, doc_ids = M.left_pad_inputs(torch.cat([prompt_mask, completion_mask], 1))
+    texts = [M.decode(enc, c) for c in completions]
+    return Batch(tokens, positions, doc_ids, prompt_tokens.shape[1], completion_mask.float(),
+                 torch.as_tensor(finished, dtype=torch.bool, device=device), texts)
+
+
+@torch.no_grad()
+def rollout(policy, enc, rows, args, generator, device):
+    """Sample one completion per prompt with the KV-cache sampler -> (Batch, sampling log-probs (B, N))."""
+    prompts = [M.encode(enc, r["prompt"]) for r in rows]
+    gen = M.generate(policy, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                     stop_ids=(enc.eot_token,), pad_id=M.pad_id(enc), generator=generator)
+    completions = [gen.tokens[i, :n].tolist() for i, n in enumerate(gen.lengths.tolist())]
+    batch = make_batch(prompts, completions, gen.finished, enc, device)
+    return batch, gen.logprobs[:, :batch.mask.shape[1]] * batch.mask
+
+
+@torch.no_grad()
+def response_logprobs(model, batch, temperature, top_k=0):
+    """log pi(y_t | s_t) of the completion tokens (B, N) with model.token_logprobs, the same sampling
+    transform (temperature, top-k) the sampler used; 0 at padding."""
+    with M.autocast(batch.tokens.device):
+        logp = M.token_logprobs(model, batch.tokens, temperature, top_k, positions=batch.positions,
+                                doc_ids=batch.doc_ids)                              # (B, P + N - 1)
+    return logp[:, batch.n_prompt - 1:].float() * batch.mask                        # (B, N)
+
+
+@torch.no_grad()
+def response_values(value_model, batch):
+    """V(s_t) for each completion token t: the head read at the token BEFORE it (B, N)."""
+    with M.autocast(batch.tokens.device):
+        values = value_model(batch.tokens, batch.positions, batch.doc_ids)          # (B, P + N)
+    return values[:, batch.n_prompt - 1:-1].float() * batch.mask
+
+
+def verifier_scores(texts, answers):
+    """1.0 where model.is_correct(completion, answer) else 0.0: grpo.py's reward, on the completion only."""
+    return torch.tensor([float(M.is_correct(t, a)) for t, a in zip(texts, answers)])
+
+
+@torch.no_grad()
+def scores(batch, answers, reward_model, missing_eos_penalty=0.0):
+    """R(x, y) per completion (B,): the verifier on the decoded completion, or the reward model read at the
+    last real token of prompt ++ completion (minus a penalty when the completion was cut at the limit)."""
+    if reward_model is None:
+        return verifier_scores(batch.texts, answers).to(batch.tokens.device)
+    with M.autocast(batch.tokens.device):
+        per_position = reward_model(batch.tokens, batch.positions, batch.doc_ids).float()   # (B, P + N)
+    last = batch.n_prompt + batch.mask.sum(-1).long() - 1                                   # (B,)
+    score = per_position[torch.arange(len(last), device=last.device), last]
+    return score - missing_eos_penalty * (~batch.finished).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# One PPO step: rollout, rewards, advantages, epochs of clipped updates
+# ---------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ppo_update(models, optimizer, batch, old_logprobs, old_values, advantages, returns, args, generator):
+    """Epochs over shuffled minibatches of the rollout; early stop once approx KL passes the threshold.
+    -> dict of means over the minibatch updates done (policy/value loss, entropy, clipfrac, approx_kl)."""
+    policy, value_model = models["policy"], models["value"]
+    device = batch.tokens.device
+    B, P = len(batch.tokens), batch.n_prompt
+    eps_high = args.eps_high or args.eps
+    size = -(-B // args.n_minibatches)                                                     # ceil(B / n)
+    stats = {"policy_loss": [], "value_loss": [], "entropy": [], "clipfrac": [], "approx_kl": [], "first_ratio": []}
+    for epoch in range(args.ppo_epochs):
+        order = torch.randperm(B, generator=generator).tolist()
+        for start in range(0, B, size):
+            idx = torch.tensor(order[start:start + size], device=device)
+            tokens, positions, doc_ids = batch.tokens[idx], batch.positions[idx], batch.doc_ids[idx]
+            mask = batch.mask[idx]                                                          # (b, N)
+            with M.autocast(device):
+                logits = policy(tokens, positions, doc_ids)[:, P - 1:-1]                    # (b, N, V)
+                values = value_model(tokens, positions, doc_ids)[:, P - 1:-1].float()       # (b, N)
+            logp_all = M.sampling_logprobs(logits, args.temperature, args.top_k)           # (b, N, V)
+            logprobs = logp_all.gather(-1, tokens[:, P:, None]).squeeze(-1) * mask          # (b, N)
+            pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask,
+                                                       args.eps, eps_high)
+            v_loss = value_loss(values, old_values[idx], returns[idx], mask, args.value_clip)
+            mean_entropy = masked_mean(entropy(logp_all), mask)
+            loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * mean_entropy
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.grad_clip)
+            optimizer.step()
+            if epoch == 0 and start == 0:   # before any update: ratio == 1 up to float error
+                stats["first_ratio"].append(float(masked_mean((logprobs.detach() - old_logprobs[idx]).exp(), mask)))
+            for name, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", mean_entropy),
+                            ("clipfrac", clipfrac), ("approx_kl", approx_kl)):
+                stats[name].append(float(v.detach()))
+            if float(approx_kl) > args.early_stop_kl:
+                stats["early_stop"] = [1.0]
+                return {k: sum(v) / len(v) for k, v in stats.items()} | {"epochs_done": epoch + 1}
+    return {k: sum(v) / len(v) for k, v in stats.items()} | {"early_stop": 0.0, "epochs_done": args.ppo_epochs}
+
+
+def ppo_step(models, optimizer, enc, rows, args, beta, generators, device):
+    """Rollout -> rewards -> GAE -> update. Returns the metrics of COMPARE_SPEC.md's train row."""
+    policy, reference, value_model, reward_model = (models[k] for k in ("policy", "reference", "value", "reward"))
+    times = {}
+    t0 = time.perf_counter()
+    batch, sample_logprobs = rollout(policy, enc, rows, args, generators["sample"], device)        # generation
+    sync(device)
+    t1 = time.perf_counter()
+    with torch.no_grad():                                                                          # scoring
+        score = scores(batch, [r["answer"] for r in rows], reward_model, args.missing_eos_penalty)
+        old_logprobs = response_logprobs(policy, batch, args.temperature, args.top_k)  # the first ratio is 1
+        ref_logprobs = response_logprobs(reference, batch, args.temperature, args.top_k)
+    sync(device)
+    t2 = time.perf_counter()
+    with torch.no_grad():                                                                          # advantages
+        old_values = response_values(value_model, batch)
+        rewards = kl_shaped_rewards(score, old_logprobs, ref_logprobs, batch.mask, beta)
+        advantages, returns = gae(rewards, old_values, batch.mask, args.gamma, args.lam)
+        if args.whiten_advantages:
+            advantages = whiten(advantages, batch.mask)
+    sync(device)
+    t3 = time.perf_counter()
+    stats = ppo_update(models, optimizer, batch, old_logprobs, old_values, advantages, returns, args,
+                       generators["shuffle"])                                              # update (eval mode)
+    sync(device)
+    t4 = time.perf_counter()
+    mask = batch.mask
+    log_ratio = ref_logprobs - old_logprobs                                                       # (B, N)
+    kl_k3 = masked_mean(log_ratio.exp() - 1 - log_ratio, mask)         # KL(pi || pi_ref), k3, per token
+    kl_seq = float(((old_logprobs - ref_logprobs) * mask).sum(-1).mean())   # k1 per completion (controller)
+    n_tokens = int(mask.sum())
+    times = {"gen_s": t1 - t0, "score_s": t2 - t1, "adv_s": t3 - t2, "update_s": t4 - t3, "step_s": t4 - t0}
+    return times | {
+        "completions": len(rows), "tokens_per_s": n_tokens / times["step_s"],
+        "reward_mean": float(score.mean()),
+        "accuracy": float(verifier_scores(batch.texts, [r["answer"] for r in rows]).mean()),
+        "kl": float(kl_k3), "kl_seq": kl_seq, "entropy": stats["entropy"], "clipfrac": stats["clipfrac"],
+        "approx_kl": stats["approx_kl"], "policy_loss": stats["policy_loss"], "value_loss": stats["value_loss"],
+        "explained_variance": explained_variance(old_values, returns, mask),
+        "response_length": float(mask.sum(-1).mean()), "truncated": float((~batch.finished).float().mean()),
+        "first_ratio": stats["first_ratio"],
+        "sampler_logprob_gap": float(((sample_logprobs - old_logprobs).abs() * mask).max()),
+        "early_stop": stats["early_stop"], "epochs_done": stats["epochs_done"], "beta": beta}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def load_prompts(path, default):
+    M.ensure_input(path, default, ["synth.py"])
+    rows = M.read_jsonl(path, required_keys=("prompt", "answer"))
+    for i, row in enumerate(rows):
+        if not isinstance(row["prompt"], str):
+            raise M.UserError(f"{path}: row {i + 1}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
+    return rows
+
+
+def check_args(args):
+    if args.reward not in ("rm", "verifier"):
+        raise M.UserError(f"--reward {args.reward}: choose rm or verifier")
+    if args.max_steps <= 0 and args.time_budget <= 0:
+        raise M.UserError("set a budget: --max-steps N or --time-budget MINUTES")
+    for name in ("completions_per_step", "n_minibatches", "ppo_epochs", "max_new_tokens", "n_eval"):
+        if getattr(args, name) < 1:
+            raise M.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.temperature <= 0:
+        raise M.UserError(f"--temperature {args.temperature}: PPO needs a sampling temperature > 0")
+    if args.kl_target < 0 or args.beta < 0:
+        raise M.UserError("--beta and --kl-target must be >= 0")
+
+
+def train(args):
+    """Run PPO; returns summary.json's dict."""
+    check_args(args)
+    device = M.get_device(args.device)
+    M.seed_everything(args.seed)
+    train_rows = load_prompts(args.data, "data/rl_train.jsonl")
+    eval_rows = load_prompts(args.eval_data, "data/rl_test.jsonl")[:max(args.n_eval, 1)]
+    M.ensure_input(args.init, "runs/sft/model.pt", ["sft.py"])
+    if args.reward == "rm":
+        M.ensure_input(args.reward_model, "runs/rm/model.pt", ["reward.py"])
+    models, enc = build_models(args, device)
+    policy, value_model = models["policy"], models["value"]
+    if policy.config.dropout or value_model.body.config.dropout:   # all models stay in eval mode
+        print("note: dropout is off for the whole run (eval mode), so old and new log-probs use one function")
+    optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": args.lr},
+                                   {"params": list(value_model.parameters()), "lr": args.value_lr}],
+                                  betas=(0.9, 0.95), weight_decay=0.0)
+    roles = params_by_role(models)
+    M.save_args(args.out, args)
+    logger = M.MetricsLogger(args.out, total=args.max_steps or None,
+                             budget_s=None if args.max_steps else 60 * args.time_budget)
+    generators = {"sample": torch.Generator(device).manual_seed(args.seed),
+                  "shuffle": torch.Generator().manual_seed(args.seed + 1)}
+    prompt_order = random.Random(args.seed)
+    print(f"ppo: reward {args.reward}, {len(train_rows)} training prompts, {args.completions_per_step} completions "
+          f"per step, params " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in roles.items()) + f", device {device}")
+
+    def evaluate(step, train_seconds, rows):
+        result = M.evaluate(policy, enc, rows, max_new_tokens=args.max_new_tokens)
+        logger.log(step, kind="eval", train_minutes=train_seconds / 60, eval_accuracy=result["accuracy"],
+                   eval_stderr=result["stderr"], eval_n=result["n"], eval_styles=result["styles"])
+        return result
+
+    start_eval = evaluate(0, 0.0, eval_rows)
+    step, train_seconds, beta, history = 0, 0.0, args.beta, []
+    next_eval = 60 * args.eval_minutes
+    pool = []
+
+    def finished():
+        return bool(args.max_steps and step >= args.max_steps) or bool(
+            args.time_budget and train_seconds >= 60 * args.time_budget)
+
+    while not finished():
+        if len(pool) < args.completions_per_step:   # a fresh shuffle of the prompts each pass
+            order = list(range(len(train_rows)))
+            prompt_order.shuffle(order)
+            pool += order
+        rows = [train_rows[i] for i in pool[:args.completions_per_step]]
+        pool = pool[args.completions_per_step:]
+        metrics = ppo_step(models, optimizer, enc, rows, args, beta, generators, device)
+        step += 1
+        train_seconds += metrics["step_s"]
+        if args.kl_target > 0:
+            beta = adaptive_beta(beta, metrics["kl_seq"], args.kl_target, args.kl_horizon, len(rows))
+        metrics.update(train_minutes=train_seconds / 60, peak_mem_mb=M.peak_memory_mb(device))
+        history.append(metrics)
+        logger.log(step, kind="train", **metrics)
+        if train_seconds >= next_eval and not finished():   # the final eval follows anyway
+            evaluate(step, train_seconds, eval_rows[:max(args.n_eval_during, 1)])
+            next_eval += 60 * args.eval_minutes
+    final_eval = evaluate(step, train_seconds, eval_rows)
+
+    M.save(os.path.join(args.out, "model.pt"), policy, enc, args=asdict(args), step=step,
+           results={"start_accuracy": start_eval["accuracy"], "final_accuracy": final_eval["accuracy"]})
+    def mean(key, rows=history):
+        return sum(r[key] for r in rows) / max(len(rows), 1)
+    summary = {"algo": "ppo", "reward": args.reward, "params_by_role": roles,
+               "peak_mem_mb": M.peak_memory_mb(device), "sec_per_step": mean("step_s"),
+               "time_split": {k: mean(k) for k in ("gen_s", "score_s", "adv_s", "update_s")},
+               "final_accuracy": final_eval["accuracy"], "start_accuracy": start_eval["accuracy"],
+               "final_stderr": final_eval["stderr"], "start_stderr": start_eval["stderr"],
+               "train_minutes": train_seconds / 60, "steps": step, "n_eval": len(eval_rows)}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    logger.close()
+
+    last = history[-5:]
+    print(f"\nppo ({args.reward} reward): {step} steps in {train_seconds / 60:.1f} min, "
+          f"{summary['sec_per_step']:.2f} s/step (gen " + " | ".join(
+              f"{k[:-2]} {v:.2f}" for k, v in summary["time_split"].items()).removeprefix("gen ") + ")")
+    if history:
+        print(f"{'':28}{'first step':>12}{'last 5 steps':>14}")
+        for key, name in (("reward_mean", "reward (rollouts)"), ("accuracy", "rollout accuracy"),
+                          ("kl", "KL(pi || ref), k3/token"), ("response_length", "response length")):
+            print(f"{name:<28}{history[0][key]:>12.3f}{mean(key, last):>14.3f}")
+    print(f"held-out accuracy (greedy, {len(eval_rows)} prompts): "
+          f"{100 * start_eval['accuracy']:.1f}% +/- {100 * start_eval['stderr']:.1f} before -> "
+          f"{100 * final_eval['accuracy']:.1f}% +/- {100 * final_eval['stderr']:.1f} after")
+    print(f"peak memory {summary['peak_mem_mb']:.0f} MB | {args.out}/model.pt, metrics.jsonl, summary.json")
+    return summary
+
+
+def main(argv=None):
+    return train(M.parse_args(Args, argv))
+
+
+if __name__ == "__main__":
+    M.cli(main)

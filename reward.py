@@ -1,0 +1,359 @@
+"""Reward model: a transformer body with a scalar head, trained on preference pairs (Bradley-Terry).
+
+The second stage of RLHF. A person (here: synth.py's verifier) saw two completions y_c, y_r of a
+prompt x and preferred y_c. The reward model r(x, y) is the SFT transformer with its LM head
+replaced by a scalar head read at the LAST REAL token of prompt + completion + EOS. Bradley and
+Terry's model of a pairwise choice makes the preference a logistic function of the reward gap:
+
+    P(y_c > y_r | x) = sigmoid(r(x, y_c) - r(x, y_r))
+    L = -log sigmoid(r_c - r_r - m)  +  c * (r_c + r_r)^2
+
+m is an optional margin (Touvron et al. 2023, Llama 2), c an optional centring term that keeps the
+rewards near zero mean, since the loss alone only sees differences (Eisenstein et al. 2023).
+Bradley & Terry 1952; Christiano et al. 2017; Stiennon et al. 2020; Ouyang et al. 2022 (InstructGPT).
+The model only learns what separates the pairs it saw: per-kind accuracy on held-out pairs, and
+the diagnostic kinds that differ only in length or format, show when it learned a shortcut.
+
+    python reward.py                     # ~3 min on 2 CPU cores -> runs/rm/model.pt, metrics.jsonl
+    python reward.py --init scratch      # the same body, randomly initialised (compare the two)
+"""
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as M
+
+
+@dataclass
+class Args:
+    data: str = "data/prefs_train.jsonl"     # prompt/chosen/rejected JSONL to train on
+    test_data: str = "data/prefs_test.jsonl"  # held-out preference pairs for the metrics
+    init: str = "runs/sft/model.pt"          # body initialisation: a checkpoint, or "scratch"
+    out: str = "runs/rm"                     # run folder: model.pt, metrics.jsonl, args.json
+    n_layer: int = 4                         # transformer blocks (--init scratch only)
+    n_head: int = 4                          # attention heads (--init scratch only)
+    n_embd: int = 128                        # model width (--init scratch only)
+    block_size: int = 256                    # context length (--init scratch only)
+    epochs: int = 2                          # passes over the training pairs
+    batch_size: int = 32                     # pairs per update (2x sequences per forward)
+    lr: float = 1e-3                         # peak learning rate (AdamW)
+    warmup_steps: int = 10                   # linear warmup updates, then cosine decay
+    min_lr_ratio: float = 0.1                # the cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0                # AdamW decay on matrices (never norms/biases/head bias)
+    grad_clip: float = 1.0                   # clip the global gradient norm to this (0 = off)
+    margin: float = 0.0                      # m in -log sigmoid(r_c - r_r - m); a row's "margin" key wins
+    center_coef: float = 0.01                # c in + c * (r_c + r_r)^2 (0 = off)
+    time_budget: float = 3.0                 # minutes of training, eval excluded (0 = no time limit)
+    max_test: int = 0                        # held-out pairs to evaluate (0 = all)
+    n_bins: int = 5                          # calibration bins over confidence [0.5, 1]
+    log_every: int = 10                      # updates between metric lines
+    device: str = "auto"                     # auto|cpu|cuda
+    seed: int = 0                            # seeds the head init and the batch order
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: transformer body + scalar head at the last real token
+# ---------------------------------------------------------------------------------------------
+
+def last_token_index(mask):
+    """mask (B, T) bool, True at real tokens of RIGHT-padded rows -> (B,) index of each last real token."""
+    return mask.long().sum(-1) - 1
+
+
+class RewardModel(nn.Module):
+    """r(x, y) = w . h_L(x ++ y ++ EOS)[last real token] + b, with h_L the body's final normed hidden state.
+
+    The body is a model.GPT (its LM head is unused); the head starts at zero, so every reward starts at 0
+    and the first loss is exactly log 2. Rows are right-padded: causal attention means a later pad never
+    changes an earlier token's hidden state, so the reward does not depend on padding or batch-mates."""
+
+    def __init__(self, body: M.GPT, enc=None):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(body.config.n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.enc = enc   # the tokenizer (not a module): score() encodes text with it
+
+    def forward(self, tokens, mask):
+        """tokens, mask (B, T), right-padded -> rewards (B,) read at each row's last real token."""
+        hidden = self.body.hidden(tokens)                                         # (B, T, C)
+        last = hidden[torch.arange(len(tokens), device=tokens.device), last_token_index(mask)]  # (B, C)
+        return self.head(last.float()).squeeze(-1)                                # (B,)
+
+    @torch.no_grad()
+    def score(self, prompts, completions, batch_size: int = 64):
+        """The scoring API: rewards (N,) for lists of prompt and completion texts (EOS appended)."""
+        was_training = self.training
+        self.eval()
+        device = self.head.weight.device
+        seqs = [encode_pair(self.enc, p, c) for p, c in zip(prompts, completions)]
+        scores = []
+        for start in range(0, len(seqs), batch_size):
+            tokens, mask = M.padded_batch(seqs[start:start + batch_size], M.pad_id(self.enc), "right", device)
+            with M.autocast(device):
+                scores.append(self(tokens, mask).float())
+        self.train(was_training)
+        return torch.cat(scores)
+
+
+def encode_pair(enc, prompt, completion):
+    """tokens of prompt ++ completion ++ [EOS], the sequence a reward is read from (at the EOS)."""
+    return M.encode(enc, prompt) + M.encode(enc, completion) + [enc.eot_token]
+
+
+def save_reward_model(path, rm: RewardModel, **meta):
+    """model.save of the body; the head's weights go in the checkpoint's meta as plain tensors, so any
+    file can rebuild the reward model with model.load and three lines (ppo.py does)."""
+    head = {"weight": rm.head.weight.detach().cpu(), "bias": rm.head.bias.detach().cpu()}
+    M.save(path, rm.body, rm.enc, kind="reward_model", reward_head=head, **meta)
+
+
+def load_reward_model(path, device="cpu") -> RewardModel:
+    """-> RewardModel (eval mode) from a checkpoint written by save_reward_model."""
+    body, enc, ckpt = M.load(path, device=device)
+    head = ckpt["meta"].get("reward_head")
+    if head is None:
+        raise M.UserError(f"{path}: not a reward model checkpoint (no reward_head in its meta)")
+    rm = RewardModel(body, enc).to(device)
+    rm.head.load_state_dict(head)
+    return rm.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The math: Bradley-Terry loss, pairwise accuracy, calibration
+# ---------------------------------------------------------------------------------------------
+
+def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, center_coef: float = 0.0):
+    """L = mean over pairs of  -log sigmoid(r_c - r_r - m) + c * (r_c + r_r)^2.     r_* (B,), margin scalar or (B,)
+
+    d L / d delta = sigmoid(delta - m) - 1 per pair: the push is largest on pairs ranked wrongly.
+    Without the centring term the loss is unchanged by adding one constant to every reward."""
+    delta = r_chosen - r_rejected                                                 # (B,)
+    loss = -F.logsigmoid(delta - margin)                                          # (B,)
+    if center_coef:
+        loss = loss + center_coef * (r_chosen + r_rejected).square()
+    return loss.mean()
+
+
+def pairwise_accuracy(deltas):
+    """Share of pairs ranked right, delta = r_c - r_r > 0; a tie (delta == 0) counts as half."""
+    return float(((deltas > 0).float() + 0.5 * (deltas == 0).float()).mean())
+
+
+def calibration(deltas, n_bins: int = 5):
+    """Reliability table of the Bradley-Terry probabilities on held-out pairs.
+
+    Each pair's predicted winner is the higher-scored completion, with confidence
+    q = sigmoid(|delta|) in [0.5, 1]; calibrated means: among pairs with confidence ~q, a share ~q
+    has the predicted winner = the chosen one. Bins split [0.5, 1] evenly. Returns (rows, ece) with
+    rows [{"lo", "hi", "n", "confidence", "accuracy"}] and the expected calibration error
+    ECE = sum_bins n_b / n * |accuracy_b - confidence_b| (Naeini et al. 2015; Guo et al. 2017)."""
+    deltas = deltas.double()
+    confidence = torch.sigmoid(deltas.abs())                                      # (N,)
+    right = (deltas > 0).double() + 0.5 * (deltas == 0).double()                 # (N,)
+    rows, ece = [], 0.0
+    for b in range(n_bins):
+        lo, hi = 0.5 + 0.5 * b / n_bins, 0.5 + 0.5 * (b + 1) / n_bins
+        inside = (confidence >= lo) & ((confidence < hi) if b < n_bins - 1 else (confidence <= hi))
+        n = int(inside.sum())
+        conf = float(confidence[inside].mean()) if n else float("nan")
+        acc = float(right[inside].mean()) if n else float("nan")
+        rows.append({"lo": lo, "hi": hi, "n": n, "confidence": conf, "accuracy": acc})
+        if n:
+            ece += n / len(deltas) * abs(acc - conf)
+    return rows, ece
+
+
+def accuracy_by_kind(deltas, kinds):
+    """{kind: (pairwise accuracy, number of pairs)} over the held-out pairs of each kind."""
+    groups = {}
+    for i, kind in enumerate(kinds):
+        groups.setdefault(kind, []).append(i)
+    return {k: (pairwise_accuracy(deltas[idx]), len(idx)) for k, idx in sorted(groups.items())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and evaluation
+# ---------------------------------------------------------------------------------------------
+
+def make_pairs(rows, enc, block_size, default_margin=0.0):
+    """-> (pairs, n_skipped): pair = (chosen tokens, rejected tokens, margin, kind); pairs whose
+    longer sequence does not fit the context are skipped (a cut completion loses its answer)."""
+    pairs, skipped = [], 0
+    for row in rows:
+        chosen = encode_pair(enc, row["prompt"], row["chosen"])
+        rejected = encode_pair(enc, row["prompt"], row["rejected"])
+        if max(len(chosen), len(rejected)) > block_size:
+            skipped += 1
+            continue
+        pairs.append((chosen, rejected, float(row.get("margin", default_margin)), str(row.get("kind", "all"))))
+    return pairs, skipped
+
+
+def pair_rewards(rm, pairs, pad, device):
+    """One forward over the 2B sequences of B pairs -> (r_chosen (B,), r_rejected (B,))."""
+    tokens, mask = M.padded_batch([p[0] for p in pairs] + [p[1] for p in pairs], pad, "right", device)
+    with M.autocast(device):
+        rewards = rm(tokens, mask).float()                                        # (2B,)
+    return rewards[:len(pairs)], rewards[len(pairs):]
+
+
+@torch.no_grad()
+def evaluate_pairs(rm, pairs, pad, device, n_bins=5, batch_size=64):
+    """Held-out metrics: loss, pairwise accuracy, mean margin, calibration, accuracy per kind."""
+    was_training = rm.training
+    rm.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        r_c, r_r = pair_rewards(rm, pairs[start:start + batch_size], pad, device)
+        chosen.append(r_c.cpu())
+        rejected.append(r_r.cpu())
+    rm.train(was_training)
+    r_c, r_r = torch.cat(chosen), torch.cat(rejected)
+    deltas = r_c - r_r
+    table, ece = calibration(deltas, n_bins)
+    return {"test_loss": float(-F.logsigmoid(deltas).mean()), "test_accuracy": pairwise_accuracy(deltas),
+            "test_margin": float(deltas.mean()), "reward_mean": float(torch.cat([r_c, r_r]).mean()),
+            "reward_std": float(torch.cat([r_c, r_r]).std()), "ece": ece, "calibration": table,
+            "by_kind": accuracy_by_kind(deltas, [p[3] for p in pairs]), "n": len(pairs)}
+
+
+def lr_at(step, progress, peak, warmup_steps, min_ratio):
+    """lr = peak * min(1, (step + 1) / warmup) * (r + (1 - r) * (1 + cos(pi * progress)) / 2)."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    return peak * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def print_report(results, label="held-out"):
+    print(f"{label} pairs: {results['n']} | pairwise accuracy {100 * results['test_accuracy']:.1f}% | "
+          f"mean margin r_c - r_r {results['test_margin']:+.3f} | loss {results['test_loss']:.4f} | "
+          f"ECE {results['ece']:.3f}")
+    print("calibration  confidence bin   pairs   mean confidence   observed accuracy")
+    for row in results["calibration"]:
+        shown = f"{row['confidence']:.3f}            {row['accuracy']:.3f}" if row["n"] else "-                -"
+        print(f"             [{row['lo']:.2f}, {row['hi']:.2f}]{' ' * 4}{row['n']:5d}   {shown}")
+    print("accuracy by pair kind (length/format-only kinds show shortcuts):")
+    for kind, (acc, n) in results["by_kind"].items():
+        print(f"  {kind:<16} {100 * acc:5.1f}%  ({n} pairs)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def load_rows(path, default):
+    M.ensure_input(path, default, ["synth.py"])
+    rows = M.read_jsonl(path, required_keys=("prompt", "chosen", "rejected"))
+    for i, row in enumerate(rows):
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(row[key], str):
+                raise M.UserError(f"{path}: row {i + 1}: '{key}' must be a string, got {type(row[key]).__name__}")
+    return rows
+
+
+def build(args, device):
+    """-> RewardModel: body from the SFT checkpoint (built by sft.py when the default is missing) or new."""
+    if args.init == "scratch":
+        enc = M.get_tokenizer("bytes")
+        config = M.Config(vocab_size=enc.n_vocab, block_size=args.block_size, n_layer=args.n_layer,
+                          n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
+        body = M.GPT(config)
+    else:
+        M.ensure_input(args.init, "runs/sft/model.pt", ["sft.py"])
+        body, enc, _ = M.load(args.init)
+    return RewardModel(body, enc).to(device)
+
+
+def train(args):
+    """Train the reward model; returns the final held-out results dict."""
+    if args.epochs <= 0:
+        raise M.UserError(f"--epochs {args.epochs}: must be at least 1")
+    device = M.get_device(args.device)
+    M.seed_everything(args.seed)
+    train_rows = load_rows(args.data, "data/prefs_train.jsonl")
+    test_rows = load_rows(args.test_data, "data/prefs_test.jsonl")
+    if args.max_test > 0:
+        test_rows = test_rows[:args.max_test]
+    rm = build(args, device)
+    enc, block, pad = rm.enc, rm.body.config.block_size, M.pad_id(rm.enc)
+    train_pairs, skipped = make_pairs(train_rows, enc, block, args.margin)
+    test_pairs, test_skipped = make_pairs(test_rows, enc, block, args.margin)
+    if not train_pairs or not test_pairs:
+        raise M.UserError(f"{args.data if not train_pairs else args.test_data}: no pair fits the context ({block})")
+    if skipped or test_skipped:
+        print(f"skipped {skipped} training and {test_skipped} test pairs longer than the context ({block} tokens)")
+
+    # AdamW (Loshchilov & Hutter 2019): decay matrices only, never norm gains or biases.
+    params = [p for p in rm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95))
+    steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    M.save_args(args.out, args)
+    logger = M.MetricsLogger(args.out, total=total)
+    print(f"reward model: {rm.body.num_params() / 1e6:.2f}M body params from "
+          f"{'scratch' if args.init == 'scratch' else args.init}, {len(train_pairs)} train / {len(test_pairs)} "
+          f"test pairs, {args.epochs} epochs x {steps_per_epoch} steps, device {device}")
+
+    start = evaluate_pairs(rm, test_pairs, pad, device, args.n_bins)
+    logger.log(0, kind="eval", epoch=0, **{k: v for k, v in start.items() if k not in ("calibration", "by_kind")})
+    step, train_seconds, results, out_of_time = 0, 0.0, start, False
+    rm.train()
+    for epoch in range(1, args.epochs + 1):
+        order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        for start_i in range(0, len(order), args.batch_size):
+            t0 = time.perf_counter()
+            progress = max(step / total, train_seconds / (60 * args.time_budget) if args.time_budget else 0.0)
+            if progress >= 1.0:
+                out_of_time = True
+                break
+            lr = lr_at(step, progress, args.lr, args.warmup_steps, args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = [train_pairs[i] for i in order[start_i:start_i + args.batch_size].tolist()]
+            r_c, r_r = pair_rewards(rm, batch, pad, device)
+            margins = torch.tensor([p[2] for p in batch], device=device)
+            loss = bradley_terry_loss(r_c, r_r, margins, args.center_coef)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            step += 1
+            train_seconds += time.perf_counter() - t0
+            if step % args.log_every == 0 or step == 1:
+                logger.log(step, kind="train", loss=loss.item(), accuracy=pairwise_accuracy((r_c - r_r).detach()),
+                           margin=float((r_c - r_r).mean().detach()), grad_norm=float(grad_norm), lr=lr,
+                           minutes=train_seconds / 60)
+        results = evaluate_pairs(rm, test_pairs, pad, device, args.n_bins)
+        logger.log(step, kind="eval", epoch=epoch, minutes=train_seconds / 60,
+                   **{k: v for k, v in results.items() if k not in ("calibration", "by_kind")},
+                   by_kind={k: a for k, (a, _) in results["by_kind"].items()})
+        if out_of_time:
+            print(f"time budget of {args.time_budget} min reached in epoch {epoch}")
+            break
+
+    results.update(steps=step, minutes=train_seconds / 60, start_accuracy=start["test_accuracy"])
+    save_reward_model(os.path.join(args.out, "model.pt"), rm, args=asdict(args),
+                      results={k: v for k, v in results.items() if k not in ("calibration", "by_kind")})
+    logger.log(step, kind="final", calibration=results["calibration"],
+               by_kind={k: {"accuracy": a, "n": n} for k, (a, n) in results["by_kind"].items()}, echo=False)
+    logger.close()
+    print(f"before training: pairwise accuracy {100 * start['test_accuracy']:.1f}% (zero head: every pair a tie)")
+    print_report(results)
+    print(f"{step} steps in {train_seconds / 60:.1f} min | {args.out}/model.pt")
+    return results
+
+
+def main(argv=None):
+    return train(M.parse_args(Args, argv))
+
+
+if __name__ == "__main__":
+    M.cli(main)
