@@ -245,6 +245,7 @@ class Rollout:
     lengths: torch.Tensor        # (N,) completion tokens
     truncated: torch.Tensor      # (N,) cut by max_new_tokens (not ended with EOS)
     texts: list
+    score_s: float = 0.0         # seconds spent computing rewards
 
 
 def rollout(policy, enc, rows, args, weights, generator) -> Rollout:
@@ -256,9 +257,11 @@ def rollout(policy, enc, rows, args, weights, generator) -> Rollout:
     lengths, truncated = gen.lengths.cpu(), (~gen.finished).cpu()
     completions = gen.tokens.cpu().tolist()
     texts = [decode(enc, c[:n]) for c, n in zip(completions, lengths.tolist())]
+    t_score = time.time()
     rewards = torch.tensor([total_reward(t, rows[i // G], int(lengths[i]), bool(truncated[i]), args, weights)
                             for i, t in enumerate(texts)])
     correct = torch.tensor([float(is_correct(t, rows[i // G]["answer"])) for i, t in enumerate(texts)])
+    score_s = time.time() - t_score
     # One right-padded row per completion: prompt then completion; loss positions are the completion's.
     N, T = len(prompts), max(len(p) + int(n) for p, n in zip(prompts, lengths))
     tokens = torch.full((N, T), pad_id(enc), dtype=torch.long)
@@ -271,7 +274,8 @@ def rollout(policy, enc, rows, args, weights, generator) -> Rollout:
         mask[i, len(p) - 1:len(p) - 1 + n] = 0.0 if (args.mask_truncated and truncated[i]) else 1.0
         old_logprobs[i, len(p) - 1:len(p) - 1 + n] = sampled_logprobs[i, :n]
     P = len(rows)
-    return Rollout(tokens, mask, old_logprobs, rewards.view(P, G), correct.view(P, G), lengths, truncated, texts)
+    return Rollout(tokens, mask, old_logprobs, rewards.view(P, G), correct.view(P, G), lengths, truncated, texts,
+                   score_s)
 
 
 def select_groups(ro: Rollout, keep) -> Rollout:
@@ -279,7 +283,7 @@ def select_groups(ro: Rollout, keep) -> Rollout:
     G = ro.rewards.shape[1]
     rows = keep.repeat_interleave(G)
     return Rollout(ro.tokens[rows], ro.mask[rows], ro.old_logprobs[rows], ro.rewards[keep], ro.correct[keep],
-                   ro.lengths[rows], ro.truncated[rows], [t for t, k in zip(ro.texts, rows.tolist()) if k])
+                   ro.lengths[rows], ro.truncated[rows], [t for t, k in zip(ro.texts, rows.tolist()) if k], ro.score_s)
 
 
 def concat_rollouts(a: Rollout, b: Rollout, pad: int) -> Rollout:
@@ -290,7 +294,8 @@ def concat_rollouts(a: Rollout, b: Rollout, pad: int) -> Rollout:
                    torch.cat([pad_to(a.mask, T - 1, 0.0), pad_to(b.mask, T - 1, 0.0)]),
                    torch.cat([pad_to(a.old_logprobs, T - 1, 0.0), pad_to(b.old_logprobs, T - 1, 0.0)]),
                    torch.cat([a.rewards, b.rewards]), torch.cat([a.correct, b.correct]),
-                   torch.cat([a.lengths, b.lengths]), torch.cat([a.truncated, b.truncated]), a.texts + b.texts)
+                   torch.cat([a.lengths, b.lengths]), torch.cat([a.truncated, b.truncated]), a.texts + b.texts,
+                   a.score_s + b.score_s)
 
 
 def policy_logprobs(policy, tokens, args):
@@ -441,12 +446,12 @@ def train(args) -> dict:
                 all_rewards.append(extra.rewards.flatten())
                 all_correct.append(extra.correct.flatten())
                 ro = concat_rollouts(ro, select_groups(extra, ~(extra.rewards == extra.rewards[:, :1]).all(1)), pad_id(enc))
-        gen_s = time.time() - t0
+        score_s = ro.score_s                    # reward functions on the decoded texts
+        gen_s = time.time() - t0 - score_s      # sampling with the KV cache, decoding, batch building
 
         # 2. Advantages, the same for every token of a completion.
         t1 = time.time()
         advantages = group_advantages(ro.rewards, args.scale).flatten()                  # (N,)
-        score_s = 0.0   # rewards were computed inside rollout(); their cost is part of gen_s
         adv_s = time.time() - t1
 
         # 3. mu passes of clipped-surrogate updates over the rollout, old log-probs held fixed.
@@ -558,7 +563,8 @@ def run_control(args, minutes: float) -> str:
     minutes, with sft.py's own settings for continued training. Returns the control's checkpoint."""
     out = os.path.join(args.out, "control")
     run_stage(["sft.py", "--init", args.init, "--data", args.sft_data, "--test-data", args.sft_test_data,
-               "--heldout", args.eval_data, "--heldout-n", str(args.n_eval_during),
+               "--eval-data", args.eval_data, "--n-eval", str(args.n_eval_during),
+               "--eval-minutes", str(args.eval_minutes),
                "--max-new-tokens", str(args.max_new_tokens), "--time-budget", f"{minutes:.4f}",
                "--out", out, "--seed", str(args.seed), "--device", args.device])
     return os.path.join(out, "model.pt")
@@ -571,9 +577,9 @@ def control_history(out: str) -> tuple[list, list]:
     if os.path.exists(path):
         for line in open(path):
             r = json.loads(line)
-            if "heldout_acc" in r and "minutes" in r:
-                minutes.append(r["minutes"])
-                accuracy.append(r["heldout_acc"])
+            if r.get("kind") == "eval" and "eval_accuracy" in r:
+                minutes.append(r["train_minutes"])
+                accuracy.append(r["eval_accuracy"])
     return minutes, accuracy
 
 

@@ -257,7 +257,8 @@ def test_tiny_run_raises_mean_training_reward(tmp_path, monkeypatch):
     assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.05, rewards
     for r in rows:
         if r.get("kind") == "train":   # the cost fields the GRPO-vs-PPO comparison reads
-            assert r["gen_s"] > 0 and r["update_s"] > 0 and r["step_s"] > 0 and r["peak_mem_mb"] > 0
+            assert r["gen_s"] > 0 and r["score_s"] > 0 and r["adv_s"] > 0 and r["update_s"] > 0
+            assert r["step_s"] > 0 and r["peak_mem_mb"] > 0
             assert r["tokens_per_s"] > 0
 
 
