@@ -32,7 +32,7 @@ import model as M
 class Args:
     data: str = "data/sft_train.jsonl"       # prompt/completion JSONL to train on
     test_data: str = "data/sft_test.jsonl"   # prompt/completion JSONL for the eval loss
-    heldout: str = "data/rl_test.jsonl"      # prompt/answer JSONL for held-out greedy accuracy
+    eval_data: str = "data/rl_test.jsonl"    # prompt/answer JSONL: held-out greedy accuracy (as grpo.py)
     out: str = "runs/sft"                    # run folder: model.pt, metrics.jsonl, args.json
     init: str = ""                           # start from this checkpoint (fresh optimizer, step 0)
     resume: bool = False                     # continue the run saved in --out exactly where it stopped
@@ -48,9 +48,9 @@ class Args:
     dropout: float = 0.0                     # dropout probability (from scratch only)
     batch_size: int = 64                     # sequences per update, over all processes together
     micro_batch: int = 16                    # sequences per forward/backward, length-sorted (0 = whole share)
-    lr: float = 0.0                          # peak learning rate (0 = 3e-3 from scratch, 1e-3 with --init)
+    lr: float = 2e-3                         # peak learning rate, from scratch and when continuing (--init)
     min_lr_ratio: float = 0.1                # the cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 0                    # linear warmup updates (0 = 30 from scratch, 10 with --init)
+    warmup_steps: int = 20                   # linear warmup updates (fresh Adam moments need a few)
     weight_decay: float = 0.1                # AdamW decay on matrices/embeddings, never on norms/biases
     beta1: float = 0.9                       # AdamW beta1
     beta2: float = 0.99                      # AdamW beta2
@@ -61,11 +61,12 @@ class Args:
     eval_minutes: float = 1.0                # training minutes between evals and checkpoints (0 = off)
     eval_every: int = 0                      # updates between evals and checkpoints (0 = off)
     eval_examples: int = 256                 # test_data examples for the eval loss (0 = all)
-    heldout_n: int = 500                     # held-out prompts for accuracy (0 = all)
+    n_eval: int = 500                        # first rows of --eval-data evaluated (0 = all)
     max_new_tokens: int = 128                # generation limit for held-out accuracy (as grpo.py)
     eval_batch: int = 256                    # prompts per generation batch
     log_every: int = 10                      # updates between metric lines
     device: str = "auto"                     # auto|cpu|cuda
+    threads: int = 0                         # torch CPU threads per process (0 = torch's default)
     seed: int = 0                            # seeds the model init, batch order and dropout
 
 
@@ -239,7 +240,7 @@ def eval_loss(model, examples, pad_id, device, batch_size=64):
         total += float(masked_nll(logits, targets.to(device), mask.to(device), n_tokens=1))  # a sum
         count += int(mask.sum())
     model.train(was_training)
-    return total / max(count, 1)
+    return total / count if count else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,16 +283,19 @@ def build_model(args, device):
             fail(f"{'--resume' if args.resume else '--init'}: checkpoint {path} does not exist")
         return M.load(path, device=device)  # a corrupt file: CheckpointError naming the path
     enc = M.get_tokenizer(args.tokenizer)
-    config = M.Config(vocab_size=enc.n_vocab, block_size=args.block_size, n_layer=args.n_layer,
-                      n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd, ffn=args.ffn,
-                      norm=args.norm, pos=args.pos, dropout=args.dropout)
+    try:
+        config = M.Config(vocab_size=enc.n_vocab, block_size=args.block_size, n_layer=args.n_layer,
+                          n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd, ffn=args.ffn,
+                          norm=args.norm, pos=args.pos, dropout=args.dropout)
+    except ValueError as err:  # an impossible combination of model options
+        fail(str(err))
     return M.GPT(config).to(device), enc, None
 
 
-def checkpoint(args, policy, enc, optimizer, step, train_seconds, peak_lr, warmup, results=None):
+def checkpoint(args, policy, enc, optimizer, step, train_seconds, results=None):
     """Atomic save (model.save writes a temporary file, then renames it) of everything --resume needs."""
     M.save(os.path.join(args.out, "model.pt"), policy, enc, optimizer=optimizer.state_dict(), step=step,
-           train_seconds=train_seconds, rng=torch.get_rng_state(), peak_lr=peak_lr, warmup_steps=warmup,
+           train_seconds=train_seconds, rng=torch.get_rng_state(),
            args=asdict(args), results=results or {})
 
 
@@ -313,6 +317,8 @@ def _run(args, rank, world_size):
     main_proc = M.is_main(rank)
     if args.batch_size < world_size:
         fail(f"--batch-size {args.batch_size} is smaller than the {world_size} processes")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = M.get_device(args.device)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -322,9 +328,9 @@ def _run(args, rank, world_size):
     world = (rank, world_size)
     train_rows = load_rows(args.data, ("prompt", "completion"), default="data/sft_train.jsonl", world=world)
     test_rows = load_rows(args.test_data, ("prompt", "completion"), default="data/sft_test.jsonl", world=world)
-    heldout_rows = load_rows(args.heldout, ("prompt", "answer"), default="data/rl_test.jsonl", world=world)
-    if args.heldout_n > 0:
-        heldout_rows = heldout_rows[:args.heldout_n]
+    heldout_rows = load_rows(args.eval_data, ("prompt", "answer"), default="data/rl_test.jsonl", world=world)
+    if args.n_eval > 0:
+        heldout_rows = heldout_rows[:args.n_eval]
     if args.eval_examples > 0:
         test_rows = test_rows[:args.eval_examples]
     policy, enc, ckpt = build_model(args, device)
@@ -340,9 +346,7 @@ def _run(args, rank, world_size):
 
     # -- optimiser and state -------------------------------------------------------------------
     meta = ckpt["meta"] if ckpt is not None else {}
-    peak_lr = args.lr or (meta["peak_lr"] if args.resume else (1e-3 if args.init else 3e-3))
-    warmup = args.warmup_steps or (meta["warmup_steps"] if args.resume else (10 if args.init else 30))
-    optimizer = adamw(policy, peak_lr, args.weight_decay, (args.beta1, args.beta2))
+    optimizer = adamw(policy, args.lr, args.weight_decay, (args.beta1, args.beta2))
     step, train_seconds = 0, 0.0
     if args.resume:
         optimizer.load_state_dict(meta["optimizer"])
@@ -352,21 +356,29 @@ def _run(args, rank, world_size):
         M.save_args(args.out, args)
         start = f"from {args.init}" if args.init else ("resumed at step %d" % step if args.resume else "from scratch")
         print(f"sft: {policy.num_params() / 1e6:.2f}M params {start}, {len(train_examples)} examples, "
-              f"batch {args.batch_size} over {world_size} process(es), peak lr {peak_lr:g}, device {device}, "
+              f"batch {args.batch_size} over {world_size} process(es), peak lr {args.lr:g}, device {device}, "
               f"budget {args.max_steps or '-'} steps / {args.time_budget or '-'} min")
     logger = M.MetricsLogger(args.out, total=args.max_steps or None, enabled=main_proc, append=args.resume,
                              budget_s=None if args.max_steps else 60 * args.time_budget)
 
     def evaluate():
-        """Greedy held-out accuracy (model.evaluate, the protocol every stage reports) and eval loss."""
-        if not main_proc:
-            return {}
-        report = M.evaluate(policy, enc, heldout_rows, args.max_new_tokens, temperature=0.0,
-                            batch_size=args.eval_batch)
-        policy.train()
-        return {"heldout_acc": report["accuracy"], "heldout_se": report["stderr"], "heldout_n": report["n"],
-                "heldout_acc_by_difficulty": report["per_difficulty"], "styles": report["styles"],
-                "eval_loss": eval_loss(policy, test_examples, pad, device) if test_examples else float("nan")}
+        """Rank 0: greedy held-out accuracy (model.evaluate, the protocol every stage reports) and the
+        eval loss; logged as an "eval" row and saved in an atomic checkpoint. Other ranks wait."""
+        results = {}
+        if main_proc:
+            report = M.evaluate(policy, enc, heldout_rows, args.max_new_tokens, temperature=0.0,
+                                batch_size=args.eval_batch)
+            policy.train()
+            results = {"eval_accuracy": report["accuracy"], "eval_stderr": report["stderr"],
+                       "eval_n": report["n"], "per_difficulty": report["per_difficulty"],
+                       "styles": report["styles"], "eval_loss": eval_loss(policy, test_examples, pad, device),
+                       "steps": step, "train_minutes": train_seconds / 60}
+            logger.log(step, kind="eval", train_minutes=train_seconds / 60, eval_accuracy=results["eval_accuracy"],
+                       eval_stderr=results["eval_stderr"], eval_loss=results["eval_loss"])
+            checkpoint(args, policy, enc, optimizer, step, train_seconds, results)
+        if world_size > 1:
+            dist.barrier()
+        return results
 
     # -- the loop ------------------------------------------------------------------------------
     policy.train()
@@ -387,10 +399,12 @@ def _run(args, rank, world_size):
         return float(shared[0]), bool(shared[1])
 
     try:
+        if args.init and (args.eval_minutes > 0 or args.eval_every > 0):
+            evaluate()  # the starting point of a continued run: the first point of its curve
         progress, _ = clock()
         while progress < 1.0:
             t0 = time.perf_counter()
-            lr = lr_at(step, float(progress), peak_lr, warmup, args.min_lr_ratio)
+            lr = lr_at(step, progress, args.lr, args.warmup_steps, args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             indices = batch_indices(len(train_examples), args.batch_size, step, args.seed)
@@ -404,50 +418,36 @@ def _run(args, rank, world_size):
             train_seconds += seconds
             window["loss"] += loss
             window["grad_norm"] += grad_norm
-            window["tokens"] += sum(len(train_examples[i][0]) - 1 for i in indices)
+            window["tokens"] += sum(len(train_examples[i][0]) - 1 for i in indices)  # real tokens, all ranks
             window["seconds"] += seconds
             window["steps"] += 1
             if main_proc and (step % args.log_every == 0 or step == 1):
-                logger.log(step, loss=window["loss"] / window["steps"], lr=lr,
+                logger.log(step, kind="train", loss=window["loss"] / window["steps"], lr=lr,
                            grad_norm=window["grad_norm"] / window["steps"],
                            tokens_per_s=window["tokens"] / max(window["seconds"], 1e-9),
-                           minutes=train_seconds / 60)
+                           train_minutes=train_seconds / 60)
                 window = dict.fromkeys(window, 0)
             progress, eval_due = clock()
             if eval_due and progress < 1.0:  # the final eval follows the loop
                 while next_eval_s <= train_seconds:
                     next_eval_s += 60 * args.eval_minutes
-                if main_proc:
-                    results = evaluate()
-                    logger.log(step, eval_loss=results["eval_loss"], heldout_acc=results["heldout_acc"],
-                               minutes=train_seconds / 60)
-                    checkpoint(args, policy, enc, optimizer, step, train_seconds, peak_lr, warmup, results)
-                if world_size > 1:
-                    dist.barrier()
+                evaluate()
     except KeyboardInterrupt:
         if main_proc:  # the state of the last finished step: weights and optimizer are untouched
-            checkpoint(args, policy, enc, optimizer, step, train_seconds, peak_lr, warmup)
+            checkpoint(args, policy, enc, optimizer, step, train_seconds)
             print(f"interrupted after step {step}; saved {args.out}/model.pt, continue with --resume")
         raise SystemExit(130)
 
-    # -- the end: final eval, checkpoint, report -----------------------------------------------
-    results = {}
+    # -- the end: final eval and checkpoint, the report ----------------------------------------
+    results = evaluate()
     if main_proc:
-        results = evaluate()
-        results.update(steps=step, minutes=train_seconds / 60)
-        checkpoint(args, policy, enc, optimizer, step, train_seconds, peak_lr, warmup, results)
-        logger.log(step, eval_loss=results["eval_loss"], heldout_acc=results["heldout_acc"],
-                   heldout_se=results["heldout_se"], minutes=train_seconds / 60, final=True)
         logger.close()
-        n = results["heldout_n"]
-        print(f"held-out accuracy (greedy, {n} prompts): {100 * results['heldout_acc']:.1f}% "
-              f"+/- {100 * results['heldout_se']:.1f} | eval loss {results['eval_loss']:.4f} | "
-              f"{step} steps in {train_seconds / 60:.1f} min | {args.out}/model.pt")
-        print("  by difficulty: " + "  ".join(f"{d}: {100 * a:.1f}%"
-                                             for d, a in results["heldout_acc_by_difficulty"].items())
+        print(f"held-out accuracy (greedy, {results['eval_n']} prompts of {args.eval_data}): "
+              f"{100 * results['eval_accuracy']:.1f}% +/- {100 * results['eval_stderr']:.1f} | "
+              f"eval loss {results['eval_loss']:.4f} | {step} steps in {train_seconds / 60:.1f} min "
+              f"| {args.out}/model.pt")
+        print("  by difficulty: " + "  ".join(f"{d}: {100 * a:.1f}%" for d, a in results["per_difficulty"].items())
               + " | outputs: " + "  ".join(f"{s} {100 * v:.0f}%" for s, v in results["styles"].items()))
-    if world_size > 1:
-        dist.barrier()
     return results
 
 
