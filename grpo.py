@@ -64,7 +64,7 @@ class Args:
     max_new_tokens: int = 96               # completion length limit; longer ones are truncated
     rewards: str = "correct=1.0"           # weighted reward functions, name=weight: correct, format, overlong
     dynamic_sampling: bool = True          # drop groups whose rewards are all equal (DAPO); refill up to --refill-rounds
-    refill_rounds: int = 1                 # extra sampling rounds to refill dropped groups (0 = just drop)
+    refill_rounds: int = 0                 # extra sampling rounds to refill dropped groups (0 = just drop)
     # loss
     scale: str = "group"                   # advantage scaling: group (GRPO) | batch | none (Dr. GRPO)
     aggregation: str = "dapo"              # grpo (mean per sequence) | dr_grpo (sum / constant) | dapo (token mean)
@@ -89,6 +89,7 @@ class Args:
     compare_ppo: bool = False              # instead: GRPO vs PPO (ppo.py --reward verifier) on the same task and budget
     compare_seeds: str = "0,1,2"           # seeds of the GRPO-vs-PPO comparison
     png: bool = True                       # write a PNG plot when matplotlib is installed
+    threads: int = 0                       # torch CPU threads, passed on to the control too (0 = torch's default)
     device: str = "auto"                   # auto | cpu | cuda
     seed: int = 0                          # seeds sampling, prompt order and (with --fresh-start) the SFT start
 
@@ -349,6 +350,8 @@ def eval_row(model, enc, rows, args, samples: int = 0, seed: int = 0) -> dict:
 
 def train(args) -> dict:
     rank, world, ddp = setup_ddp()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     main_process = rank == 0
     device = get_device(args.device) if not (ddp and torch.cuda.is_available()) else torch.device("cuda", rank)
     weights = parse_reward_weights(args.rewards)
@@ -566,7 +569,7 @@ def run_control(args, minutes: float) -> str:
                "--eval-data", args.eval_data, "--n-eval", str(args.n_eval_during),
                "--eval-minutes", str(args.eval_minutes),
                "--max-new-tokens", str(args.max_new_tokens), "--time-budget", f"{minutes:.4f}",
-               "--out", out, "--seed", str(args.seed), "--device", args.device])
+               "--out", out, "--seed", str(args.seed), "--device", args.device, "--threads", str(args.threads)])
     return os.path.join(out, "model.pt")
 
 
