@@ -54,7 +54,7 @@ class Args:
     sft_test_data: str = "data/sft_test.jsonl"  # demonstrations for the control's eval loss
     out: str = "runs/grpo"                 # run folder: model.pt, metrics.jsonl, summary.json, args.json
     fresh_start: bool = False              # train a new SFT start with --seed into OUT/sft first (multi-seed runs)
-    sft_minutes: float = 4.0               # SFT budget of the start when grpo.py has to train one
+    sft_minutes: float = 5.0               # SFT budget of the start when grpo.py has to train one
     # rollouts
     prompts_per_step: int = 32             # P: prompts per step
     group_size: int = 8                    # G: completions sampled per prompt
@@ -79,7 +79,7 @@ class Args:
     weight_decay: float = 0.0              # AdamW weight decay
     grad_clip: float = 1.0                 # global gradient-norm clip (0 = off)
     # budget and evaluation
-    time_budget: float = 4.0               # minutes of training (generation + updates; evaluation excluded)
+    time_budget: float = 3.0               # minutes of training (generation + updates; evaluation excluded)
     max_steps: int = 0                     # stop after this many steps too (0 = time budget only)
     n_eval: int = 500                      # held-out prompts in the final table
     n_eval_during: int = 200               # held-out prompts in the periodic greedy eval
@@ -373,7 +373,7 @@ def train(args) -> dict:
         if args.fresh_start:
             args.init = os.path.join(args.out, "sft", "model.pt")
             run_stage(["sft.py", "--seed", str(args.seed), "--time-budget", str(args.sft_minutes),
-                       "--out", os.path.dirname(args.init)])
+                       "--out", os.path.dirname(args.init), "--threads", str(args.threads)])
         else:
             ensure_input(args.init, defaults.init, ["sft.py", "--time-budget", str(args.sft_minutes)])
     if ddp:

@@ -57,7 +57,7 @@ class Args:
     grad_clip: float = 1.0                   # clip the global gradient norm to this (0 = off)
     aux_loss_weight: float = 0.01            # weight of the MoE load-balancing loss (ffn=moe only)
     max_steps: int = 0                       # stop after this many updates (0 = no step limit)
-    time_budget: float = 4.0                 # minutes of training, eval excluded (0 = no time limit)
+    time_budget: float = 5.0                 # minutes of training, eval excluded (0 = no time limit)
     eval_minutes: float = 1.0                # training minutes between evals and checkpoints (0 = off)
     eval_every: int = 0                      # updates between evals and checkpoints (0 = off)
     eval_examples: int = 256                 # test_data examples for the eval loss (0 = all)
