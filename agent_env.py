@@ -1,0 +1,763 @@
+"""Multi-turn text environments (tools, partial observability, memory) and multi-turn RL over them.
+
+An agent acts in turns. The environment shows an observation o_0; the policy writes an action a_1 (text
+that ends at a stop string, here a newline); the environment answers with o_1, a reward and `done`; and
+so on until the task is solved, failed or out of turns. The whole episode is ONE token sequence
+
+    tau = o_0 a_1 o_1 a_2 o_2 ... a_K o_K        (each action is conditioned on everything before it)
+
+whose model tokens are trained and whose environment tokens are context only (masked out of the loss).
+The reward R(tau) comes at the end of the episode; every action token of tau shares it. With G rollouts
+from the same initial state (the same environment seed), the group-relative advantage and clipped loss:
+
+    A_i   = R_i - mean_j R_j          (GRPO, Shao et al. 2024, without the / std_j R_j: Liu et al. 2025)
+    L     = -1/N sum_i sum_{t in actions(tau_i)} min(rho_t A_i, clip(rho_t, 1 - e, 1 + e) A_i)
+    rho_t = pi_theta(x_t | x_<t) / pi_old(x_t | x_<t),   N = action tokens in the whole batch
+
+How this differs from grpo.py (single-turn GRPO on `#### answer` prompts): the "completion" is a whole
+episode of interleaved model and environment text, so the loss mask has holes (every observation is a
+gap); the sampled tokens are stitched back into the transcript as ids (never re-tokenised from text, so
+the trained tokens are exactly the sampled ones); the group shares an environment seed instead of a
+prompt; the reward is delayed (it scores the episode, not a completion) and a malformed action is just a
+wasted turn. The advantage is not divided by the group's std by default (--scale-by-std restores it):
+returns that differ only by the turn discount would otherwise give a lucky guess a full-size advantage.
+It is compact on purpose: no reference model or KL penalty, no value head, and by default one update per
+batch of rollouts (on-policy, so rho = 1 and the clip is idle; --updates-per-batch > 1 makes it bite).
+Groups whose G returns are all equal (A = 0) add nothing to the gradient; they are skipped in the update
+and counted (`zero_adv_groups`): a task the warm start never solves gives GRPO nothing to learn from.
+
+Environments, Gymnasium-style (Towers et al. 2024): reset(seed) -> observation; step(action_text) ->
+(observation, reward, done, info); a turn limit; an action ends at the stop string "\\n". A malformed
+action (no stop string, too long, garbage) costs a turn and gets an `error: ...` observation; acting
+after `done` raises.
+    calc     tool use (Toolformer, Schick et al. 2023; ReAct, Yao et al. 2023): "47*38=?" ->
+             <calc>47*38</calc> -> <result>1786</result> -> <answer>1786</answer>; the calculator
+             walks the `ast` with bounded sizes (model.arith) and never calls eval.
+    guess    partial observability, delayed reward: a hidden number in 1..N, feedback higher/lower;
+             reward 0.9^(turns-1) on success only. Bisection needs at most ceil(log2(N+1)) guesses.
+    keydoor  memory: the door's code is shown once, in the first observation; the agent walks east down
+             an unseen corridor and must recall the code turns later at the door.
+Scripted experts (acting only on what they observe) give a behaviour-cloning warm start and the upper
+bound; a uniformly random policy gives the lower bound.
+
+    python agent_env.py                        # BC warm start, RL, table on held-out seeds (~2.5 min on CPU)
+    python agent_env.py --envs keydoor --rl-steps 100
+    python agent_env.py --init runs/sft/model.pt  # warm-start from a checkpoint (byte tokenizer), then BC
+"""
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import model as M
+
+
+@dataclass
+class Args:
+    envs: str = "calc,guess,keydoor"  # comma-separated environments to train on and report (calc|guess|keydoor)
+    out: str = "runs/agent"           # run folder: model.pt, warm_start.pt, metrics.jsonl, results.json, args.json
+    init: str = ""                    # start from this checkpoint (e.g. runs/sft/model.pt); "" = a new model
+    n_layer: int = 2                  # transformer blocks (new model only)
+    n_head: int = 4                   # attention heads (new model only)
+    n_embd: int = 128                 # model width (new model only)
+    bc_episodes: int = 400            # expert episodes per environment for behaviour cloning
+    bc_steps: int = 150               # behaviour-cloning updates (0 = no warm start)
+    bc_batch: int = 32                # expert trajectories per BC update
+    bc_lr: float = 3e-3               # peak BC learning rate (linear warmup, cosine decay)
+    rl_steps: int = 40                # RL updates
+    states_per_step: int = 16         # initial states (env seeds) per environment per RL step
+    group_size: int = 4               # G: rollouts per initial state
+    rl_lr: float = 3e-4               # RL learning rate (after a linear warmup)
+    rl_warmup: int = 5                # RL steps of linear lr warmup (a fresh Adam's first steps are sign-like)
+    scale_by_std: bool = False        # divide advantages by the group's reward std (GRPO) or not (Dr. GRPO)
+    clip_eps: float = 0.2             # clip range of the importance ratio
+    updates_per_batch: int = 1        # gradient steps on each batch of rollouts
+    micro_batch: int = 32             # trajectories per forward/backward (sorted by length; same gradient)
+    temperature: float = 1.0          # sampling temperature of rollouts, and of the ratio's log-probs
+    max_action_tokens: int = 24       # tokens the model may write per turn before it is cut off
+    grad_clip: float = 1.0            # clip the global gradient norm (0 = off)
+    eval_episodes: int = 200          # held-out seeds per environment in the final table
+    eval_every: int = 20              # RL steps between held-out evals (0 = only at the end)
+    log_every: int = 10               # steps between progress lines
+    device: str = "auto"              # auto|cpu|cuda
+    seed: int = 0                     # seeds the model, the training env seeds and the sampling
+
+
+HELDOUT_SEED = 1_000_000   # held-out episodes use env seeds HELDOUT_SEED + i; training seeds are below it
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The environment interface: Gymnasium's reset/step, for text
+# ---------------------------------------------------------------------------------------------
+
+def split_action(text: str, stop: str, max_chars: int):
+    """Where an action ends: at the first stop string. -> (action without the stop, None) or (None, reason).
+
+    Malformed: no stop string (the model was cut off), text after the stop string, longer than max_chars."""
+    if not isinstance(text, str):
+        return None, "an action is text"
+    at = text.find(stop)
+    if at < 0:
+        return None, "no stop string"
+    if at + len(stop) != len(text):
+        return None, "text after the stop string"
+    if at > max_chars:
+        return None, "too long"
+    return text[:at], None
+
+
+class TextEnv:
+    """A text environment. Subclasses write _reset(rng) -> first observation and
+    _step(action) -> (observation, reward, done, success, error-or-None), and the
+    expert/random policies. The base class owns turns, the stop rule and malformed actions."""
+
+    name = "base"
+    stop = "\n"               # an action ends here (the model's generation stops at this token)
+    max_turns = 4             # the episode ends (truncated) after this many actions
+    max_action_chars = 40     # longer actions are malformed
+
+    def __init__(self, max_turns: int | None = None):
+        if max_turns is not None:
+            self.max_turns = max_turns
+        self.turn, self.done = 0, True
+
+    def reset(self, seed: int) -> str:
+        """Start an episode; the same seed gives the same hidden state. -> the first observation."""
+        self.rng = random.Random(f"{self.name}:{seed}")
+        self.turn, self.done = 0, False
+        return self._reset(self.rng)
+
+    def step(self, action_text: str):
+        """-> (observation, reward, done, info); info: turn, success, truncated, error (None or the reason)."""
+        if self.done:
+            raise RuntimeError(f"{self.name}: the episode is over (done=True); call reset(seed) before step()")
+        self.turn += 1
+        action, error = split_action(action_text, self.stop, self.max_action_chars)
+        if error is None:
+            observation, reward, done, success, error = self._step(action)
+        else:   # malformed: an error observation and a used turn, never a crash
+            cut = isinstance(action_text, str) and not action_text.endswith(self.stop)
+            observation, reward, done, success = ("\n" if cut else "") + f"error: {error}\n", 0.0, False, False
+        truncated = not done and self.turn >= self.max_turns
+        self.done = done or truncated
+        return observation, reward, self.done, {"turn": self.turn, "success": success,
+                                                "truncated": truncated, "error": error}
+
+    # -- what each environment defines --
+    def _reset(self, rng) -> str:
+        raise NotImplementedError
+
+    def _step(self, action: str):
+        raise NotImplementedError
+
+    @staticmethod
+    def expert(observations: list[str], actions: list[str]) -> str:
+        """The scripted expert's next action, from what it has seen (never the hidden state)."""
+        raise NotImplementedError
+
+    def random_action(self, rng) -> str:
+        """The random policy: one well-formed action, uniformly from the environment's action set."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Tool use: a calculator called with <calc>expr</calc>
+# ---------------------------------------------------------------------------------------------
+
+def format_number(value) -> str:
+    """Integers as digits, floats by repr (shortest text that reads back as the same float)."""
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def calculator(expression: str) -> str:
+    """The tool. Numbers, + - * / // % ** and parentheses, evaluated by walking the `ast` with bounded
+    sizes (model.arith: <= 200 characters, nesting <= 32, |values| <= 1e60, exponents checked BEFORE
+    computing, so 9**9**9 is refused at once). Never eval. -> the value as text, or 'error: <why>'."""
+    try:
+        value = M.arith(expression)
+        if isinstance(value, complex):           # (-8)**0.5: arith returns complex; not a calculator answer
+            raise ValueError("complex result")
+    except Exception as e:                       # any failure of the tool is an observation, never a crash
+        return "error: " + (str(e).split(" (")[0] or type(e).__name__)
+    return format_number(value)
+
+
+class CalculatorEnv(TextEnv):
+    """'47*38=?' (a, b in 32..99: the product always has 4 digits). Actions:
+    <calc>expr</calc> -> <result>value</result> (the episode goes on); <answer>n</answer> ends it,
+    reward 1 if n is the answer. A tiny model cannot multiply in its head: it must use the tool."""
+
+    name = "calc"
+    max_turns = 4
+    CALL = re.compile(r"<calc>(.*)</calc>")
+    ANSWER = re.compile(r"<answer>(-?\d+)</answer>")
+
+    def _reset(self, rng):
+        a, b = rng.randint(32, 99), rng.randint(32, 99)
+        self.expression, self.answer = f"{a}*{b}", a * b
+        return f"{self.expression}=?\n"
+
+    def _step(self, action):
+        if m := self.CALL.fullmatch(action):
+            return f"<result>{calculator(m.group(1))}</result>\n", 0.0, False, False, None
+        if m := self.ANSWER.fullmatch(action):
+            success = int(m.group(1)) == self.answer
+            return ("correct\n" if success else "wrong\n"), float(success), True, success, None
+        return "error: not calc or answer\n", 0.0, False, False, "not <calc>expr</calc> or <answer>n</answer>"
+
+    @staticmethod
+    def expert(observations, actions):
+        """Send the question to the calculator, then answer with its result."""
+        result = re.fullmatch(r"<result>(-?\d+)</result>\n", observations[-1])
+        if result:
+            return f"<answer>{result.group(1)}</answer>\n"
+        expression = observations[0].removesuffix("=?\n")
+        return f"<calc>{expression}</calc>\n"
+
+    def random_action(self, rng):   # a random 4-digit answer: success probability 1/9000
+        return f"<answer>{rng.randint(1000, 9999)}</answer>\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Partial observability, delayed reward: guess the hidden number from higher/lower
+# ---------------------------------------------------------------------------------------------
+
+class GuessNumberEnv(TextEnv):
+    """A hidden number x in 1..N; the agent says a number each turn and hears 'higher', 'lower' or
+    'correct'. Reward gamma^(turns-1) on success, 0 otherwise (delayed: nothing until the end).
+    The state (the interval still possible) is never shown: it lives in the transcript."""
+
+    name = "guess"
+    max_turns = 6
+    discount = 0.9
+
+    def __init__(self, n: int = 15, max_turns: int | None = None):
+        super().__init__(max_turns)
+        self.n = n
+
+    def _reset(self, rng):
+        self.secret = rng.randint(1, self.n)
+        return f"guess 1-{self.n}\n"
+
+    def _step(self, action):
+        if not re.fullmatch(r"\d{1,4}", action) or not 1 <= int(action) <= self.n:
+            return f"error: not 1-{self.n}\n", 0.0, False, False, f"not a number from 1 to {self.n}"
+        guess = int(action)
+        if guess == self.secret:
+            return "correct\n", self.discount ** (self.turn - 1), True, True, None
+        return ("higher\n" if self.secret > guess else "lower\n"), 0.0, False, False, None
+
+    @staticmethod
+    def expert(observations, actions):
+        """Bisection: guess the middle of the interval the feedback so far allows."""
+        low, high = 1, int(re.fullmatch(r"guess 1-(\d+)\n", observations[0]).group(1))
+        for action, feedback in zip(actions, observations[1:]):
+            guess = int(action.strip())
+            if feedback == "higher\n":
+                low = max(low, guess + 1)
+            elif feedback == "lower\n":
+                high = min(high, guess - 1)
+        return f"{(low + high) // 2}\n"
+
+    def random_action(self, rng):   # uniform over 1..N, independently each turn
+        return f"{rng.randint(1, self.n)}\n"
+
+
+def bisection_turns_bound(n: int) -> int:
+    """Worst case of bisection over 1..n: k guesses cover 2^k - 1 numbers, so ceil(log2(n + 1))
+    (= ceil(log2 n) unless n is a power of two)."""
+    return math.ceil(math.log2(n + 1))
+
+
+def random_guess_success(n: int, turns: int) -> float:
+    """P(a uniform guess per turn finds x within `turns` turns) = 1 - (1 - 1/n)^turns."""
+    return 1.0 - (1.0 - 1.0 / n) ** turns
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Memory across turns: the door's code is shown once, the door is turns away
+# ---------------------------------------------------------------------------------------------
+
+class KeyDoorEnv(TextEnv):
+    """A corridor: cells 0..D (D in 1..max_distance, not shown), the agent at 0, a locked door at D.
+    The first observation is a note with the code (a digit), shown once. Actions: 'east', 'west',
+    'enter <digit>'. Each observation shows only the current cell: 'hall', 'door', 'wall'. Entering
+    the right code at the door opens it (reward 1); a wrong code sounds the alarm (episode over, 0);
+    'enter' away from the door wastes the turn. Solving it means recalling the code D turns later."""
+
+    name = "keydoor"
+    max_turns = 6
+
+    def __init__(self, max_distance: int = 3, max_turns: int | None = None):
+        super().__init__(max_turns)
+        self.max_distance = max_distance
+
+    def _reset(self, rng):
+        self.code, self.distance, self.position = rng.randint(0, 9), rng.randint(1, self.max_distance), 0
+        return f"note: code {self.code}\n"
+
+    def _step(self, action):
+        if action in ("east", "west"):
+            move = 1 if action == "east" else -1
+            if not 0 <= self.position + move <= self.distance:
+                return "wall\n", 0.0, False, False, None
+            self.position += move
+            return ("door\n" if self.position == self.distance else "hall\n"), 0.0, False, False, None
+        if m := re.fullmatch(r"enter (\d)", action):
+            if self.position != self.distance:
+                return "no door here\n", 0.0, False, False, None
+            success = int(m.group(1)) == self.code
+            return ("open\n" if success else "alarm\n"), float(success), True, success, None
+        return "error: not an action\n", 0.0, False, False, "not east, west or enter <digit>"
+
+    @staticmethod
+    def expert(observations, actions):
+        """Walk east until the door, then enter the code read in the first observation."""
+        if observations[-1] != "door\n":
+            return "east\n"
+        code = re.fullmatch(r"note: code (\d)\n", observations[0]).group(1)
+        return f"enter {code}\n"
+
+    def random_action(self, rng):   # uniform over the 12 actions
+        return rng.choice(["east\n", "west\n"] + [f"enter {d}\n" for d in range(10)])
+
+
+ENVS = {"calc": CalculatorEnv, "guess": GuessNumberEnv, "keydoor": KeyDoorEnv}
+
+
+def make_env(name: str) -> TextEnv:
+    if name not in ENVS:
+        raise M.UserError(f"--envs: unknown environment {name!r}; choose from {', '.join(ENVS)}")
+    return ENVS[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Scripted policies: episodes as text
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Episode:
+    observations: list   # o_0 .. o_K
+    actions: list        # a_1 .. a_K
+    reward: float        # the episode's return (rewards summed; here only the last one is non-zero)
+    success: bool
+    turns: int
+
+
+def play(env: TextEnv, policy, seed: int) -> Episode:
+    """Run one episode of a text policy(observations, actions) -> action."""
+    observations, actions, reward = [env.reset(seed)], [], 0.0
+    while True:
+        actions.append(policy(observations, actions))
+        observation, r, done, info = env.step(actions[-1])
+        observations.append(observation)
+        reward += r
+        if done:
+            return Episode(observations, actions, reward, info["success"], info["turn"])
+
+
+def random_policy(env: TextEnv, rng):
+    return lambda observations, actions: env.random_action(rng)
+
+
+def evaluate_policy(name: str, make_policy, seeds) -> dict:
+    """Success rate, mean turns and mean reward of a scripted policy over the given env seeds."""
+    env = make_env(name)
+    policy = make_policy(env)
+    episodes = [play(env, policy, s) for s in seeds]
+    return summarize([(e.success, e.turns, e.reward) for e in episodes])
+
+
+def summarize(results) -> dict:
+    n = len(results)
+    return {"success": sum(r[0] for r in results) / n, "turns": sum(r[1] for r in results) / n,
+            "reward": sum(r[2] for r in results) / n, "n": n}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Trajectories: one token sequence per episode, model tokens marked
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Trajectory:
+    env: str
+    seed: int
+    tokens: list                 # o_0 a_1 o_1 ... as token ids
+    is_action: list              # True where the model wrote the token (trained), False for the environment's
+    logprobs: list               # log-prob of each action token under the sampling policy (0 elsewhere)
+    reward: float = 0.0
+    success: bool = False
+    turns: int = 0
+
+    def append(self, ids, is_action: bool, logprobs=None):
+        self.tokens += ids
+        self.is_action += [is_action] * len(ids)
+        self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+
+
+def stop_token(enc) -> int:
+    ids = M.encode(enc, TextEnv.stop)
+    if len(ids) != 1:
+        raise M.UserError(f"the stop string {TextEnv.stop!r} must be one token in tokenizer {enc.name!r}")
+    return ids[0]
+
+
+def episode_trajectory(enc, name: str, seed: int, episode: Episode) -> Trajectory:
+    """A scripted episode as tokens (behaviour-cloning data): the same layout the model's rollouts have."""
+    traj = Trajectory(name, seed, [], [], [], episode.reward, episode.success, episode.turns)
+    traj.append(M.encode(enc, episode.observations[0]), False)
+    for action, observation in zip(episode.actions, episode.observations[1:]):
+        traj.append(M.encode(enc, action), True)
+        traj.append(M.encode(enc, observation), False)
+    return traj
+
+
+@torch.no_grad()
+def rollout(model, enc, envs, seeds, temperature=1.0, max_action_tokens=24, generator=None) -> list:
+    """Play len(envs) episodes at once with model.generate (KV cache within a turn; each turn re-reads
+    the transcript). Each turn, every unfinished episode's transcript is a prompt; the model writes up to
+    max_action_tokens, stopping at the stop token; its sampled ids and their sampling log-probs are
+    appended as they are (no decode/encode round trip), then the environment's reply as encoded text."""
+    stop, pad = stop_token(enc), M.pad_id(enc)
+    trajs = []
+    for env, seed in zip(envs, seeds):
+        traj = Trajectory(env.name, seed, [], [], [])
+        traj.append(M.encode(enc, env.reset(seed)), False)
+        trajs.append(traj)
+    active = list(range(len(envs)))
+    while active:
+        gen = M.generate(model, [trajs[i].tokens for i in active], max_action_tokens, temperature=temperature,
+                         stop_ids=(stop,), pad_id=pad, generator=generator)
+        still = []
+        for row, i in enumerate(active):
+            ids = gen.tokens[row].tolist()
+            n = ids.index(stop) + 1 if bool(gen.finished[row]) else len(ids)   # a sampled pad id is a token too
+            trajs[i].append(ids[:n], True, gen.logprobs[row, :n].tolist())
+            observation, reward, done, info = envs[i].step(enc.decode(ids[:n]))
+            trajs[i].append(M.encode(enc, observation), False)
+            trajs[i].reward += reward
+            if done:
+                trajs[i].success, trajs[i].turns = info["success"], info["turn"]
+            else:
+                still.append(i)
+        active = still
+    return trajs
+
+
+def collate(trajs, pad_id: int, device=None):
+    """Right-pad trajectories -> tokens (B, T), action_mask (B, T-1), old_logprobs (B, T-1).
+
+    Column t of the (B, T-1) tensors is about predicting token t+1 (token_logprobs' layout), so
+    action_mask[b, t] = is_action[b][t+1]: environment tokens and padding are never targets."""
+    tokens, _ = M.padded_batch([t.tokens for t in trajs], pad_id, side="right", device=device)   # (B, T)
+    B, T = tokens.shape
+    is_action = torch.zeros(B, T, dtype=torch.bool)
+    old = torch.zeros(B, T)
+    for b, t in enumerate(trajs):
+        is_action[b, :len(t.tokens)] = torch.tensor(t.is_action, dtype=torch.bool)
+        old[b, :len(t.tokens)] = torch.tensor(t.logprobs, dtype=torch.float32)
+    return tokens, is_action[:, 1:].to(device), old[:, 1:].to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The math: behaviour cloning, group advantages, the trajectory-level clipped loss
+# ---------------------------------------------------------------------------------------------
+
+def bc_loss(logprobs, action_mask):
+    """Behaviour cloning = SFT on the expert's action tokens only:
+        L = -1/N sum_{b,t} m_{b,t} log pi(x_{b,t+1} | x_{b,<=t}),   N = sum m.     (B, T-1) -> scalar"""
+    return -(logprobs * action_mask).sum() / action_mask.sum().clamp(min=1)
+
+
+def group_advantages(rewards, scale_by_std: bool = False, eps: float = 1e-6):
+    """Each rollout against the others from the same initial state p:
+
+        A_{p,i} = R_{p,i} - mean_j R_{p,j}                      (default; Dr. GRPO, Liu et al. 2025)
+        A_{p,i} = (R_{p,i} - mean_j R_{p,j}) / (std_j R_{p,j} + eps)   (scale_by_std: GRPO, population std)
+
+    A group whose rollouts all score alike gets 0. Dividing by the std would blow up groups whose returns
+    differ only by the turn discount (a lucky guess would get a full-size advantage).  (P, G) -> (P, G)"""
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if not scale_by_std:
+        return centred
+    return centred / (rewards.std(-1, unbiased=False, keepdim=True) + eps)
+
+
+def agent_grpo_loss(logprobs, old_logprobs, advantages, action_mask, clip_eps: float = 0.2, n_tokens=None):
+    """Clipped surrogate over whole trajectories, every action token carrying its trajectory's advantage:
+
+        rho_t = exp(log pi_theta - log pi_old)
+        L     = -1/N sum_{b,t} m_{b,t} min(rho_t A_b, clip(rho_t, 1 - eps, 1 + eps) A_b)
+
+    logprobs, old_logprobs (B, T-1), advantages (B,), action_mask (B, T-1) bool (False at environment
+    tokens and padding, so they add nothing to the loss and get no gradient). N = n_tokens, the action
+    tokens of the WHOLE batch when this is one micro-batch of several (else mask.sum()), so the summed
+    micro-batch gradients equal the whole batch's. -> (loss, stats); stats are sums / N too (add them up)."""
+    mask = action_mask.float()
+    n = mask.sum().clamp(min=1) if n_tokens is None else n_tokens
+    log_ratio = torch.where(action_mask, logprobs - old_logprobs, 0.0)    # 0 off the actions (never nan)
+    ratio = log_ratio.exp()                                               # (B, T-1)
+    adv = advantages[:, None]                                             # (B, 1)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    loss = -(surrogate * mask).sum() / n
+    with torch.no_grad():
+        clipped = ((ratio - 1).abs() > clip_eps).float()
+        stats = {"clipfrac": float((clipped * mask).sum() / n),
+                 "approx_kl": float((((ratio - 1) - log_ratio) * mask).sum() / n)}   # k3 estimate
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The loops: behaviour cloning, RL, held-out evaluation
+# ---------------------------------------------------------------------------------------------
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup then cosine decay to peak * min_ratio."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    progress = min(step / max(1, total), 1.0)
+    return peak * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def new_model(args, enc, device):
+    cfg = M.Config(vocab_size=enc.n_vocab, block_size=512, n_layer=args.n_layer, n_head=args.n_head,
+                   n_kv_head=args.n_head, n_embd=args.n_embd)
+    return M.GPT(cfg).to(device)
+
+
+def expert_trajectories(enc, names, n_per_env: int, rng) -> list:
+    """Behaviour-cloning data: the scripted expert's episodes on training seeds (< HELDOUT_SEED)."""
+    trajs = []
+    for name in names:
+        env = make_env(name)
+        for _ in range(n_per_env):
+            seed = rng.randrange(HELDOUT_SEED)
+            trajs.append(episode_trajectory(enc, name, seed, play(env, env.expert, seed)))
+    return trajs
+
+
+def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, logger=None, grad_clip=1.0):
+    """Warm start: minimise bc_loss on random batches of expert trajectories. -> last loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    generator = torch.Generator().manual_seed(seed)
+    pad, loss_value = M.pad_id(enc), float("nan")
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 10))
+        batch = [trajs[i] for i in torch.randint(len(trajs), (batch_size,), generator=generator).tolist()]
+        tokens, mask, _ = collate(batch, pad, device)
+        with M.autocast(device):
+            logprobs = M.token_logprobs(model, tokens)                       # (B, T-1)
+        loss = bc_loss(logprobs, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        loss_value = loss.item()
+        if logger is not None and ((step + 1) % max(1, steps // 10) == 0 or step == 0):
+            logger.log(step + 1, kind="bc", bc_loss=loss_value)
+    return loss_value
+
+
+def rl_step(model, optimizer, enc, names, rng, args, device, generator=None) -> dict:
+    """One GRPO-style update: P initial states per environment, G rollouts each, advantages within
+    each group, `updates_per_batch` gradient steps on agent_grpo_loss. The batch goes through in
+    micro-batches of similar length (sorted), so short episodes are not padded to the longest one;
+    the loss is normalised by the whole batch's action tokens, so the gradient is the same. -> metrics"""
+    t0 = time.perf_counter()
+    envs, seeds = [], []
+    for name in names:
+        for _ in range(args.states_per_step):
+            seed = rng.randrange(HELDOUT_SEED)
+            envs += [make_env(name) for _ in range(args.group_size)]
+            seeds += [seed] * args.group_size
+    trajs = rollout(model, enc, envs, seeds, args.temperature, args.max_action_tokens, generator)
+    t1 = time.perf_counter()
+    rewards = torch.tensor([t.reward for t in trajs]).view(-1, args.group_size)      # (P, G)
+    advantages = group_advantages(rewards, args.scale_by_std).flatten().to(device)   # (P*G,)
+    # A group whose rollouts all scored the same has A = 0 everywhere: its tokens count in N (the
+    # token mean of GRPO) but add exactly nothing to the gradient, so they skip the forward pass.
+    n_tokens = sum(sum(t.is_action) for t in trajs)
+    live = [i for i in range(len(trajs)) if float(advantages[i]) != 0.0]
+    order = sorted(live, key=lambda i: len(trajs[i].tokens))
+    chunks = []
+    for start in range(0, len(order), args.micro_batch):
+        index = order[start:start + args.micro_batch]
+        tokens, mask, old = collate([trajs[i] for i in index], M.pad_id(enc), device)
+        if device.type == "cuda":   # bf16: the old log-probs come from the training forward, not the sampler
+            with torch.no_grad(), M.autocast(device):
+                old = M.token_logprobs(model, tokens, args.temperature)
+        chunks.append((tokens, mask, old, advantages[index]))
+    model.train()
+    grad_norm, loss_sum, stats = 0.0, 0.0, {"clipfrac": 0.0, "approx_kl": 0.0}
+    for _ in range(args.updates_per_batch if chunks else 0):
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, stats = 0.0, {"clipfrac": 0.0, "approx_kl": 0.0}
+        for tokens, mask, old, adv in chunks:
+            with M.autocast(device):
+                logprobs = M.token_logprobs(model, tokens, args.temperature)        # (b, T-1)
+            loss, chunk_stats = agent_grpo_loss(logprobs, old, adv, mask, args.clip_eps, n_tokens)
+            loss.backward()
+            loss_sum += loss.item()
+            stats = {k: stats[k] + chunk_stats[k] for k in stats}
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+    per_env = args.states_per_step * args.group_size
+    return {"loss": loss_sum, "grad_norm": float(grad_norm), **stats, "reward": float(rewards.mean()),
+            "zero_adv_groups": float((rewards.std(-1) == 0).float().mean()),
+            "success": sum(t.success for t in trajs) / len(trajs), "turns": sum(t.turns for t in trajs) / len(trajs),
+            "action_tokens": n_tokens, "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
+            **{f"success_{n}": sum(t.success for t in trajs if t.env == n) / per_env for n in names}}
+
+
+def evaluate_model(model, enc, name, seeds, max_action_tokens=24, temperature=0.0, generator=None) -> dict:
+    """Held-out success rate and mean turns of the model: greedy (temperature 0), or sampled from the
+    policy RL trains (temperature 1), whose expected return is what RL maximises."""
+    trajs = rollout(model, enc, [make_env(name) for _ in seeds], list(seeds), temperature, max_action_tokens,
+                    generator)
+    return summarize([(t.success, t.turns, t.reward) for t in trajs])
+
+
+def evaluate_both(model, enc, names, seeds, args, device) -> dict:
+    """{"greedy": {env: summary}, "sampled": {env: summary}}; the sampled eval always uses the same generator
+    seed, so two models are compared on common random numbers."""
+    generator = torch.Generator(device).manual_seed(args.seed + 12345)
+    return {"greedy": {n: evaluate_model(model, enc, n, seeds, args.max_action_tokens) for n in names},
+            "sampled": {n: evaluate_model(model, enc, n, seeds, args.max_action_tokens, args.temperature, generator)
+                        for n in names}}
+
+
+def format_table(rows: dict, names) -> str:
+    """rows: {policy: {env: {"success", "turns"}}} -> a text table."""
+    head = f"{'policy':<20}" + "".join(f"{name + ' success':>17}{'turns':>7}" for name in names)
+    lines = [head, "-" * len(head)]
+    for policy, by_env in rows.items():
+        lines.append(f"{policy:<20}" + "".join(f"{by_env[n]['success']:>17.3f}{by_env[n]['turns']:>7.2f}"
+                                               for n in names))
+    return "\n".join(lines)
+
+
+def write_json(path, obj):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def check_args(args):
+    names = [n.strip() for n in args.envs.split(",") if n.strip()]
+    if not names:
+        raise M.UserError("--envs: name at least one environment")
+    for name in names:
+        make_env(name)
+    for flag in ("group_size", "states_per_step", "eval_episodes", "max_action_tokens", "bc_batch", "updates_per_batch",
+                 "micro_batch"):
+        if getattr(args, flag) < 1:
+            raise M.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.group_size < 2:
+        raise M.UserError(f"--group-size must be >= 2 (advantages compare rollouts), got {args.group_size}")
+    if args.temperature <= 0:
+        raise M.UserError(f"--temperature must be > 0 for RL (the ratio needs a sampling distribution)")
+    if args.init and not os.path.isfile(args.init):
+        raise M.UserError(f"--init: checkpoint {args.init} does not exist")
+    return names
+
+
+def run(args) -> dict:
+    """Warm start, RL, the table. Returns the results dict (also written to <out>/results.json)."""
+    names = check_args(args)
+    device = M.get_device(args.device)
+    M.seed_everything(args.seed)
+    if args.init:
+        model, enc, _ = M.load(args.init, device=device)
+    else:
+        enc = M.get_tokenizer("bytes")
+        model = new_model(args, enc, device)
+    stop_token(enc)
+    M.save_args(args.out, args)
+    logger = M.MetricsLogger(args.out, total=args.bc_steps or None)
+    rng = random.Random(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    heldout = range(HELDOUT_SEED, HELDOUT_SEED + args.eval_episodes)
+    print(f"agent_env: {', '.join(names)} | model {model.num_params() / 1e6:.2f}M params "
+          f"({'from ' + args.init if args.init else 'new'}) | device {device}")
+
+    t0 = time.perf_counter()
+    if args.bc_steps > 0:
+        demos = expert_trajectories(enc, names, args.bc_episodes, rng)
+        print(f"behaviour cloning: {len(demos)} expert episodes, {args.bc_steps} steps of {args.bc_batch}")
+        behaviour_cloning(model, enc, demos, args.bc_steps, args.bc_batch, args.bc_lr, device, args.seed, logger,
+                          args.grad_clip)
+    bc_s = time.perf_counter() - t0
+    M.save(os.path.join(args.out, "warm_start.pt"), model, enc, args=asdict(args))
+    warm = evaluate_both(model, enc, names, heldout, args, device)
+    logger.close()
+    logger = M.MetricsLogger(args.out, total=args.rl_steps or None, append=True)   # RL's own ETA
+
+    def log_eval(step, ev, **extra):
+        logger.log(step, kind="eval", **extra, **{f"eval_{how}_{n}": ev[how][n]["success"]
+                                                  for how in ev for n in names})
+    log_eval(0, warm)
+
+    episodes_per_step = len(names) * args.states_per_step * args.group_size
+    print(f"RL: {args.rl_steps} steps x {episodes_per_step} episodes ({args.states_per_step} states x "
+          f"{args.group_size} rollouts x {len(names)} envs), lr {args.rl_lr:g}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.rl_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    t0 = time.perf_counter()
+    for step in range(1, args.rl_steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = args.rl_lr * min(1.0, step / max(1, args.rl_warmup))
+        metrics = rl_step(model, optimizer, enc, names, rng, args, device, generator)
+        logger.log(step, echo=step % args.log_every == 0 or step == 1, kind="rl", **metrics)
+        if args.eval_every and step % args.eval_every == 0 and step < args.rl_steps:
+            log_eval(step, evaluate_both(model, enc, names, heldout, args, device))
+    rl_s = time.perf_counter() - t0
+    trained = evaluate_both(model, enc, names, heldout, args, device)
+    log_eval(args.rl_steps, trained, final=True)
+
+    policy_rng = random.Random(args.seed + 1)
+    table = {"random": {n: evaluate_policy(n, lambda env: random_policy(env, policy_rng), heldout) for n in names},
+             "warm start (greedy)": warm["greedy"], f"warm start (T={args.temperature:g})": warm["sampled"],
+             "RL (greedy)": trained["greedy"], f"RL (T={args.temperature:g})": trained["sampled"],
+             "expert": {n: evaluate_policy(n, lambda env: env.expert, heldout) for n in names}}
+    results = {"table": table, "bc_seconds": bc_s, "rl_seconds": rl_s, "params": model.num_params(),
+               "heldout_seeds": [HELDOUT_SEED, HELDOUT_SEED + args.eval_episodes]}
+    M.save(os.path.join(args.out, "model.pt"), model, enc, args=asdict(args), results=results)
+    write_json(os.path.join(args.out, "results.json"), results)
+    logger.close()
+
+    print(f"\nheld-out env seeds ({args.eval_episodes} per environment); BC {bc_s:.0f} s, RL {rl_s:.0f} s:")
+    print(format_table(table, names))
+    example = rollout(model, enc, [make_env(names[-1])], [HELDOUT_SEED], 0.0, args.max_action_tokens)[0]
+    print(f"\nan RL-trained greedy episode ({names[-1]}, seed {HELDOUT_SEED}; environment text in [brackets]):")
+    print(transcript(enc, example))
+    print(f"saved {args.out}/model.pt, warm_start.pt, metrics.jsonl, results.json, args.json")
+    return results
+
+
+def transcript(enc, traj: Trajectory) -> str:
+    """The episode as text, environment turns in [brackets]."""
+    parts, start = [], 0
+    for i in range(1, len(traj.tokens) + 1):
+        if i == len(traj.tokens) or traj.is_action[i] != traj.is_action[start]:
+            text = enc.decode(traj.tokens[start:i])
+            if not traj.is_action[start]:   # an observation after a cut-off action starts with the newline
+                text = ("\n" if text.startswith("\n") else "") + "[" + text.strip("\n") + "]\n"
+            parts.append(text)
+            start = i
+    return "".join(parts).rstrip("\n")
+
+
+def main(argv=None):
+    return run(M.parse_args(Args, argv))
+
+
+if __name__ == "__main__":
+    M.cli(main)

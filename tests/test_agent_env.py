@@ -1,0 +1,502 @@
+"""agent_env.py: the text-env interface, the three environments, experts and random policies, the
+calculator, trajectory masking, the trajectory-level loss, and the end-to-end run.
+
+Independent references: replaying the same actions (determinism), the information bound of bisection
+(k guesses separate at most 2^k - 1 numbers), the closed form 1 - (1 - 1/N)^K for random guessing, an
+exact dynamic program over the key-and-door Markov chain for its random policy, Python's own operators
+on an expression tree built beside its text (calculator), autograd against the closed-form gradient
+-A_b / N (masking), a full forward pass against the sampler's log-probs, and a whole-batch gradient
+against micro-batches."""
+import contextlib
+import math
+import operator
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import assume, given, settings, strategies as st
+
+import agent_env as A
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENC = M.get_tokenizer("bytes")
+PAD = M.BYTE_PAD_ID
+TINY = dict(vocab_size=258, block_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return M.GPT(M.Config(**{**TINY, **overrides}))
+
+
+@contextlib.contextmanager
+def hang_guard(seconds=20):
+    """Fail instead of hanging forever if the calculator ever computed 9**9**9 (a guard, not a timing)."""
+    def fail(*_):
+        raise AssertionError(f"no answer within {seconds} s: the calculator is computing something unbounded")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ---- the interface: determinism, malformed actions, turn limit, acting after done --------------
+
+actions = st.one_of(
+    st.text(max_size=30),                                                   # garbage, often without the stop
+    st.text(alphabet="0123456789eastwnr<>/calcnswer*+ ", max_size=20).map(lambda s: s + "\n"),
+    st.sampled_from(["east\n", "west\n", "enter 3\n", "8\n", "4\n", "<calc>47*38</calc>\n",
+                     "<answer>1786</answer>\n", "\n", "x" * 60 + "\n", "a\nb\n"]))
+
+
+@given(name=st.sampled_from(sorted(A.ENVS)), seed=st.integers(0, 10 ** 9),
+       script=st.lists(actions, min_size=1, max_size=8))
+def test_same_seed_and_actions_give_same_observations_and_rewards(name, seed, script):
+    """Two fresh environments, and one environment reset twice, replay the same actions identically."""
+    def replay(env):
+        out = [env.reset(seed)]
+        for action in script:
+            if env.done:
+                break
+            out.append(env.step(action))
+        return out
+    first, second = A.make_env(name), A.make_env(name)
+    a = replay(first)
+    assert a == replay(second)
+    assert a == replay(first)
+
+
+@given(name=st.sampled_from(sorted(A.ENVS)), seed=st.integers(0, 1000), garbage=st.text(max_size=40))
+def test_malformed_actions_cost_a_turn_and_return_an_error_observation(name, seed, garbage):
+    env = A.make_env(name)
+    env.reset(seed)
+    for bad in (garbage.replace("\n", ""),          # no stop string: the model was cut off
+                "x" * (env.max_action_chars + 1) + "\n",   # too long
+                "east\nwest\n"):                       # two actions in one turn
+        if env.done:
+            break
+        turn = env.turn
+        observation, reward, done, info = env.step(bad)
+        assert "error" in observation and observation.endswith("\n")
+        assert info["error"] and reward == 0.0 and env.turn == turn + 1
+        assert done == (env.turn >= env.max_turns)
+        assert not bad.endswith("\n") or not observation.startswith("\n")
+
+
+@given(name=st.sampled_from(sorted(A.ENVS)), seed=st.integers(0, 1000))
+def test_turn_limit_ends_the_episode_and_acting_after_done_raises(name, seed):
+    env = A.make_env(name)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step("east\n")                            # before any reset
+    env.reset(seed)
+    for turn in range(1, env.max_turns + 1):
+        observation, reward, done, info = env.step("nonsense\n")
+        assert info["turn"] == turn and done == (turn == env.max_turns)
+    assert info["truncated"] and not info["success"]
+    with pytest.raises(RuntimeError, match="over"):
+        env.step("east\n")
+    env.reset(seed)                                    # a reset starts a new episode
+    env.step("nonsense\n")
+
+
+# ---- experts and the random policy -------------------------------------------------------------
+
+@given(seed=st.integers(0, 10 ** 9))
+def test_calculator_expert_solves_every_instance_in_two_turns(seed):
+    env = A.make_env("calc")
+    episode = A.play(env, env.expert, seed)
+    a, b = map(int, env.expression.split("*"))
+    assert episode.success and episode.turns == 2 and episode.reward == 1.0
+    assert episode.actions[-1] == f"<answer>{a * b}</answer>\n"
+
+
+@given(n=st.integers(1, 300))
+@settings(max_examples=12)
+def test_bisection_solves_every_secret_within_the_information_bound(n):
+    """k guesses with higher/lower/correct feedback separate at most 2^k - 1 numbers, so the worst case
+    over all secrets is exactly ceil(log2(n + 1)) -- ceil(log2 n) unless n is a power of two."""
+    bound = math.ceil(math.log2(n + 1))
+    worst = 0
+    for secret in range(1, n + 1):
+        env = A.GuessNumberEnv(n=n, max_turns=bound)
+        observations, moves = [env.reset(0)], []
+        env.secret = secret                            # every instance, not only those some seed draws
+        while not env.done:
+            moves.append(env.expert(observations, moves))
+            observation, reward, done, info = env.step(moves[-1])
+            observations.append(observation)
+        assert info["success"], (n, secret, moves)
+        assert reward == pytest.approx(env.discount ** (info["turn"] - 1))
+        worst = max(worst, info["turn"])
+    assert worst == bound == A.bisection_turns_bound(n)
+    if n & (n - 1):                                    # not a power of two: the issue's ceil(log2 N)
+        assert worst <= math.ceil(math.log2(n))
+
+
+def test_keydoor_expert_solves_every_code_and_distance():
+    for distance in (1, 2, 3):
+        for code in range(10):
+            env = A.KeyDoorEnv(max_distance=3)
+            observations, moves = [env.reset(0)], []
+            env.code, env.distance = code, distance
+            observations[0] = f"note: code {code}\n"
+            while not env.done:
+                moves.append(env.expert(observations, moves))
+                observation, reward, done, info = env.step(moves[-1])
+                observations.append(observation)
+            assert info["success"] and info["turn"] == distance + 1 and moves[-1] == f"enter {code}\n"
+
+
+def test_experts_solve_every_heldout_seed():
+    for name in A.ENVS:
+        result = A.evaluate_policy(name, lambda env: env.expert, range(A.HELDOUT_SEED, A.HELDOUT_SEED + 300))
+        assert result["success"] == 1.0, name
+
+
+@given(n=st.sampled_from([3, 7, 15]), turns=st.integers(1, 6))
+@settings(max_examples=6)
+def test_random_guessing_matches_closed_form(n, turns):
+    """P(success) = 1 - (1 - 1/n)^K and E[turns] = sum_{t<K} (1 - 1/n)^t for a uniform guess per turn."""
+    episodes = 3000
+    rng = random.Random(n * 100 + turns)
+    env = A.GuessNumberEnv(n=n, max_turns=turns)
+    results = [A.play(env, A.random_policy(env, rng), s) for s in range(episodes)]
+    p = 1 - (1 - 1 / n) ** turns
+    assert p == pytest.approx(A.random_guess_success(n, turns))
+    success = sum(e.success for e in results) / episodes
+    assert abs(success - p) <= 5 * math.sqrt(p * (1 - p) / episodes) + 1e-9
+    mean_turns = sum(e.turns for e in results) / episodes
+    expected_turns = sum((1 - 1 / n) ** t for t in range(turns))
+    assert abs(mean_turns - expected_turns) <= 0.1
+
+
+def keydoor_random_success(max_distance, max_turns, n_actions=12):
+    """Exact P(success) of the uniform random policy: a dynamic program over (position, turns left),
+    averaged over the door distance. Actions: east, west, and 10 codes (one right)."""
+    total = 0.0
+    for door in range(1, max_distance + 1):
+        value = {p: 0.0 for p in range(door + 1)}          # P(success | position, 0 turns left)
+        for _ in range(max_turns):
+            new = {}
+            for p in range(door + 1):
+                east = value[min(p + 1, door)]
+                west = value[max(p - 1, 0)]
+                if p == door:                              # 1 right code succeeds, 9 wrong ones end it
+                    new[p] = (east + west + 1.0) / n_actions
+                else:                                      # 10 'enter's waste the turn
+                    new[p] = (east + west + 10 * value[p]) / n_actions
+            value = new
+        total += value[0]
+    return total / max_distance
+
+
+def test_random_keydoor_matches_exact_dynamic_program():
+    p = keydoor_random_success(3, A.KeyDoorEnv.max_turns)
+    episodes = 20000
+    rng = random.Random(0)
+    env = A.KeyDoorEnv()
+    success = sum(A.play(env, A.random_policy(env, rng), s).success for s in range(episodes)) / episodes
+    assert abs(success - p) <= 5 * math.sqrt(p * (1 - p) / episodes)
+
+
+def test_random_calculator_answers_are_right_one_time_in_9000():
+    env = A.make_env("calc")
+    rng = random.Random(0)
+    episodes = [A.play(env, A.random_policy(env, rng), s) for s in range(3000)]
+    assert all(e.turns == 1 for e in episodes)
+    assert sum(e.success for e in episodes) <= 4            # expected 1/3; P(> 4) < 1e-5
+
+
+# ---- the calculator ------------------------------------------------------------------------------
+
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
+       "//": operator.floordiv, "%": operator.mod}
+ERROR = "error"
+
+
+def leaf(value):
+    return (repr(value) if isinstance(value, float) else str(value), value, 0, abs(value))
+
+
+def apply(op, left, right):
+    """Node = (text, value or ERROR, depth, largest |value| so far), value from Python's own operators."""
+    (lt, lv, ld, lm), (rt, rv, rd, rm) = left, right
+    text = f"({lt}){op}({rt})"
+    if ERROR in (lv, rv):
+        return text, ERROR, max(ld, rd) + 1, max(lm, rm)
+    try:
+        value = OPS[op](lv, rv) if op != "**" else lv ** rv
+    except ZeroDivisionError:
+        return text, ERROR, max(ld, rd) + 1, max(lm, rm)
+    return text, value, max(ld, rd) + 1, max(lm, rm, abs(value))
+
+
+def negate(node):
+    text, value, depth, biggest = node
+    return f"-({text})", (ERROR if value == ERROR else -value), depth + 1, biggest
+
+
+leaves = st.one_of(st.integers(0, 999), st.floats(0, 100, allow_nan=False, allow_infinity=False)).map(leaf)
+trees = st.recursive(leaves, lambda kids: st.one_of(
+    st.tuples(st.sampled_from(sorted(OPS)), kids, kids).map(lambda t: apply(t[0], t[1], t[2])),
+    st.tuples(kids, st.integers(0, 3)).map(lambda t: apply("**", t[0], leaf(t[1]))),
+    kids.map(negate)), max_leaves=6)
+
+
+@given(tree=trees)
+def test_calculator_agrees_with_python_arithmetic(tree):
+    text, value, depth, biggest = tree
+    result = A.calculator(text)
+    if len(text) > M.ARITH_MAX_CHARS or depth > 30 or (value != ERROR and biggest > 1e40):
+        assert result.startswith("error") or result == A.format_number(value)   # bounds: either is fine
+    elif value == ERROR:
+        assert result.startswith("error: division by zero")
+    elif isinstance(value, int):
+        assert result == str(value)
+    else:
+        assert float(result) == value
+
+
+@given(text=st.text(max_size=300))
+def test_calculator_returns_a_number_or_an_error_on_any_string(text):
+    with hang_guard():
+        result = A.calculator(text)
+    assert isinstance(result, str)
+    if not result.startswith("error: "):
+        float(result)                                   # a number, nothing else
+
+
+@pytest.mark.parametrize("text", [
+    "9**9**9**9", "2**10000000", "10**10**10", "(10**50)**(10**50)", "99999999999**99", "2.0**4096",
+    "(-8)**0.5", "((-8)**0.5)//2", "0**(-1)", "0**((-1)**0.5)", "1e308*10", "1/0", "5%0", "7//0",
+    "(" * 100 + "1" + ")" * 100, "(" * 1000 + "1" + ")" * 1000, "-" * 150 + "1", "+".join(["1"] * 60),
+    "1+" * 500 + "1", "__import__('os').system('echo hi')", "open('x')", "[1]*10**9", "'a'*10**9",
+    "x", "", "1;2", "lambda: 1", "1 if 1 else 2", "True+1", "1j", "~1", "1<<100000", "(1,2)", "a.b",
+])
+def test_calculator_refuses_hostile_input_quickly(text):
+    with hang_guard():
+        result = A.calculator(text)
+    assert result.startswith("error: "), (text[:40], result)
+
+
+def test_calculator_tool_call_in_the_environment():
+    env = A.make_env("calc")
+    env.reset(0)
+    assert env.step("<calc>17*23</calc>\n")[0] == "<result>391</result>\n"
+    assert env.step("<calc>2**9999</calc>\n")[0].startswith("<result>error")
+    observation, reward, done, info = env.step(f"<answer>{env.answer}</answer>\n")
+    assert done and reward == 1.0 and info["success"]
+
+
+# ---- trajectories: masking and the loss -------------------------------------------------------
+
+def expert_trajs(n=6, seed=0):
+    rng = random.Random(seed)
+    return A.expert_trajectories(ENC, sorted(A.ENVS), n, rng)
+
+
+@given(seed=st.integers(0, 1000))
+@settings(max_examples=8)
+def test_collate_marks_exactly_the_model_tokens(seed):
+    """Brute force: column t of the mask is True iff token t+1 of the episode was written by the policy;
+    the model's tokens are exactly the encoded actions, the rest exactly the encoded observations."""
+    trajs = expert_trajs(2, seed)
+    tokens, mask, old = A.collate(trajs, PAD)
+    for b, traj in enumerate(trajs):
+        episode = A.play(A.make_env(traj.env), A.make_env(traj.env).expert, traj.seed)
+        model_text = "".join(episode.actions)
+        env_text = "".join(episode.observations)
+        ids = tokens[b, :len(traj.tokens)].tolist()
+        assert M.decode(ENC, [i for i, a in zip(ids, traj.is_action) if a]) == model_text
+        assert M.decode(ENC, [i for i, a in zip(ids, traj.is_action) if not a]) == env_text
+        for t in range(mask.shape[1]):
+            assert bool(mask[b, t]) == (t + 1 < len(traj.tokens) and traj.is_action[t + 1])
+
+
+@given(seed=st.integers(0, 1000), adv=st.lists(st.floats(-3, 3), min_size=18, max_size=18))
+@settings(max_examples=10)
+def test_env_tokens_have_zero_loss_and_zero_gradient_model_tokens_carry_the_advantage(seed, adv):
+    """At the first update (old = current log-probs, ratio 1): dL/dlogp[b, t] = -A_b / N at model tokens
+    and exactly 0 at environment tokens and padding; the logits at positions whose next token is the
+    environment's get exactly zero gradient; changing their log-probs does not change the loss."""
+    trajs = expert_trajs(6, seed)
+    tokens, mask, _ = A.collate(trajs, PAD)
+    advantages = torch.tensor(adv[:len(trajs)])
+    model = tiny_model(seed)
+    logits = model(tokens)                                                     # (B, T, V)
+    logits.retain_grad()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)   # (B, T-1)
+    logp.retain_grad()
+    loss, _ = A.agent_grpo_loss(logp, logp.detach(), advantages, mask)
+    loss.backward()
+    n = mask.sum()
+    expected = torch.where(mask, -advantages[:, None] / n, torch.zeros(()))
+    torch.testing.assert_close(logp.grad, expected.expand_as(logp), rtol=1e-5, atol=1e-8)
+    assert torch.all(logits.grad[:, :-1][~mask] == 0)
+    assert torch.all(logits.grad[:, -1] == 0)
+    noise = torch.randn(logp.shape, generator=torch.Generator().manual_seed(seed)) * (~mask)
+    again, _ = A.agent_grpo_loss(logp.detach() + noise, logp.detach(), advantages, mask)
+    assert float(again) == pytest.approx(float(loss), abs=1e-7)
+
+
+@given(lp=st.lists(st.floats(-5, 0), min_size=12, max_size=12), shift=st.lists(st.floats(-1, 1), min_size=12, max_size=12),
+       adv=st.lists(st.floats(-2, 2), min_size=3, max_size=3), clip=st.floats(0.05, 0.5))
+def test_clipped_loss_matches_a_per_token_brute_force(lp, shift, adv, clip):
+    logp = torch.tensor(lp).view(3, 4)
+    old = logp + torch.tensor(shift).view(3, 4)
+    mask = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    loss, stats = A.agent_grpo_loss(logp, old, torch.tensor(adv), mask, clip)
+    terms, clipped = [], 0
+    for b in range(3):
+        for t in range(4):
+            if mask[b, t]:
+                r = math.exp(lp[b * 4 + t] - float(old[b, t]))
+                terms.append(min(r * adv[b], max(min(r, 1 + clip), 1 - clip) * adv[b]))
+                clipped += abs(r - 1) > clip
+    assert float(loss) == pytest.approx(-sum(terms) / len(terms), rel=1e-5, abs=1e-6)
+    assert stats["clipfrac"] == pytest.approx(clipped / len(terms))
+
+
+@given(rewards=st.lists(st.lists(st.floats(0, 1), min_size=2, max_size=6), min_size=1, max_size=4).filter(
+    lambda rows: len({len(r) for r in rows}) == 1))
+def test_group_advantages_are_centred_per_group_and_std_scaled_on_request(rewards):
+    r = torch.tensor(rewards, dtype=torch.float64)
+    a = A.group_advantages(r)
+    torch.testing.assert_close(a.sum(-1), torch.zeros(len(rewards), dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(a, r - r.mean(-1, keepdim=True))
+    s = A.group_advantages(r, scale_by_std=True)
+    for row, adv in zip(rewards, s):
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((x - mean) ** 2 for x in row) / len(row))
+        for x, y in zip(row, adv):
+            assert float(y) == pytest.approx((x - mean) / (std + 1e-6), abs=1e-6)
+
+
+@given(seed=st.integers(0, 1000), split=st.integers(1, 5))
+@settings(max_examples=8)
+def test_microbatches_give_the_whole_batch_gradient(seed, split):
+    """Normalising each micro-batch by the WHOLE batch's action-token count makes the summed gradients equal."""
+    trajs = expert_trajs(3, seed)
+    adv = torch.randn(len(trajs), generator=torch.Generator().manual_seed(seed))
+    model = tiny_model(seed)
+
+    def grads(chunks):
+        model.zero_grad()
+        n = sum(sum(t.is_action[1:]) for t in trajs)
+        for index in chunks:
+            tokens, mask, _ = A.collate([trajs[i] for i in index], PAD)
+            logp = M.token_logprobs(model, tokens)
+            position = torch.arange(logp.shape[1], dtype=torch.float32)
+            old = logp.detach() + 0.3 * torch.sin(tokens[:, 1:].float() + position)   # a per-row function: ratio != 1
+            loss, _ = A.agent_grpo_loss(logp, old, adv[index], mask, 0.2, n)
+            loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    whole = grads([list(range(len(trajs)))])
+    parts = grads([list(range(len(trajs)))[i::split] for i in range(split)])
+    for g1, g2 in zip(whole, parts):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+
+
+@given(seed=st.integers(0, 1000), temperature=st.sampled_from([0.7, 1.0, 1.5]))
+@settings(max_examples=6)
+def test_rollout_logprobs_equal_a_full_forward_pass(seed, temperature):
+    """The ratio is 1 at the first update: the sampler's log-probs of the model tokens, stitched into the
+    transcript, equal token_logprobs of the whole sequence at the same temperature (fp32)."""
+    model = tiny_model(seed)
+    names = sorted(A.ENVS)
+    envs = [A.make_env(names[i % 3]) for i in range(6)]
+    trajs = A.rollout(model, ENC, envs, list(range(seed, seed + 6)), temperature, 12,
+                      torch.Generator().manual_seed(seed))
+    tokens, mask, old = A.collate(trajs, PAD)
+    with torch.no_grad():
+        new = M.token_logprobs(model, tokens, temperature)
+    torch.testing.assert_close(new[mask], old[mask], rtol=1e-4, atol=1e-4)
+    for traj in trajs:
+        assert traj.turns >= 1 and len(traj.tokens) == len(traj.is_action) == len(traj.logprobs)
+        assert not traj.is_action[0]
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+
+def test_rl_raises_success_over_the_warm_start():
+    """The warm start clones two demonstrations of one key-and-door instance: the expert's, and one that
+    walks to the door the same way but enters a wrong code. It is unsure at the code (and imperfect
+    elsewhere); a few GRPO steps on that initial state raise its sampled success rate. Seeds fixed:
+    before 0.40, after 0.76 when written."""
+    seed = 3
+    torch.manual_seed(0)
+    args = A.Args(n_layer=1, n_head=2, n_embd=32, states_per_step=1, group_size=16, rl_lr=2e-3)
+    model = A.new_model(args, ENC, torch.device("cpu"))
+    env = A.KeyDoorEnv()
+
+    def wrong_code(observations, actions):
+        action = env.expert(observations, actions)
+        return f"enter {(int(action[6]) + 5) % 10}\n" if action.startswith("enter") else action
+
+    demos = [A.episode_trajectory(ENC, "keydoor", seed, A.play(env, policy, seed))
+             for policy in (env.expert, wrong_code)]
+    A.behaviour_cloning(model, ENC, demos, steps=150, batch_size=16, lr=1e-2, device=torch.device("cpu"))
+
+    def sampled_success():
+        trajs = A.rollout(model, ENC, [A.make_env("keydoor") for _ in range(128)], [seed] * 128, 1.0, 8,
+                          torch.Generator().manual_seed(7))
+        return sum(t.success for t in trajs) / len(trajs)
+
+    class OneState(random.Random):       # rl_step draws every group's initial state from here
+        def randrange(self, *_):
+            return seed
+
+    before = sampled_success()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.rl_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(10):
+        for group in optimizer.param_groups:
+            group["lr"] = args.rl_lr * min(1.0, (step + 1) / 2)
+        metrics = A.rl_step(model, optimizer, ENC, ["keydoor"], OneState(0), args, torch.device("cpu"), generator)
+        assert metrics["approx_kl"] < 1e-5                   # ratio 1 at the first (only) update per batch
+    after = sampled_success()
+    assert 0.2 < before < 0.8, before
+    assert after >= before + 0.15, (before, after)
+
+
+def test_main_writes_checkpoint_metrics_and_the_policy_table(tmp_path, capsys):
+    out = tmp_path / "agent"
+    results = A.main(["--out", str(out), "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+                      "--bc-episodes", "8", "--bc-steps", "3", "--rl-steps", "2", "--states-per-step", "1",
+                      "--group-size", "2", "--eval-episodes", "3", "--eval-every", "1", "--max-action-tokens", "8",
+                      "--device", "cpu"])
+    for name in ("model.pt", "warm_start.pt", "metrics.jsonl", "results.json", "args.json"):
+        assert (out / name).exists(), name
+    model, enc, ckpt = M.load(str(out / "model.pt"))
+    assert ckpt["meta"]["results"]["table"].keys() == results["table"].keys()
+    table = results["table"]
+    assert all(table["expert"][n]["success"] == 1.0 and table["expert"][n]["n"] == 3 for n in A.ENVS)
+    rows = M.read_jsonl(str(out / "metrics.jsonl"))
+    assert {r["kind"] for r in rows} == {"bc", "rl", "eval"}
+    printed = capsys.readouterr().out
+    for policy in ("random", "warm start (greedy)", "RL (T=1)", "expert"):
+        assert policy in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--envs", "chess"], "unknown environment 'chess'"),
+    (["--group-size", "1"], "--group-size must be >= 2"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--init", "nowhere/model.pt"], "nowhere/model.pt does not exist"),
+])
+def test_bad_arguments_are_one_line_errors_and_write_nothing(tmp_path, argv, message):
+    out = tmp_path / "never"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "agent_env.py"), "--out", str(out), *argv],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
