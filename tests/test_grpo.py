@@ -302,3 +302,21 @@ def test_full_run_produces_the_three_row_table_with_a_fair_control(tmp_path, mon
     assert again["greedy"] == results["control"]["greedy"] and again["sampled"] == results["control"]["sampled"]
     summary = json.load(open(tmp / "run" / "summary.json"))
     assert summary["params_by_role"]["policy"] == sum(p.numel() for p in control_model.parameters())
+
+
+def test_compare_with_ppo_produces_the_table_with_both_rows(tmp_path):
+    """grpo.py --compare-ppo on tiny budgets: both algorithms run on the same start, prompts and completions
+    per step, and the table (read from each run's own summary.json / metrics.jsonl) has both rows."""
+    tmp = tiny_setup(tmp_path)
+    args = tiny_args(tmp, max_steps=2, compare_ppo=True, compare_seeds="0")
+    table = grpo.compare_with_ppo(args)
+    text = open(tmp / "run" / "comparison.md").read()
+    assert "| GRPO |" in text and "| PPO |" in text
+    for algo in ("grpo", "ppo"):
+        summary = json.load(open(tmp / "run" / "seed0" / algo / "summary.json"))
+        assert summary["sec_per_step"] > 0 and summary["peak_mem_mb"] > 0
+        assert all(summary["time_split"][k] > 0 for k in ("gen_s", "score_s", "update_s"))
+        rows = [json.loads(l) for l in open(tmp / "run" / "seed0" / algo / "metrics.jsonl")]
+        train = [r for r in rows if r.get("kind") == "train"]
+        assert train and all(r["completions"] == 64 for r in train)
+    assert table["grpo"]["params_by_role"]["value"] == 0 and table["ppo"]["params_by_role"]["value"] > 0
