@@ -44,7 +44,7 @@ MAX_DIFFICULTY = 6
 class Args:
     out_dir: str = "data"                    # folder for the JSONL files and synth_config.json
     seed: int = 0                            # one seed for every draw: same seed, same files
-    families: str = "add,sub"               # task families (add, sub, mul, word); the default is the headline task
+    families: str = "add,sub,mul"           # task families (add, sub, mul, word); the default is the headline task
     n_sft: int = 8000                        # demonstrations in sft_train.jsonl (exactly this many)
     mix: str = "worked=0.3,bare=0.6,noisy=0.1"  # style shares of the demonstrations: worked|bare|noisy
     sft_difficulty: str = "2-3"              # difficulty range of the demonstrations (LO-HI)
