@@ -32,15 +32,13 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, asdict
 
 import torch
 import torch.distributed as dist
 
-from model import (UserError, autocast, cleanup_ddp, decode, encode, ensure_input, evaluate, extract_answer,
+from model import (UserError, autocast, run_stage, cleanup_ddp, decode, encode, ensure_input, evaluate, extract_answer,
                    generate, get_device, is_correct, load, pad_id, parse_args, peak_memory_mb, read_jsonl,
                    sampling_logprobs, save, save_args, seed_everything, setup_ddp, unwrap, MetricsLogger, cli)
 
@@ -353,7 +351,9 @@ def train(args) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     main_process = rank == 0
-    device = get_device(args.device) if not (ddp and torch.cuda.is_available()) else torch.device("cuda", rank)
+    device = get_device(args.device)
+    if ddp and device.type == "cuda":   # setup_ddp bound this process to its LOCAL_RANK GPU
+        device = torch.device("cuda", torch.cuda.current_device())
     weights = parse_reward_weights(args.rewards)
     for name, allowed in (("scale", ("group", "batch", "none")), ("aggregation", ("grpo", "dr_grpo", "dapo")),
                           ("ratio_level", ("token", "sequence"))):
@@ -551,15 +551,6 @@ def train(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The control and the report
 # ----------------------------------------------------------------------------------------------
-
-def run_stage(command: list[str]) -> None:
-    """Run another stage of the pipeline (its own file, its own process), printing the command."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), command[0])
-    print(f"running: python {' '.join(command)}", flush=True)
-    result = subprocess.run([sys.executable, script, *command[1:]])
-    if result.returncode != 0:
-        raise UserError(f"`python {' '.join(command)}` failed with exit status {result.returncode}")
-
 
 def run_control(args, minutes: float) -> str:
     """SFT continued from the same start checkpoint, on the same demonstrations, for the same training

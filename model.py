@@ -957,13 +957,25 @@ def ensure_input(path: str, default_path: str, command: list[str]) -> str:
         return path
     if os.path.normpath(path) != os.path.normpath(default_path):
         raise UserError(f"{path}: no such file")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), command[0])
-    full = [sys.executable, script, *command[1:]]
     print(f"{path} is missing; making it with: python {' '.join(command)}", flush=True)
-    result = subprocess.run(full)
-    if result.returncode != 0 or not os.path.exists(path):
-        raise UserError(f"{path}: `python {' '.join(command)}` failed (exit {result.returncode}) to make it")
+    try:
+        run_stage(command, echo=False)
+    except UserError as e:
+        raise UserError(f"{path}: could not make it: {e}") from None
+    if not os.path.exists(path):
+        raise UserError(f"{path}: `python {' '.join(command)}` finished without making it")
     return path
+
+
+def run_stage(command: list[str], echo: bool = True) -> None:
+    """Run another stage of the pipeline in its own process: `command` = a script beside model.py and its
+    arguments, run with this Python. A non-zero exit is a UserError naming the command."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), command[0])
+    if echo:
+        print(f"running: python {' '.join(command)}", flush=True)
+    result = subprocess.run([sys.executable, script, *command[1:]])
+    if result.returncode != 0:
+        raise UserError(f"`python {' '.join(command)}` failed with exit status {result.returncode}")
 
 
 def peak_memory_mb(device) -> float:
