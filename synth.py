@@ -46,15 +46,15 @@ class Args:
     seed: int = 0                            # one seed for every draw: same seed, same files
     families: str = "add,sub,mul"           # task families (add, sub, mul, word); the default is the headline task
     n_sft: int = 8000                        # demonstrations in sft_train.jsonl (exactly this many)
-    mix: str = "worked=0.3,bare=0.6,noisy=0.1"  # style shares of the demonstrations: worked|bare|noisy
-    sft_difficulty: str = "2-3"              # difficulty range of the demonstrations (LO-HI)
+    mix: str = "worked=0.4,bare=0.6"         # style shares of the demonstrations: worked|bare|noisy
+    sft_difficulty: str = "3-4"              # difficulty range of the demonstrations (LO-HI)
     n_sft_test: int = 200                    # held-out demonstrations in sft_test.jsonl (eval loss)
     test_mix: str = "worked=1"               # style shares of sft_test.jsonl (the behaviour we want)
-    rl_difficulty: str = "2-4"               # difficulty range of RL prompts (answers only, no solutions)
+    rl_difficulty: str = "3-4"               # difficulty range of RL prompts (answers only, no solutions)
     n_rl: int = 5000                         # prompts in rl_train.jsonl
-    test_difficulty: str = "2-4"             # difficulty range of the held-out prompts rl_test.jsonl
+    test_difficulty: str = "3-4"             # difficulty range of the held-out prompts rl_test.jsonl
     n_test: int = 500                        # prompts in rl_test.jsonl: the accuracy every stage reports
-    pref_difficulty: str = "2-4"             # difficulty range of the preference pairs
+    pref_difficulty: str = "3-4"             # difficulty range of the preference pairs
     n_prefs: int = 2000                      # pairs in prefs_train.jsonl
     n_prefs_test: int = 300                  # pairs of the main kinds in prefs_test.jsonl
     pref_mix: str = "off_by_one=0.34,wrong_step=0.33,bad_format=0.33"  # kinds of rejected completion
