@@ -344,7 +344,7 @@ def test_env_tokens_have_zero_loss_and_zero_gradient_model_tokens_carry_the_adva
     assert torch.all(logits.grad[:, -1] == 0)
     noise = torch.randn(logp.shape, generator=torch.Generator().manual_seed(seed)) * (~mask)
     again, _ = A.agent_grpo_loss(logp.detach() + noise, logp.detach(), advantages, mask)
-    assert float(again) == pytest.approx(float(loss), abs=1e-7)
+    assert again.item() == pytest.approx(loss.item(), abs=1e-7)
 
 
 @given(lp=st.lists(st.floats(-5, 0), min_size=12, max_size=12), shift=st.lists(st.floats(-1, 1), min_size=12, max_size=12),
