@@ -657,10 +657,8 @@ def check_args(args):
         raise M.UserError("--envs: name at least one environment")
     for name in names:
         make_env(name)
-    for flag in ("group_size", "states_per_step", "eval_episodes", "max_action_tokens", "bc_batch", "updates_per_batch",
-                 "micro_batch"):
-        if getattr(args, flag) < 1:
-            raise M.UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    M.require_at_least(args, 1, "group_size", "states_per_step", "eval_episodes", "max_action_tokens", "bc_batch",
+                       "updates_per_batch", "micro_batch")
     if args.group_size < 2:
         raise M.UserError(f"--group-size must be >= 2 (advantages compare rollouts), got {args.group_size}")
     if args.temperature <= 0:

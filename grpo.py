@@ -40,7 +40,8 @@ import torch.distributed as dist
 
 from model import (UserError, autocast, run_stage, cleanup_ddp, decode, encode, ensure_input, evaluate, extract_answer,
                    generate, get_device, is_correct, load, pad_id, parse_args, peak_memory_mb, read_jsonl,
-                   sampling_logprobs, save, save_args, seed_everything, setup_ddp, unwrap, MetricsLogger, cli)
+                   require_at_least, sampling_logprobs, save, save_args, seed_everything, setup_ddp, unwrap, MetricsLogger,
+                   cli)
 
 
 @dataclass
@@ -359,6 +360,9 @@ def train(args) -> dict:
                           ("ratio_level", ("token", "sequence"))):
         if getattr(args, name) not in allowed:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: choose one of {', '.join(allowed)}")
+    require_at_least(args, 1, "prompts_per_step", "mu", "micro_batch", "max_new_tokens", "n_eval", "n_eval_during",
+                     "pass_k")
+    require_at_least(args, 0, "refill_rounds", "top_k", "max_steps", "threads")
     if args.prompts_per_step % world:
         raise UserError(f"--prompts-per-step {args.prompts_per_step} must divide evenly over {world} processes")
     if args.group_size < 2:

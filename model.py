@@ -851,6 +851,13 @@ def parse_args(cls, argv=None, description: str | None = None):
     return cls(**vars(parser.parse_args(argv)))
 
 
+def require_at_least(args, minimum: int, *names: str) -> None:
+    """Each named option must be >= minimum; the first that is not is a UserError naming its flag."""
+    for name in names:
+        if getattr(args, name) < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
+
+
 def cli(main) -> None:
     """Run main(); a UserError becomes one line on stderr and exit status 2, not a traceback."""
     try:

@@ -404,9 +404,7 @@ def print_table(title, lengths, T, batch_size, bucket_window):
 
 def main(argv=None):
     args = model.parse_args(Args, argv)
-    for name in ("seq_len", "n_docs", "batch_size", "train_seq_len", "train_steps"):
-        if getattr(args, name) < 1:
-            raise model.UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    model.require_at_least(args, 1, "seq_len", "n_docs", "batch_size", "train_seq_len", "train_steps")
     if args.median_len < 1 or args.train_median_len < 2 or args.sigma < 0 or min(args.bench_docs, args.bucket_window) < 0:
         raise model.UserError("need --median-len >= 1, --train-median-len >= 2, --sigma >= 0, "
                               "--bench-docs >= 0 and --bucket-window >= 0")

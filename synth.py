@@ -696,6 +696,9 @@ def show(text: str) -> str:
 
 def main(argv=None):
     args = M.parse_args(Args, argv)
+    M.require_at_least(args, 1, "n_sft", "n_sft_test", "n_rl", "n_test", "n_prefs", "n_prefs_test", "n_prompts", "k",
+                       "max_new_tokens", "batch_size", "ngram", "self_train_steps")
+    M.require_at_least(args, 0, "n_diagnostic", "n_examples", "self_train_rounds")
     if args.from_model:
         return from_model(args)
     t0 = time.time()

@@ -215,6 +215,15 @@ def test_rewards_read_the_completion_only():
         grpo.parse_reward_weights("nonsense=1")
 
 
+@pytest.mark.parametrize("bad, flag", [({"prompts_per_step": 0}, "--prompts-per-step"), ({"pass_k": 0}, "--pass-k"),
+                                       ({"top_k": -1}, "--top-k"), ({"group_size": 1}, "--group-size")])
+def test_bad_sizes_are_one_clear_error_and_write_nothing(tmp_path, bad, flag):
+    args = grpo.Args(out=str(tmp_path / "run"), data=str(tmp_path / "none.jsonl"), **bad)
+    with pytest.raises(M.UserError, match=flag):
+        grpo.train(args)
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- end to end
 
 def tiny_setup(tmp_path, seed=0):

@@ -225,7 +225,8 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path):
 
 @pytest.mark.parametrize("bad", [["--mix", "worked=x"], ["--mix", "lazy=1"], ["--sft-difficulty", "0-3"],
                                  ["--rl-difficulty", "4-2"], ["--families", "add,div"],
-                                 ["--families", "sub", "--test-difficulty", "1", "--n-test", "56"]])
+                                 ["--families", "sub", "--test-difficulty", "1", "--n-test", "56"],
+                                 ["--n-sft", "-5"], ["--n-test", "0"], ["--n-diagnostic", "-1"]])
 def test_bad_options_raise_one_clear_error_and_write_nothing(tmp_path, bad):
     with pytest.raises(M.UserError, match="--|unused distinct prompts"):
         S.main(small_args(tmp_path, *bad))
