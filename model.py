@@ -71,6 +71,18 @@ class Config:
     moe_z_coef: float = 0.001       # MoE: weight of the router z-loss in aux_loss
 
     def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_head", "n_kv_head", "n_embd", "n_expert", "moe_top_k"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"Config.{name}={value!r} must be a positive integer")
+        for name in ("n_layer", "ffn_hidden"):   # 0 layers: a bigram model; ffn_hidden 0: automatic width
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"Config.{name}={value!r} must be an integer >= 0")
+        if not (isinstance(self.rope_base, (int, float)) and math.isfinite(self.rope_base) and self.rope_base > 1):
+            raise ValueError(f"Config.rope_base={self.rope_base!r} must be a finite number > 1")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ValueError(f"Config.dropout={self.dropout!r} must be in [0, 1)")
         choices = {"ffn": ("swiglu", "geglu", "gelu", "relu", "relu2", "moe"),
                    "norm": ("rmsnorm", "layernorm"), "norm_position": ("pre", "post"),
                    "pos": ("rope", "learned")}
@@ -91,7 +103,8 @@ class Config:
         return self.n_embd // self.n_head
 
     @property
-    def hidden(self) -> int:
+    def ffn_width(self) -> int:
+        """The FFN's inner width: ffn_hidden, or by default 4C (plain) or 8C/3 rounded up to 16 (gated)."""
         if self.ffn_hidden:
             return self.ffn_hidden
         if self.ffn in ("swiglu", "geglu", "moe"):   # 8C/3 keeps gated FFNs at 4C's parameter count
@@ -213,9 +226,9 @@ class FeedForward(nn.Module):
         super().__init__()
         self.act = ACTIVATIONS[kind]
         self.gated = kind in ("swiglu", "geglu")
-        self.w1 = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias) if self.gated else None
-        self.w2 = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
+        self.w1 = nn.Linear(cfg.n_embd, cfg.ffn_width, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.n_embd, cfg.ffn_width, bias=cfg.bias) if self.gated else None
+        self.w2 = nn.Linear(cfg.ffn_width, cfg.n_embd, bias=cfg.bias)
         self.w2.residual = True
 
     def forward(self, x):
@@ -437,6 +450,12 @@ def tokenizer_spec(enc: tiktoken.Encoding) -> dict:
 
 
 def tokenizer_from_spec(spec: dict) -> tiktoken.Encoding:
+    """The tokenizer a checkpoint names; only the built-in byte encoding and tiktoken's own names are
+    accepted, so a checkpoint can never make us fetch an arbitrary file."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or type(spec.get("n_vocab")) is not int:
+        raise UserError("tokenizer spec must be {'name': str, 'n_vocab': int}")
+    if spec["name"] != "bytes" and spec["name"] not in tiktoken.list_encoding_names():
+        raise UserError(f"unknown tokenizer {spec['name'][:40]!r}")
     enc = get_tokenizer(spec["name"])
     if enc.n_vocab != spec["n_vocab"]:
         raise UserError(f"tokenizer {spec['name']!r} has {enc.n_vocab} tokens, the checkpoint expects {spec['n_vocab']}")
@@ -572,14 +591,85 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, truncated or not ours; the message names the path."""
 
 
+class NonFiniteError(UserError, ArithmeticError):
+    """A loss, gradient or weight that is NaN or infinite: training stops before it reaches a checkpoint."""
+
+
+def temp_path(path: str) -> str:
+    """Where `path` is written before the rename that makes it appear whole: .<name>.<pid>.tmp beside it."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):   # alive under another user, or a platform without signals
+        return True
+    return True
+
+
+def remove_stale_temps(path: str) -> None:
+    """Delete the temporary files of `path` left by writers that were killed (their pid is gone)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.tmp$")
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.match(entry)
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, entry))
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w"):
+    """Open a temporary file beside `path`; on success rename it over `path` (os.replace is atomic), on
+    any error delete it. Readers see the old file or the new one, never half of one; temporary files of
+    killed writers are cleaned up first."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temps(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def non_finite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors in a state dict that hold a NaN or an infinity."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def check_finite(where: str, **values) -> None:
+    """Each value (a number or a tensor) must be finite; else NonFiniteError naming `where` and the value.
+    Call it on the loss and the gradient norm BEFORE optimizer.step(), so the weights stay finite."""
+    for name, value in values.items():
+        finite = bool(torch.isfinite(value).all()) if torch.is_tensor(value) else math.isfinite(float(value))
+        if not finite:
+            shown = float(value) if not torch.is_tensor(value) or value.numel() == 1 else "not finite"
+            raise NonFiniteError(f"{where}: {name} is {shown}; stopped before the update, so no saved "
+                                 "checkpoint holds it (a smaller --lr, or --grad-clip, usually helps)")
+
+
 def save(path: str, model, enc: tiktoken.Encoding, **meta) -> None:
     """Write config, weights, tokenizer spec and metadata (optimizer state, step, ...) atomically:
-    a temporary file in the same folder, then os.replace, so a crash never leaves a half-written model."""
+    a temporary file in the same folder, then os.replace, so a crash never leaves a half-written model.
+    Weights holding NaN or inf are refused (NonFiniteError): the previous file at `path` stays as it was."""
     model = unwrap(model)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    ckpt = {"config": asdict(model.config), "model": model.state_dict(),
-            "tokenizer": tokenizer_spec(enc), "meta": meta}
+    state = model.state_dict()
+    bad = non_finite_tensors(state)
+    if bad:
+        raise NonFiniteError(f"{path}: not saved, {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); "
+                             "the previous checkpoint, if any, is kept")
+    ckpt = {"config": asdict(model.config), "model": state, "tokenizer": tokenizer_spec(enc), "meta": meta}
     buffer = io.BytesIO()                       # refuse meta that load(weights_only=True) could not read
     torch.save(meta, buffer)
     buffer.seek(0)
@@ -588,26 +678,54 @@ def save(path: str, model, enc: tiktoken.Encoding, **meta) -> None:
     except Exception as e:
         raise ValueError(f"{path}: meta holds objects that load(weights_only=True) cannot read "
                          f"(use tensors, numbers, strings, lists, dicts): {str(e).splitlines()[0][:120]}") from None
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with atomic_write(path, "wb") as f:
+        torch.save(ckpt, f)
+
+
+def config_from_checkpoint(ckpt, path: str) -> Config:
+    """The checkpoint's Config, validated against its own state dict BEFORE any weight is allocated:
+    known fields of the right types, and exactly the tensor names and shapes that Config implies
+    (built on the meta device, which allocates nothing). A hostile or damaged file fails here."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no config and model state)")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(ckpt["config"]) - set(fields))
+    if unknown:
+        raise CheckpointError(f"{path}: config has unknown field(s) {', '.join(map(str, unknown[:5]))}")
     try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        cfg = Config(**ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid config ({e})") from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    state = ckpt["model"]
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and (not torch.is_tensor(state[k]) or tuple(state[k].shape) != expected[k])]
+    if missing or extra or wrong:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
+                  f"{wrong[0]} has shape {tuple(getattr(state[wrong[0]], 'shape', ()))}, config implies {expected[wrong[0]]}")
+        raise CheckpointError(f"{path}: weights do not match its config ({detail})")
+    return cfg
 
 
 def load(path: str, device="cpu"):
-    """-> (model, enc, ckpt). torch.load(weights_only=True): tensors and plain containers only, no code."""
+    """-> (model, enc, ckpt). torch.load(weights_only=True): tensors and plain containers only, no code.
+    The config is checked against the weights before the model is built (config_from_checkpoint)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        model = GPT(Config(**ckpt["config"]))
+        cfg = config_from_checkpoint(ckpt, path)
+        enc = tokenizer_from_spec(ckpt.get("tokenizer"))
+        if enc.n_vocab > cfg.vocab_size:
+            raise CheckpointError(f"{path}: tokenizer has {enc.n_vocab} tokens, the model only {cfg.vocab_size}")
+        model = GPT(cfg)
         model.load_state_dict(ckpt["model"])
-        enc = tokenizer_from_spec(ckpt["tokenizer"])
-    except UserError:
-        raise
+    except UserError as e:
+        raise CheckpointError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
     except Exception as e:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).splitlines() or [""])[0])[:160]   # no terminal codes
         if "Weights only load failed" in reason:
@@ -652,7 +770,8 @@ ARITH_MAX_CHARS, ARITH_MAX_DEPTH, ARITH_MAX_ABS = 200, 32, 10 ** 60
 def arith(expr: str):
     """Evaluate + - * / // % ** and parentheses on numbers, by walking the `ast` (never eval).
     Bounded: at most 200 characters, nesting 32, |values| <= 1e60, exponents checked before computing.
-    Anything else raises ValueError with the reason."""
+    Anything else (syntax, names, calls, overflow, division by zero) raises ValueError with the reason,
+    and nothing else is ever raised."""
     if not isinstance(expr, str) or len(expr) > ARITH_MAX_CHARS:
         raise ValueError(f"expression longer than {ARITH_MAX_CHARS} characters")
     try:
@@ -684,7 +803,10 @@ def arith(expr: str):
                     raise ValueError("division by zero")
             if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b == 0:
                 raise ValueError("division by zero")
-            return check(ARITH_OPS[type(node.op)](a, b))
+            try:
+                return check(ARITH_OPS[type(node.op)](a, b))
+            except OverflowError:   # float results past ~1.8e308, e.g. 0.01 ** -200
+                raise ValueError("value out of range") from None
         raise ValueError(f"unsupported syntax: {type(node).__name__}")
 
     return walk(tree.body, 0)
@@ -718,8 +840,11 @@ def completion_style(text: str) -> str:
     return "worked"
 
 
+MAX_NEW_TOKENS = 96   # the completion length limit every stage samples and evaluates with, by default
+
+
 @torch.no_grad()
-def evaluate(model, enc, rows, max_new_tokens: int = 128, temperature: float = 0.0, samples: int = 1,
+def evaluate(model, enc, rows, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 0.0, samples: int = 1,
              batch_size: int = 256, generator=None) -> dict:
     """Held-out accuracy on {"prompt", "answer"[, "difficulty"]} rows, the one protocol every stage reports.
 
@@ -827,35 +952,107 @@ def field_comments(cls) -> dict[str, str]:
     return comments
 
 
-def parse_args(cls, argv=None, description: str | None = None):
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit status 2): `error: argument --lr: 'nan' is not a finite number`."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """argparse type for float options: a number, never NaN or infinity."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def parse_args(cls, argv=None, description: str | None = None, defaults: dict | None = None):
     """An argparse CLI from a dataclass: --field-name for each field, its trailing comment as help,
-    its default shown; bools become --flag / --no-flag. Returns an instance of `cls`."""
+    its default shown; bools become --flag / --no-flag; floats must be finite. `defaults` replaces
+    field defaults (a resumed run's saved arguments); an option on the command line still wins.
+    Returns an instance of `cls` (whose __post_init__ may check the values further)."""
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
+    defaults = defaults or {}
     if description is None:
         main_doc = sys.modules["__main__"].__doc__
         description = main_doc if main_doc and cls.__module__ == "__main__" else cls.__doc__
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = defaults.get(f.name, default)
         help_text = comments.get(f.name, "").replace("%", "%%")     # argparse %-formats help text
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"{help_text} (default: {default})")
         else:
-            parser.add_argument(flag, dest=f.name, type=kind if kind in (int, float, str) else str,
+            parser.add_argument(flag, dest=f.name, type={float: finite_float, int: int}.get(kind, str),
                                 default=default, metavar=kind.__name__.upper() if hasattr(kind, "__name__") else "X",
                                 help=f"{help_text} (default: {default})")
-    return cls(**vars(parser.parse_args(argv)))
+    try:
+        return cls(**vars(parser.parse_args(argv)))
+    except (TypeError, ValueError) as e:     # a __post_init__ check that raised a plain error
+        raise UserError(str(e)) from None
+
+
+def resume_args(cls, saved: dict, argv=None, quiet=("resume",)):
+    """The arguments of a resumed run: the run's saved ones, except the options given again on this
+    command line, each announced with one line. Unknown saved keys (an older version) are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    base = {k: v for k, v in saved.items() if k in names}
+    args = parse_args(cls, argv, defaults=base)
+    for name in sorted(base):
+        if name not in quiet and getattr(args, name) != base[name]:
+            print(f"--{name.replace('_', '-')} {getattr(args, name)} given: overrides the saved {base[name]}")
+    return args
+
+
+# One rule per kind of option value; nan fails every one of them (every comparison with nan is False).
+OPTION_RULES = {
+    "positive": (lambda v: v > 0, "> 0"),
+    "non_negative": (lambda v: v >= 0, ">= 0"),
+    "probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "open_unit": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+}
+
+
+def check_options(args, **rules) -> None:
+    """check_options(args, positive=("lr", "batch_size"), probability=("top_p",), ...): each named option
+    must satisfy its rule (OPTION_RULES); the first that does not is a UserError naming its flag.
+    Call it before anything is written."""
+    for kind, names in rules.items():
+        test, text = OPTION_RULES[kind]
+        for name in names:
+            value = getattr(args, name)
+            if not test(value):
+                raise UserError(f"--{name.replace('_', '-')} must be {text}, got {value}")
+
+
+def check_choices(args, **choices) -> None:
+    """check_choices(args, scale=("group", "batch", "none")): each option must be one of its choices."""
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: choose one of {', '.join(allowed)}")
 
 
 def require_at_least(args, minimum: int, *names: str) -> None:
     """Each named option must be >= minimum; the first that is not is a UserError naming its flag."""
     for name in names:
-        if getattr(args, name) < minimum:
+        if not getattr(args, name) >= minimum:
             raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
+
+
+def check_budget(args) -> None:
+    """A training run needs an end: --max-steps N or --time-budget MINUTES (either > 0)."""
+    check_options(args, non_negative=("max_steps", "time_budget"))
+    if args.max_steps <= 0 and args.time_budget <= 0:
+        raise UserError("set a budget: --max-steps N or --time-budget MINUTES (both are 0)")
 
 
 def cli(main) -> None:
@@ -867,49 +1064,184 @@ def cli(main) -> None:
         sys.exit(2)
 
 
-def read_jsonl(path: str, required_keys=()) -> list[dict]:
-    """Read a JSONL file; a missing file, a malformed line or a missing key is a UserError naming file:line."""
+def type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join({str: "a string", int: "an integer", float: "a number", list: "a list",
+                        dict: "an object"}.get(t, t.__name__) for t in types)
+
+
+def jsonl_objects(path: str):
+    """Yield (line number, object) for each non-blank line of a JSONL file. Anything unreadable (a missing
+    file, a directory, bytes that are not UTF-8, bad JSON, nesting or a number too big to parse, a line
+    that is not an object) is a UserError naming file:line."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory, not a JSONL file")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise UserError(f"{where}: JSON nested too deeply") from None
+            except ValueError as e:      # e.g. an integer of more than 4300 digits
+                raise UserError(f"{where}: unreadable JSON value ({str(e).splitlines()[0][:80]})") from None
             if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required_keys if k not in row]
-            if missing:
-                raise UserError(f"{path}:{number}: missing key(s) {', '.join(missing)}")
-            rows.append(row)
+                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield number, row
+
+
+def check_row(row: dict, schema, where: str) -> None:
+    """`schema`: the keys the row needs, or {key: type or (types)} to check each value's type too
+    (bool is never a number). A missing key or a wrong type is a UserError naming `where`."""
+    types = schema if isinstance(schema, dict) else dict.fromkeys(schema)
+    missing = [k for k in types if k not in row]
+    if missing:
+        raise UserError(f"{where}: missing key(s) {', '.join(missing)}")
+    for key, want in types.items():
+        if want is not None and (not isinstance(row[key], want) or isinstance(row[key], bool)):
+            raise UserError(f"{where}: '{key}' must be {type_names(want)}, got {type(row[key]).__name__}")
+
+
+def read_jsonl(path: str, schema=()) -> list[dict]:
+    """Read a JSONL file of objects, each checked against `schema` (check_row) before any row is used.
+    Every problem, an empty file included, is a UserError naming file:line (jsonl_objects)."""
+    rows = []
+    for number, row in jsonl_objects(path):
+        check_row(row, schema, f"{path}:{number}")
+        rows.append(row)
     if not rows:
-        raise UserError(f"{path}: empty, no examples")
+        raise UserError(f"{path}: empty, no rows")
     return rows
+
+
+def final_answer(answer) -> str:
+    """An answer field as the verifier compares it: a number as text, or, for a GSM8K-style worked
+    solution ('... #### 72'), the final answer after its last '####' (commas removed)."""
+    text = str(answer)
+    if "####" in text:
+        return extract_answer(text) or ""
+    return text.replace(",", "").strip()
+
+
+def read_prompts(path: str) -> list[dict]:
+    """RL / evaluation prompts: rows {"prompt": str, "answer": str or number} (TRL's format), or GSM8K's own
+    {"question", "answer"} where the answer is a worked solution ending in '#### n'. Every row comes back
+    with "prompt" and "answer" (the final answer, as text) beside its other keys; an answer with no final
+    answer is an error naming its line, never a silent 0 reward."""
+    rows = []
+    for number, row in jsonl_objects(path):
+        where = f"{path}:{number}"
+        key = "prompt" if "prompt" in row else "question"
+        check_row(row, {key: str, "answer": (str, int, float)}, where)
+        answer = final_answer(row["answer"])
+        if not answer:
+            raise UserError(f"{where}: 'answer' holds no final answer")
+        rows.append({**row, "prompt": row[key], "answer": answer})
+    if not rows:
+        raise UserError(f"{path}: empty, no rows")
+    return rows
+
+
+def read_demonstrations(path: str) -> list[dict]:
+    """SFT demonstrations: rows {"prompt": str, "completion": str} (TRL's format), or GSM8K's own
+    {"question", "answer"}, whose worked answer is the completion."""
+    rows = []
+    for number, row in jsonl_objects(path):
+        if "prompt" in row or "completion" in row or "question" not in row:
+            check_row(row, {"prompt": str, "completion": str}, f"{path}:{number}")
+            rows.append(row)
+        else:
+            check_row(row, {"question": str, "answer": str}, f"{path}:{number}")
+            rows.append({**row, "prompt": row["question"], "completion": row["answer"]})
+    if not rows:
+        raise UserError(f"{path}: empty, no rows")
+    return rows
+
+
+def fit_prompts(rows: list[dict], enc, block_size: int, max_new_tokens: int, path: str) -> list[dict]:
+    """The rows whose prompt leaves room for max_new_tokens in the context (prompt + completion <=
+    block_size); the others are skipped and counted in one printed line. None left is a UserError."""
+    kept = [r for r in rows if len(encode(enc, r["prompt"])) + max_new_tokens <= block_size]
+    if len(kept) < len(rows):
+        print(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} prompts longer than the context "
+              f"({block_size} tokens, {max_new_tokens} of them kept for the completion)", flush=True)
+    if not kept:
+        raise UserError(f"{path}: no prompt fits the context of {block_size} tokens with {max_new_tokens} new tokens")
+    return kept
 
 
 def write_jsonl(path: str, rows) -> None:
     """Write rows atomically (temporary file, then rename): readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+_RUN_LOCKS: dict = {}
+
+
+def claim_run_dir(run_dir: str) -> None:
+    """Make `run_dir` this process's folder to write: create it and hold an exclusive lock on
+    run_dir/.lock until the process exits. A second process that claims it gets a UserError naming the
+    folder and the holder's pid, before it writes anything: a run folder has one writer."""
+    key = os.path.realpath(run_dir)
+    if key in _RUN_LOCKS:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    handle = open(os.path.join(run_dir, ".lock"), "a+")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        import fcntl
+    except ImportError:          # no advisory locks on this platform: single-writer by convention only
+        _RUN_LOCKS[key] = handle
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise UserError(f"{run_dir}: another run (pid {holder}) is writing to this folder; "
+                        "wait for it to finish or choose another output folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _RUN_LOCKS[key] = handle
 
 
 def save_args(run_dir: str, args) -> None:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
+    """Claim the run folder (claim_run_dir) and write the arguments the run uses, atomically."""
+    claim_run_dir(run_dir)
+    with atomic_write(os.path.join(run_dir, "args.json")) as f:
         json.dump(asdict(args) if dataclasses.is_dataclass(args) else dict(args), f, indent=2)
+
+
+def stage_command(script: str, **options) -> list[str]:
+    """The command line of another stage from its Args field names: stage_command("sft.py", init="a.pt",
+    control=False) -> ["sft.py", "--init", "a.pt", "--no-control"]. tests/test_pipeline.py parses every
+    command built this way with the target's own parser."""
+    command = [script]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            command.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            command += [flag, str(value)]
+    return command
 
 
 def format_seconds(s: float) -> str:
@@ -927,7 +1259,7 @@ class MetricsLogger:
         self.start = time.time()
         self.file = None
         if enabled:
-            os.makedirs(run_dir, exist_ok=True)
+            claim_run_dir(run_dir)
             self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a" if append else "w")
 
     def log(self, step: int, echo: bool = True, **metrics) -> None:

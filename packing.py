@@ -419,7 +419,7 @@ def main(argv=None):
                                        lengths, args.seq_len, args.batch_size, args.bucket_window)
     if os.path.exists(args.data):
         enc = model.get_tokenizer("bytes")
-        rows = model.read_jsonl(args.data, required_keys=("prompt", "completion"))
+        rows = model.read_jsonl(args.data, ("prompt", "completion"))
         sft_lengths = np.array([len(model.encode(enc, r["prompt"] + r["completion"])) + 1 for r in rows])
         results["sft"] = print_table(f"{args.data} (prompt + completion + <|endoftext|>, byte tokens)",
                                      sft_lengths, args.train_seq_len, args.batch_size, args.bucket_window)

@@ -402,7 +402,7 @@ def ppo_step(models, optimizer, enc, rows, args, beta, generators, device):
 
 def load_prompts(path, default):
     M.ensure_input(path, default, ["synth.py"])
-    rows = M.read_jsonl(path, required_keys=("prompt", "answer"))
+    rows = M.read_jsonl(path, ("prompt", "answer"))
     for i, row in enumerate(rows):
         if not isinstance(row["prompt"], str):
             raise M.UserError(f"{path}: row {i + 1}: 'prompt' must be a string, got {type(row['prompt']).__name__}")

@@ -249,7 +249,7 @@ def print_report(results, label="held-out"):
 
 def load_rows(path, default):
     M.ensure_input(path, default, ["synth.py"])
-    rows = M.read_jsonl(path, required_keys=("prompt", "chosen", "rejected"))
+    rows = M.read_jsonl(path, ("prompt", "chosen", "rejected"))
     for i, row in enumerate(rows):
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(row[key], str):

@@ -266,7 +266,7 @@ def load_rows(path, keys, default=None, world=(0, 1)):
         M.ensure_input(path, default, ["synth.py"])
     if world_size > 1:
         dist.barrier()
-    rows = M.read_jsonl(path, required_keys=keys)  # names file:line of a malformed line; empty = error
+    rows = M.read_jsonl(path, keys)  # names file:line of a malformed line; empty = error
     for i, row in enumerate(rows):
         for key in keys:
             if not isinstance(row[key], str if key != "answer" else (str, int, float)):

@@ -546,7 +546,7 @@ def diversity(texts) -> str:
 
 
 def take_prompts(path: str, default: str, n: int, rng: random.Random) -> list[dict]:
-    rows = M.read_jsonl(M.ensure_input(path, default, ["synth.py"]), required_keys=("prompt", "answer"))
+    rows = M.read_jsonl(M.ensure_input(path, default, ["synth.py"]), ("prompt", "answer"))
     return rng.sample(rows, n) if 0 < n < len(rows) else rows
 
 

@@ -897,7 +897,7 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path):
         M.read_jsonl(str(path))
     path.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n')
     with pytest.raises(M.UserError, match=f"{path}:2.*answer"):
-        M.read_jsonl(str(path), required_keys=("prompt", "answer"))
+        M.read_jsonl(str(path), ("prompt", "answer"))
     path.write_text('{"prompt": "a"}\n[1, 2]\n')
     with pytest.raises(M.UserError, match=f"{path}:2"):
         M.read_jsonl(str(path))
