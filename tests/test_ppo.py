@@ -199,7 +199,7 @@ def tiny_gpt(n_layer=1, seed=0):
 
 def gpt_params_closed_form(cfg):
     """Tied swiglu/rmsnorm/no-bias GPT: V C + L (2 C + 2 C^2 + 2 C Hkv d + 3 C H) + C."""
-    C, hidden = cfg.n_embd, cfg.hidden
+    C, hidden = cfg.n_embd, cfg.ffn_width
     per_layer = 2 * C + 2 * C * C + 2 * C * cfg.n_kv_head * cfg.head_dim + 3 * C * hidden
     return cfg.vocab_size * C + cfg.n_layer * per_layer + C
 
