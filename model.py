@@ -23,6 +23,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import io
 import json
@@ -1315,6 +1316,26 @@ def run_stage(command: list[str], echo: bool = True) -> None:
     result = subprocess.run([sys.executable, script, *command[1:]])
     if result.returncode != 0:
         raise UserError(f"`python {' '.join(command)}` failed with exit status {result.returncode}")
+
+
+def sha256(path: str) -> str:
+    """The file's SHA-256: proves two runs started from the byte-identical checkpoint."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sparkline(values, width: int = 40) -> str:
+    """A text plot: one block character per value, scaled between the min and the max."""
+    if not values:
+        return ""
+    if len(values) > width:
+        values = [values[int(i * len(values) / width)] for i in range(width)]
+    lo, hi = min(values), max(values)
+    bars = "▁▂▃▄▅▆▇█"
+    return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in values)
 
 
 def peak_memory_mb(device) -> float:

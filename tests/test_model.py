@@ -10,6 +10,7 @@ Models are tiny (n_layer <= 2, n_embd <= 32) so the file runs in well under a mi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -1054,3 +1055,244 @@ def test_model_py_benchmark_smoke_runs():
     assert result.returncode == 0, result.stderr[-2000:]
     for word in ("parameters", "tokens/s", "MFU", "speed-up", "untrained sample"):
         assert word in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: arithmetic that overflows, hostile files, option values, a second writer
+# ----------------------------------------------------------------------------------------------
+
+extreme_numbers = st.sampled_from(["0", "1", "-1", "0.01", "1e-300", "1e300", "1e308", "9" * 60, "0.5", "2",
+                                   "10", "256", "3.5", "1e-5", "123456789"])
+extreme_trees = st.recursive(extreme_numbers, lambda inner: st.one_of(
+    st.tuples(inner, st.sampled_from(["+", "-", "*", "/", "//", "%", "**"]), inner).map(lambda t: f"({t[0]}{t[1]}{t[2]})"),
+    inner.map(lambda x: f"-{x}")), max_leaves=8)
+
+
+@given(expr=extreme_trees)
+def test_arith_raises_only_its_documented_error_on_extreme_constants(expr):
+    """Arbitrary expression trees with extreme constants (overflow, underflow, huge powers, division by
+    tiny numbers) give a real number or ValueError: never OverflowError, ZeroDivisionError or anything else."""
+    try:
+        value = M.arith(expr)
+    except ValueError:
+        return
+    assert isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= M.ARITH_MAX_ABS
+
+
+@given(text=st.text(max_size=80) | st.sampled_from(["0.01**-200=1\n#### 1", "1e308*10=0\n#### 0", "(-8)**0.5=0\n#### 0"]))
+def test_completion_style_never_raises_on_arbitrary_text(text):
+    assert M.completion_style(text) in ("worked", "bare", "wrong_step", "no_answer")
+
+
+@pytest.mark.parametrize("content, where, what", [
+    (b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff\xfe"}\n', ":2", "UTF-8"),
+    (b'{"prompt": "a", "answer": "1"}\n' + b"[" * 100_000 + b"\n", ":2", "nested"),
+    (b'{"prompt": "a", "answer": ' + b"9" * 5000 + b"}\n", ":1", "JSON"),
+    (b'{"prompt": 3, "answer": "1"}\n', ":1", "'prompt' must be a string"),
+    (b'{"prompt": "a", "answer": true}\n', ":1", "'answer' must be"),
+    (b'{"prompt": "a", "answer": [1]}\n', ":1", "'answer' must be"),
+])
+def test_read_jsonl_reports_hostile_lines_as_file_and_line(tmp_path, content, where, what):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(M.UserError) as info:
+        M.read_jsonl(str(path), {"prompt": str, "answer": (str, int, float)})
+    message = str(info.value)
+    assert message.startswith(f"{path}{where}:") and what in message and "\n" not in message
+
+
+def test_read_jsonl_names_a_directory_as_a_directory(tmp_path):
+    with pytest.raises(M.UserError, match="is a directory"):
+        M.read_jsonl(str(tmp_path))
+
+
+def test_read_prompts_accepts_gsm8k_rows_and_reduces_worked_answers(tmp_path):
+    """GSM8K's own format and a rename-only file both give the number after the last ####, so the reference
+    solution itself is rewarded (is_correct) instead of silently scoring 0."""
+    solution = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 1,072"
+    path = tmp_path / "gsm8k.jsonl"
+    M.write_jsonl(str(path), [{"question": "How many?", "answer": solution}, {"prompt": "Renamed?", "answer": solution},
+                              {"prompt": "Plain", "answer": 5}])
+    rows = M.read_prompts(str(path))
+    assert [r["prompt"] for r in rows] == ["How many?", "Renamed?", "Plain"]
+    assert [r["answer"] for r in rows] == ["1072", "1072", "5"]
+    assert all(M.is_correct(solution, r["answer"]) for r in rows[:2])
+    M.write_jsonl(str(tmp_path / "bad.jsonl"), [{"question": "q", "answer": "1+1=2\n####  "}])
+    with pytest.raises(M.UserError, match=r"bad.jsonl:1: 'answer' holds no final answer"):
+        M.read_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_read_demonstrations_takes_gsm8k_answers_as_completions(tmp_path):
+    path = tmp_path / "demos.jsonl"
+    M.write_jsonl(str(path), [{"question": "q1", "answer": "1+1=2\n#### 2"}, {"prompt": "p", "completion": "c"}])
+    rows = M.read_demonstrations(str(path))
+    assert [(r["prompt"], r["completion"]) for r in rows] == [("q1", "1+1=2\n#### 2"), ("p", "c")]
+    M.write_jsonl(str(path), [{"prompt": "p", "completion": 7}])
+    with pytest.raises(M.UserError, match=r"demos.jsonl:1: 'completion' must be a string"):
+        M.read_demonstrations(str(path))
+
+
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=20), new_tokens=st.integers(1, 30))
+def test_fit_prompts_keeps_exactly_the_prompts_that_leave_room(lengths, new_tokens):
+    rows = [{"prompt": "x" * n, "answer": "1"} for n in lengths]
+    block = 40
+    expected = [r for r in rows if len(r["prompt"]) + new_tokens <= block]     # bytes = tokens
+    if not expected:
+        with pytest.raises(M.UserError, match="no prompt fits"):
+            M.fit_prompts(rows, ENC, block, new_tokens, "p.jsonl")
+        return
+    assert M.fit_prompts(rows, ENC, block, new_tokens, "p.jsonl") == expected
+
+
+def hostile_checkpoint(path, **config):
+    """A tiny file whose config asks for a huge model: only the config, and a 2-tensor state dict."""
+    cfg = dataclasses.asdict(M.Config())
+    cfg.update(config)
+    torch.save({"config": cfg, "model": {"wte.weight": torch.zeros(2, 2)}, "tokenizer": {"name": "bytes", "n_vocab": 258},
+                "meta": {}}, path)
+
+
+def test_hostile_config_is_refused_before_anything_is_allocated(tmp_path):
+    """48 layers of width 8192 would be ~39 B parameters (~150 GB); the check compares shapes on the meta
+    device, so it fails fast and allocates nothing (the peak resident set stays far below one such layer)."""
+    path = str(tmp_path / "hostile.pt")
+    hostile_checkpoint(path, n_layer=48, n_embd=8192, n_head=64, n_kv_head=64)
+    before = M.peak_memory_mb("cpu")
+    with watchdog(20), pytest.raises(M.CheckpointError, match="do not match its config"):
+        M.load(path)
+    assert M.peak_memory_mb("cpu") - before < 200     # one 8192x8192 fp32 matrix alone is 256 MB
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_layer": -3}, "invalid config"), ({"n_head": "4"}, "invalid config"), ({"surprise": 1}, "unknown field"),
+    ({"ffn": "mystery"}, "invalid config"), ({"dropout": float("nan")}, "invalid config"),
+])
+def test_checkpoint_with_an_invalid_config_is_a_checkpoint_error(tmp_path, change, message):
+    path = str(tmp_path / "bad.pt")
+    M.save(path, tiny_model(seed=1), ENC)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"].update(change)
+    torch.save(ckpt, path)
+    with pytest.raises(M.CheckpointError, match=message):
+        M.load(path)
+
+
+def test_checkpoint_naming_an_unknown_tokenizer_is_refused(tmp_path):
+    path = str(tmp_path / "tok.pt")
+    M.save(path, tiny_model(seed=1), ENC)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["tokenizer"] = {"name": "https://example.com/evil", "n_vocab": 258}
+    torch.save(ckpt, path)
+    with pytest.raises(M.CheckpointError, match="unknown tokenizer"):
+        M.load(path)
+
+
+def test_save_refuses_non_finite_weights_and_keeps_the_previous_file(tmp_path):
+    path = str(tmp_path / "model.pt")
+    model = tiny_model(seed=2)
+    M.save(path, model, ENC, step=1)
+    before = open(path, "rb").read()
+    with torch.no_grad():
+        model.blocks[0].attn.q.weight[0, 0] = float("nan")
+    with pytest.raises(M.NonFiniteError, match="blocks.0.attn.q.weight"):
+        M.save(path, model, ENC, step=2)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["model.pt"]
+
+
+def test_check_finite_names_the_place_and_the_value():
+    M.check_finite("step 3", loss=torch.tensor(1.5), grad_norm=2.0)
+    for bad in (float("nan"), float("inf"), torch.tensor([1.0, float("-inf")])):
+        with pytest.raises(M.NonFiniteError, match="step 3: loss"):
+            M.check_finite("step 3", loss=bad)
+
+
+def test_stale_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, live_pid = int(dead.stdout), os.getppid()
+    (tmp_path / f".model.pt.{dead_pid}.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / f".model.pt.{live_pid}.tmp").write_bytes(b"someone else's, still writing")
+    M.save(str(tmp_path / "model.pt"), tiny_model(seed=3), ENC)
+    assert sorted(os.listdir(tmp_path)) == sorted(["model.pt", f".model.pt.{live_pid}.tmp"])
+
+
+CLAIM = "import sys, time; sys.path.insert(0, {root!r}); import model as M; M.claim_run_dir({folder!r}); " \
+        "print('claimed', flush=True); time.sleep(30)"
+
+
+def test_a_second_writer_on_a_claimed_run_folder_is_refused(tmp_path):
+    folder = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", CLAIM.format(root=ROOT, folder=folder)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        second = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import model as M; "
+                                 f"M.cli(lambda: M.save_args({folder!r}, {{'seed': 1}}))"], capture_output=True, text=True)
+        assert second.returncode == 2
+        assert second.stderr.count("\n") == 1 and f"pid {holder.pid}" in second.stderr and folder in second.stderr
+        assert sorted(os.listdir(folder)) == [".lock"]          # nothing written by the refused writer
+    finally:
+        holder.kill()
+        holder.wait()
+    M.save_args(folder, {"seed": 2})                            # the lock died with its holder
+    assert json.load(open(os.path.join(folder, "args.json"))) == {"seed": 2}
+
+
+@dataclass
+class RuleArgs:
+    lr: float = 1e-3         # learning rate
+    steps: int = 10          # steps
+    top_p: float = 1.0       # nucleus
+    seed: int = 0            # seed
+
+
+@pytest.mark.parametrize("argv, flag", [(["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--steps", "x"], "--steps"),
+                                        (["--top-p", "-inf"], "--top-p")])
+def test_non_finite_and_malformed_option_values_are_one_line_errors(capsys, argv, flag):
+    with pytest.raises(SystemExit) as info:
+        M.parse_args(RuleArgs, argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and flag in err and "usage" not in err
+
+
+@given(value=st.floats(allow_nan=True, allow_infinity=True, width=64))
+def test_each_option_rule_matches_its_definition_and_nan_fails_all(value):
+    args = RuleArgs(lr=value, top_p=value)
+    definitions = {"positive": value > 0, "non_negative": value >= 0, "probability": 0 <= value <= 1,
+                   "open_unit": 0 < value < 1}
+    for rule, holds in definitions.items():
+        if holds:
+            M.check_options(args, **{rule: ("lr",)})
+        else:
+            with pytest.raises(M.UserError, match=r"^--lr must be"):
+                M.check_options(args, **{rule: ("lr",)})
+    if math.isnan(value):
+        assert not any(definitions.values())
+
+
+@pytest.mark.parametrize("seed, ok", [(0, True), (2 ** 32 - 1, True), (-1, False), (2 ** 32, False)])
+def test_seed_rule_is_what_numpy_accepts(seed, ok):
+    args = RuleArgs(seed=seed)
+    if ok:
+        M.check_options(args, seed=("seed",))
+        np.random.seed(seed)
+    else:
+        with pytest.raises(M.UserError, match="--seed"):
+            M.check_options(args, seed=("seed",))
+        with pytest.raises(ValueError):
+            np.random.seed(seed)
+
+
+def test_resume_args_keeps_saved_values_and_announces_overrides(capsys):
+    saved = {"lr": 0.5, "steps": 7, "top_p": 0.9, "seed": 3, "from_an_older_version": 1}
+    args = M.resume_args(RuleArgs, saved, ["--steps", "9"])
+    assert (args.lr, args.steps, args.top_p, args.seed) == (0.5, 9, 0.9, 3)
+    out = capsys.readouterr().out
+    assert out.strip() == "--steps 9 given: overrides the saved 7"
+
+
+def test_stage_command_parses_back_to_the_same_fields():
+    command = M.stage_command("x.py", lr=0.25, steps=3, top_p=0.5)
+    assert command[0] == "x.py"
+    args = M.parse_args(RuleArgs, command[1:])
+    assert (args.lr, args.steps, args.top_p) == (0.25, 3, 0.5)
+    assert M.stage_command("x.py", control=True, png=False) == ["x.py", "--control", "--no-png"]
