@@ -311,3 +311,62 @@ def test_full_run_produces_the_three_row_table_with_a_fair_control(tmp_path, mon
     assert again["greedy"] == results["control"]["greedy"] and again["sampled"] == results["control"]["sampled"]
     summary = json.load(open(tmp / "run" / "summary.json"))
     assert summary["params_by_role"]["policy"] == sum(p.numel() for p in control_model.parameters())
+
+
+# ---------------------------------------------------------------- bad input and extreme values
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "dapo"])
+def test_empty_batch_gives_zero_loss_not_nan(aggregation):
+    empty = torch.zeros(0, 5, requires_grad=True)
+    loss, stats = grpo.grpo_loss(empty, empty.detach(), torch.zeros(0), torch.zeros(0, 5), aggregation=aggregation)
+    loss.backward()
+    assert loss.item() == 0.0 and stats["clipfrac"] == 0.0
+
+
+@given(log_ratio=st.floats(-200, 200), advantage=st.sampled_from([-1.0, 0.0, 2.0]),
+       aggregation=st.sampled_from(["grpo", "dr_grpo", "dapo"]), beta=st.sampled_from([0.0, 0.1]))
+def test_far_off_policy_tokens_give_finite_loss_and_gradient(log_ratio, advantage, aggregation, beta):
+    """exp(89) is inf in fp32, and inf * 0 (A = 0) is NaN: the clamp at +-MAX_LOG_RATIO keeps both finite,
+    and masked positions holding -inf (top-k) never enter the arithmetic."""
+    logp = torch.tensor([[log_ratio - 1.0, -float("inf")]], requires_grad=True)
+    old = torch.tensor([[-1.0, -float("inf")]])
+    ref = torch.tensor([[-1.0 - log_ratio, 0.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    loss, stats = grpo.grpo_loss(logp, old, torch.tensor([advantage]), mask, ref_logprobs=ref, beta=beta,
+                                 aggregation=aggregation, max_len=2)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0
+    assert all(math.isfinite(v) for v in stats.values())
+    assert grpo.kl_k3(torch.tensor([0.0]), torch.tensor([float(log_ratio)])).isfinite().all()
+
+
+def test_no_budget_is_refused_before_anything_is_written(tmp_path):
+    tmp = tiny_setup(tmp_path)
+    with pytest.raises(M.UserError, match="set a budget"):
+        grpo.train(tiny_args(tmp, time_budget=0, max_steps=0))
+    assert not (tmp / "run").exists()
+
+
+def test_step_budget_runs_exactly_that_many_steps(tmp_path):
+    tmp = tiny_setup(tmp_path)
+    results = grpo.train(tiny_args(tmp, max_steps=3, time_budget=0))
+    train_rows = [r for r in M.read_jsonl(str(tmp / "run" / "metrics.jsonl")) if r.get("kind") == "train"]
+    assert results["steps"] == 3 and [r["step"] for r in train_rows] == [1, 2, 3]
+
+
+def test_the_controls_bad_demonstrations_stop_the_run_before_grpo_trains(tmp_path):
+    """--sft-data is the control's input: a malformed file is reported before GRPO spends its minutes."""
+    tmp = tiny_setup(tmp_path)
+    (tmp / "bad.jsonl").write_text('{"prompt": "1+1=?\\n", "completion": "#### 2"}\n{"prompt": 5, "completion": "x"}\n')
+    with pytest.raises(M.UserError, match=r"bad.jsonl:2: 'prompt' must be a string"):
+        grpo.train(tiny_args(tmp, control=True, sft_data=str(tmp / "bad.jsonl")))
+    assert not (tmp / "run").exists()
+
+
+def test_prompts_longer_than_the_context_are_skipped_and_counted(tmp_path, capsys):
+    tmp = tiny_setup(tmp_path)                      # block_size 64, max_new_tokens 8: prompts of > 56 bytes skip
+    rows = M.read_jsonl(str(tmp / "rl.jsonl"))
+    rows[0] = {"prompt": "9" * 60 + "=?\n", "answer": "1"}
+    M.write_jsonl(str(tmp / "rl.jsonl"), rows)
+    grpo.train(tiny_args(tmp, max_steps=1))
+    assert f"rl.jsonl: skipped 1 of {len(rows)} prompts longer than the context" in capsys.readouterr().out
