@@ -18,13 +18,12 @@ Broder 1997 and Lee et al. 2022 (near-duplicate removal); Shumailov et al. 2024 
     python synth.py --from-model runs/sft/model.pt    # sample, verify, dedup, balance -> data/sft_model.jsonl
     python synth.py --from-model runs/sft/model.pt --self-train-rounds 3   # retrain on unfiltered samples
 """
+import contextlib
 import json
 import math
 import os
 import random
 import re
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
@@ -62,24 +61,18 @@ class Args:
     n_examples: int = 1                      # examples printed per file
     # -- model-generated data: rejection sampling (--from-model) --------------------------------------
     from_model: str = ""                     # checkpoint to sample from; "" = write the synthetic files
-    prompts: str = "data/rl_train.jsonl"     # prompt/answer JSONL to sample on
+    prompts: str = "data/rl_train.jsonl"     # prompt/answer JSONL (or GSM8K question/answer) to sample on
     n_prompts: int = 128                     # prompts drawn from --prompts
     k: int = 4                               # completions sampled per prompt
-    temperature: float = 1.0                 # sampling temperature
-    max_new_tokens: int = 96                 # generation limit per completion
+    temperature: float = 1.0                 # sampling temperature (0 = greedy)
+    max_new_tokens: int = M.MAX_NEW_TOKENS   # generation limit per completion
     batch_size: int = 256                    # completions per generate() call
     keep_bare: bool = False                  # also keep correct answers that show no steps
     ngram: int = 3                           # character n-gram size of the near-duplicate test
     jaccard: float = 0.8                     # tau: completions of one prompt with J >= tau are duplicates
-    out: str = "data/sft_model.jsonl"        # the filtered SFT file
-    # -- self-training on unfiltered samples (model collapse) ------------------------------------------
-    self_train_rounds: int = 0               # R: rounds of sample -> sft.py on the UNFILTERED samples
-    self_train_steps: int = 100              # sft.py --max-steps per round
-    self_train_dir: str = "runs/self_train"  # round files and checkpoints
-    sft_script: str = "sft.py"               # the SFT stage, run as a subprocess
-    sft_args: str = "--time-budget 0 --eval-every 0 --heldout-n 100"  # extra arguments for each sft.py round
-    eval_data: str = "data/rl_test.jsonl"    # held-out prompts for greedy accuracy per round
-    n_eval: int = 200                        # held-out prompts evaluated per round (0 = all)
+    filter: bool = True                      # verify, dedup, balance; --no-filter writes EVERY sample
+    out: str = "data/sft_model.jsonl"        # the SFT file of sampled rows
+    summary: str = ""                        # JSON of counts, pass rates, distinct-n ("" = --out's stem + .summary.json)
     device: str = "auto"                     # auto|cpu|cuda
 
 
@@ -413,12 +406,13 @@ def build_dataset(args: Args) -> dict[str, list[dict]]:
     pref_d = parse_range(args.pref_difficulty, "pref-difficulty")
     rng, taken, used = random.Random(args.seed), set(), Counter()
     split = lambda n, ds, name: draw_split(rng, n, families, ds, taken, used, name)
-    rl_test = split(args.n_test, test_d, "rl_test")
-    sft_test = split(args.n_sft_test, sft_d, "sft_test")
-    prefs_test = split(args.n_prefs_test + len(DIAGNOSTIC_KINDS) * args.n_diagnostic, pref_d, "prefs_test")
-    sft_train = split(args.n_sft, sft_d, "sft_train")
-    prefs_train = split(args.n_prefs, pref_d, "prefs_train")
-    rl_train = split(args.n_rl, rl_d, "rl_train")
+    rl_test = split(args.n_test, test_d, "rl_test.jsonl (--n-test, --test-difficulty)")
+    sft_test = split(args.n_sft_test, sft_d, "sft_test.jsonl (--n-sft-test, --sft-difficulty)")
+    prefs_test = split(args.n_prefs_test + len(DIAGNOSTIC_KINDS) * args.n_diagnostic, pref_d,
+                       "prefs_test.jsonl (--n-prefs-test, --n-diagnostic, --pref-difficulty)")
+    sft_train = split(args.n_sft, sft_d, "sft_train.jsonl (--n-sft, --sft-difficulty)")
+    prefs_train = split(args.n_prefs, pref_d, "prefs_train.jsonl (--n-prefs, --pref-difficulty)")
+    rl_train = split(args.n_rl, rl_d, "rl_train.jsonl (--n-rl, --rl-difficulty)")
     test_kinds = shuffled_labels(rng, args.n_prefs_test, pref_mix) + \
         [kind for kind in DIAGNOSTIC_KINDS for _ in range(args.n_diagnostic)]
     return {
@@ -503,7 +497,7 @@ def filter_samples(rows: list[dict], samples: list[tuple], args: Args, rng: rand
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Sampling from a model; accuracy; self-training on unfiltered samples
+# 5. Sampling from a model: rejection sampling (STaR / RFT), or every sample (--no-filter)
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -534,98 +528,117 @@ def pass_rates(rows: list[dict], samples) -> dict:
     return {d: sum(v) / len(v) for d, v in sorted(hits.items())}
 
 
-def heldout_accuracy(policy, enc, rows: list[dict], args: Args) -> float:
-    """Greedy (temperature 0) accuracy on held-out prompt/answer rows."""
-    samples = sample_completions(policy, enc, [r["prompt"] for r in rows], 1, 0.0, args.max_new_tokens,
-                                 args.batch_size)
-    return sum(M.is_correct(text, rows[i]["answer"]) for i, text, _ in samples) / len(samples)
+def diversity(texts) -> list[float]:
+    """[distinct-1, distinct-2, distinct-3] of a list of completions."""
+    return [distinct_n(texts, n) for n in (1, 2, 3)]
 
 
-def diversity(texts) -> str:
-    return " ".join(f"{distinct_n(texts, n):.3f}" for n in (1, 2, 3))
+def unfiltered_rows(rows: list[dict], samples) -> list[dict]:
+    """--no-filter: EVERY sample as an SFT row, unverified, truncated ones included: what a model trained on
+    its own raw outputs sees (the model-collapse arm of experiments/self_training.py)."""
+    return [{"prompt": rows[i]["prompt"], "completion": text, "answer": str(rows[i]["answer"]),
+             "family": rows[i].get("family", ""), "difficulty": rows[i].get("difficulty", 0),
+             "style": M.completion_style(text), "source": "model_unfiltered", "finished": finished}
+            for i, text, finished in samples]
 
 
-def take_prompts(path: str, default: str, n: int, rng: random.Random) -> list[dict]:
-    rows = M.read_jsonl(M.ensure_input(path, default, ["synth.py"]), ("prompt", "answer"))
-    return rng.sample(rows, n) if 0 < n < len(rows) else rows
+def dataset_command(out_dir: str) -> list[str]:
+    """This file in its default mode: writes the synthetic files, e.g. a missing default --prompts file."""
+    return M.stage_command("synth.py", out_dir=out_dir)
+
+
+def read_sampling_prompts(args: Args, enc, block_size: int, rng: random.Random) -> list[dict]:
+    """--prompts rows (model.read_prompts: {"prompt", "answer"} or GSM8K {"question", "answer"}), the optional
+    labels "family" (text) and "difficulty" (an integer) checked by line; prompts that leave no room for
+    --max-new-tokens in the context are skipped (model.fit_prompts); then --n-prompts of them at random.
+    A missing DEFAULT --prompts file is made by this file's default mode (model.ensure_input)."""
+    default = Args().prompts
+    path = M.ensure_input(args.prompts, default, dataset_command(os.path.dirname(default)))
+    rows = M.read_prompts(path)
+    for number, row in M.jsonl_objects(path):
+        M.check_row(row, {key: kind for key, kind in (("family", str), ("difficulty", int)) if key in row},
+                    f"{path}:{number}")
+    rows = M.fit_prompts(rows, enc, block_size, args.max_new_tokens, path)
+    return rng.sample(rows, args.n_prompts) if args.n_prompts < len(rows) else rows
 
 
 def from_model(args: Args) -> dict:
-    """Rejection sampling (STaR / RFT): sample k per prompt, verify, dedup, balance, write --out."""
+    """Rejection sampling (STaR / RFT): sample k per prompt, verify, dedup, balance; write --out and its
+    summary as one set (neither when no sample passes). With --no-filter, --out holds every sample and the
+    summary still counts what the filter would have kept. -> the summary (counts, pass rates, distinct-n)."""
     device, rng = M.get_device(args.device), random.Random(args.seed)
+    policy, enc, _ = M.load(args.from_model, device)           # inputs first: a bad one writes nothing
+    rows = read_sampling_prompts(args, enc, policy.config.block_size, rng)
+    summary_file = summary_path(args)
+    claim_folders(args.out, summary_file)                      # a second writer is refused before sampling
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    policy, enc, _ = M.load(args.from_model, device)
-    rows = take_prompts(args.prompts, Args.prompts, args.n_prompts, rng)
     t0 = time.time()
     samples = sample_completions(policy, enc, [r["prompt"] for r in rows], args.k, args.temperature,
                                  args.max_new_tokens, args.batch_size, generator)
     seconds = time.time() - t0
     kept, counts = filter_samples(rows, samples, args, rng)
-    rates, kept_per_d = pass_rates(rows, samples), Counter(r["difficulty"] for r in kept)
+    written = kept if args.filter else unfiltered_rows(rows, samples)
+    counts["written"] = len(written)
+    texts = [text for _, text, _ in samples]
+    summary = {"args": asdict(args), "counts": counts, "pass_rate": pass_rates(rows, samples),
+               "sampled_pass": sum(finished and verify(text, rows[i]["answer"]) for i, text, finished in samples)
+               / len(samples),
+               "distinct_n": {"samples": diversity(texts), "written": diversity([r["completion"] for r in written])}}
+    if written:                                                # nothing to write: the previous set stays whole
+        write_file_set({args.out: jsonl_text(written), summary_file: json.dumps(summary, indent=2)})
+    kept_per_d = Counter(r["difficulty"] for r in kept)
+    shown = lambda values: " / ".join(f"{v:.3f}" for v in values)
     print(f"sampled {len(samples)} completions ({len(rows)} prompts x {args.k}, T={args.temperature}) "
           f"from {args.from_model} in {seconds:.1f} s")
     print("difficulty  pass rate  kept")
-    for d, rate in rates.items():
+    for d, rate in summary["pass_rate"].items():
         print(f"{d:>10}  {100 * rate:8.1f}%  {kept_per_d[d]:4d}")
-    print(f"yield: {counts['kept']}/{counts['sampled']} = {100 * counts['kept'] / max(counts['sampled'], 1):.1f}% "
+    print(f"yield: {counts['kept']}/{counts['sampled']} = {100 * counts['kept'] / counts['sampled']:.1f}% "
           f"(verified {counts['verified']}, after dedup {counts['deduplicated']}, after balance {counts['kept']})")
-    print(f"distinct-1/2/3 of completions: all samples {diversity([s[1] for s in samples])} | "
-          f"kept {diversity([r['completion'] for r in kept])}")
-    if kept:
-        M.write_jsonl(args.out, kept)
-        print(f"wrote {args.out} ({len(kept)} rows)")
-    else:
-        print(f"no sample passed the verifier; {args.out} not written")
-    result = {"counts": counts, "pass_rate": rates}
-    if args.self_train_rounds > 0:
-        result["rounds"] = self_train(args, device, policy, enc)
-    return result
-
-
-def self_train(args: Args, device, policy, enc) -> list[dict]:
-    """Model collapse, shown: each round samples from the current model, keeps EVERY sample (no verifier),
-    and fine-tunes on them with sft.py as a subprocess. Prints diversity and held-out accuracy per round."""
-    if not os.path.isfile(args.sft_script):
-        raise M.UserError(f"--self-train-rounds needs the SFT stage: {args.sft_script}: no such file")
-    rng = random.Random(args.seed + 1)
-    rows = take_prompts(args.prompts, Args.prompts, args.n_prompts, rng)
-    heldout = take_prompts(args.eval_data, Args.eval_data, args.n_eval, rng)
-    generator = torch.Generator(device=device).manual_seed(args.seed + 1)
-    checkpoint, table = args.from_model, []
-    for r in range(args.self_train_rounds + 1):
-        samples = sample_completions(policy, enc, [row["prompt"] for row in rows], args.k, args.temperature,
-                                     args.max_new_tokens, args.batch_size, generator)
-        texts = [text for _, text, _ in samples]
-        passed = [finished and verify(text, rows[i]["answer"]) for i, text, finished in samples]
-        table.append({"round": r, "heldout_acc": heldout_accuracy(policy, enc, heldout, args),
-                      "sampled_pass": sum(passed) / len(passed),
-                      **{f"distinct_{n}": distinct_n(texts, n) for n in (1, 2, 3)}, "checkpoint": checkpoint})
-        print(f"round {r}: held-out greedy accuracy {100 * table[-1]['heldout_acc']:.1f}%, sampled pass rate "
-              f"{100 * table[-1]['sampled_pass']:.1f}%, distinct-1/2/3 {diversity(texts)}", flush=True)
-        if r == args.self_train_rounds:
-            break
-        data = os.path.join(args.self_train_dir, f"round{r + 1}.jsonl")
-        M.write_jsonl(data, [{"prompt": rows[i]["prompt"], "completion": text, "answer": str(rows[i]["answer"]),
-                              "family": rows[i].get("family", ""), "difficulty": rows[i].get("difficulty", 0),
-                              "style": M.completion_style(text), "source": f"self_train_round{r + 1}"}
-                             for i, text, _ in samples])
-        out = os.path.join(args.self_train_dir, f"round{r + 1}")
-        command = [sys.executable, args.sft_script, "--init", checkpoint, "--data", data, "--out", out,
-                   "--max-steps", str(args.self_train_steps), *args.sft_args.split()]
-        print("running: " + " ".join(command[1:]), flush=True)
-        if subprocess.run(command).returncode != 0:
-            raise M.UserError(f"round {r + 1}: `{' '.join(command[1:])}` failed")
-        checkpoint = os.path.join(out, "model.pt")
-        policy, enc, _ = M.load(checkpoint, device)
-    print("round  held-out acc  sampled pass  distinct-1  distinct-2  distinct-3")
-    for row in table:
-        print(f"{row['round']:5d}  {100 * row['heldout_acc']:11.1f}%  {100 * row['sampled_pass']:11.1f}%  "
-              f"{row['distinct_1']:10.3f}  {row['distinct_2']:10.3f}  {row['distinct_3']:10.3f}")
-    return table
+    print(f"distinct-1/2/3 of completions: all samples {shown(summary['distinct_n']['samples'])} | "
+          f"written {shown(summary['distinct_n']['written'])}")
+    what = "verified, deduplicated, balanced" if args.filter else "every sample, unfiltered (--no-filter)"
+    print(f"wrote {args.out} ({len(written)} rows: {what}) and {summary_file}" if written else
+          f"no sample passed the verifier; {args.out} and {summary_file} not written")
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Options, the report, main
+# 6. Writing a set of files: one writer per folder, every file complete or none
+# ----------------------------------------------------------------------------------------------
+
+def claim_folders(*paths: str) -> None:
+    """Claim the folder of each output (model.claim_run_dir): one writer per folder, so two runs never mix
+    their files; a second writer gets a one-line error before it writes anything."""
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
+        try:
+            M.claim_run_dir(folder)
+        except OSError as e:
+            raise M.UserError(f"{folder}: cannot write here ({e.strerror})") from None
+
+
+def jsonl_text(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def write_file_set(contents: dict[str, str]) -> None:
+    """Write {path: text} as ONE set. Each file goes to its temporary name (model.atomic_write) and only when
+    every one is complete are they renamed into place. A run that fails or is killed while writing leaves
+    the previous set untouched, never a mix of two runs (held-out prompts of one seed beside the training
+    prompts of another); its temporary files are deleted, or cleaned up by the next writer if it was killed."""
+    path = ""
+    try:
+        with contextlib.ExitStack() as renames:                # on exit: every rename, after every write
+            for path, text in contents.items():
+                temp = renames.enter_context(M.atomic_write(path))
+                temp.write(text)
+                temp.flush()                                   # complete on disk before the first rename
+    except OSError as e:
+        raise M.UserError(f"{e.filename or path}: cannot write ({e.strerror})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Options, the report, main
 # ----------------------------------------------------------------------------------------------
 
 def parse_range(text: str, name: str) -> list[int]:
@@ -678,36 +691,75 @@ def summarize(files: dict[str, list[dict]]) -> dict:
     return summary
 
 
-def write_json(path: str, obj) -> None:
-    """Atomic, like model.write_jsonl: a temporary file, then os.replace."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def show(text: str) -> str:
     return text.replace("\n", " | ")
 
 
-def main(argv=None):
-    args = M.parse_args(Args, argv)
+DATA_FILES = ("sft_train", "sft_test", "prefs_train", "prefs_test", "rl_train", "rl_test")
+MIN_TEMPERATURE = 1e-6    # below it, logits / T overflow float32 for large logits; T = 0 is greedy
+
+
+def summary_path(args: Args) -> str:
+    """Where --from-model writes its summary JSON: --summary, or --out with .summary.json for its extension."""
+    return args.summary or os.path.splitext(args.out)[0] + ".summary.json"
+
+
+def check_output(path: str, flag: str, folder: bool = False) -> None:
+    """An output we can create: a file path that is not a folder (or a folder path that is not a file),
+    under no existing file posing as a folder."""
+    if not path:
+        raise M.UserError(f"--{flag}: a path is needed")
+    target = os.path.abspath(path)
+    if folder and os.path.exists(target) and not os.path.isdir(target):
+        raise M.UserError(f"--{flag} {path}: exists and is not a folder")
+    if not folder and os.path.isdir(target):
+        raise M.UserError(f"--{flag} {path}: is a folder, not a file")
+    parent = target if folder else os.path.dirname(target)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise M.UserError(f"--{flag} {path}: {parent} is not a folder")
+
+
+def check_args(args: Args) -> None:
+    """Every option, before anything is read or written (a bad value: one line, exit 2, no file): sizes, the
+    seed, the temperature and the Jaccard threshold, the families, style and kind mixes and difficulty ranges
+    (parsed here, so a typo fails before any file is touched), the device and the output paths."""
+    M.check_options(args, seed=("seed",), non_negative=("temperature",), probability=("jaccard",))
     M.require_at_least(args, 1, "n_sft", "n_sft_test", "n_rl", "n_test", "n_prefs", "n_prefs_test", "n_prompts", "k",
-                       "max_new_tokens", "batch_size", "ngram", "self_train_steps")
-    M.require_at_least(args, 0, "n_diagnostic", "n_examples", "self_train_rounds")
+                       "max_new_tokens", "batch_size", "ngram")
+    M.require_at_least(args, 0, "n_diagnostic", "n_examples")
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        raise M.UserError(f"--temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {args.temperature}")
+    parse_families(args.families)
+    for name, allowed in (("mix", STYLES), ("test_mix", STYLES), ("pref_mix", PREF_KINDS)):
+        parse_mix(getattr(args, name), allowed, name.replace("_", "-"))
+    for name in ("sft_difficulty", "rl_difficulty", "test_difficulty", "pref_difficulty"):
+        parse_range(getattr(args, name), name.replace("_", "-"))
+    M.check_choices(args, device=("auto", "cpu", "cuda"))
     if args.from_model:
-        return from_model(args)
+        if not args.prompts:
+            raise M.UserError("--prompts: a prompt/answer JSONL file is needed with --from-model")
+        check_output(args.out, "out")
+        check_output(summary_path(args), "summary")
+        if os.path.abspath(summary_path(args)) == os.path.abspath(args.out):
+            raise M.UserError(f"--summary {args.summary}: the same file as --out")
+    else:
+        check_output(args.out_dir, "out-dir", folder=True)
+        for name in (*[f"{n}.jsonl" for n in DATA_FILES], "synth_config.json"):
+            if os.path.isdir(os.path.join(args.out_dir, name)):
+                raise M.UserError(f"--out-dir {args.out_dir}: {name} there is a folder, not a file")
+
+
+def write_dataset(args: Args) -> dict:
+    """The synthetic files: built in memory, then the folder claimed, then all seven written as one set."""
     t0 = time.time()
-    files = build_dataset(args)                     # everything in memory first: a bad option writes nothing
+    files = build_dataset(args)
     summary = summarize(files)
-    os.makedirs(args.out_dir, exist_ok=True)
-    for name, rows in files.items():
-        M.write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), rows)
-    write_json(os.path.join(args.out_dir, "synth_config.json"), {"args": asdict(args), "counts": summary})
+    claim_folders(os.path.join(args.out_dir, "synth_config.json"))
+    write_file_set({**{os.path.join(args.out_dir, f"{name}.jsonl"): jsonl_text(rows) for name, rows in files.items()},
+                    os.path.join(args.out_dir, "synth_config.json"):
+                        json.dumps({"args": asdict(args), "counts": summary}, indent=2)})
     print(f"wrote {len(files)} files to {args.out_dir}/ in {time.time() - t0:.1f} s (seed {args.seed})")
     print(f"{'file':18s} {'rows':>5s}  {'by difficulty':30s} by style / kind")
     for name, s in summary.items():
@@ -729,6 +781,12 @@ def main(argv=None):
                     f"answer {row['answer']}")
             print(f"  {name}: {show(row['prompt'])}{body}  {extra}")
     return {"files": files, "summary": summary}
+
+
+def main(argv=None):
+    args = M.parse_args(Args, argv)
+    check_args(args)                         # every option first: a bad one writes nothing
+    return from_model(args) if args.from_model else write_dataset(args)
 
 
 if __name__ == "__main__":

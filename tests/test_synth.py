@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import subprocess
 import sys
 from collections import Counter
 
@@ -361,24 +362,238 @@ def test_from_model_writes_only_verified_rows(tmp_path, monkeypatch):
     assert result["counts"]["verified"] == 6 and result["counts"]["deduplicated"] == 3   # k copies -> 1
 
 
-def test_self_train_rounds_train_on_unfiltered_samples(tmp_path):
+def test_defaults_come_from_model_py():
+    assert S.Args().max_new_tokens == M.MAX_NEW_TOKENS
+    assert S.dataset_command("data") == ["synth.py", "--out-dir", "data"]
+    assert M.parse_args(S.Args, S.dataset_command(os.path.dirname(S.Args().prompts))[1:]) == S.Args()
+
+
+def test_no_filter_writes_every_sample_and_a_summary_that_matches_the_file(tmp_path):
     data = tmp_path / "data"
     S.main(small_args(tmp_path))
-    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
-    fake_sft = tmp_path / "fake_sft.py"                       # stands in for sft.py: checks its inputs
-    fake_sft.write_text(
-        "import argparse, json, os, shutil\n"
-        "p = argparse.ArgumentParser(); [p.add_argument(f) for f in ('--init', '--data', '--out', '--max-steps')]\n"
-        "a, _ = p.parse_known_args()\n"
-        "rows = [json.loads(l) for l in open(a.data)]\n"
-        "assert rows and all('prompt' in r and 'completion' in r for r in rows)\n"
-        "os.makedirs(a.out, exist_ok=True); shutil.copy(a.init, os.path.join(a.out, 'model.pt'))\n")
-    result = S.main(["--from-model", ckpt, "--prompts", str(data / "rl_train.jsonl"), "--n-prompts", "4",
-                     "--k", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "o.jsonl"), "--device", "cpu",
-                     "--self-train-rounds", "2", "--self-train-dir", str(tmp_path / "self"),
-                     "--sft-script", str(fake_sft), "--eval-data", str(data / "rl_test.jsonl"), "--n-eval", "4"])
-    table = result["rounds"]
-    assert [r["round"] for r in table] == [0, 1, 2]
-    for r in (1, 2):                                          # every sample, unfiltered: n_prompts * k rows
-        assert len(M.read_jsonl(str(tmp_path / "self" / f"round{r}.jsonl"))) == 8
-    assert all(0 <= r["heldout_acc"] <= 1 and 0 <= r["distinct_2"] <= 1 for r in table)
+    out = tmp_path / "samples" / "all.jsonl"
+    summary = S.main(["--from-model", tiny_checkpoint(tmp_path / "tiny.pt"), "--prompts", str(data / "rl_train.jsonl"),
+                      "--n-prompts", "5", "--k", "3", "--max-new-tokens", "8", "--out", str(out), "--no-filter",
+                      "--device", "cpu"])
+    rows = M.read_jsonl(str(out))
+    prompts = {r["prompt"]: r["answer"] for r in M.read_jsonl(str(data / "rl_train.jsonl"))}
+    assert len(rows) == 15 and all(c == 3 for c in Counter(r["prompt"] for r in rows).values())
+    assert all(prompts[r["prompt"]] == r["answer"] and r["source"] == "model_unfiltered" for r in rows)
+    assert not all(S.verify(r["completion"], r["answer"]) for r in rows)     # a random model: unverified rows kept
+    on_disk = json.loads((tmp_path / "samples" / "all.summary.json").read_text())
+    assert on_disk["counts"] == summary["counts"] and summary["counts"]["written"] == 15
+    texts = [r["completion"] for r in rows]
+    for n in (1, 2, 3):                                     # the summary describes exactly the file beside it
+        assert on_disk["distinct_n"]["samples"][n - 1] == on_disk["distinct_n"]["written"][n - 1] == S.distinct_n(texts, n)
+    assert on_disk["sampled_pass"] == sum(r["finished"] and S.verify(r["completion"], r["answer"]) for r in rows) / 15
+
+
+def test_from_model_reads_gsm8k_rows_and_skips_prompts_longer_than_the_context(tmp_path, capsys):
+    prompts = tmp_path / "gsm8k.jsonl"
+    solution = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 1,072"
+    M.write_jsonl(str(prompts), [{"question": f"Natalia sold clips to {n} friends. How many?\n", "answer": solution}
+                                 for n in range(3)] + [{"question": "x" * 400, "answer": "#### 5"}])
+    out = tmp_path / "out.jsonl"
+    S.main(["--from-model", tiny_checkpoint(tmp_path / "tiny.pt"), "--prompts", str(prompts), "--k", "2",
+            "--max-new-tokens", "8", "--out", str(out), "--no-filter", "--device", "cpu"])
+    assert f"{prompts}: skipped 1 of 4 prompts longer than the context" in capsys.readouterr().out
+    rows = M.read_jsonl(str(out))
+    assert len(rows) == 6 and {r["answer"] for r in rows} == {"1072"}       # the number after the last ####
+    assert {r["prompt"] for r in rows} == {f"Natalia sold clips to {n} friends. How many?\n" for n in range(3)}
+
+
+# -- bad input: one line, exit 2, no traceback, no file written ---------------------------------
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Good and bad inputs for --from-model, in a folder of their own (the tests write elsewhere)."""
+    folder = tmp_path_factory.mktemp("inputs")
+    ckpt = tiny_checkpoint(folder / "tiny.pt")
+    blob = open(ckpt, "rb").read()
+    (folder / "truncated.pt").write_bytes(blob[:len(blob) // 2])
+    (folder / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    (folder / "ckpt_dir").mkdir()
+    torch.save({"config": {"n_layer": 48, "n_embd": 8192}, "model": {}}, folder / "hostile.pt")
+    lines = {"good": '{"prompt": "2+3=?\\n", "answer": "5", "difficulty": 1}\n',
+             "empty": "", "not_json": '{"prompt": "2+3=?\\n", "answer": "5"}\n{"prompt": oops}\n',
+             "missing_key": '{"prompt": "2+3=?\\n"}\n', "wrong_type": '{"prompt": 5, "answer": "5"}\n',
+             "bad_difficulty": '{"prompt": "2+3=?\\n", "answer": "5", "difficulty": "hard"}\n',
+             "no_final_answer": '{"question": "How many?", "answer": "they had some\\n#### "}\n',
+             "deep": "[" * 100000 + "\n", "huge": '{"prompt": "1+1=?\\n", "answer": ' + "9" * 5000 + "}\n",
+             "over_long": json.dumps({"prompt": "1+" * 200 + "1=?\n", "answer": "201"}) + "\n"}
+    for name, text in lines.items():
+        (folder / f"{name}.jsonl").write_text(text)
+    (folder / "non_utf8.jsonl").write_bytes(b'{"prompt": "\xff\xfe", "answer": "1"}\n')
+    (folder / "prompts_dir.jsonl").mkdir()
+    (folder / "a_file").write_text("")
+    return folder
+
+
+OPTION_CASES = [  # (extra argv, the option the error names)
+    (["--seed", "-1"], "--seed"), (["--seed", str(2 ** 32)], "--seed"), (["--seed", "x"], "--seed"),
+    (["--n-sft", "-5"], "--n-sft"), (["--n-test", "0"], "--n-test"), (["--n-diagnostic", "-1"], "--n-diagnostic"),
+    (["--n-examples", "-1"], "--n-examples"), (["--k", "0"], "--k"), (["--n-prompts", "0"], "--n-prompts"),
+    (["--batch-size", "0"], "--batch-size"), (["--ngram", "0"], "--ngram"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--temperature", "-1"], "--temperature"), (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "1e-300"], "--temperature"), (["--jaccard", "1.5"], "--jaccard"), (["--jaccard", "nan"], "--jaccard"),
+    (["--mix", "worked=x"], "--mix"), (["--mix", "lazy=1"], "--mix"), (["--mix", "worked=0"], "--mix"),
+    (["--test-mix", ""], "--test-mix"), (["--pref-mix", "off_by_one=-1"], "--pref-mix"),
+    (["--sft-difficulty", "0-3"], "--sft-difficulty"), (["--rl-difficulty", "4-2"], "--rl-difficulty"),
+    (["--test-difficulty", "7"], "--test-difficulty"), (["--pref-difficulty", "x"], "--pref-difficulty"),
+    (["--families", "add,div"], "--families"), (["--families", ""], "--families"), (["--device", "tpu"], "--device"),
+    (["--families", "sub", "--test-difficulty", "1", "--n-test", "56"], "--n-test"), (["--no-such-option"], "--no-such"),
+]
+
+
+def run_cli(argv, capsys):
+    """`python synth.py ARGV` in this process: model.cli turns a UserError into one line and exit 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        M.cli(lambda: S.main(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, err, names):
+    assert code == 2 and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and names in err, err
+
+
+@pytest.mark.parametrize("bad, names", OPTION_CASES, ids=[" ".join(c[0]) or "empty" for c in OPTION_CASES])
+def test_a_bad_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, bad, names):
+    code, err = run_cli(small_args(tmp_path, *bad), capsys)
+    assert_one_line_error(code, err, names)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad, names", OPTION_CASES[:17], ids=[" ".join(c[0]) for c in OPTION_CASES[:17]])
+def test_a_bad_option_with_from_model_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, inputs, bad, names):
+    argv = ["--from-model", str(inputs / "tiny.pt"), "--prompts", str(inputs / "good.jsonl"), "--device", "cpu",
+            "--out", str(tmp_path / "out" / "model.jsonl"), *bad]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, names)
+    assert list(tmp_path.iterdir()) == []
+
+
+INPUT_CASES = [  # (--from-model file, --prompts file, what the error names: the file, and its line when it has one)
+    ("missing.pt", "good.jsonl", "missing.pt"), ("truncated.pt", "good.jsonl", "truncated.pt"),
+    ("garbage.pt", "good.jsonl", "garbage.pt"), ("ckpt_dir", "good.jsonl", "ckpt_dir"),
+    ("hostile.pt", "good.jsonl", "hostile.pt"),
+    ("tiny.pt", "missing.jsonl", "missing.jsonl"), ("tiny.pt", "empty.jsonl", "empty.jsonl"),
+    ("tiny.pt", "not_json.jsonl", "not_json.jsonl:2"), ("tiny.pt", "missing_key.jsonl", "missing_key.jsonl:1"),
+    ("tiny.pt", "wrong_type.jsonl", "wrong_type.jsonl:1"), ("tiny.pt", "bad_difficulty.jsonl", "bad_difficulty.jsonl:1"),
+    ("tiny.pt", "no_final_answer.jsonl", "no_final_answer.jsonl:1"), ("tiny.pt", "non_utf8.jsonl", "non_utf8.jsonl:1"),
+    ("tiny.pt", "deep.jsonl", "deep.jsonl:1"), ("tiny.pt", "huge.jsonl", "huge.jsonl:1"),
+    ("tiny.pt", "prompts_dir.jsonl", "prompts_dir.jsonl"), ("tiny.pt", "over_long.jsonl", "over_long.jsonl"),
+]
+
+
+@pytest.mark.parametrize("ckpt, prompts, names", INPUT_CASES, ids=[f"{c[0]}-{c[1]}" for c in INPUT_CASES])
+def test_a_bad_input_file_is_one_line_naming_it_exit_2_and_writes_nothing(tmp_path, capsys, inputs, ckpt, prompts, names):
+    argv = ["--from-model", str(inputs / ckpt), "--prompts", str(inputs / prompts), "--max-new-tokens", "16",
+            "--device", "cpu", "--out", str(tmp_path / "out" / "model.jsonl")]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, str(inputs / names))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("outputs, names", [
+    (["--out-dir", "{inputs}/a_file"], "--out-dir"), (["--out-dir", "{inputs}/a_file/data"], "--out-dir"),
+    (["--from-model", "{inputs}/tiny.pt", "--out", "{inputs}/ckpt_dir"], "--out"),
+    (["--from-model", "{inputs}/tiny.pt", "--out", "{inputs}/a_file/x.jsonl"], "--out"),
+    (["--from-model", "{inputs}/tiny.pt", "--out", "{tmp}/x.jsonl", "--summary", "{tmp}/x.jsonl"], "--summary"),
+    (["--from-model", "{inputs}/tiny.pt", "--out", "{tmp}/x.jsonl", "--summary", "{inputs}/ckpt_dir"], "--summary"),
+    (["--from-model", "{inputs}/tiny.pt", "--prompts", ""], "--prompts")])
+def test_an_output_path_that_cannot_be_written_is_refused_before_anything_is_read(tmp_path, capsys, inputs, outputs,
+                                                                                   names):
+    argv = [a.format(inputs=inputs, tmp=tmp_path) for a in outputs]
+    code, err = run_cli(small_args(tmp_path)[2:] + argv, capsys)    # no --out-dir of small_args: the case's own
+    assert_one_line_error(code, err, names)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_dir_holding_a_folder_where_a_data_file_goes_is_refused(tmp_path, capsys):
+    (tmp_path / "data" / "rl_test.jsonl").mkdir(parents=True)
+    code, err = run_cli(small_args(tmp_path), capsys)
+    assert_one_line_error(code, err, "--out-dir")
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["rl_test.jsonl"]
+
+
+# -- one writer per folder, and a set of files written whole or not at all -----------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOLD_FOLDER = "import sys, model as M; M.claim_run_dir(sys.argv[1]); print('claimed', flush=True); sys.stdin.read()"
+
+
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
+
+
+def test_a_second_writer_on_a_claimed_folder_is_refused_and_writes_nothing(tmp_path, capsys, inputs):
+    data = tmp_path / "data"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FOLDER, str(data)], cwd=ROOT, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"          # process 1 holds the folder
+        before = files_of(data)
+        second = subprocess.run([sys.executable, "synth.py", *small_args(tmp_path)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)               # process 2: `python synth.py` on it
+        assert_one_line_error(second.returncode, second.stderr, f"{data}: another run (pid {holder.pid})")
+        code, err = run_cli(["--from-model", str(inputs / "tiny.pt"), "--prompts", str(inputs / "good.jsonl"),
+                             "--device", "cpu", "--out", str(data / "model.jsonl")], capsys)   # and this one
+        assert_one_line_error(code, err, f"{data}: another run (pid {holder.pid})")
+        assert files_of(data) == before and list(before) == [".lock"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+KILLED_MIDWAY = """
+import os, signal, sys
+import model as M, synth as S
+argv = sys.argv[1:]
+S.main(argv)                                          # the previous set (seed 0)
+opened, real = [], M.atomic_write
+def dying(path, mode="w"):                            # killed after 3 files are complete under their temporary
+    opened.append(path)                               # names, while the 4th is begun
+    if len(opened) == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, mode)
+M.atomic_write = dying
+S.main(argv + ["--seed", "1"])
+"""
+
+
+def test_a_run_killed_while_writing_leaves_the_previous_set_whole(tmp_path):
+    folder = tmp_path / "run" / "data"
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_MIDWAY, *small_args(tmp_path / "run")], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert killed.wait(timeout=300) == -9, killed.stderr.read()
+    S.main(small_args(tmp_path / "ref"))                              # the seed-0 set, written on its own
+    reference, left = files_of(tmp_path / "ref" / "data"), files_of(folder)
+    temps = [name for name in left if name.endswith(".tmp")]
+    assert len(temps) == 3 and all(name.endswith(f".{killed.pid}.tmp") for name in temps)   # 3 complete, unrenamed
+    for name in (f"{n}.jsonl" for n in S.DATA_FILES):
+        assert left[name] == reference[name], name                    # every data file is still seed 0's
+    assert json.loads(left["synth_config.json"])["args"]["seed"] == 0
+    S.main(small_args(tmp_path / "run", "--seed", "1"))               # the next writer: a whole seed-1 set
+    after = files_of(folder)
+    assert not [name for name in after if name.endswith(".tmp")]      # the dead writer's temporary files are gone
+    assert all(after[f"{n}.jsonl"] != reference[f"{n}.jsonl"] for n in S.DATA_FILES)
+
+
+def test_a_run_failing_while_writing_leaves_the_previous_set_whole_and_no_temporary_file(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    S.main(small_args(tmp_path))
+    before = files_of(folder)
+    opened, real = [], M.atomic_write
+
+    def disk_full(path, mode="w"):
+        opened.append(path)
+        if len(opened) == 5:
+            raise OSError(28, "No space left on device", path)
+        return real(path, mode)
+
+    monkeypatch.setattr(M, "atomic_write", disk_full)
+    with pytest.raises(M.UserError, match="No space left on device"):
+        S.main(small_args(tmp_path, "--seed", "1"))
+    assert len(opened) == 5 and files_of(folder) == before            # 4 files written, none renamed into place
