@@ -99,8 +99,8 @@ def check_args(args) -> None:
     M.check_options(args, positive=("prompts_per_step", "update_epochs", "micro_batch", "max_new_tokens", "n_eval",
                                     "n_eval_during", "pass_k", "eval_minutes"),
                     non_negative=("refill_rounds", "top_k", "threads", "beta", "lr", "weight_decay", "grad_clip",
-                                  "temperature", "eps_low", "eps_high"),
-                    probability=("top_p",), seed=("seed",))
+                                  "eps_low", "eps_high"),
+                    probability=("top_p",), seed=("seed",), temperature=("temperature",))
     M.check_budget(args)
     if args.top_p <= 0:
         raise M.UserError(f"--top-p must be > 0, got {args.top_p}")

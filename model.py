@@ -1128,6 +1128,7 @@ OPTION_RULES = {
     "probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "open_unit": (lambda v: 0 < v < 1, "in (0, 1)"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    "temperature": (lambda v: v == 0 or 1e-6 <= v < 1e6, "0 (greedy) or in [1e-6, 1e6)"),   # z / tau stays finite
 }
 
 
