@@ -61,7 +61,7 @@ class Args:
     top_k: int = 0                         # top-k truncation of the sampler (0 = off)
     top_p: float = 1.0                     # nucleus truncation of the sampler (1 = off)
     max_new_tokens: int = M.MAX_NEW_TOKENS # completion length limit; longer ones are truncated
-    rewards: str = "correct=1.0"           # weighted reward functions, name=weight: correct, format, overlong
+    rewards: str = "correct=1.0"           # weighted reward functions, name=weight: correct, format, overlong, expression
     dynamic_sampling: bool = True          # drop groups whose rewards are all equal (DAPO); refill up to --refill-rounds
     refill_rounds: int = 0                 # extra sampling rounds to refill dropped groups (0 = just drop)
     # loss
@@ -130,7 +130,14 @@ def overlong_reward(text, row, length, truncated, args, buffer=16):
     return 0.0 if length <= limit - buffer else -min(1.0, (length - (limit - buffer)) / buffer)
 
 
-REWARDS = {"correct": correct_reward, "format": format_reward, "overlong": overlong_reward}
+def expression_reward(text, row, length, truncated, args):
+    """Countdown (TinyZero): 1 when the completion's final `#### <expression>` uses only the row's allowed
+    numbers (each at most once) and evaluates to its target, else 0. Same loss, another capability."""
+    return float(M.expression_hits_target(text, row.get("numbers", ()), row["answer"]))
+
+
+REWARDS = {"correct": correct_reward, "format": format_reward, "overlong": overlong_reward,
+           "expression": expression_reward}
 
 
 def parse_reward_weights(spec: str) -> dict:
@@ -287,7 +294,7 @@ def rollout(policy, enc, rows, args, weights, generator) -> Rollout:
     t_score = time.time()
     rewards = torch.tensor([total_reward(text, rows[i // G], int(lengths[i]), bool(truncated[i]), args, weights)
                             for i, text in enumerate(texts)])
-    correct = torch.tensor([float(M.is_correct(text, rows[i // G]["answer"])) for i, text in enumerate(texts)])
+    correct = torch.tensor([float(M.verify(text, rows[i // G])) for i, text in enumerate(texts)])
     score_s = time.time() - t_score
     # One right-padded row per completion: prompt then completion; loss positions are the completion's.
     N, T = len(prompts), max(len(p) + int(n) for p, n in zip(prompts, lengths))

@@ -921,6 +921,51 @@ def arith(expr: str):
     return walk(tree.body, 0)
 
 
+def final_expression(text: str) -> str | None:
+    """The whole rest of the line after the LAST '####' (an expression may hold spaces), or None."""
+    at = text.rfind("####")
+    if at < 0:
+        return None
+    line = text[at + 4:].split("\n", 1)[0].strip()
+    return line or None
+
+
+def expression_numbers(expr: str) -> list:
+    """The number literals of an arithmetic expression, in order (a unary minus is an operator, not part
+    of the literal). Raises ValueError where arith would."""
+    arith(expr)                                       # the same bounds and the same accepted syntax
+    tree = ast.parse(expr.strip(), mode="eval")
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)]
+
+
+def expression_hits_target(text: str, numbers, target) -> bool:
+    """Countdown (as in TinyZero): does the completion's final '#### <expression>' use only the allowed
+    numbers, each at most as often as it is given, and evaluate to the target? Anything that does not
+    parse, uses another number, or misses the target is False; this function never raises."""
+    expr = final_expression(text)
+    if expr is None:
+        return False
+    try:
+        used, value = expression_numbers(expr), arith(expr)
+        goal = float(target)
+    except (ValueError, TypeError):
+        return False
+    pool = list(numbers)
+    for number in used:
+        if number not in pool:                     # 2 == 2.0, so "2.0" uses an allowed 2
+            return False
+        pool.remove(number)
+    return math.isclose(value, goal, rel_tol=0.0, abs_tol=1e-9)
+
+
+def verify(text: str, row: dict) -> bool:
+    """The task's own verifier for a prompt row: a Countdown row (it lists its "numbers") is solved by an
+    expression that hits its "answer"; any other row by a final answer equal to its "answer"."""
+    if "numbers" in row:
+        return expression_hits_target(text, row["numbers"], row["answer"])
+    return is_correct(text, row["answer"])
+
+
 def step_lines(text: str) -> list[tuple[str, str]]:
     """The worked steps before the '####' line: lines 'lhs=rhs' with an integer rhs -> [(lhs, rhs)]."""
     body = text[:text.rfind("####")] if "####" in text else text
@@ -964,7 +1009,7 @@ def evaluate(model, enc, rows, max_new_tokens: int = MAX_NEW_TOKENS, temperature
       mean_length   new tokens per completion;  truncated: share cut by max_new_tokens
       completions   the decoded texts (prompt-major: samples consecutive completions per prompt)."""
     prompts = [encode(enc, r["prompt"]) for r in rows for _ in range(samples)]
-    answers = [r["answer"] for r in rows for _ in range(samples)]
+    expanded = [r for r in rows for _ in range(samples)]
     texts, lengths, truncated = [], [], []
     for start in range(0, len(prompts), batch_size):
         gen = generate(model, prompts[start:start + batch_size], max_new_tokens, temperature=temperature,
@@ -972,7 +1017,7 @@ def evaluate(model, enc, rows, max_new_tokens: int = MAX_NEW_TOKENS, temperature
         texts += [decode(enc, row) for row in gen.tokens.tolist()]
         lengths += gen.lengths.tolist()
         truncated += (~gen.finished).tolist()
-    correct = np.array([is_correct(t, a) for t, a in zip(texts, answers)], dtype=float)
+    correct = np.array([verify(text, row) for text, row in zip(texts, expanded)], dtype=float)
     per_prompt = correct.reshape(len(rows), samples)
     p, n = float(correct.mean()), len(correct)
     by_difficulty = {}
