@@ -63,6 +63,15 @@ class Config:
     norm_position: str = "pre"   # pre | post (post = the original Transformer)
     pos: str = "rope"            # rope | learned
     rope_base: float = 10000.0   # RoPE frequency base theta
+    rope_scaling: str = "none"   # none | llama3 (Llama 3.1's frequency-dependent context extension)
+    rope_factor: float = 8.0     # llama3: how much longer the extended context is
+    rope_low_freq_factor: float = 1.0    # llama3: wavelengths beyond original_context / this are divided by the factor
+    rope_high_freq_factor: float = 4.0   # llama3: wavelengths below original_context / this are kept
+    rope_original_context: int = 8192    # llama3: the context the model was pre-trained at
+    head_dim: int = 0            # width of one attention head; 0 = n_embd / n_head (Qwen3-0.6B: 128 with n_embd 1024, 16 heads)
+    norm_eps: float = 1e-6       # epsilon of every norm (Llama, SmolLM2, Qwen: 1e-5 or 1e-6, from their config)
+    qk_norm: bool = False        # RMSNorm on each head's queries and keys before RoPE (Qwen3)
+    qkv_bias: bool = False       # biases on the query, key and value projections only (Qwen2, Qwen2.5)
     tie_embeddings: bool = True  # output matrix = input embedding matrix
     bias: bool = False           # biases in linear layers and LayerNorm
     dropout: float = 0.0         # dropout on attention and residual branches
@@ -72,36 +81,40 @@ class Config:
     moe_z_coef: float = 0.001       # MoE: weight of the router z-loss in aux_loss
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_head", "n_kv_head", "n_embd", "n_expert", "moe_top_k"):
+        for name in ("vocab_size", "block_size", "n_head", "n_kv_head", "n_embd", "n_expert", "moe_top_k",
+                     "rope_original_context"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"Config.{name}={value!r} must be a positive integer")
-        for name in ("n_layer", "ffn_hidden"):   # 0 layers: a bigram model; ffn_hidden 0: automatic width
+        for name in ("n_layer", "ffn_hidden", "head_dim"):   # 0 layers: a bigram model; 0 width: automatic
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise ValueError(f"Config.{name}={value!r} must be an integer >= 0")
-        if not (isinstance(self.rope_base, (int, float)) and math.isfinite(self.rope_base) and self.rope_base > 1):
-            raise ValueError(f"Config.rope_base={self.rope_base!r} must be a finite number > 1")
+        for name, low in (("rope_base", 1.0), ("rope_factor", 0.0), ("rope_low_freq_factor", 0.0),
+                          ("rope_high_freq_factor", 0.0), ("norm_eps", 0.0)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > low):
+                raise ValueError(f"Config.{name}={value!r} must be a finite number > {low:g}")
+        if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ValueError("Config.rope_high_freq_factor must be > rope_low_freq_factor")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise ValueError(f"Config.dropout={self.dropout!r} must be in [0, 1)")
         choices = {"ffn": ("swiglu", "geglu", "gelu", "relu", "relu2", "moe"),
                    "norm": ("rmsnorm", "layernorm"), "norm_position": ("pre", "post"),
-                   "pos": ("rope", "learned")}
+                   "pos": ("rope", "learned"), "rope_scaling": ("none", "llama3")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Config.{name}={getattr(self, name)!r}; choose one of {allowed}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.head_dim == 0:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_dim)")
+            self.head_dim = self.n_embd // self.n_head
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
-        if (self.n_embd // self.n_head) % 2 and self.pos == "rope":
+        if self.head_dim % 2 and self.pos == "rope":
             raise ValueError("RoPE needs an even head dimension")
         if self.ffn == "moe" and not 1 <= self.moe_top_k <= self.n_expert:
             raise ValueError(f"moe_top_k={self.moe_top_k} must be in [1, n_expert={self.n_expert}]")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
     @property
     def ffn_width(self) -> int:
@@ -114,7 +127,8 @@ class Config:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019): y = x / sqrt(mean(x^2) + eps) * g. No mean subtraction."""
+    """RMSNorm (Zhang & Sennrich 2019): y = x / sqrt(mean(x^2) + eps) * g. No mean subtraction.
+    Computed in fp32 and cast back (as Llama and Qwen do), so bf16 weights normalise exactly."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -122,19 +136,39 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def make_norm(cfg: Config) -> nn.Module:
-    return RMSNorm(cfg.n_embd) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+def make_norm(cfg: Config, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.n_embd
+    return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_cos_sin(positions, head_dim: int, base: float):
-    """Rotary position embedding angles (Su et al. 2021, RoFormer).
+def rope_frequencies(cfg: Config, device=None):
+    """theta_i = base^(-2i/d) for i < d/2 (RoFormer), written 1 / base^(2i/d) as Llama does, bit for bit.
 
-    theta_i = base^(-2i/d),  angle[t, i] = position_t * theta_i.    positions (B, T) -> cos, sin (B, 1, T, d/2)
-    """
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    rope_scaling "llama3" (Llama 3.1) stretches the context by `factor` without touching short wavelengths:
+    with lambda_i = 2 pi / theta_i and L the original context,
+        lambda_i > L / low_freq_factor   ->  theta_i / factor                      (long waves: interpolated)
+        lambda_i < L / high_freq_factor  ->  theta_i                               (short waves: kept)
+        otherwise, with s = (L / lambda_i - low) / (high - low):  (1 - s) theta_i / factor + s theta_i."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    if cfg.rope_scaling == "llama3":
+        L, low, high, factor = cfg.rope_original_context, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_factor
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > L / low, inv_freq / factor, inv_freq)
+        smooth = (L / wavelength - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelength < L / high) & ~(wavelength > L / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq                                                         # (d/2,)
+
+
+def rope_cos_sin(positions, inv_freq):
+    """Rotary position embedding angles (Su et al. 2021, RoFormer): angle[t, i] = position_t * theta_i.
+    positions (B, T), inv_freq (d/2,) -> cos, sin (B, 1, T, d/2)."""
     angles = positions.float()[..., None] * inv_freq            # (B, T, d/2)
     return angles.cos()[:, None], angles.sin()[:, None]
 
@@ -216,16 +250,20 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
-        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
+        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.proj.residual = True   # scaled init
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None   # Qwen3
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int, cache_index=None):
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)        # (B, H, T, d)
         k, v = self.kv(x).view(B, T, 2, self.n_kv_head, self.head_dim).unbind(2)
         k, v = k.transpose(1, 2), v.transpose(1, 2)                                  # (B, Hkv, T, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -393,7 +431,9 @@ class GPT(nn.Module):
                 raise ValueError(f"position {int(positions.max())} >= block_size {self.config.block_size}")
             x = x + self.wpe(positions)
         x = self.drop(x)
-        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_base) if self.wpe is None else None
+        rope = None
+        if self.wpe is None:   # fp32 frequencies from the config on every call: cheap, and never cast to bf16
+            rope = rope_cos_sin(positions, rope_frequencies(self.config, tokens.device))
         mask = None                                  # None = plain causal (fast path)
         if cache is not None:
             if doc_ids is None:
@@ -842,6 +882,130 @@ def load(path: str, device="cpu"):
         raise CheckpointError(f"{path}: not a readable checkpoint; truncated, corrupt or not ours "
                               f"({type(e).__name__}: {reason})") from None
     return model.to(device), enc, ckpt
+
+
+# Hugging Face and GGUF checkpoints: Llama (Llama 3.x, SmolLM2), Qwen2 / Qwen2.5 and Qwen3 map onto GPT
+# with these switches. Names: ours on the left, Hugging Face's on the right ({i} = layer).
+
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                    "Qwen3ForCausalLM": "qwen3"}
+HF_NAMES = {"wte.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight",
+            "lm_head.weight": "lm_head.weight"}
+HF_LAYER_NAMES = {"norm1.weight": "input_layernorm.weight", "norm2.weight": "post_attention_layernorm.weight",
+                  "attn.q.weight": "self_attn.q_proj.weight", "attn.q.bias": "self_attn.q_proj.bias",
+                  "attn.proj.weight": "self_attn.o_proj.weight", "attn.q_norm.weight": "self_attn.q_norm.weight",
+                  "attn.k_norm.weight": "self_attn.k_norm.weight", "ffn.w1.weight": "mlp.gate_proj.weight",
+                  "ffn.w3.weight": "mlp.up_proj.weight", "ffn.w2.weight": "mlp.down_proj.weight"}
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+GGUF_LAYER_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+                    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.q_proj.bias": "attn_q.bias",
+                    "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+                    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
+                    "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+                    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def config_from_hf(hf: dict, path: str) -> Config:
+    """Our Config from a Hugging Face config.json (transformers 4.x keys and 5.x `rope_parameters`)."""
+    architecture = (hf.get("architectures") or ["?"])[0]
+    family = HF_ARCHITECTURES.get(architecture)
+    if family is None:
+        raise CheckpointError(f"{path}: architecture {architecture!r} is not supported; "
+                              f"choose one of {', '.join(HF_ARCHITECTURES)}")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias") or (family == "llama" and hf.get("attention_bias")):
+        raise CheckpointError(f"{path}: only SiLU-gated FFNs without MLP biases (and Llama without attention biases) are supported")
+    rope = dict(hf.get("rope_scaling") or {})
+    rope.update(hf.get("rope_parameters") or {})
+    scaling = rope.get("rope_type", rope.get("type", "default"))
+    if scaling not in ("default", "llama3"):
+        raise CheckpointError(f"{path}: rope scaling {scaling!r} is not supported (default, llama3)")
+    n_head = hf["num_attention_heads"]
+    try:
+        return Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+                      n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                      n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+                      ffn="swiglu", ffn_hidden=hf["intermediate_size"], norm="rmsnorm",
+                      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                      rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                      rope_scaling="llama3" if scaling == "llama3" else "none",
+                      rope_factor=float(rope.get("factor", 8.0)),
+                      rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                      rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                      rope_original_context=int(rope.get("original_max_position_embeddings", 8192)),
+                      qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: config.json is missing or has a bad value ({type(e).__name__}: {e})") from None
+
+
+def config_to_hf(cfg: Config) -> dict:
+    """A config.json that transformers loads unchanged: Qwen3 (q/k norms), Qwen2 (q/k/v biases) or Llama."""
+    llama_like = (cfg.ffn == "swiglu" and cfg.norm == "rmsnorm" and cfg.norm_position == "pre" and cfg.pos == "rope"
+                  and not cfg.bias)
+    if not llama_like:
+        raise UserError("only pre-norm RMSNorm + RoPE + SwiGLU models without biases (the Llama family) can be "
+                        f"exported to Hugging Face; this one has ffn={cfg.ffn}, norm={cfg.norm}, "
+                        f"norm_position={cfg.norm_position}, pos={cfg.pos}, bias={cfg.bias}")
+    architecture, model_type = (("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else
+                                ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama"))
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_base}
+    if cfg.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor, original_max_position_embeddings=cfg.rope_original_context)
+    hf = {"architectures": [architecture], "model_type": model_type, "vocab_size": cfg.vocab_size,
+          "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_width, "num_hidden_layers": cfg.n_layer,
+          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
+          "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+          "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+          "rope_theta": cfg.rope_base, "rope_scaling": None if cfg.rope_scaling == "none" else
+          {k: v for k, v in rope.items() if k != "rope_theta"}, "rope_parameters": rope,
+          "torch_dtype": "float32", "dtype": "float32"}
+    if model_type == "qwen2":
+        hf["attention_bias"] = True
+    return hf
+
+
+def state_dict_from_hf(tensors: dict, cfg: Config, path: str) -> dict:
+    """Hugging Face tensor names -> ours; k_proj and v_proj become the rows of our fused kv projection."""
+    state = {}
+    try:
+        for ours, theirs in HF_NAMES.items():
+            if theirs in tensors:
+                state[ours] = tensors[theirs]
+        for i in range(cfg.n_layer):
+            prefix = f"model.layers.{i}."
+            for ours, theirs in HF_LAYER_NAMES.items():
+                if prefix + theirs in tensors:
+                    state[f"blocks.{i}.{ours}"] = tensors[prefix + theirs]
+            for kind in ("weight", "bias"):
+                k, v = prefix + f"self_attn.k_proj.{kind}", prefix + f"self_attn.v_proj.{kind}"
+                if k in tensors:
+                    state[f"blocks.{i}.attn.kv.{kind}"] = torch.cat([tensors[k], tensors[v]], 0)   # (2 Hkv d, ...)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: tensor {e} is missing") from None
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]
+    return state
+
+
+def state_dict_to_hf(state: dict, cfg: Config) -> dict:
+    """Ours -> Hugging Face names (the inverse of state_dict_from_hf); a tied lm_head is not written."""
+    tensors = {theirs: state[ours] for ours, theirs in HF_NAMES.items() if ours in state}
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    kv_rows = cfg.n_kv_head * cfg.head_dim
+    for i in range(cfg.n_layer):
+        for ours, theirs in HF_LAYER_NAMES.items():
+            if f"blocks.{i}.{ours}" in state:
+                tensors[f"model.layers.{i}.{theirs}"] = state[f"blocks.{i}.{ours}"]
+        for kind in ("weight", "bias"):
+            if f"blocks.{i}.attn.kv.{kind}" in state:
+                kv = state[f"blocks.{i}.attn.kv.{kind}"]
+                tensors[f"model.layers.{i}.self_attn.k_proj.{kind}"] = kv[:kv_rows]
+                tensors[f"model.layers.{i}.self_attn.v_proj.{kind}"] = kv[kv_rows:]
+    return {name: t.detach().contiguous() for name, t in tensors.items()}
 
 
 # ----------------------------------------------------------------------------------------------

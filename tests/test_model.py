@@ -55,6 +55,11 @@ def random_tokens(seed: int, *shape, high: int = 256) -> torch.Tensor:
     return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
 
 
+def rope_freqs(head_dim: int, base: float):
+    """theta_i = base^(-2i/d) through the model's own function (a one-head config of that width)."""
+    return M.rope_frequencies(M.Config(n_embd=head_dim, n_head=1, n_kv_head=1, rope_base=base))
+
+
 def close(a, b, tol=1e-5):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
@@ -231,7 +236,7 @@ def test_rope_score_depends_only_on_offset(d, i, j, shift, seed, base):
     q, k = torch.randn(d, generator=g), torch.randn(d, generator=g)
 
     def score(pi, pj):
-        cos, sin = M.rope_cos_sin(torch.tensor([[pi, pj]]), d, base)            # (1, 1, 2, d/2)
+        cos, sin = M.rope_cos_sin(torch.tensor([[pi, pj]]), rope_freqs(d, base))            # (1, 1, 2, d/2)
         x = torch.stack([q, k])[None, None]                                      # (1, 1, 2, d)
         rq, rk = M.apply_rope(x, cos, sin)[0, 0]
         return float(rq @ rk)
@@ -247,7 +252,7 @@ def test_rope_score_depends_only_on_offset(d, i, j, shift, seed, base):
 
 def test_rope_preserves_norm_and_is_identity_at_position_zero():
     x = torch.randn(1, 2, 3, 8)
-    cos, sin = M.rope_cos_sin(torch.tensor([[0, 5, 77]]), 8, 10000.0)
+    cos, sin = M.rope_cos_sin(torch.tensor([[0, 5, 77]]), rope_freqs(8, 10000.0))
     y = M.apply_rope(x, cos, sin)
     close(y.norm(dim=-1), x.norm(dim=-1))
     close(y[:, :, 0], x[:, :, 0])
@@ -289,7 +294,7 @@ def test_gqa_equals_hand_computed_attention_with_repeated_kv_heads(n_kv_head, ro
     attn = M.Attention(M.Config(n_embd=C, n_head=H, n_kv_head=n_kv_head)).eval()
     x = torch.randn(B, T, C)
     positions = torch.arange(T).expand(B, T)
-    cos_sin = M.rope_cos_sin(positions, d, 10000.0) if rope else None
+    cos_sin = M.rope_cos_sin(positions, rope_freqs(d, 10000.0)) if rope else None
     with torch.no_grad():
         ours = attn(x, cos_sin, None, None, 0)
         q = (x @ attn.q.weight.T).view(B, T, H, d).transpose(1, 2)              # (B, H, T, d)
