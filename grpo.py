@@ -365,13 +365,10 @@ def collect_rollouts(policy, enc, next_prompts, n_prompts: int, args, weights, g
 # ----------------------------------------------------------------------------------------------
 
 def policy_logprobs(policy, tokens, args):
-    """log pi(token) of each next token under the sampling transform, and the entropy of that
-    distribution. tokens (B, T) -> (B, T-1), (B, T-1)."""
-    logits = policy(tokens)[:, :-1]                                               # (B, T-1, V)
-    logp = M.sampling_logprobs(logits, args.temperature, args.top_k, args.top_p)
-    chosen = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    entropy = -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
-    return chosen, entropy
+    """log pi(token) of each next token under the sampling transform (the distribution the rollout sampled
+    from: same temperature and truncation), and the entropy of that distribution.
+    tokens (B, T) -> (B, T-1), (B, T-1). The logits are built in chunks (model.token_logprobs)."""
+    return M.token_logprobs(policy, tokens, args.temperature, args.top_k, args.top_p, entropy=True)
 
 
 def forward_logprobs(model, tokens, args, micro_batch: int):

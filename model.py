@@ -43,6 +43,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,8 +450,12 @@ class GPT(nn.Module):
             cache.length += T
         return self.norm_f(x)
 
-    def forward(self, tokens, positions=None, doc_ids=None, cache: KVCache | None = None, cache_index=None):
-        return self.lm_head(self.hidden(tokens, positions, doc_ids, cache, cache_index)).float()   # (B, T, V)
+    def forward(self, tokens, positions=None, doc_ids=None, cache: KVCache | None = None, cache_index=None,
+                return_hidden: bool = False):
+        """Logits (B, T, V) in float32; or, with return_hidden, the final hidden states (B, T, C), for
+        callers that apply the LM head in chunks (token_logprobs) and still go through forward (DDP)."""
+        h = self.hidden(tokens, positions, doc_ids, cache, cache_index)
+        return h if return_hidden else self.lm_head(h).float()
 
 
 def unwrap(model) -> GPT:
@@ -716,16 +721,48 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
 # 4. Log-probabilities
 # ----------------------------------------------------------------------------------------------
 
+LOGIT_CHUNK_ELEMENTS = 2 ** 26   # at most this many fp32 logits (256 MB) exist at once in token_logprobs
+
+
 def token_logprobs(model, tokens, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                   min_p: float = 0.0, positions=None, doc_ids=None, mask=None):
+                   min_p: float = 0.0, positions=None, doc_ids=None, mask=None, entropy: bool = False):
     """log pi(x_t | x_<t) for t = 1..T-1 under the sampling transform (the quantity SFT, DPO, PPO and
     GRPO all need). tokens (B, T) -> (B, T-1); with mask (B, T), positions whose token is padding give 0.
+    With entropy=True also returns H(pi(. | x_<t)) (B, T-1) of the same (transformed) distribution.
+
+    The (B, T-1, V) fp32 logits are never built whole: the LM head runs on chunks of positions of at
+    most LOGIT_CHUNK_ELEMENTS logits, and under autograd each chunk is checkpointed (recomputed in the
+    backward pass), so a 152k-token vocabulary costs one chunk of logits, not B x T of them.
     The model is used in the mode it is in: for an importance ratio against `generate`'s log-probs, call
     it in eval mode (no dropout), as generate samples."""
-    logits = model(tokens, positions, doc_ids)[:, :-1]                         # (B, T-1, V)
-    logp = sampling_logprobs(logits, temperature, top_k, top_p, min_p)
-    out = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)                       # (B, T-1)
-    return out if mask is None else out.masked_fill(~mask[:, 1:].bool(), 0.0)
+    hidden = model(tokens, positions, doc_ids, return_hidden=True)[:, :-1]      # (B, T-1, C)
+    head = unwrap(model).lm_head
+    B, T1, C = hidden.shape
+    flat, targets = hidden.reshape(-1, C), tokens[:, 1:].reshape(-1)             # (N, C), (N,)
+
+    def chunk_logprobs(h, y):
+        logp = sampling_logprobs(head(h).float(), temperature, top_k, top_p, min_p)   # (n, V)
+        chosen = logp.gather(-1, y[:, None]).squeeze(-1)                                # (n,)
+        if not entropy:
+            return chosen, chosen
+        return chosen, -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
+
+    rows = max(1, LOGIT_CHUNK_ELEMENTS // head.out_features)
+    chosen, entropies = [], []
+    for start in range(0, flat.shape[0], rows):
+        h, y = flat[start:start + rows], targets[start:start + rows]
+        if torch.is_grad_enabled() and flat.shape[0] > rows:
+            out = torch.utils.checkpoint.checkpoint(chunk_logprobs, h, y, use_reentrant=False)
+        else:
+            out = chunk_logprobs(h, y)
+        chosen.append(out[0])
+        entropies.append(out[1])
+    out = torch.cat(chosen).view(B, T1) if chosen else hidden.new_zeros(B, T1)
+    if mask is not None:
+        out = out.masked_fill(~mask[:, 1:].bool(), 0.0)
+    if not entropy:
+        return out
+    return out, (torch.cat(entropies).view(B, T1) if entropies else hidden.new_zeros(B, T1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1301,3 +1301,28 @@ def test_stage_command_parses_back_to_the_same_fields():
     args = M.parse_args(RuleArgs, command[1:])
     assert (args.lr, args.steps, args.top_p) == (0.25, 3, 0.5)
     assert M.stage_command("x.py", control=True, png=False) == ["x.py", "--control", "--no-png"]
+
+
+@given(seed=st.integers(0, 1000), chunk=st.sampled_from([258, 258 * 3, 258 * 7]), temperature=st.sampled_from([1.0, 0.7]),
+       top_k=st.sampled_from([0, 5]))
+@settings(max_examples=8)
+def test_chunked_token_logprobs_equal_the_full_logits_in_value_and_gradient(seed, chunk, temperature, top_k):
+    """token_logprobs builds the logits a few positions at a time (checkpointed under autograd): its values,
+    entropies and gradients equal those computed from the whole (B, T, V) logits tensor."""
+    import unittest.mock
+    model = tiny_model(seed=seed % 7)
+    tokens = random_tokens(seed, 3, 9)
+    logits = model(tokens)[:, :-1]
+    logp = M.sampling_logprobs(logits, temperature, top_k)
+    want = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    want_entropy = -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
+    (want.sum() + want_entropy.sum()).backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with unittest.mock.patch.object(M, "LOGIT_CHUNK_ELEMENTS", chunk):   # chunk // 258 positions per chunk
+        got, got_entropy = M.token_logprobs(model, tokens, temperature, top_k, entropy=True)
+        (got.sum() + got_entropy.sum()).backward()
+    close(got, want)
+    close(got_entropy, want_entropy)
+    for name, p in model.named_parameters():
+        close(p.grad, want_grads[name], tol=1e-4)
