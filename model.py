@@ -1706,24 +1706,33 @@ def peak_memory_mb(device) -> float:
 # 8. Benchmark
 # ----------------------------------------------------------------------------------------------
 
+BENCH_SHAPES = {   # random weights at real shapes
+    "default": {},
+    "135m": dict(vocab_size=49152, n_layer=30, n_embd=576, n_head=9, n_kv_head=3, ffn_hidden=1536,
+                 rope_base=100000.0, norm_eps=1e-5, block_size=2048),                      # SmolLM2-135M
+    "0.5b": dict(vocab_size=151936, n_layer=24, n_embd=896, n_head=14, n_kv_head=2, ffn_hidden=4864,
+                 qkv_bias=True, rope_base=1000000.0, norm_eps=1e-6, block_size=2048),      # Qwen2.5-0.5B
+}
+
+
 @dataclass
 class BenchArgs:
-    n_layer: int = 4             # transformer blocks
-    n_embd: int = 128            # residual width
-    n_head: int = 4              # attention heads
-    ffn: str = "swiglu"          # swiglu | geglu | gelu | relu | relu2 | moe
+    shape: str = "default"       # default (this project's 0.84 M model) | 135m (SmolLM2-135M) | 0.5b (Qwen2.5-0.5B)
     batch_size: int = 32         # sequences per training step
-    seq_len: int = 128           # tokens per sequence
+    seq_len: int = 128           # tokens per training sequence
     steps: int = 10              # timed training steps (after 2 warm-up steps)
-    gen_batch: int = 16          # prompts generated in parallel
-    gen_tokens: int = 96         # new tokens per prompt in the generation benchmark
+    gen_batches: str = "1,64"    # generation batch sizes, comma-separated
+    gen_tokens: int = 96         # new tokens per prompt (greedy, no early stop, so every row makes them all)
+    recompute: bool = True       # also time generation without a cache (the whole sequence per token)
+    compile: bool = False        # also time the compiled decode step (CUDA graph on a GPU, inductor on a CPU)
     device: str = "auto"         # auto | cpu | cuda
     seed: int = 0                # random seed
 
 
-def matmul_peak_flops(device, n: int = 1024, reps: int = 10) -> float:
+def matmul_peak_flops(device, n: int = 2048, reps: int = 10) -> float:
     """This machine's measured dense fp32 (bf16 on CUDA) matmul throughput, 2 n^3 FLOPs per product."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
@@ -1740,73 +1749,102 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def main():
-    args = parse_args(BenchArgs)
+def timed(fn, device, repeats: int = 1) -> float:
+    """Seconds per call of fn() after one warm-up call (compilation, CUDA graph capture, allocator)."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+@torch.no_grad()
+def generate_by_recomputing(model, prompts, new_tokens: int, pad: int):
+    """The baseline a KV cache removes: run the whole sequence again for every new token (greedy)."""
+    device = model.wte.weight.device
+    seq, mask = padded_batch(prompts, pad, side="left", device=device)
+    for _ in range(new_tokens):
+        positions, doc_ids = left_pad_inputs(mask)
+        with autocast(device):
+            next_token = model(seq, positions, doc_ids)[:, -1].argmax(-1)
+        seq = torch.cat([seq, next_token[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return seq[:, -new_tokens:]
+
+
+def main(argv=None):
+    args = parse_args(BenchArgs, argv)
+    check_choices(args, shape=tuple(BENCH_SHAPES))
+    check_options(args, positive=("batch_size", "seq_len", "steps", "gen_tokens"), seed=("seed",))
+    try:
+        gen_batches = [int(b) for b in args.gen_batches.split(",")]
+        assert gen_batches and min(gen_batches) > 0
+    except (ValueError, AssertionError):
+        raise UserError(f"--gen-batches {args.gen_batches!r}: give positive integers, e.g. 1,64") from None
     seed_everything(args.seed)
     device = get_device(args.device)
     enc = get_tokenizer("bytes")
-    cfg = Config(vocab_size=enc.n_vocab, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
-                 n_kv_head=args.n_head, ffn=args.ffn, block_size=max(256, args.seq_len))
+    cfg = Config(**{"vocab_size": enc.n_vocab, "block_size": max(256, args.seq_len), **BENCH_SHAPES[args.shape]})
     model = GPT(cfg).to(device)
     n_params = model.num_params()
-    print(f"device {device} | model {n_params / 1e6:.3f} M parameters "
-          f"({cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, ffn {cfg.ffn}, vocab {cfg.vocab_size})")
+    print(f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''} | shape "
+          f"{args.shape}: {n_params / 1e6:.2f} M parameters ({cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} "
+          f"heads / {cfg.n_kv_head} kv, ffn {cfg.ffn} {cfg.ffn_width}, vocab {cfg.vocab_size}) | random weights, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
 
-    # Training throughput: forward + backward + AdamW step on random tokens.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    x = torch.randint(0, 256, (args.batch_size, args.seq_len + 1), device=device)
+    # Training: forward + backward + AdamW (fused on CUDA) on random tokens; loss from chunked log-probs.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+    x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
     def train_step():
         with autocast(device):
-            logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)) + model.aux_loss
+            loss = -token_logprobs(model, x).mean() + model.aux_loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    for _ in range(2):
-        train_step()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        train_step()
-    sync(device)
-    train_s = (time.perf_counter() - t) / args.steps
+    train_s = timed(train_step, device, args.steps)
     tokens_per_s = args.batch_size * args.seq_len / train_s
     # FLOPs per token (Kaplan et al. 2020; PaLM appendix B): 6 N for the matmuls + 12 L C T for attention.
     n_matmul = n_params - cfg.vocab_size * cfg.n_embd * (1 if cfg.tie_embeddings else 0)
-    flops_per_token = 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * args.seq_len
+    flops_per_token = 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * args.seq_len
     peak = matmul_peak_flops(device)
     achieved = flops_per_token * tokens_per_s
-    print(f"training   {tokens_per_s:,.0f} tokens/s ({train_s * 1e3:.1f} ms/step, batch {args.batch_size}x{args.seq_len})")
-    print(f"compute    {achieved / 1e9:.2f} GFLOP/s achieved vs {peak / 1e9:.1f} GFLOP/s measured matmul peak "
-          f"= {achieved / peak:.1%} of peak (MFU)")
+    print(f"training   {tokens_per_s:,.0f} tokens/s ({train_s * 1e3:.1f} ms/step, batch {args.batch_size}x{args.seq_len}) "
+          f"| {achieved / 1e12:.3f} TFLOP/s = {achieved / peak:.1%} of the measured matmul peak "
+          f"({peak / 1e12:.2f} TFLOP/s) | peak memory {peak_memory_mb(device):,.0f} MB")
+    del optimizer, x
+    model.zero_grad(set_to_none=True)
 
-    # Generation: KV cache against recomputing the whole sequence for every new token (greedy, same tokens).
-    prompts = [encode(enc, f"{random.randint(100, 999)}+{random.randint(100, 999)}=?\n") for _ in range(args.gen_batch)]
-    t = time.perf_counter()
-    gen = generate(model, prompts, args.gen_tokens, temperature=0.0, stop_ids=())
-    sync(device)
-    cached_s = time.perf_counter() - t
-    t = time.perf_counter()
-    with torch.no_grad():
-        model.eval()
-        seq, _ = padded_batch(prompts, BYTE_PAD_ID, side="left", device=device)
-        for _ in range(args.gen_tokens):
-            _, mask = padded_batch(prompts, BYTE_PAD_ID, side="left", device=device)
-            mask = torch.cat([mask, torch.ones(len(prompts), seq.shape[1] - mask.shape[1], dtype=torch.bool,
-                                               device=device)], 1)
-            positions, doc_ids = left_pad_inputs(mask)
-            with autocast(device):
-                nxt = model(seq, positions, doc_ids)[:, -1].argmax(-1)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-    sync(device)
-    full_s = time.perf_counter() - t
-    same = torch.equal(seq[:, -args.gen_tokens:], gen.tokens)
-    n_new = args.gen_batch * args.gen_tokens
-    print(f"generation {n_new / cached_s:,.0f} tokens/s with KV cache vs {n_new / full_s:,.0f} tokens/s recomputing "
-          f"= {full_s / cached_s:.2f}x speed-up ({args.gen_batch} prompts x {args.gen_tokens} tokens; "
-          f"identical greedy tokens: {same})")
-    sample_gen = generate(model, prompts[:1], 48, temperature=1.0, generator=torch.Generator(device).manual_seed(args.seed))
-    print(f"untrained sample: {decode(enc, prompts[0])!r} -> {decode(enc, sample_gen.tokens[0])!r}")
+    # Generation: greedy, every row makes gen_tokens new tokens; the static KV cache, the compiled decode
+    # step, and recomputing the whole sequence per token, all producing the same tokens.
+    model.eval()
+    rng = random.Random(args.seed)
+    for batch in gen_batches:
+        prompts = [encode(enc, f"{rng.randint(100, 999)}+{rng.randint(100, 999)}=?\n") for _ in range(batch)]
+        new = batch * args.gen_tokens
+        runs = {"KV cache": dict(compile=False)}
+        if args.compile:
+            runs["compiled"] = dict(compile=True)
+        results, speeds = {}, {}
+        for name, options in runs.items():
+            def run():
+                results[name] = generate(model, prompts, args.gen_tokens, temperature=0.0, stop_ids=(), **options).tokens
+            speeds[name] = new / timed(run, device)
+        line = f"generation batch {batch:3d}: " + " | ".join(f"{name} {s:,.0f} new tokens/s" for name, s in speeds.items())
+        if "compiled" in speeds:
+            line += (f" | compiled / eager {speeds['compiled'] / speeds['KV cache']:.2f}x, same tokens: "
+                     f"{torch.equal(results['compiled'], results['KV cache'])}")
+        if args.recompute:
+            def recompute():
+                results["recompute"] = generate_by_recomputing(model, prompts, args.gen_tokens, BYTE_PAD_ID)
+            speed = new / timed(recompute, device)
+            line += (f" | recomputing {speed:,.0f} new tokens/s: KV cache {speeds['KV cache'] / speed:.2f}x faster, "
+                     f"same tokens: {torch.equal(results['recompute'], results['KV cache'])}")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
