@@ -1,0 +1,168 @@
+"""Side by side with Hugging Face transformers, in one process, on the same random weights (a benchmark,
+not a test: transformers is a test-only oracle, so this lives beside the tests, not in model.py).
+
+    python tests/bench_vs_transformers.py                       # 135m and 0.5b shapes, the device's default
+    python tests/bench_vs_transformers.py --shapes 135m --gen-batches 1,64 --device cuda
+
+For each shape: training tokens/s and peak memory (fp32 weights, bf16 autocast on CUDA, fused AdamW on
+CUDA, both models), greedy generation new tokens/s at each batch size (ours eager, ours compiled,
+transformers' generate with its default dynamic cache), and one GRPO step's time split at that shape.
+Every figure is measured after a warm-up call, ours and theirs alternating in the same process."""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import model as M  # noqa: E402
+import grpo  # noqa: E402
+
+
+def hf_model(shape: str, cfg: M.Config):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_width,
+                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                  max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_base,
+                  tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
+    if cfg.qkv_bias:
+        return Qwen2ForCausalLM(Qwen2Config(**common))
+    return LlamaForCausalLM(LlamaConfig(**common))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats=3):
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def peak_mb(device, fn):
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+def compare(shape: str, args, device):
+    cfg = M.Config(**{"vocab_size": 258, "block_size": 2048, **M.BENCH_SHAPES[shape]})
+    torch.manual_seed(0)
+    theirs = hf_model(shape, cfg).to(device)
+    ours = M.GPT(cfg).to(device)
+    ours.load_state_dict(M.state_dict_from_hf(theirs.state_dict(), cfg, shape))
+    print(f"\n== {shape}: {ours.num_params() / 1e6:.1f} M parameters, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}", flush=True)
+    x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
+    with torch.no_grad(), M.autocast(device):
+        ours.eval(), theirs.eval()
+        difference = (ours(x[:2, :64]) - theirs(x[:2, :64]).logits.float()).abs().max().item()
+    print(f"same weights: max |logit difference| {difference:.2e} (bf16 autocast on CUDA)")
+    ours.train(), theirs.train()
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, fused=device.type == "cuda")
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+    def step_ours():
+        with M.autocast(device):
+            loss = -M.token_logprobs(ours, x).mean()
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def step_theirs():
+        with M.autocast(device):
+            loss = theirs(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+        loss.backward()
+        opt_theirs.step()
+        opt_theirs.zero_grad(set_to_none=True)
+
+    tokens = args.batch_size * args.seq_len
+    s_ours, s_theirs = timed(step_ours, device), timed(step_theirs, device)
+    m_ours, m_theirs = peak_mb(device, step_ours), peak_mb(device, step_theirs)
+    print(f"training batch {args.batch_size}x{args.seq_len}: ours {tokens / s_ours:,.0f} tokens/s vs transformers "
+          f"{tokens / s_theirs:,.0f} ({s_theirs / s_ours:.2f}x) | peak memory ours {m_ours:,.0f} MB vs {m_theirs:,.0f} MB "
+          f"({m_ours / m_theirs:.2f}x)", flush=True)
+    del opt_ours, opt_theirs
+    ours.zero_grad(set_to_none=True)
+    theirs.zero_grad(set_to_none=True)
+    ours.eval(), theirs.eval()
+    n_new = args.gen_tokens
+    for batch in [int(b) for b in args.gen_batches.split(",")]:
+        prompt = torch.randint(0, 256, (batch, 16), device=device)
+        prompts = prompt.tolist()
+        out = {}
+
+        def gen_ours(compile):
+            out["compiled" if compile else "eager"] = M.generate(ours, prompts, n_new, temperature=0.0, stop_ids=(),
+                                                                 compile=compile).tokens
+
+        def gen_theirs():
+            with torch.no_grad(), M.autocast(device):
+                out["hf"] = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                                            min_new_tokens=n_new, do_sample=False, eos_token_id=None,
+                                            pad_token_id=0)[:, prompt.shape[1]:]
+        t_eager = timed(lambda: gen_ours(False), device, repeats=2)
+        t_compiled = timed(lambda: gen_ours(True), device, repeats=2)
+        t_hf = timed(gen_theirs, device, repeats=2)
+        new = batch * n_new
+        agree = (out["hf"] == out["eager"]).float().mean().item()
+        print(f"greedy generation batch {batch:3d}, {n_new} new tokens: ours eager {new / t_eager:,.0f} tok/s, ours "
+              f"compiled {new / t_compiled:,.0f} tok/s, transformers {new / t_hf:,.0f} tok/s | compiled / transformers "
+              f"{t_hf / t_compiled:.2f}x, eager / transformers {t_hf / t_eager:.2f}x | compiled == eager tokens: "
+              f"{torch.equal(out['compiled'], out['eager'])}, tokens equal to transformers' (bf16): {agree:.1%}", flush=True)
+    del theirs
+    grpo_split(ours, device, args)
+
+
+def grpo_split(policy, device, args, prompts_per_step=8, group_size=8):
+    """One GRPO step at this shape (random weights, byte prompts): seconds in generation, scoring and update."""
+    enc = M.get_tokenizer()
+    rows = [{"prompt": f"{a}+{b}=?\n", "answer": str(a + b)} for a, b in zip(range(100, 200), range(300, 400))]
+    run = grpo.Args(prompts_per_step=prompts_per_step, group_size=group_size, max_new_tokens=args.gen_tokens,
+                    micro_batch=16, device=device.type)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=device.type == "cuda")
+    weights = grpo.parse_reward_weights("correct=1")
+    generator = torch.Generator(device).manual_seed(0)
+    for attempt in range(2):                    # the first step is the warm-up
+        t0 = time.perf_counter()
+        batch, seen = grpo.collect_rollouts(policy, enc, lambda n: rows[:n], prompts_per_step, run, weights, generator, False)
+        sync(device)
+        t1 = time.perf_counter()
+        batch.rewards = torch.randn_like(batch.rewards)          # random rewards: every group has a signal
+        advantages = grpo.group_advantages(batch.rewards).flatten()
+        grpo.update(policy, policy, optimizer, batch, advantages, None, run, device, step=1)
+        sync(device)
+        t2 = time.perf_counter()
+    gen = t1 - t0 - batch.score_s
+    print(f"GRPO step ({prompts_per_step} prompts x {group_size}, {args.gen_tokens} new tokens): generation {gen:.2f} s, "
+          f"scoring {batch.score_s:.3f} s, update ({run.update_epochs} epochs) {t2 - t1:.2f} s", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="135m,0.5b", help="comma-separated: default, 135m, 0.5b")
+    parser.add_argument("--batch-size", type=int, default=8, help="training sequences per step")
+    parser.add_argument("--seq-len", type=int, default=512, help="training tokens per sequence")
+    parser.add_argument("--gen-batches", default="1,64", help="generation batch sizes")
+    parser.add_argument("--gen-tokens", type=int, default=128, help="new tokens per row")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = parser.parse_args()
+    device = M.get_device(args.device)
+    for shape in args.shapes.split(","):
+        compare(shape, args, device)
+
+
+if __name__ == "__main__":
+    main()
