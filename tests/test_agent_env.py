@@ -348,19 +348,25 @@ def test_env_tokens_have_zero_loss_and_zero_gradient_model_tokens_carry_the_adva
 
 
 @given(lp=st.lists(st.floats(-5, 0), min_size=12, max_size=12), shift=st.lists(st.floats(-1, 1), min_size=12, max_size=12),
-       adv=st.lists(st.floats(-2, 2), min_size=3, max_size=3), clip=st.floats(0.05, 0.5))
-def test_clipped_loss_matches_a_per_token_brute_force(lp, shift, adv, clip):
+       adv=st.lists(st.floats(-2, 2), min_size=3, max_size=3), eps_low=st.floats(0.05, 0.5), eps_high=st.floats(0.05, 0.5))
+def test_clipped_loss_matches_a_per_token_brute_force(lp, shift, adv, eps_low, eps_high):
+    """Loss: the clipped surrogate token by token in plain Python. clipfrac: the share of action tokens
+    where the clip binds, i.e. min() picks the clipped term and its gradient is 0:
+    (r > 1 + eps_high and A > 0) or (r < 1 - eps_low and A < 0)."""
     logp = torch.tensor(lp).view(3, 4)
     old = logp + torch.tensor(shift).view(3, 4)
     mask = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    loss, stats = A.agent_grpo_loss(logp, old, torch.tensor(adv), mask, clip)
+    advantages = torch.tensor(adv)
+    loss, stats = A.agent_grpo_loss(logp, old, advantages, mask, eps_low, eps_high)
+    adv = advantages.tolist()                        # the float32 values the loss saw (1e-59 is 0 there)
     terms, clipped = [], 0
     for b in range(3):
         for t in range(4):
             if mask[b, t]:
-                r = math.exp(lp[b * 4 + t] - float(old[b, t]))
-                terms.append(min(r * adv[b], max(min(r, 1 + clip), 1 - clip) * adv[b]))
-                clipped += abs(r - 1) > clip
+                r = math.exp(float(logp[b, t]) - float(old[b, t]))
+                assume(min(abs(r - 1 - eps_high), abs(r - 1 + eps_low)) > 1e-5)   # fp32 could round either way
+                terms.append(min(r * adv[b], max(min(r, 1 + eps_high), 1 - eps_low) * adv[b]))
+                clipped += (r > 1 + eps_high and adv[b] > 0) or (r < 1 - eps_low and adv[b] < 0)
     assert float(loss) == pytest.approx(-sum(terms) / len(terms), rel=1e-5, abs=1e-6)
     assert stats["clipfrac"] == pytest.approx(clipped / len(terms))
 
@@ -396,7 +402,7 @@ def test_microbatches_give_the_whole_batch_gradient(seed, split):
             logp = M.token_logprobs(model, tokens)
             position = torch.arange(logp.shape[1], dtype=torch.float32)
             old = logp.detach() + 0.3 * torch.sin(tokens[:, 1:].float() + position)   # a per-row function: ratio != 1
-            loss, _ = A.agent_grpo_loss(logp, old, adv[index], mask, 0.2, n)
+            loss, _ = A.agent_grpo_loss(logp, old, adv[index], mask, eps_low=0.2, eps_high=0.2, n_tokens=n)
             loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 
