@@ -121,7 +121,7 @@ class TextEnv:
     stop = "\n"               # an action ends here (the model's generation stops at this token)
     max_turns = 4             # the episode ends (truncated) after this many actions
     max_action_chars = 40     # longer actions are malformed
-    max_observation_chars = 80   # no observation is longer (the longest: <result>-10**60 in digits</result>)
+    max_observation_chars = 80   # no observation is longer (the longest: <result>-10**60 in digits</result>\n)
 
     def __init__(self, max_turns: int | None = None):
         if max_turns is not None:
@@ -511,8 +511,8 @@ def agent_grpo_loss(logprobs, old_logprobs, advantages, action_mask, eps_low: fl
         approx_kl  k3 estimate of KL(pi_old || pi) on the sampled tokens: (rho - 1) - log rho"""
     n = action_mask.sum() if n_tokens is None else torch.as_tensor(n_tokens, device=logprobs.device)
     n = n.clamp(min=1)                                                    # an empty batch: 0, not 0/0
-    log_ratio = torch.where(action_mask, logprobs - old_logprobs, 0.0)    # (B, T-1), 0 off the actions
-    log_ratio = log_ratio.clamp(-max_log_ratio, max_log_ratio)
+    log_ratio = torch.where(action_mask, logprobs, 0.0) - torch.where(action_mask, old_logprobs, 0.0)  # (B, T-1)
+    log_ratio = log_ratio.clamp(-max_log_ratio, max_log_ratio)           # 0 off the actions, |.| <= 20
     ratio = log_ratio.exp()                                               # (B, T-1), finite
     advantage = advantages[:, None]                                       # (B, 1)
     surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - eps_low, 1 + eps_high) * advantage)
@@ -578,7 +578,7 @@ def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-        M.check_finite(f"behaviour cloning step {step + 1}", bc_loss=loss, grad_norm=grad_norm)
+        M.check_finite(f"behaviour cloning step {step + 1}", bc_loss=loss.detach(), grad_norm=grad_norm)
         optimizer.step()
         loss_value = loss.item()
         if logger is not None and ((step + 1) % max(1, steps // 10) == 0 or step == 0):
@@ -699,9 +699,9 @@ def check_args(args) -> list[str]:
     check_run_folder("--out", args.out)
     if args.init and not os.path.exists(args.init):
         raise M.UserError(f"--init: checkpoint {args.init} does not exist")
-    M.require_at_least(args, 1, "n_layer", "n_head", "n_embd", "bc_batch", "states_per_step", "update_epochs",
-                       "micro_batch", "max_action_tokens", "eval_episodes", "log_every")
-    M.require_at_least(args, 0, "bc_steps", "rl_steps", "rl_warmup", "eval_every")
+    M.require_at_least(args, 1, "n_head", "n_embd", "bc_batch", "states_per_step", "update_epochs", "micro_batch",
+                       "max_action_tokens", "eval_episodes", "log_every")
+    M.require_at_least(args, 0, "n_layer", "bc_steps", "rl_steps", "rl_warmup", "eval_every")   # 0 layers: bigram
     M.require_at_least(args, 1 if args.bc_steps > 0 else 0, "bc_episodes")
     if args.group_size < 2:
         raise M.UserError(f"--group-size must be >= 2 (advantages compare rollouts), got {args.group_size}")

@@ -370,7 +370,7 @@ class Args:
     sigma: float = 1.0            # log-normal shape: standard deviation of log(length)
     batch_size: int = 32          # documents per padded batch (baselines) and per training step
     bucket_window: int = 50       # length-bucketed baseline: sort by length within windows of this many batches
-    data: str = "data/sft_train.jsonl"  # SFT data ({prompt, completion} or GSM8K rows), tabled when it exists; "" = none
+    data: str = "data/sft_train.jsonl"  # SFT data ({prompt, completion} or GSM8K), tabled if it exists; "" = none
     train_seq_len: int = 256      # T of the training comparison (= the model's block_size)
     train_median_len: float = 48.0  # median length of the training documents (byte tokens)
     train_steps: int = 60         # optimizer steps, each on batch_size documents, padded and packed alike
@@ -402,8 +402,8 @@ def model_config(args, vocab_size: int) -> M.Config:
 def check_args(args) -> None:
     """Validate every option before anything is read or written: the first bad one is a M.UserError
     naming its flag (one line on stderr, exit status 2)."""
-    M.require_at_least(args, 1, "seq_len", "n_docs", "batch_size", "train_steps", "n_layer", "n_head", "n_embd")
-    M.require_at_least(args, 0, "bucket_window", "bench_docs")
+    M.require_at_least(args, 1, "seq_len", "n_docs", "batch_size", "train_steps", "n_head", "n_embd")
+    M.require_at_least(args, 0, "bucket_window", "bench_docs", "n_layer")      # 0 layers: a bigram model
     M.require_at_least(args, 2, "train_seq_len")      # a document of one token has nothing to predict
     for name in ("n_docs", "bench_docs"):
         if getattr(args, name) > MAX_DOCS:
