@@ -5,8 +5,10 @@ Independent references: replaying the same actions (determinism), the informatio
 (k guesses separate at most 2^k - 1 numbers), the closed form 1 - (1 - 1/N)^K for random guessing, an
 exact dynamic program over the key-and-door Markov chain for its random policy, Python's own operators
 on an expression tree built beside its text (calculator), autograd against the closed-form gradient
--A_b / N (masking), a full forward pass against the sampler's log-probs, and a whole-batch gradient
-against micro-batches."""
+-A_b / N (masking), a per-token brute force of the clamped loss and its gradient (huge log-ratios, +-inf
+under the mask), losses.ppo_policy_loss (the same surrogate), a full forward pass against the sampler's
+log-probs, and a whole-batch gradient against micro-batches. Bad input: every option run through
+`python agent_env.py` (exit status 2, one line, nothing written)."""
 import contextlib
 import json
 import math

@@ -1,7 +1,8 @@
 """Properties of packing.py, each against an independent reference: brute force (bin-packing OPT,
 FFD/BFD by their per-piece definition, padding cost by materialised batches), identities (every
 token once, in order; the pretraining stream), and the model itself (a packed row's per-token loss
-equals each document's loss alone, through model.GPT)."""
+equals each document's loss alone, through model.GPT). Bad input: every option and each kind of bad
+--data file run through `python packing.py` (exit status 2, one line naming it, nothing written)."""
 import json
 import math
 import os
@@ -284,15 +285,15 @@ def test_main_end_to_end_tiny(tmp_path, capsys):
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=?\n", "completion": f"#### {2 * i}"}) + "\n"
                             for i in range(50)))
     out = tmp_path / "run"
-    res = P.main(["--n-docs", "300", "--seq-len", "256", "--median-len", "40", "--train-steps", "4",
-                  "--batch-size", "8", "--train-seq-len", "64", "--train-median-len", "12", "--n-embd", "32",
-                  "--bench-docs", "2000", "--data", str(data), "--out-dir", str(out), "--device", "cpu"])
+    results = P.main(["--n-docs", "300", "--seq-len", "256", "--median-len", "40", "--train-steps", "4",
+                      "--batch-size", "8", "--train-seq-len", "64", "--train-median-len", "12", "--n-embd", "32",
+                      "--bench-docs", "2000", "--data", str(data), "--out-dir", str(out), "--device", "cpu"])
     text = capsys.readouterr().out
     assert "best-fit decr." in text and "packed / padded" in text and "packing speed" in text
-    assert res["max_loss_diff"] < 1e-4                                     # packing did not change training
-    assert res["padded"]["real"] == res["packed"]["real"] > 0              # the same real tokens
-    assert res["packed"]["computed"] <= res["padded"]["computed"]
-    lines, bound = res["sft"]
+    assert results["max_loss_diff"] < 1e-4                                 # packing did not change training
+    assert results["padded"]["real"] == results["packed"]["real"] > 0      # the same real tokens
+    assert results["packed"]["computed"] <= results["padded"]["computed"]
+    lines, bound = results["sft"]
     assert all(line["rows"] >= bound for line in lines if line["method"] in P.PACKERS)
     assert (out / "metrics.jsonl").exists() and (out / "args.json").exists()
     with pytest.raises(M.UserError, match="missing.jsonl"):
