@@ -11,7 +11,7 @@ The reward R(tau) comes at the end of the episode; every action token of tau sha
 from the same initial state (the same environment seed), the group-relative advantage and clipped loss:
 
     A_i   = R_i - mean_j R_j          (GRPO, Shao et al. 2024, without the / std_j R_j: Liu et al. 2025)
-    L     = -1/N sum_i sum_{t in actions(tau_i)} min(rho_t A_i, clip(rho_t, 1 - e, 1 + e) A_i)
+    L     = -1/N sum_i sum_{t in actions(tau_i)} min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i)
     rho_t = pi_theta(x_t | x_<t) / pi_old(x_t | x_<t),   N = action tokens in the whole batch
 
 How this differs from grpo.py (single-turn GRPO on `#### answer` prompts): the "completion" is a whole
@@ -22,7 +22,7 @@ prompt; the reward is delayed (it scores the episode, not a completion) and a ma
 wasted turn. The advantage is not divided by the group's std by default (--scale-by-std restores it):
 returns that differ only by the turn discount would otherwise give a lucky guess a full-size advantage.
 It is compact on purpose: no reference model or KL penalty, no value head, and by default one update per
-batch of rollouts (on-policy, so rho = 1 and the clip is idle; --updates-per-batch > 1 makes it bite).
+batch of rollouts (on-policy, so rho = 1 and the clip is idle; --update-epochs > 1 makes it bite).
 Groups whose G returns are all equal (A = 0) add nothing to the gradient; they are skipped in the update
 and counted (`zero_adv_groups`): a task the warm start never solves gives GRPO nothing to learn from.
 
@@ -75,8 +75,9 @@ class Args:
     rl_lr: float = 3e-4               # RL learning rate (after a linear warmup)
     rl_warmup: int = 5                # RL steps of linear lr warmup (a fresh Adam's first steps are sign-like)
     scale_by_std: bool = False        # divide advantages by the group's reward std (GRPO) or not (Dr. GRPO)
-    clip_eps: float = 0.2             # clip range of the importance ratio
-    updates_per_batch: int = 1        # gradient steps on each batch of rollouts
+    eps_low: float = 0.2              # clip range of the importance ratio below 1
+    eps_high: float = 0.2             # clip range above 1 (= eps_low: PPO's symmetric clip; larger: DAPO's clip-higher)
+    update_epochs: int = 1            # gradient steps (passes) on each batch of rollouts
     micro_batch: int = 32             # trajectories per forward/backward (sorted by length; same gradient)
     temperature: float = 1.0          # sampling temperature of rollouts, and of the ratio's log-probs
     max_action_tokens: int = 24       # tokens the model may write per turn before it is cut off
@@ -101,14 +102,14 @@ def split_action(text: str, stop: str, max_chars: int):
     Malformed: no stop string (the model was cut off), text after the stop string, longer than max_chars."""
     if not isinstance(text, str):
         return None, "an action is text"
-    at = text.find(stop)
-    if at < 0:
+    stop_at = text.find(stop)
+    if stop_at < 0:
         return None, "no stop string"
-    if at + len(stop) != len(text):
+    if stop_at + len(stop) != len(text):
         return None, "text after the stop string"
-    if at > max_chars:
+    if stop_at > max_chars:
         return None, "too long"
-    return text[:at], None
+    return text[:stop_at], None
 
 
 class TextEnv:
@@ -120,6 +121,7 @@ class TextEnv:
     stop = "\n"               # an action ends here (the model's generation stops at this token)
     max_turns = 4             # the episode ends (truncated) after this many actions
     max_action_chars = 40     # longer actions are malformed
+    max_observation_chars = 80   # no observation is longer (the longest: <result>-10**60 in digits</result>\n)
 
     def __init__(self, max_turns: int | None = None):
         if max_turns is not None:
@@ -177,13 +179,13 @@ def format_number(value) -> str:
 def calculator(expression: str) -> str:
     """The tool. Numbers, + - * / // % ** and parentheses, evaluated by walking the `ast` with bounded
     sizes (model.arith: <= 200 characters, nesting <= 32, |values| <= 1e60, exponents checked BEFORE
-    computing, so 9**9**9 is refused at once). Never eval. -> the value as text, or 'error: <why>'."""
+    computing, so 9**9**9 is refused at once). Never eval. -> the value as text, or 'error: <why>' for
+    any input that is not such an expression: its one documented failure (model.arith raises only
+    ValueError, whatever the string), an observation for the agent, never an exception."""
     try:
         value = M.arith(expression)
-        if isinstance(value, complex):           # (-8)**0.5: arith returns complex; not a calculator answer
-            raise ValueError("complex result")
-    except Exception as e:                       # any failure of the tool is an observation, never a crash
-        return "error: " + (str(e).split(" (")[0] or type(e).__name__)
+    except ValueError as e:
+        return "error: " + (str(e).split(" (")[0] or "not an arithmetic expression")
     return format_number(value)
 
 
@@ -203,10 +205,10 @@ class CalculatorEnv(TextEnv):
         return f"{self.expression}=?\n"
 
     def _step(self, action):
-        if m := self.CALL.fullmatch(action):
-            return f"<result>{calculator(m.group(1))}</result>\n", 0.0, False, False, None
-        if m := self.ANSWER.fullmatch(action):
-            success = int(m.group(1)) == self.answer
+        if call := self.CALL.fullmatch(action):
+            return f"<result>{calculator(call.group(1))}</result>\n", 0.0, False, False, None
+        if answer := self.ANSWER.fullmatch(action):
+            success = int(answer.group(1)) == self.answer
             return ("correct\n" if success else "wrong\n"), float(success), True, success, None
         return "error: not calc or answer\n", 0.0, False, False, "not <calc>expr</calc> or <answer>n</answer>"
 
@@ -308,10 +310,10 @@ class KeyDoorEnv(TextEnv):
                 return "wall\n", 0.0, False, False, None
             self.position += move
             return ("door\n" if self.position == self.distance else "hall\n"), 0.0, False, False, None
-        if m := re.fullmatch(r"enter (\d)", action):
+        if enter := re.fullmatch(r"enter (\d)", action):
             if self.position != self.distance:
                 return "no door here\n", 0.0, False, False, None
-            success = int(m.group(1)) == self.code
+            success = int(enter.group(1)) == self.code
             return ("open\n" if success else "alarm\n"), float(success), True, success, None
         return "error: not an action\n", 0.0, False, False, "not east, west or enter <digit>"
 
@@ -354,9 +356,9 @@ def play(env: TextEnv, policy, seed: int) -> Episode:
     observations, actions, reward = [env.reset(seed)], [], 0.0
     while True:
         actions.append(policy(observations, actions))
-        observation, r, done, info = env.step(actions[-1])
+        observation, step_reward, done, info = env.step(actions[-1])
         observations.append(observation)
-        reward += r
+        reward += step_reward
         if done:
             return Episode(observations, actions, reward, info["success"], info["turn"])
 
@@ -369,14 +371,15 @@ def evaluate_policy(name: str, make_policy, seeds) -> dict:
     """Success rate, mean turns and mean reward of a scripted policy over the given env seeds."""
     env = make_env(name)
     policy = make_policy(env)
-    episodes = [play(env, policy, s) for s in seeds]
-    return summarize([(e.success, e.turns, e.reward) for e in episodes])
+    episodes = [play(env, policy, seed) for seed in seeds]
+    return summarize([(episode.success, episode.turns, episode.reward) for episode in episodes])
 
 
 def summarize(results) -> dict:
+    """[(success, turns, reward)] per episode -> their means, and n = the number of episodes."""
     n = len(results)
-    return {"success": sum(r[0] for r in results) / n, "turns": sum(r[1] for r in results) / n,
-            "reward": sum(r[2] for r in results) / n, "n": n}
+    successes, turns, rewards = zip(*results)
+    return {"success": sum(successes) / n, "turns": sum(turns) / n, "reward": sum(rewards) / n, "n": n}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,21 +434,22 @@ def rollout(model, enc, envs, seeds, temperature=1.0, max_action_tokens=24, gene
         trajs.append(traj)
     active = list(range(len(envs)))
     while active:
-        gen = M.generate(model, [trajs[i].tokens for i in active], max_action_tokens, temperature=temperature,
-                         stop_ids=(stop,), pad_id=pad, generator=generator)
-        still = []
+        generation = M.generate(model, [trajs[i].tokens for i in active], max_action_tokens,
+                                temperature=temperature, stop_ids=(stop,), pad_id=pad, generator=generator)
+        unfinished = []
         for row, i in enumerate(active):
-            ids = gen.tokens[row].tolist()
-            n = ids.index(stop) + 1 if bool(gen.finished[row]) else len(ids)   # a sampled pad id is a token too
-            trajs[i].append(ids[:n], True, gen.logprobs[row, :n].tolist())
-            observation, reward, done, info = envs[i].step(enc.decode(ids[:n]))
+            ids = generation.tokens[row].tolist()
+            # the action's tokens: up to the stop token, or all of them (a sampled pad id is a token too)
+            n_written = ids.index(stop) + 1 if bool(generation.finished[row]) else len(ids)
+            trajs[i].append(ids[:n_written], True, generation.logprobs[row, :n_written].tolist())
+            observation, reward, done, info = envs[i].step(enc.decode(ids[:n_written]))
             trajs[i].append(M.encode(enc, observation), False)
             trajs[i].reward += reward
             if done:
                 trajs[i].success, trajs[i].turns = info["success"], info["turn"]
             else:
-                still.append(i)
-        active = still
+                unfinished.append(i)
+        active = unfinished
     return trajs
 
 
@@ -458,9 +462,9 @@ def collate(trajs, pad_id: int, device=None):
     B, T = tokens.shape
     is_action = torch.zeros(B, T, dtype=torch.bool)
     old = torch.zeros(B, T)
-    for b, t in enumerate(trajs):
-        is_action[b, :len(t.tokens)] = torch.tensor(t.is_action, dtype=torch.bool)
-        old[b, :len(t.tokens)] = torch.tensor(t.logprobs, dtype=torch.float32)
+    for b, traj in enumerate(trajs):
+        is_action[b, :len(traj.tokens)] = torch.tensor(traj.is_action, dtype=torch.bool)
+        old[b, :len(traj.tokens)] = torch.tensor(traj.logprobs, dtype=torch.float32)
     return tokens, is_action[:, 1:].to(device), old[:, 1:].to(device)
 
 
@@ -488,27 +492,36 @@ def group_advantages(rewards, scale_by_std: bool = False, eps: float = 1e-6):
     return centred / (rewards.std(-1, unbiased=False, keepdim=True) + eps)
 
 
-def agent_grpo_loss(logprobs, old_logprobs, advantages, action_mask, clip_eps: float = 0.2, n_tokens=None):
+def agent_grpo_loss(logprobs, old_logprobs, advantages, action_mask, eps_low: float = 0.2, eps_high: float = 0.2,
+                    n_tokens=None, max_log_ratio: float = 20.0):
     """Clipped surrogate over whole trajectories, every action token carrying its trajectory's advantage:
 
         rho_t = exp(log pi_theta - log pi_old)
-        L     = -1/N sum_{b,t} m_{b,t} min(rho_t A_b, clip(rho_t, 1 - eps, 1 + eps) A_b)
+        L     = -1/N sum_{b,t} m_{b,t} min(rho_t A_b, clip(rho_t, 1 - eps_low, 1 + eps_high) A_b)
 
     logprobs, old_logprobs (B, T-1), advantages (B,), action_mask (B, T-1) bool (False at environment
     tokens and padding, so they add nothing to the loss and get no gradient). N = n_tokens, the action
     tokens of the WHOLE batch when this is one micro-batch of several (else mask.sum()), so the summed
-    micro-batch gradients equal the whole batch's. -> (loss, stats); stats are sums / N too (add them up)."""
-    mask = action_mask.float()
-    n = mask.sum().clamp(min=1) if n_tokens is None else n_tokens
-    log_ratio = torch.where(action_mask, logprobs - old_logprobs, 0.0)    # 0 off the actions (never nan)
-    ratio = log_ratio.exp()                                               # (B, T-1)
-    adv = advantages[:, None]                                             # (B, 1)
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    loss = -(surrogate * mask).sum() / n
+    micro-batch gradients equal the whole batch's. The mask is applied before any arithmetic (a masked
+    position holds log-ratio 0, whatever its log-probs, even +-inf or NaN), and |log rho| is clamped to
+    max_log_ratio so exp cannot overflow (a token that far off-policy gets no gradient; as
+    losses.ppo_policy_loss). -> (loss, stats); stats are sums / N too, so micro-batches' stats add up:
+        clipfrac   share of action tokens where the clip binds, i.e. their gradient is 0:
+                   (rho > 1 + eps_high and A > 0) or (rho < 1 - eps_low and A < 0); 0 on an empty batch
+        approx_kl  k3 estimate of KL(pi_old || pi) on the sampled tokens: (rho - 1) - log rho"""
+    n = action_mask.sum() if n_tokens is None else torch.as_tensor(n_tokens, device=logprobs.device)
+    n = n.clamp(min=1)                                                    # an empty batch: 0, not 0/0
+    log_ratio = torch.where(action_mask, logprobs, 0.0) - torch.where(action_mask, old_logprobs, 0.0)  # (B, T-1)
+    log_ratio = log_ratio.clamp(-max_log_ratio, max_log_ratio)           # 0 off the actions, |.| <= 20
+    ratio = log_ratio.exp()                                               # (B, T-1), finite
+    advantage = advantages[:, None]                                       # (B, 1)
+    surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - eps_low, 1 + eps_high) * advantage)
+    loss = -torch.where(action_mask, surrogate, 0.0).sum() / n
     with torch.no_grad():
-        clipped = ((ratio - 1).abs() > clip_eps).float()
-        stats = {"clipfrac": float((clipped * mask).sum() / n),
-                 "approx_kl": float((((ratio - 1) - log_ratio) * mask).sum() / n)}   # k3 estimate
+        binds = ((ratio > 1 + eps_high) & (advantage > 0)) | ((ratio < 1 - eps_low) & (advantage < 0))
+        k3 = torch.expm1(log_ratio) - log_ratio                           # >= 0 per token
+        stats = {"clipfrac": float((binds & action_mask).sum() / n),
+                 "approx_kl": float(torch.where(action_mask, k3, 0.0).sum() / n)}
     return loss, stats
 
 
@@ -523,10 +536,17 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.
     return peak * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def model_config(args, vocab_size: int) -> M.Config:
+    """The new model's config (RoPE, so episodes are not limited to block_size)."""
+    try:
+        return M.Config(vocab_size=vocab_size, block_size=512, n_layer=args.n_layer, n_head=args.n_head,
+                        n_kv_head=args.n_head, n_embd=args.n_embd)
+    except ValueError as e:
+        raise M.UserError(f"--n-embd {args.n_embd}, --n-head {args.n_head}, --n-layer {args.n_layer}: {e}") from None
+
+
 def new_model(args, enc, device):
-    cfg = M.Config(vocab_size=enc.n_vocab, block_size=512, n_layer=args.n_layer, n_head=args.n_head,
-                   n_kv_head=args.n_head, n_embd=args.n_embd)
-    return M.GPT(cfg).to(device)
+    return M.GPT(model_config(args, enc.n_vocab)).to(device)
 
 
 def expert_trajectories(enc, names, n_per_env: int, rng) -> list:
@@ -541,7 +561,8 @@ def expert_trajectories(enc, names, n_per_env: int, rng) -> list:
 
 
 def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, logger=None, grad_clip=1.0):
-    """Warm start: minimise bc_loss on random batches of expert trajectories. -> last loss."""
+    """Warm start: minimise bc_loss on random batches of expert trajectories. -> last loss.
+    A NaN/inf loss or gradient norm stops it before the update (M.NonFiniteError naming the step)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(seed)
     pad, loss_value = M.pad_id(enc), float("nan")
@@ -556,8 +577,8 @@ def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, 
         loss = bc_loss(logprobs, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        M.check_finite(f"behaviour cloning step {step + 1}", bc_loss=loss.detach(), grad_norm=grad_norm)
         optimizer.step()
         loss_value = loss.item()
         if logger is not None and ((step + 1) % max(1, steps // 10) == 0 or step == 0):
@@ -565,11 +586,12 @@ def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, 
     return loss_value
 
 
-def rl_step(model, optimizer, enc, names, rng, args, device, generator=None) -> dict:
+def rl_step(model, optimizer, enc, names, rng, args, device, generator=None, step: int = 0) -> dict:
     """One GRPO-style update: P initial states per environment, G rollouts each, advantages within
-    each group, `updates_per_batch` gradient steps on agent_grpo_loss. The batch goes through in
+    each group, `update_epochs` gradient steps on agent_grpo_loss. The batch goes through in
     micro-batches of similar length (sorted), so short episodes are not padded to the longest one;
-    the loss is normalised by the whole batch's action tokens, so the gradient is the same. -> metrics"""
+    the loss is normalised by the whole batch's action tokens, so the gradient is the same. A NaN/inf
+    loss or gradient norm stops it before the update (M.NonFiniteError naming `step`). -> metrics"""
     t0 = time.perf_counter()
     envs, seeds = [], []
     for name in names:
@@ -579,11 +601,11 @@ def rl_step(model, optimizer, enc, names, rng, args, device, generator=None) -> 
             seeds += [seed] * args.group_size
     trajs = rollout(model, enc, envs, seeds, args.temperature, args.max_action_tokens, generator)
     t1 = time.perf_counter()
-    rewards = torch.tensor([t.reward for t in trajs]).view(-1, args.group_size)      # (P, G)
+    rewards = torch.tensor([traj.reward for traj in trajs]).view(-1, args.group_size)   # (P, G)
     advantages = group_advantages(rewards, args.scale_by_std).flatten().to(device)   # (P*G,)
     # A group whose rollouts all scored the same has A = 0 everywhere: its tokens count in N (the
     # token mean of GRPO) but add exactly nothing to the gradient, so they skip the forward pass.
-    n_tokens = sum(sum(t.is_action) for t in trajs)
+    n_tokens = sum(sum(traj.is_action) for traj in trajs)
     live = [i for i in range(len(trajs)) if float(advantages[i]) != 0.0]
     order = sorted(live, key=lambda i: len(trajs[i].tokens))
     chunks = []
@@ -596,25 +618,29 @@ def rl_step(model, optimizer, enc, names, rng, args, device, generator=None) -> 
         chunks.append((tokens, mask, old, advantages[index]))
     model.train()
     grad_norm, loss_sum, stats = 0.0, 0.0, {"clipfrac": 0.0, "approx_kl": 0.0}
-    for _ in range(args.updates_per_batch if chunks else 0):
+    for epoch in range(args.update_epochs if chunks else 0):
         optimizer.zero_grad(set_to_none=True)
         loss_sum, stats = 0.0, {"clipfrac": 0.0, "approx_kl": 0.0}
-        for tokens, mask, old, adv in chunks:
+        for tokens, mask, old, chunk_advantages in chunks:
             with M.autocast(device):
                 logprobs = M.token_logprobs(model, tokens, args.temperature)        # (b, T-1)
-            loss, chunk_stats = agent_grpo_loss(logprobs, old, adv, mask, args.clip_eps, n_tokens)
+            loss, chunk_stats = agent_grpo_loss(logprobs, old, chunk_advantages, mask, args.eps_low, args.eps_high,
+                                                n_tokens)
             loss.backward()
             loss_sum += loss.item()
             stats = {k: stats[k] + chunk_stats[k] for k in stats}
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   args.grad_clip if args.grad_clip > 0 else float("inf"))
+                                                   args.grad_clip if args.grad_clip > 0 else math.inf)
+        M.check_finite(f"RL step {step}, update epoch {epoch + 1}", loss=loss_sum, grad_norm=grad_norm)
         optimizer.step()
     per_env = args.states_per_step * args.group_size
     return {"loss": loss_sum, "grad_norm": float(grad_norm), **stats, "reward": float(rewards.mean()),
             "zero_adv_groups": float((rewards.std(-1) == 0).float().mean()),
-            "success": sum(t.success for t in trajs) / len(trajs), "turns": sum(t.turns for t in trajs) / len(trajs),
+            "success": sum(traj.success for traj in trajs) / len(trajs),
+            "turns": sum(traj.turns for traj in trajs) / len(trajs),
             "action_tokens": n_tokens, "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
-            **{f"success_{n}": sum(t.success for t in trajs if t.env == n) / per_env for n in names}}
+            **{f"success_{name}": sum(traj.success for traj in trajs if traj.env == name) / per_env
+               for name in names}}
 
 
 def evaluate_model(model, enc, name, seeds, max_action_tokens=24, temperature=0.0, generator=None) -> dict:
@@ -622,50 +648,78 @@ def evaluate_model(model, enc, name, seeds, max_action_tokens=24, temperature=0.
     policy RL trains (temperature 1), whose expected return is what RL maximises."""
     trajs = rollout(model, enc, [make_env(name) for _ in seeds], list(seeds), temperature, max_action_tokens,
                     generator)
-    return summarize([(t.success, t.turns, t.reward) for t in trajs])
+    return summarize([(traj.success, traj.turns, traj.reward) for traj in trajs])
 
 
 def evaluate_both(model, enc, names, seeds, args, device) -> dict:
     """{"greedy": {env: summary}, "sampled": {env: summary}}; the sampled eval always uses the same generator
     seed, so two models are compared on common random numbers."""
     generator = torch.Generator(device).manual_seed(args.seed + 12345)
-    return {"greedy": {n: evaluate_model(model, enc, n, seeds, args.max_action_tokens) for n in names},
-            "sampled": {n: evaluate_model(model, enc, n, seeds, args.max_action_tokens, args.temperature, generator)
-                        for n in names}}
+    return {"greedy": {name: evaluate_model(model, enc, name, seeds, args.max_action_tokens) for name in names},
+            "sampled": {name: evaluate_model(model, enc, name, seeds, args.max_action_tokens, args.temperature,
+                                             generator) for name in names}}
 
 
-def format_table(rows: dict, names) -> str:
-    """rows: {policy: {env: {"success", "turns"}}} -> a text table."""
+def format_table(table: dict, names) -> str:
+    """table: {policy: {env: {"success", "turns"}}} -> the table as text, one line per policy."""
     head = f"{'policy':<20}" + "".join(f"{name + ' success':>17}{'turns':>7}" for name in names)
     lines = [head, "-" * len(head)]
-    for policy, by_env in rows.items():
-        lines.append(f"{policy:<20}" + "".join(f"{by_env[n]['success']:>17.3f}{by_env[n]['turns']:>7.2f}"
-                                               for n in names))
+    for policy, by_env in table.items():
+        lines.append(f"{policy:<20}" + "".join(f"{by_env[name]['success']:>17.3f}{by_env[name]['turns']:>7.2f}"
+                                               for name in names))
     return "\n".join(lines)
 
 
-def write_json(path, obj):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def check_args(args):
-    names = [n.strip() for n in args.envs.split(",") if n.strip()]
+def check_run_folder(flag: str, path: str) -> None:
+    """A run folder that can be made: named, not a file, under a writable folder."""
+    if not path.strip():
+        raise M.UserError(f"{flag}: name a run folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):              # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise M.UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise M.UserError(f"{flag} {path}: cannot write in {existing}")
+
+
+def check_args(args) -> list[str]:
+    """Validate every option before anything is read or written: the first bad one is a M.UserError
+    naming its flag (one line on stderr, exit status 2). -> the environment names."""
+    names = [name.strip() for name in args.envs.split(",") if name.strip()]
     if not names:
         raise M.UserError("--envs: name at least one environment")
     for name in names:
         make_env(name)
-    M.require_at_least(args, 1, "group_size", "states_per_step", "eval_episodes", "max_action_tokens", "bc_batch",
-                       "updates_per_batch", "micro_batch")
+    if len(set(names)) < len(names):
+        raise M.UserError(f"--envs {args.envs}: an environment is named twice")
+    check_run_folder("--out", args.out)
+    if args.init and not os.path.exists(args.init):
+        raise M.UserError(f"--init: checkpoint {args.init} does not exist")
+    M.require_at_least(args, 1, "n_head", "n_embd", "bc_batch", "states_per_step", "update_epochs", "micro_batch",
+                       "max_action_tokens", "eval_episodes", "log_every")
+    M.require_at_least(args, 0, "n_layer", "bc_steps", "rl_steps", "rl_warmup", "eval_every")   # 0 layers: bigram
+    M.require_at_least(args, 1 if args.bc_steps > 0 else 0, "bc_episodes")
     if args.group_size < 2:
         raise M.UserError(f"--group-size must be >= 2 (advantages compare rollouts), got {args.group_size}")
-    if args.temperature <= 0:
-        raise M.UserError(f"--temperature must be > 0 for RL (the ratio needs a sampling distribution)")
-    if args.init and not os.path.isfile(args.init):
-        raise M.UserError(f"--init: checkpoint {args.init} does not exist")
+    M.check_options(args, positive=("bc_lr", "rl_lr", "temperature", "eps_high"), open_unit=("eps_low",),
+                    non_negative=("grad_clip",), seed=("seed",))
+    if not args.init:
+        model_config(args, M.get_tokenizer("bytes").n_vocab)     # n_embd / n_head that make no model
+    if not DEVICE.fullmatch(args.device):
+        raise M.UserError(f"--device {args.device}: choose auto, cpu, cuda or cuda:N")
+    M.get_device(args.device)                                  # cuda on a machine without it
     return names
+
+
+def episode_token_bound(names, max_action_tokens: int) -> int:
+    """The longest an episode's transcript can be, in tokens (a token is at least one byte): the first
+    observation, then per turn an action of at most max_action_tokens and an observation."""
+    return max(make_env(name).max_turns * (max_action_tokens + TextEnv.max_observation_chars)
+               + TextEnv.max_observation_chars for name in names)
 
 
 def run(args) -> dict:
@@ -679,6 +733,10 @@ def run(args) -> dict:
         enc = M.get_tokenizer("bytes")
         model = new_model(args, enc, device)
     stop_token(enc)
+    bound = episode_token_bound(names, args.max_action_tokens)
+    if model.wpe is not None and bound > model.config.block_size:    # learned positions end at block_size
+        raise M.UserError(f"--max-action-tokens {args.max_action_tokens}: an episode may reach {bound} tokens, "
+                          f"more than the {model.config.block_size} positions of {args.init}")
     M.save_args(args.out, args)
     logger = M.MetricsLogger(args.out, total=args.bc_steps or None)
     rng = random.Random(args.seed)
@@ -699,9 +757,9 @@ def run(args) -> dict:
     logger.close()
     logger = M.MetricsLogger(args.out, total=args.rl_steps or None, append=True)   # RL's own ETA
 
-    def log_eval(step, ev, **extra):
-        logger.log(step, kind="eval", **extra, **{f"eval_{how}_{n}": ev[how][n]["success"]
-                                                  for how in ev for n in names})
+    def log_eval(step, evaluation, **extra):
+        logger.log(step, kind="eval", **extra, **{f"eval_{how}_{name}": evaluation[how][name]["success"]
+                                                  for how in evaluation for name in names})
     log_eval(0, warm)
 
     episodes_per_step = len(names) * args.states_per_step * args.group_size
@@ -712,7 +770,7 @@ def run(args) -> dict:
     for step in range(1, args.rl_steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = args.rl_lr * min(1.0, step / max(1, args.rl_warmup))
-        metrics = rl_step(model, optimizer, enc, names, rng, args, device, generator)
+        metrics = rl_step(model, optimizer, enc, names, rng, args, device, generator, step)
         logger.log(step, echo=step % args.log_every == 0 or step == 1, kind="rl", **metrics)
         if args.eval_every and step % args.eval_every == 0 and step < args.rl_steps:
             log_eval(step, evaluate_both(model, enc, names, heldout, args, device))
@@ -721,14 +779,16 @@ def run(args) -> dict:
     log_eval(args.rl_steps, trained, final=True)
 
     policy_rng = random.Random(args.seed + 1)
-    table = {"random": {n: evaluate_policy(n, lambda env: random_policy(env, policy_rng), heldout) for n in names},
+    table = {"random": {name: evaluate_policy(name, lambda env: random_policy(env, policy_rng), heldout)
+                        for name in names},
              "warm start (greedy)": warm["greedy"], f"warm start (T={args.temperature:g})": warm["sampled"],
              "RL (greedy)": trained["greedy"], f"RL (T={args.temperature:g})": trained["sampled"],
-             "expert": {n: evaluate_policy(n, lambda env: env.expert, heldout) for n in names}}
+             "expert": {name: evaluate_policy(name, lambda env: env.expert, heldout) for name in names}}
     results = {"table": table, "bc_seconds": bc_s, "rl_seconds": rl_s, "params": model.num_params(),
                "heldout_seeds": [HELDOUT_SEED, HELDOUT_SEED + args.eval_episodes]}
     M.save(os.path.join(args.out, "model.pt"), model, enc, args=asdict(args), results=results)
-    write_json(os.path.join(args.out, "results.json"), results)
+    with M.atomic_write(os.path.join(args.out, "results.json")) as f:
+        json.dump(results, f, indent=2)
     logger.close()
 
     print(f"\nheld-out env seeds ({args.eval_episodes} per environment); BC {bc_s:.0f} s, RL {rl_s:.0f} s:")

@@ -17,6 +17,7 @@ Ding et al. 2024, "Fewer Truncations Improve Language Modeling" (best-fit packin
 """
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import model
+import model as M
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ def synthetic_documents(n, median, sigma, T, enc, rng):
             a, b = rng.integers(0, 100, 2)
             lines.append(f"{a}+{b}={a + b}\n")
             size += len(lines[-1])
-        docs.append(model.encode(enc, "".join(lines))[:length - 1] + [enc.eot_token])
+        docs.append(M.encode(enc, "".join(lines))[:length - 1] + [enc.eot_token])
     return docs
 
 
@@ -319,39 +320,38 @@ def compare_training(docs, args, device, out_dir=None):
     on packed rows (best-fit decreasing). Same documents, same loss, so the same gradients: the losses
     agree to fp32 rounding while the packed run computes far fewer token positions.
     Time the steps side by side (alternating) so machine load hits both alike."""
-    enc = model.get_tokenizer("bytes")
-    pad = model.pad_id(enc)
+    enc = M.get_tokenizer("bytes")
+    pad = M.pad_id(enc)
     T, B = args.train_seq_len, args.batch_size
     steps = [docs[i:i + B] for i in range(0, len(docs) - B + 1, B)][:args.train_steps]
     padded = [padded_batch(step, pad).to(device) for step in steps]
     packed = [packed_batch(best_fit_decreasing([len(d) for d in step], T), step, pad).to(device) for step in steps]
-    cfg = model.Config(vocab_size=enc.n_vocab, block_size=T, n_layer=args.n_layer, n_head=args.n_head,
-                       n_kv_head=args.n_head, n_embd=args.n_embd)
+    cfg = model_config(args, enc.n_vocab)
     runs = {}
     for name, batches in (("padded", padded), ("packed", packed)):
         torch.manual_seed(args.seed)                                      # identical initial weights
-        gpt = model.GPT(cfg).to(device)
-        runs[name] = dict(model=gpt, batches=batches, opt=torch.optim.AdamW(gpt.parameters(), lr=args.lr),
+        gpt = M.GPT(cfg).to(device)
+        runs[name] = dict(model=gpt, batches=batches, optimizer=torch.optim.AdamW(gpt.parameters(), lr=args.lr),
                           losses=[], seconds=0.0, real=0, computed=0)
-    logger = model.MetricsLogger(out_dir, total=len(steps), enabled=out_dir is not None)
+    logger = M.MetricsLogger(out_dir, total=len(steps), enabled=out_dir is not None)
     warmup = min(2, len(steps) - 1)                                       # steps left out of the timing
     for step in range(len(steps)):
         for name, run in runs.items():
             batch = run["batches"][step]
-            model.sync(device)
+            M.sync(device)
             t0 = time.perf_counter()
-            with model.autocast(device):
+            with M.autocast(device):
                 loss = masked_loss(run["model"], batch)
             loss.backward()
-            run["opt"].step()
-            run["opt"].zero_grad(set_to_none=True)
+            run["optimizer"].step()
+            run["optimizer"].zero_grad(set_to_none=True)
             run["losses"].append(loss.item())                             # .item() waits for the device
             if step >= warmup:
                 run["seconds"] += time.perf_counter() - t0
                 run["real"] += sum(len(d) for d in steps[step])
                 run["computed"] += batch.tokens.numel()
         if step % max(1, len(steps) // 5) == 0 or step == len(steps) - 1:
-            logger.log(step + 1, echo=False, **{f"{n}_loss": r["losses"][-1] for n, r in runs.items()})
+            logger.log(step + 1, echo=False, **{f"{name}_loss": run["losses"][-1] for name, run in runs.items()})
     logger.close()
     for run in runs.values():
         run["tokens_per_s"] = run["real"] / max(run["seconds"], 1e-9)
@@ -370,7 +370,7 @@ class Args:
     sigma: float = 1.0            # log-normal shape: standard deviation of log(length)
     batch_size: int = 32          # documents per padded batch (baselines) and per training step
     bucket_window: int = 50       # length-bucketed baseline: sort by length within windows of this many batches
-    data: str = "data/sft_train.jsonl"  # the project's SFT data (prompt + completion); tabled when it exists
+    data: str = "data/sft_train.jsonl"  # SFT data ({prompt, completion} or GSM8K), tabled if it exists; "" = none
     train_seq_len: int = 256      # T of the training comparison (= the model's block_size)
     train_median_len: float = 48.0  # median length of the training documents (byte tokens)
     train_steps: int = 60         # optimizer steps, each on batch_size documents, padded and packed alike
@@ -379,14 +379,82 @@ class Args:
     n_head: int = 4               # attention heads of the small model
     lr: float = 1e-3              # AdamW learning rate
     bench_docs: int = 2000000     # documents in the packing-speed benchmark (0 skips it)
-    out_dir: str = "runs/packing"  # metrics.jsonl and args.json of the training comparison
+    out_dir: str = "runs/packing"  # metrics.jsonl and args.json of the training comparison ("" = none)
     device: str = "auto"          # auto | cpu | cuda
     seed: int = 0                 # random seed
 
 
+MAX_DOCS = 10 ** 7         # documents one part may draw (--n-docs, --bench-docs, --batch-size x --train-steps)
+MAX_PIECES = 5 * 10 ** 7   # pieces of at most T tokens that one table or benchmark may cut its documents into
+MAX_DOC_TOKENS = 2 ** 24   # a drawn log-normal length is capped here (a huge --sigma would overflow int64)
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def model_config(args, vocab_size: int) -> M.Config:
+    """The small model of the training comparison; sizes that make no model are a UserError naming them."""
+    try:
+        return M.Config(vocab_size=vocab_size, block_size=args.train_seq_len, n_layer=args.n_layer,
+                        n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
+    except ValueError as e:
+        raise M.UserError(f"--n-embd {args.n_embd}, --n-head {args.n_head}, --n-layer {args.n_layer}: {e}") from None
+
+
+def check_args(args) -> None:
+    """Validate every option before anything is read or written: the first bad one is a M.UserError
+    naming its flag (one line on stderr, exit status 2)."""
+    M.require_at_least(args, 1, "seq_len", "n_docs", "batch_size", "train_steps", "n_head", "n_embd")
+    M.require_at_least(args, 0, "bucket_window", "bench_docs", "n_layer")      # 0 layers: a bigram model
+    M.require_at_least(args, 2, "train_seq_len")      # a document of one token has nothing to predict
+    for name in ("n_docs", "bench_docs"):
+        if getattr(args, name) > MAX_DOCS:
+            raise M.UserError(f"--{name.replace('_', '-')} must be <= {MAX_DOCS:,}, got {getattr(args, name):,}")
+    if args.batch_size * args.train_steps > MAX_DOCS:
+        raise M.UserError(f"--batch-size x --train-steps (the training documents) must be <= {MAX_DOCS:,}, "
+                          f"got {args.batch_size * args.train_steps:,}")
+    if not 1 <= args.median_len <= MAX_DOC_TOKENS:
+        raise M.UserError(f"--median-len must be in [1, {MAX_DOC_TOKENS}], got {args.median_len}")
+    if not 2 <= args.train_median_len <= MAX_DOC_TOKENS:
+        raise M.UserError(f"--train-median-len must be in [2, {MAX_DOC_TOKENS}], got {args.train_median_len}")
+    M.check_options(args, non_negative=("sigma",), positive=("lr",), seed=("seed",))
+    model_config(args, M.get_tokenizer("bytes").n_vocab)
+    if args.out_dir:
+        check_run_folder("--out-dir", args.out_dir)
+    if not DEVICE.fullmatch(args.device):
+        raise M.UserError(f"--device {args.device}: choose auto, cpu, cuda or cuda:N")
+    M.get_device(args.device)                        # cuda on a machine without it
+
+
+def check_run_folder(flag: str, path: str) -> None:
+    """A run folder that can be made: not a file, under a writable folder."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):              # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise M.UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise M.UserError(f"{flag} {path}: cannot write in {existing}")
+
+
 def lognormal_lengths(n, median, sigma, rng):
-    """Document lengths L = round(exp(N(log median, sigma^2))) >= 1: a few long documents, many short ones."""
-    return np.maximum(1, np.rint(rng.lognormal(math.log(median), sigma, n))).astype(np.int64)
+    """Document lengths L = round(exp(N(log median, sigma^2))) in [1, MAX_DOC_TOKENS]: a few long
+    documents, many short ones."""
+    return np.clip(np.rint(rng.lognormal(math.log(median), sigma, n)), 1, MAX_DOC_TOKENS).astype(np.int64)
+
+
+def check_pieces(lengths, T, what: str) -> None:
+    """Refuse, before anything runs, a table or benchmark that would cut its documents into more than
+    MAX_PIECES pieces of at most T tokens (sum_i ceil(L_i / T)): it would not fit in memory."""
+    pieces = int((-(-lengths // T)).sum())
+    if pieces > MAX_PIECES:
+        raise M.UserError(f"{what}: {pieces:,} pieces of at most T = {T} tokens, more than {MAX_PIECES:,}; "
+                          "choose fewer or shorter documents, or a longer --seq-len")
+
+
+def demonstration_lengths(path, enc):
+    """Token lengths (prompt + completion + <|endoftext|>) of the demonstrations in `path`
+    (M.read_demonstrations: {prompt, completion} or GSM8K rows; every problem names file:line)."""
+    rows = M.read_demonstrations(path)
+    return np.array([len(M.encode(enc, row["prompt"] + row["completion"])) + 1 for row in rows], np.int64)
 
 
 def print_table(title, lengths, T, batch_size, bucket_window):
@@ -403,67 +471,68 @@ def print_table(title, lengths, T, batch_size, bucket_window):
 
 
 def main(argv=None):
-    args = model.parse_args(Args, argv)
-    model.require_at_least(args, 1, "seq_len", "n_docs", "batch_size", "train_seq_len", "train_steps")
-    if args.median_len < 1 or args.train_median_len < 2 or args.sigma < 0 or min(args.bench_docs, args.bucket_window) < 0:
-        raise model.UserError("need --median-len >= 1, --train-median-len >= 2, --sigma >= 0, "
-                              "--bench-docs >= 0 and --bucket-window >= 0")
-    model.seed_everything(args.seed)
-    device = model.get_device(args.device)
+    args = M.parse_args(Args, argv)
+    check_args(args)
+    M.seed_everything(args.seed)
+    device = M.get_device(args.device)
     rng = np.random.default_rng(args.seed)
+    enc = M.get_tokenizer("bytes")
     results = {}
 
-    # 1. Efficiency: the rows each method needs for the same documents.
+    # Every input first (the data file, and every document drawn), so that bad input writes nothing.
+    sft_lengths = None
+    if args.data and (os.path.exists(args.data) or os.path.normpath(args.data) != os.path.normpath(Args().data)):
+        sft_lengths = demonstration_lengths(args.data, enc)
     lengths = lognormal_lengths(args.n_docs, args.median_len, args.sigma, rng)
+    check_pieces(lengths, args.seq_len, "--n-docs, --median-len, --sigma")
+    docs = synthetic_documents(args.batch_size * args.train_steps, args.train_median_len, args.sigma,
+                               args.train_seq_len, enc, rng)
+    bench_lengths = lognormal_lengths(args.bench_docs, args.median_len, args.sigma, rng)
+    check_pieces(bench_lengths, args.seq_len, "--bench-docs, --median-len, --sigma")
+
+    # 1. Efficiency: the rows each method needs for the same documents.
     results["lognormal"] = print_table(f"log-normal lengths (median {args.median_len:g}, sigma {args.sigma:g})",
                                        lengths, args.seq_len, args.batch_size, args.bucket_window)
-    if os.path.exists(args.data):
-        enc = model.get_tokenizer("bytes")
-        rows = model.read_jsonl(args.data, ("prompt", "completion"))
-        sft_lengths = np.array([len(model.encode(enc, r["prompt"] + r["completion"])) + 1 for r in rows])
+    if sft_lengths is not None:
         results["sft"] = print_table(f"{args.data} (prompt + completion + <|endoftext|>, byte tokens)",
                                      sft_lengths, args.train_seq_len, args.batch_size, args.bucket_window)
-    elif os.path.normpath(args.data) != os.path.normpath(Args.data):
-        raise model.UserError(f"--data {args.data}: no such file")
-    else:
+    elif args.data:
         print(f"\n({args.data} not found: run `python synth.py` to table the project's own data too)")
 
     # 2. Training: padded vs packed, same model, same documents, same steps.
-    enc = model.get_tokenizer("bytes")
-    docs = synthetic_documents(args.batch_size * args.train_steps, args.train_median_len, args.sigma,
-                               args.train_seq_len, enc, rng)
     if args.out_dir:
-        model.save_args(args.out_dir, args)
+        M.save_args(args.out_dir, args)
     runs, cfg = compare_training(docs, args, device, args.out_dir or None)
-    pad, pack = runs["padded"], runs["packed"]
-    print(f"\ntraining on {device}: the same {cfg.n_layer}-layer, width-{cfg.n_embd} model, {len(pad['losses'])} "
-          f"AdamW steps of the same {args.batch_size} documents each ({sum(len(d) for d in docs):,} real tokens), "
-          f"T = {args.train_seq_len}")
+    padded_run, packed_run = runs["padded"], runs["packed"]
+    print(f"\ntraining on {device}: the same {cfg.n_layer}-layer, width-{cfg.n_embd} model, "
+          f"{len(padded_run['losses'])} AdamW steps of the same {args.batch_size} documents each "
+          f"({sum(len(d) for d in docs):,} real tokens), T = {args.train_seq_len}")
     print(f"  {'batches':<8} {'computed tokens':>16} {'real-token fraction':>20} {'real tokens/s':>14} "
           f"{'first loss':>11} {'final loss':>11}")
     for name, run in runs.items():
         print(f"  {name:<8} {run['computed']:>16,} {run['real'] / run['computed']:>20.3f} "
               f"{run['tokens_per_s']:>14,.0f} {run['losses'][0]:>11.5f} {run['losses'][-1]:>11.5f}")
-    speedup = pack["tokens_per_s"] / pad["tokens_per_s"]
-    max_diff = max(abs(a - b) for a, b in zip(pad["losses"], pack["losses"]))
+    speedup = packed_run["tokens_per_s"] / padded_run["tokens_per_s"]
+    max_diff = max(abs(a - b) for a, b in zip(padded_run["losses"], packed_run["losses"]))
     print(f"  packed / padded: {speedup:.2f}x the real tokens per second; "
-          f"largest |loss difference| over all {len(pad['losses'])} steps: {max_diff:.2e}")
-    results.update(speedup=speedup, max_loss_diff=max_diff, padded=pad, packed=pack)
+          f"largest |loss difference| over all {len(padded_run['losses'])} steps: {max_diff:.2e}")
+    results.update(speedup=speedup, max_loss_diff=max_diff, padded=padded_run, packed=packed_run)
 
     # 3. Speed: pack a large dataset.
     if args.bench_docs:
-        big = lognormal_lengths(args.bench_docs, args.median_len, args.sigma, rng)
-        print(f"\npacking speed: {args.bench_docs:,} log-normal documents ({big.sum() / 1e6:,.0f} M tokens), T = {args.seq_len}")
+        print(f"\npacking speed: {args.bench_docs:,} log-normal documents ({bench_lengths.sum() / 1e6:,.0f} M tokens), "
+              f"T = {args.seq_len}")
         results["bench"] = {}
         for name, pack_fn in PACKERS.items():
             t0 = time.perf_counter()
-            packing = pack_fn(big, args.seq_len)
+            packing = pack_fn(bench_lengths, args.seq_len)
             seconds = time.perf_counter() - t0
             results["bench"][name] = seconds
             print(f"  {name:<16} {seconds:6.2f} s  ({args.bench_docs / seconds / 1e6:.2f} M documents/s), "
-                  f"{packing.n_rows:,} rows, real-token fraction {big.sum() / (packing.n_rows * args.seq_len):.4f}")
+                  f"{packing.n_rows:,} rows, real-token fraction "
+                  f"{bench_lengths.sum() / (packing.n_rows * args.seq_len):.4f}")
     return results
 
 
 if __name__ == "__main__":
-    model.cli(main)
+    M.cli(main)

@@ -5,9 +5,12 @@ Independent references: replaying the same actions (determinism), the informatio
 (k guesses separate at most 2^k - 1 numbers), the closed form 1 - (1 - 1/N)^K for random guessing, an
 exact dynamic program over the key-and-door Markov chain for its random policy, Python's own operators
 on an expression tree built beside its text (calculator), autograd against the closed-form gradient
--A_b / N (masking), a full forward pass against the sampler's log-probs, and a whole-batch gradient
-against micro-batches."""
+-A_b / N (masking), a per-token brute force of the clamped loss and its gradient (huge log-ratios, +-inf
+under the mask), losses.ppo_policy_loss (the same surrogate), a full forward pass against the sampler's
+log-probs, and a whole-batch gradient against micro-batches. Bad input: every option run through
+`python agent_env.py` (exit status 2, one line, nothing written)."""
 import contextlib
+import json
 import math
 import operator
 import os
@@ -21,6 +24,7 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 import agent_env as A
+import losses
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,6 +109,27 @@ def test_turn_limit_ends_the_episode_and_acting_after_done_raises(name, seed):
         env.step("east\n")
     env.reset(seed)                                    # a reset starts a new episode
     env.step("nonsense\n")
+
+
+LONG_RESULTS = st.sampled_from(["<calc>-10**30*10**30</calc>\n", "<calc>-(10**60)</calc>\n", "<calc>(-8)**0.5</calc>\n",
+                                "<calc>-1e-300/7</calc>\n", "<calc>-" + "9" * 27 + "**2</calc>\n", "<calc>1/3</calc>\n",
+                                "<calc>" + "(" * 13 + "1" + ")" * 13 + "</calc>\n", "<calc>-2**199</calc>\n"])
+
+
+@given(name=st.sampled_from(sorted(A.ENVS)), seed=st.integers(0, 10 ** 6),
+       script=st.lists(st.one_of(actions, LONG_RESULTS), min_size=1, max_size=8))
+def test_no_observation_is_longer_than_the_bound(name, seed, script):
+    """max_observation_chars bounds every observation (the longest: a 61-digit negative integer result),
+    in characters and in byte tokens, so episode_token_bound bounds every transcript."""
+    env = A.make_env(name)
+    observations = [env.reset(seed)]
+    for action in script:
+        if env.done:
+            break
+        observations.append(env.step(action)[0])
+    for observation in observations:
+        assert len(M.encode(ENC, observation)) <= A.TextEnv.max_observation_chars, observation
+    assert len(A.calculator("-10**30*10**30")) + len("<result></result>\n") == A.TextEnv.max_observation_chars
 
 
 # ---- experts and the random policy -------------------------------------------------------------
@@ -220,6 +245,7 @@ def test_random_calculator_answers_are_right_one_time_in_9000():
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
        "//": operator.floordiv, "%": operator.mod}
 ERROR = "error"
+OUT_OF_RANGE = math.inf           # "largest |value|" of a node whose value Python itself cannot hold
 
 
 def leaf(value):
@@ -233,9 +259,11 @@ def apply(op, left, right):
     if ERROR in (lv, rv):
         return text, ERROR, max(ld, rd) + 1, max(lm, rm)
     try:
-        value = OPS[op](lv, rv) if op != "**" else lv ** rv
+        value = OPS[op](lv, rv) if op != "**" else operator.pow(lv, rv)
     except ZeroDivisionError:
         return text, ERROR, max(ld, rd) + 1, max(lm, rm)
+    except OverflowError:         # a float past 1.8e308: beyond the calculator's bounds as well
+        return text, ERROR, max(ld, rd) + 1, OUT_OF_RANGE
     return text, value, max(ld, rd) + 1, max(lm, rm, abs(value))
 
 
@@ -255,7 +283,7 @@ trees = st.recursive(leaves, lambda kids: st.one_of(
 def test_calculator_agrees_with_python_arithmetic(tree):
     text, value, depth, biggest = tree
     result = A.calculator(text)
-    if len(text) > M.ARITH_MAX_CHARS or depth > 30 or (value != ERROR and biggest > 1e40):
+    if len(text) > M.ARITH_MAX_CHARS or depth > 30 or (value != ERROR and biggest > 1e40) or biggest == OUT_OF_RANGE:
         assert result.startswith("error") or result == A.format_number(value)   # bounds: either is fine
     elif value == ERROR:
         assert result.startswith("error: division by zero")
@@ -272,6 +300,53 @@ def test_calculator_returns_a_number_or_an_error_on_any_string(text):
     assert isinstance(result, str)
     if not result.startswith("error: "):
         float(result)                                   # a number, nothing else
+        assert math.isfinite(float(result)) and abs(float(result)) <= M.ARITH_MAX_ABS
+
+
+EXTREMES = [0, 1, 2, 9, 10, 255, 256, 257, 10 ** 30, 10 ** 60, 10 ** 61, 0.0, 0.5, 0.01, 1e-300, 5e-324,
+            1e308, 1.7976931348623157e308, 2.5, 9.999e59]
+extreme_trees = st.recursive(
+    st.sampled_from(EXTREMES).map(lambda v: (repr(v) if isinstance(v, float) else str(v), v)),
+    lambda kids: st.one_of(
+        st.tuples(st.sampled_from(sorted(OPS) + ["**"]), kids, kids).map(
+            lambda t: (f"({t[1][0]}){t[0]}({t[2][0]})", (t[0], t[1][1], t[2][1]))),
+        kids.map(lambda kid: (f"-({kid[0]})", ("neg", kid[1])))),
+    max_leaves=5)
+
+
+def python_value(tree):
+    """The tree's value by Python's own operators (called only on trees the calculator computed, whose
+    every intermediate value is therefore small: no 9**9**9 here)."""
+    if not isinstance(tree, tuple):
+        return tree
+    if tree[0] == "neg":
+        return operator.neg(python_value(tree[1]))
+    op, left, right = tree
+    return (operator.pow if op == "**" else OPS[op])(python_value(left), python_value(right))
+
+
+@given(tree=extreme_trees)
+def test_calculator_on_extreme_constants_gives_python_value_or_its_error(tree):
+    """Expression trees over extreme constants (1e308, 5e-324, 10**61, exponents around the limit 256):
+    the tool answers 'error: ...' or a number, never raises, never hangs; a number is Python's own value."""
+    text, structure = tree
+    with hang_guard():
+        result = A.calculator(text)
+    if result.startswith("error: "):
+        return
+    value = python_value(structure)
+    assert abs(value) <= M.ARITH_MAX_ABS
+    assert result == A.format_number(value)
+
+
+@given(text=st.text(max_size=40).map(lambda s: s.replace("\n", "")))
+def test_a_calc_call_with_any_text_is_an_observation_never_an_exception(text):
+    env = A.make_env("calc")
+    env.reset(0)
+    with hang_guard():
+        observation, reward, done, info = env.step(f"<calc>{text}</calc>\n")
+    assert observation.endswith("\n") and reward == 0.0
+    assert len(observation) <= A.TextEnv.max_observation_chars
 
 
 @pytest.mark.parametrize("text", [
@@ -348,21 +423,106 @@ def test_env_tokens_have_zero_loss_and_zero_gradient_model_tokens_carry_the_adva
 
 
 @given(lp=st.lists(st.floats(-5, 0), min_size=12, max_size=12), shift=st.lists(st.floats(-1, 1), min_size=12, max_size=12),
-       adv=st.lists(st.floats(-2, 2), min_size=3, max_size=3), clip=st.floats(0.05, 0.5))
-def test_clipped_loss_matches_a_per_token_brute_force(lp, shift, adv, clip):
+       adv=st.lists(st.floats(-2, 2), min_size=3, max_size=3), eps_low=st.floats(0.05, 0.5),
+       eps_high=st.floats(0.05, 0.5))
+def test_clipped_loss_matches_a_per_token_brute_force(lp, shift, adv, eps_low, eps_high):
+    """Loss: the clipped surrogate token by token in plain Python. clipfrac: the share of action tokens
+    where the clip binds, i.e. min() picks the clipped term and its gradient is 0:
+    (r > 1 + eps_high and A > 0) or (r < 1 - eps_low and A < 0)."""
     logp = torch.tensor(lp).view(3, 4)
     old = logp + torch.tensor(shift).view(3, 4)
     mask = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    loss, stats = A.agent_grpo_loss(logp, old, torch.tensor(adv), mask, clip)
+    advantages = torch.tensor(adv)
+    loss, stats = A.agent_grpo_loss(logp, old, advantages, mask, eps_low, eps_high)
+    adv = advantages.tolist()                        # the float32 values the loss saw (1e-59 is 0 there)
     terms, clipped = [], 0
     for b in range(3):
         for t in range(4):
             if mask[b, t]:
-                r = math.exp(lp[b * 4 + t] - float(old[b, t]))
-                terms.append(min(r * adv[b], max(min(r, 1 + clip), 1 - clip) * adv[b]))
-                clipped += abs(r - 1) > clip
+                r = math.exp(float(logp[b, t]) - float(old[b, t]))
+                assume(min(abs(r - 1 - eps_high), abs(r - 1 + eps_low)) > 1e-5)   # fp32 could round either way
+                terms.append(min(r * adv[b], max(min(r, 1 + eps_high), 1 - eps_low) * adv[b]))
+                clipped += (r > 1 + eps_high and adv[b] > 0) or (r < 1 - eps_low and adv[b] < 0)
     assert float(loss) == pytest.approx(-sum(terms) / len(terms), rel=1e-5, abs=1e-6)
     assert stats["clipfrac"] == pytest.approx(clipped / len(terms))
+
+
+HUGE = st.sampled_from([100.0, -100.0, 89.0, -89.0, 1e4, -1e4])
+
+
+@given(log_ratio=st.lists(st.one_of(st.floats(-30, 30), HUGE), min_size=12, max_size=12),
+       masked=st.lists(st.sampled_from([math.inf, -math.inf, math.nan, 1e30, -1e30]), min_size=24, max_size=24),
+       in_batch=st.lists(st.booleans(), min_size=12, max_size=12),
+       adv=st.lists(st.one_of(st.just(0.0), st.floats(-3, 3)), min_size=3, max_size=3),
+       eps_low=st.floats(0.05, 0.5), eps_high=st.floats(0.05, 0.5))
+def test_loss_and_gradient_are_finite_for_huge_log_ratios_and_inf_under_the_mask(
+        log_ratio, masked, in_batch, adv, eps_low, eps_high):
+    """Log-ratios of +-100 (exp overflows float32 past ~88.7) and +-inf / NaN log-probs at masked positions:
+    the loss and every gradient are finite, masked positions get exactly 0, and both match a brute force
+    of the clamped definition: r = exp(clamp(log r, -20, 20)); dL/dlogp = -A r / N where the unclipped term
+    is the min and |log r| < 20, else 0."""
+    mask = torch.tensor(in_batch).view(3, 4)
+    target = torch.tensor(log_ratio).view(3, 4)                               # old = 0: logp IS the log-ratio
+    logp = torch.where(mask, target, torch.tensor(masked[:12]).view(3, 4)).requires_grad_()
+    old = torch.where(mask, torch.zeros(()), torch.tensor(masked[12:]).view(3, 4))
+    advantages = torch.tensor(adv)
+    loss, stats = A.agent_grpo_loss(logp, old, advantages, mask, eps_low, eps_high)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert torch.all(logp.grad[~mask] == 0)
+    assert all(math.isfinite(value) for value in stats.values())
+    n = max(int(mask.sum()), 1)
+    total, grad = 0.0, torch.zeros(3, 4, dtype=torch.float64)
+    for b in range(3):
+        for t in range(4):
+            if mask[b, t]:
+                x = float(target[b, t])
+                assume(abs(abs(x) - 20) > 1e-4)
+                r = math.exp(max(-20.0, min(20.0, x)))
+                a = float(advantages[b])
+                assume(min(abs(r - 1 - eps_high), abs(r - 1 + eps_low)) > 1e-5)
+                clipped = max(min(r, 1 + eps_high), 1 - eps_low)
+                total += min(r * a, clipped * a)
+                binds = (r > 1 + eps_high and a > 0) or (r < 1 - eps_low and a < 0)
+                grad[b, t] = 0.0 if binds or abs(x) > 20 else -a * r / n
+    assert loss.item() == pytest.approx(-total / n, rel=1e-5, abs=1e-5)
+    torch.testing.assert_close(logp.grad.double(), grad, rtol=1e-5, atol=1e-6)
+
+
+@given(seed=st.integers(0, 10 ** 6), shape=st.tuples(st.integers(1, 5), st.integers(1, 8)),
+       eps_low=st.floats(0.05, 0.5), eps_high=st.floats(0.05, 0.5), spread=st.sampled_from([0.1, 1.0, 50.0]),
+       whole_batch=st.booleans())
+def test_loss_agrees_with_losses_ppo_policy_loss(seed, shape, eps_low, eps_high, spread, whole_batch):
+    """The same clipped surrogate as losses.ppo_policy_loss with each trajectory's advantage on every token:
+    loss, gradient, clipfrac and approx_kl agree, normalised by the mask's count or by a whole batch's N
+    (`n_tokens` here, `denom` there); log-ratios up to +-50 * 4 exercise both clamps."""
+    generator = torch.Generator().manual_seed(seed)
+    logp = (-5 * torch.rand(shape, generator=generator)).requires_grad_()
+    old = logp.detach() + spread * torch.randn(shape, generator=generator)
+    advantages = torch.randn(shape[0], generator=generator)
+    mask = torch.rand(shape, generator=generator) < 0.7
+    n_tokens = int(mask.sum()) + 3 if whole_batch else None
+    mine, my_stats = A.agent_grpo_loss(logp, old, advantages, mask, eps_low, eps_high, n_tokens)
+    (my_grad,) = torch.autograd.grad(mine, logp)
+    theirs, their_stats = losses.ppo_policy_loss(logp, old, advantages[:, None], mask, eps_low=eps_low,
+                                                 eps_high=eps_high, denom=n_tokens)
+    (their_grad,) = torch.autograd.grad(theirs, logp)
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(my_grad, their_grad, rtol=1e-5, atol=1e-7)
+    if not whole_batch:            # ppo_policy_loss's stats are means over the mask; here sums / N
+        assert my_stats["clipfrac"] == pytest.approx(float(their_stats["clipfrac"]), abs=1e-6)
+        assert my_stats["approx_kl"] == pytest.approx(float(their_stats["approx_kl"]), rel=1e-4, abs=1e-6)
+
+
+def test_an_empty_batch_gives_zero_loss_zero_clipfrac_and_zero_gradient():
+    logp = torch.randn(2, 5, requires_grad=True)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    for n_tokens in (None, 0):
+        loss, stats = A.agent_grpo_loss(logp, logp.detach() + 3.0, torch.tensor([1.0, -1.0]), mask,
+                                        n_tokens=n_tokens)
+        (grad,) = torch.autograd.grad(loss, logp)
+        assert loss.item() == 0.0 and stats == {"clipfrac": 0.0, "approx_kl": 0.0}
+        assert torch.all(grad == 0)
 
 
 @given(rewards=st.lists(st.lists(st.floats(0, 1), min_size=2, max_size=6), min_size=1, max_size=4).filter(
@@ -396,7 +556,7 @@ def test_microbatches_give_the_whole_batch_gradient(seed, split):
             logp = M.token_logprobs(model, tokens)
             position = torch.arange(logp.shape[1], dtype=torch.float32)
             old = logp.detach() + 0.3 * torch.sin(tokens[:, 1:].float() + position)   # a per-row function: ratio != 1
-            loss, _ = A.agent_grpo_loss(logp, old, adv[index], mask, 0.2, n)
+            loss, _ = A.agent_grpo_loss(logp, old, adv[index], mask, eps_low=0.2, eps_high=0.2, n_tokens=n)
             loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 
@@ -423,6 +583,7 @@ def test_rollout_logprobs_equal_a_full_forward_pass(seed, temperature):
     for traj in trajs:
         assert traj.turns >= 1 and len(traj.tokens) == len(traj.is_action) == len(traj.logprobs)
         assert not traj.is_action[0]
+        assert len(traj.tokens) <= A.episode_token_bound([traj.env], 12)
 
 
 # ---- end to end ----------------------------------------------------------------------------------
@@ -487,16 +648,206 @@ def test_main_writes_checkpoint_metrics_and_the_policy_table(tmp_path, capsys):
         assert policy in printed
 
 
+def test_behaviour_cloning_stops_before_a_non_finite_update():
+    """A NaN loss (here from one NaN weight) stops BC at its first step, before optimizer.step(): the
+    other weights are exactly as they were, so nothing non-finite spreads or is saved."""
+    model = tiny_model(0)
+    with torch.no_grad():
+        model.wte.weight[0, 0] = math.nan                  # tied: every logit row holds a NaN
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(M.NonFiniteError, match="behaviour cloning step 1: bc_loss is nan"):
+        A.behaviour_cloning(model, ENC, expert_trajs(2), steps=3, batch_size=4, lr=1e-3, device=torch.device("cpu"))
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True)
+
+
+def test_rl_step_stops_before_a_non_finite_update(monkeypatch):
+    real_loss = A.agent_grpo_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return loss * math.nan, stats
+    monkeypatch.setattr(A, "agent_grpo_loss", nan_loss)
+    monkeypatch.setattr(A, "group_advantages", lambda rewards, scale_by_std=False: torch.ones_like(rewards))
+    model = tiny_model(0)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    args = A.Args(states_per_step=1, group_size=2, max_action_tokens=4)
+    with pytest.raises(M.NonFiniteError, match="RL step 7, update epoch 1: loss is nan"):
+        A.rl_step(model, optimizer, ENC, ["keydoor"], random.Random(0), args, torch.device("cpu"),
+                  torch.Generator().manual_seed(0), step=7)
+    assert not optimizer.state                             # never stepped
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def test_a_non_finite_warm_start_saves_no_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "bc_loss", lambda logprobs, mask: (logprobs * mask).sum() * math.nan)
+    out = tmp_path / "agent"
+    with pytest.raises(M.NonFiniteError, match="behaviour cloning step 1"):
+        A.main(["--out", str(out), "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--bc-episodes", "2",
+                "--bc-steps", "2", "--rl-steps", "1", "--eval-episodes", "1", "--device", "cpu"])
+    assert not (out / "warm_start.pt").exists() and not (out / "model.pt").exists()
+
+
+def test_an_init_checkpoint_with_too_few_learned_positions_is_refused_before_writing(tmp_path):
+    ckpt = tmp_path / "learned.pt"
+    M.save(str(ckpt), M.GPT(M.Config(**{**TINY, "block_size": 64, "pos": "learned"})), ENC)
+    out = tmp_path / "agent"
+    assert A.episode_token_bound(sorted(A.ENVS), 24) > 64
+    with pytest.raises(M.UserError, match="--max-action-tokens 24: an episode may reach"):
+        A.main(["--init", str(ckpt), "--out", str(out), "--device", "cpu"])
+    assert not out.exists()
+
+
+# ---- bad input: one line on stderr, exit status 2, no traceback, nothing written -----------------
+
+SCRIPT_CASES_DRIVER = r"""
+import contextlib, io, json, os, runpy, sys, traceback
+root, script = sys.argv[1], sys.argv[2]
+sys.path.insert(0, root)
+results = {}
+for name, (cwd, argv) in json.loads(sys.stdin.read()).items():
+    os.chdir(cwd)
+    sys.argv = [script, *argv]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_path(os.path.join(root, script), run_name="__main__")
+            status = 0
+        except SystemExit as e:                  # as the interpreter: None is 0, text is printed and 1
+            status = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
+        except BaseException:                    # an uncaught exception: its traceback, status 1
+            traceback.print_exc()
+            status = 1
+    results[name] = [status, stderr.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def run_script_cases(script, cases, timeout=300):
+    """`python <script> <argv>` for every case, all in ONE fresh Python process (a fresh interpreter per
+    case costs ~1.5 s of torch import): each case runs the script as __main__ (runpy) in its own working
+    folder, and its exit status and stderr are what the interpreter would give (SystemExit's code; an
+    uncaught exception prints its traceback, status 1). cases {name: (cwd, argv)} -> {name: (status, stderr)}.
+    test_the_case_driver_agrees_with_a_real_process checks it against real processes."""
+    result = subprocess.run([sys.executable, "-c", SCRIPT_CASES_DRIVER, ROOT, script], input=json.dumps(cases),
+                            capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {name: tuple(value) for name, value in json.loads(result.stdout.splitlines()[-1]).items()}
+
+
+def files_under(folder):
+    return sorted(os.path.relpath(os.path.join(parent, name), folder)
+                  for parent, dirs, files in os.walk(folder) for name in dirs + files)
+
+
+def make_files(folder, files):
+    """files {relative path: bytes, or None for a folder}"""
+    for name, content in files.items():
+        path = folder / name
+        if content is None:
+            path.mkdir(parents=True)
+        else:
+            path.write_bytes(content)
+
+
+# Cheap settings first, so that a case the script wrongly accepted would finish in seconds; each case's own
+# options come after them and win.
+CHEAP = ["--bc-steps", "0", "--rl-steps", "0", "--eval-episodes", "1"]
+BAD_OPTIONS = [   # (argv, what the one line on stderr names, files the case's folder holds)
+    (["--envs", "chess"], "unknown environment 'chess'", {}),
+    (["--group-size", "1"], "--group-size must be >= 2", {}),
+    (["--temperature", "0"], "--temperature must be > 0", {}),
+    (["--init", "nowhere/model.pt"], "nowhere/model.pt does not exist", {}),
+    (["--envs", ","], "--envs", {}),
+    (["--envs", "calc,keydoor,calc"], "--envs", {}),
+    (["--out", ""], "--out", {}),
+    (["--out", "file.txt/run"], "--out", {"file.txt": b"x"}),
+    (["--init", "bad.pt"], "bad.pt", {"bad.pt": b"\x80\x02 not a checkpoint"}),
+    (["--init", "empty.pt"], "empty.pt", {"empty.pt": b""}),
+    (["--init", "folder"], "folder", {"folder": None}),
+    (["--n-layer", "-1"], "--n-layer", {}),
+    (["--n-layer", "two"], "--n-layer", {}),
+    (["--n-head", "0"], "--n-head", {}),
+    (["--n-embd", "-1"], "--n-embd", {}),
+    (["--n-embd", "130"], "--n-embd", {}),                       # not divisible by 4 heads
+    (["--n-embd", "12", "--n-head", "4"], "--n-embd", {}),       # head dimension 3: RoPE needs it even
+    (["--bc-steps", "1", "--bc-episodes", "0"], "--bc-episodes", {}),
+    (["--bc-steps", "-1"], "--bc-steps", {}),
+    (["--bc-batch", "0"], "--bc-batch", {}),
+    (["--bc-lr", "0"], "--bc-lr", {}),
+    (["--bc-lr", "nan"], "--bc-lr", {}),
+    (["--rl-steps", "-1"], "--rl-steps", {}),
+    (["--states-per-step", "0"], "--states-per-step", {}),
+    (["--group-size", "-3"], "--group-size", {}),
+    (["--rl-lr", "-1"], "--rl-lr", {}),
+    (["--rl-lr", "inf"], "--rl-lr", {}),
+    (["--rl-warmup", "-1"], "--rl-warmup", {}),
+    (["--scale-by-std=yes"], "--scale-by-std", {}),
+    (["--eps-low", "0"], "--eps-low", {}),
+    (["--eps-low", "1"], "--eps-low", {}),
+    (["--eps-low", "nan"], "--eps-low", {}),
+    (["--eps-high", "0"], "--eps-high", {}),
+    (["--eps-high", "-0.2"], "--eps-high", {}),
+    (["--update-epochs", "0"], "--update-epochs", {}),
+    (["--update-epochs", "1.5"], "--update-epochs", {}),
+    (["--micro-batch", "0"], "--micro-batch", {}),
+    (["--temperature", "-1"], "--temperature", {}),
+    (["--max-action-tokens", "0"], "--max-action-tokens", {}),
+    (["--grad-clip", "-1"], "--grad-clip", {}),
+    (["--eval-episodes", "0"], "--eval-episodes", {}),
+    (["--eval-every", "-1"], "--eval-every", {}),
+    (["--log-every", "0"], "--log-every", {}),
+    (["--device", "tpu"], "--device", {}),
+    (["--device", "cuda:x"], "--device", {}),
+    (["--seed", "-1"], "--seed", {}),
+    (["--seed", str(2 ** 32)], "--seed", {}),
+    (["--clip-eps", "0.2"], "--clip-eps", {}),                   # renamed: --eps-low / --eps-high
+    (["--updates-per-batch", "2"], "--updates-per-batch", {}),   # renamed: --update-epochs
+]
+
+
+def case_name(argv):
+    return " ".join(argv)
+
+
+@pytest.fixture(scope="module")
+def bad_option_runs(tmp_path_factory):
+    """{case name: (status, stderr, files before, files after)} for every BAD_OPTIONS case."""
+    cases, before = {}, {}
+    for argv, _, files in BAD_OPTIONS:
+        folder = tmp_path_factory.mktemp("case")
+        make_files(folder, files)
+        cases[case_name(argv)] = (str(folder), CHEAP + argv)
+        before[case_name(argv)] = files_under(folder)
+    results = run_script_cases("agent_env.py", cases)
+    return {name: (*results[name], before[name], files_under(cases[name][0])) for name in cases}
+
+
+@pytest.mark.parametrize("argv, message", [(argv, message) for argv, message, _ in BAD_OPTIONS],
+                         ids=[case_name(argv) for argv, _, _ in BAD_OPTIONS])
+def test_every_bad_option_is_one_line_exit_2_and_writes_nothing(bad_option_runs, argv, message):
+    status, stderr, before, after = bad_option_runs[case_name(argv)]
+    assert status == 2, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+    assert message in stderr
+    assert after == before                           # no run folder, no args.json, no temp file
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--envs", "chess"], "unknown environment 'chess'"),
     (["--group-size", "1"], "--group-size must be >= 2"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--init", "nowhere/model.pt"], "nowhere/model.pt does not exist"),
 ])
-def test_bad_arguments_are_one_line_errors_and_write_nothing(tmp_path, argv, message):
+def test_bad_arguments_are_one_line_errors_and_write_nothing(tmp_path, argv, message, bad_option_runs):
+    """A real `python agent_env.py` process; it also checks the one-process case driver: the same status
+    and the same stderr."""
     out = tmp_path / "never"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "agent_env.py"), "--out", str(out), *argv],
                             capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+    assert (result.returncode, result.stderr) == bad_option_runs[case_name(argv)][:2]

@@ -1,9 +1,13 @@
 """Properties of packing.py, each against an independent reference: brute force (bin-packing OPT,
 FFD/BFD by their per-piece definition, padding cost by materialised batches), identities (every
 token once, in order; the pretraining stream), and the model itself (a packed row's per-token loss
-equals each document's loss alone, through model.GPT)."""
+equals each document's loss alone, through model.GPT). Bad input: every option and each kind of bad
+--data file run through `python packing.py` (exit status 2, one line naming it, nothing written)."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import model
+import model as M
 import packing as P
 
 PAD = -7                                                   # a pad id no document token can equal
@@ -216,8 +220,8 @@ def test_padded_cost_equals_materialised_padded_batches(lengths, batch_size, win
 
 def tiny_gpt(T, pos, seed):
     torch.manual_seed(seed)
-    cfg = model.Config(vocab_size=40, block_size=T, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, pos=pos)
-    return model.GPT(cfg).eval()
+    cfg = M.Config(vocab_size=40, block_size=T, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, pos=pos)
+    return M.GPT(cfg).eval()
 
 
 @settings(max_examples=10)
@@ -281,16 +285,185 @@ def test_main_end_to_end_tiny(tmp_path, capsys):
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=?\n", "completion": f"#### {2 * i}"}) + "\n"
                             for i in range(50)))
     out = tmp_path / "run"
-    res = P.main(["--n-docs", "300", "--seq-len", "256", "--median-len", "40", "--train-steps", "4",
-                  "--batch-size", "8", "--train-seq-len", "64", "--train-median-len", "12", "--n-embd", "32",
-                  "--bench-docs", "2000", "--data", str(data), "--out-dir", str(out), "--device", "cpu"])
+    results = P.main(["--n-docs", "300", "--seq-len", "256", "--median-len", "40", "--train-steps", "4",
+                      "--batch-size", "8", "--train-seq-len", "64", "--train-median-len", "12", "--n-embd", "32",
+                      "--bench-docs", "2000", "--data", str(data), "--out-dir", str(out), "--device", "cpu"])
     text = capsys.readouterr().out
     assert "best-fit decr." in text and "packed / padded" in text and "packing speed" in text
-    assert res["max_loss_diff"] < 1e-4                                     # packing did not change training
-    assert res["padded"]["real"] == res["packed"]["real"] > 0              # the same real tokens
-    assert res["packed"]["computed"] <= res["padded"]["computed"]
-    lines, bound = res["sft"]
+    assert results["max_loss_diff"] < 1e-4                                 # packing did not change training
+    assert results["padded"]["real"] == results["packed"]["real"] > 0      # the same real tokens
+    assert results["packed"]["computed"] <= results["padded"]["computed"]
+    lines, bound = results["sft"]
     assert all(line["rows"] >= bound for line in lines if line["method"] in P.PACKERS)
     assert (out / "metrics.jsonl").exists() and (out / "args.json").exists()
-    with pytest.raises(model.UserError, match="missing.jsonl"):
+    with pytest.raises(M.UserError, match="missing.jsonl"):
         P.main(["--data", str(tmp_path / "missing.jsonl"), "--n-docs", "10", "--bench-docs", "0"])
+
+
+def test_demonstration_lengths_read_prompt_completion_and_gsm8k_rows(tmp_path):
+    """Byte tokens of prompt + completion + <|endoftext|> = UTF-8 bytes + 1; a GSM8K row's question is the
+    prompt and its worked answer the completion (M.read_demonstrations)."""
+    rows = [{"prompt": "2+2=?\n", "completion": "#### 4"},
+            {"question": "Héloïse has 3 apples", "answer": "3\n#### 3"}]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    lengths = P.demonstration_lengths(str(data), M.get_tokenizer("bytes"))
+    texts = ["2+2=?\n#### 4", "Héloïse has 3 apples3\n#### 3"]
+    assert lengths.tolist() == [len(text.encode("utf-8")) + 1 for text in texts]
+
+
+@given(median=st.sampled_from([1.0, 48.0, 256.0, 1e6, float(P.MAX_DOC_TOKENS)]),
+       sigma=st.sampled_from([0.0, 1.0, 30.0, 300.0]), seed=st.integers(0, 1000))
+def test_lognormal_lengths_stay_in_range_and_are_the_rounded_draws_inside_it(median, sigma, seed):
+    """However wide the distribution (exp overflows to inf for sigma 300), lengths are in [1, MAX_DOC_TOKENS]
+    and are round(exp(N(log median, sigma^2))) wherever that lies in the range."""
+    lengths = P.lognormal_lengths(500, median, sigma, np.random.default_rng(seed))
+    with np.errstate(over="ignore"):
+        draws = np.rint(np.random.default_rng(seed).lognormal(math.log(median), sigma, 500))
+    assert lengths.dtype == np.int64 and lengths.min() >= 1 and lengths.max() <= P.MAX_DOC_TOKENS
+    inside = (draws >= 1) & (draws <= P.MAX_DOC_TOKENS)
+    assert np.array_equal(lengths[inside], draws[inside].astype(np.int64))
+    assert np.all(lengths[draws > P.MAX_DOC_TOKENS] == P.MAX_DOC_TOKENS) and np.all(lengths[draws < 1] == 1)
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT_CASES_DRIVER = r"""
+import contextlib, io, json, os, runpy, sys, traceback
+root, script = sys.argv[1], sys.argv[2]
+sys.path.insert(0, root)
+results = {}
+for name, (cwd, argv) in json.loads(sys.stdin.read()).items():
+    os.chdir(cwd)
+    sys.argv = [script, *argv]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_path(os.path.join(root, script), run_name="__main__")
+            status = 0
+        except SystemExit as e:                  # as the interpreter: None is 0, text is printed and 1
+            status = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
+        except BaseException:                    # an uncaught exception: its traceback, status 1
+            traceback.print_exc()
+            status = 1
+    results[name] = [status, stderr.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def run_script_cases(script, cases, timeout=300):
+    """`python <script> <argv>` for every case, all in ONE fresh Python process (a fresh interpreter per
+    case costs ~1.5 s of torch import): each case runs the script as __main__ (runpy) in its own working
+    folder, and its exit status and stderr are what the interpreter would give (SystemExit's code; an
+    uncaught exception prints its traceback, status 1). cases {name: (cwd, argv)} -> {name: (status, stderr)}.
+    test_the_case_driver_agrees_with_a_real_process checks it against real processes."""
+    result = subprocess.run([sys.executable, "-c", SCRIPT_CASES_DRIVER, ROOT, script], input=json.dumps(cases),
+                            capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {name: tuple(value) for name, value in json.loads(result.stdout.splitlines()[-1]).items()}
+
+
+def files_under(folder):
+    return sorted(os.path.relpath(os.path.join(parent, name), folder)
+                  for parent, dirs, files in os.walk(folder) for name in dirs + files)
+
+
+def make_files(folder, files):
+    """files {relative path: bytes, or None for a folder}"""
+    for name, content in files.items():
+        path = folder / name
+        if content is None:
+            path.mkdir(parents=True)
+        else:
+            path.write_bytes(content)
+
+
+GOOD_ROW = b'{"prompt": "1+1=?", "completion": "#### 2"}\n'
+# Cheap settings first, so that a case the script wrongly accepted would finish in seconds; each case's own
+# options come after them and win.
+CHEAP = ["--n-docs", "10", "--bench-docs", "0", "--train-steps", "1", "--batch-size", "2"]
+BAD_INPUTS = [   # (argv, what the one line on stderr names: the option, or file:line; files the case's folder holds)
+    (["--seq-len", "0"], "--seq-len", {}),
+    (["--seq-len", "x"], "--seq-len", {}),
+    (["--n-docs", "0"], "--n-docs", {}),
+    (["--n-docs", str(10 ** 7 + 1)], "--n-docs", {}),
+    (["--median-len", "0"], "--median-len", {}),
+    (["--median-len", "nan"], "--median-len", {}),
+    (["--median-len", "1e30"], "--median-len", {}),
+    (["--sigma", "-1"], "--sigma", {}),
+    (["--sigma", "inf"], "--sigma", {}),
+    (["--n-docs", "100000", "--sigma", "50"], "--sigma", {}),              # ~1e8 pieces of 2048 tokens
+    (["--bench-docs", "1000000", "--sigma", "50"], "--bench-docs", {}),
+    (["--batch-size", "0"], "--batch-size", {}),
+    (["--batch-size", "100000", "--train-steps", "1000"], "--batch-size", {}),
+    (["--bucket-window", "-1"], "--bucket-window", {}),
+    (["--train-seq-len", "1"], "--train-seq-len", {}),
+    (["--train-median-len", "1"], "--train-median-len", {}),
+    (["--train-steps", "0"], "--train-steps", {}),
+    (["--n-layer", "-1"], "--n-layer", {}),
+    (["--n-embd", "0"], "--n-embd", {}),
+    (["--n-head", "0"], "--n-head", {}),
+    (["--n-embd", "30"], "--n-embd", {}),                                  # not divisible by 4 heads
+    (["--lr", "0"], "--lr", {}),
+    (["--lr", "-1"], "--lr", {}),
+    (["--lr", "nan"], "--lr", {}),
+    (["--bench-docs", "-1"], "--bench-docs", {}),
+    (["--bench-docs", str(10 ** 8)], "--bench-docs", {}),
+    (["--out-dir", "file.txt"], "--out-dir", {"file.txt": b"x"}),
+    (["--out-dir", "file.txt/run"], "--out-dir", {"file.txt": b"x"}),
+    (["--device", "tpu"], "--device", {}),
+    (["--device", "cuda:x"], "--device", {}),
+    (["--seed", "-1"], "--seed", {}),
+    (["--seed", str(2 ** 32)], "--seed", {}),
+    (["--data", "missing.jsonl"], "missing.jsonl: no such file", {}),
+    (["--data", "empty.jsonl"], "empty.jsonl: empty", {"empty.jsonl": b""}),
+    (["--data", "blank.jsonl"], "blank.jsonl: empty", {"blank.jsonl": b"\n  \n"}),
+    (["--data", "bad.jsonl"], "bad.jsonl:2", {"bad.jsonl": GOOD_ROW + b'{"prompt": "a",\n'}),
+    (["--data", "wrong.jsonl"], "wrong.jsonl:2", {"wrong.jsonl": GOOD_ROW + b'{"prompt": 5, "completion": "b"}\n'}),
+    (["--data", "nokey.jsonl"], "nokey.jsonl:1", {"nokey.jsonl": b'{"prompt": "a"}\n'}),
+    (["--data", "gsm.jsonl"], "gsm.jsonl:1", {"gsm.jsonl": b'{"question": "q", "answer": 3}\n'}),
+    (["--data", "latin.jsonl"], "latin.jsonl:1", {"latin.jsonl": b'{"prompt": "caf\xe9", "completion": "b"}\n'}),
+    (["--data", "folder"], "folder: is a directory", {"folder": None}),
+    (["--data", "deep.jsonl"], "deep.jsonl:1", {"deep.jsonl": b"[" * 100000 + b"\n"}),
+    (["--data", "huge.jsonl"], "huge.jsonl:1",
+     {"huge.jsonl": b'{"prompt": "a", "completion": ' + b"1" * 5000 + b"}\n"}),
+    (["--data", "array.jsonl"], "array.jsonl:1", {"array.jsonl": b"[1, 2]\n"}),
+]
+
+
+def case_name(argv):
+    return " ".join(argv)
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """{case name: (status, stderr, files before, files after)} for every BAD_INPUTS case."""
+    cases, before = {}, {}
+    for argv, _, files in BAD_INPUTS:
+        folder = tmp_path_factory.mktemp("case")
+        make_files(folder, files)
+        cases[case_name(argv)] = (str(folder), CHEAP + argv)
+        before[case_name(argv)] = files_under(folder)
+    results = run_script_cases("packing.py", cases)
+    return {name: (*results[name], before[name], files_under(cases[name][0])) for name in cases}
+
+
+@pytest.mark.parametrize("argv, message", [(argv, message) for argv, message, _ in BAD_INPUTS],
+                         ids=[case_name(argv) for argv, _, _ in BAD_INPUTS])
+def test_every_bad_option_or_data_file_is_one_line_exit_2_and_writes_nothing(bad_input_runs, argv, message):
+    status, stderr, before, after = bad_input_runs[case_name(argv)]
+    assert status == 2, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+    assert message in stderr
+    assert after == before                           # no run folder, no args.json, no temp file
+
+
+@pytest.mark.parametrize("argv", [["--data", "wrong.jsonl"]])
+def test_the_case_driver_agrees_with_a_real_process(tmp_path, bad_input_runs, argv):
+    """A real `python packing.py` gives the same exit status and stderr as the one-process case driver."""
+    make_files(tmp_path, next(files for case, _, files in BAD_INPUTS if case == argv))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "packing.py"), *CHEAP, *argv], capture_output=True,
+                            text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert (result.returncode, result.stderr) == bad_input_runs[case_name(argv)][:2]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
