@@ -1238,12 +1238,16 @@ def evaluate(model, enc, rows, max_new_tokens: int = MAX_NEW_TOKENS, temperature
 # ----------------------------------------------------------------------------------------------
 
 def get_device(name: str = "auto") -> torch.device:
+    """auto (CUDA when present) | cpu | cuda | cuda:N; anything else, or CUDA where there is none, is a UserError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"--device {name}: choose auto, cpu or cuda")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"--device {name}: choose auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 
@@ -1557,8 +1561,11 @@ def claim_run_dir(run_dir: str) -> None:
     key = os.path.realpath(run_dir)
     if key in _RUN_LOCKS:
         return
-    os.makedirs(run_dir, exist_ok=True)
-    handle = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        handle = open(os.path.join(run_dir, ".lock"), "a+")
+    except OSError as e:      # a file where the folder should be, no permission, ...
+        raise UserError(f"{run_dir}: cannot use it as a run folder ({e.strerror})") from None
     try:
         import fcntl
     except ImportError:          # no advisory locks on this platform: single-writer by convention only
