@@ -583,27 +583,32 @@ BAD_INPUT = {  # case -> (set-up returning extra argv, text the one error line m
     "not JSON": (write_data("train.jsonl", GOOD + '{"prompt": oops}\n'), "train.jsonl:2"),
     "missing key": (write_data("train.jsonl", GOOD + GOOD + '{"prompt": "1+1=?\\n"}\n'), "train.jsonl:3"),
     "wrong type": (write_data("train.jsonl", '{"prompt": "1+1=?\\n", "completion": 2}\n'), "train.jsonl:1"),
-    "GSM8K answer not a string": (write_data("train.jsonl", '{"question": "q", "answer": 2}\n'), "train.jsonl:1"),
     "non-UTF-8 bytes": (write_data("train.jsonl", GOOD.encode() + b'{"prompt": "\xff\xfe"}\n'), "train.jsonl:2"),
     "deep nesting": (write_data("train.jsonl", "[" * 100000 + "\n"), "train.jsonl:1"),
     "huge integer": (write_data("train.jsonl", '{"prompt": "x", "completion": 1' + "0" * 5000 + "}\n"),
                      "train.jsonl:1"),
     "directory as data": (lambda tmp: (os.makedirs(tmp / "folder.jsonl"), ["--data", str(tmp / "folder.jsonl")])[1],
                           "folder.jsonl"),
-    "test data not JSON": (write_data("test.jsonl", "{\n"), "test.jsonl:1"),
-    "eval answer wrong type": (write_data("heldout.jsonl", '{"prompt": "1+1=?\\n", "answer": [2]}\n'),
-                               "heldout.jsonl:1"),
     "eval prompts all too long": (write_data("heldout.jsonl", '{"prompt": "%s", "answer": "2"}\n' % ("1" * 80)),
                                   "heldout.jsonl"),
     "truncated checkpoint": (write_truncated_checkpoint, "truncated.pt"),
     "hostile checkpoint": (write_hostile_checkpoint, "hostile.pt"),
     "resume without optimizer state": (write_checkpoint_without_optimizer, "--init"),
-    "resume with no checkpoint": (lambda tmp: ["--resume"], "model.pt"),
-    "resume and init": (lambda tmp: ["--resume", "--init", str(tmp / "x.pt")], "--init"),
-    "out is a file": (lambda tmp: ((tmp / "afile").write_text("x"), ["--out", str(tmp / "afile")])[1], "--out"),
     **{f"option {flag} {value}": (lambda tmp, flag=flag, value=value: [flag, value], flag) for flag, value in [
         ("--log-every", "0"), ("--n-head", "0"), ("--n-layer", "-1"), ("--batch-size", "0"),
         ("--micro-batch", "-1"), ("--lr", "-1"), ("--time-budget", "nan"), ("--seed", "-1")]},
+}
+MORE_BAD_INPUT = {  # the same kinds of case again, through M.cli(main) in this process (no interpreter start-up)
+    "GSM8K answer not a string": (write_data("train.jsonl", '{"question": "q", "answer": 2}\n'), "train.jsonl:1"),
+    "test data not JSON": (write_data("test.jsonl", "{\n"), "test.jsonl:1"),
+    "eval answer wrong type": (write_data("heldout.jsonl", '{"prompt": "1+1=?\\n", "answer": [2]}\n'),
+                               "heldout.jsonl:1"),
+    "eval answer without a final answer": (write_data("heldout.jsonl", '{"question": "q", "answer": "#### "}\n'),
+                                           "heldout.jsonl:1"),
+    "resume with no checkpoint": (lambda tmp: ["--resume"], "model.pt"),
+    "resume and init": (lambda tmp: ["--resume", "--init", str(tmp / "x.pt")], "--init"),
+    "init is a directory": (lambda tmp: (os.makedirs(tmp / "ckpt"), ["--init", str(tmp / "ckpt")])[1], "ckpt"),
+    "out is a file": (lambda tmp: ((tmp / "afile").write_text("x"), ["--out", str(tmp / "afile")])[1], "--out"),
     "no budget": (lambda tmp: ["--max-steps", "0", "--time-budget", "0"], "budget"),
 }
 
@@ -633,6 +638,21 @@ def test_bad_input_is_one_line_exit_2_no_traceback_and_nothing_written(bad_input
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert lines[0].startswith("error: ") and BAD_INPUT[case][1] in lines[0], lines[0]
     assert tree_listing(folder) == before
+
+
+@pytest.mark.parametrize("case", list(MORE_BAD_INPUT))
+def test_more_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, monkeypatch, case):
+    """As the table above, through the M.cli(main) that `python sft.py` runs, in this process."""
+    setup, where = MORE_BAD_INPUT[case]
+    monkeypatch.chdir(tmp_path)
+    argv = tiny_argv(tiny_args(tmp_path, max_steps=2, eval_minutes=0, n_eval=4, max_new_tokens=4)) + setup(tmp_path)
+    before = tree_listing(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        M.cli(lambda: sft.main(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and where in err, err
+    assert tree_listing(tmp_path) == before
 
 
 BAD_OPTIONS = [("--log-every", "0"), ("--n-head", "0"), ("--n-layer", "-1"), ("--batch-size", "0"),
