@@ -11,16 +11,17 @@ whether the batch goes through at once, in micro-batches (gradient accumulation)
 processes (DDP). Ouyang et al. 2022 (InstructGPT, the SFT stage); Wei et al. 2022 (FLAN);
 AdamW: Loshchilov & Hutter 2019; warmup + cosine: Loshchilov & Hutter 2017, Goyal et al. 2017.
 
-    python sft.py                                     # ~4 min on 2 CPU cores -> runs/sft/model.pt
+    python sft.py                                     # 1800 steps, ~5 min on 2 CPU cores -> runs/sft/model.pt
     torchrun --nproc_per_node=2 sft.py                # same updates, batch split over 2 processes
-    python sft.py --init runs/sft/model.pt --time-budget 5 --out runs/control   # continue training
-    python sft.py --resume                            # continue an interrupted run exactly
+    python sft.py --init runs/sft/model.pt --max-steps 0 --time-budget 5 --out runs/control  # 5 more minutes
+    python sft.py --resume                            # continue an interrupted run exactly, with its arguments
 """
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
 
+import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -56,18 +57,47 @@ class Args:
     beta2: float = 0.99                      # AdamW beta2
     grad_clip: float = 1.0                   # clip the global gradient norm to this (0 = off)
     aux_loss_weight: float = 0.01            # weight of the MoE load-balancing loss (ffn=moe only)
-    max_steps: int = 0                       # stop after this many updates (0 = no step limit)
-    time_budget: float = 5.0                 # minutes of training, eval excluded (0 = no time limit)
+    max_steps: int = 1800                    # stop after this many updates (0 = no step limit)
+    time_budget: float = 0.0                 # training minutes, eval excluded (0 = no limit; both set: first to end)
     eval_minutes: float = 1.0                # training minutes between evals and checkpoints (0 = off)
     eval_every: int = 0                      # updates between evals and checkpoints (0 = off)
     eval_examples: int = 256                 # test_data examples for the eval loss (0 = all)
     n_eval: int = 500                        # first rows of --eval-data evaluated (0 = all)
-    max_new_tokens: int = 128                # generation limit for held-out accuracy (as grpo.py)
+    max_new_tokens: int = M.MAX_NEW_TOKENS   # generation limit for held-out accuracy (every stage's default)
     eval_batch: int = 256                    # prompts per generation batch
     log_every: int = 10                      # updates between metric lines
     device: str = "auto"                     # auto|cpu|cuda
     threads: int = 0                         # torch CPU threads per process (0 = torch's default)
     seed: int = 0                            # seeds the model init, batch order and dropout
+
+
+def check_args(args):
+    """Every option against its rule (model.OPTION_RULES), before anything is read or written: the first
+    that breaks its rule is a UserError naming the flag (one line, exit status 2)."""
+    M.check_options(args, positive=("n_head", "n_kv_head", "n_embd", "block_size", "batch_size", "lr",
+                                    "max_new_tokens", "eval_batch", "log_every"),
+                    non_negative=("n_layer", "micro_batch", "warmup_steps", "weight_decay", "grad_clip",
+                                  "aux_loss_weight", "eval_minutes", "eval_every", "eval_examples", "n_eval",
+                                  "threads"),
+                    probability=("min_lr_ratio",), seed=("seed",))
+    for name in ("dropout", "beta1", "beta2"):  # [0, 1): a probability that is never 1
+        value = getattr(args, name)
+        if not 0 <= value < 1:
+            raise M.UserError(f"--{name} must be in [0, 1), got {value}")
+    M.check_budget(args)
+    M.check_choices(args, device=("auto", "cpu", "cuda"), ffn=("swiglu", "geglu", "gelu", "relu", "relu2", "moe"),
+                    norm=("rmsnorm", "layernorm"), pos=("rope", "learned"),
+                    tokenizer=("bytes", *tiktoken.list_encoding_names()))
+    try:  # the model options together (divisibility, RoPE's even head size), before any input is read
+        model_config(args, vocab_size=1)
+    except ValueError as err:
+        raise M.UserError(f"--n-embd {args.n_embd} --n-head {args.n_head} --n-kv-head {args.n_kv_head} "
+                          f"--pos {args.pos}: {err}") from None
+    for name in ("data", "test_data", "eval_data", "out"):
+        if not getattr(args, name):
+            raise M.UserError(f"--{name.replace('_', '-')} must name a path")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise M.UserError(f"--out {args.out}: is a file, not a run folder")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,14 +116,14 @@ def make_examples(rows, enc, block_size):
     An example is (tokens (L,) long tensor, n_prompt). A sequence of L tokens gives L - 1
     (input, target) pairs, so it fits the context when L - 1 <= block_size; longer ones are
     skipped (truncating would cut off the "#### answer" the model must learn to write)."""
-    examples, skipped = [], 0
+    examples, n_skipped = [], 0
     for row in rows:
         tokens, n_prompt = encode_example(enc, row["prompt"], row["completion"])
         if len(tokens) - 1 > block_size:
-            skipped += 1
+            n_skipped += 1
             continue
         examples.append((torch.tensor(tokens, dtype=torch.long), n_prompt))
-    return examples, skipped
+    return examples, n_skipped
 
 
 def collate(examples, pad_id):
@@ -102,10 +132,10 @@ def collate(examples, pad_id):
     inputs = tokens[:, :-1], targets = tokens[:, 1:]; target t is token t+1 of the sequence, so
         loss_mask[b, t] = (t + 1 >= n_prompt_b) and (t + 1 < L_b)
     selects exactly the completion tokens and the EOS (never the prompt, never padding)."""
-    tokens = torch.nn.utils.rnn.pad_sequence([ex[0] for ex in examples], batch_first=True,
+    tokens = torch.nn.utils.rnn.pad_sequence([example[0] for example in examples], batch_first=True,
                                              padding_value=pad_id)  # (B, L_max)
-    lengths = torch.tensor([len(ex[0]) for ex in examples])  # (B,)
-    n_prompt = torch.tensor([ex[1] for ex in examples])      # (B,)
+    lengths = torch.tensor([len(example[0]) for example in examples])  # (B,)
+    n_prompt = torch.tensor([example[1] for example in examples])      # (B,)
     target_pos = torch.arange(1, tokens.shape[1])[None, :]   # (1, T): position of each target
     loss_mask = (target_pos >= n_prompt[:, None]) & (target_pos < lengths[:, None])  # (B, T)
     return tokens[:, :-1], tokens[:, 1:], loss_mask
@@ -130,9 +160,9 @@ def length_sorted_micro_batches(examples, micro_batch, pad_id):
     only to its own longest (0 = one micro-batch). Demonstrations differ a lot in length (a word
     problem is ~3x a sum), so padding a random batch to its longest wastes most of the compute;
     the gradient is unchanged, because each micro-batch is normalised by the whole batch's count."""
-    examples = sorted(examples, key=lambda ex: len(ex[0]))
+    examples = sorted(examples, key=lambda example: len(example[0]))
     size = micro_batch or len(examples)
-    return [collate(examples[s:s + size], pad_id) for s in range(0, len(examples), size)]
+    return [collate(examples[start:start + size], pad_id) for start in range(0, len(examples), size)]
 
 
 def batch_indices(n_examples, batch_size, step, seed):
@@ -154,11 +184,15 @@ def batch_indices(n_examples, batch_size, step, seed):
 # ---------------------------------------------------------------------------------------------
 
 def adamw(model, lr, weight_decay, betas):
-    """AdamW (Loshchilov & Hutter 2019) with two groups: decay every matrix and embedding
-    (dim >= 2); never decay norm gains and biases (dim < 2), which only scale or shift."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    """AdamW (Loshchilov & Hutter 2019) with two groups, the project's one weight-decay rule:
+    decay every matrix, embeddings included (dim >= 2); never decay norm gains and biases (dim < 2).
+
+    Why: with tied embeddings the embedding IS the output matrix, a matrix like any other (nanoGPT,
+    GPT-3 decay it too); gains and biases only scale and shift, and decaying them pulls the function
+    toward zero rather than toward small weights."""
+    params = [param for param in model.parameters() if param.requires_grad]
+    groups = [{"params": [param for param in params if param.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [param for param in params if param.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
@@ -167,10 +201,12 @@ def lr_at(step, progress, peak, warmup_steps, min_ratio):
 
         lr = peak * min(1, (step + 1) / warmup) * (r + (1 - r) * (1 + cos(pi * progress)) / 2)
 
-    progress = step / max_steps, or elapsed / budget under a wall-clock budget."""
-    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    progress = step / max_steps under a step budget, elapsed / budget under a wall-clock budget (the
+    larger of the two when both are set: the budget that ends first). The warmup is a factor on the
+    cosine, counted in updates whatever the budget, so the first update already moves (peak / warmup)."""
+    warmup_factor = min(1.0, (step + 1) / max(1, warmup_steps))
     progress = min(max(progress, 0.0), 1.0)
-    return peak * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * warmup_factor * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def allreduce_sum(tensor, world_size):
@@ -181,14 +217,16 @@ def allreduce_sum(tensor, world_size):
 
 
 def train_step(model, optimizer, micro_batches, device, grad_clip=1.0, world_size=1,
-               aux_loss_weight=0.0, batch_size=None):
+               aux_loss_weight=0.0, batch_size=None, where="update"):
     """One optimizer update from this process's share of a batch, as micro-batches.
 
     Each micro-batch's summed -log p is divided by N, the completion-token count of the whole
     global batch, so accumulating the micro-batch gradients gives the whole-batch gradient. Across
     processes the gradients are then SUMMED (each already carries 1/N_global): the update equals
     one process on the whole batch (what DistributedDataParallel does, minus overlapping the
-    communication with the backward pass). Returns (loss, grad_norm, n_tokens)."""
+    communication with the backward pass). A loss or gradient norm that is NaN or infinite stops the
+    run (model.NonFiniteError naming `where`) BEFORE optimizer.step(), so the weights stay finite.
+    Returns (loss, grad_norm, n_tokens)."""
     n_local = sum(int(mask.sum()) for _, _, mask in micro_batches)
     n_tokens = int(allreduce_sum(torch.tensor([float(n_local)]), world_size).item())
     n_tokens = max(n_tokens, 1)
@@ -204,19 +242,21 @@ def train_step(model, optimizer, micro_batches, device, grad_clip=1.0, world_siz
             loss = loss + aux_loss_weight * model.aux_loss * (len(inputs) / batch_size)
         loss.backward()
         loss_sum += loss.item()
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # a parameter unused on this rank (an idle MoE expert) still joins the sum
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    params = [param for param in model.parameters() if param.requires_grad]
+    for param in params:  # a parameter unused on this rank (an idle MoE expert) still joins the sum
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
     if world_size > 1:  # one flat all-reduce for every gradient plus the loss
-        flat = torch.cat([p.grad.reshape(-1) for p in params] + [torch.tensor([loss_sum], device=device)])
-        allreduce_sum(flat, world_size)
+        flat_grads = torch.cat([param.grad.reshape(-1) for param in params]
+                               + [torch.tensor([loss_sum], device=device)])
+        allreduce_sum(flat_grads, world_size)
         offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-        loss_sum = float(flat[-1])
+        for param in params:
+            param.grad.copy_(flat_grads[offset:offset + param.numel()].view_as(param))
+            offset += param.numel()
+        loss_sum = float(flat_grads[-1])
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    M.check_finite(where, loss=loss_sum, grad_norm=grad_norm)  # the same sums on every rank: all stop
     optimizer.step()
     return loss_sum, float(grad_norm), n_tokens
 
@@ -231,7 +271,7 @@ def eval_loss(model, examples, pad_id, device, batch_size=64):
     Batches are formed from length-sorted examples, so there is little padding to compute."""
     was_training = model.training
     model.eval()
-    examples = sorted(examples, key=lambda ex: len(ex[0]))
+    examples = sorted(examples, key=lambda example: len(example[0]))
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         inputs, targets, mask = collate(examples[start:start + batch_size], pad_id)
@@ -244,35 +284,38 @@ def eval_loss(model, examples, pad_id, device, batch_size=64):
 
 
 # ---------------------------------------------------------------------------------------------
-# The run: data, model, loop with budgets, evals and atomic checkpoints, DDP
+# The run: inputs, model, loop with budgets, evals and atomic checkpoints, DDP
 # ---------------------------------------------------------------------------------------------
 
-def fail(message):
-    """Bad input: model.cli prints it as one line (exit 2), before anything has been written."""
-    raise M.UserError(message)
+def model_config(args, vocab_size):
+    """The Config of a model built from scratch (ValueError for an impossible combination)."""
+    return M.Config(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                    n_kv_head=args.n_kv_head, n_embd=args.n_embd, ffn=args.ffn, norm=args.norm, pos=args.pos,
+                    dropout=args.dropout)
 
 
-def line_number(path, row_index):
-    """The file line of the row_index-th row (read_jsonl skips blank lines)."""
-    with open(path, encoding="utf-8") as f:
-        numbers = [n for n, line in enumerate(f, 1) if line.strip()]
-    return numbers[row_index]
+def synth_command():
+    """The command that makes the default input files (data/*.jsonl): synth.py with its own defaults."""
+    return M.stage_command("synth.py")
 
 
-def load_rows(path, keys, default=None, world=(0, 1)):
-    """Read JSONL rows holding string `keys`; a missing default input is built by synth.py."""
-    rank, world_size = world
-    if default is not None and rank == 0:
-        M.ensure_input(path, default, ["synth.py"])
+def read_inputs(args, rank, world_size):
+    """-> (training rows, test rows, held-out prompt rows), every row checked (model.read_demonstrations,
+    model.read_prompts: errors name file:line; GSM8K's {"question", "answer"} rows are accepted). A
+    missing DEFAULT input is made by synth.py (rank 0; the others wait); a missing explicit one is an error."""
+    defaults = Args()
+    if rank == 0:
+        for path, default in ((args.data, defaults.data), (args.test_data, defaults.test_data),
+                              (args.eval_data, defaults.eval_data)):
+            M.ensure_input(path, default, synth_command())
     if world_size > 1:
         dist.barrier()
-    rows = M.read_jsonl(path, keys)  # names file:line of a malformed line; empty = error
-    for i, row in enumerate(rows):
-        for key in keys:
-            if not isinstance(row[key], str if key != "answer" else (str, int, float)):
-                fail(f"{path}:{line_number(path, i)}: '{key}' must be a string, "
-                     f"got {type(row[key]).__name__}")
-    return rows
+    train_rows = M.read_demonstrations(args.data)
+    test_rows = M.read_demonstrations(args.test_data)
+    heldout_rows = M.read_prompts(args.eval_data)
+    if args.eval_examples > 0:
+        test_rows = test_rows[:args.eval_examples]
+    return train_rows, test_rows, heldout_rows
 
 
 def build_model(args, device):
@@ -280,16 +323,42 @@ def build_model(args, device):
     if args.resume or args.init:
         path = os.path.join(args.out, "model.pt") if args.resume else args.init
         if not os.path.exists(path):
-            fail(f"{'--resume' if args.resume else '--init'}: checkpoint {path} does not exist")
-        return M.load(path, device=device)  # a corrupt file: CheckpointError naming the path
+            raise M.UserError(f"{'--resume' if args.resume else '--init'}: checkpoint {path} does not exist")
+        return M.load(path, device=device)  # a corrupt or hostile file: CheckpointError naming the path
     enc = M.get_tokenizer(args.tokenizer)
+    return M.GPT(model_config(args, enc.n_vocab)).to(device), enc, None
+
+
+def training_state(path, ckpt):
+    """What --resume needs from a checkpoint: (meta, optimizer state, step, train_seconds, rng state).
+    A checkpoint written by another stage (grpo.py, ppo.py) holds weights only: a one-line error."""
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    missing = [key for key in ("optimizer", "step", "train_seconds", "rng") if key not in meta]
+    if missing:
+        raise M.UserError(f"{path}: holds no optimizer state ({', '.join(missing)} missing; not written by "
+                          f"sft.py), so --resume cannot continue it; to train from its weights use --init {path}")
     try:
-        config = M.Config(vocab_size=enc.n_vocab, block_size=args.block_size, n_layer=args.n_layer,
-                          n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd, ffn=args.ffn,
-                          norm=args.norm, pos=args.pos, dropout=args.dropout)
-    except ValueError as err:  # an impossible combination of model options
-        fail(str(err))
-    return M.GPT(config).to(device), enc, None
+        return meta, meta["optimizer"], int(meta["step"]), float(meta["train_seconds"]), meta["rng"]
+    except (TypeError, ValueError):
+        raise M.UserError(f"{path}: its step or train_seconds is not a number") from None
+
+
+def resumed_args(args, argv):
+    """--resume: the run's own arguments, saved in out/model.pt, with the options given again on this
+    command line overriding them (one printed line each; model.resume_args)."""
+    path = os.path.join(args.out, "model.pt")
+    if not os.path.exists(path):
+        raise M.UserError(f"--resume: checkpoint {path} does not exist")
+    meta = training_state(path, M.load(path)[2])[0]
+    saved = meta.get("args")
+    if not isinstance(saved, dict):
+        raise M.UserError(f"{path}: holds no saved arguments to resume with")
+    for field, default in asdict(Args()).items():  # each saved value has its option's type (an int is a float)
+        kind = type(saved.get(field, default))
+        if kind is not type(default) and not (kind is int and type(default) is float):
+            raise M.UserError(f"{path}: saved argument {field} = {saved[field]!r} is not a {type(default).__name__}")
+    saved = {**saved, "out": args.out, "resume": True}  # this folder is where the run continues
+    return M.resume_args(Args, saved, argv)
 
 
 def checkpoint(args, policy, enc, optimizer, step, train_seconds, results=None):
@@ -300,11 +369,9 @@ def checkpoint(args, policy, enc, optimizer, step, train_seconds, results=None):
 
 
 def run(args):
-    """Train; returns the final results dict (held-out accuracy, eval loss, steps, minutes)."""
-    if args.max_steps <= 0 and args.time_budget <= 0:
-        fail("set a budget: --max-steps N or --time-budget MINUTES")
-    if args.resume and args.init:
-        fail("--resume continues the run in --out; it cannot be combined with --init")
+    """Train; returns the final results dict (held-out accuracy, eval loss, steps, minutes).
+    With args.resume, args.init (if any) only records where the run first started."""
+    check_args(args)
     rank, world_size, is_ddp = M.setup_ddp()
     try:
         return _run(args, rank, world_size)
@@ -316,7 +383,7 @@ def run(args):
 def _run(args, rank, world_size):
     main_proc = M.is_main(rank)
     if args.batch_size < world_size:
-        fail(f"--batch-size {args.batch_size} is smaller than the {world_size} processes")
+        raise M.UserError(f"--batch-size {args.batch_size} is smaller than the {world_size} processes")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = M.get_device(args.device)
@@ -324,37 +391,37 @@ def _run(args, rank, world_size):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     M.seed_everything(args.seed)  # the same init on every rank
 
-    # -- inputs, checked before anything is written --------------------------------------------
-    world = (rank, world_size)
-    train_rows = load_rows(args.data, ("prompt", "completion"), default="data/sft_train.jsonl", world=world)
-    test_rows = load_rows(args.test_data, ("prompt", "completion"), default="data/sft_test.jsonl", world=world)
-    heldout_rows = load_rows(args.eval_data, ("prompt", "answer"), default="data/rl_test.jsonl", world=world)
+    # -- inputs, all checked before anything is written ----------------------------------------
+    train_rows, test_rows, heldout_rows = read_inputs(args, rank, world_size)
+    policy, enc, ckpt = build_model(args, device)
+    block_size = policy.config.block_size
+    heldout_rows = M.fit_prompts(heldout_rows, enc, block_size, args.max_new_tokens, args.eval_data)
     if args.n_eval > 0:
         heldout_rows = heldout_rows[:args.n_eval]
-    if args.eval_examples > 0:
-        test_rows = test_rows[:args.eval_examples]
-    policy, enc, ckpt = build_model(args, device)
-    block = policy.config.block_size
-    train_examples, skipped = make_examples(train_rows, enc, block)
-    test_examples, test_skipped = make_examples(test_rows, enc, block)
-    if main_proc and (skipped or test_skipped):
-        print(f"skipped {skipped} of {len(train_rows)} training and {test_skipped} of {len(test_rows)} "
-              f"test examples longer than the context ({block} tokens)")
+    train_examples, n_skipped = make_examples(train_rows, enc, block_size)
+    test_examples, n_test_skipped = make_examples(test_rows, enc, block_size)
+    if main_proc and (n_skipped or n_test_skipped):
+        print(f"skipped {n_skipped} of {len(train_rows)} training and {n_test_skipped} of {len(test_rows)} "
+              f"test examples longer than the context ({block_size} tokens)")
     if not train_examples:
-        fail(f"{args.data}: no example fits the context of {block} tokens")
-    pad = M.pad_id(enc)
+        raise M.UserError(f"{args.data}: no example fits the context of {block_size} tokens")
+    pad_token = M.pad_id(enc)
 
     # -- optimiser and state -------------------------------------------------------------------
-    meta = ckpt["meta"] if ckpt is not None else {}
     optimizer = adamw(policy, args.lr, args.weight_decay, (args.beta1, args.beta2))
     step, train_seconds = 0, 0.0
     if args.resume:
-        optimizer.load_state_dict(meta["optimizer"])
-        step, train_seconds = int(meta["step"]), float(meta["train_seconds"])
-        torch.set_rng_state(meta["rng"].cpu())
+        path = os.path.join(args.out, "model.pt")
+        _, optimizer_state, step, train_seconds, rng_state = training_state(path, ckpt)
+        try:
+            optimizer.load_state_dict(optimizer_state)
+            torch.set_rng_state(rng_state.cpu())
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+            raise M.UserError(f"{path}: optimizer or RNG state does not fit ({str(err)[:120]})") from None
     if main_proc:
-        M.save_args(args.out, args)
-        start = f"from {args.init}" if args.init else ("resumed at step %d" % step if args.resume else "from scratch")
+        M.save_args(args.out, args)  # claims the folder: a second writer stops here, having written nothing
+        start = ("resumed at step %d" % step if args.resume else f"from {args.init}" if args.init
+                 else "from scratch")
         print(f"sft: {policy.num_params() / 1e6:.2f}M params {start}, {len(train_examples)} examples, "
               f"batch {args.batch_size} over {world_size} process(es), peak lr {args.lr:g}, device {device}, "
               f"budget {args.max_steps or '-'} steps / {args.time_budget or '-'} min")
@@ -371,7 +438,7 @@ def _run(args, rank, world_size):
             policy.train()
             results = {"eval_accuracy": report["accuracy"], "eval_stderr": report["stderr"],
                        "eval_n": report["n"], "per_difficulty": report["per_difficulty"],
-                       "styles": report["styles"], "eval_loss": eval_loss(policy, test_examples, pad, device),
+                       "styles": report["styles"], "eval_loss": eval_loss(policy, test_examples, pad_token, device),
                        "steps": step, "train_minutes": train_seconds / 60}
             logger.log(step, kind="eval", train_minutes=train_seconds / 60, eval_accuracy=results["eval_accuracy"],
                        eval_stderr=results["eval_stderr"], eval_loss=results["eval_loss"])
@@ -387,9 +454,10 @@ def _run(args, rank, world_size):
         if args.eval_minutes > 0 else float("inf")
 
     def clock():
-        """(progress in [0, 1], is an eval due): rank 0's clock decides, so every rank stops and
-        evaluates at the same step."""
-        shared = torch.tensor([0.0, 0.0])
+        """(progress in [0, 1], is an eval due): progress = step / max_steps or train time / time budget,
+        the larger when both are set (the budget that ends first). Rank 0's clock decides, so every rank
+        stops and evaluates at the same step."""
+        shared = torch.tensor([0.0, 0.0], dtype=torch.float64)  # progress exactly step / max_steps
         if main_proc:
             shared[0] = max(step / args.max_steps if args.max_steps > 0 else 0.0,
                             train_seconds / (60 * args.time_budget) if args.time_budget > 0 else 0.0)
@@ -399,22 +467,23 @@ def _run(args, rank, world_size):
         return float(shared[0]), bool(shared[1])
 
     try:
-        if args.init and (args.eval_minutes > 0 or args.eval_every > 0):
+        if args.init and not args.resume and (args.eval_minutes > 0 or args.eval_every > 0):
             evaluate()  # the starting point of a continued run: the first point of its curve
         progress, _ = clock()
         while progress < 1.0:
-            t0 = time.perf_counter()
+            step_start = time.perf_counter()
             lr = lr_at(step, progress, args.lr, args.warmup_steps, args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             indices = batch_indices(len(train_examples), args.batch_size, step, args.seed)
-            mine = torch.tensor_split(torch.tensor(indices), world_size)[rank].tolist()  # this rank's share
-            micro_batches = length_sorted_micro_batches([train_examples[i] for i in mine], args.micro_batch, pad)
+            my_indices = torch.tensor_split(torch.tensor(indices), world_size)[rank].tolist()  # this rank's share
+            micro_batches = length_sorted_micro_batches([train_examples[i] for i in my_indices], args.micro_batch,
+                                                        pad_token)
             loss, grad_norm, _ = train_step(policy, optimizer, micro_batches, device, args.grad_clip,
                                             world_size, args.aux_loss_weight if policy.config.ffn == "moe" else 0.0,
-                                            args.batch_size)
+                                            args.batch_size, where=f"step {step + 1}")
             step += 1
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - step_start
             train_seconds += seconds
             window["loss"] += loss
             window["grad_norm"] += grad_norm
@@ -452,7 +521,14 @@ def _run(args, rank, world_size):
 
 
 def main(argv=None):
-    run(M.parse_args(Args, argv))
+    """python sft.py [options]. --resume continues with the run's saved arguments (an option given again
+    overrides its saved value); run() checks every option before anything is read or written."""
+    args = M.parse_args(Args, argv)
+    if args.resume:
+        if args.init:
+            raise M.UserError("--resume continues the run in --out; it cannot be combined with --init")
+        args = resumed_args(args, argv)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """sft.py: the prompt-masked loss, batching, accumulation, resume, DDP and the end-to-end run.
 
 Each property is checked against an independent reference: a per-example brute-force sum of
--log p, autograd on the whole batch, closed-form LR values, an uninterrupted run, one process."""
+-log p, autograd on the whole batch, closed-form LR values, optim.py's schedule, an uninterrupted
+run, one process, and `python sft.py` itself for bad input (exit status 2, one line, nothing written)."""
+import ast
+import concurrent.futures
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import model as M
+import optim
 import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,6 +141,28 @@ def test_lr_schedule_closed_form(peak, warmup, ratio, step):
     assert sft.lr_at(late, 0.3, peak, warmup, ratio) >= sft.lr_at(late, 0.7, peak, warmup, ratio)
 
 
+@given(peak=st.floats(1e-5, 1e-1), warmup=st.integers(0, 50), ratio=st.floats(0, 1),
+       total=st.integers(1, 400), step=st.integers(0, 500))
+def test_lr_schedule_is_optims_cosine_times_a_warmup_factor(peak, warmup, ratio, total, step):
+    """sft.lr_at against optim.lr_cosine. The two differ by design in their warmup, so the test checks
+    the identity that does hold: sft's schedule is optim's cosine WITHOUT warmup (min_lr = peak * ratio,
+    progress = step / total) times the factor min(1, (step + 1) / warmup).
+
+    Why they differ: sft.py's progress may be wall-clock time (progress = elapsed / budget), which knows
+    nothing of a warmup measured in steps, so its cosine runs over the whole run and the warmup is a
+    factor on top (the first update already uses peak / warmup); optim.lr_cosine counts in steps only,
+    ramps additively from min_lr at step 0 and starts its cosine after the warmup. With no warmup
+    (0 steps) the two schedules are the same function; with 1 they already differ at step 0 (optim
+    starts at min_lr, sft at the peak)."""
+    cosine = optim.lr_cosine(step, peak, total, warmup_steps=0, min_lr=peak * ratio)
+    warmup_factor = min(1.0, (step + 1) / max(1, warmup))
+    got = sft.lr_at(step, step / total, peak, warmup, ratio)
+    assert math.isclose(got, warmup_factor * cosine, rel_tol=1e-12, abs_tol=1e-18)
+    if warmup == 0:
+        assert math.isclose(got, optim.lr_cosine(step, peak, total, warmup_steps=warmup, min_lr=peak * ratio),
+                            rel_tol=1e-12, abs_tol=1e-18)
+
+
 @pytest.mark.parametrize("overrides", [{}, {"norm": "layernorm", "bias": True, "pos": "learned"}])
 def test_weight_decay_groups_partition_parameters(overrides):
     """Every parameter in exactly one group; matrices/embeddings decayed, norm gains and biases not."""
@@ -188,12 +215,16 @@ def free_port():
         return s.getsockname()[1]
 
 
+SGD_LR = 0.1  # the DDP test's update: p - lr * g moves each weight by exactly lr times its gradient
+
+
 def _ddp_worker(rank, world, port, pairs, state, out_dir):
+    """One of `world` spawned processes: its share of the batch, the gradients summed over gloo."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     policy = M.GPT(M.Config(**TINY))
     policy.load_state_dict(state)
-    optimizer = sft.adamw(policy, 1e-2, 0.1, (0.9, 0.99))
+    optimizer = torch.optim.SGD(policy.parameters(), lr=SGD_LR)
     examples = to_examples(pairs)
     mine = torch.tensor_split(torch.arange(len(examples)), world)[rank].tolist()  # as sft.py splits
     loss, _, _ = sft.train_step(policy, optimizer, [sft.collate([examples[i] for i in mine], PAD)],
@@ -205,21 +236,31 @@ def _ddp_worker(rank, world, port, pairs, state, out_dir):
 
 def test_ddp_two_gloo_processes_match_one_process_on_the_whole_batch(tmp_path):
     """Halves with different completion-token counts (the normalisation trap): the all-reduced
-    gradient, the clipped update and the reported loss equal one process on the whole batch."""
+    gradient, the clipped update and the reported loss equal one process on the whole batch.
+
+    Tolerances follow from the math, not from this machine. A gradient element is a float32 sum
+    whose terms are about as large as the tensor's largest element, summed in another order in
+    each process (and with another thread count): its rounding error is a small multiple of
+    eps32 * max|g|, so each tensor is compared with atol = 1e-5 * max|g| (eps32 = 1.2e-7), not
+    relative to the element itself (a near-zero element from cancellation has no relative
+    accuracy). The update is plain SGD, p - lr * g, so the weights differ by at most
+    lr * (gradient tolerance) plus the last bits of p itself. (Adam's first step is about
+    lr * sign(g): it would turn a 1e-9 difference in a near-zero gradient into a full step.)"""
     pairs = [([1, 2], [3, 4, 5, 6, 7, 8]), ([9, 10, 11], [12]), ([13], [14, 15, 16]),
              ([17, 18, 19, 20], []), ([21], [22, 23, 24, 25, 26, 27, 28, 29, 30])]
     state = {k: v.clone() for k, v in tiny_model(3).state_dict().items()}
     mp.start_processes(_ddp_worker, args=(2, free_port(), pairs, state, str(tmp_path)), nprocs=2,
-                       join=True, start_method="fork")
+                       join=True, start_method="spawn")
     policy = tiny_model(3)
-    optimizer = sft.adamw(policy, 1e-2, 0.1, (0.9, 0.99))
+    optimizer = torch.optim.SGD(policy.parameters(), lr=SGD_LR)
     loss, _, _ = sft.train_step(policy, optimizer, [sft.collate(to_examples(pairs), PAD)], "cpu", grad_clip=1.0)
     for rank in range(2):
         got = torch.load(os.path.join(tmp_path, f"{rank}.pt"), weights_only=True)
         assert math.isclose(got["loss"], loss, rel_tol=1e-5)
         for name, p in policy.named_parameters():
-            torch.testing.assert_close(got["grads"][name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
-            torch.testing.assert_close(got["params"][name], p.detach(), atol=1e-6, rtol=1e-5, msg=name)
+            grad_tol = 1e-5 * float(p.grad.abs().max()) + 1e-12
+            torch.testing.assert_close(got["grads"][name], p.grad, atol=grad_tol, rtol=1e-5, msg=name)
+            torch.testing.assert_close(got["params"][name], p.detach(), atol=SGD_LR * grad_tol, rtol=1e-6, msg=name)
 
 
 # ---- runs: resume, bad input, end to end ---------------------------------------------------
@@ -249,8 +290,9 @@ def tiny_args(tmp_path, out="run", **overrides):
 
 
 def test_resume_k_then_n_minus_k_steps_equals_n_steps(tmp_path, monkeypatch):
-    """Interrupt after k steps (Ctrl-C saves the state), --resume to N: bit-for-bit the N-step run,
-    with dropout on so the restored RNG state matters."""
+    """Interrupt after k steps (Ctrl-C saves the state), `sft.py --out DIR --resume` to N: bit-for-bit
+    the N-step run, with dropout on so the restored RNG state matters. The resume command names no
+    data, size or budget: they come from the arguments saved in the checkpoint."""
     n_steps, k = 6, 2
     sft.run(tiny_args(tmp_path, out="straight", max_steps=n_steps, dropout=0.1))
     real_step, calls = sft.train_step, []
@@ -266,7 +308,7 @@ def test_resume_k_then_n_minus_k_steps_equals_n_steps(tmp_path, monkeypatch):
         sft.run(tiny_args(tmp_path, out="resumed", max_steps=n_steps, dropout=0.1))
     assert M.load(str(tmp_path / "resumed" / "model.pt"))[2]["meta"]["step"] == k
     monkeypatch.setattr(sft, "train_step", real_step)
-    sft.run(tiny_args(tmp_path, out="resumed", max_steps=n_steps, dropout=0.1, resume=True))
+    sft.main(["--out", str(tmp_path / "resumed"), "--resume"])  # everything else: the run's saved arguments
     straight, _, ckpt_a = M.load(str(tmp_path / "straight" / "model.pt"))
     resumed, _, ckpt_b = M.load(str(tmp_path / "resumed" / "model.pt"))
     assert ckpt_a["meta"]["step"] == ckpt_b["meta"]["step"] == n_steps
@@ -352,3 +394,321 @@ def test_synth_then_sft_lowers_heldout_loss(tmp_path):
                                              "block_size": 256})), test_examples, PAD, "cpu")
     after = sft.run(args)["eval_loss"]
     assert after < before - 1.0, (before, after)
+
+
+# ---- the command line: saved arguments, non-finite guard, defaults, links, bad input ----------
+
+def tiny_argv(args):
+    """The command line of sft.Args `args` (every field given), as another stage would build it."""
+    return M.stage_command("sft.py", **{k: v for k, v in vars(args).items() if k not in ("init", "resume")})[1:]
+
+
+def test_resume_uses_the_saved_arguments_and_an_option_given_again_overrides_them(tmp_path, capsys):
+    """`--resume` reads the run's own arguments from its checkpoint (not the defaults): the lr, data and
+    sizes of the first run; an option given again wins, announced with one line, and args.json says so."""
+    sft.main(tiny_argv(tiny_args(tmp_path, max_steps=2, lr=5e-3, warmup_steps=1, min_lr_ratio=0.5)))
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    sft.main(["--out", str(run_dir), "--resume", "--max-steps", "3"])
+    printed = capsys.readouterr().out
+    assert "--max-steps 3 given: overrides the saved 2" in printed
+    assert "--lr" not in printed and "--data" not in printed  # not given again: not overridden
+    saved = json.load(open(run_dir / "args.json"))
+    assert saved["lr"] == 5e-3 and saved["max_steps"] == 3 and saved["data"] == str(tmp_path / "train.jsonl")
+    train_lines = [json.loads(x) for x in open(run_dir / "metrics.jsonl") if '"train"' in x]
+    assert [r["step"] for r in train_lines] == [1, 2, 3]
+    # step 3 is update index 2 of 3: warmup over, cosine at progress 2/3, between lr*0.5 and lr = 5e-3
+    expected = 5e-3 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))
+    assert math.isclose(train_lines[-1]["lr"], expected, rel_tol=1e-9)
+    assert M.load(str(run_dir / "model.pt"))[2]["meta"]["step"] == 3
+
+
+def test_a_diverging_run_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """The loss turns NaN at step 4 (injected into the training loss only; the eval loss is computed
+    under no_grad): the run stops with a NonFiniteError naming step 4, BEFORE optimizer.step(); the
+    checkpoint written at step 2 stays, finite."""
+    real_nll, training_calls = sft.masked_nll, []
+
+    def poisoned_nll(logits, targets, loss_mask, n_tokens=None):
+        loss = real_nll(logits, targets, loss_mask, n_tokens)
+        if torch.is_grad_enabled():
+            training_calls.append(1)
+            if len(training_calls) >= 4:  # one micro-batch per step: the 4th call is step 4
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(sft, "masked_nll", poisoned_nll)
+    args = tiny_args(tmp_path, max_steps=6, eval_every=2)
+    with pytest.raises(M.NonFiniteError, match="step 4: loss is nan"):
+        sft.run(args)
+    policy, _, ckpt = M.load(os.path.join(args.out, "model.pt"))
+    assert ckpt["meta"]["step"] == 2
+    assert all(torch.isfinite(p).all() for p in policy.state_dict().values())
+
+
+def test_a_huge_lr_is_one_line_exit_2_and_every_saved_weight_is_finite(tmp_path):
+    """`python sft.py --lr 1e30`: the first update moves every weight by ~1e30 (Adam's step is ~lr * sign(g)),
+    the next gradient overflows. One line on stderr naming the step, exit 2; a saved model is finite."""
+    args = tiny_args(tmp_path, lr=1e30, warmup_steps=1, grad_clip=0.0, max_steps=20, eval_every=1)
+    result = run_sft(tiny_argv(args), tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error: step ") and "stopped before the update" in lines[0]
+    failed_step = int(lines[0].split()[2].rstrip(":"))
+    path = os.path.join(args.out, "model.pt")
+    if os.path.exists(path):
+        policy, _, ckpt = M.load(path)
+        assert ckpt["meta"]["step"] < failed_step
+        assert not M.non_finite_tensors(policy.state_dict())
+
+
+def test_gsm8k_rows_train_and_evaluate_unchanged(tmp_path):
+    """GSM8K's own {"question", "answer"} rows (the answer a worked solution ending in '#### n') are
+    demonstrations for training and prompts for held-out accuracy, with no conversion."""
+    rows = [{"question": f"What is {a} plus {b}?\n", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+            for a, b in zip(range(10, 22), range(30, 42))]
+    data = write_rows(tmp_path / "gsm8k.jsonl", rows)
+    results = sft.run(tiny_args(tmp_path, data=data, test_data=data, eval_data=data, max_steps=1, n_eval=0))
+    assert results["eval_n"] == len(rows) and results["steps"] == 1
+    assert math.isfinite(results["eval_loss"])
+
+
+def test_heldout_prompts_longer_than_the_context_are_skipped_and_counted(tmp_path, capsys):
+    args = tiny_args(tmp_path, max_steps=1, n_eval=0)
+    rows = [json.loads(x) for x in open(args.eval_data)]
+    rows[0]["prompt"] = "1+" * 40 + "1=?\n"  # 84 bytes: no room in a 64-token context
+    write_rows(args.eval_data, rows)
+    results = sft.run(args)
+    assert f"skipped 1 of {len(rows)} prompts longer than the context" in capsys.readouterr().out
+    assert results["eval_n"] == len(rows) - 1
+
+
+def test_defaults_are_a_step_budget_and_shared_values():
+    """The default run is a step budget (the same seed gives the same checkpoint on a machine), its
+    generation limit is every stage's, and grpo.py's equal-time control (a time budget, no step
+    limit) is a valid command line."""
+    defaults = sft.Args()
+    assert defaults.max_steps > 0 and defaults.time_budget == 0
+    assert defaults.max_new_tokens == M.MAX_NEW_TOKENS
+    sft.check_args(defaults)
+    control = M.parse_args(sft.Args, ["--init", "runs/sft/model.pt", "--time-budget", "2.5", "--max-steps", "0"])
+    sft.check_args(control)
+    assert control.max_steps == 0 and control.time_budget == 2.5
+
+
+def test_default_paths_are_written_only_in_args():
+    """No default path ("data/...", "runs/...") is repeated as a string inside a function body."""
+    tree = ast.parse(open(os.path.join(ROOT, "sft.py")).read())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for const in ast.walk(node):
+                if isinstance(const, ast.Constant) and isinstance(const.value, str):
+                    assert not const.value.startswith(("data/", "runs/")), (node.name, const.value)
+
+
+def test_a_time_budget_alone_ends_the_run(tmp_path):
+    """--max-steps 0 --time-budget M (the control's command): progress is train time / budget; the run
+    stops once M minutes of training have passed."""
+    results = sft.run(tiny_args(tmp_path, max_steps=0, time_budget=0.002))
+    assert results["steps"] >= 1 and results["train_minutes"] >= 0.002
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "synth.py")), reason="synth.py is not written yet")
+def test_the_synth_command_makes_the_default_inputs():
+    """The command sft.py runs for a missing default input is parsed by synth.py's own parser, and
+    synth.py's default output folder holds exactly sft.py's default input files."""
+    import synth
+    command = sft.synth_command()
+    assert command[0] == "synth.py"
+    synth_args = M.parse_args(synth.Args, command[1:])
+    defaults = sft.Args()
+    for path, name in ((defaults.data, "sft_train"), (defaults.test_data, "sft_test"),
+                       (defaults.eval_data, "rl_test")):
+        assert os.path.normpath(path) == os.path.normpath(os.path.join(synth_args.out_dir, f"{name}.jsonl"))
+
+
+def run_sft(argv, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), *argv], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+
+
+def tree_listing(folder):
+    """Every file under `folder` with its size and modification time: what a failed run must not change."""
+    listing = {}
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(parent, name)
+            listing[os.path.relpath(path, folder)] = (os.path.getsize(path), os.stat(path).st_mtime_ns)
+    return listing
+
+
+def write_checkpoint_without_optimizer(tmp_path):
+    """A run folder whose model.pt was written by another stage (grpo.py: weights, step and args only)."""
+    os.makedirs(tmp_path / "run")
+    M.save(str(tmp_path / "run" / "model.pt"), tiny_model(), M.get_tokenizer("bytes"), step=3, args={"lr": 1e-5})
+    return ["--resume"]
+
+
+def write_truncated_checkpoint(tmp_path):
+    path = tmp_path / "truncated.pt"
+    M.save(str(path), tiny_model(), M.get_tokenizer("bytes"))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return ["--init", str(path)]
+
+
+def write_hostile_checkpoint(tmp_path):
+    """1 KB that asks for 48 layers of width 8192 (~40 GB): refused before any weight is allocated."""
+    path = tmp_path / "hostile.pt"
+    config = {**TINY, "n_layer": 48, "n_embd": 8192, "n_head": 64, "n_kv_head": 64}
+    torch.save({"config": config, "model": {"tok_emb.weight": torch.zeros(2, 2)},
+                "tokenizer": {"name": "bytes", "n_vocab": 258}, "meta": {}}, path)
+    return ["--init", str(path)]
+
+
+def write_data(name, content):
+    """A case that replaces tmp_path/<name> with `content` (str or bytes), given as its own option."""
+    option = {"train.jsonl": "--data", "test.jsonl": "--test-data", "heldout.jsonl": "--eval-data"}[name]
+
+    def setup(tmp_path):
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return [option, str(path)]
+    return setup
+
+
+GOOD = '{"prompt": "1+1=?\\n", "completion": "#### 2"}\n'
+BAD_INPUT = {  # case -> (set-up returning extra argv, text the one error line must hold)
+    "missing file": (lambda tmp: ["--data", str(tmp / "nowhere.jsonl")], "nowhere.jsonl"),
+    "empty file": (write_data("train.jsonl", ""), "train.jsonl"),
+    "not JSON": (write_data("train.jsonl", GOOD + '{"prompt": oops}\n'), "train.jsonl:2"),
+    "missing key": (write_data("train.jsonl", GOOD + GOOD + '{"prompt": "1+1=?\\n"}\n'), "train.jsonl:3"),
+    "wrong type": (write_data("train.jsonl", '{"prompt": "1+1=?\\n", "completion": 2}\n'), "train.jsonl:1"),
+    "non-UTF-8 bytes": (write_data("train.jsonl", GOOD.encode() + b'{"prompt": "\xff\xfe"}\n'), "train.jsonl:2"),
+    "deep nesting": (write_data("train.jsonl", "[" * 100000 + "\n"), "train.jsonl:1"),
+    "huge integer": (write_data("train.jsonl", '{"prompt": "x", "completion": 1' + "0" * 5000 + "}\n"),
+                     "train.jsonl:1"),
+    "directory as data": (lambda tmp: (os.makedirs(tmp / "folder.jsonl"), ["--data", str(tmp / "folder.jsonl")])[1],
+                          "folder.jsonl"),
+    "eval prompts all too long": (write_data("heldout.jsonl", '{"prompt": "%s", "answer": "2"}\n' % ("1" * 80)),
+                                  "heldout.jsonl"),
+    "truncated checkpoint": (write_truncated_checkpoint, "truncated.pt"),
+    "hostile checkpoint": (write_hostile_checkpoint, "hostile.pt"),
+    "resume without optimizer state": (write_checkpoint_without_optimizer, "--init"),
+    **{f"option {flag} {value}": (lambda tmp, flag=flag, value=value: [flag, value], flag) for flag, value in [
+        ("--log-every", "0"), ("--n-head", "0"), ("--n-layer", "-1"), ("--batch-size", "0"),
+        ("--micro-batch", "-1"), ("--lr", "-1"), ("--time-budget", "nan"), ("--seed", "-1")]},
+}
+MORE_BAD_INPUT = {  # the same kinds of case again, through M.cli(main) in this process (no interpreter start-up)
+    "GSM8K answer not a string": (write_data("train.jsonl", '{"question": "q", "answer": 2}\n'), "train.jsonl:1"),
+    "test data not JSON": (write_data("test.jsonl", "{\n"), "test.jsonl:1"),
+    "eval answer wrong type": (write_data("heldout.jsonl", '{"prompt": "1+1=?\\n", "answer": [2]}\n'),
+                               "heldout.jsonl:1"),
+    "eval answer without a final answer": (write_data("heldout.jsonl", '{"question": "q", "answer": "#### "}\n'),
+                                           "heldout.jsonl:1"),
+    "resume with no checkpoint": (lambda tmp: ["--resume"], "model.pt"),
+    "resume and init": (lambda tmp: ["--resume", "--init", str(tmp / "x.pt")], "--init"),
+    "init is a directory": (lambda tmp: (os.makedirs(tmp / "ckpt"), ["--init", str(tmp / "ckpt")])[1], "ckpt"),
+    "out is a file": (lambda tmp: ((tmp / "afile").write_text("x"), ["--out", str(tmp / "afile")])[1], "--out"),
+    "no budget": (lambda tmp: ["--max-steps", "0", "--time-budget", "0"], "budget"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """Every BAD_INPUT case prepared in its own folder, then `python sft.py` on all of them, 4 at a time
+    (each run is mostly the interpreter importing torch): {case: (folder, listing before, result)}."""
+    prepared = {}
+    for case, (setup, _) in BAD_INPUT.items():
+        folder = tmp_path_factory.mktemp("bad_input")
+        args = tiny_args(folder, max_steps=2, eval_minutes=0, n_eval=4, max_new_tokens=4, threads=1)
+        argv = tiny_argv(args) + setup(folder)
+        prepared[case] = (folder, tree_listing(folder), argv)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = dict(zip(prepared, pool.map(lambda item: run_sft(item[2], item[0]), prepared.values())))
+    return {case: (folder, before, results[case]) for case, (folder, before, _) in prepared.items()}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_exit_2_no_traceback_and_nothing_written(bad_input_runs, case):
+    """`python sft.py` on each kind of bad input (in a fresh folder): exit status 2, exactly one line on
+    stderr that names the file:line or the option, no traceback, and no file created or changed."""
+    folder, before, result = bad_input_runs[case]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert lines[0].startswith("error: ") and BAD_INPUT[case][1] in lines[0], lines[0]
+    assert tree_listing(folder) == before
+
+
+@pytest.mark.parametrize("case", list(MORE_BAD_INPUT))
+def test_more_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, monkeypatch, case):
+    """As the table above, through the M.cli(main) that `python sft.py` runs, in this process."""
+    setup, where = MORE_BAD_INPUT[case]
+    monkeypatch.chdir(tmp_path)
+    argv = tiny_argv(tiny_args(tmp_path, max_steps=2, eval_minutes=0, n_eval=4, max_new_tokens=4)) + setup(tmp_path)
+    before = tree_listing(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        M.cli(lambda: sft.main(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and where in err, err
+    assert tree_listing(tmp_path) == before
+
+
+BAD_OPTIONS = [("--log-every", "0"), ("--n-head", "0"), ("--n-layer", "-1"), ("--batch-size", "0"),
+               ("--micro-batch", "-1"), ("--lr", "-1"), ("--lr", "inf"), ("--time-budget", "nan"),
+               ("--time-budget", "-1"), ("--max-steps", "-5"), ("--seed", "-1"), ("--seed", str(2 ** 32)),
+               ("--beta1", "1"), ("--beta2", "-0.1"), ("--dropout", "1"), ("--min-lr-ratio", "2"),
+               ("--warmup-steps", "-1"), ("--weight-decay", "-0.1"), ("--grad-clip", "-1"),
+               ("--aux-loss-weight", "-1"), ("--eval-minutes", "-1"), ("--eval-every", "-1"),
+               ("--eval-examples", "-1"), ("--n-eval", "-1"), ("--max-new-tokens", "0"), ("--eval-batch", "0"),
+               ("--threads", "-1"), ("--n-kv-head", "3"), ("--n-embd", "30"), ("--block-size", "0"),
+               ("--device", "tpu"), ("--ffn", "mlp"), ("--norm", "batchnorm"), ("--pos", "alibi"),
+               ("--tokenizer", "no_such_encoding"), ("--out", ""), ("--data", "")]
+
+
+@pytest.mark.parametrize("flag, value", BAD_OPTIONS)
+def test_every_bad_option_value_is_one_line_exit_2_before_anything_is_read(tmp_path, capsys, monkeypatch, flag, value):
+    """Each option's rule, through the same M.cli(main) that `python sft.py` runs (in this process, so the
+    whole table costs well under a second): exit status 2, one line naming the flag, and nothing read or
+    written (the data files are missing: an option check that came after reading would name them)."""
+    monkeypatch.chdir(tmp_path)
+    argv = tiny_argv(tiny_args(tmp_path)) + [flag, value]
+    for path in tiny_data(tmp_path):
+        os.remove(path)
+    with pytest.raises(SystemExit) as exit_info:
+        M.cli(lambda: sft.main(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert flag in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_second_run_on_a_folder_being_written_is_refused_and_writes_nothing(tmp_path):
+    """Two processes, one run folder: while a first sft.py writes it, a second gets exit status 2 and
+    one line naming the folder, and the first run's files are untouched (args.json is still the first's,
+    metrics.jsonl holds only the first's whole lines)."""
+    args = tiny_args(tmp_path, max_steps=10 ** 6, eval_minutes=0, log_every=1, threads=1)
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "sft.py"), *tiny_argv(args)], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        metrics = os.path.join(args.out, "metrics.jsonl")
+        deadline = time.time() + 120
+        while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+            assert first.poll() is None and time.time() < deadline, "the first run did not start writing"
+            time.sleep(0.1)
+        first_args = open(os.path.join(args.out, "args.json")).read()
+        files_before = sorted(os.listdir(args.out))
+        second = run_sft(tiny_argv(tiny_args(tmp_path, max_steps=3, lr=1e-4, threads=1)), tmp_path)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
+        assert args.out in lines[0] and "another run" in lines[0]
+        assert first.poll() is None  # the first run goes on
+        assert open(os.path.join(args.out, "args.json")).read() == first_args
+        assert sorted(os.listdir(args.out)) == files_before
+    finally:
+        first.kill()
+        first.wait()
+    steps = [json.loads(line)["step"] for line in open(metrics)]  # every line whole, one writer
+    assert steps == list(range(1, len(steps) + 1))
