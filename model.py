@@ -1377,6 +1377,7 @@ OPTION_RULES = {
     "non_negative": (lambda v: v >= 0, ">= 0"),
     "probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "open_unit": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "unit_interval": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
     "temperature": (lambda v: v == 0 or 1e-6 <= v < 1e6, "0 (greedy) or in [1e-6, 1e6)"),   # z / tau stays finite
 }
@@ -1532,11 +1533,13 @@ def read_demonstrations(path: str) -> list[dict]:
     return rows
 
 
-def fit_prompts(rows: list[dict], enc, block_size: int, max_new_tokens: int, path: str) -> list[dict]:
+def fit_prompts(rows: list[dict], enc, block_size: int, max_new_tokens: int, path: str,
+                verbose: bool = True) -> list[dict]:
     """The rows whose prompt leaves room for max_new_tokens in the context (prompt + completion <=
-    block_size); the others are skipped and counted in one printed line. None left is a UserError."""
+    block_size); the others are skipped and counted in one printed line (verbose: say it on rank 0 only).
+    None left is a UserError."""
     kept = [r for r in rows if len(encode(enc, r["prompt"])) + max_new_tokens <= block_size]
-    if len(kept) < len(rows):
+    if verbose and len(kept) < len(rows):
         print(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} prompts longer than the context "
               f"({block_size} tokens, {max_new_tokens} of them kept for the completion)", flush=True)
     if not kept:
