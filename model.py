@@ -511,7 +511,75 @@ def get_tokenizer(name: str = "bytes") -> tiktoken.Encoding:
 
 
 def pad_id(enc: tiktoken.Encoding) -> int:
-    return enc.encode_single_token(PAD)
+    """The id that fills padded positions: <|pad|> where the tokenizer has one (ours), else the checkpoint's
+    pad or end-of-sequence token (a real vocabulary has no spare row). Padded positions never carry loss."""
+    specials = enc._special_tokens
+    if PAD in specials:
+        return specials[PAD]
+    return getattr(enc, "pad_token_id", None) if getattr(enc, "pad_token_id", None) is not None else enc.eot_token
+
+
+# Chat templates: an instruct model expects its prompts wrapped in the turns it was tuned on. The user's
+# text is always encoded as ordinary text; only the template's own markers are special tokens.
+CHAT_TEMPLATES = ("none", "chatml", "llama3")
+
+
+def chat_template_of(enc: tiktoken.Encoding, choice: str = "auto") -> str:
+    """auto: ChatML if the tokenizer has <|im_start|> (Qwen, SmolLM2), Llama 3's headers if it has
+    <|start_header_id|>, else none (the byte-level models of this project: plain prompts)."""
+    if choice != "auto":
+        if choice not in CHAT_TEMPLATES:
+            raise UserError(f"--chat-template {choice}: choose auto, {', '.join(CHAT_TEMPLATES)}")
+        return choice
+    specials = enc._special_tokens
+    return "chatml" if "<|im_start|>" in specials else "llama3" if "<|start_header_id|>" in specials else "none"
+
+
+def set_chat_template(enc: tiktoken.Encoding, choice: str = "auto") -> tiktoken.Encoding:
+    """Record on the tokenizer which template its prompts get (encode_prompt, end_of_turn and stop_ids
+    read it); a template whose markers the tokenizer lacks is a UserError."""
+    template = chat_template_of(enc, choice)
+    needed = {"chatml": ("<|im_start|>", "<|im_end|>"), "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
+    missing = [t for t in needed.get(template, ()) if t not in enc._special_tokens]
+    if missing:
+        raise UserError(f"--chat-template {template}: this tokenizer has no {missing[0]} token")
+    enc.chat_template = template
+    return enc
+
+
+def encode_prompt(enc: tiktoken.Encoding, prompt: str) -> list[int]:
+    """A prompt as the model expects it before its answer:
+    none:   the text itself
+    chatml: <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n
+    llama3: <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>
+            <|start_header_id|>assistant<|end_header_id|>\n\n"""
+    template = getattr(enc, "chat_template", "none")
+    special = enc._special_tokens
+    if template == "chatml":
+        start, end = special["<|im_start|>"], special["<|im_end|>"]
+        return ([start] + encode(enc, "user\n" + prompt) + [end] + encode(enc, "\n") + [start]
+                + encode(enc, "assistant\n"))
+    if template == "llama3":
+        begin = [special["<|begin_of_text|>"]] if "<|begin_of_text|>" in special else []
+        head, tail = special["<|start_header_id|>"], special["<|end_header_id|>"]
+        return (begin + [head] + encode(enc, "user") + [tail] + encode(enc, "\n\n" + prompt) + [special["<|eot_id|>"]]
+                + [head] + encode(enc, "assistant") + [tail] + encode(enc, "\n\n"))
+    return encode(enc, prompt)
+
+
+def end_of_turn(enc: tiktoken.Encoding) -> int:
+    """The token that ends an answer: <|im_end|> (ChatML), <|eot_id|> (Llama 3), else <|endoftext|>."""
+    template = getattr(enc, "chat_template", "none")
+    if template == "chatml":
+        return enc._special_tokens["<|im_end|>"]
+    if template == "llama3":
+        return enc._special_tokens["<|eot_id|>"]
+    return enc.eot_token
+
+
+def stop_ids(enc: tiktoken.Encoding) -> tuple:
+    """Where sampling stops: the end of the turn, and the end-of-sequence token(s) of the checkpoint."""
+    return tuple(sorted({end_of_turn(enc), enc.eot_token, *getattr(enc, "stop_token_ids", ())}))
 
 
 def encode(enc: tiktoken.Encoding, text: str) -> list[int]:
@@ -521,7 +589,7 @@ def encode(enc: tiktoken.Encoding, text: str) -> list[int]:
 
 def decode(enc: tiktoken.Encoding, ids) -> str:
     """Ids to text, dropping <|endoftext|> and <|pad|>."""
-    skip = {enc.eot_token, pad_id(enc)}
+    skip = {enc.eot_token, pad_id(enc), end_of_turn(enc)}
     return enc.decode([int(i) for i in ids if int(i) not in skip])
 
 
@@ -1209,12 +1277,12 @@ def evaluate(model, enc, rows, max_new_tokens: int = MAX_NEW_TOKENS, temperature
       per_difficulty {difficulty: accuracy};  styles {worked|bare|wrong_step|no_answer: share}
       mean_length   new tokens per completion;  truncated: share cut by max_new_tokens
       completions   the decoded texts (prompt-major: samples consecutive completions per prompt)."""
-    prompts = [encode(enc, r["prompt"]) for r in rows for _ in range(samples)]
+    prompts = [encode_prompt(enc, r["prompt"]) for r in rows for _ in range(samples)]
     expanded = [r for r in rows for _ in range(samples)]
     texts, lengths, truncated = [], [], []
     for start in range(0, len(prompts), batch_size):
         gen = generate(model, prompts[start:start + batch_size], max_new_tokens, temperature=temperature,
-                       stop_ids=(enc.eot_token,), pad_id=pad_id(enc), generator=generator)
+                       stop_ids=stop_ids(enc), pad_id=pad_id(enc), generator=generator)
         texts += [decode(enc, row) for row in gen.tokens.tolist()]
         lengths += gen.lengths.tolist()
         truncated += (~gen.finished).tolist()
@@ -1538,7 +1606,7 @@ def fit_prompts(rows: list[dict], enc, block_size: int, max_new_tokens: int, pat
     """The rows whose prompt leaves room for max_new_tokens in the context (prompt + completion <=
     block_size); the others are skipped and counted in one printed line (verbose: say it on rank 0 only).
     None left is a UserError."""
-    kept = [r for r in rows if len(encode(enc, r["prompt"])) + max_new_tokens <= block_size]
+    kept = [r for r in rows if len(encode_prompt(enc, r["prompt"])) + max_new_tokens <= block_size]
     if verbose and len(kept) < len(rows):
         print(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} prompts longer than the context "
               f"({block_size} tokens, {max_new_tokens} of them kept for the completion)", flush=True)
