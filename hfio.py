@@ -278,7 +278,7 @@ def read_gguf(path: str, tensor_names=None) -> tuple[dict, dict[str, torch.Tenso
     if version not in (2, 3):
         raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
     tensor_count, kv_count = cursor.scalar(10, "the header"), cursor.scalar(10, "the header")
-    if kv_count * 12 + tensor_count * 24 > file_size:        # smallest kv: key length + type + 1 byte
+    if kv_count * 12 + tensor_count * 24 > file_size:    # a kv takes >= 12 bytes, a tensor info >= 24
         raise ValueError(f"{path}: {tensor_count} tensors and {kv_count} metadata keys cannot fit in {file_size} bytes")
     metadata = {}
     for index in range(kv_count):
@@ -310,9 +310,9 @@ def read_gguf(path: str, tensor_names=None) -> tuple[dict, dict[str, torch.Tenso
                              f"{', '.join(t[0] for t in GGML_TYPES.values())} can be dequantised here")
         type_name, block_elements, block_bytes = GGML_TYPES[ggml_type]
         n_elements = math.prod(dims)
-        if dims and dims[0] % block_elements or offset % alignment:
+        if dims and dims[0] % block_elements or offset % alignment or max(dims, default=0) > 2 * file_size:
             raise ValueError(f"{path}: tensor {name[:80]!r} ({type_name}, dims {dims}, offset {offset}) "
-                             f"is not whole {block_elements}-element blocks at an aligned offset")
+                             f"is not whole {block_elements}-element blocks at an aligned offset in this file")
         n_bytes = n_elements // block_elements * block_bytes
         if data_start + offset + n_bytes > file_size:
             raise ValueError(f"{path}: tensor {name[:80]!r} ({n_bytes} bytes at {offset}) runs past the file's end")
@@ -383,10 +383,12 @@ def token_bytes(token: str) -> bytes | None:
 
 def check_merges(merges, ids: dict[str, int], where: str) -> None:
     """tiktoken's BPE merges, at each step, the adjacent pair whose concatenation has the lowest rank
-    (= token id); Hugging Face's merges the pair listed first in `merges`. The two agree when merge k
-    makes a token whose id does not decrease with k (each merge's parts and result are tokens). That
-    holds for GPT-2, Llama 3, Qwen and SmolLM2; a file where it fails is refused (a ValueError) rather
-    than encoded differently. (Llama 3 lists every split of a token, consecutively: allowed.)"""
+    (= token id); Hugging Face's merges the pair listed first in `merges`. So tiktoken can follow the
+    list only if merge k makes a token whose id does not decrease with k, and whose parts are tokens.
+    GPT-2, Llama 3 (which lists every split of a token, consecutively), Qwen and SmolLM2 pass; a file
+    that fails is refused rather than encoded differently. (tiktoken may still merge an adjacent pair
+    that the list lacks but whose concatenation is a token; on Qwen3's and Llama 3's tokenizer.json
+    and SmolLM2's GGUF that never changed an encoding in 4,000 random texts.)"""
     previous = -1
     for index, merge in enumerate(merges):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
@@ -422,6 +424,7 @@ def pattern_from_pre_tokenizer(pre_tokenizer, where: str) -> str:
 
 
 def normalizer_from_json(normalizer, where: str) -> str | None:
+    """tokenizer.json's normalizer -> "NFC" or None (Qwen's is NFC; GPT-2's, Llama 3's, SmolLM2's none)."""
     steps = normalizer.get("normalizers", []) if isinstance(normalizer, dict) and \
         normalizer.get("type") == "Sequence" else [normalizer] if normalizer else []
     kinds = [step.get("type") if isinstance(step, dict) else None for step in steps]
@@ -437,7 +440,7 @@ def token_content(value) -> str | None:
 
 def finish_spec(spec: dict, where: str) -> dict:
     """Check bos/eos/pad name tokens, vocab_size covers every id, and check_spec; returns the spec."""
-    known = {token: 1 for token in (*spec["special_tokens"], *spec["added_tokens"])}
+    known = {*spec["special_tokens"], *spec["added_tokens"]}
     for role in ("bos", "eos", "pad"):
         token = spec[role]
         if token is not None and token not in known and token.encode("utf-8") not in spec["ranks"]:
@@ -775,8 +778,7 @@ def tokenizer_json_from_spec(spec: dict) -> dict:
             "post_processor": byte_level, "decoder": byte_level,
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                      "vocab": vocab,
-                      "merges": merges}}
+                      "vocab": vocab, "merges": merges}}
 
 
 def tokenizer_config_from_spec(spec: dict) -> dict:

@@ -263,7 +263,7 @@ def test_small_gguf_of_every_type_reads_like_gguf_py(tmp_path):
     """F32, F16, BF16, Q8_0, Q4_0, Q4_1 dequantised equal gguf.quants.dequantize bit for bit, and
     each is within its quantisation step of the original: Q8_0 |x - x'| <= amax/127 per block,
     Q4_0 <= amax/8, Q4_1 <= (max - min)/15, the 16-bit floats within their relative precision."""
-    import gguf
+    gguf = pytest.importorskip("gguf", reason="gguf-py's GGUFWriter, GGUFReader and quants are the oracle")
     path = tmp_path / "small.gguf"
     written = write_small_gguf(path, ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
     metadata, tensors = hfio.read_gguf(str(path))
@@ -285,6 +285,40 @@ def test_small_gguf_of_every_type_reads_like_gguf_py(tmp_path):
         np.testing.assert_array_equal(ours, gguf.quants.dequantize(quantised, qtype).reshape(original.shape))
         blocks = original.reshape(-1, 32)
         assert (np.abs(ours.reshape(-1, 32) - blocks) <= step[qtype.name](blocks) + 1e-6).all(), qtype.name
+
+
+def gguf_string(text: str) -> bytes:
+    return struct.pack("<Q", len(text.encode())) + text.encode()
+
+
+def test_hand_built_gguf_follows_the_spec_formulas(tmp_path):
+    """A GGUF laid out byte by byte from ggml/docs/gguf.md (no gguf-py), dequantised by the block
+    formulas: Q8_0 x = d*q; Q4_0 x = d*(q - 8); Q4_1 x = d*q + m, where byte j of a Q4 block holds
+    element j (low nibble) and element j + 16 (high nibble); dims are fastest-first."""
+    nibbles = bytes(j | (15 - j) << 4 for j in range(16))               # element j = j, element 16+j = 15-j
+    q4 = list(range(16)) + [15 - j for j in range(16)]
+    tensors = [  # name, dims, ggml type, data bytes, expected torch tensor
+        ("f32", [3, 2], 0, struct.pack("<6f", *range(6)), torch.arange(6.0).reshape(2, 3)),
+        ("f16", [3], 1, struct.pack("<3e", 1.5, -2.0, 65504.0), torch.tensor([1.5, -2.0, 65504.0])),
+        ("bf16", [2], 30, struct.pack("<2H", 0x3F80, 0xC040), torch.tensor([1.0, -3.0])),
+        ("q8_0", [32, 1], 8, struct.pack("<e32b", 0.25, *range(-16, 16)),
+         torch.tensor([[0.25 * q for q in range(-16, 16)]])),
+        ("q4_0", [32], 2, struct.pack("<e", -0.5) + nibbles, torch.tensor([-0.5 * (q - 8) for q in q4])),
+        ("q4_1", [32], 3, struct.pack("<ee", 0.125, -1.0) + nibbles, torch.tensor([0.125 * q - 1.0 for q in q4])),
+    ]
+    header = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 2)
+    header += gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string("llama")
+    header += gguf_string("test.names") + struct.pack("<IIQ", 9, 8, 2) + gguf_string("a") + gguf_string("ü")
+    data, offset = b"", 0
+    for name, dims, ggml_type, raw, _ in tensors:
+        header += gguf_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, len(data))
+        data += raw + bytes(-len(raw) % 32)                                 # each tensor 32-byte aligned
+    path = tmp_path / "hand.gguf"
+    path.write_bytes(header + bytes(-len(header) % 32) + data)
+    metadata, read = hfio.read_gguf(str(path))
+    assert metadata == {"general.architecture": "llama", "test.names": ["a", "ü"]}
+    for name, _, _, _, expected in tensors:
+        assert read[name].dtype == torch.float32 and torch.equal(read[name], expected.float()), name
 
 
 def test_gguf_version_2_reads_like_version_3_and_version_1_is_refused(tmp_path):
@@ -395,7 +429,9 @@ CORPUS = ["The quick brown fox jumps over the lazy dog. It's 2024, and they'll p
           "Café naïve résumé — “quotes” and ‘apostrophes’; 中文字符 日本語 한국어 😀🎉",
           "12345 67890 3.14159 1e-9 0x1F, we've I'm you're WE'VE I'M",
           "<think>reasoning</think> the answer is 42\r\nDone.  Spaces   here   and\u00a0there"] * 3
-QWEN_SPLIT = hfio.QWEN2_PATTERN
+# Qwen2/2.5/3's tokenizer.json Split regex (the text of the file, not hfio's copy)
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
 
 
 def train_tokenizer(pre_tokenizer: str, full_alphabet: bool, nfc: bool, vocab_size: int = 400):
@@ -475,6 +511,15 @@ def test_trained_spec_fields(trained):
     assert all(enc.encode_single_token(t) == i for t, i in {**spec["special_tokens"], **spec["added_tokens"]}.items())
     for text in ["\x04\x13\x1d\xff\U00040000", "".join(map(chr, range(256)))]:   # never panics
         assert hfio.encode_text(enc, text) == tokenizer.encode(text, add_special_tokens=False).ids
+    # more embedding rows than tokens (Qwen3: 151,936 rows, 151,669 tokens): ids unchanged, and the
+    # missing-byte ids lie past every row
+    padded = hfio.tokenizer_spec_from_json(json.loads(tokenizer.to_str()), {"chat_template": "{{ x }}"}, vocab_size=512)
+    padded_enc = hfio.encoding_from_spec(padded)
+    assert padded["vocab_size"] == 512 and padded["chat_template"] == "{{ x }}"
+    assert min(padded_enc.unknown_byte_ids, default=512) >= 512
+    assert padded_enc.encode_ordinary(CORPUS[2] + "\x04") == enc.encode_ordinary(CORPUS[2] + "\x04")
+    with pytest.raises(ValueError, match="vocab_size"):
+        hfio.tokenizer_spec_from_json(json.loads(tokenizer.to_str()), vocab_size=tokenizer.get_vocab_size() - 1)
 
 
 def test_spec_survives_torch_save_with_weights_only_and_the_encoding_pickles(trained, tmp_path):
@@ -670,3 +715,16 @@ def test_hostile_or_broken_specs_are_refused_before_use(trained):
                                        "pre_tokenizer": {"type": "ByteLevel"}})
     with pytest.raises(ValueError, match="not 'gpt2'"):
         hfio.tokenizer_spec_from_gguf({"tokenizer.ggml.model": "llama"})
+
+
+@given(batch=texts)
+def test_byte_tokenizer_spec_gives_back_the_built_in_encoding(batch):
+    """No Hugging Face package needed: the built-in byte tokenizer through a spec and back."""
+    enc = M.get_tokenizer("bytes")
+    spec = hfio.tokenizer_spec_from_encoding(enc)
+    again = hfio.encoding_from_spec(spec)
+    assert (spec["eos"], spec["pad"], spec["vocab_size"]) == (M.EOT, M.PAD, enc.n_vocab)
+    assert again.unknown_byte_ids == frozenset()
+    for text in batch:
+        assert hfio.encode_text(again, text) == M.encode(enc, text) == list(text.encode("utf-8"))
+        assert again.decode(M.encode(enc, text)) == text
