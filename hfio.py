@@ -1,7 +1,8 @@
 """Reading and writing the files real models ship in: safetensors, GGUF, and byte-level BPE tokenizers.
 
 Written to be pasted into model.py (sections 2 "Tokenizer" and 5 "Checkpoints"). Standard library,
-torch, numpy and tiktoken only. A bad file is a ValueError whose one-line message starts with the path.
+torch, numpy and tiktoken (plus `regex`, tiktoken's own dependency, imported lazily for text holding a
+byte the vocabulary lacks). A bad file is a ValueError whose one-line message starts with the path.
 
 - safetensors (https://huggingface.co/docs/safetensors, "Format"): read_safetensors,
   read_safetensors_folder, write_safetensors.
@@ -728,6 +729,7 @@ def encode_dropping_unknown_bytes(enc: "SpecEncoding", text: str) -> list[int]:
     import regex   # installed with tiktoken (a requirement of it); needed only for such text
     if enc.piece_regex is None:
         enc.piece_regex = regex.compile(enc._pat_str)
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")   # lone surrogates: U+FFFD, as tiktoken
     ids = []
     for match in enc.piece_regex.finditer(text):
         known = bytes(b for b in match.group().encode("utf-8") if b not in enc.unknown_bytes)

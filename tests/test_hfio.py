@@ -14,7 +14,6 @@ import base64
 import copy
 import importlib.util
 import json
-import math
 import os
 import pickle
 import struct
@@ -22,7 +21,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import hfio
 import model as M
@@ -511,6 +510,8 @@ def test_trained_spec_fields(trained):
     assert all(enc.encode_single_token(t) == i for t, i in {**spec["special_tokens"], **spec["added_tokens"]}.items())
     for text in ["\x04\x13\x1d\xff\U00040000", "".join(map(chr, range(256)))]:   # never panics
         assert hfio.encode_text(enc, text) == tokenizer.encode(text, add_special_tokens=False).ids
+    # a lone surrogate (no UTF-8; Hugging Face refuses it) becomes U+FFFD, as in tiktoken's encode
+    assert hfio.encode_text(enc, "a\ud800\x04b\x13!") == hfio.encode_text(enc, "a\ufffd\x04b\x13!")
     # more embedding rows than tokens (Qwen3: 151,936 rows, 151,669 tokens): ids unchanged, and the
     # missing-byte ids lie past every row
     padded = hfio.tokenizer_spec_from_json(json.loads(tokenizer.to_str()), {"chat_template": "{{ x }}"}, vocab_size=512)
