@@ -786,7 +786,7 @@ def test_rl_losses_ignore_inf_under_the_mask_and_divide_by_denom(batch, denom):
                             denom=denom)
     value_plain, value_stats = L.value_loss(leaves["values"], leaves["old_values"], leaves["returns"], keep,
                                             clip_eps=None, denom=denom)
-    reinforce, _ = L.reinforce_loss(leaves["logp"], clean["returns"], mask=keep, denom=denom)
+    reinforce, _ = L.reinforce_loss(leaves["logp"], leaves["returns"], mask=keep, denom=denom)
     bonus = L.entropy_bonus(leaves["logits"], keep, denom=denom)
     c = {k: x[keep] for k, x in clean.items()}                                  # the kept tokens, clean
     ratio = (c["logp"] - c["old_logp"]).exp()
@@ -1069,7 +1069,7 @@ def test_chunked_cross_entropy_in_bf16_and_under_autocast_matches_the_plain_loss
         runs = []
         for variant in ("chunked", "plain"):
             hidden = hidden0.to(torch.bfloat16).requires_grad_()
-            weight = weight0.to(weight_dtype).requires_grad_()
+            weight = weight0.to(weight_dtype).clone().requires_grad_()           # a fresh leaf each time
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 if variant == "chunked":
                     loss = L.chunked_cross_entropy(hidden, weight, targets, chunk_size=7)
@@ -1083,3 +1083,38 @@ def test_chunked_cross_entropy_in_bf16_and_under_autocast_matches_the_plain_loss
         for got, want in ((gh_c, gh_p), (gw_c, gw_p)):
             scale = want.float().abs().max().item()
             torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7 * scale)
+
+
+def test_clipfrac_is_zero_when_advantages_are_zero_and_on_a_fully_masked_batch():
+    """A = 0 (a constant GRPO group) never binds the clip, however far the ratio moved; a fully
+    masked batch logs 0, not NaN (0/0)."""
+    old_logp = torch.zeros(2, 4, dtype=torch.float64)
+    logp = torch.tensor([[-3.0, -0.5, 0.5, 3.0], [-1.0, 1.0, -2.0, 2.0]], dtype=torch.float64)   # far outside
+    _, stats = L.ppo_policy_loss(logp, old_logp, torch.zeros(2, 4, dtype=torch.float64))
+    assert stats["clipfrac"].item() == 0.0
+    _, stats = L.ppo_policy_loss(logp, old_logp, torch.ones(2, 4, dtype=torch.float64))
+    assert stats["clipfrac"].item() == 4 / 8                          # ratio > 1.2 with A > 0: half
+    nowhere = torch.zeros(2, 4, dtype=torch.bool)
+    _, stats = L.ppo_policy_loss(logp, old_logp, torch.ones(2, 4, dtype=torch.float64), nowhere)
+    assert all(value.item() == 0.0 for value in stats.values()), stats
+    _, stats = L.value_loss(logp, old_logp, old_logp + 5, nowhere)
+    assert stats["vf_clipfrac"].item() == 0.0
+
+
+BAD_LOSSES_OPTIONS = [("--samples", "1"), ("--vocab", "1"), ("--tokens", "0"), ("--n-embd", "0"),
+                      ("--chunk-size", "0"), ("--repeats", "0"), ("--seed", "-1"), ("--device", "tpu")]
+
+
+@pytest.mark.parametrize("flag,value", BAD_LOSSES_OPTIONS)
+def test_every_bad_option_is_a_one_line_user_error(flag, value, capsys):
+    with pytest.raises(M.UserError, match=flag):
+        L.main([flag, value])
+    assert capsys.readouterr().out == ""                              # refused before the walkthrough
+
+
+def test_bad_option_exits_2_with_one_line_and_no_traceback():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "losses.py", "--chunk-size", "0"], cwd=root, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "error: --chunk-size must be >= 1, got 0\n"
