@@ -224,7 +224,7 @@ def kl_k3(logp, ref_logp, mask=None, max_log_ratio=20.0):
 
     Non-negative per sample (e^u >= 1 + u). Computed as expm1(u) - u for accuracy at small u.
     |log r| is clamped to max_log_ratio (default 20: e^20 = 4.9e8) so that exp cannot overflow:
-    a log-ratio of +-100 gives a finite k3 (that of +-20) with a zero gradient, like PPO's clip.
+    a log-ratio of +-100 gives a finite k3 (that of +-20) with a zero gradient (as in ppo_policy_loss).
     max_log_ratio=None removes the clamp: then float32 overflows to inf from log r ~ 89 on.
     mask: 0 where False."""
     logp, ref_logp = _keep(logp, mask), _keep(ref_logp, mask)        # masked: u = 0, so k3 = 0

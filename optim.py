@@ -683,7 +683,7 @@ class Args:
     eval_every: int = 10          # steps between held-out evaluations
     eval_size: int = 64           # held-out sequences (the same for every run)
     lr_scale: float = 1.0         # multiply every optimizer's peak lr (for sweeps)
-    optimizers: str = "all"       # all, or a comma-separated subset of sgd, sgd-momentum, sgd-nesterov, adagrad, rmsprop, adam, adamw, torch-adamw, lion, muon (case, spaces, _ and - do not matter)
+    optimizers: str = "all"       # all, or some of sgd, sgd-momentum, sgd-nesterov, adagrad, rmsprop, adam, adamw, torch-adamw, lion, muon (comma-separated, any case)
     beta_steps: int = 120         # steps per run of the AdamW beta2 x warmup experiment (0 = skip)
     beta_lr: float = 3e-2         # peak lr of that experiment (3x AdamW's best: where it matters)
     beta_seeds: int = 2           # data/init seeds averaged in that experiment
