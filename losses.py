@@ -20,7 +20,11 @@ et al. 2017), the entropy bonus, REINFORCE with a baseline (Williams 1992); and 
 estimators of KL from samples (Schulman 2020, "Approximating KL Divergence").
 
 Conventions: `mask` is a bool tensor (True = the position counts), `ignore_index` marks padded
-targets; a fully masked input gives 0 with a zero (never NaN) gradient; logits up to 1e4 are fine.
+targets. What sits under the mask never matters: every masked input is replaced (torch.where) BEFORE
+any arithmetic, so a masked position holding +-inf, NaN or 1e300 gives a finite loss and a gradient
+that is exactly 0 there (multiplying by the mask afterwards would compute 0 * inf = NaN in the
+forward or the backward pass). A fully masked input gives 0 with a zero gradient; unmasked logits up
+to 1e4 and log-ratios of +-100 give finite values and gradients.
 
 Run:  python losses.py   (a worked example, then chunked vs plain cross-entropy at vocab 50257)
 """
@@ -84,6 +88,20 @@ def _reduce(per_item, valid, reduction, denom=None):
     raise ValueError(f"losses.py: reduction={reduction!r}; choose 'mean', 'sum' or 'none'")
 
 
+def _keep(values, mask):
+    """values where mask is True, 0 elsewhere (broadcast): a masked entry is REPLACED before any
+    arithmetic, so inf/NaN under the mask reach neither the value nor the gradient (whose entry
+    there is exactly 0). mask None: values unchanged."""
+    if mask is None:
+        return values
+    return torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def _keep_rows(logits, mask):
+    """_keep for (..., V) rows with a (...) mask: a masked row becomes all zeros (uniform)."""
+    return logits if mask is None else _keep(logits, mask.bool().unsqueeze(-1))
+
+
 def _valid(targets, ignore_index, mask):
     """Bool tensor of the positions that count: target != ignore_index and mask."""
     valid = targets != ignore_index
@@ -104,8 +122,8 @@ def log_likelihood(logits, targets, ignore_index=-100, mask=None):
 
     logits (..., V), targets (...) long -> (...) log-probability of each target, 0 where ignored.
     A sequence's log-likelihood is the sum over its tokens (`sequence_logprob`)."""
-    logits = _fp32(logits)
     valid = _valid(targets, ignore_index, mask)
+    logits = _keep_rows(_fp32(logits), valid)                                   # (..., V)
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))       # -100 is no index
     log_z = torch.logsumexp(logits, dim=-1)                                     # (...)
     target_logit = logits.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)    # (...)
@@ -121,8 +139,9 @@ def nll(logits, targets, ignore_index=-100, mask=None):
 def entropy(logits, mask=None):
     """H(p) = -sum_v p_v log p_v,  p = softmax(z);   0 <= H <= log V      logits (..., V) -> (...)
 
-    Terms with p_v = 0 (logit -inf, e.g. after top-k) count 0, with a zero gradient."""
-    logp = torch.log_softmax(_fp32(logits), dim=-1)                    # (..., V)
+    Terms with p_v = 0 (logit -inf, e.g. after top-k) count 0, with a zero gradient.
+    mask (...): 0 where False, whatever the logits hold there."""
+    logp = torch.log_softmax(_keep_rows(_fp32(logits), mask), dim=-1)   # (..., V)
     p = logp.exp()
     plogp = p * logp.masked_fill(p == 0, 0.0)                          # 0 * log 0 := 0
     h = -plogp.sum(-1)                                                  # (...)
@@ -132,23 +151,23 @@ def entropy(logits, mask=None):
 def soft_cross_entropy(target_probs, logits, mask=None):
     """H(p, q) = -sum_v p_v log q_v  for soft targets p (..., V) and q = softmax(logits) (..., V).
 
-    With one-hot p this is the hard-target NLL; with p = q it is the entropy H(q). -> (...)"""
-    logq = torch.log_softmax(_fp32(logits), dim=-1)
-    target_probs = target_probs.to(logq.dtype)
-    h = -(target_probs * logq.masked_fill(target_probs == 0, 0.0)).sum(-1)
-    return h if mask is None else _reduce(h, mask.bool(), "none")
+    With one-hot p this is the hard-target NLL; with p = q it is the entropy H(q). -> (...)
+    mask (...): 0 where False, whatever the targets and logits hold there."""
+    logq = torch.log_softmax(_keep_rows(_fp32(logits), mask), dim=-1)
+    target_probs = _keep_rows(target_probs.to(logq.dtype), mask)               # masked rows: p = 0, H = 0
+    return -(target_probs * logq.masked_fill(target_probs == 0, 0.0)).sum(-1)
 
 
 def kl_divergence(p_logits, q_logits, mask=None):
     """KL(p||q) = sum_v p_v (log p_v - log q_v) = H(p, q) - H(p) >= 0, exactly, from two sets of
     logits (..., V) -> (...). Zero iff p == q (logits equal up to a constant per row).
 
-    Direction matters: KL(p||q) weights by p, so it is large where p has mass and q does not."""
-    logp = torch.log_softmax(_fp32(p_logits), dim=-1)
-    logq = torch.log_softmax(_fp32(q_logits), dim=-1)
-    p = logp.exp()
-    kl = (p * (logp - logq).masked_fill(p == 0, 0.0)).sum(-1)
-    return kl if mask is None else _reduce(kl, mask.bool(), "none")
+    Direction matters: KL(p||q) weights by p, so it is large where p has mass and q does not.
+    mask (...): 0 where False, whatever either set of logits holds there."""
+    logp = torch.log_softmax(_keep_rows(_fp32(p_logits), mask), dim=-1)
+    logq = torch.log_softmax(_keep_rows(_fp32(q_logits), mask), dim=-1)
+    p = logp.exp()                                       # masked rows: p = q = uniform, KL = 0 exactly
+    return (p * (logp - logq).masked_fill(p == 0, 0.0)).sum(-1)
 
 
 def perplexity(mean_nll):
@@ -176,6 +195,8 @@ def bits_per_byte(mean_nll, n_tokens, n_bytes):
 #     k2 = (log r)^2 / 2          biased, low variance; its expectation agrees with KL to 2nd order
 #     k3 = (r - 1) - log r        unbiased (E_pi[r] = 1), >= 0 per sample (GRPO's per-token KL)
 # Swap the roles and you estimate the other direction: name it.
+# Numerical range: k1 and k2 have no exp and are finite for any finite log r (log r = +-100 gives
+# k1 = -+100, k2 = 5000); k3 has e^u, which overflows float32 at u ~ 89, so its log r is clamped.
 
 def _log_ratio(logp, ref_logp, max_log_ratio):
     log_ratio = ref_logp - logp
@@ -183,25 +204,32 @@ def _log_ratio(logp, ref_logp, max_log_ratio):
 
 
 def kl_k1(logp, ref_logp, mask=None):
-    """k1 = -log r = log pi(x) - log pi_ref(x),  x ~ pi;  E_pi[k1] = KL(pi || pi_ref).  (...)"""
-    k1 = logp - ref_logp
-    return k1 if mask is None else _reduce(k1, mask.bool(), "none")
+    """k1 = -log r = log pi(x) - log pi_ref(x),  x ~ pi;  E_pi[k1] = KL(pi || pi_ref).  (...)
+
+    No exp: finite for any finite log-probs (a log-ratio of +-100 gives -+100). mask: 0 where False."""
+    logp, ref_logp = _keep(logp, mask), _keep(ref_logp, mask)        # masked: both 0, so k1 = 0
+    return logp - ref_logp
 
 
 def kl_k2(logp, ref_logp, mask=None):
-    """k2 = (log r)^2 / 2,  x ~ pi;  E_pi[k2] = KL(pi || pi_ref) + O(log r ^3) (biased).  (...)"""
-    k2 = 0.5 * (ref_logp - logp) ** 2
-    return k2 if mask is None else _reduce(k2, mask.bool(), "none")
+    """k2 = (log r)^2 / 2,  x ~ pi;  E_pi[k2] = KL(pi || pi_ref) + O(log r ^3) (biased).  (...)
+
+    No exp: finite for any finite log-ratio (+-100 gives 5000). mask: 0 where False."""
+    logp, ref_logp = _keep(logp, mask), _keep(ref_logp, mask)        # masked: both 0, so k2 = 0
+    return 0.5 * (ref_logp - logp) ** 2
 
 
 def kl_k3(logp, ref_logp, mask=None, max_log_ratio=20.0):
     """k3 = (r - 1) - log r,  r = pi_ref(x)/pi(x),  x ~ pi;  E_pi[k3] = KL(pi || pi_ref).  (...)
 
-    Non-negative per sample (e^u >= 1 + u). Computed as expm1(u) - u for accuracy at small u;
-    |log r| is clamped to max_log_ratio (None = no clamp) so that exp cannot overflow to inf."""
+    Non-negative per sample (e^u >= 1 + u). Computed as expm1(u) - u for accuracy at small u.
+    |log r| is clamped to max_log_ratio (default 20: e^20 = 4.9e8) so that exp cannot overflow:
+    a log-ratio of +-100 gives a finite k3 (that of +-20) with a zero gradient (as in ppo_policy_loss).
+    max_log_ratio=None removes the clamp: then float32 overflows to inf from log r ~ 89 on.
+    mask: 0 where False."""
+    logp, ref_logp = _keep(logp, mask), _keep(ref_logp, mask)        # masked: u = 0, so k3 = 0
     u = _log_ratio(logp, ref_logp, max_log_ratio)
-    k3 = (torch.expm1(u) - u).clamp_min(0.0)
-    return k3 if mask is None else _reduce(k3, mask.bool(), "none")
+    return (torch.expm1(u) - u).clamp_min(0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,9 +244,10 @@ def cross_entropy(logits, targets, ignore_index=-100, mask=None, label_smoothing
       (1-eps) * one_hot + eps * uniform, as in F.cross_entropy), plus PaLM's z-loss, which pulls
       log Z toward 0 so that the softmax normaliser stays near 1 in bf16.
     logits (..., V), targets (...) -> scalar ('mean' over valid tokens, or 'sum'), or (...) ('none').
-    A fully masked batch gives 0 (F.cross_entropy gives NaN)."""
-    logits = _fp32(logits)
+    A fully masked batch gives 0 (F.cross_entropy gives NaN). Masked and ignored rows are zeroed
+    before the arithmetic (one copy of the logits; chunked_cross_entropy never builds them)."""
     valid = _valid(targets, ignore_index, mask)
+    logits = _keep_rows(_fp32(logits), valid)                                   # (..., V)
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     log_z = torch.logsumexp(logits, dim=-1)                                     # (...)
     loss = log_z - logits.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)    # NLL (...)
@@ -299,7 +328,8 @@ def chunked_cross_entropy(hidden, weight, targets, ignore_index=-100, mask=None,
 
     hidden (..., C) final hidden states, weight (V, C) the output matrix (model.lm_head.weight),
     targets (...). Same value and same gradients (w.r.t. hidden and weight) as the plain version;
-    reduction 'mean' (over valid tokens, or / denom) or 'sum' -> scalar."""
+    reduction 'mean' (over valid tokens, or / denom) or 'sum' -> scalar. The hidden states of
+    masked or ignored rows are replaced by 0 first (their gradient is exactly 0)."""
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"losses.chunked_cross_entropy: hidden {tuple(hidden.shape)} needs targets of "
                          f"shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
@@ -312,6 +342,7 @@ def chunked_cross_entropy(hidden, weight, targets, ignore_index=-100, mask=None,
         raise ValueError(f"losses.chunked_cross_entropy: reduction={reduction!r}; choose 'mean' or 'sum'")
     hidden2d, targets1d = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)   # (N, C), (N,)
     valid = _valid(targets1d, ignore_index, None if mask is None else mask.reshape(-1))
+    hidden2d = _keep_rows(hidden2d, valid)               # masked rows -> 0: inf/NaN there cannot leak
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     row_weight = valid.to(acc_dtype)                                                   # (N,)
     if reduction == "mean":
@@ -335,8 +366,11 @@ def sequence_logprob(token_logprobs, mask=None):
 def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, mask=None):
     """-log sigmoid(r_c - r_r - m), mean over pairs (B,).  Bradley & Terry (1952); P(c > r) =
     sigmoid(r_c - r_r). The optional margin m (Llama 2) asks for a gap of at least m.
-    Depends only on r_c - r_r: adding a constant to every reward changes nothing.
-    -> (loss, stats{accuracy, margin})"""
+    Depends only on r_c - r_r: adding a constant to every reward changes nothing. -log sigmoid
+    is computed as softplus, finite for any finite gap. mask (B,): the pairs that count.
+    -> (loss, stats{accuracy: share of counted pairs with r_c > r_r (a tie is not correct),
+                    margin: mean r_c - r_r over them})"""
+    r_chosen, r_rejected = _keep(r_chosen, mask), _keep(r_rejected, mask)
     delta = r_chosen - r_rejected                                      # (B,)
     loss = masked_mean(-F.logsigmoid(delta - margin), mask)
     with torch.no_grad():
@@ -347,7 +381,9 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, mask=None):
 
 
 def _implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, mask):
-    """DPO's implicit reward beta * log(pi/pi_ref) of each completion, and the statistics people log."""
+    """DPO's implicit reward beta * log(pi/pi_ref) of each completion, and the statistics people log,
+    as means over the counted pairs: reward_chosen, reward_rejected, reward_margin (chosen -
+    rejected) and reward_accuracy (share with chosen > rejected; a tie is not correct)."""
     with torch.no_grad():
         chosen = beta * _fp32(policy_chosen - ref_chosen)              # (B,)
         rejected = beta * _fp32(policy_rejected - ref_rejected)        # (B,)
@@ -363,7 +399,11 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
         h = [log pi(y_c|x) - log pi_ref(y_c|x)] - [log pi(y_r|x) - log pi_ref(y_r|x)]
         loss = -log sigmoid(beta * h)          (= log 2 when pi == pi_ref)
 
-    Bradley-Terry on the implicit reward beta * log(pi/pi_ref). -> (loss, stats)"""
+    Bradley-Terry on the implicit reward beta * log(pi/pi_ref). No exp of a log-ratio is taken:
+    -log sigmoid is a stable softplus, so log-ratios of +-100 (or summed log-probs of -1e4) give
+    finite values and gradients. mask (B,): the pairs that count. -> (loss, stats)"""
+    policy_chosen, policy_rejected = _keep(policy_chosen, mask), _keep(policy_rejected, mask)
+    ref_chosen, ref_rejected = _keep(ref_chosen, mask), _keep(ref_rejected, mask)
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)          # (B,)
     loss = masked_mean(-F.logsigmoid(beta * h), mask)
     return loss, _implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, mask)
@@ -375,7 +415,10 @@ def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
         loss = (h - 1 / (2 beta))^2,   h as in DPO
 
     A squared loss regresses h to a finite target, so unlike DPO it does not push h to infinity
-    on deterministic preferences. -> (loss, stats)"""
+    on deterministic preferences. A polynomial in the log-ratios (no exp): finite for log-ratios of
+    +-100. mask (B,): the pairs that count. -> (loss, stats)"""
+    policy_chosen, policy_rejected = _keep(policy_chosen, mask), _keep(policy_rejected, mask)
+    ref_chosen, ref_rejected = _keep(ref_chosen, mask), _keep(ref_rejected, mask)
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)          # (B,)
     loss = masked_mean((h - 1.0 / (2.0 * beta)) ** 2, mask)
     return loss, _implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, mask)
@@ -398,12 +441,16 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, eps_low=0.2, eps_high
     1 - eps_low) the token's gradient is exactly 0. At ratio == 1 it is the policy gradient
     -A * grad log pi. old_logp must be the log-probs of the distribution that sampled the tokens.
     logp, old_logp (B, T); advantages broadcastable to them. |log ratio| is clamped to
-    max_log_ratio so exp cannot overflow (a token that far off policy gets no gradient).
+    max_log_ratio (default 20) so exp cannot overflow: a log-ratio of +-100 gives a finite loss and
+    a zero gradient for that token (it is that far off policy). Masked tokens are replaced by 0
+    before any arithmetic: whatever they hold (inf, NaN), their gradient is exactly 0.
     Returns (loss, stats) with stats:
-        clipfrac   fraction of tokens whose gradient the clip zeroed (the condition above)
+        clipfrac   share of the counted tokens whose gradient the clip zeroed (the condition
+                   above; A = 0 is never clipped); 0 on a fully masked batch
         approx_kl  k3 estimate of KL(pi_old || pi) from the sampled tokens (tokens ~ pi_old)
         ratio_mean mean ratio (1 at the first step after a rollout)"""
     eps_high = eps_low if eps_high is None else eps_high
+    logp, old_logp, advantages = _keep(logp, mask), _keep(old_logp, mask), _keep(advantages, mask)
     log_ratio = (logp - old_logp).clamp(-max_log_ratio, max_log_ratio)          # (B, T)
     ratio = torch.exp(log_ratio)
     surrogate = ratio * advantages
@@ -424,7 +471,9 @@ def value_loss(values, old_values, returns, mask=None, clip_eps=0.2, denom=None)
         V_clip = V_old + clip(V - V_old, -clip_eps, clip_eps)
         loss_t = 1/2 * max( (V - R)^2, (V_clip - R)^2 )        (clip_eps None: 1/2 (V - R)^2)
 
+    Masked tokens are replaced by 0 before the arithmetic (their gradient is exactly 0).
     -> (loss, stats{vf_clipfrac: fraction of tokens where the clipped term is the larger})"""
+    values, old_values, returns = _keep(values, mask), _keep(old_values, mask), _keep(returns, mask)
     unclipped = (values - returns) ** 2
     if clip_eps is None:
         loss = masked_mean(0.5 * unclipped, mask, denom=denom)
@@ -439,8 +488,9 @@ def value_loss(values, old_values, returns, mask=None, clip_eps=0.2, denom=None)
 
 def entropy_bonus(logits, mask=None, denom=None):
     """Mean entropy of the policy over the counted positions, logits (B, T, V) -> scalar.
-    Training *subtracts* coef * entropy_bonus from the loss to keep exploration alive."""
-    return masked_mean(entropy(logits), mask, denom=denom)
+    Training *subtracts* coef * entropy_bonus from the loss to keep exploration alive.
+    denom: divide the masked sum by this count instead (see masked_mean)."""
+    return masked_mean(entropy(logits, mask), mask, denom=denom)
 
 
 def reinforce_loss(logp, returns, baseline=0.0, mask=None, denom=None):
@@ -452,7 +502,9 @@ def reinforce_loss(logp, returns, baseline=0.0, mask=None, denom=None):
     E[grad log pi] = 0) and a good one lowers its variance. logp (B, T) token log-probs; returns
     broadcastable to logp (e.g. (B, 1) per sequence); baseline a number, a tensor (e.g. values),
     'mean' (batch mean of returns) or 'loo' (leave-one-out mean over dim 0, unbiased as in RLOO).
-    -> (loss, stats{advantage_mean, advantage_std})"""
+    mask: the tokens that count (masked ones are replaced by 0 before the product); denom: divide
+    the masked sum by this count instead (see masked_mean).
+    -> (loss, stats{advantage_mean, advantage_std} over the advantages as given, unmasked)"""
     if isinstance(baseline, str):
         if baseline == "mean":
             baseline = returns.mean(0, keepdim=True)
@@ -465,7 +517,7 @@ def reinforce_loss(logp, returns, baseline=0.0, mask=None, denom=None):
             raise ValueError(f"losses.reinforce_loss: baseline={baseline!r}; use a number, a tensor, "
                              "'mean' or 'loo'")
     advantages = (returns - baseline).detach()
-    loss = masked_mean(-advantages * logp, mask, denom=denom)
+    loss = masked_mean(-_keep(advantages, mask) * _keep(logp, mask), mask, denom=denom)
     with torch.no_grad():
         advantages = _fp32(advantages)
         stats = {"advantage_mean": advantages.mean(), "advantage_std": advantages.std(correction=0)}
@@ -714,12 +766,17 @@ class Args:
     seed: int = 0                   # seeds the samples and the benchmark inputs
 
 
+def check_args(args):
+    """Every option, before anything runs: sizes, the device name and the seed."""
+    M.require_at_least(args, 2, "samples", "vocab")
+    M.require_at_least(args, 1, "tokens", "n_embd", "chunk_size", "repeats")
+    M.check_options(args, seed=("seed",))
+    M.get_device(args.device)                           # auto | cpu | cuda[:N], and CUDA present
+
+
 def main(argv=None):
     args = M.parse_args(Args, argv)
-    for name in ("samples", "vocab", "tokens", "n_embd", "chunk_size", "repeats"):
-        if getattr(args, name) < (2 if name in ("samples", "vocab") else 1):
-            raise M.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive"
-                              + (" and >= 2" if name in ("samples", "vocab") else ""))
+    check_args(args)
     device = M.get_device(args.device)
     M.seed_everything(args.seed)
     result = walkthrough(args.samples, args.seed)

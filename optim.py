@@ -365,11 +365,36 @@ class Muon(_Optimizer):
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter groups: decay the matrices, not the norms, biases and embeddings
+# Parameter groups: decay every matrix (embeddings included), never a norm gain or a bias
 # ----------------------------------------------------------------------------------------------
 
-def _no_decay_ids(model):
-    """ids of parameters that must not be decayed: embedding tables and norm gains/biases."""
+def weight_decay_groups(model, weight_decay=0.1):
+    """Two param groups: {every matrix, weight_decay} and {gains and biases, 0.0}, each with its
+    "names". The project's one rule (sft.py follows it too):
+
+        decay theta  <=>  theta.ndim >= 2      (linear weights, embeddings, a tied output matrix)
+
+    Why: decay shrinks weights towards 0, a prior that bounds a matrix's norm. An embedding table
+    is a matrix like any other, and with tied embeddings it IS the output matrix, the one whose
+    norm sets the logits' scale (nanoGPT and GPT-3 decay it). A norm gain or a bias (ndim < 2) only
+    scales or shifts; there is nothing to regularise, and decaying it pulls the function itself
+    towards zero (a gain at 0 switches its layer off). Frozen parameters are left out; a parameter
+    shared between modules appears once (named_parameters de-duplicates).
+    """
+    decay, rest = ([], []), ([], [])
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        bucket = decay if p.ndim >= 2 else rest
+        bucket[0].append(name)
+        bucket[1].append(p)
+    return [{"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
+            {"params": rest[1], "names": rest[0], "weight_decay": 0.0}]
+
+
+def _embedding_and_norm_ids(model):
+    """ids of the parameters of embedding tables and of norms (a module whose class name contains
+    "norm"): matrices that Muon leaves to AdamW."""
     ids = set()
     for module in model.modules():
         if isinstance(module, nn.Embedding) or "norm" in type(module).__name__.lower():
@@ -377,33 +402,11 @@ def _no_decay_ids(model):
     return ids
 
 
-def weight_decay_groups(model, weight_decay=0.1):
-    """Two param groups: {matrices, weight_decay} and {the rest, 0.0}, each with its "names".
-
-    Decay shrinks weights towards 0: a useful prior on the matrices (it bounds their norm), but
-    a norm's gain pulled to 0 fights the normalisation, a bias is a handful of offsets with nothing
-    to regularise, and an embedding row of a rare token would decay away between the few steps
-    that update it (nanoGPT/GPT-3 practice; Loshchilov & Hutter decay everything). Rule: decay a tensor
-    iff it has >= 2 dims and is neither an nn.Embedding table nor held by a module whose class
-    name contains "Norm". A tied embedding/output matrix is an embedding, so it is not decayed.
-    Parameters shared between modules appear once (named_parameters de-duplicates).
-    """
-    no_decay = _no_decay_ids(model)
-    decay, rest = ([], []), ([], [])
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        bucket = decay if (p.ndim >= 2 and id(p) not in no_decay) else rest
-        bucket[0].append(name)
-        bucket[1].append(p)
-    return [{"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
-            {"params": rest[1], "names": rest[0], "weight_decay": 0.0}]
-
-
 def muon_param_split(model):
     """(hidden 2-D matrices for Muon, everything else for AdamW): embeddings, norms, biases and
-    the output head (any parameter named "lm_head...") stay with AdamW, as in the Muon reference."""
-    skip = _no_decay_ids(model)
+    the output head (any parameter named "lm_head...") stay with AdamW, as in the Muon reference.
+    (Which tensors Muon orthogonalises is a separate question from which ones are decayed.)"""
+    skip = _embedding_and_norm_ids(model)
     hidden, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -674,13 +677,13 @@ class Args:
     n_embd: int = 64              # residual width
     n_head: int = 4               # attention heads
     warmup: int = 20              # linear warmup steps, then cosine decay to 0.1 x peak
-    weight_decay: float = 0.1     # decoupled decay on matrices (AdamW, Lion x10, Muon)
+    weight_decay: float = 0.1     # decoupled decay on every matrix, embeddings included (AdamW, Lion x10, Muon)
     clip: float = 1.0             # global gradient-norm clip (0 = off)
     target: float = 0.0           # held-out loss for "steps to target"; 0 = loss floor + 0.3 nats
     eval_every: int = 10          # steps between held-out evaluations
     eval_size: int = 64           # held-out sequences (the same for every run)
     lr_scale: float = 1.0         # multiply every optimizer's peak lr (for sweeps)
-    optimizers: str = "all"       # comma-separated subset of the table's rows, or all
+    optimizers: str = "all"       # all, or some of sgd, sgd-momentum, sgd-nesterov, adagrad, rmsprop, adam, adamw, torch-adamw, lion, muon (comma-separated, any case)
     beta_steps: int = 120         # steps per run of the AdamW beta2 x warmup experiment (0 = skip)
     beta_lr: float = 3e-2         # peak lr of that experiment (3x AdamW's best: where it matters)
     beta_seeds: int = 2           # data/init seeds averaged in that experiment
@@ -735,6 +738,32 @@ RECIPES = {
 BASELINE = "torch AdamW"
 
 
+def recipe_key(name):
+    """The name --optimizers accepts for a recipe: lower case, words joined by hyphens, so that case,
+    spaces, underscores and hyphens do not matter ('SGD momentum' = 'sgd_momentum' = 'sgd-momentum')."""
+    return "-".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+RECIPE_KEYS = {recipe_key(name): name for name in RECIPES}     # 'sgd-momentum' -> 'SGD momentum'
+
+
+def select_recipes(spec):
+    """--optimizers -> the RECIPES names it selects, in order, each once: 'all', or a comma-separated
+    list of recipe keys (recipe_key). An unknown or empty name is a ValueError listing the accepted
+    ones."""
+    if recipe_key(spec) == "all":
+        return list(RECIPES)
+    names = []
+    for item in spec.split(","):
+        name = RECIPE_KEYS.get(recipe_key(item))
+        if name is None:
+            raise ValueError(f"--optimizers: unknown optimizer {item.strip()!r}; choose from all, "
+                             + ", ".join(RECIPE_KEYS) + " (comma-separated)")
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -742,12 +771,12 @@ def _sync(device):
 
 def evaluate(net, eval_data, device):
     """Mean next-token cross-entropy on held-out sequences (B, T)."""
-    import model as lm
+    import model as M
     import torch.nn.functional as F
 
     net.eval()
     x = eval_data.to(device)
-    with torch.no_grad(), lm.autocast(device):
+    with torch.no_grad(), M.autocast(device):
         logits = net(x[:, :-1])                                                     # (B, T-1, K)
     net.train()
     return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].reshape(-1)).item()
@@ -757,11 +786,11 @@ def train(args, cfg, data, eval_data, optimizers, device, warmup, name, logger=N
     """Train a fresh model (seeded, so every run starts from the same weights) on `data`
     ((steps, B, T) tokens) with the optimizers `optimizers(model)` returns, a warmup + cosine
     schedule and optional clipping. Returns the curves, per-step wall times and diagnostics."""
-    import model as lm
+    import model as M
     import torch.nn.functional as F
 
     torch.manual_seed(args.seed if seed is None else seed)
-    net = lm.GPT(cfg).to(device)
+    net = M.GPT(cfg).to(device)
     opts = optimizers(net)
     params = [p for p in net.parameters() if p.requires_grad]
     spikes = LossSpikeDetector()
@@ -775,7 +804,7 @@ def train(args, cfg, data, eval_data, optimizers, device, warmup, name, logger=N
             scale_lr(opt, factor)
         _sync(device)
         t0 = time.perf_counter()
-        with lm.autocast(device):
+        with M.autocast(device):
             logits = net(x[:, :-1])                                                 # (B, T-1, K)
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].reshape(-1))
         for opt in opts:
@@ -815,10 +844,10 @@ def time_optimizer_steps(cfg, names, lr_scale, weight_decay, device, rounds, rep
     """Seconds per optimizer.step() for each recipe: the best of `rounds` rounds (timeit's rule:
     the minimum is the cost without interference), on one model with fixed random gradients,
     interleaving the recipes round by round so that machine noise hits all alike."""
-    import model as lm
+    import model as M
 
     torch.manual_seed(0)
-    net = lm.GPT(cfg).to(device)
+    net = M.GPT(cfg).to(device)
     for p in net.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opts = {name: RECIPES[name][1](net, RECIPES[name][0] * lr_scale, weight_decay) for name in names}
@@ -915,43 +944,68 @@ def beta2_warmup_table(args, cfg, device, logger):
     return table
 
 
+def demo_config(args):
+    """The demo's GPT: K symbols, T positions, the --n-layer/--n-embd/--n-head given."""
+    import model as M
+
+    return M.Config(vocab_size=args.symbols, block_size=args.seq_len, n_layer=args.n_layer,
+                    n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_head)
+
+
+def check_args(args):
+    """Every option, before anything is written: one UserError naming the first bad one."""
+    import os
+
+    import model as M
+
+    try:
+        select_recipes(args.optimizers)
+    except ValueError as e:
+        raise M.UserError(str(e)) from None
+    M.require_at_least(args, 1, "steps", "batch_size", "n_layer", "n_embd", "n_head", "eval_every",
+                       "eval_size", "beta_seeds", "timing_rounds")
+    M.require_at_least(args, 3, "seq_len")
+    M.require_at_least(args, 2, "symbols")
+    M.check_options(args, probability=("noise",), positive=("lr_scale", "beta_lr"),
+                    non_negative=("warmup", "weight_decay", "clip", "target", "beta_steps", "threads"),
+                    seed=("seed",))
+    if 0 < args.beta_steps < 3:
+        raise M.UserError(f"--beta-steps must be 0 (skip) or >= 3, got {args.beta_steps}")
+    try:
+        demo_config(args)
+    except ValueError as e:                              # e.g. n_embd not divisible by n_head
+        raise M.UserError(f"--n-embd {args.n_embd} --n-head {args.n_head}: {e}") from None
+    if not args.out_dir or (os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir)):
+        raise M.UserError(f"--out-dir {args.out_dir!r}: must name a folder")
+    M.get_device(args.device)                           # auto | cpu | cuda[:N], and CUDA present
+
+
 def main(argv=None):
     import json
     import os
 
-    import model as lm
+    import model as M
 
-    args = lm.parse_args(Args, argv)
-    names = list(RECIPES) if args.optimizers == "all" else [n.strip() for n in args.optimizers.split(",")]
-    unknown = [n for n in names if n not in RECIPES]
-    if unknown:
-        raise lm.UserError(f"--optimizers: unknown {unknown}; choose from {list(RECIPES)}")
+    args = M.parse_args(Args, argv)
+    check_args(args)
+    names = select_recipes(args.optimizers)
     if BASELINE not in names:
         names.append(BASELINE)
-    if (args.steps < 1 or args.seq_len < 3 or args.symbols < 2 or not 0.0 <= args.noise <= 1.0
-            or args.eval_every < 1 or args.eval_size < 1 or args.beta_steps < 0 or args.beta_seeds < 1):
-        raise lm.UserError("need --steps >= 1, --seq-len >= 3, --symbols >= 2, 0 <= --noise <= 1, "
-                           "--eval-every >= 1, --eval-size >= 1, --beta-steps >= 0, --beta-seeds >= 1")
-    if args.threads < 0:
-        raise lm.UserError("--threads must be >= 0")
-    if 0 < args.beta_steps < 3:
-        raise lm.UserError("--beta-steps must be 0 (skip) or >= 3")
-    device = lm.get_device(args.device)
+    device = M.get_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    lm.seed_everything(args.seed)
+    M.seed_everything(args.seed)
     floor = loss_floor(args.symbols, args.noise, args.seq_len)
     target = args.target if args.target > 0 else floor + 0.3
-    cfg = lm.Config(vocab_size=args.symbols, block_size=args.seq_len, n_layer=args.n_layer,
-                    n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_head)
-    print(f"device {device} | GPT {lm.GPT(cfg).num_params():,} params ({args.n_layer} layers, width "
+    cfg = demo_config(args)
+    print(f"device {device} | GPT {M.GPT(cfg).num_params():,} params ({args.n_layer} layers, width "
           f"{args.n_embd}) | task: x_t = rule[x_t-2, x_t-1] w.p. {1 - args.noise:.2f}, K={args.symbols}, "
           f"T={args.seq_len} | loss at init ~ log K = {math.log(args.symbols):.3f}, "
           f"floor = {floor:.3f} nats, "
           f"target = {target:.3f}")
     os.makedirs(args.out_dir, exist_ok=True)
-    lm.save_args(args.out_dir, args)
-    logger = lm.MetricsLogger(args.out_dir, total=args.steps)
+    M.save_args(args.out_dir, args)
+    logger = M.MetricsLogger(args.out_dir, total=args.steps)
     try:
         results = optimizer_table(args, cfg, names, device, target, logger)
         beta = beta2_warmup_table(args, cfg, device, logger) if args.beta_steps > 0 else {}
@@ -960,12 +1014,13 @@ def main(argv=None):
     summary = {"floor": floor, "target": target, "beta2_warmup": beta,
                "optimizers": {n: {k: v for k, v in r.items() if k not in ("losses", "step_s")}
                               for n, r in results.items()}}
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+    with M.atomic_write(os.path.join(args.out_dir, "results.json")) as f:
         json.dump(summary, f, indent=2)
     print(f"\nwrote {args.out_dir}/results.json, metrics.jsonl, args.json")
     return summary
 
 
 if __name__ == "__main__":
-    import model
-    model.cli(main)
+    import model as M
+
+    M.cli(main)

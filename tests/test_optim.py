@@ -11,13 +11,14 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import model as M
 import optim
 
 # ---------------------------------------------------------------- trajectory equality vs torch
 
 shapes = st.lists(st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=4)
 lrs = st.floats(1e-4, 0.3)
-wds = st.sampled_from([0.0, 0.0, 1e-3, 0.1, 0.5])
+wds = st.sampled_from([0.0, 0.0, 1e-3, 0.1, 0.5, 1.0])
 
 
 def hyper(name):
@@ -368,23 +369,46 @@ class TinyLM(nn.Module):
 @given(n_layer=st.integers(0, 3), dim=st.integers(2, 8), bias=st.booleans(),
        norm=st.sampled_from(["layernorm", "rmsnorm"]), tied=st.booleans(), learned_pos=st.booleans(),
        wd=st.floats(0.0, 1.0))
-def test_weight_decay_groups_partition_matrices_from_the_rest(n_layer, dim, bias, norm, tied, learned_pos, wd):
+def test_weight_decay_groups_decay_every_matrix_and_no_gain_or_bias(n_layer, dim, bias, norm, tied, learned_pos, wd):
+    """The project's rule: decay every matrix, embeddings and a tied output matrix included (dim >= 2);
+    never a norm gain or a bias (dim < 2). Checked against the names listed by hand from TinyLM's
+    architecture and against an enumeration of the parameters by their number of dims."""
     model = TinyLM(n_layer, dim, bias, norm, tied, learned_pos)
     decay_group, rest_group = optim.weight_decay_groups(model, wd)
     assert decay_group["weight_decay"] == wd and rest_group["weight_decay"] == 0.0
     ids = [id(p) for g in (decay_group, rest_group) for p in g["params"]]
     assert sorted(ids) == sorted({id(p) for p in model.parameters()})                     # exactly once
     expected_decay = {f"blocks.{i}.{lin}.weight" for i in range(n_layer) for lin in ("fc", "proj")}
+    expected_decay.add("wte.weight")                                  # the (tied) embedding is a matrix too
+    if learned_pos:
+        expected_decay.add("wpe.weight")
     if not tied:
         expected_decay.add("lm_head.weight")
+    norms = [f"blocks.{i}.norm" for i in range(n_layer)] + ["norm_f"]
+    expected_rest = {f"{n}.weight" for n in norms}
+    if norm == "layernorm":
+        expected_rest |= {f"{n}.bias" for n in norms}
+    if bias:
+        expected_rest |= {f"blocks.{i}.{lin}.bias" for i in range(n_layer) for lin in ("fc", "proj")}
     assert set(decay_group["names"]) == expected_decay
+    assert set(rest_group["names"]) == expected_rest
+    by_dim = {name for name, p in model.named_parameters() if p.dim() >= 2}              # the rule itself
+    assert set(decay_group["names"]) == by_dim
     for name, p in zip(rest_group["names"], rest_group["params"]):
-        assert p.ndim == 1 or "wte" in name or "wpe" in name
+        assert p.ndim == 1
     torch.optim.AdamW(optim.weight_decay_groups(model, wd))                                # torch accepts them
     hidden, rest = optim.muon_param_split(model)
-    assert {id(p) for p in hidden} == {id(p) for n, p in model.named_parameters() if n in expected_decay
-                                       and not n.startswith("lm_head")}
+    muon_names = {f"blocks.{i}.{lin}.weight" for i in range(n_layer) for lin in ("fc", "proj")}
+    assert {id(p) for p in hidden} == {id(p) for n, p in model.named_parameters() if n in muon_names}
     assert len(hidden) + len(rest) == len(list(model.parameters()))
+
+
+def test_weight_decay_groups_leave_out_frozen_parameters():
+    model = TinyLM(1, 4, True, "layernorm", False, True)
+    model.wpe.weight.requires_grad_(False)
+    names = [n for g in optim.weight_decay_groups(model) for n in g["names"]]
+    assert "wpe.weight" not in names and len(names) == len(list(model.parameters())) - 1
+    assert optim.weight_decay_groups(model)[0]["weight_decay"] == 0.1                      # the default
 
 
 # ---------------------------------------------------------------- diagnostics
@@ -549,6 +573,266 @@ def test_main_end_to_end_on_a_tiny_config(tmp_path):
 
 
 def test_main_rejects_an_unknown_optimizer(tmp_path):
-    from model import UserError
-    with pytest.raises(UserError, match="--optimizers"):
+    with pytest.raises(M.UserError, match="--optimizers"):
         optim.main(["--optimizers", "Adamax", "--out-dir", str(tmp_path)])
+
+
+# ---------------------------------------------------------------- drop-in: defaults, state keys, closure
+
+TORCH_NAMES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+
+def _run(opt, params, grads):
+    for g_step in grads:
+        for p, g in zip(params, g_step):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", TORCH_NAMES)
+def test_default_hyperparameters_are_torch_optims(name):
+    """optim.X(params) with no arguments follows torch.optim.X(params) with no arguments: the same
+    defaults (lr, betas, eps, weight decay, momentum, alpha, ...), checked on a trajectory."""
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    grads = [[torch.randn(4, 3, generator=gen, dtype=torch.float64)] for _ in range(5)]
+    results = []
+    for cls in (getattr(optim, name), getattr(torch.optim, name)):
+        p = init.clone().requires_grad_()
+        _run(cls([p]), [p], grads)
+        results.append(p.detach())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+    ours, theirs = getattr(optim, name)([init.clone()]), getattr(torch.optim, name)([init.clone()])
+    for key, value in ours.defaults.items():
+        assert theirs.defaults[key] == value, key
+
+
+@pytest.mark.parametrize("name", TORCH_NAMES)
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1), switch=st.integers(1, 4), to_ours=st.booleans())
+def test_state_dict_moves_between_torch_optim_and_ours_mid_run(name, data, seed, switch, to_ours):
+    """The drop-in claim, and the state's key names pinned: run `switch` steps with one
+    implementation, load its state_dict into the other, finish the run; the result equals
+    torch.optim's uninterrupted run, and after a step both hold the same state keys."""
+    kw = data.draw(hyper(name))
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(3, 2, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)]
+    grads = [[torch.randn_like(x) for x in init] for _ in range(6)]
+    straight = [x.clone().requires_grad_() for x in init]
+    reference = getattr(torch.optim, name)(straight, **kw)
+    _run(reference, straight, grads)
+    first, second = (torch.optim, optim) if to_ours else (optim, torch.optim)
+    params = [x.clone().requires_grad_() for x in init]
+    opt = getattr(first, name)(params, **kw)
+    _run(opt, params, grads[:switch])
+    state = opt.state_dict()
+    opt = getattr(second, name)(params, **kw)
+    opt.load_state_dict(state)
+    _run(opt, params, grads[switch:])
+    for got, want in zip(params, straight):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-9, atol=1e-12)
+    ours = getattr(optim, name)([x.clone().requires_grad_() for x in init], **kw)
+    theirs = getattr(torch.optim, name)([x.clone().requires_grad_() for x in init], **kw)
+    for opt in (ours, theirs):
+        _run(opt, opt.param_groups[0]["params"], grads[:1])
+    for p_ours, p_theirs in zip(ours.param_groups[0]["params"], theirs.param_groups[0]["params"]):
+        assert set(ours.state[p_ours]) == set(theirs.state[p_theirs])
+
+
+@pytest.mark.parametrize("name", TORCH_NAMES + ["Lion", "Muon"])
+def test_step_with_a_closure_reevaluates_the_loss_with_gradients_on(name):
+    """step(closure) runs the closure under enable_grad (even inside no_grad) and returns its loss:
+    the same trajectory as computing the loss and calling step() by hand."""
+    target = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    trajectories, losses = [], []
+    for use_closure in (True, False):
+        w = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)
+        opt = getattr(optim, name)([w], lr=0.05)
+        seen = []
+        for _ in range(3):
+            def closure():
+                opt.zero_grad()
+                loss = (w - target).pow(2).sum()
+                loss.backward()
+                return loss
+            if use_closure:
+                with torch.no_grad():
+                    seen.append(opt.step(closure).item())
+            else:
+                seen.append(closure().item())
+                assert opt.step() is None
+        trajectories.append(w.detach().clone())
+        losses.append(seen)
+    torch.testing.assert_close(trajectories[0], trajectories[1], rtol=0, atol=0)
+    assert losses[0] == losses[1]
+
+
+def test_lion_and_muon_defaults_are_the_documented_values():
+    """Lion: lr 1e-4, betas (0.9, 0.99), no decay (Chen et al.); Muon: lr 0.02, momentum 0.95,
+    Nesterov, 5 Newton-Schulz steps, no decay (Jordan et al.)."""
+    gen = torch.Generator().manual_seed(2)
+    init = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    grads = [[torch.randn(5, 3, generator=gen, dtype=torch.float64)] for _ in range(4)]
+    for cls, documented, other in [
+            (optim.Lion, dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0), dict(betas=(0.9, 0.999))),
+            (optim.Muon, dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0),
+             dict(ns_steps=6))]:
+        results = []
+        for kw in ({}, documented, {**documented, **other}):
+            p = init.clone().requires_grad_()
+            _run(cls([p], **kw), [p], grads)
+            results.append(p.detach())
+        assert torch.equal(results[0], results[1]), cls.__name__
+        assert not torch.equal(results[0], results[2]), cls.__name__                 # the inputs can tell
+
+
+# ---------------------------------------------------------------- schedules: defaults, past the end, scale_lr
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "linear", "wsd"])
+@given(total=st.integers(5, 200), lr=st.floats(1e-4, 1.0))
+def test_schedule_defaults_are_no_warmup_zero_floor_and_wsd_decays_the_last_fifth(name, total, lr):
+    fn = optim.SCHEDULES[name]
+    documented = dict(warmup_steps=0, min_lr=0.0) if name != "wsd" else dict(warmup_steps=0, decay_frac=0.2,
+                                                                                min_lr=0.0)
+    args = (lr,) if name == "constant" else (lr, total)
+    for t in range(total + 3):
+        assert fn(t, *args) == fn(t, *args, **documented)
+    assert fn(0, *args) == lr                                            # no warmup: the peak at step 0
+    if name != "constant":
+        assert fn(total, *args) == 0.0                                   # floor 0 at the end
+    if name == "wsd":                                                    # flat until the last fifth
+        decay_start = total - max(1, round(0.2 * total))
+        assert fn(decay_start, *args) == lr and fn(decay_start + 1, *args) < lr
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "linear", "wsd"])
+@given(total=st.integers(1, 100), warmup=st.integers(0, 20), lr=st.floats(1e-4, 1.0), floor_frac=st.floats(0.0, 0.5),
+       past=st.integers(1, 1000))
+def test_schedules_stay_at_their_floor_past_total_steps(name, total, warmup, lr, floor_frac, past):
+    """A run longer than planned keeps the final value: min_lr for the decaying schedules (even when
+    warmup fills every planned step), lr for the constant one."""
+    warmup = min(warmup, total)
+    fn, min_lr = optim.SCHEDULES[name], lr * floor_frac
+    if name == "constant":
+        assert fn(total + past, lr, warmup_steps=warmup, min_lr=min_lr) == lr
+    else:
+        after = [fn(total + k, lr, total, warmup_steps=warmup, min_lr=min_lr) for k in (1, past, past + 7)]
+        assert all(math.isclose(v, min_lr, rel_tol=1e-12, abs_tol=1e-15) for v in after), after
+
+
+@given(factors=st.lists(st.floats(0.0, 2.0), min_size=1, max_size=6), lr_a=st.floats(1e-4, 1.0),
+       lr_b=st.floats(1e-4, 1.0))
+def test_scale_lr_matches_torch_lambda_lr_on_groups_with_different_peaks(factors, lr_a, lr_b):
+    """scale_lr(opt, f) sets lr = peak * f per group, the peak kept in "initial_lr": exactly what
+    torch.optim.lr_scheduler.LambdaLR does with the same factors."""
+    a, b, c, d = (torch.zeros(n, requires_grad=True) for n in (2, 3, 2, 3))
+    ours = optim.SGD([{"params": [a], "lr": lr_a}, {"params": [b], "lr": lr_b}])
+    theirs = torch.optim.SGD([{"params": [c], "lr": lr_a}, {"params": [d], "lr": lr_b}])
+    schedule = torch.optim.lr_scheduler.LambdaLR(theirs, lambda step: ([1.0] + factors)[min(step, len(factors))])
+    for factor in factors:
+        optim.scale_lr(ours, factor)
+        theirs.step()
+        schedule.step()
+        for g_ours, g_theirs in zip(ours.param_groups, theirs.param_groups):
+            assert math.isclose(g_ours["lr"], g_theirs["lr"], rel_tol=1e-15, abs_tol=0)
+            assert g_ours["initial_lr"] == g_theirs["initial_lr"]
+
+
+# ---------------------------------------------------------------- clipping with no gradient; Newton-Schulz paths
+
+def test_clipping_with_no_gradients_at_all_returns_zero_like_torch():
+    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, 2, requires_grad=True)]
+    norm = optim.clip_grad_norm_(params, 1.0)
+    assert float(norm) == float(torch.nn.utils.clip_grad_norm_(params, 1.0)) == 0.0
+    assert all(p.grad is None for p in params)
+
+
+@given(batch=st.integers(1, 3), m=st.integers(1, 8), n=st.integers(1, 8), steps=st.integers(0, 5),
+       seed=st.integers(0, 1000))
+def test_newton_schulz_on_a_batch_equals_each_matrix_alone(batch, m, n, steps, seed):
+    G = torch.randn(batch, m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    want = torch.stack([ns_reference(g, steps, optim.NS_QUINTIC) for g in G])
+    torch.testing.assert_close(optim.newton_schulz(G, steps), want, rtol=1e-8, atol=1e-8)
+
+
+@given(m=st.integers(2, 16), n=st.integers(2, 16), seed=st.integers(0, 1000))
+def test_newton_schulz_defaults_and_bf16_input(m, n, seed):
+    """Defaults: 5 quintic steps, eps 1e-7 (the SVD polynomial with those); a bf16 matrix is iterated
+    in float32 and rounded once: within bf16 rounding (2^-8) of the float64 reference."""
+    G = torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    torch.testing.assert_close(optim.newton_schulz(G), ns_reference(G, 5, optim.NS_QUINTIC, eps=1e-7),
+                               rtol=1e-8, atol=1e-8)
+    assert torch.equal(optim.newton_schulz(G), optim.newton_schulz(G, 5, optim.NS_QUINTIC, 1e-7))
+    G16 = G.to(torch.bfloat16)
+    out = optim.newton_schulz(G16)
+    assert out.dtype == torch.bfloat16
+    want = ns_reference(G16.double(), 5, optim.NS_QUINTIC)
+    torch.testing.assert_close(out.double(), want, rtol=2 ** -7, atol=2 ** -7 * float(want.abs().max()) + 1e-3)
+
+
+def test_spike_detector_defaults_are_the_documented_values():
+    """window 50, k 6, min_rel 0.05, min_history 10: the same flags as the brute force with those,
+    on a curve built so that k 5 or 7, min_history 9 or 11 and min_rel 0.04 or 0.06 flag otherwise."""
+    losses = [1.9, 2.0, 2.1] * 40 + [2.0] * 80                 # median 2.0, 1.4826 MAD ~ 0.148; then MAD 0
+    # 9 and 10: jumps at the min_history edge; 30: clear; 60: above 2.0 * 1.05 only; 80 and 100:
+    # between the k = 5 / 6 and the k = 6 / 7 bars; 190 and 195 (MAD = 0): 2.0 * (1.04, 1.05, 1.06)
+    for at, value in [(9, 6.0), (10, 6.0), (30, 3.5), (60, 2.15), (80, 2.8), (100, 2.95), (190, 2.09), (195, 2.11)]:
+        losses[at] = value
+    detector = optim.LossSpikeDetector()
+    flags = [detector.update(x) for x in losses]
+    assert flags == spike_reference(losses, 50, 6.0, 0.05, 10)
+    for other in [(50, 5.0, 0.05, 10), (50, 7.0, 0.05, 10), (50, 6.0, 0.04, 10), (50, 6.0, 0.06, 10),
+                  (50, 6.0, 0.05, 9), (50, 6.0, 0.05, 11)]:                             # the inputs can tell
+        assert flags != spike_reference(losses, *other), other
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_optimizer_names_ignore_case_spaces_underscores_and_hyphens():
+    assert optim.select_recipes("all") == list(optim.RECIPES)
+    assert optim.select_recipes("adamw,sgd-momentum") == ["AdamW", "SGD momentum"]
+    assert optim.select_recipes("SGD momentum, SGD_Nesterov ,sgd") == ["SGD momentum", "SGD nesterov", "SGD"]
+    assert optim.select_recipes("Torch AdamW,torch-adamw,lion,MUON") == ["torch AdamW", "Lion", "Muon"]
+    for key in ["sgd", "sgd-momentum", "sgd-nesterov", "adagrad", "rmsprop", "adam", "adamw", "torch-adamw",
+                "lion", "muon"]:
+        assert optim.RECIPE_KEYS[key] in optim.RECIPES
+    assert sorted(optim.RECIPE_KEYS.values()) == sorted(optim.RECIPES)                 # every recipe has one
+    for bad in ["adamax", "", "adamw,", "sgdmomentum"]:
+        with pytest.raises(ValueError, match="choose from all, sgd, sgd-momentum"):
+            optim.select_recipes(bad)
+
+
+def test_help_lists_every_accepted_optimizer_name(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")                                  # no line wrapping inside names
+    with pytest.raises(SystemExit) as exit_info:
+        optim.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for key in optim.RECIPE_KEYS:
+        assert key in help_text, key
+
+
+BAD_OPTIONS = [("--steps", "0"), ("--batch-size", "0"), ("--seq-len", "2"), ("--symbols", "1"), ("--noise", "1.5"),
+               ("--n-layer", "0"), ("--n-embd", "0"), ("--n-head", "0"), ("--n-head", "3"), ("--warmup", "-1"),
+               ("--weight-decay", "-0.1"), ("--clip", "-1"), ("--target", "-1"), ("--eval-every", "0"),
+               ("--eval-size", "0"), ("--lr-scale", "0"), ("--optimizers", "adamax"), ("--beta-steps", "2"),
+               ("--beta-steps", "-1"), ("--beta-lr", "0"), ("--beta-seeds", "0"), ("--timing-rounds", "0"),
+               ("--threads", "-1"), ("--device", "tpu"), ("--seed", "-1")]
+
+
+@pytest.mark.parametrize("flag,value", BAD_OPTIONS)
+def test_every_bad_option_is_refused_before_anything_is_written(tmp_path, flag, value):
+    out = tmp_path / "run"
+    with pytest.raises(M.UserError, match=flag if flag != "--n-head" or value != "3" else "--n-embd"):
+        optim.main([flag, value, "--out-dir", str(out)])
+    assert not out.exists()
+
+
+def test_bad_option_is_one_line_and_exit_status_2(tmp_path):
+    import subprocess
+    import sys
+    root = str(__import__("pathlib").Path(optim.__file__).parent)
+    proc = subprocess.run([sys.executable, "optim.py", "--optimizers", "adamax", "--out-dir", str(tmp_path / "run")],
+                          cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: --optimizers")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
