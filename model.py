@@ -1128,6 +1128,9 @@ class Generation:
     finished: torch.Tensor   # (B,) True: ended with a stop token; False: truncated at max_new_tokens
 
 
+DECODE_BACKEND = "inductor"   # torch.compile backend of the CPU decode step (tests swap in "aot_eager")
+
+
 class Decoder:
     """The decode step, one token per row: logits (B, V) = model(token (B,), at rope position (B,), written
     at cache slot `slot`). Prefill (the prompt, once) stays a plain forward; this is the part that runs
@@ -1147,7 +1150,7 @@ class Decoder:
         if compile and model.config.ffn != "moe":
             self.mode = "cuda_graph" if model.wte.weight.device.type == "cuda" else "inductor"
         self.graph = None
-        self.compiled = torch.compile(self.step, dynamic=False) if self.mode == "inductor" else None
+        self.compiled = torch.compile(self.step, dynamic=False, backend=DECODE_BACKEND) if self.mode == "inductor" else None
 
     def step(self, token, position, slot, cache: KVCache):
         real = torch.ones_like(token)[:, None]                                   # (B, 1) document 1: real tokens
@@ -1160,7 +1163,12 @@ class Decoder:
         elif self.mode == "inductor":
             logits = self.compiled(token, position, torch.tensor([slot], device=device), cache)
         else:
-            logits = self.replay(token, position, slot, cache)
+            try:
+                logits = self.replay(token, position, slot, cache)
+            except RuntimeError as e:       # a capture this device or op cannot do: decode eagerly instead
+                print(f"note: CUDA graph capture failed ({str(e).splitlines()[0][:120]}); decoding eagerly", flush=True)
+                self.mode, self.graph = "eager", None
+                logits = self.step(token, position, torch.tensor([slot], device=device), cache)
         cache.length = slot + 1
         return logits
 
@@ -1189,12 +1197,14 @@ class Decoder:
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, stop_ids=(BYTE_EOT_ID,), pad_id: int = BYTE_PAD_ID,
-             generator=None, compile: bool = False, compact: bool = True, check_every: int = 0) -> Generation:
+             generator=None, compile: bool | None = None, compact: bool = True, check_every: int = 0) -> Generation:
     """Batched sampling with a static KV cache: prefill the left-padded prompts in one forward, then decode
     one token per row per step (Decoder). Pads form their own document and positions start at each row's
     first real token, so a row samples as it would alone. A row stops at its first stop id (the defaults
     are the byte tokenizer's; pass enc-specific ids).
 
+    compile: the Decoder's compiled step; None = on CUDA (a CUDA graph: same tokens, a fraction of the launch
+    cost), not on a CPU (inductor's first compile takes about a minute there, more than it saves in a run).
     compact: once at most half of the rows are still running, the finished ones are dropped from the batch
     and the cache (they would otherwise keep costing a full row of work per step). check_every: steps
     between checks of which rows are done (each check makes a GPU wait for the CPU; 0 = every step on a
@@ -1210,7 +1220,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
     tokens, mask = padded_batch(prompts, pad_id, side="left", device=device)
     positions, doc_ids = left_pad_inputs(mask)
     cache = KVCache(model.config, B, P + max_new_tokens, device)
-    decoder = Decoder(model, compile)
+    decoder = Decoder(model, device.type == "cuda" if compile is None else compile)
     stop = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
     out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(B, max_new_tokens, device=device)

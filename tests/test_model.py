@@ -1327,3 +1327,66 @@ def test_chunked_token_logprobs_equal_the_full_logits_in_value_and_gradient(seed
     close(got_entropy, want_entropy)
     for name, p in model.named_parameters():
         close(p.grad, want_grads[name], tol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode step: compiled (inductor on CPU) and captured (CUDA graph) equal eager
+# ----------------------------------------------------------------------------------------------
+
+DECODE_CONFIGS = {"gqa": dict(n_kv_head=2), "mha_learned": dict(n_kv_head=4, pos="learned"),
+                  "moe": dict(ffn="moe", n_kv_head=2), "qk_norm_bias": dict(n_kv_head=2, qk_norm=True, qkv_bias=True)}
+RAGGED_PROMPTS = [[5, 9, 1, 200, 17], [44], [3, 3, 3, 250, 1, 2, 9, 100, 7], [60, 61]]   # left padding differs per row
+
+
+def decode_both_ways(model, device, temperature, backend=None):
+    import unittest.mock
+    prompts = RAGGED_PROMPTS
+    runs = []
+    for compile in (False, True):
+        patch = unittest.mock.patch.object(M, "DECODE_BACKEND", backend) if backend else contextlib.nullcontext()
+        with patch:
+            runs.append(M.generate(model, prompts, 12, temperature=temperature, stop_ids=(),
+                                   generator=torch.Generator(device).manual_seed(7), compile=compile))
+    return runs
+
+
+@pytest.mark.parametrize("config", list(DECODE_CONFIGS))
+def test_compiled_decode_step_gives_the_eager_tokens_and_logprobs(config):
+    """torch.compile of the decode step (dynamo tracing of the static cache's in-place writes and the fixed
+    shapes; backend aot_eager here, inductor on the GPU machine's CPU and CUDA graphs on its GPU, see the
+    README) gives the same greedy tokens, and the same sampled tokens and log-probs, as the eager step."""
+    torch._dynamo.reset()
+    model = tiny_model(seed=11, **DECODE_CONFIGS[config])
+    for temperature in (0.0, 1.0):
+        eager, compiled = decode_both_ways(model, "cpu", temperature, backend="aot_eager")
+        assert torch.equal(eager.tokens, compiled.tokens)
+        close(eager.logprobs, compiled.logprobs)
+        assert torch.equal(eager.lengths, compiled.lengths)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CUDA graph path)")
+@pytest.mark.parametrize("config", list(DECODE_CONFIGS))
+def test_cuda_graph_decode_gives_the_eager_tokens_and_logprobs(config):
+    model = tiny_model(seed=11, **DECODE_CONFIGS[config]).cuda()
+    for temperature in (0.0, 1.0):
+        eager, graphed = decode_both_ways(model, "cuda", temperature)
+        assert torch.equal(eager.tokens, graphed.tokens)
+        torch.testing.assert_close(eager.logprobs, graphed.logprobs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 autocast)")
+def test_cuda_bf16_first_update_ratio_is_one_with_recomputed_old_logprobs():
+    """Under bf16 autocast the sampler's log-probs differ from the training forward's; grpo.update takes the
+    old log-probs from the training forward, so the ratio at the first update is exactly 1."""
+    import grpo
+    model = tiny_model(seed=3).cuda()
+    enc = M.get_tokenizer()
+    args = grpo.Args(max_new_tokens=10, group_size=4, micro_batch=8, device="cuda")
+    rows = [{"prompt": f"{a}+{a}=?\n", "answer": str(2 * a)} for a in range(4)]
+    batch = grpo.rollout(model, enc, rows, args, {"correct": 1.0}, torch.Generator("cuda").manual_seed(0))
+    tokens, mask = batch.tokens.cuda(), batch.mask.cuda()
+    old = grpo.forward_logprobs(model, tokens, args, args.micro_batch) * mask
+    with M.autocast("cuda"):
+        new, _ = grpo.policy_logprobs(model, tokens, args)
+    _, stats = grpo.grpo_loss(new.float(), old, torch.ones(tokens.shape[0], device="cuda"), mask)
+    assert abs(stats["ratio_mean"] - 1) < 1e-6
