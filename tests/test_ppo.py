@@ -134,7 +134,7 @@ def test_surrogate_gradient_vanishes_outside_the_clip_region_in_the_advantage_di
     logp = (old + torch.tensor([t[0] for t in tokens], dtype=torch.float64)[None]).requires_grad_(True)
     adv = torch.tensor([t[1] for t in tokens], dtype=torch.float64)[None]
     mask = torch.ones_like(adv)
-    loss, clipfrac, approx_kl = P.policy_loss(logp, old, adv, mask, eps, eps_high)
+    loss, stats = P.policy_loss(logp, old, adv, mask, eps, eps_high)
     loss.backward()
     n, clipped = len(tokens), 0
     for i, (log_ratio, a, _) in enumerate(tokens):
@@ -144,14 +144,14 @@ def test_surrogate_gradient_vanishes_outside_the_clip_region_in_the_advantage_di
             clipped += 1
         else:   # d/dlogp of -(ratio * A) / n = -(ratio * A) / n
             assert float(logp.grad[0, i]) == pytest.approx(-ratio * a / n, rel=1e-9, abs=1e-12)
-    assert float(clipfrac) == pytest.approx(clipped / n)
-    assert float(approx_kl) == pytest.approx(np.mean([math.exp(x) - 1 - x for x, _, _ in tokens]), abs=1e-12)
+    assert float(stats["clipfrac"]) == pytest.approx(clipped / n)
+    assert float(stats["approx_kl"]) == pytest.approx(np.mean([math.exp(x) - 1 - x for x, _, _ in tokens]), abs=1e-12)
 
 
 @given(vals=st.lists(st.tuples(small, small, small), min_size=1, max_size=12), clip=st.floats(0.01, 1))
 def test_clipped_value_loss_equals_its_closed_form(vals, clip):
     v, old, ret = (torch.tensor([x[i] for x in vals], dtype=torch.float64)[None] for i in range(3))
-    got = P.value_loss(v, old, ret, torch.ones_like(v), clip)
+    got, _ = P.value_loss(v, old, ret, torch.ones_like(v), clip)
     expected = np.mean([0.5 * max((a - r) ** 2, (o + min(max(a - o, -clip), clip) - r) ** 2) for a, o, r in vals])
     assert float(got) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
@@ -252,7 +252,7 @@ def test_reward_model_scores_agree_with_reward_py_under_left_padding(tmp_path):
 
 def test_first_ratio_is_one_and_sampler_logprobs_match_a_full_forward():
     policy = tiny_gpt(n_layer=2, seed=1).eval()
-    args = P.Args(temperature=0.7, top_k=20, max_new_tokens=12, n_minibatches=2, ppo_epochs=1)
+    args = P.Args(temperature=0.7, top_k=20, max_new_tokens=12, n_minibatches=2, update_epochs=1)
     rows = [{"prompt": p, "answer": "0"} for p in ["1+1=?\n", "22+33=?\n", "7*8=?\n", "100-1=?\n", "5=?\n"]]
     batch, sample_logprobs = P.rollout(policy, ENC, rows, args, torch.Generator().manual_seed(0), "cpu")
     old = P.response_logprobs(policy, batch, args.temperature, args.top_k)

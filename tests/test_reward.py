@@ -38,15 +38,15 @@ def test_loss_equals_minus_log_sigmoid_of_the_gap(pairs, margin):
     r_r = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
     # -log sigmoid(x) = log(1 + exp(-x)) = logaddexp(0, -x), computed by numpy
     expected = np.mean([np.logaddexp(0.0, -(c - r - margin)) for c, r in pairs])
-    assert float(R.bradley_terry_loss(r_c, r_r, margin)) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert float(R.bradley_terry_loss(r_c, r_r, margin)[0]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 @given(pairs=st.lists(st.tuples(finite, finite), min_size=1, max_size=16), shift=finite)
 def test_loss_is_invariant_to_adding_a_constant_to_both_rewards(pairs, shift):
     r_c = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
     r_r = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
-    assert float(R.bradley_terry_loss(r_c + shift, r_r + shift)) == pytest.approx(
-        float(R.bradley_terry_loss(r_c, r_r)), rel=1e-7, abs=1e-9)
+    assert float(R.bradley_terry_loss(r_c + shift, r_r + shift)[0]) == pytest.approx(
+        float(R.bradley_terry_loss(r_c, r_r)[0]), rel=1e-7, abs=1e-9)
 
 
 @given(pairs=st.lists(st.tuples(finite, finite), min_size=1, max_size=16), margin=st.floats(0, 3),
@@ -54,7 +54,7 @@ def test_loss_is_invariant_to_adding_a_constant_to_both_rewards(pairs, shift):
 def test_gradient_is_sigmoid_of_delta_minus_one_plus_the_centring_term(pairs, margin, center):
     r_c = torch.tensor([p[0] for p in pairs], dtype=torch.float64, requires_grad=True)
     r_r = torch.tensor([p[1] for p in pairs], dtype=torch.float64, requires_grad=True)
-    R.bradley_terry_loss(r_c, r_r, margin, center).backward()
+    R.bradley_terry_loss(r_c, r_r, margin, center)[0].backward()
     B = len(pairs)
     for i, (c, r) in enumerate(pairs):
         sig = 1 / (1 + math.exp(-(c - r - margin)))
@@ -68,7 +68,7 @@ def test_zero_head_starts_every_pair_as_a_tie_with_loss_log_2():
     pairs, _ = R.make_pairs([{"prompt": "1+1=?\n", "chosen": "#### 2", "rejected": "#### 3"}] * 3, rm.enc, 64)
     with torch.no_grad():
         r_c, r_r = R.pair_rewards(rm, pairs, M.BYTE_PAD_ID, "cpu")
-    assert float(R.bradley_terry_loss(r_c, r_r)) == pytest.approx(math.log(2), rel=1e-7)
+    assert float(R.bradley_terry_loss(r_c, r_r)[0]) == pytest.approx(math.log(2), rel=1e-7)
     assert R.pairwise_accuracy(r_c - r_r) == 0.5
 
 
