@@ -234,7 +234,7 @@ def check_weights_finite(where, *modules):
     for module in modules:
         bad = M.non_finite_tensors(dict(module.named_parameters()))
         if bad:
-            raise M.NonFiniteError(f"{where}: {bad[0]} holds NaN or inf; nothing is saved from it")
+            raise M.NonFiniteError(f"{where}: {bad[0]} holds NaN or inf")
 
 
 def load_reward_model(path, device):
@@ -269,7 +269,7 @@ def build_models(args, device):
 
 def context_length(models) -> int:
     """The longest prompt + completion every model can read: the smallest block_size among them."""
-    bodies = [m.body if isinstance(m, ScalarHead) else m for m in models.values() if m is not None]
+    bodies = [module.body if isinstance(module, ScalarHead) else module for module in models.values() if module]
     return min(body.config.block_size for body in bodies)
 
 
@@ -397,7 +397,7 @@ def ppo_update(models, optimizer, batch, old_logprobs, old_values, advantages, r
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
             value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), max_norm)
             M.check_finite(f"step {step}, epoch {epoch + 1}, minibatch {start // minibatch_size + 1}",
-                           loss=loss, grad_norm=grad_norm, value_grad_norm=value_grad_norm)
+                           loss=loss.detach(), grad_norm=grad_norm, value_grad_norm=value_grad_norm)
             optimizer.step()
             # TRY NOT TO MODIFY: log what practitioners read
             if first_ratio is None:   # before any update: ratio == 1 up to float error
@@ -484,18 +484,44 @@ def reward_command() -> list[str]:
     return M.stage_command("reward.py", out=os.path.dirname(Args().reward_model))
 
 
+def check_device(name: str):
+    """--device as model.get_device reads it, plus what it lets through: a malformed cuda:N (torch.device
+    raises RuntimeError) or an index this machine does not have."""
+    try:
+        device = M.get_device(name)
+    except RuntimeError:
+        raise M.UserError(f"--device {name}: choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise M.UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_at_most(args, limit: float, *names: str):
+    """Each named option must be <= limit. Larger is a typo, and would overflow inside torch or a float (a clamp
+    bound, 60 * minutes, steps in the ETA) as a traceback in the middle of a run."""
+    for name in names:
+        if not getattr(args, name) <= limit:
+            raise M.UserError(f"--{name.replace('_', '-')} must be <= {limit:g}, got {getattr(args, name)}")
+
+
 def check_args(args):
-    """Every option, checked before anything is read or written; the first bad one is a UserError naming it."""
+    """Every option, checked before anything is read or written; the first bad one is a UserError naming it.
+    The upper limits (a count beyond 1e9, a coefficient beyond 1e6) and the lowest temperature, 1e-3, keep
+    every value away from a float overflow inside torch, which would be a traceback in the middle of a run."""
     M.check_choices(args, reward=("rm", "verifier"))
-    M.get_device(args.device)                           # auto | cpu | cuda[:n] (cuda only where there is one)
+    check_device(args.device)
     M.check_budget(args)
     M.require_at_least(args, 1, "completions_per_step", "n_minibatches", "update_epochs", "max_new_tokens",
                        "n_eval", "n_eval_during", "kl_horizon")
     M.require_at_least(args, 0, "top_k")
-    M.check_options(args, positive=("temperature", "lr", "value_lr", "eval_minutes"),
+    M.require_at_least(args, 1e-3, "temperature")     # PPO samples: the ratio needs a distribution, not an argmax
+    M.check_options(args, positive=("lr", "value_lr", "eval_minutes"),
                     non_negative=("eps_high", "value_clip", "vf_coef", "ent_coef", "beta", "kl_target",
                                   "early_stop_kl", "grad_clip", "missing_eos_penalty"),
-                    probability=("eps_low", "gamma", "lam"), seed=("seed",))
+                    probability=("eps_low", "gamma", "lam", "lr", "value_lr"), seed=("seed",))
+    check_at_most(args, 10 ** 9, "completions_per_step", "n_minibatches", "update_epochs", "max_new_tokens",
+                  "n_eval", "n_eval_during", "kl_horizon", "top_k", "max_steps")
+    check_at_most(args, 1e6, "eval_minutes", "temperature", "time_budget", "eps_high", "value_clip", "vf_coef",
+                  "ent_coef", "beta", "kl_target", "early_stop_kl", "grad_clip", "missing_eos_penalty")
     if args.n_minibatches > args.completions_per_step:
         raise M.UserError(f"--n-minibatches {args.n_minibatches}: a minibatch needs a completion; use at most "
                           f"--completions-per-step ({args.completions_per_step})")
@@ -506,6 +532,17 @@ def check_args(args):
             raise M.UserError(f"--{name.replace('_', '-')}: the path is empty")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise M.UserError(f"--out {args.out}: exists and is not a folder")
+
+
+def drop_empty_prompts(rows, path):
+    """The rows whose prompt has text: the sampler needs at least one token to condition on. The others are
+    skipped and counted in one printed line; none left is a UserError naming the file."""
+    kept = [row for row in rows if row["prompt"]]
+    if len(kept) < len(rows):
+        print(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} prompts that are empty", flush=True)
+    if not kept:
+        raise M.UserError(f"{path}: every prompt is empty")
+    return kept
 
 
 def load_inputs(args, device):
@@ -523,8 +560,9 @@ def load_inputs(args, device):
         M.ensure_input(args.reward_model, defaults.reward_model, reward_command())
     models, enc = build_models(args, device)
     context = context_length(models)
-    train_rows = M.fit_prompts(train_rows, enc, context, args.max_new_tokens, args.data)
-    eval_rows = M.fit_prompts(eval_rows, enc, context, args.max_new_tokens, args.eval_data)[:args.n_eval]
+    train_rows = M.fit_prompts(drop_empty_prompts(train_rows, args.data), enc, context, args.max_new_tokens, args.data)
+    eval_rows = M.fit_prompts(drop_empty_prompts(eval_rows, args.eval_data), enc, context, args.max_new_tokens,
+                              args.eval_data)[:args.n_eval]
     return models, enc, train_rows, eval_rows
 
 

@@ -264,20 +264,21 @@ def print_report(results, label="held-out"):
 # ---------------------------------------------------------------------------------------------
 
 PAIR_SCHEMA = {"prompt": str, "chosen": str, "rejected": str}
+MAX_MARGIN = 1e6   # a row's margin beyond this is a typo (and inf in float32 beyond 3.4e38)
 
 
 def read_pairs(path):
-    """Preference pairs {"prompt", "chosen", "rejected"} (TRL's format, strings), with an optional finite
-    number "margin" and an optional "kind" label. M.read_jsonl(path, PAIR_SCHEMA) row by row (the same
-    model.py reader and checks) plus the margin's, so every bad row is a UserError naming file:line."""
+    """Preference pairs {"prompt", "chosen", "rejected"} (TRL's format, strings), with an optional number
+    "margin" (|m| <= MAX_MARGIN) and an optional "kind" label. M.read_jsonl(path, PAIR_SCHEMA) row by row
+    (model.py's reader and checks) plus the margin's, so every bad row is a UserError naming file:line."""
     rows = []
     for number, row in M.jsonl_objects(path):
         where = f"{path}:{number}"
         M.check_row(row, PAIR_SCHEMA, where)
         if "margin" in row:
             M.check_row(row, {"margin": (int, float)}, where)
-            if abs(row["margin"]) > 1e300 or not math.isfinite(row["margin"]):   # abs first: no float(10**400)
-                raise M.UserError(f"{where}: 'margin' must be a finite number")
+            if not abs(row["margin"]) <= MAX_MARGIN:   # nan fails too; no float() of a 400-digit integer
+                raise M.UserError(f"{where}: 'margin' must be a number in [-{MAX_MARGIN:g}, {MAX_MARGIN:g}]")
         rows.append(row)
     if not rows:
         raise M.UserError(f"{path}: empty, no rows")
@@ -300,13 +301,53 @@ def scratch_config(args, vocab_size: int) -> M.Config:
                     n_kv_head=args.n_head, n_embd=args.n_embd)
 
 
+def check_device(name: str):
+    """--device as model.get_device reads it, plus what it lets through: a malformed cuda:N (torch.device
+    raises RuntimeError) or an index this machine does not have."""
+    try:
+        device = M.get_device(name)
+    except RuntimeError:
+        raise M.UserError(f"--device {name}: choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise M.UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_at_most(args, limit: float, *names: str):
+    """Each named option must be <= limit. Larger is a typo, and would overflow inside torch or a float (AdamW's
+    decay factor, a margin tensor, 60 * minutes, steps in the ETA) or hang, in the middle of a run."""
+    for name in names:
+        if not getattr(args, name) <= limit:
+            raise M.UserError(f"--{name.replace('_', '-')} must be <= {limit:g}, got {getattr(args, name)}")
+
+
+def check_fits_in_memory(config):
+    """A scratch body's float32 weights, gradients and AdamW's two moments (16 bytes a parameter; about
+    12 L C^2 + V C parameters) must fit in this machine's memory, or allocating them fails mid-run."""
+    n_params = 12 * config.n_layer * config.n_embd ** 2 + config.vocab_size * config.n_embd
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # no sysconf here: nothing to compare with
+        return
+    if 16 * n_params > memory:
+        need, have = 16 * n_params / 2 ** 30, memory / 2 ** 30
+        raise M.UserError(f"--init scratch: a body of about {n_params:.2e} parameters needs {need:.0f} GiB for "
+                          f"training; this machine has {have:.0f} GiB")
+
+
 def check_args(args):
-    """Every option, checked before anything is read or written; the first bad one is a UserError naming it."""
-    M.get_device(args.device)                           # auto | cpu | cuda[:n] (cuda only where there is one)
+    """Every option, checked before anything is read or written; the first bad one is a UserError naming it.
+    The upper limits (a count beyond 1e9, a coefficient beyond 1e6, more than 1000 calibration bins, a scratch
+    body larger than this machine's memory) keep every value away from an overflow, a hang or an allocation
+    failure in the middle of a run."""
+    check_device(args.device)
     M.require_at_least(args, 1, "epochs", "batch_size", "n_bins", "log_every", "n_head", "n_embd", "block_size")
     M.require_at_least(args, 0, "n_layer", "warmup_steps", "max_test")
-    M.check_options(args, positive=("lr",), probability=("min_lr_ratio",), seed=("seed",),
+    M.check_options(args, positive=("lr",), probability=("min_lr_ratio", "lr"), seed=("seed",),
                     non_negative=("weight_decay", "grad_clip", "margin", "center_coef", "time_budget"))
+    check_at_most(args, 10 ** 9, "n_layer", "n_head", "n_embd", "block_size", "epochs", "batch_size", "warmup_steps",
+                  "max_test", "log_every")
+    check_at_most(args, 1000, "n_bins")
+    check_at_most(args, 1e6, "weight_decay", "grad_clip", "margin", "center_coef", "time_budget")
     for name in ("data", "test_data", "init", "out"):
         if not getattr(args, name).strip():
             raise M.UserError(f"--{name.replace('_', '-')}: the path is empty")
@@ -314,9 +355,10 @@ def check_args(args):
         raise M.UserError(f"--out {args.out}: exists and is not a folder")
     if args.init == "scratch":
         try:
-            scratch_config(args, M.get_tokenizer("bytes").n_vocab)
+            config = scratch_config(args, M.get_tokenizer("bytes").n_vocab)
         except ValueError as e:
             raise M.UserError(f"--init scratch: {e}") from None
+        check_fits_in_memory(config)
 
 
 def build(args, device):
@@ -402,7 +444,7 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            M.check_finite(f"step {step + 1}", loss=loss, grad_norm=grad_norm)   # before the update touches weights
+            M.check_finite(f"step {step + 1}", loss=loss.detach(), grad_norm=grad_norm)   # before the weights move
             optimizer.step()
             step += 1
             train_seconds += time.perf_counter() - step_started
