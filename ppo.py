@@ -8,7 +8,7 @@ the last token (Ziegler et al. 2019):
     r_t     = -beta * (log pi(y_t | s_t) - log pi_ref(y_t | s_t))  +  [t = T] * R(x, y)
     delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   A_t = sum_l (gamma lam)^l delta_{t+l}     (GAE)
     rho_t   = pi(y_t | s_t) / pi_old(y_t | s_t)
-    L       = -E_t[min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps_high) A_t)]                   (clipped surrogate)
+    L       = -E_t[min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t)]              (clipped surrogate)
               + c_v * 1/2 E_t[max((V - R_t)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R_t)^2)]
               - c_H * E_t[H(pi(. | s_t))]
 
@@ -25,6 +25,7 @@ no reward model; the value body then starts from the SFT checkpoint with a zero 
 """
 import copy
 import json
+import math
 import os
 import random
 import time
@@ -41,8 +42,8 @@ class Args:
     init: str = "runs/sft/model.pt"          # policy and reference start here
     reward: str = "rm"                       # rm (learned reward model) | verifier (1 if the answer is correct)
     reward_model: str = "runs/rm/model.pt"   # reward model checkpoint for --reward rm (from reward.py)
-    data: str = "data/rl_train.jsonl"        # prompt/answer JSONL of training prompts
-    eval_data: str = "data/rl_test.jsonl"    # prompt/answer JSONL of held-out prompts
+    data: str = "data/rl_train.jsonl"        # prompt/answer JSONL of training prompts (GSM8K question/answer too)
+    eval_data: str = "data/rl_test.jsonl"    # prompt/answer JSONL of held-out prompts (GSM8K question/answer too)
     out: str = "runs/ppo"                    # run folder: model.pt, metrics.jsonl, summary.json, args.json
     n_eval: int = 500                        # held-out prompts in the first and last greedy eval
     n_eval_during: int = 200                 # held-out prompts in the periodic greedy evals
@@ -50,15 +51,15 @@ class Args:
     completions_per_step: int = 32           # completions sampled per step (one per prompt)
     temperature: float = 1.0                 # sampling temperature (the ratio uses the same one)
     top_k: int = 0                           # sampling top-k (0 = off; the ratio uses the same one)
-    max_new_tokens: int = 96                 # generation limit in rollouts and in held-out evals
+    max_new_tokens: int = M.MAX_NEW_TOKENS   # generation limit in rollouts and in held-out evals
     time_budget: float = 3.0                 # minutes of training, evals excluded (0 = no time limit)
     max_steps: int = 0                       # stop after this many steps (0 = no step limit)
-    ppo_epochs: int = 4                      # passes over each rollout batch
+    update_epochs: int = 4                   # passes over each rollout batch
     n_minibatches: int = 4                   # gradient updates per epoch (shuffled minibatches of the rollout)
     lr: float = 3e-5                         # policy learning rate (AdamW, constant)
     value_lr: float = 1e-4                   # value model learning rate
-    eps: float = 0.2                         # clip range below 1 (and above, unless eps_high is set)
-    eps_high: float = 0.0                    # clip range above 1 (0 = eps; 0.28 = clip-higher, DAPO)
+    eps_low: float = 0.2                     # clip range below 1: the ratio is clipped at 1 - eps_low
+    eps_high: float = 0.2                    # clip range above 1 (= eps_low: plain PPO; 0.28 = clip-higher, DAPO)
     value_clip: float = 0.2                  # eps_v: clip the value change per rollout
     vf_coef: float = 0.1                     # c_v: weight of the value loss
     ent_coef: float = 0.0                    # c_H: weight of the entropy bonus
@@ -80,8 +81,9 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 
 def masked_mean(x, mask):
-    """sum(x * m) / sum(m): the mean over real tokens only."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    """sum(x * m) / max(sum(m), 1): the mean over real tokens only (0 when there are none). Padded entries
+    are replaced by 0, not multiplied by it, so an inf or NaN under the mask never reaches the result."""
+    return torch.where(mask.bool(), x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
 
 
 def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, beta):
@@ -123,36 +125,53 @@ def whiten(x, mask, eps: float = 1e-8):
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, eps: float, eps_high: float):
+def policy_loss(logprobs, old_logprobs, advantages, mask, eps_low: float, eps_high: float,
+                max_log_ratio: float = 20.0):
     """Clipped surrogate (Schulman et al. 2017), per token, averaged over real tokens:
 
-        rho = exp(log pi - log pi_old),  L = -mean(min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A))
+        rho = exp(log pi - log pi_old),  L = -mean(min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A))
 
-    Outside the clip region in the direction A pushes (rho > 1 + eps_high with A > 0, rho < 1 - eps
-    with A < 0) the min picks the constant clipped term: the gradient is 0 there.
-    -> (loss, clipfrac = share of tokens where the clipped term is the one taken,
-        approx_kl = mean((rho - 1) - log rho), the k3 estimate of KL(pi_old || pi))."""
-    log_ratio = logprobs - old_logprobs                                       # (B, N)
+    Outside the clip region in the direction A pushes (rho > 1 + eps_high with A > 0, rho < 1 - eps_low
+    with A < 0) the min picks the constant clipped term: the gradient is 0 there. |log rho| is clamped
+    to max_log_ratio so exp cannot overflow (a token that far off policy gets no gradient either).
+    logprobs, old_logprobs, advantages, mask (B, N) -> (loss, stats) with stats
+        clipfrac   share of real tokens where the clip binds (the condition above; 0 with no real token)
+        approx_kl  mean((rho - 1) - log rho), the k3 estimate of KL(pi_old || pi) on the sampled tokens
+        ratio_mean mean rho (1 at the first update after a rollout)"""
+    log_ratio = (logprobs - old_logprobs).clamp(-max_log_ratio, max_log_ratio)   # (B, N)
     ratio = log_ratio.exp()
     unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - eps, 1 + eps_high) * advantages
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
     loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped < unclipped).float(), mask)
-    approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
-    return loss, clipfrac.detach(), approx_kl.detach()
+    with torch.no_grad():
+        binds = ((ratio > 1 + eps_high) & (advantages > 0)) | ((ratio < 1 - eps_low) & (advantages < 0))
+        stats = {"clipfrac": masked_mean(binds.to(ratio.dtype), mask),
+                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),
+                 "ratio_mean": masked_mean(ratio, mask)}
+    return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, clip: float):
+def value_loss(values, old_values, returns, mask, value_clip: float):
     """Clipped value loss (the PPO2 baselines' form):
 
-        V_clip = V_old + clip(V - V_old, -eps_v, eps_v),  L_V = 1/2 mean(max((V - R)^2, (V_clip - R)^2))"""
-    clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.maximum((values - returns).square(), (clipped - returns).square()), mask)
+        V_clip = V_old + clip(V - V_old, -eps_v, eps_v),  L_V = 1/2 mean(max((V - R)^2, (V_clip - R)^2))
+
+    values, old_values, returns, mask (B, N) -> (loss, stats{vf_clipfrac: share of real tokens where the
+    clipped term is the larger one})."""
+    clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    unclipped_error, clipped_error = (values - returns).square(), (clipped - returns).square()
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((clipped_error > unclipped_error).to(values.dtype), mask)}
+    return loss, stats
 
 
 def entropy(logp):
-    """H = -sum_v p_v log p_v of each row of log-probs (..., V); tokens outside the kept set (-inf) add 0."""
-    return -torch.where(logp.isfinite(), logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
+    """H = -sum_v p_v log p_v of each row of log-probs (..., V) -> (...). Tokens outside the kept set
+    (log p = -inf after top-k) add 0, with a zero gradient (0 * log 0 := 0, never 0 * inf = NaN)."""
+    kept = logp.isfinite()
+    probs = torch.where(kept, logp.exp(), torch.zeros_like(logp))
+    return -(probs * torch.where(kept, logp, torch.zeros_like(logp))).sum(-1)
 
 
 def adaptive_beta(beta: float, kl: float, target: float, horizon: int, n: int) -> float:
@@ -194,36 +213,70 @@ class ScalarHead(nn.Module):
         return self.head(self.body.hidden(tokens, positions, doc_ids).float()).squeeze(-1)   # (B, T)
 
 
+def reward_head_weights(ckpt, path, width: int) -> dict:
+    """The scalar head reward.py saves in its checkpoint's meta: {"weight": (1, C), "bias": (1,)}, finite.
+    Anything else (a policy checkpoint, a damaged or hostile meta) is a UserError naming the path."""
+    meta = ckpt.get("meta")
+    head = meta.get("reward_head") if isinstance(meta, dict) else None
+    if head is None:
+        raise M.UserError(f"{path}: not a reward model checkpoint (no reward_head in its meta)")
+    shapes = {"weight": (1, width), "bias": (1,)}
+    if (not isinstance(head, dict) or set(head) != set(shapes)
+            or any(not torch.is_tensor(head[k]) or tuple(head[k].shape) != shape for k, shape in shapes.items())):
+        raise M.UserError(f"{path}: reward_head must hold a weight of shape (1, {width}) and a bias of shape (1,)")
+    if M.non_finite_tensors(head):
+        raise M.UserError(f"{path}: reward_head holds NaN or inf")
+    return head
+
+
+def check_weights_finite(where, *modules):
+    """Every parameter of the modules is finite; else NonFiniteError naming `where` and the tensor."""
+    for module in modules:
+        bad = M.non_finite_tensors(dict(module.named_parameters()))
+        if bad:
+            raise M.NonFiniteError(f"{where}: {bad[0]} holds NaN or inf")
+
+
 def load_reward_model(path, device):
     """reward.py's checkpoint: a model.GPT body + the head weights saved in its meta -> (ScalarHead, enc)."""
     body, enc, ckpt = M.load(path, device=device)
-    if "reward_head" not in ckpt["meta"]:
-        raise M.UserError(f"{path}: not a reward model checkpoint (no reward_head in its meta)")
-    return ScalarHead(body, ckpt["meta"]["reward_head"]).to(device), enc
+    head = reward_head_weights(ckpt, path, body.config.n_embd)
+    return ScalarHead(body, head).to(device), enc
 
 
 def build_models(args, device):
     """-> (models {"policy", "reference", "value", "reward"}, enc). The reference and the reward model are
-    frozen; the value model is a trainable copy of the reward model (or of the SFT body with --reward verifier)."""
+    frozen; the value model is a trainable copy of the reward model (or of the SFT body with --reward verifier).
+    Checkpoints whose weights hold NaN or inf are refused here, before anything is written."""
     policy, enc, _ = M.load(args.init, device=device)
+    check_weights_finite(args.init, policy)
     reference = copy.deepcopy(policy).requires_grad_(False)
     reward_model = None
     if args.reward == "rm":
-        reward_model, rm_enc = load_reward_model(args.reward_model, device)
-        if rm_enc.name != enc.name:
-            raise M.UserError(f"{args.reward_model}: tokenizer {rm_enc.name!r} differs from the policy's {enc.name!r}")
+        reward_model, reward_enc = load_reward_model(args.reward_model, device)
+        check_weights_finite(args.reward_model, reward_model)
+        if reward_enc.name != enc.name:
+            raise M.UserError(f"{args.reward_model}: tokenizer {reward_enc.name!r} differs from the policy's "
+                              f"{enc.name!r}")
         reward_model.requires_grad_(False)
         value = copy.deepcopy(reward_model).requires_grad_(True)
     else:
         value = ScalarHead(copy.deepcopy(policy)).to(device)
-    for m in (policy, reference, value) + ((reward_model,) if reward_model is not None else ()):
-        m.eval()   # no dropout anywhere: the ratio compares the very function that sampled the tokens
+    for module in (policy, reference, value) + ((reward_model,) if reward_model is not None else ()):
+        module.eval()   # no dropout anywhere: the ratio compares the very function that sampled the tokens
     return {"policy": policy, "reference": reference, "value": value, "reward": reward_model}, enc
+
+
+def context_length(models) -> int:
+    """The longest prompt + completion every model can read: the smallest block_size among them."""
+    bodies = [module.body if isinstance(module, ScalarHead) else module for module in models.values() if module]
+    return min(body.config.block_size for body in bodies)
 
 
 def params_by_role(models):
     """{role: sum of p.numel() over the module's parameters} (tied weights once; 0 for a role not held)."""
-    return {role: (sum(p.numel() for p in m.parameters()) if m is not None else 0) for role, m in models.items()}
+    return {role: (sum(p.numel() for p in module.parameters()) if module is not None else 0)
+            for role, module in models.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,10 +309,10 @@ def make_batch(prompts, completions, finished, enc, device):
 @torch.no_grad()
 def rollout(policy, enc, rows, args, generator, device):
     """Sample one completion per prompt with the KV-cache sampler -> (Batch, sampling log-probs (B, N))."""
-    prompts = [M.encode(enc, r["prompt"]) for r in rows]
+    prompts = [M.encode(enc, row["prompt"]) for row in rows]
     gen = M.generate(policy, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                      stop_ids=(enc.eot_token,), pad_id=M.pad_id(enc), generator=generator)
-    completions = [gen.tokens[i, :n].tolist() for i, n in enumerate(gen.lengths.tolist())]
+    completions = [gen.tokens[i, :length].tolist() for i, length in enumerate(gen.lengths.tolist())]
     batch = make_batch(prompts, completions, gen.finished, enc, device)
     return batch, gen.logprobs[:, :batch.mask.shape[1]] * batch.mask
 
@@ -309,62 +362,75 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def ppo_update(models, optimizer, batch, old_logprobs, old_values, advantages, returns, args, generator):
+def ppo_update(models, optimizer, batch, old_logprobs, old_values, advantages, returns, args, generator, step=0):
     """Epochs over shuffled minibatches of the rollout; early stop once approx KL passes the threshold.
-    -> dict of means over the minibatch updates done (policy/value loss, entropy, clipfrac, approx_kl)."""
+    Before each optimizer.step() the loss and both gradient norms must be finite (M.check_finite), and
+    after the last one every weight: a NaN stops the run, naming the step, before it reaches a checkpoint.
+    -> dict of means over the minibatch updates done (losses, entropy, clipfrac, approx_kl, grad norms)."""
     policy, value_model = models["policy"], models["value"]
     device = batch.tokens.device
     B, P = len(batch.tokens), batch.n_prompt
-    eps_high = args.eps_high or args.eps
-    size = -(-B // args.n_minibatches)                                                     # ceil(B / n)
-    stats = {"policy_loss": [], "value_loss": [], "entropy": [], "clipfrac": [], "approx_kl": [], "first_ratio": []}
-    for epoch in range(args.ppo_epochs):
+    minibatch_size = -(-B // args.n_minibatches)                                             # ceil(B / n)
+    max_norm = args.grad_clip if args.grad_clip > 0 else math.inf    # inf: measure the norm, clip nothing
+    history = {name: [] for name in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "ratio_mean",
+                                     "vf_clipfrac", "grad_norm", "value_grad_norm")}
+    first_ratio, epochs_done, early_stop = None, 0, 0.0
+    for epoch in range(args.update_epochs):
         order = torch.randperm(B, generator=generator).tolist()
-        for start in range(0, B, size):
-            idx = torch.tensor(order[start:start + size], device=device)
-            tokens, positions, doc_ids = batch.tokens[idx], batch.positions[idx], batch.doc_ids[idx]
-            mask = batch.mask[idx]                                                          # (b, N)
+        for start in range(0, B, minibatch_size):
+            indices = torch.tensor(order[start:start + minibatch_size], device=device)
+            tokens, positions, doc_ids = batch.tokens[indices], batch.positions[indices], batch.doc_ids[indices]
+            mask = batch.mask[indices]                                                      # (b, N)
             with M.autocast(device):
                 logits = policy(tokens, positions, doc_ids)[:, P - 1:-1]                    # (b, N, V)
                 values = value_model(tokens, positions, doc_ids)[:, P - 1:-1].float()       # (b, N)
             logp_all = M.sampling_logprobs(logits, args.temperature, args.top_k)           # (b, N, V)
             logprobs = logp_all.gather(-1, tokens[:, P:, None]).squeeze(-1) * mask          # (b, N)
-            pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask,
-                                                       args.eps, eps_high)
-            v_loss = value_loss(values, old_values[idx], returns[idx], mask, args.value_clip)
+            # ALGO LOGIC: the clipped surrogate, the clipped value loss, the entropy bonus
+            surrogate, policy_stats = policy_loss(logprobs, old_logprobs[indices], advantages[indices], mask,
+                                                  args.eps_low, args.eps_high)
+            critic_loss, value_stats = value_loss(values, old_values[indices], returns[indices], mask, args.value_clip)
             mean_entropy = masked_mean(entropy(logp_all), mask)
-            loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * mean_entropy
+            loss = surrogate + args.vf_coef * critic_loss - args.ent_coef * mean_entropy
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-                torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+            value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), max_norm)
+            M.check_finite(f"step {step}, epoch {epoch + 1}, minibatch {start // minibatch_size + 1}",
+                           loss=loss.detach(), grad_norm=grad_norm, value_grad_norm=value_grad_norm)
             optimizer.step()
-            if epoch == 0 and start == 0:   # before any update: ratio == 1 up to float error
-                stats["first_ratio"].append(float(masked_mean((logprobs.detach() - old_logprobs[idx]).exp(), mask)))
-            for name, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", mean_entropy),
-                            ("clipfrac", clipfrac), ("approx_kl", approx_kl)):
-                stats[name].append(float(v.detach()))
-            if float(approx_kl) > args.early_stop_kl:
-                stats["early_stop"] = [1.0]
-                return {k: sum(v) / len(v) for k, v in stats.items()} | {"epochs_done": epoch + 1}
-    return {k: sum(v) / len(v) for k, v in stats.items()} | {"early_stop": 0.0, "epochs_done": args.ppo_epochs}
+            # TRY NOT TO MODIFY: log what practitioners read
+            if first_ratio is None:   # before any update: ratio == 1 up to float error
+                first_ratio = float(policy_stats["ratio_mean"])
+            for name, value in (("policy_loss", surrogate), ("value_loss", critic_loss), ("entropy", mean_entropy),
+                                ("grad_norm", grad_norm), ("value_grad_norm", value_grad_norm),
+                                *policy_stats.items(), *value_stats.items()):
+                history[name].append(float(value.detach()))
+            if float(policy_stats["approx_kl"]) > args.early_stop_kl:
+                early_stop = 1.0
+                break
+        epochs_done = epoch + 1
+        if early_stop:
+            break
+    check_weights_finite(f"step {step}: after the update", policy, value_model)
+    return ({name: sum(values) / len(values) for name, values in history.items()}
+            | {"first_ratio": first_ratio, "early_stop": early_stop, "epochs_done": epochs_done})
 
 
-def ppo_step(models, optimizer, enc, rows, args, beta, generators, device):
-    """Rollout -> rewards -> GAE -> update. Returns the metrics of COMPARE_SPEC.md's train row."""
-    policy, reference, value_model, reward_model = (models[k] for k in ("policy", "reference", "value", "reward"))
-    times = {}
-    t0 = time.perf_counter()
+def ppo_step(models, optimizer, enc, rows, args, beta, generators, device, step=0):
+    """Rollout -> rewards -> GAE -> update. Returns the metrics of the step's "train" row in metrics.jsonl."""
+    policy, reference, value_model, reward_model = (models[role] for role in ("policy", "reference", "value", "reward"))
+    answers = [row["answer"] for row in rows]
+    started = time.perf_counter()
     batch, sample_logprobs = rollout(policy, enc, rows, args, generators["sample"], device)        # generation
     sync(device)
-    t1 = time.perf_counter()
+    generated = time.perf_counter()
     with torch.no_grad():                                                                          # scoring
-        score = scores(batch, [r["answer"] for r in rows], reward_model, args.missing_eos_penalty)
+        score = scores(batch, answers, reward_model, args.missing_eos_penalty)
         old_logprobs = response_logprobs(policy, batch, args.temperature, args.top_k)  # the first ratio is 1
         ref_logprobs = response_logprobs(reference, batch, args.temperature, args.top_k)
     sync(device)
-    t2 = time.perf_counter()
+    scored = time.perf_counter()
     with torch.no_grad():                                                                          # advantages
         old_values = response_values(value_model, batch)
         rewards = kl_shaped_rewards(score, old_logprobs, ref_logprobs, batch.mask, beta)
@@ -372,23 +438,26 @@ def ppo_step(models, optimizer, enc, rows, args, beta, generators, device):
         if args.whiten_advantages:
             advantages = whiten(advantages, batch.mask)
     sync(device)
-    t3 = time.perf_counter()
+    estimated = time.perf_counter()
     stats = ppo_update(models, optimizer, batch, old_logprobs, old_values, advantages, returns, args,
-                       generators["shuffle"])                                              # update (eval mode)
+                       generators["shuffle"], step)                                        # update (eval mode)
     sync(device)
-    t4 = time.perf_counter()
+    updated = time.perf_counter()
     mask = batch.mask
     log_ratio = ref_logprobs - old_logprobs                                                       # (B, N)
     kl_k3 = masked_mean(log_ratio.exp() - 1 - log_ratio, mask)         # KL(pi || pi_ref), k3, per token
     kl_seq = float(((old_logprobs - ref_logprobs) * mask).sum(-1).mean())   # k1 per completion (controller)
     n_tokens = int(mask.sum())
-    times = {"gen_s": t1 - t0, "score_s": t2 - t1, "adv_s": t3 - t2, "update_s": t4 - t3, "step_s": t4 - t0}
+    times = {"gen_s": generated - started, "score_s": scored - generated, "adv_s": estimated - scored,
+             "update_s": updated - estimated, "step_s": updated - started}
     return times | {
         "completions": len(rows), "tokens_per_s": n_tokens / times["step_s"],
         "reward_mean": float(score.mean()),
-        "accuracy": float(verifier_scores(batch.texts, [r["answer"] for r in rows]).mean()),
+        "accuracy": float(verifier_scores(batch.texts, answers).mean()),
         "kl": float(kl_k3), "kl_seq": kl_seq, "entropy": stats["entropy"], "clipfrac": stats["clipfrac"],
-        "approx_kl": stats["approx_kl"], "policy_loss": stats["policy_loss"], "value_loss": stats["value_loss"],
+        "approx_kl": stats["approx_kl"], "ratio_mean": stats["ratio_mean"], "policy_loss": stats["policy_loss"],
+        "value_loss": stats["value_loss"], "vf_clipfrac": stats["vf_clipfrac"], "grad_norm": stats["grad_norm"],
+        "value_grad_norm": stats["value_grad_norm"],
         "explained_variance": explained_variance(old_values, returns, mask),
         "response_length": float(mask.sum(-1).mean()), "truncated": float((~batch.finished).float().mean()),
         "first_ratio": stats["first_ratio"],
@@ -400,27 +469,101 @@ def ppo_step(models, optimizer, enc, rows, args, beta, generators, device):
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def load_prompts(path, default):
-    M.ensure_input(path, default, ["synth.py"])
-    rows = M.read_jsonl(path, ("prompt", "answer"))
-    for i, row in enumerate(rows):
-        if not isinstance(row["prompt"], str):
-            raise M.UserError(f"{path}: row {i + 1}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
-    return rows
+def synth_command() -> list[str]:
+    """The synth.py run that makes the default prompt files, Args().data and Args().eval_data."""
+    return M.stage_command("synth.py", out_dir=os.path.dirname(Args().data))
+
+
+def sft_command() -> list[str]:
+    """The sft.py run that makes the default policy checkpoint, Args().init."""
+    return M.stage_command("sft.py", out=os.path.dirname(Args().init))
+
+
+def reward_command() -> list[str]:
+    """The reward.py run that makes the default reward model, Args().reward_model."""
+    return M.stage_command("reward.py", out=os.path.dirname(Args().reward_model))
+
+
+def check_device(name: str):
+    """--device as model.get_device reads it, plus what it lets through: a malformed cuda:N (torch.device
+    raises RuntimeError) or an index this machine does not have."""
+    try:
+        device = M.get_device(name)
+    except RuntimeError:
+        raise M.UserError(f"--device {name}: choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise M.UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_at_most(args, limit: float, *names: str):
+    """Each named option must be <= limit. Larger is a typo, and would overflow inside torch or a float (a clamp
+    bound, 60 * minutes, steps in the ETA) as a traceback in the middle of a run."""
+    for name in names:
+        if not getattr(args, name) <= limit:
+            raise M.UserError(f"--{name.replace('_', '-')} must be <= {limit:g}, got {getattr(args, name)}")
 
 
 def check_args(args):
-    if args.reward not in ("rm", "verifier"):
-        raise M.UserError(f"--reward {args.reward}: choose rm or verifier")
-    if args.max_steps <= 0 and args.time_budget <= 0:
-        raise M.UserError("set a budget: --max-steps N or --time-budget MINUTES")
-    for name in ("completions_per_step", "n_minibatches", "ppo_epochs", "max_new_tokens", "n_eval"):
-        if getattr(args, name) < 1:
-            raise M.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.temperature <= 0:
-        raise M.UserError(f"--temperature {args.temperature}: PPO needs a sampling temperature > 0")
-    if args.kl_target < 0 or args.beta < 0:
-        raise M.UserError("--beta and --kl-target must be >= 0")
+    """Every option, checked before anything is read or written; the first bad one is a UserError naming it.
+    The upper limits (a count beyond 1e9, a coefficient beyond 1e6) and the lowest temperature, 1e-3, keep
+    every value away from a float overflow inside torch, which would be a traceback in the middle of a run."""
+    M.check_choices(args, reward=("rm", "verifier"))
+    check_device(args.device)
+    M.check_budget(args)
+    M.require_at_least(args, 1, "completions_per_step", "n_minibatches", "update_epochs", "max_new_tokens",
+                       "n_eval", "n_eval_during", "kl_horizon")
+    M.require_at_least(args, 0, "top_k")
+    M.require_at_least(args, 1e-3, "temperature")     # PPO samples: the ratio needs a distribution, not an argmax
+    M.check_options(args, positive=("lr", "value_lr", "eval_minutes"),
+                    non_negative=("eps_high", "value_clip", "vf_coef", "ent_coef", "beta", "kl_target",
+                                  "early_stop_kl", "grad_clip", "missing_eos_penalty"),
+                    probability=("eps_low", "gamma", "lam", "lr", "value_lr"), seed=("seed",))
+    check_at_most(args, 10 ** 9, "completions_per_step", "n_minibatches", "update_epochs", "max_new_tokens",
+                  "n_eval", "n_eval_during", "kl_horizon", "top_k", "max_steps")
+    check_at_most(args, 1e6, "eval_minutes", "temperature", "time_budget", "eps_high", "value_clip", "vf_coef",
+                  "ent_coef", "beta", "kl_target", "early_stop_kl", "grad_clip", "missing_eos_penalty")
+    if args.n_minibatches > args.completions_per_step:
+        raise M.UserError(f"--n-minibatches {args.n_minibatches}: a minibatch needs a completion; use at most "
+                          f"--completions-per-step ({args.completions_per_step})")
+    if args.kl_target > 0 and args.beta == 0:
+        raise M.UserError("--kl-target needs --beta > 0: the controller multiplies beta, and 0 stays 0")
+    for name in ("init", "data", "eval_data", "out") + (("reward_model",) if args.reward == "rm" else ()):
+        if not getattr(args, name).strip():
+            raise M.UserError(f"--{name.replace('_', '-')}: the path is empty")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise M.UserError(f"--out {args.out}: exists and is not a folder")
+
+
+def drop_empty_prompts(rows, path):
+    """The rows whose prompt has text: the sampler needs at least one token to condition on. The others are
+    skipped and counted in one printed line; none left is a UserError naming the file."""
+    kept = [row for row in rows if row["prompt"]]
+    if len(kept) < len(rows):
+        print(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} prompts that are empty", flush=True)
+    if not kept:
+        raise M.UserError(f"{path}: every prompt is empty")
+    return kept
+
+
+def load_inputs(args, device):
+    """Every input, read and checked before anything is written: the prompt files (M.read_prompts: GSM8K's
+    question/answer rows work unchanged), the checkpoints, and the prompts that leave room for the completion
+    in every model's context (M.fit_prompts). A missing DEFAULT input is made by its upstream stage first.
+    -> (models, enc, train_rows, eval_rows)"""
+    defaults = Args()
+    M.ensure_input(args.data, defaults.data, synth_command())
+    train_rows = M.read_prompts(args.data)
+    M.ensure_input(args.eval_data, defaults.eval_data, synth_command())
+    eval_rows = M.read_prompts(args.eval_data)
+    M.ensure_input(args.init, defaults.init, sft_command())
+    if args.reward == "rm":
+        M.ensure_input(args.reward_model, defaults.reward_model, reward_command())
+    models, enc = build_models(args, device)
+    context = context_length(models)
+    train_rows = M.fit_prompts(drop_empty_prompts(train_rows, args.data), enc, context, args.max_new_tokens, args.data)
+    eval_rows = M.fit_prompts(drop_empty_prompts(eval_rows, args.eval_data), enc, context, args.max_new_tokens,
+                              args.eval_data)[:args.n_eval]
+    return models, enc, train_rows, eval_rows
 
 
 def train(args):
@@ -428,12 +571,7 @@ def train(args):
     check_args(args)
     device = M.get_device(args.device)
     M.seed_everything(args.seed)
-    train_rows = load_prompts(args.data, "data/rl_train.jsonl")
-    eval_rows = load_prompts(args.eval_data, "data/rl_test.jsonl")[:max(args.n_eval, 1)]
-    M.ensure_input(args.init, "runs/sft/model.pt", ["sft.py"])
-    if args.reward == "rm":
-        M.ensure_input(args.reward_model, "runs/rm/model.pt", ["reward.py"])
-    models, enc = build_models(args, device)
+    models, enc, train_rows, eval_rows = load_inputs(args, device)
     policy, value_model = models["policy"], models["value"]
     if policy.config.dropout or value_model.body.config.dropout:   # all models stay in eval mode
         print("note: dropout is off for the whole run (eval mode), so old and new log-probs use one function")
@@ -447,8 +585,9 @@ def train(args):
     generators = {"sample": torch.Generator(device).manual_seed(args.seed),
                   "shuffle": torch.Generator().manual_seed(args.seed + 1)}
     prompt_order = random.Random(args.seed)
+    params = ", ".join(f"{role} {count / 1e6:.2f}M" for role, count in roles.items())
     print(f"ppo: reward {args.reward}, {len(train_rows)} training prompts, {args.completions_per_step} completions "
-          f"per step, params " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in roles.items()) + f", device {device}")
+          f"per step, params {params}, device {device}")
 
     def evaluate(step, train_seconds, rows):
         result = M.evaluate(policy, enc, rows, max_new_tokens=args.max_new_tokens)
@@ -472,7 +611,7 @@ def train(args):
             pool += order
         rows = [train_rows[i] for i in pool[:args.completions_per_step]]
         pool = pool[args.completions_per_step:]
-        metrics = ppo_step(models, optimizer, enc, rows, args, beta, generators, device)
+        metrics = ppo_step(models, optimizer, enc, rows, args, beta, generators, device, step=step + 1)
         step += 1
         train_seconds += metrics["step_s"]
         if args.kl_target > 0:
@@ -481,28 +620,29 @@ def train(args):
         history.append(metrics)
         logger.log(step, kind="train", **metrics)
         if train_seconds >= next_eval and not finished():   # the final eval follows anyway
-            evaluate(step, train_seconds, eval_rows[:max(args.n_eval_during, 1)])
+            evaluate(step, train_seconds, eval_rows[:args.n_eval_during])
             next_eval += 60 * args.eval_minutes
     final_eval = evaluate(step, train_seconds, eval_rows)
 
     M.save(os.path.join(args.out, "model.pt"), policy, enc, args=asdict(args), step=step,
            results={"start_accuracy": start_eval["accuracy"], "final_accuracy": final_eval["accuracy"]})
-    def mean(key, rows=history):
-        return sum(r[key] for r in rows) / max(len(rows), 1)
+
+    def mean(key, metrics_rows=history):
+        return sum(row[key] for row in metrics_rows) / max(len(metrics_rows), 1)
     summary = {"algo": "ppo", "reward": args.reward, "params_by_role": roles,
                "peak_mem_mb": M.peak_memory_mb(device), "sec_per_step": mean("step_s"),
-               "time_split": {k: mean(k) for k in ("gen_s", "score_s", "adv_s", "update_s")},
+               "time_split": {key: mean(key) for key in ("gen_s", "score_s", "adv_s", "update_s")},
                "final_accuracy": final_eval["accuracy"], "start_accuracy": start_eval["accuracy"],
                "final_stderr": final_eval["stderr"], "start_stderr": start_eval["stderr"],
                "train_minutes": train_seconds / 60, "steps": step, "n_eval": len(eval_rows)}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    with M.atomic_write(os.path.join(args.out, "summary.json")) as f:
         json.dump(summary, f, indent=2)
     logger.close()
 
     last = history[-5:]
     print(f"\nppo ({args.reward} reward): {step} steps in {train_seconds / 60:.1f} min, "
           f"{summary['sec_per_step']:.2f} s/step (gen " + " | ".join(
-              f"{k[:-2]} {v:.2f}" for k, v in summary["time_split"].items()).removeprefix("gen ") + ")")
+              f"{key[:-2]} {seconds:.2f}" for key, seconds in summary["time_split"].items()).removeprefix("gen ") + ")")
     if history:
         print(f"{'':28}{'first step':>12}{'last 5 steps':>14}")
         for key, name in (("reward_mean", "reward (rollouts)"), ("accuracy", "rollout accuracy"),

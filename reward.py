@@ -92,10 +92,10 @@ class RewardModel(nn.Module):
         was_training = self.training
         self.eval()
         device = self.head.weight.device
-        seqs = [encode_pair(self.enc, p, c) for p, c in zip(prompts, completions)]
+        sequences = [encode_pair(self.enc, prompt, completion) for prompt, completion in zip(prompts, completions)]
         scores = []
-        for start in range(0, len(seqs), batch_size):
-            tokens, mask = M.padded_batch(seqs[start:start + batch_size], M.pad_id(self.enc), "right", device)
+        for start in range(0, len(sequences), batch_size):
+            tokens, mask = M.padded_batch(sequences[start:start + batch_size], M.pad_id(self.enc), "right", device)
             with M.autocast(device):
                 scores.append(self(tokens, mask).float())
         self.train(was_training)
@@ -107,22 +107,35 @@ def encode_pair(enc, prompt, completion):
     return M.encode(enc, prompt) + M.encode(enc, completion) + [enc.eot_token]
 
 
-def save_reward_model(path, rm: RewardModel, **meta):
+def save_reward_model(path, reward_model: RewardModel, **meta):
     """model.save of the body; the head's weights go in the checkpoint's meta as plain tensors, so any
     file can rebuild the reward model with model.load and three lines (ppo.py does)."""
-    head = {"weight": rm.head.weight.detach().cpu(), "bias": rm.head.bias.detach().cpu()}
-    M.save(path, rm.body, rm.enc, kind="reward_model", reward_head=head, **meta)
+    head = {"weight": reward_model.head.weight.detach().cpu(), "bias": reward_model.head.bias.detach().cpu()}
+    M.save(path, reward_model.body, reward_model.enc, kind="reward_model", reward_head=head, **meta)
+
+
+def reward_head_weights(ckpt, path, width: int) -> dict:
+    """The head save_reward_model put in the checkpoint's meta: {"weight": (1, C), "bias": (1,)}, finite.
+    Anything else (a policy checkpoint, a damaged or hostile meta) is a UserError naming the path."""
+    meta = ckpt.get("meta")
+    head = meta.get("reward_head") if isinstance(meta, dict) else None
+    if head is None:
+        raise M.UserError(f"{path}: not a reward model checkpoint (no reward_head in its meta)")
+    shapes = {"weight": (1, width), "bias": (1,)}
+    if (not isinstance(head, dict) or set(head) != set(shapes)
+            or any(not torch.is_tensor(head[k]) or tuple(head[k].shape) != shape for k, shape in shapes.items())):
+        raise M.UserError(f"{path}: reward_head must hold a weight of shape (1, {width}) and a bias of shape (1,)")
+    if M.non_finite_tensors(head):
+        raise M.UserError(f"{path}: reward_head holds NaN or inf")
+    return head
 
 
 def load_reward_model(path, device="cpu") -> RewardModel:
     """-> RewardModel (eval mode) from a checkpoint written by save_reward_model."""
     body, enc, ckpt = M.load(path, device=device)
-    head = ckpt["meta"].get("reward_head")
-    if head is None:
-        raise M.UserError(f"{path}: not a reward model checkpoint (no reward_head in its meta)")
-    rm = RewardModel(body, enc).to(device)
-    rm.head.load_state_dict(head)
-    return rm.eval()
+    reward_model = RewardModel(body, enc).to(device)
+    reward_model.head.load_state_dict(reward_head_weights(ckpt, path, body.config.n_embd))
+    return reward_model.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,12 +146,15 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, center_coef: float = 0.
     """L = mean over pairs of  -log sigmoid(r_c - r_r - m) + c * (r_c + r_r)^2.     r_* (B,), margin scalar or (B,)
 
     d L / d delta = sigmoid(delta - m) - 1 per pair: the push is largest on pairs ranked wrongly.
-    Without the centring term the loss is unchanged by adding one constant to every reward."""
+    Without the centring term the loss is unchanged by adding one constant to every reward.
+    -> (loss, stats{accuracy: share of pairs with r_c > r_r, margin: mean r_c - r_r})"""
     delta = r_chosen - r_rejected                                                 # (B,)
     loss = -F.logsigmoid(delta - margin)                                          # (B,)
     if center_coef:
         loss = loss + center_coef * (r_chosen + r_rejected).square()
-    return loss.mean()
+    with torch.no_grad():
+        stats = {"accuracy": (delta > 0).to(delta.dtype).mean(), "margin": delta.mean()}
+    return loss.mean(), stats
 
 
 def pairwise_accuracy(deltas):
@@ -157,17 +173,17 @@ def calibration(deltas, n_bins: int = 5):
     deltas = deltas.double()
     confidence = torch.sigmoid(deltas.abs())                                      # (N,)
     right = (deltas > 0).double() + 0.5 * (deltas == 0).double()                 # (N,)
-    rows, ece = [], 0.0
-    for b in range(n_bins):
-        lo, hi = 0.5 + 0.5 * b / n_bins, 0.5 + 0.5 * (b + 1) / n_bins
-        inside = (confidence >= lo) & ((confidence < hi) if b < n_bins - 1 else (confidence <= hi))
-        n = int(inside.sum())
-        conf = float(confidence[inside].mean()) if n else float("nan")
-        acc = float(right[inside].mean()) if n else float("nan")
-        rows.append({"lo": lo, "hi": hi, "n": n, "confidence": conf, "accuracy": acc})
-        if n:
-            ece += n / len(deltas) * abs(acc - conf)
-    return rows, ece
+    table, ece = [], 0.0
+    for bin_index in range(n_bins):
+        lo, hi = 0.5 + 0.5 * bin_index / n_bins, 0.5 + 0.5 * (bin_index + 1) / n_bins
+        inside = (confidence >= lo) & ((confidence < hi) if bin_index < n_bins - 1 else (confidence <= hi))
+        count = int(inside.sum())
+        mean_confidence = float(confidence[inside].mean()) if count else float("nan")
+        accuracy = float(right[inside].mean()) if count else float("nan")
+        table.append({"lo": lo, "hi": hi, "n": count, "confidence": mean_confidence, "accuracy": accuracy})
+        if count:
+            ece += count / len(deltas) * abs(accuracy - mean_confidence)
+    return table, ece
 
 
 def accuracy_by_kind(deltas, kinds):
@@ -175,7 +191,7 @@ def accuracy_by_kind(deltas, kinds):
     groups = {}
     for i, kind in enumerate(kinds):
         groups.setdefault(kind, []).append(i)
-    return {k: (pairwise_accuracy(deltas[idx]), len(idx)) for k, idx in sorted(groups.items())}
+    return {kind: (pairwise_accuracy(deltas[indices]), len(indices)) for kind, indices in sorted(groups.items())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,32 +212,32 @@ def make_pairs(rows, enc, block_size, default_margin=0.0):
     return pairs, skipped
 
 
-def pair_rewards(rm, pairs, pad, device):
+def pair_rewards(reward_model, pairs, pad, device):
     """One forward over the 2B sequences of B pairs -> (r_chosen (B,), r_rejected (B,))."""
-    tokens, mask = M.padded_batch([p[0] for p in pairs] + [p[1] for p in pairs], pad, "right", device)
+    tokens, mask = M.padded_batch([pair[0] for pair in pairs] + [pair[1] for pair in pairs], pad, "right", device)
     with M.autocast(device):
-        rewards = rm(tokens, mask).float()                                        # (2B,)
+        rewards = reward_model(tokens, mask).float()                              # (2B,)
     return rewards[:len(pairs)], rewards[len(pairs):]
 
 
 @torch.no_grad()
-def evaluate_pairs(rm, pairs, pad, device, n_bins=5, batch_size=64):
+def evaluate_pairs(reward_model, pairs, pad, device, n_bins=5, batch_size=64):
     """Held-out metrics: loss, pairwise accuracy, mean margin, calibration, accuracy per kind."""
-    was_training = rm.training
-    rm.eval()
+    was_training = reward_model.training
+    reward_model.eval()
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
-        r_c, r_r = pair_rewards(rm, pairs[start:start + batch_size], pad, device)
+        r_c, r_r = pair_rewards(reward_model, pairs[start:start + batch_size], pad, device)
         chosen.append(r_c.cpu())
         rejected.append(r_r.cpu())
-    rm.train(was_training)
+    reward_model.train(was_training)
     r_c, r_r = torch.cat(chosen), torch.cat(rejected)
     deltas = r_c - r_r
     table, ece = calibration(deltas, n_bins)
     return {"test_loss": float(-F.logsigmoid(deltas).mean()), "test_accuracy": pairwise_accuracy(deltas),
             "test_margin": float(deltas.mean()), "reward_mean": float(torch.cat([r_c, r_r]).mean()),
             "reward_std": float(torch.cat([r_c, r_r]).std()), "ece": ece, "calibration": table,
-            "by_kind": accuracy_by_kind(deltas, [p[3] for p in pairs]), "n": len(pairs)}
+            "by_kind": accuracy_by_kind(deltas, [pair[3] for pair in pairs]), "n": len(pairs)}
 
 
 def lr_at(step, progress, peak, warmup_steps, min_ratio):
@@ -239,58 +255,158 @@ def print_report(results, label="held-out"):
         shown = f"{row['confidence']:.3f}            {row['accuracy']:.3f}" if row["n"] else "-                -"
         print(f"             [{row['lo']:.2f}, {row['hi']:.2f}]{' ' * 4}{row['n']:5d}   {shown}")
     print("accuracy by pair kind (length/format-only kinds show shortcuts):")
-    for kind, (acc, n) in results["by_kind"].items():
-        print(f"  {kind:<16} {100 * acc:5.1f}%  ({n} pairs)")
+    for kind, (accuracy, count) in results["by_kind"].items():
+        print(f"  {kind:<16} {100 * accuracy:5.1f}%  ({count} pairs)")
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def load_rows(path, default):
-    M.ensure_input(path, default, ["synth.py"])
-    rows = M.read_jsonl(path, ("prompt", "chosen", "rejected"))
-    for i, row in enumerate(rows):
-        for key in ("prompt", "chosen", "rejected"):
-            if not isinstance(row[key], str):
-                raise M.UserError(f"{path}: row {i + 1}: '{key}' must be a string, got {type(row[key]).__name__}")
+PAIR_SCHEMA = {"prompt": str, "chosen": str, "rejected": str}
+MAX_MARGIN = 1e6   # a row's margin beyond this is a typo (and inf in float32 beyond 3.4e38)
+
+
+def read_pairs(path):
+    """Preference pairs {"prompt", "chosen", "rejected"} (TRL's format, strings), with an optional number
+    "margin" (|m| <= MAX_MARGIN) and an optional "kind" label. M.read_jsonl(path, PAIR_SCHEMA) row by row
+    (model.py's reader and checks) plus the margin's, so every bad row is a UserError naming file:line."""
+    rows = []
+    for number, row in M.jsonl_objects(path):
+        where = f"{path}:{number}"
+        M.check_row(row, PAIR_SCHEMA, where)
+        if "margin" in row:
+            M.check_row(row, {"margin": (int, float)}, where)
+            if not abs(row["margin"]) <= MAX_MARGIN:   # nan fails too; no float() of a 400-digit integer
+                raise M.UserError(f"{where}: 'margin' must be a number in [-{MAX_MARGIN:g}, {MAX_MARGIN:g}]")
+        rows.append(row)
+    if not rows:
+        raise M.UserError(f"{path}: empty, no rows")
     return rows
+
+
+def synth_command() -> list[str]:
+    """The synth.py run that makes the default preference files, Args().data and Args().test_data."""
+    return M.stage_command("synth.py", out_dir=os.path.dirname(Args().data))
+
+
+def sft_command() -> list[str]:
+    """The sft.py run that makes the default body checkpoint, Args().init."""
+    return M.stage_command("sft.py", out=os.path.dirname(Args().init))
+
+
+def scratch_config(args, vocab_size: int) -> M.Config:
+    """The body's Config for --init scratch (a ValueError names the field that is wrong)."""
+    return M.Config(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                    n_kv_head=args.n_head, n_embd=args.n_embd)
+
+
+def check_device(name: str):
+    """--device as model.get_device reads it, plus what it lets through: a malformed cuda:N (torch.device
+    raises RuntimeError) or an index this machine does not have."""
+    try:
+        device = M.get_device(name)
+    except RuntimeError:
+        raise M.UserError(f"--device {name}: choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise M.UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_at_most(args, limit: float, *names: str):
+    """Each named option must be <= limit. Larger is a typo, and would overflow inside torch or a float (AdamW's
+    decay factor, a margin tensor, 60 * minutes, steps in the ETA) or hang, in the middle of a run."""
+    for name in names:
+        if not getattr(args, name) <= limit:
+            raise M.UserError(f"--{name.replace('_', '-')} must be <= {limit:g}, got {getattr(args, name)}")
+
+
+def check_fits_in_memory(config):
+    """A scratch body's float32 weights, gradients and AdamW's two moments (16 bytes a parameter; about
+    12 L C^2 + V C parameters) must fit in this machine's memory, or allocating them fails mid-run."""
+    n_params = 12 * config.n_layer * config.n_embd ** 2 + config.vocab_size * config.n_embd
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # no sysconf here: nothing to compare with
+        return
+    if 16 * n_params > memory:
+        need, have = 16 * n_params / 2 ** 30, memory / 2 ** 30
+        raise M.UserError(f"--init scratch: a body of about {n_params:.2e} parameters needs {need:.0f} GiB for "
+                          f"training; this machine has {have:.0f} GiB")
+
+
+def check_args(args):
+    """Every option, checked before anything is read or written; the first bad one is a UserError naming it.
+    The upper limits (a count beyond 1e9, a coefficient beyond 1e6, more than 1000 calibration bins, a scratch
+    body larger than this machine's memory) keep every value away from an overflow, a hang or an allocation
+    failure in the middle of a run."""
+    check_device(args.device)
+    M.require_at_least(args, 1, "epochs", "batch_size", "n_bins", "log_every", "n_head", "n_embd", "block_size")
+    M.require_at_least(args, 0, "n_layer", "warmup_steps", "max_test")
+    M.check_options(args, positive=("lr",), probability=("min_lr_ratio", "lr"), seed=("seed",),
+                    non_negative=("weight_decay", "grad_clip", "margin", "center_coef", "time_budget"))
+    check_at_most(args, 10 ** 9, "n_layer", "n_head", "n_embd", "block_size", "epochs", "batch_size", "warmup_steps",
+                  "max_test", "log_every")
+    check_at_most(args, 1000, "n_bins")
+    check_at_most(args, 1e6, "weight_decay", "grad_clip", "margin", "center_coef", "time_budget")
+    for name in ("data", "test_data", "init", "out"):
+        if not getattr(args, name).strip():
+            raise M.UserError(f"--{name.replace('_', '-')}: the path is empty")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise M.UserError(f"--out {args.out}: exists and is not a folder")
+    if args.init == "scratch":
+        try:
+            config = scratch_config(args, M.get_tokenizer("bytes").n_vocab)
+        except ValueError as e:
+            raise M.UserError(f"--init scratch: {e}") from None
+        check_fits_in_memory(config)
 
 
 def build(args, device):
     """-> RewardModel: body from the SFT checkpoint (built by sft.py when the default is missing) or new."""
     if args.init == "scratch":
         enc = M.get_tokenizer("bytes")
-        config = M.Config(vocab_size=enc.n_vocab, block_size=args.block_size, n_layer=args.n_layer,
-                          n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
-        body = M.GPT(config)
+        body = M.GPT(scratch_config(args, enc.n_vocab))
     else:
-        M.ensure_input(args.init, "runs/sft/model.pt", ["sft.py"])
+        M.ensure_input(args.init, Args().init, sft_command())
         body, enc, _ = M.load(args.init)
+        bad = M.non_finite_tensors(body.state_dict())
+        if bad:
+            raise M.UserError(f"{args.init}: weights hold NaN or inf (first: {bad[0]})")
     return RewardModel(body, enc).to(device)
 
 
-def train(args):
-    """Train the reward model; returns the final held-out results dict."""
-    if args.epochs <= 0:
-        raise M.UserError(f"--epochs {args.epochs}: must be at least 1")
-    device = M.get_device(args.device)
-    M.seed_everything(args.seed)
-    train_rows = load_rows(args.data, "data/prefs_train.jsonl")
-    test_rows = load_rows(args.test_data, "data/prefs_test.jsonl")
+def load_inputs(args, device):
+    """Every input, read and checked before anything is written: both pair files (read_pairs), the body
+    checkpoint, and the pairs that fit its context. A missing DEFAULT input is made by its upstream stage.
+    -> (reward_model, train_pairs, test_pairs)"""
+    defaults = Args()
+    M.ensure_input(args.data, defaults.data, synth_command())
+    train_rows = read_pairs(args.data)
+    M.ensure_input(args.test_data, defaults.test_data, synth_command())
+    test_rows = read_pairs(args.test_data)
     if args.max_test > 0:
         test_rows = test_rows[:args.max_test]
-    rm = build(args, device)
-    enc, block, pad = rm.enc, rm.body.config.block_size, M.pad_id(rm.enc)
-    train_pairs, skipped = make_pairs(train_rows, enc, block, args.margin)
-    test_pairs, test_skipped = make_pairs(test_rows, enc, block, args.margin)
+    reward_model = build(args, device)
+    block = reward_model.body.config.block_size
+    train_pairs, skipped = make_pairs(train_rows, reward_model.enc, block, args.margin)
+    test_pairs, test_skipped = make_pairs(test_rows, reward_model.enc, block, args.margin)
     if not train_pairs or not test_pairs:
         raise M.UserError(f"{args.data if not train_pairs else args.test_data}: no pair fits the context ({block})")
     if skipped or test_skipped:
         print(f"skipped {skipped} training and {test_skipped} test pairs longer than the context ({block} tokens)")
+    return reward_model, train_pairs, test_pairs
+
+
+def train(args):
+    """Train the reward model; returns the final held-out results dict."""
+    check_args(args)
+    device = M.get_device(args.device)
+    M.seed_everything(args.seed)
+    reward_model, train_pairs, test_pairs = load_inputs(args, device)
+    pad = M.pad_id(reward_model.enc)
 
     # AdamW (Loshchilov & Hutter 2019): decay matrices only, never norm gains or biases.
-    params = [p for p in rm.parameters() if p.requires_grad]
+    params = [p for p in reward_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95))
@@ -298,18 +414,22 @@ def train(args):
     total = args.epochs * steps_per_epoch
     M.save_args(args.out, args)
     logger = M.MetricsLogger(args.out, total=total)
-    print(f"reward model: {rm.body.num_params() / 1e6:.2f}M body params from "
+    print(f"reward model: {reward_model.body.num_params() / 1e6:.2f}M body params from "
           f"{'scratch' if args.init == 'scratch' else args.init}, {len(train_pairs)} train / {len(test_pairs)} "
           f"test pairs, {args.epochs} epochs x {steps_per_epoch} steps, device {device}")
 
-    start = evaluate_pairs(rm, test_pairs, pad, device, args.n_bins)
-    logger.log(0, kind="eval", epoch=0, **{k: v for k, v in start.items() if k not in ("calibration", "by_kind")})
+    def scalars(results):
+        return {key: value for key, value in results.items() if key not in ("calibration", "by_kind")}
+
+    start = evaluate_pairs(reward_model, test_pairs, pad, device, args.n_bins)
+    logger.log(0, kind="eval", epoch=0, **scalars(start))
     step, train_seconds, results, out_of_time = 0, 0.0, start, False
-    rm.train()
+    max_norm = args.grad_clip if args.grad_clip > 0 else math.inf    # inf: measure the norm, clip nothing
+    reward_model.train()
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        for start_i in range(0, len(order), args.batch_size):
-            t0 = time.perf_counter()
+        for batch_start in range(0, len(order), args.batch_size):
+            step_started = time.perf_counter()
             progress = max(step / total, train_seconds / (60 * args.time_budget) if args.time_budget else 0.0)
             if progress >= 1.0:
                 out_of_time = True
@@ -317,33 +437,32 @@ def train(args):
             lr = lr_at(step, progress, args.lr, args.warmup_steps, args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = [train_pairs[i] for i in order[start_i:start_i + args.batch_size].tolist()]
-            r_c, r_r = pair_rewards(rm, batch, pad, device)
-            margins = torch.tensor([p[2] for p in batch], device=device)
-            loss = bradley_terry_loss(r_c, r_r, margins, args.center_coef)
+            batch = [train_pairs[i] for i in order[batch_start:batch_start + args.batch_size].tolist()]
+            r_c, r_r = pair_rewards(reward_model, batch, pad, device)
+            margins = torch.tensor([pair[2] for pair in batch], device=device)
+            loss, _ = bradley_terry_loss(r_c, r_r, margins, args.center_coef)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            M.check_finite(f"step {step + 1}", loss=loss.detach(), grad_norm=grad_norm)   # before the weights move
             optimizer.step()
             step += 1
-            train_seconds += time.perf_counter() - t0
+            train_seconds += time.perf_counter() - step_started
             if step % args.log_every == 0 or step == 1:
                 logger.log(step, kind="train", loss=loss.item(), accuracy=pairwise_accuracy((r_c - r_r).detach()),
                            margin=float((r_c - r_r).mean().detach()), grad_norm=float(grad_norm), lr=lr,
                            minutes=train_seconds / 60)
-        results = evaluate_pairs(rm, test_pairs, pad, device, args.n_bins)
-        logger.log(step, kind="eval", epoch=epoch, minutes=train_seconds / 60,
-                   **{k: v for k, v in results.items() if k not in ("calibration", "by_kind")},
-                   by_kind={k: a for k, (a, _) in results["by_kind"].items()})
+        results = evaluate_pairs(reward_model, test_pairs, pad, device, args.n_bins)
+        logger.log(step, kind="eval", epoch=epoch, minutes=train_seconds / 60, **scalars(results),
+                   by_kind={kind: accuracy for kind, (accuracy, _) in results["by_kind"].items()})
         if out_of_time:
             print(f"time budget of {args.time_budget} min reached in epoch {epoch}")
             break
 
     results.update(steps=step, minutes=train_seconds / 60, start_accuracy=start["test_accuracy"])
-    save_reward_model(os.path.join(args.out, "model.pt"), rm, args=asdict(args),
-                      results={k: v for k, v in results.items() if k not in ("calibration", "by_kind")})
-    logger.log(step, kind="final", calibration=results["calibration"],
-               by_kind={k: {"accuracy": a, "n": n} for k, (a, n) in results["by_kind"].items()}, echo=False)
+    save_reward_model(os.path.join(args.out, "model.pt"), reward_model, args=asdict(args), results=scalars(results))
+    by_kind = {kind: {"accuracy": accuracy, "n": count} for kind, (accuracy, count) in results["by_kind"].items()}
+    logger.log(step, kind="final", calibration=results["calibration"], by_kind=by_kind, echo=False)
     logger.close()
     print(f"before training: pairwise accuracy {100 * start['test_accuracy']:.1f}% (zero head: every pair a tie)")
     print_report(results)

@@ -2,9 +2,18 @@
 in closed form, the adaptive KL controller, the first importance ratio being 1, the verifiable reward
 equal to model.is_correct, the reward model equal to reward.py's, and tiny end-to-end runs (the
 reward-model score rises; timing, memory and parameters-by-role fields are present and right)."""
+import dataclasses
+import hashlib
 import json
 import math
+import os
 import random
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,7 +143,7 @@ def test_surrogate_gradient_vanishes_outside_the_clip_region_in_the_advantage_di
     logp = (old + torch.tensor([t[0] for t in tokens], dtype=torch.float64)[None]).requires_grad_(True)
     adv = torch.tensor([t[1] for t in tokens], dtype=torch.float64)[None]
     mask = torch.ones_like(adv)
-    loss, clipfrac, approx_kl = P.policy_loss(logp, old, adv, mask, eps, eps_high)
+    loss, stats = P.policy_loss(logp, old, adv, mask, eps, eps_high)
     loss.backward()
     n, clipped = len(tokens), 0
     for i, (log_ratio, a, _) in enumerate(tokens):
@@ -144,14 +153,14 @@ def test_surrogate_gradient_vanishes_outside_the_clip_region_in_the_advantage_di
             clipped += 1
         else:   # d/dlogp of -(ratio * A) / n = -(ratio * A) / n
             assert float(logp.grad[0, i]) == pytest.approx(-ratio * a / n, rel=1e-9, abs=1e-12)
-    assert float(clipfrac) == pytest.approx(clipped / n)
-    assert float(approx_kl) == pytest.approx(np.mean([math.exp(x) - 1 - x for x, _, _ in tokens]), abs=1e-12)
+    assert float(stats["clipfrac"]) == pytest.approx(clipped / n)
+    assert float(stats["approx_kl"]) == pytest.approx(np.mean([math.exp(x) - 1 - x for x, _, _ in tokens]), abs=1e-12)
 
 
 @given(vals=st.lists(st.tuples(small, small, small), min_size=1, max_size=12), clip=st.floats(0.01, 1))
 def test_clipped_value_loss_equals_its_closed_form(vals, clip):
     v, old, ret = (torch.tensor([x[i] for x in vals], dtype=torch.float64)[None] for i in range(3))
-    got = P.value_loss(v, old, ret, torch.ones_like(v), clip)
+    got, _ = P.value_loss(v, old, ret, torch.ones_like(v), clip)
     expected = np.mean([0.5 * max((a - r) ** 2, (o + min(max(a - o, -clip), clip) - r) ** 2) for a, o, r in vals])
     assert float(got) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
@@ -173,6 +182,84 @@ def test_entropy_matches_torch_categorical(logits, top_k, temperature):
     logp = M.sampling_logprobs(torch.tensor(logits, dtype=torch.float64), temperature, top_k)
     expected = torch.distributions.Categorical(probs=logp.exp()).entropy()
     assert float(P.entropy(logp)) == pytest.approx(float(expected), abs=1e-6)
+
+
+@st.composite
+def masked_tokens(draw, max_rows=4, max_len=8):
+    """(B, N) float64 tensors: log-ratios near 1 and far from it (past the +-20 clamp), advantages with
+    exact zeros, old log-probs, and an arbitrary mask (fully masked batches included)."""
+    B, N = draw(st.integers(1, max_rows)), draw(st.integers(1, max_len))
+
+    def grid(elements):
+        return torch.tensor(draw(st.lists(st.lists(elements, min_size=N, max_size=N), min_size=B, max_size=B)),
+                            dtype=torch.float64)
+    log_ratio = grid(st.one_of(st.floats(-0.5, 0.5), st.floats(-30, 30)))
+    advantages = grid(st.one_of(st.just(0.0), st.floats(-5, 5)))
+    old = grid(st.floats(-8, 0))
+    mask = grid(st.sampled_from([0.0, 1.0]))
+    return old + log_ratio, old, advantages, mask
+
+
+@given(batch=masked_tokens(), eps_low=st.floats(0, 1), eps_high=st.floats(0, 1))
+def test_policy_loss_agrees_with_losses_ppo_policy_loss_in_loss_gradient_and_stats(batch, eps_low, eps_high):
+    """The two accepted copies of the clipped surrogate: the same loss, gradient, clipfrac, approx_kl, ratio_mean."""
+    losses = pytest.importorskip("losses")
+    logp, old, advantages, mask = batch
+    ours_logp, theirs_logp = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
+    ours, our_stats = P.policy_loss(ours_logp, old, advantages, mask, eps_low, eps_high)
+    theirs, their_stats = losses.ppo_policy_loss(theirs_logp, old, advantages, mask, eps_low=eps_low, eps_high=eps_high)
+    ours.backward()
+    theirs.backward()
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-9, abs=1e-12)
+    assert torch.allclose(ours_logp.grad, theirs_logp.grad, rtol=1e-9, atol=1e-12)
+    assert set(our_stats) == {"clipfrac", "approx_kl", "ratio_mean"} <= set(their_stats)
+    for name in our_stats:   # approx_kl: (rho - 1) - log rho vs expm1(u) - u, rho up to e^20
+        assert float(our_stats[name]) == pytest.approx(float(their_stats[name]), rel=1e-9, abs=1e-9), name
+    if mask.sum() == 0:      # a fully masked batch: nothing counts, nothing clips, no gradient
+        assert float(ours.detach()) == 0 and float(our_stats["clipfrac"]) == 0 and torch.all(ours_logp.grad == 0)
+
+
+def test_clipfrac_counts_exactly_the_tokens_where_the_clip_binds():
+    """Hand-made tokens, eps_low = 0.2, eps_high = 0.3: the clip binds for (rho 1.5, A > 0) and (rho 0.5, A < 0)
+    only; (rho 1.5, A < 0), (rho 0.5, A > 0), (rho 1, any A) and A = 0 never clip; the masked token is not counted."""
+    ratio = torch.tensor([[1.5, 0.5, 1.5, 0.5, 1.0, 1.5, 0.5]], dtype=torch.float64)
+    advantages = torch.tensor([[1.0, -1.0, -1.0, 1.0, 2.0, 0.0, -3.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0]], dtype=torch.float64)
+    _, stats = P.policy_loss(ratio.log(), torch.zeros_like(ratio), advantages, mask, 0.2, 0.3)
+    assert float(stats["clipfrac"]) == pytest.approx(2 / 6)
+    assert float(stats["ratio_mean"]) == pytest.approx((1.5 + 0.5 + 1.5 + 0.5 + 1.0 + 1.5) / 6)
+
+
+@given(values=masked_tokens(), value_clip=st.floats(0, 2))
+def test_value_loss_agrees_with_losses_value_loss_in_loss_gradient_and_clipfrac(values, value_clip):
+    losses = pytest.importorskip("losses")
+    new_values, old_values, returns, mask = values
+    ours_v, theirs_v = new_values.clone().requires_grad_(True), new_values.clone().requires_grad_(True)
+    ours, our_stats = P.value_loss(ours_v, old_values, returns, mask, value_clip)
+    theirs, their_stats = losses.value_loss(theirs_v, old_values, returns, mask, clip_eps=value_clip)
+    ours.backward()
+    theirs.backward()
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-12, abs=1e-12)
+    assert torch.allclose(ours_v.grad, theirs_v.grad, rtol=1e-12, atol=1e-15)
+    assert float(our_stats["vf_clipfrac"]) == pytest.approx(float(their_stats["vf_clipfrac"]), abs=1e-12)
+
+
+@given(logits=st.lists(st.lists(st.floats(-30, 30), min_size=12, max_size=12), min_size=1, max_size=3),
+       top_k=st.integers(0, 12), temperature=st.floats(0.3, 2))
+def test_entropy_agrees_with_losses_entropy_and_its_gradient_is_finite_under_top_k(logits, top_k, temperature):
+    """ppo.entropy reads log-probs (-inf outside top-k), losses.entropy logits; on the same distribution they
+    agree, and so do the gradients with respect to the raw logits, which stay finite (0 * log 0 := 0)."""
+    losses = pytest.importorskip("losses")
+    raw = torch.tensor(logits, dtype=torch.float64)
+    ours_raw, theirs_raw = raw.clone().requires_grad_(True), raw.clone().requires_grad_(True)
+    ours = P.entropy(M.sampling_logprobs(ours_raw, temperature, top_k))
+    theirs = losses.entropy(M.sampling_logprobs(theirs_raw, temperature, top_k))
+    # sampling_logprobs works in float32: H <= log 12 and |dH/dz| <= log 12 + 1, so agree to ~10 float32 ulps
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-5)
+    ours.sum().backward()
+    theirs.sum().backward()
+    assert torch.isfinite(ours_raw.grad).all()
+    assert torch.allclose(ours_raw.grad, theirs_raw.grad, rtol=0, atol=1e-5)
 
 
 @given(data=rows_of(3, 8))
@@ -252,7 +339,7 @@ def test_reward_model_scores_agree_with_reward_py_under_left_padding(tmp_path):
 
 def test_first_ratio_is_one_and_sampler_logprobs_match_a_full_forward():
     policy = tiny_gpt(n_layer=2, seed=1).eval()
-    args = P.Args(temperature=0.7, top_k=20, max_new_tokens=12, n_minibatches=2, ppo_epochs=1)
+    args = P.Args(temperature=0.7, top_k=20, max_new_tokens=12, n_minibatches=2, update_epochs=1)
     rows = [{"prompt": p, "answer": "0"} for p in ["1+1=?\n", "22+33=?\n", "7*8=?\n", "100-1=?\n", "5=?\n"]]
     batch, sample_logprobs = P.rollout(policy, ENC, rows, args, torch.Generator().manual_seed(0), "cpu")
     old = P.response_logprobs(policy, batch, args.temperature, args.top_k)
@@ -382,3 +469,392 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         P.train(tiny_args(tmp_path, init=str(tmp_path / "missing.pt")))
     with pytest.raises(M.UserError, match="policy.pt"):   # a policy checkpoint is not a reward model
         P.train(tiny_args(tmp_path, reward_model=str(tmp_path / "policy.pt")))
+
+
+# ---- non-finite losses and gradients stop the run before the update ---------------------------------
+
+def run_cli_in_process(main, argv, capsys):
+    """model.cli(main) on argv in this process -> (exit status, stderr lines)."""
+    with pytest.raises(SystemExit) as stopped:
+        M.cli(lambda: main(argv))
+    return stopped.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def cli_argv(args):
+    """The command line of a P.Args / R.Args: every field as its flag (M.stage_command) minus the script."""
+    return M.stage_command("x.py", **asdict(args))[1:]
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch, capsys, poison):
+    write_inputs(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(tmp_path / "policy.pt", out / "model.pt")     # the last good checkpoint of an earlier run
+    before = digest(out / "model.pt")
+    finite_value_loss = P.value_loss
+
+    def poisoned_value_loss(values, *rest):
+        loss, stats = finite_value_loss(values, *rest)
+        if poison == "loss":
+            return loss * math.nan, stats
+        # a finite loss whose gradient is NaN: d sqrt(x)/dx = inf at x = 0, times the outer 0
+        return loss + 0.0 * (values - values.detach()).sqrt().sum(), stats
+    monkeypatch.setattr(P, "value_loss", poisoned_value_loss)
+    status, err = run_cli_in_process(P.main, cli_argv(tiny_args(tmp_path, max_steps=3)), capsys)
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith("error: step 1, epoch 1, minibatch 1: ")
+    assert ("loss is nan" if poison == "loss" else "value_grad_norm is nan") in err[0]
+    assert digest(out / "model.pt") == before                 # untouched, and still finite
+    model, _, _ = M.load(str(out / "model.pt"))
+    assert not M.non_finite_tensors(model.state_dict())
+    assert not (out / "summary.json").exists()
+
+
+class ExplodingSGD(torch.optim.SGD):
+    """An optimizer whose step leaves an infinite weight behind (what a far too large step size does)."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = math.inf
+
+
+def test_an_update_that_makes_a_weight_non_finite_stops_before_the_next_rollout():
+    """Finite loss and gradients, then an update that leaves inf in a weight: ppo_update names the step
+    instead of letting the next rollout sample from NaN logits (or the final save find it)."""
+    policy = tiny_gpt(seed=1).eval()
+    args = P.Args(max_new_tokens=4, n_minibatches=1, update_epochs=1)
+    rows = [{"prompt": p, "answer": "0"} for p in ["1+1=?\n", "2+2=?\n"]]
+    batch, _ = P.rollout(policy, ENC, rows, args, torch.Generator().manual_seed(0), "cpu")
+    old = P.response_logprobs(policy, batch, args.temperature)
+    value = P.ScalarHead(tiny_gpt(seed=2))
+    optimizer = ExplodingSGD(list(policy.parameters()) + list(value.parameters()), lr=1e-3)
+    zeros = torch.zeros_like(old)
+    with pytest.raises(M.NonFiniteError, match="step 7: after the update: wte.weight holds NaN or inf"):
+        P.ppo_update({"policy": policy, "value": value}, optimizer, batch, old, zeros, batch.mask.clone(), zeros, args,
+                     torch.Generator().manual_seed(0), step=7)
+
+
+# ---- inputs: GSM8K rows, prompts longer than the context, the upstream commands -----------------------
+
+def test_gsm8k_rows_work_unchanged_and_their_answers_are_reduced_to_the_final_number(tmp_path):
+    write_inputs(tmp_path)
+    gsm8k = [{"question": f"Tom has {a} apples and buys {b}. How many?\n",
+              "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b:,}"}
+             for a, b in ((7, 5), (900, 350), (12, 30), (1000, 1))]
+    M.write_jsonl(str(tmp_path / "gsm8k.jsonl"), gsm8k)
+    args = tiny_args(tmp_path, data=str(tmp_path / "gsm8k.jsonl"), eval_data=str(tmp_path / "gsm8k.jsonl"),
+                     completions_per_step=4, n_minibatches=2, max_steps=1)
+    _, _, train_rows, _ = P.load_inputs(args, "cpu")
+    assert [row["answer"] for row in train_rows] == [str(a + b) for a, b in ((7, 5), (900, 350), (12, 30), (1000, 1))]
+    assert [row["prompt"] for row in train_rows] == [row["question"] for row in gsm8k]
+    assert P.train(args)["steps"] == 1
+
+
+def test_prompts_longer_than_the_context_are_skipped_and_counted(tmp_path, capsys):
+    rows = write_inputs(tmp_path)   # the tiny policy's context is 64 tokens (bytes)
+    long_rows = [{"prompt": "x" * (64 - 6 + extra), "answer": "1"} for extra in (0, 1, 30)]   # 6 new tokens
+    M.write_jsonl(str(tmp_path / "mixed.jsonl"), rows[:5] + long_rows)
+    args = tiny_args(tmp_path, data=str(tmp_path / "mixed.jsonl"), eval_data=str(tmp_path / "mixed.jsonl"))
+    _, _, train_rows, eval_rows = P.load_inputs(args, "cpu")
+    assert train_rows == rows[:5] + long_rows[:1]          # prompt + 6 new tokens <= 64 is kept, one more is not
+    assert eval_rows == (rows[:5] + long_rows[:1])[:args.n_eval]
+    assert f"{tmp_path / 'mixed.jsonl'}: skipped 2 of 8 prompts" in capsys.readouterr().out
+
+
+def test_each_upstream_command_parses_with_its_targets_parser_and_makes_the_default_path():
+    """ensure_input's commands, parsed by synth.py's, sft.py's and reward.py's own parsers: each one's output
+    is where ppo.py's default input lives."""
+    synth, sft = pytest.importorskip("synth"), pytest.importorskip("sft")
+    defaults = P.Args()
+    for command, target in ((P.synth_command(), synth), (P.sft_command(), sft), (P.reward_command(), R)):
+        assert command[0] == os.path.basename(target.__file__)
+        M.parse_args(target.Args, command[1:])              # the target's own parser accepts it
+    assert os.path.join(M.parse_args(synth.Args, P.synth_command()[1:]).out_dir, "rl_train.jsonl") == defaults.data
+    assert os.path.join(M.parse_args(synth.Args, P.synth_command()[1:]).out_dir, "rl_test.jsonl") == defaults.eval_data
+    assert os.path.join(M.parse_args(sft.Args, P.sft_command()[1:]).out, "model.pt") == defaults.init
+    assert os.path.join(M.parse_args(R.Args, P.reward_command()[1:]).out, "model.pt") == defaults.reward_model
+
+
+def test_a_missing_default_input_runs_the_command_its_builder_makes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                              # no data/, no runs/: every default is missing
+    ran = []
+
+    def run_stage(command, echo=True):
+        ran.append(command)
+        raise M.UserError("stop here")
+    monkeypatch.setattr(M, "run_stage", run_stage)
+    with pytest.raises(M.UserError, match="stop here"):
+        P.train(P.Args(device="cpu", max_steps=1))
+    assert ran == [P.synth_command()]
+    write_inputs(tmp_path)
+    ran.clear()
+    with pytest.raises(M.UserError, match="stop here"):
+        P.train(P.Args(device="cpu", max_steps=1, data="rl_train.jsonl", eval_data="rl_test.jsonl"))
+    assert ran == [P.sft_command()]
+    ran.clear()
+    with pytest.raises(M.UserError, match="stop here"):
+        P.train(P.Args(device="cpu", max_steps=1, data="rl_train.jsonl", eval_data="rl_test.jsonl", init="policy.pt"))
+    assert ran == [P.reward_command()]
+    assert not os.path.exists(P.Args().out)
+
+
+# ---- every option is checked before anything is read or written ----------------------------------------
+
+#: values each option must refuse (the parser already refuses nan/inf text; these reach check_args directly)
+BAD_OPTIONS = {
+    "init": [""], "reward": ["human", ""], "reward_model": [""], "data": [""], "eval_data": [""], "out": [""],
+    "n_eval": [0, -1, 10 ** 10], "n_eval_during": [0], "eval_minutes": [0.0, -1.0, math.nan, 1e308],
+    "completions_per_step": [0, -2, 10 ** 10], "temperature": [0.0, -1.0, math.nan, 1e300, 1e-300],
+    "top_k": [-1, 10 ** 400], "max_new_tokens": [0, -1, 10 ** 10], "time_budget": [-1.0, math.nan, 1e308],
+    "max_steps": [-1, 10 ** 400], "update_epochs": [0, 10 ** 10], "n_minibatches": [0, 10 ** 6],
+    "lr": [0.0, -1.0, math.nan, math.inf, 2.0, 1e39], "value_lr": [0.0, -1e-4, 1e39],
+    "eps_low": [-0.1, 1.5, math.nan], "eps_high": [-0.1, math.nan, 1e300], "value_clip": [-0.2, 1e300],
+    "vf_coef": [-0.1, math.nan, 1e300], "ent_coef": [-0.1, 1e300], "beta": [-0.05, math.nan, 1e300],
+    "kl_target": [-1.0, 1e300], "kl_horizon": [0, -1, 10 ** 400], "gamma": [-0.1, 1.1, math.nan],
+    "lam": [-0.1, 1.5, math.nan], "early_stop_kl": [-0.05, math.nan, 1e300], "grad_clip": [-1.0, math.nan, 1e300],
+    "missing_eos_penalty": [-1.0, 1e300], "device": ["tpu", "", "cuda:abc", "cuda:99"], "seed": [-1, 2 ** 32],
+}
+
+
+def test_every_option_has_bad_values_in_the_table():
+    """A new option must come with the values it refuses: every field but the booleans is listed."""
+    fields = {f.name for f in dataclasses.fields(P.Args) if f.type not in (bool, "bool")}
+    assert fields == set(BAD_OPTIONS)
+
+
+@pytest.mark.parametrize("name,value", [(name, value) for name, values in BAD_OPTIONS.items() for value in values])
+def test_each_bad_option_is_refused_by_name_before_any_input_is_read(tmp_path, name, value):
+    missing = str(tmp_path / "missing")    # inputs that do not exist: the option must be refused first
+    args = dataclasses.replace(P.Args(init=missing, reward_model=missing, data=missing, eval_data=missing,
+                                      out=str(tmp_path / "run"), device="cpu", max_steps=1), **{name: value})
+    with pytest.raises(M.UserError, match="--" + name.replace("_", "-")):
+        P.train(args)
+    assert os.listdir(tmp_path) == []
+
+
+def test_option_combinations_and_defaults():
+    P.check_args(P.Args(device="cpu"))
+    assert P.Args().eps_high == P.Args().eps_low == 0.2         # plain PPO's symmetric clip by default
+    assert P.Args().max_new_tokens == M.MAX_NEW_TOKENS
+    with pytest.raises(M.UserError, match="--kl-target"):
+        P.check_args(P.Args(device="cpu", kl_target=1.0, beta=0.0))
+    with pytest.raises(M.UserError, match="--n-minibatches"):
+        P.check_args(P.Args(device="cpu", completions_per_step=4, n_minibatches=5))
+    with pytest.raises(M.UserError, match="--max-steps"):
+        P.check_args(P.Args(device="cpu", max_steps=0, time_budget=0.0))
+
+
+# ---- the bad-input table: `python ppo.py` on each kind of bad input ---------------------------------------
+# Each case runs either as a real `python ppo.py` subprocess ("cli": the kinds issue 18 lists) or through
+# model.cli(ppo.main) in this process ("in-process": the same assertions without paying ~1.5 s of torch import).
+# Either way: exit status 2, exactly one line on stderr naming the file:line or the option, no traceback, and
+# no file written in the case's folder (the working directory, which also holds --out).
+
+PROMPT_ROW = b'{"prompt": "1+1=?\\n", "answer": "2"}\n'
+
+
+def bad_jsonl_cases(good_row, missing_key_row, wrong_type_row):
+    """{kind: (file content, None for no file or "dir" for a folder; the suffix after the path in the error)}."""
+    return {
+        "missing": (None, ""), "directory": ("dir", ""), "empty": (b"", ""),
+        "not JSON": (good_row + b"{not json\n", ":2"), "missing key": (missing_key_row, ":1"),
+        "wrong type": (good_row + wrong_type_row, ":2"), "non-UTF-8": (good_row + b'{"prompt": "\xff\xfe"}\n', ":2"),
+        "deep nesting": (b"[" * 100000 + b"\n", ":1"), "5000-digit integer": (b'{"n": ' + b"9" * 5000 + b"}\n", ":1"),
+    }
+
+
+def write_bad_input(folder, name, content):
+    path = folder / name
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    return str(path)
+
+
+def hostile_checkpoint(source, path):
+    """About 1 KB on disk; its config asks for 48 layers of width 8192 (about 40 GB of weights)."""
+    config = dataclasses.asdict(M.Config(n_layer=48, n_embd=8192, n_head=64, n_kv_head=64))
+    torch.save({"config": config, "model": {"wte.weight": torch.zeros(2, 2)}, "tokenizer": M.tokenizer_spec(ENC),
+                "meta": {}}, path)
+
+
+def truncated_checkpoint(source, path):
+    data = open(source, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+
+
+def nan_weights_checkpoint(source, path):
+    ckpt = torch.load(source, weights_only=True)
+    ckpt["model"]["wte.weight"][0, 0] = math.nan
+    torch.save(ckpt, path)
+
+
+def wrong_head_checkpoint(source, path):
+    ckpt = torch.load(source, weights_only=True)
+    ckpt["meta"]["reward_head"]["weight"] = torch.zeros(1, 7)
+    torch.save(ckpt, path)
+
+
+CHECKPOINTS = {"missing": lambda source, path: None, "directory": lambda source, path: os.mkdir(path),
+               "truncated": truncated_checkpoint, "hostile": hostile_checkpoint, "NaN weights": nan_weights_checkpoint,
+               "not a checkpoint": lambda source, path: open(path, "wb").write(PROMPT_ROW),
+               "a policy, not a reward model": lambda source, path: shutil.copy(Path(source).parent / "policy.pt",
+                                                                                path),
+               "reward head of the wrong shape": wrong_head_checkpoint}
+
+
+def file_case(flag, name, content, where=""):
+    def make(folder, inputs):
+        path = write_bad_input(folder, name, content)
+        return [flag, path], path + where
+    return make
+
+
+def checkpoint_case(flag, source, kind):
+    def make(folder, inputs):
+        path = str(folder / "bad.pt")
+        CHECKPOINTS[kind](str(inputs / source), path)
+        return [flag, path], path
+    return make
+
+
+def option_case(argv, flag):
+    return lambda folder, inputs: (argv, flag)
+
+
+def ppo_cases():
+    """[(case id, "cli" | "in-process", make(case folder, valid inputs) -> (extra argv, text the error names))]"""
+    cases = []
+    jsonl = bad_jsonl_cases(PROMPT_ROW, b'{"prompt": "1+1=?\\n"}\n', b'{"prompt": 5, "answer": "2"}\n')
+    for kind, (content, where) in jsonl.items():
+        cases.append((f"--data {kind}", "cli", file_case("--data", "bad.jsonl", content, where)))
+        cases.append((f"--eval-data {kind}", "in-process", file_case("--eval-data", "bad.jsonl", content, where)))
+    long_prompt = b'{"prompt": "' + b"x" * 200 + b'", "answer": "1"}\n'
+    cases.append(("--data every prompt longer than the context", "in-process",
+                  file_case("--data", "long.jsonl", long_prompt)))
+    cases.append(("--data every prompt empty", "in-process",
+                  file_case("--data", "empty_prompts.jsonl", b'{"prompt": "", "answer": "2"}\n' * 2)))
+    cases.append(("--eval-data every prompt empty", "in-process",
+                  file_case("--eval-data", "empty_prompts.jsonl", b'{"prompt": "", "answer": "2"}\n')))
+    cases.append(("--data no final answer", "in-process",
+                  file_case("--data", "bad.jsonl", PROMPT_ROW + b'{"question": "q", "answer": "#### "}\n', ":2")))
+    for flag, source, kinds in (("--init", "policy.pt", ["missing", "directory", "truncated", "hostile", "NaN weights",
+                                                         "not a checkpoint"]),
+                                ("--reward-model", "rm.pt", ["truncated", "hostile", "NaN weights",
+                                                             "a policy, not a reward model",
+                                                             "reward head of the wrong shape"])):
+        for kind in kinds:
+            via = "cli" if kind in ("truncated", "hostile") else "in-process"
+            cases.append((f"{flag} {kind}", via, checkpoint_case(flag, source, kind)))
+    cli_options = [["--lr", "nan"], ["--gamma", "nan"], ["--seed", "-1"], ["--kl-horizon", "0"],
+                   ["--temperature", "-1"], ["--eps-low", "nan"], ["--time-budget", "nan"],
+                   ["--max-steps", "0", "--time-budget", "0"]]
+    other_options = [["--lr", "1e400"], ["--lr", "1e39"], ["--eps-high", "-0.1"], ["--eps-high", "1e300"],
+                     ["--lam", "1.5"], ["--reward", "human"], ["--max-steps", "9" * 5000], ["--update-epochs", "0"],
+                     ["--n-minibatches", "3"], ["--device", "tpu"], ["--top-k", "-1"], ["--eps", "0.1"],
+                     ["--ppo-epochs", "2"], ["--out", ""]]
+    for via, options in (("cli", cli_options), ("in-process", other_options)):
+        for argv in options:
+            cases.append((" ".join(argv)[:40], via, option_case(argv, argv[0])))
+    cases.append(("--out is a file", "in-process",
+                  lambda folder, inputs: (["--out", write_bad_input(folder, "taken", b"a file\n")], "--out")))
+    return cases
+
+
+PPO_CASES = ppo_cases()
+
+
+def files_under(folder):
+    return sorted(str(path.relative_to(folder)) for path in Path(folder).rglob("*"))
+
+
+def run_case(make, folder, inputs, base_argv, run):
+    """Make the case's bad input in `folder`, run it -> (exit status, stderr lines, expected text, files before,
+    files after)."""
+    extra, expected = make(folder, inputs)
+    before = files_under(folder)
+    status, stderr = run([*base_argv(inputs, folder), *extra], folder)
+    return status, stderr.strip().splitlines(), expected, before, files_under(folder)
+
+
+def run_script(script):
+    def run(argv, folder):
+        result = subprocess.run([sys.executable, str(script), *argv], cwd=folder, capture_output=True, text=True,
+                                errors="replace", timeout=300)
+        return result.returncode, result.stderr
+    return run
+
+
+def run_in_process(main, monkeypatch, capsys):
+    def run(argv, folder):
+        monkeypatch.chdir(folder)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            M.cli(lambda: main(argv))
+        return stopped.value.code, capsys.readouterr().err
+    return run
+
+
+def check_one_line_error(status, err, expected, before, after):
+    assert status == 2, (status, err[-5:])
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err[-5:]
+    assert expected in err[0], (expected, err[0])
+    assert after == before, sorted(set(after) - set(before))
+
+
+def ppo_base_argv(inputs, folder):
+    """Every input explicit and tiny, so no upstream stage is ever built; --out inside the case's folder."""
+    return ["--data", str(inputs / "rl_train.jsonl"), "--eval-data", str(inputs / "rl_test.jsonl"),
+            "--init", str(inputs / "policy.pt"), "--reward-model", str(inputs / "rm.pt"), "--out", str(folder / "run"),
+            "--max-steps", "1", "--time-budget", "0", "--device", "cpu", "--n-eval", "2",
+            "--completions-per-step", "2", "--n-minibatches", "1", "--max-new-tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def ppo_valid_inputs(tmp_path_factory):
+    inputs = tmp_path_factory.mktemp("valid_inputs")
+    write_inputs(inputs)
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def ppo_cli_runs(ppo_valid_inputs, tmp_path_factory):
+    """The "cli" cases, each a `python ppo.py` in its own folder, a few at a time."""
+    root = tmp_path_factory.mktemp("ppo_cli_cases")
+    cli = [(number, case_id, make) for number, (case_id, via, make) in enumerate(PPO_CASES) if via == "cli"]
+
+    def run(case):
+        number, case_id, make = case
+        folder = root / f"case{number}"
+        folder.mkdir()
+        return case_id, run_case(make, folder, ppo_valid_inputs, ppo_base_argv, run_script(P.__file__))
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        return dict(pool.map(run, cli))
+
+
+@pytest.mark.parametrize("case_id", [case_id for case_id, via, _ in PPO_CASES if via == "cli"])
+def test_python_ppo_py_on_bad_input_is_one_line_exit_2_and_writes_nothing(ppo_cli_runs, case_id):
+    check_one_line_error(*ppo_cli_runs[case_id])
+
+
+@pytest.mark.parametrize("case_id,make", [(case_id, make) for case_id, via, make in PPO_CASES if via == "in-process"])
+def test_ppo_main_on_bad_input_is_one_line_exit_2_and_writes_nothing(ppo_valid_inputs, tmp_path, monkeypatch, capsys,
+                                                                    case_id, make):
+    check_one_line_error(*run_case(make, tmp_path, ppo_valid_inputs, ppo_base_argv,
+                                   run_in_process(P.main, monkeypatch, capsys)))
+
+
+def test_the_bad_input_table_passes_on_valid_input(ppo_valid_inputs, tmp_path, monkeypatch, capsys):
+    """The table's base command line is itself good: with no bad input it trains and exits 0, so every
+    failure above is the bad input's."""
+    monkeypatch.chdir(tmp_path)
+    summary = P.main(ppo_base_argv(ppo_valid_inputs, tmp_path))
+    assert summary["steps"] == 1 and (tmp_path / "run" / "model.pt").exists()

@@ -1,8 +1,18 @@
 """reward.py: the Bradley-Terry loss against its closed form, padding invariance of the last-token
 score, learning a separable preference (and not learning random labels), calibration and per-kind
 accuracy against brute force, and the checkpoint round trip."""
+import dataclasses
+import hashlib
+import json
 import math
+import os
 import random
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,15 +48,15 @@ def test_loss_equals_minus_log_sigmoid_of_the_gap(pairs, margin):
     r_r = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
     # -log sigmoid(x) = log(1 + exp(-x)) = logaddexp(0, -x), computed by numpy
     expected = np.mean([np.logaddexp(0.0, -(c - r - margin)) for c, r in pairs])
-    assert float(R.bradley_terry_loss(r_c, r_r, margin)) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert float(R.bradley_terry_loss(r_c, r_r, margin)[0]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 @given(pairs=st.lists(st.tuples(finite, finite), min_size=1, max_size=16), shift=finite)
 def test_loss_is_invariant_to_adding_a_constant_to_both_rewards(pairs, shift):
     r_c = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
     r_r = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
-    assert float(R.bradley_terry_loss(r_c + shift, r_r + shift)) == pytest.approx(
-        float(R.bradley_terry_loss(r_c, r_r)), rel=1e-7, abs=1e-9)
+    assert float(R.bradley_terry_loss(r_c + shift, r_r + shift)[0]) == pytest.approx(
+        float(R.bradley_terry_loss(r_c, r_r)[0]), rel=1e-7, abs=1e-9)
 
 
 @given(pairs=st.lists(st.tuples(finite, finite), min_size=1, max_size=16), margin=st.floats(0, 3),
@@ -54,7 +64,7 @@ def test_loss_is_invariant_to_adding_a_constant_to_both_rewards(pairs, shift):
 def test_gradient_is_sigmoid_of_delta_minus_one_plus_the_centring_term(pairs, margin, center):
     r_c = torch.tensor([p[0] for p in pairs], dtype=torch.float64, requires_grad=True)
     r_r = torch.tensor([p[1] for p in pairs], dtype=torch.float64, requires_grad=True)
-    R.bradley_terry_loss(r_c, r_r, margin, center).backward()
+    R.bradley_terry_loss(r_c, r_r, margin, center)[0].backward()
     B = len(pairs)
     for i, (c, r) in enumerate(pairs):
         sig = 1 / (1 + math.exp(-(c - r - margin)))
@@ -63,12 +73,31 @@ def test_gradient_is_sigmoid_of_delta_minus_one_plus_the_centring_term(pairs, ma
         assert float(r_r.grad[i]) == pytest.approx((1 - sig + 2 * center * (c + r)) / B, abs=1e-9)
 
 
+@given(pairs=st.lists(st.tuples(finite, finite, st.booleans()), min_size=1, max_size=16), margin=st.floats(0, 3))
+def test_bradley_terry_loss_agrees_with_losses_in_loss_gradient_and_stats(pairs, margin):
+    """reward.bradley_terry_loss (no centring term) and losses.bradley_terry_loss are two accepted copies."""
+    losses = pytest.importorskip("losses")
+    pairs = [(c, c if tie else r) for c, r, tie in pairs]           # exact ties included
+    chosen = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    rejected = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    ours_c, theirs_c = chosen.clone().requires_grad_(True), chosen.clone().requires_grad_(True)
+    ours, our_stats = R.bradley_terry_loss(ours_c, rejected, margin)
+    theirs, their_stats = losses.bradley_terry_loss(theirs_c, rejected, margin)
+    ours.backward()
+    theirs.backward()
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-12, abs=1e-12)
+    assert torch.allclose(ours_c.grad, theirs_c.grad, rtol=1e-12, atol=1e-15)
+    assert set(our_stats) == set(their_stats) == {"accuracy", "margin"}
+    for name in our_stats:
+        assert float(our_stats[name]) == pytest.approx(float(their_stats[name]), rel=1e-12, abs=1e-12)
+
+
 def test_zero_head_starts_every_pair_as_a_tie_with_loss_log_2():
     rm = R.RewardModel(tiny_rm().body, M.get_tokenizer("bytes"))
     pairs, _ = R.make_pairs([{"prompt": "1+1=?\n", "chosen": "#### 2", "rejected": "#### 3"}] * 3, rm.enc, 64)
     with torch.no_grad():
         r_c, r_r = R.pair_rewards(rm, pairs, M.BYTE_PAD_ID, "cpu")
-    assert float(R.bradley_terry_loss(r_c, r_r)) == pytest.approx(math.log(2), rel=1e-7)
+    assert float(R.bradley_terry_loss(r_c, r_r)[0]) == pytest.approx(math.log(2), rel=1e-7)
     assert R.pairwise_accuracy(r_c - r_r) == 0.5
 
 
@@ -196,3 +225,333 @@ def test_a_missing_explicit_input_is_an_error_naming_it(tmp_path):
     with pytest.raises(M.UserError, match="nope.jsonl"):
         R.train(args)
     assert not (tmp_path / "rm").exists()   # nothing half-written
+
+
+# ---- a non-finite loss or gradient stops the run before the update ---------------------------------
+
+ENC = M.get_tokenizer("bytes")
+
+
+def write_inputs(folder):
+    """A tiny SFT-like body checkpoint and small train/test pair files (the marker task)."""
+    M.save(str(folder / "policy.pt"), tiny_rm(seed=7).body, ENC)
+    M.write_jsonl(folder / "train.jsonl", marker_rows(32, 0))
+    M.write_jsonl(folder / "test.jsonl", marker_rows(16, 1))
+
+
+def small_args(folder, **overrides):
+    args = dict(data=str(folder / "train.jsonl"), test_data=str(folder / "test.jsonl"), init=str(folder / "policy.pt"),
+                out=str(folder / "rm"), epochs=1, batch_size=8, time_budget=0, log_every=1000, device="cpu")
+    return R.Args(**(args | overrides))
+
+
+def cli_argv(args):
+    """The command line of an R.Args: every field as its flag (M.stage_command) minus the script."""
+    return M.stage_command("x.py", **asdict(args))[1:]
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch, capsys, poison):
+    write_inputs(tmp_path)
+    (tmp_path / "rm").mkdir()
+    R.save_reward_model(str(tmp_path / "rm" / "model.pt"), tiny_rm(seed=3))   # the last good checkpoint
+    before = digest(tmp_path / "rm" / "model.pt")
+    finite_loss = R.bradley_terry_loss
+    calls = []
+
+    def poisoned_loss(r_chosen, r_rejected, *rest):
+        calls.append(1)
+        loss, stats = finite_loss(r_chosen, r_rejected, *rest)
+        if len(calls) < 3:                           # steps 1 and 2 are fine, step 3 is not
+            return loss, stats
+        if poison == "loss":
+            return loss * math.inf, stats
+        # a finite loss whose gradient is NaN: d sqrt(x)/dx = inf at x = 0, times the outer 0
+        return loss + 0.0 * (r_chosen - r_chosen.detach()).sqrt().sum(), stats
+    monkeypatch.setattr(R, "bradley_terry_loss", poisoned_loss)
+    with pytest.raises(SystemExit) as stopped:
+        M.cli(lambda: R.main(cli_argv(small_args(tmp_path))))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: step 3: " + ("loss is inf" if poison == "loss" else "grad_norm is nan")), err
+    assert digest(tmp_path / "rm" / "model.pt") == before
+    assert not M.non_finite_tensors(R.load_reward_model(str(tmp_path / "rm" / "model.pt")).state_dict())
+
+
+# ---- inputs and the upstream commands ----------------------------------------------------------------
+
+def test_pairs_are_read_with_their_margins_and_kinds(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c", "rejected": "d",
+                                                              "margin": 2, "kind": "x"}]
+    M.write_jsonl(tmp_path / "pairs.jsonl", rows)
+    assert R.read_pairs(str(tmp_path / "pairs.jsonl")) == rows
+    pairs, skipped = R.make_pairs(rows, ENC, 64, default_margin=0.5)
+    assert [(p[2], p[3]) for p in pairs] == [(0.5, "all"), (2.0, "x")] and skipped == 0
+
+
+def test_each_upstream_command_parses_with_its_targets_parser_and_makes_the_default_path():
+    synth, sft = pytest.importorskip("synth"), pytest.importorskip("sft")
+    defaults = R.Args()
+    for command, target in ((R.synth_command(), synth), (R.sft_command(), sft)):
+        assert command[0] == os.path.basename(target.__file__)
+        M.parse_args(target.Args, command[1:])              # the target's own parser accepts it
+    out_dir = M.parse_args(synth.Args, R.synth_command()[1:]).out_dir
+    assert os.path.join(out_dir, "prefs_train.jsonl") == defaults.data
+    assert os.path.join(out_dir, "prefs_test.jsonl") == defaults.test_data
+    assert os.path.join(M.parse_args(sft.Args, R.sft_command()[1:]).out, "model.pt") == defaults.init
+
+
+def test_a_missing_default_input_runs_the_command_its_builder_makes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                              # no data/, no runs/: every default is missing
+    ran = []
+
+    def run_stage(command, echo=True):
+        ran.append(command)
+        raise M.UserError("stop here")
+    monkeypatch.setattr(M, "run_stage", run_stage)
+    with pytest.raises(M.UserError, match="stop here"):
+        R.train(R.Args(device="cpu"))
+    assert ran == [R.synth_command()]
+    write_inputs(tmp_path)
+    ran.clear()
+    with pytest.raises(M.UserError, match="stop here"):
+        R.train(R.Args(device="cpu", data="train.jsonl", test_data="test.jsonl"))
+    assert ran == [R.sft_command()]
+    assert not os.path.exists(R.Args().out)
+
+
+# ---- every option is checked before anything is read or written ----------------------------------------
+
+#: values each option must refuse (the parser already refuses nan/inf text; these reach check_args directly)
+BAD_OPTIONS = {
+    "data": [""], "test_data": [""], "init": [""], "out": [""], "n_layer": [-1, 10 ** 10], "n_head": [0, -2],
+    "n_embd": [0, 10 ** 10], "block_size": [0, -1], "epochs": [0, -1, 10 ** 400], "batch_size": [0, 10 ** 10],
+    "lr": [0.0, -1e-3, math.nan, 2.0, 1e39], "warmup_steps": [-1, 10 ** 400], "min_lr_ratio": [-0.1, 1.5, math.nan],
+    "weight_decay": [-0.1, math.nan, 1e300], "grad_clip": [-1.0, 1e300], "margin": [-1.0, math.nan, 1e300],
+    "center_coef": [-0.01, 1e300], "time_budget": [-1.0, math.nan, 1e308], "max_test": [-1], "n_bins": [0, 10 ** 6],
+    "log_every": [0, -10], "device": ["tpu", "", "cuda:abc", "cuda:99"], "seed": [-1, 2 ** 32],
+}
+
+
+def test_every_option_has_bad_values_in_the_table():
+    """A new option must come with the values it refuses: every field but the booleans is listed."""
+    assert {f.name for f in dataclasses.fields(R.Args) if f.type not in (bool, "bool")} == set(BAD_OPTIONS)
+
+
+@pytest.mark.parametrize("name,value", [(name, value) for name, values in BAD_OPTIONS.items() for value in values])
+def test_each_bad_option_is_refused_by_name_before_any_input_is_read(tmp_path, name, value):
+    missing = str(tmp_path / "missing")    # inputs that do not exist: the option must be refused first
+    args = dataclasses.replace(R.Args(data=missing, test_data=missing, init="scratch", out=str(tmp_path / "rm"),
+                                      device="cpu"), **{name: value})
+    with pytest.raises(M.UserError, match="--" + name.replace("_", "-")):
+        R.train(args)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_scratch_body_that_cannot_be_built_is_refused_by_its_option():
+    R.check_args(R.Args(device="cpu"))
+    with pytest.raises(M.UserError, match="--init scratch: n_embd=30 must be divisible by n_head=4"):
+        R.check_args(R.Args(device="cpu", init="scratch", n_embd=30, n_head=4))
+    # 12 L C^2 = 12 * 1e6 * 1e8 = 1.2e15 parameters: no machine has the 17 PiB to train it
+    with pytest.raises(M.UserError, match="--init scratch: a body of about 1.20e\\+15 parameters"):
+        R.check_args(R.Args(device="cpu", init="scratch", n_layer=10 ** 6, n_embd=10 ** 4, n_head=4))
+
+
+# ---- the bad-input table: `python reward.py` on each kind of bad input -----------------------------------
+# Each case runs either as a real `python reward.py` subprocess ("cli": the kinds issue 18 lists) or through
+# model.cli(reward.main) in this process ("in-process": the same assertions without ~1.5 s of torch import).
+# Either way: exit status 2, exactly one line on stderr naming the file:line or the option, no traceback, and
+# no file written in the case's folder (the working directory, which also holds --out).
+
+PAIR_ROW = b'{"prompt": "1+1=?\\n", "chosen": "#### 2", "rejected": "#### 3"}\n'
+
+
+def bad_jsonl_cases(good_row, missing_key_row, wrong_type_row):
+    """{kind: (file content, None for no file or "dir" for a folder; the suffix after the path in the error)}."""
+    return {
+        "missing": (None, ""), "directory": ("dir", ""), "empty": (b"", ""),
+        "not JSON": (good_row + b"{not json\n", ":2"), "missing key": (missing_key_row, ":1"),
+        "wrong type": (good_row + wrong_type_row, ":2"), "non-UTF-8": (good_row + b'{"prompt": "\xff\xfe"}\n', ":2"),
+        "deep nesting": (b"[" * 100000 + b"\n", ":1"), "5000-digit integer": (b'{"n": ' + b"9" * 5000 + b"}\n", ":1"),
+    }
+
+
+def write_bad_input(folder, name, content):
+    path = folder / name
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    return str(path)
+
+
+def hostile_checkpoint(source, path):
+    """About 1 KB on disk; its config asks for 48 layers of width 8192 (about 40 GB of weights)."""
+    config = dataclasses.asdict(M.Config(n_layer=48, n_embd=8192, n_head=64, n_kv_head=64))
+    torch.save({"config": config, "model": {"wte.weight": torch.zeros(2, 2)}, "tokenizer": M.tokenizer_spec(ENC),
+                "meta": {}}, path)
+
+
+def truncated_checkpoint(source, path):
+    data = open(source, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+
+
+def nan_weights_checkpoint(source, path):
+    ckpt = torch.load(source, weights_only=True)
+    ckpt["model"]["wte.weight"][0, 0] = math.nan
+    torch.save(ckpt, path)
+
+
+CHECKPOINTS = {"missing": lambda source, path: None, "directory": lambda source, path: os.mkdir(path),
+               "truncated": truncated_checkpoint, "hostile": hostile_checkpoint, "NaN weights": nan_weights_checkpoint,
+               "not a checkpoint": lambda source, path: open(path, "wb").write(PAIR_ROW)}
+
+
+def file_case(flag, name, content, where=""):
+    def make(folder, inputs):
+        path = write_bad_input(folder, name, content)
+        return [flag, path], path + where
+    return make
+
+
+def checkpoint_case(flag, source, kind):
+    def make(folder, inputs):
+        path = str(folder / "bad.pt")
+        CHECKPOINTS[kind](str(inputs / source), path)
+        return [flag, path], path
+    return make
+
+
+def option_case(argv, flag):
+    return lambda folder, inputs: (argv, flag)
+
+
+def reward_cases():
+    """[(case id, "cli" | "in-process", make(case folder, valid inputs) -> (extra argv, text the error names))]"""
+    cases = []
+    jsonl = bad_jsonl_cases(PAIR_ROW, b'{"prompt": "1+1=?\\n", "chosen": "#### 2"}\n',
+                            b'{"prompt": "1+1=?\\n", "chosen": 2, "rejected": "#### 3"}\n')
+    for kind, (content, where) in jsonl.items():
+        cases.append((f"--data {kind}", "cli", file_case("--data", "bad.jsonl", content, where)))
+        cases.append((f"--test-data {kind}", "in-process", file_case("--test-data", "bad.jsonl", content, where)))
+    margins = {"a string": b'"1"', "NaN": b"NaN", "Infinity": b"Infinity", "a 400-digit integer": b"9" * 400,
+               "1e300": b"1e300", "true": b"true"}
+    for kind, margin in margins.items():
+        row = b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": ' + margin + b"}\n"
+        cases.append((f"--data margin {kind}", "in-process", file_case("--data", "bad.jsonl", PAIR_ROW + row, ":2")))
+    long_pair = b'{"prompt": "' + b"x" * 100 + b'", "chosen": "a", "rejected": "b"}\n'
+    cases.append(("--data every pair longer than the context", "in-process",
+                  file_case("--data", "long.jsonl", long_pair)))
+    for kind in CHECKPOINTS:
+        via = "cli" if kind in ("truncated", "hostile") else "in-process"
+        cases.append((f"--init {kind}", via, checkpoint_case("--init", "policy.pt", kind)))
+    cli_options = [["--lr", "nan"], ["--lr", "-1"], ["--seed", "-1"], ["--epochs", "0"], ["--batch-size", "0"],
+                   ["--time-budget", "nan"], ["--log-every", "0"], ["--n-head", "0"]]
+    other_options = [["--lr", "1e39"], ["--n-layer", "-1"], ["--min-lr-ratio", "2"], ["--weight-decay", "-1"],
+                     ["--margin", "1e300"], ["--device", "tpu"], ["--max-test", "-1"], ["--n-bins", "0"],
+                     ["--epochs", "9" * 5000], ["--init", ""]]
+    for via, options in (("cli", cli_options), ("in-process", other_options)):
+        for argv in options:
+            cases.append((" ".join(argv)[:40], via, option_case(argv, argv[0])))
+    cases.append(("--init scratch --n-embd 30", "in-process",
+                  option_case(["--init", "scratch", "--n-embd", "30", "--n-head", "4"], "--init scratch")))
+    cases.append(("--out is a file", "in-process",
+                  lambda folder, inputs: (["--out", write_bad_input(folder, "taken", b"a file\n")], "--out")))
+    return cases
+
+
+REWARD_CASES = reward_cases()
+
+
+def files_under(folder):
+    return sorted(str(path.relative_to(folder)) for path in Path(folder).rglob("*"))
+
+
+def run_case(make, folder, inputs, base_argv, run):
+    """Make the case's bad input in `folder`, run it -> (exit status, stderr lines, expected text, files before,
+    files after)."""
+    extra, expected = make(folder, inputs)
+    before = files_under(folder)
+    status, stderr = run([*base_argv(inputs, folder), *extra], folder)
+    return status, stderr.strip().splitlines(), expected, before, files_under(folder)
+
+
+def run_script(script):
+    def run(argv, folder):
+        result = subprocess.run([sys.executable, str(script), *argv], cwd=folder, capture_output=True, text=True,
+                                errors="replace", timeout=300)
+        return result.returncode, result.stderr
+    return run
+
+
+def run_in_process(main, monkeypatch, capsys):
+    def run(argv, folder):
+        monkeypatch.chdir(folder)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            M.cli(lambda: main(argv))
+        return stopped.value.code, capsys.readouterr().err
+    return run
+
+
+def check_one_line_error(status, err, expected, before, after):
+    assert status == 2, (status, err[-5:])
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err[-5:]
+    assert expected in err[0], (expected, err[0])
+    assert after == before, sorted(set(after) - set(before))
+
+
+def reward_base_argv(inputs, folder):
+    """Every input explicit and tiny, so no upstream stage is ever built; --out inside the case's folder."""
+    return ["--data", str(inputs / "train.jsonl"), "--test-data", str(inputs / "test.jsonl"),
+            "--init", str(inputs / "policy.pt"), "--out", str(folder / "rm"), "--epochs", "1", "--batch-size", "8",
+            "--time-budget", "0", "--log-every", "1000", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def reward_valid_inputs(tmp_path_factory):
+    inputs = tmp_path_factory.mktemp("valid_inputs")
+    write_inputs(inputs)
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def reward_cli_runs(reward_valid_inputs, tmp_path_factory):
+    """The "cli" cases, each a `python reward.py` in its own folder, a few at a time."""
+    root = tmp_path_factory.mktemp("reward_cli_cases")
+    cli = [(number, case_id, make) for number, (case_id, via, make) in enumerate(REWARD_CASES) if via == "cli"]
+
+    def run(case):
+        number, case_id, make = case
+        folder = root / f"case{number}"
+        folder.mkdir()
+        return case_id, run_case(make, folder, reward_valid_inputs, reward_base_argv, run_script(R.__file__))
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        return dict(pool.map(run, cli))
+
+
+@pytest.mark.parametrize("case_id", [case_id for case_id, via, _ in REWARD_CASES if via == "cli"])
+def test_python_reward_py_on_bad_input_is_one_line_exit_2_and_writes_nothing(reward_cli_runs, case_id):
+    check_one_line_error(*reward_cli_runs[case_id])
+
+
+@pytest.mark.parametrize("case_id,make", [(case_id, make) for case_id, via, make in REWARD_CASES
+                                          if via == "in-process"])
+def test_reward_main_on_bad_input_is_one_line_exit_2_and_writes_nothing(reward_valid_inputs, tmp_path, monkeypatch,
+                                                                       capsys, case_id, make):
+    check_one_line_error(*run_case(make, tmp_path, reward_valid_inputs, reward_base_argv,
+                                   run_in_process(R.main, monkeypatch, capsys)))
+
+
+def test_the_bad_input_table_passes_on_valid_input(reward_valid_inputs, tmp_path, monkeypatch):
+    """The table's base command line is itself good: with no bad input it trains and exits 0, so every
+    failure above is the bad input's."""
+    monkeypatch.chdir(tmp_path)
+    results = R.main(reward_base_argv(reward_valid_inputs, tmp_path))
+    assert results["steps"] == 4 and (tmp_path / "rm" / "model.pt").exists()
