@@ -1379,6 +1379,7 @@ def check_finite(where: str, **values) -> None:
     """Each value (a number or a tensor) must be finite; else NonFiniteError naming `where` and the value.
     Call it on the loss and the gradient norm BEFORE optimizer.step(), so the weights stay finite."""
     for name, value in values.items():
+        value = value.detach() if torch.is_tensor(value) else value
         finite = bool(torch.isfinite(value).all()) if torch.is_tensor(value) else math.isfinite(float(value))
         if not finite:
             shown = float(value) if not torch.is_tensor(value) or value.numel() == 1 else "not finite"
@@ -1453,6 +1454,9 @@ def load(path: str, device="cpu", dtype=None, chat_format: str = "auto"):
         model, enc, ckpt = load_gguf(path)
     else:
         model, enc, ckpt = load_pt(path)
+    bad = non_finite_tensors(model.state_dict())
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]})")
     if chat_format != "auto":
         set_chat_format(enc, chat_format)
     return model.to(device=device, dtype=dtype), enc, ckpt
@@ -2408,6 +2412,13 @@ def require_at_least(args, minimum: int, *names: str) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
 
 
+def require_at_most(args, maximum, *names: str) -> None:
+    """Each named option must be <= maximum (a bound that keeps a run from overflowing or never ending)."""
+    for name in names:
+        if not getattr(args, name) <= maximum:
+            raise UserError(f"--{name.replace('_', '-')} must be <= {maximum:g}, got {getattr(args, name)}")
+
+
 def check_budget(args) -> None:
     """A training run needs an end: --max-steps N or --time-budget MINUTES (either > 0)."""
     check_options(args, non_negative=("max_steps", "time_budget"))
@@ -2537,10 +2548,11 @@ def fit_prompts(rows: list[dict], enc, block_size: int, max_new_tokens: int, pat
     """The rows whose prompt leaves room for max_new_tokens in the context (prompt + completion <=
     block_size); the others are skipped and counted in one printed line (verbose: say it on rank 0 only).
     None left is a UserError."""
-    kept = [r for r in rows if len(encode_prompt(enc, r["prompt"])) + max_new_tokens <= block_size]
+    kept = [r for r in rows if 0 < len(encode(enc, r["prompt"])) and
+            len(encode_prompt(enc, r["prompt"])) + max_new_tokens <= block_size]
     if verbose and len(kept) < len(rows):
-        print(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} prompts longer than the context "
-              f"({block_size} tokens, {max_new_tokens} of them kept for the completion)", flush=True)
+        print(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} prompts that are empty or longer than the "
+              f"context ({block_size} tokens, {max_new_tokens} of them kept for the completion)", flush=True)
     if not kept:
         raise UserError(f"{path}: no prompt fits the context of {block_size} tokens with {max_new_tokens} new tokens")
     return kept
@@ -2610,7 +2622,7 @@ def stage_command(script: str, **options) -> list[str]:
 
 
 def format_seconds(s: float) -> str:
-    s = int(max(s, 0))
+    s = int(min(max(s, 0), 10 ** 9)) if math.isfinite(s) else 10 ** 9
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
