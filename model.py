@@ -2551,8 +2551,8 @@ def fit_prompts(rows: list[dict], enc, block_size: int, max_new_tokens: int, pat
     kept = [r for r in rows if 0 < len(encode(enc, r["prompt"])) and
             len(encode_prompt(enc, r["prompt"])) + max_new_tokens <= block_size]
     if verbose and len(kept) < len(rows):
-        print(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} prompts that are empty or longer than the "
-              f"context ({block_size} tokens, {max_new_tokens} of them kept for the completion)", flush=True)
+        print(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} prompts longer than the context "
+              f"({block_size} tokens, {max_new_tokens} of them kept for the completion) or empty", flush=True)
     if not kept:
         raise UserError(f"{path}: no prompt fits the context of {block_size} tokens with {max_new_tokens} new tokens")
     return kept
