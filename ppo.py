@@ -72,6 +72,7 @@ class Args:
     early_stop_kl: float = 0.05              # stop the epochs of a step once approx KL(old||new) exceeds this
     grad_clip: float = 1.0                   # clip each model's gradient norm to this (0 = off)
     missing_eos_penalty: float = 1.0         # subtracted from the RM score of a completion cut at the limit
+    chat_template: str = "auto"              # auto|none|chatml|llama3: how prompts are wrapped (auto: from the checkpoint)
     device: str = "auto"                     # auto|cpu|cuda
     seed: int = 0                            # seeds prompt order and sampling
 
@@ -248,7 +249,7 @@ def build_models(args, device):
     """-> (models {"policy", "reference", "value", "reward"}, enc). The reference and the reward model are
     frozen; the value model is a trainable copy of the reward model (or of the SFT body with --reward verifier).
     Checkpoints whose weights hold NaN or inf are refused here, before anything is written."""
-    policy, enc, _ = M.load(args.init, device=device)
+    policy, enc, _ = M.load(args.init, device=device, chat_format=args.chat_template)
     check_weights_finite(args.init, policy)
     reference = copy.deepcopy(policy).requires_grad_(False)
     reward_model = None
@@ -309,9 +310,9 @@ def make_batch(prompts, completions, finished, enc, device):
 @torch.no_grad()
 def rollout(policy, enc, rows, args, generator, device):
     """Sample one completion per prompt with the KV-cache sampler -> (Batch, sampling log-probs (B, N))."""
-    prompts = [M.encode(enc, row["prompt"]) for row in rows]
+    prompts = [M.encode_prompt(enc, row["prompt"]) for row in rows]
     gen = M.generate(policy, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                     stop_ids=(enc.eot_token,), pad_id=M.pad_id(enc), generator=generator)
+                     stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc), generator=generator)
     completions = [gen.tokens[i, :length].tolist() for i, length in enumerate(gen.lengths.tolist())]
     batch = make_batch(prompts, completions, gen.finished, enc, device)
     return batch, gen.logprobs[:, :batch.mask.shape[1]] * batch.mask
@@ -507,7 +508,7 @@ def check_args(args):
     """Every option, checked before anything is read or written; the first bad one is a UserError naming it.
     The upper limits (a count beyond 1e9, a coefficient beyond 1e6) and the lowest temperature, 1e-3, keep
     every value away from a float overflow inside torch, which would be a traceback in the middle of a run."""
-    M.check_choices(args, reward=("rm", "verifier"))
+    M.check_choices(args, reward=("rm", "verifier"), chat_template=("auto", *M.CHAT_FORMATS))
     check_device(args.device)
     M.check_budget(args)
     M.require_at_least(args, 1, "completions_per_step", "n_minibatches", "update_epochs", "max_new_tokens",

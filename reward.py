@@ -103,8 +103,9 @@ class RewardModel(nn.Module):
 
 
 def encode_pair(enc, prompt, completion):
-    """tokens of prompt ++ completion ++ [EOS], the sequence a reward is read from (at the EOS)."""
-    return M.encode(enc, prompt) + M.encode(enc, completion) + [enc.eot_token]
+    """tokens of prompt ++ completion ++ [end of turn], the sequence a reward is read from (at its end); the
+    prompt in the checkpoint's chat format (plain for this project's byte-level models)."""
+    return M.encode_prompt(enc, prompt) + M.encode(enc, completion) + [M.end_of_turn(enc)]
 
 
 def save_reward_model(path, reward_model: RewardModel, **meta):

@@ -619,7 +619,7 @@ BAD_OPTIONS = {
     "vf_coef": [-0.1, math.nan, 1e300], "ent_coef": [-0.1, 1e300], "beta": [-0.05, math.nan, 1e300],
     "kl_target": [-1.0, 1e300], "kl_horizon": [0, -1, 10 ** 400], "gamma": [-0.1, 1.1, math.nan],
     "lam": [-0.1, 1.5, math.nan], "early_stop_kl": [-0.05, math.nan, 1e300], "grad_clip": [-1.0, math.nan, 1e300],
-    "missing_eos_penalty": [-1.0, 1e300], "device": ["tpu", "", "cuda:abc", "cuda:99"], "seed": [-1, 2 ** 32],
+    "missing_eos_penalty": [-1.0, 1e300], "device": ["tpu", "", "cuda:abc", "cuda:99"], "chat_template": ["jinja", ""], "seed": [-1, 2 ** 32],
 }
 
 
