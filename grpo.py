@@ -89,7 +89,7 @@ class Args:
     png: bool = True                       # write a PNG plot when matplotlib is installed
     threads: int = 0                       # torch CPU threads, passed on to the control too (0 = torch's default)
     device: str = "auto"                   # auto | cpu | cuda
-    fsdp: bool = False                     # shard weights, gradients, optimizer state over the torchrun processes (FSDP2)
+    fsdp: bool = False                     # shard weights, gradients, optimizer state over torchrun processes (FSDP2)
     seed: int = 0                          # seeds sampling, prompt order and (with --fresh-start) the SFT start
 
 

@@ -8,12 +8,13 @@ prompt; the prompt's tokens are inputs only, masked out of the loss:
 
 N counts the completion tokens (EOS included) of the WHOLE batch, so the gradient is the same
 whether the batch goes through at once, in micro-batches (gradient accumulation) or split across
-processes (DDP, or FSDP: the weights, gradients and optimizer state sharded too). Ouyang et al. 2022 (InstructGPT, the SFT stage); Wei et al. 2022 (FLAN);
+processes (DDP, or FSDP with the weights, gradients and optimizer state sharded too: docs/fsdp.md).
+Ouyang et al. 2022 (InstructGPT, the SFT stage); Wei et al. 2022 (FLAN);
 AdamW: Loshchilov & Hutter 2019; warmup + cosine: Loshchilov & Hutter 2017, Goyal et al. 2017.
 
     python sft.py                                     # 1800 steps, ~5 min on 2 CPU cores -> runs/sft/model.pt
     torchrun --nproc_per_node=2 sft.py                # same updates, batch split over 2 processes
-    torchrun --nproc_per_node=2 sft.py --fsdp         # the same, each process holding half of the model (docs/fsdp.md)
+    torchrun --nproc_per_node=2 sft.py --fsdp         # the same updates, each process holding half of the model
     python sft.py --init runs/sft/model.pt --max-steps 0 --time-budget 5 --out runs/control  # 5 more minutes
     python sft.py --resume                            # continue an interrupted run exactly, with its arguments
 """
@@ -69,7 +70,7 @@ class Args:
     log_every: int = 10                      # updates between metric lines
     device: str = "auto"                     # auto|cpu|cuda
     threads: int = 0                         # torch CPU threads per process (0 = torch's default)
-    fsdp: bool = False                       # shard weights, gradients, optimizer state over the torchrun processes (FSDP2)
+    fsdp: bool = False                       # shard weights, gradients, optimizer state over torchrun processes (FSDP2)
     seed: int = 0                            # seeds the model init, batch order and dropout
 
 
