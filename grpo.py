@@ -30,6 +30,7 @@ the SFT start, GRPO and the control, all evaluated by the same function on the s
     python grpo.py --no-control --max-steps 50       # GRPO alone
     python grpo.py --time-budget 3 --max-steps 0     # a wall-clock budget instead of a step budget
     torchrun --nproc_per_node=2 grpo.py --no-control # rollouts split over 2 processes
+    torchrun --nproc_per_node=2 grpo.py --no-control --fsdp   # and the model sharded over them (docs/fsdp.md)
 """
 import copy
 import json
@@ -88,6 +89,7 @@ class Args:
     png: bool = True                       # write a PNG plot when matplotlib is installed
     threads: int = 0                       # torch CPU threads, passed on to the control too (0 = torch's default)
     device: str = "auto"                   # auto | cpu | cuda
+    fsdp: bool = False                     # shard weights, gradients, optimizer state over torchrun processes (FSDP2)
     seed: int = 0                          # seeds sampling, prompt order and (with --fresh-start) the SFT start
 
 
@@ -106,6 +108,8 @@ def check_args(args) -> None:
         raise M.UserError(f"--top-p must be > 0, got {args.top_p}")
     M.require_at_least(args, 2, "group_size")   # the advantage compares completions within a group
     M.get_device(args.device)
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise M.UserError("--fsdp shards the model over processes: run under torchrun --nproc_per_node N (N >= 2)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,7 +523,11 @@ def train(args) -> dict:
     generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
     policy.eval()        # dropout off: the policy we update is exactly the policy we sampled from
     reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 else None
-    model = torch.nn.parallel.DistributedDataParallel(policy) if ddp else policy
+    model = torch.nn.parallel.DistributedDataParallel(policy) if ddp and not args.fsdp else policy
+    if args.fsdp:       # FSDP2: each rank keeps 1/world of the weights; gradients averaged over ranks, as DDP does
+        M.shard_model(policy, device)
+        if reference is not None:
+            M.shard_model(reference, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     params_by_role = {"policy": policy.num_params(), "reference": reference.num_params() if reference else 0,
                       "value": 0, "reward": 0}
@@ -533,7 +541,8 @@ def train(args) -> dict:
         print(f"GRPO from {args.init} | {policy.num_params() / 1e6:.2f} M params | {len(rows)} RL prompts | "
               f"{args.prompts_per_step} prompts x {args.group_size} samples per step | budget {budget} | "
               f"{world} process(es) on {device}", flush=True)
-    start_eval = eval_row(policy, enc, eval_rows, args, samples=args.pass_k, seed=args.seed) if main_process else {}
+    with M.gathered(policy):    # FSDP: every rank gathers the full weights, rank 0 evaluates (no-op otherwise)
+        start_eval = eval_row(policy, enc, eval_rows, args, samples=args.pass_k, seed=args.seed) if main_process else {}
     if main_process:
         logger.log(0, kind="eval", train_minutes=0.0, eval_accuracy=start_eval["greedy"],
                    eval_stderr=start_eval["stderr"], eval_sampled=start_eval["sampled"])
@@ -558,8 +567,12 @@ def train(args) -> dict:
         step += 1
         # 1. Rollouts: G completions per prompt (dynamic sampling is off under DDP, so that every rank
         #    runs the same number of backward passes).
-        batch, seen = collect_rollouts(policy, enc, next_prompts, args.prompts_per_step // world, args, weights,
-                                       generator, args.dynamic_sampling and not ddp)
+        #    FSDP: generation runs on the full weights, gathered once per rollout on every rank and freed
+        #    before the update (model.gathered: its docstring gives the memory and time it costs, and what
+        #    verl and OpenRLHF do instead: a separate vLLM engine).
+        with M.gathered(policy):
+            batch, seen = collect_rollouts(policy, enc, next_prompts, args.prompts_per_step // world, args, weights,
+                                           generator, args.dynamic_sampling and not ddp)
         gen_s = time.time() - t0 - batch.score_s    # sampling with the KV cache, decoding, batch building
         # 2. Advantages, the same for every token of a completion.
         t1 = time.time()
@@ -583,15 +596,25 @@ def train(args) -> dict:
                    gen_s=gen_s, score_s=batch.score_s, adv_s=adv_s, update_s=update_s, step_s=step_s,
                    tokens_per_s=float(batch.lengths.sum()) / step_s if N else 0.0,
                    peak_mem_mb=M.peak_memory_mb(device), **stats)
-        if main_process and train_s / 60 >= next_eval:
+        eval_due = train_s / 60 >= next_eval
+        if args.fsdp:   # the gather needs every rank: rank 0's clock decides, as in budget_spent
+            flag = torch.tensor([float(eval_due)], device=device)
+            dist.broadcast(flag, src=0)
+            eval_due = bool(flag.item())
+        if eval_due and (main_process or args.fsdp):
             next_eval += args.eval_minutes
-            accuracy = M.evaluate(policy, enc, eval_rows[:args.n_eval_during], args.max_new_tokens)
-            history["minutes"].append(train_s / 60)
-            history["accuracy"].append(accuracy["accuracy"])
-            logger.log(step, kind="eval", train_minutes=train_s / 60, eval_accuracy=accuracy["accuracy"],
-                       eval_stderr=accuracy["stderr"], eval_n=accuracy["n"])
+            with M.gathered(policy):    # FSDP: every rank gathers the full weights, rank 0 evaluates
+                accuracy = M.evaluate(policy, enc, eval_rows[:args.n_eval_during], args.max_new_tokens) \
+                    if main_process else None
+            if main_process:
+                history["minutes"].append(train_s / 60)
+                history["accuracy"].append(accuracy["accuracy"])
+                logger.log(step, kind="eval", train_minutes=train_s / 60, eval_accuracy=accuracy["accuracy"],
+                           eval_stderr=accuracy["stderr"], eval_n=accuracy["n"])
 
     results = {}
+    if args.fsdp:       # collective: rank 0 gets a plain model with the full weights; it saves and evaluates it
+        policy = M.full_model(policy, device)
     if main_process:
         M.save(os.path.join(args.out, "model.pt"), policy, enc, step=step, args=asdict(args), init_sha256=init_hash)
         end_eval = eval_row(policy, enc, eval_rows, args, samples=args.pass_k, seed=args.seed)

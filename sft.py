@@ -8,11 +8,13 @@ prompt; the prompt's tokens are inputs only, masked out of the loss:
 
 N counts the completion tokens (EOS included) of the WHOLE batch, so the gradient is the same
 whether the batch goes through at once, in micro-batches (gradient accumulation) or split across
-processes (DDP). Ouyang et al. 2022 (InstructGPT, the SFT stage); Wei et al. 2022 (FLAN);
+processes (DDP, or FSDP with the weights, gradients and optimizer state sharded too: docs/fsdp.md).
+Ouyang et al. 2022 (InstructGPT, the SFT stage); Wei et al. 2022 (FLAN);
 AdamW: Loshchilov & Hutter 2019; warmup + cosine: Loshchilov & Hutter 2017, Goyal et al. 2017.
 
     python sft.py                                     # 1800 steps, ~5 min on 2 CPU cores -> runs/sft/model.pt
     torchrun --nproc_per_node=2 sft.py                # same updates, batch split over 2 processes
+    torchrun --nproc_per_node=2 sft.py --fsdp         # the same updates, each process holding half of the model
     python sft.py --init runs/sft/model.pt --max-steps 0 --time-budget 5 --out runs/control  # 5 more minutes
     python sft.py --resume                            # continue an interrupted run exactly, with its arguments
 """
@@ -68,6 +70,7 @@ class Args:
     log_every: int = 10                      # updates between metric lines
     device: str = "auto"                     # auto|cpu|cuda
     threads: int = 0                         # torch CPU threads per process (0 = torch's default)
+    fsdp: bool = False                       # shard weights, gradients, optimizer state over torchrun processes (FSDP2)
     seed: int = 0                            # seeds the model init, batch order and dropout
 
 
@@ -98,6 +101,8 @@ def check_args(args):
             raise M.UserError(f"--{name.replace('_', '-')} must name a path")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise M.UserError(f"--out {args.out}: is a file, not a run folder")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise M.UserError("--fsdp shards the model over processes: run under torchrun --nproc_per_node N (N >= 2)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +222,7 @@ def allreduce_sum(tensor, world_size):
 
 
 def train_step(model, optimizer, micro_batches, device, grad_clip=1.0, world_size=1,
-               aux_loss_weight=0.0, batch_size=None, where="update"):
+               aux_loss_weight=0.0, batch_size=None, where="update", fsdp=False):
     """One optimizer update from this process's share of a batch, as micro-batches.
 
     Each micro-batch's summed -log p is divided by N, the completion-token count of the whole
@@ -226,19 +231,30 @@ def train_step(model, optimizer, micro_batches, device, grad_clip=1.0, world_siz
     one process on the whole batch (what DistributedDataParallel does, minus overlapping the
     communication with the backward pass). A loss or gradient norm that is NaN or infinite stops the
     run (model.NonFiniteError naming `where`) BEFORE optimizer.step(), so the weights stay finite.
-    Returns (loss, grad_norm, n_tokens)."""
+
+    fsdp (a model from model.shard_model(..., sum_gradients=True)): each backward reduce-scatters its
+    gradient into this rank's shards, summed over ranks, so there is no all-reduce here. Every forward
+    gathers weights from every rank, so all ranks run the same number of micro-batches: a rank with
+    fewer runs empty ones (no loss token: a zero gradient). Returns (loss, grad_norm, n_tokens)."""
     n_local = sum(int(mask.sum()) for _, _, mask in micro_batches)
-    n_tokens = int(allreduce_sum(torch.tensor([float(n_local)]), world_size).item())
+    n_tokens = int(allreduce_sum(torch.tensor([float(n_local)], device=device), world_size).item())
     n_tokens = max(n_tokens, 1)
     batch_size = batch_size or sum(len(inputs) for inputs, _, _ in micro_batches)
+    n_real = len(micro_batches)
+    if fsdp and world_size > 1:
+        n_most = torch.tensor([n_real], device=device)
+        dist.all_reduce(n_most, op=dist.ReduceOp.MAX)
+        empty = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                 torch.zeros(1, 1, dtype=torch.bool))
+        micro_batches = list(micro_batches) + [empty] * (int(n_most) - n_real)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    for inputs, targets, mask in micro_batches:
+    for index, (inputs, targets, mask) in enumerate(micro_batches):
         inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
         with M.autocast(device):
             logits = model(inputs)  # (b, T, V)
         loss = masked_nll(logits, targets, mask, n_tokens)
-        if aux_loss_weight:  # MoE load balancing, weighted by this micro-batch's share of rows
+        if aux_loss_weight and index < n_real:  # MoE load balancing, weighted by this micro-batch's share of rows
             loss = loss + aux_loss_weight * model.aux_loss * (len(inputs) / batch_size)
         loss.backward()
         loss_sum += loss.item()
@@ -246,7 +262,9 @@ def train_step(model, optimizer, micro_batches, device, grad_clip=1.0, world_siz
     for param in params:  # a parameter unused on this rank (an idle MoE expert) still joins the sum
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-    if world_size > 1:  # one flat all-reduce for every gradient plus the loss
+    if fsdp and world_size > 1:  # the gradients are summed already (reduce-scatter): only the loss is left
+        loss_sum = float(allreduce_sum(torch.tensor([loss_sum], device=device), world_size))
+    elif world_size > 1:  # one flat all-reduce for every gradient plus the loss
         flat_grads = torch.cat([param.grad.reshape(-1) for param in params]
                                + [torch.tensor([loss_sum], device=device)])
         allreduce_sum(flat_grads, world_size)
@@ -357,15 +375,31 @@ def resumed_args(args, argv):
         kind = type(saved.get(field, default))
         if kind is not type(default) and not (kind is int and type(default) is float):
             raise M.UserError(f"{path}: saved argument {field} = {saved[field]!r} is not a {type(default).__name__}")
-    saved = {**saved, "out": args.out, "resume": True}  # this folder is where the run continues
+    # this folder is where the run continues; --fsdp is how this command runs, never a saved value
+    saved = {**saved, "out": args.out, "resume": True, "fsdp": args.fsdp}
     return M.resume_args(Args, saved, argv)
 
 
-def checkpoint(args, policy, enc, optimizer, step, train_seconds, results=None):
-    """Atomic save (model.save writes a temporary file, then renames it) of everything --resume needs."""
-    M.save(os.path.join(args.out, "model.pt"), policy, enc, optimizer=optimizer.state_dict(), step=step,
-           train_seconds=train_seconds, rng=torch.get_rng_state(),
-           args=asdict(args), results=results or {})
+def rng_states(world_size):
+    """Every rank's CPU RNG state, gathered (collective). The ranks' dropout draws differ (each rank's
+    share of a batch has its own shapes), so an exact resume restores each rank's own state."""
+    states = [torch.get_rng_state()] * world_size
+    if world_size > 1:
+        dist.all_gather_object(states, torch.get_rng_state())
+    return states
+
+
+def checkpoint(args, policy, enc, optimizer, step, train_seconds, results=None, main_proc=True, world_size=1):
+    """Atomic save (model.save writes a temporary file, then renames it) of everything --resume needs.
+    With world_size > 1 every rank calls it (collective): the RNG states of all ranks are gathered, and
+    under FSDP the shards of the weights and of the optimizer state too; rank 0 writes the full, unsharded
+    file a single process writes (it loads and resumes in one process)."""
+    weights, optimizer_state = M.full_model(policy), M.full_optimizer_state(policy, optimizer)
+    rng_by_rank = rng_states(world_size)
+    if main_proc:
+        M.save(os.path.join(args.out, "model.pt"), weights, enc, optimizer=optimizer_state, step=step,
+               train_seconds=train_seconds, rng=torch.get_rng_state(), rng_by_rank=rng_by_rank,
+               args=asdict(args), results=results or {})
 
 
 def run(args):
@@ -394,6 +428,8 @@ def _run(args, rank, world_size):
     # -- inputs, all checked before anything is written ----------------------------------------
     train_rows, test_rows, heldout_rows = read_inputs(args, rank, world_size)
     policy, enc, ckpt = build_model(args, device)
+    if args.fsdp:  # each rank keeps 1/world of the weights; gradients summed (the loss divides by the batch's count)
+        M.shard_model(policy, device, sum_gradients=True)
     block_size = policy.config.block_size
     heldout_rows = M.fit_prompts(heldout_rows, enc, block_size, args.max_new_tokens, args.eval_data)
     if args.n_eval > 0:
@@ -413,8 +449,14 @@ def _run(args, rank, world_size):
     if args.resume:
         path = os.path.join(args.out, "model.pt")
         _, optimizer_state, step, train_seconds, rng_state = training_state(path, ckpt)
+        rng_by_rank = ckpt["meta"].get("rng_by_rank")
+        if isinstance(rng_by_rank, list) and len(rng_by_rank) == world_size:  # saved by as many ranks
+            rng_state = rng_by_rank[rank]
         try:
-            optimizer.load_state_dict(optimizer_state)
+            if args.fsdp:  # rank 0's full state, broadcast: each rank keeps its shards
+                M.load_full_optimizer_state(policy, optimizer, optimizer_state)
+            else:
+                optimizer.load_state_dict(optimizer_state)
             torch.set_rng_state(rng_state.cpu())
         except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
             raise M.UserError(f"{path}: optimizer or RNG state does not fit ({str(err)[:120]})") from None
@@ -430,19 +472,23 @@ def _run(args, rank, world_size):
 
     def evaluate():
         """Rank 0: greedy held-out accuracy (model.evaluate, the protocol every stage reports) and the
-        eval loss; logged as an "eval" row and saved in an atomic checkpoint. Other ranks wait."""
+        eval loss; logged as an "eval" row and saved in an atomic checkpoint. Other ranks wait. Under FSDP
+        every rank first gathers the full weights (model.gathered), and joins the checkpoint's gather."""
         results = {}
-        if main_proc:
-            report = M.evaluate(policy, enc, heldout_rows, args.max_new_tokens, temperature=0.0,
-                                batch_size=args.eval_batch)
-            policy.train()
-            results = {"eval_accuracy": report["accuracy"], "eval_stderr": report["stderr"],
-                       "eval_n": report["n"], "per_difficulty": report["per_difficulty"],
-                       "styles": report["styles"], "eval_loss": eval_loss(policy, test_examples, pad_token, device),
-                       "steps": step, "train_minutes": train_seconds / 60}
-            logger.log(step, kind="eval", train_minutes=train_seconds / 60, eval_accuracy=results["eval_accuracy"],
-                       eval_stderr=results["eval_stderr"], eval_loss=results["eval_loss"])
-            checkpoint(args, policy, enc, optimizer, step, train_seconds, results)
+        with M.gathered(policy):
+            if main_proc:
+                report = M.evaluate(policy, enc, heldout_rows, args.max_new_tokens, temperature=0.0,
+                                    batch_size=args.eval_batch)
+                policy.train()
+                results = {"eval_accuracy": report["accuracy"], "eval_stderr": report["stderr"],
+                           "eval_n": report["n"], "per_difficulty": report["per_difficulty"],
+                           "styles": report["styles"],
+                           "eval_loss": eval_loss(policy, test_examples, pad_token, device),
+                           "steps": step, "train_minutes": train_seconds / 60}
+                logger.log(step, kind="eval", train_minutes=train_seconds / 60,
+                           eval_accuracy=results["eval_accuracy"], eval_stderr=results["eval_stderr"],
+                           eval_loss=results["eval_loss"])
+        checkpoint(args, policy, enc, optimizer, step, train_seconds, results, main_proc, world_size)
         if world_size > 1:
             dist.barrier()
         return results
@@ -457,7 +503,7 @@ def _run(args, rank, world_size):
         """(progress in [0, 1], is an eval due): progress = step / max_steps or train time / time budget,
         the larger when both are set (the budget that ends first). Rank 0's clock decides, so every rank
         stops and evaluates at the same step."""
-        shared = torch.tensor([0.0, 0.0], dtype=torch.float64)  # progress exactly step / max_steps
+        shared = torch.tensor([0.0, 0.0], dtype=torch.float64, device=device)  # progress exactly step / max_steps
         if main_proc:
             shared[0] = max(step / args.max_steps if args.max_steps > 0 else 0.0,
                             train_seconds / (60 * args.time_budget) if args.time_budget > 0 else 0.0)
@@ -481,7 +527,7 @@ def _run(args, rank, world_size):
                                                         pad_token)
             loss, grad_norm, _ = train_step(policy, optimizer, micro_batches, device, args.grad_clip,
                                             world_size, args.aux_loss_weight if policy.config.ffn == "moe" else 0.0,
-                                            args.batch_size, where=f"step {step + 1}")
+                                            args.batch_size, where=f"step {step + 1}", fsdp=args.fsdp)
             step += 1
             seconds = time.perf_counter() - step_start
             train_seconds += seconds
@@ -502,9 +548,12 @@ def _run(args, rank, world_size):
                     next_eval_s += 60 * args.eval_minutes
                 evaluate()
     except KeyboardInterrupt:
-        if main_proc:  # the state of the last finished step: weights and optimizer are untouched
+        if main_proc and not args.fsdp:  # the state of the last finished step: weights and optimizer are untouched
             checkpoint(args, policy, enc, optimizer, step, train_seconds)
             print(f"interrupted after step {step}; saved {args.out}/model.pt, continue with --resume")
+        elif main_proc:  # gathering the shards needs every rank, and an interrupt stops them at different points
+            print(f"interrupted after step {step}; under --fsdp {args.out}/model.pt holds the last eval's "
+                  "checkpoint (--eval-every / --eval-minutes); continue from it with --resume")
         raise SystemExit(130)
 
     # -- the end: final eval and checkpoint, the report ----------------------------------------
