@@ -87,6 +87,10 @@ class Args:
     pass_k: int = 4                        # samples per prompt for sampled accuracy and pass@k
     control: bool = True                   # run the equal-time SFT control and add it to the table
     png: bool = True                       # write a PNG plot when matplotlib is installed
+    control_lr: float = 0.0                # the control's peak learning rate (0 = sft.py's default; give the SFT start's for a real model)
+    chat_template: str = "auto"            # auto|none|chatml|llama3: how prompts are wrapped (auto: from the checkpoint)
+    dtype: str = "float32"                 # float32|bfloat16: the weights' precision (bf16 halves their memory)
+    grad_checkpoint: bool = False          # recompute each block in the backward pass: less activation memory
     threads: int = 0                       # torch CPU threads, passed on to the control too (0 = torch's default)
     device: str = "auto"                   # auto | cpu | cuda
     fsdp: bool = False                     # shard weights, gradients, optimizer state over torchrun processes (FSDP2)
@@ -97,11 +101,11 @@ def check_args(args) -> None:
     """Every option, before anything is read or written: one clear line for the first bad one."""
     parse_reward_weights(args.rewards)
     M.check_choices(args, scale=("group", "batch", "none"), aggregation=("grpo", "dr_grpo", "dapo"),
-                    ratio_level=("token", "sequence"))
+                    ratio_level=("token", "sequence"), chat_template=("auto", *M.CHAT_FORMATS), dtype=tuple(M.DTYPES))
     M.check_options(args, positive=("prompts_per_step", "update_epochs", "micro_batch", "max_new_tokens", "n_eval",
                                     "n_eval_during", "pass_k", "eval_minutes"),
                     non_negative=("refill_rounds", "top_k", "threads", "beta", "lr", "weight_decay", "grad_clip",
-                                  "eps_low", "eps_high"),
+                                  "eps_low", "eps_high", "control_lr"),
                     probability=("top_p",), seed=("seed",), temperature=("temperature",))
     M.check_budget(args)
     if args.top_p <= 0:
@@ -289,9 +293,9 @@ class Rollout:
 def rollout(policy, enc, rows, args, weights, generator) -> Rollout:
     """Sample G completions for each of the P prompts (KV-cache sampler, eval mode) and score them."""
     G = args.group_size
-    prompts = [M.encode(enc, r["prompt"]) for r in rows for _ in range(G)]
+    prompts = [M.encode_prompt(enc, r["prompt"]) for r in rows for _ in range(G)]
     generation = M.generate(policy, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, stop_ids=(enc.eot_token,), pad_id=M.pad_id(enc), generator=generator)
+                            top_p=args.top_p, stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc), generator=generator)
     lengths, truncated = generation.lengths.cpu(), (~generation.finished).cpu()
     completions = generation.tokens.cpu()
     texts = [M.decode(enc, c[:n].tolist()) for c, n in zip(completions, lengths.tolist())]
@@ -465,12 +469,15 @@ def start_command(args) -> list:
 
 def control_command(args, minutes: float) -> list:
     """The equal-time control: SFT continued from the same start checkpoint, on the same demonstrations,
-    for the same wall-clock training minutes GRPO took, with sft.py's own settings otherwise."""
+    for the same wall-clock training minutes GRPO took, in the same chat format and precision, with sft.py's
+    own settings otherwise (its learning rate unless --control-lr is given)."""
+    lr = {"lr": args.control_lr} if args.control_lr > 0 else {}
     return M.stage_command("sft.py", init=args.init, data=args.sft_data, test_data=args.sft_test_data,
                            eval_data=args.eval_data, n_eval=args.n_eval_during, eval_minutes=args.eval_minutes,
                            max_new_tokens=args.max_new_tokens, time_budget=f"{minutes:.4f}", max_steps=0,
                            out=os.path.join(args.out, "control"), seed=args.seed, device=args.device,
-                           threads=args.threads)
+                           threads=args.threads, chat_template=args.chat_template, dtype=args.dtype,
+                           grad_checkpoint=args.grad_checkpoint, **lr)
 
 
 def prepare_inputs(args, main_process: bool, ddp: bool):
@@ -493,7 +500,8 @@ def prepare_inputs(args, main_process: bool, ddp: bool):
             M.ensure_input(args.init, defaults.init, start_command(args))
     if ddp:
         dist.barrier()
-    policy, enc, _ = M.load(args.init)
+    policy, enc, _ = M.load(args.init, dtype=M.DTYPES[args.dtype], chat_format=args.chat_template)
+    policy.checkpoint_blocks = args.grad_checkpoint
     block = policy.config.block_size
     rows = M.fit_prompts(M.read_prompts(args.data), enc, block, args.max_new_tokens, args.data)
     eval_rows = M.fit_prompts(M.read_prompts(args.eval_data), enc, block, args.max_new_tokens, args.eval_data)

@@ -398,6 +398,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.checkpoint_blocks = False   # gradient checkpointing: activation memory of one block, not all L
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight   # Press & Wolf 2017
@@ -451,7 +452,11 @@ class GPT(nn.Module):
             index = torch.arange(T, device=tokens.device)
             mask = attention_mask(doc_ids, doc_ids, index, index)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, layer, cache_index)
+            if self.checkpoint_blocks and cache is None and torch.is_grad_enabled():
+                # gradient checkpointing: keep only each block's input, recompute the block in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, layer, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, layer, cache_index)
         if advance:
             cache.length += T
         return self.norm_f(x)
@@ -2843,12 +2848,21 @@ def run_stage(command: list[str], echo: bool = True) -> None:
 
 
 def sha256(path: str) -> str:
-    """The file's SHA-256: proves two runs started from the byte-identical checkpoint."""
+    """SHA-256 of a file, or of a folder's files (names and contents, in name order): proves that two runs
+    started from the byte-identical checkpoint."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    for name in files:
+        if len(files) > 1:
+            digest.update(os.path.relpath(name, path).encode() + b"\0")
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}   # --dtype: the weights' own precision
 
 
 def sparkline(values, width: int = 40) -> str:

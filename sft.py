@@ -68,6 +68,9 @@ class Args:
     max_new_tokens: int = M.MAX_NEW_TOKENS   # generation limit for held-out accuracy (every stage's default)
     eval_batch: int = 256                    # prompts per generation batch
     log_every: int = 10                      # updates between metric lines
+    chat_template: str = "auto"              # auto|none|chatml|llama3: how prompts are wrapped (auto: from the checkpoint)
+    dtype: str = "float32"                   # float32|bfloat16: the weights' precision (bf16 halves their memory)
+    grad_checkpoint: bool = False            # recompute each block in the backward pass: less activation memory
     device: str = "auto"                     # auto|cpu|cuda
     threads: int = 0                         # torch CPU threads per process (0 = torch's default)
     fsdp: bool = False                       # shard weights, gradients, optimizer state over torchrun processes (FSDP2)
@@ -90,7 +93,8 @@ def check_args(args):
     M.check_budget(args)
     M.check_choices(args, device=("auto", "cpu", "cuda"), ffn=("swiglu", "geglu", "gelu", "relu", "relu2", "moe"),
                     norm=("rmsnorm", "layernorm"), pos=("rope", "learned"),
-                    tokenizer=("bytes", *tiktoken.list_encoding_names()))
+                    tokenizer=("bytes", *tiktoken.list_encoding_names()),
+                    chat_template=("auto", *M.CHAT_FORMATS), dtype=tuple(M.DTYPES))
     try:  # the model options together (divisibility, RoPE's even head size), before any input is read
         model_config(args, vocab_size=1)
     except ValueError as err:
@@ -110,9 +114,12 @@ def check_args(args):
 # ---------------------------------------------------------------------------------------------
 
 def encode_example(enc, prompt, completion):
-    """-> (tokens, n_prompt): tokens = encode(prompt) + encode(completion) + [EOS]."""
-    prompt_ids = M.encode(enc, prompt)
-    return prompt_ids + M.encode(enc, completion) + [enc.eot_token], len(prompt_ids)
+    """-> (tokens, n_prompt): tokens = prompt (in the model's chat format) + completion + [end of turn].
+    For this project's byte-level models the format is plain text and the end is <|endoftext|>; for an
+    instruct checkpoint the prompt is wrapped in its user/assistant turns and the loss also teaches it to
+    close its turn (<|im_end|>, <|eot_id|>), where generation stops."""
+    prompt_ids = M.encode_prompt(enc, prompt)
+    return prompt_ids + M.encode(enc, completion) + [M.end_of_turn(enc)], len(prompt_ids)
 
 
 def make_examples(rows, enc, block_size):
@@ -342,9 +349,13 @@ def build_model(args, device):
         path = os.path.join(args.out, "model.pt") if args.resume else args.init
         if not os.path.exists(path):
             raise M.UserError(f"{'--resume' if args.resume else '--init'}: checkpoint {path} does not exist")
-        return M.load(path, device=device)  # a corrupt or hostile file: CheckpointError naming the path
-    enc = M.get_tokenizer(args.tokenizer)
-    return M.GPT(model_config(args, enc.n_vocab)).to(device), enc, None
+        model, enc, ckpt = M.load(path, device=device, dtype=M.DTYPES[args.dtype], chat_format=args.chat_template)
+        model.checkpoint_blocks = args.grad_checkpoint
+        return model, enc, ckpt           # a corrupt or hostile file was a CheckpointError naming the path
+    enc = M.set_chat_format(M.get_tokenizer(args.tokenizer), args.chat_template)
+    model = M.GPT(model_config(args, enc.n_vocab)).to(device=device, dtype=M.DTYPES[args.dtype])
+    model.checkpoint_blocks = args.grad_checkpoint
+    return model, enc, None
 
 
 def training_state(path, ckpt):

@@ -58,7 +58,7 @@ def hf_model(family, vocab_size, seed=0):
     config_class, model_class, extra = FAMILIES[family]
     config = getattr(transformers, config_class)(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
                                                  num_hidden_layers=2, num_attention_heads=4,
-                                                 max_position_embeddings=128, **extra)
+                                                 max_position_embeddings=512, **extra)
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():                     # spread-out logits: greedy never sits on a near-tie
@@ -186,3 +186,64 @@ def test_smollm2_answers_the_capital_of_france(smollm2):
     prompt = M.encode_prompt(enc, "What is the capital of France?")
     generation = M.generate(model, [prompt], 24, temperature=0.0, stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc))
     assert "Paris" in M.decode(enc, generation.tokens[0].tolist())
+
+
+# ---------------------------------------------------------------- the stages on a real checkpoint and real data
+
+GSM8K = [{"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
+                      "May. How many clips did Natalia sell altogether in April and May?",
+          "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                    "altogether in April and May.\n#### 72"},
+         {"question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
+                      "How much did she earn?",
+          "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
+                    "$<<0.2*50=10>>10.\n#### 10"},
+         {"question": "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total?",
+          "answer": "It takes 2/2=<<2/2=1>>1 bolt of white fiber\nSo the total is 2+1=<<2+1=3>>3 bolts\n#### 3"},
+         {"question": "Betty needs $100. She has half of it, her parents give $15 and her grandparents twice as much. "
+                      "How much more does she need?",
+          "answer": "She has 100 / 2 = $<<100/2=50>>50.\nHer grandparents give 15 * 2 = $<<15*2=30>>30.\nShe needs "
+                    "100 - 50 - 30 - 15 = $<<100-50-30-15=5>>5 more.\n#### 5"}]
+
+
+@pytest.fixture
+def real_run(tokenizer_files, tmp_path):
+    """A tiny random Qwen2 checkpoint folder with a ChatML tokenizer, and a GSM8K-format file."""
+    _, folder = saved("qwen2_bias_gqa", tokenizer_files, tmp_path)
+    data = tmp_path / "gsm8k.jsonl"
+    M.write_jsonl(str(data), GSM8K)
+    return folder, str(data), tmp_path
+
+
+def test_gsm8k_rows_and_a_hugging_face_folder_run_through_sft_grpo_and_ppo(real_run):
+    """GSM8K's own format works unchanged in every stage, from a Hugging Face folder, in ChatML: sft.py
+    learns the worked answers as completions, grpo.py and ppo.py reward the number after '####'."""
+    import grpo
+    import ppo
+    import sft
+    folder, data, tmp = real_run
+    common = ["--device", "cpu", "--max-new-tokens", "8"]
+    sft.main(["--init", folder, "--data", data, "--test-data", data, "--eval-data", data, "--out", str(tmp / "sft"),
+              "--max-steps", "1", "--batch-size", "4", "--lr", "1e-5", "--eval-minutes", "0", *common])
+    model, enc, _ = M.load(str(tmp / "sft" / "model.pt"))
+    assert enc.chat_format == "chatml" and model.config.qkv_bias         # the tokenizer and the family travel
+    grpo.main(["--init", str(tmp / "sft" / "model.pt"), "--data", data, "--eval-data", data, "--out",
+               str(tmp / "grpo"), "--max-steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--n-eval", "2",
+               "--n-eval-during", "2", "--pass-k", "1", "--no-control", "--no-png", *common])
+    ppo.main(["--init", folder, "--reward", "verifier", "--data", data, "--eval-data", data, "--out",
+              str(tmp / "ppo"), "--max-steps", "1", "--completions-per-step", "4", "--n-minibatches", "2",
+              "--n-eval", "2", "--n-eval-during", "2", *common])
+    for run in ("grpo", "ppo"):
+        assert os.path.exists(tmp / run / "model.pt")
+
+
+def test_a_rename_only_gsm8k_file_is_rewarded_by_its_final_answer(tmp_path):
+    """{"prompt", "answer"} with GSM8K's worked answer: the reference solution itself earns the reward
+    (the answer field is reduced to its final number), never a silent 0."""
+    import grpo
+    path = tmp_path / "renamed.jsonl"
+    M.write_jsonl(str(path), [{"prompt": r["question"], "answer": r["answer"]} for r in GSM8K])
+    args = grpo.Args()
+    for row, original in zip(M.read_prompts(str(path)), GSM8K):
+        assert grpo.correct_reward(original["answer"], row, 10, False, args) == 1.0
+        assert grpo.correct_reward(original["answer"].replace("####", "#### 1"), row, 10, False, args) == 0.0
