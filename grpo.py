@@ -536,7 +536,8 @@ def train(args) -> dict:
         M.shard_model(policy, device)
         if reference is not None:
             M.shard_model(reference, device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99),
+                                  fused=device.type == "cuda")
     params_by_role = {"policy": policy.num_params(), "reference": reference.num_params() if reference else 0,
                       "value": 0, "reward": 0}
 

@@ -435,7 +435,8 @@ class GPT(nn.Module):
             positions = (cache_index if cache is not None else torch.arange(T, device=tokens.device)).expand(B, T)
         x = self.wte(tokens)                                                      # (B, T, C)
         if self.wpe is not None:
-            if not torch.compiler.is_compiling() and int(positions.max()) >= self.config.block_size:
+            capturing = torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+            if not capturing and int(positions.max()) >= self.config.block_size:
                 raise ValueError(f"position {int(positions.max())} >= block_size {self.config.block_size}")
             x = x + self.wpe(positions)
         x = self.drop(x)

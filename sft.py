@@ -205,7 +205,8 @@ def adamw(model, lr, weight_decay, betas):
     params = [param for param in model.parameters() if param.requires_grad]
     groups = [{"params": [param for param in params if param.dim() >= 2], "weight_decay": weight_decay},
               {"params": [param for param in params if param.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    fused = params[0].is_cuda and not hasattr(params[0], "device_mesh")   # one kernel per step on a GPU (not FSDP)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 def lr_at(step, progress, peak, warmup_steps, min_ratio):
