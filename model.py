@@ -2281,7 +2281,10 @@ def setup_ddp():
     if world <= 1:
         return 0, 1, False
     import torch.distributed as dist
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # nccl when every process on this node has a GPU of its own; otherwise (a CPU, or more processes than
+    # GPUs, as in the CPU tests on a one-GPU machine) gloo, with the tensors on the CPU
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
@@ -2332,12 +2335,16 @@ def shard_model(model: GPT, device, sum_gradients: bool = False) -> GPT:
     except ImportError:
         raise UserError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); "
                         f"this is torch {torch.__version__}") from None
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     device = torch.device(device)
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if device.type == "cuda" else MixedPrecisionPolicy())
+    # the mesh on the run's device: fully_shard's default would take a GPU whenever one exists
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in model.blocks:
-        fully_shard(block, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     if model.config.ffn == "moe":   # an expert no token reached on one rank still joins the reduce-scatter
         model.set_reduce_scatter_unused_params(True)
     if sum_gradients:   # a plain SUM (gloo has no pre-multiplied sum, which a divide factor of 1 would use)

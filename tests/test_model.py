@@ -1142,7 +1142,7 @@ def test_read_demonstrations_takes_gsm8k_answers_as_completions(tmp_path):
 def test_fit_prompts_keeps_exactly_the_prompts_that_leave_room(lengths, new_tokens):
     rows = [{"prompt": "x" * n, "answer": "1"} for n in lengths]
     block = 40
-    expected = [r for r in rows if len(r["prompt"]) + new_tokens <= block]     # bytes = tokens
+    expected = [r for r in rows if 0 < len(r["prompt"]) and len(r["prompt"]) + new_tokens <= block]  # bytes = tokens
     if not expected:
         with pytest.raises(M.UserError, match="no prompt fits"):
             M.fit_prompts(rows, ENC, block, new_tokens, "p.jsonl")
