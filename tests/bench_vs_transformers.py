@@ -130,6 +130,8 @@ def grpo_split(policy, device, args, prompts_per_step=8, group_size=8):
     """One GRPO step at this shape (random weights, byte prompts): seconds in generation, scoring and update."""
     enc = M.get_tokenizer()
     rows = [{"prompt": f"{a}+{b}=?\n", "answer": str(a + b)} for a, b in zip(range(100, 200), range(300, 400))]
+    byte_decode = M.decode     # a random model at a real shape samples ids past the byte tokenizer's 258: skip them
+    M.decode = lambda enc, ids: byte_decode(enc, [i for i in ids if int(i) < enc.n_vocab])
     run = grpo.Args(prompts_per_step=prompts_per_step, group_size=group_size, max_new_tokens=args.gen_tokens,
                     micro_batch=16, device=device.type)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=device.type == "cuda")
