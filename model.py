@@ -7,11 +7,16 @@ config switches, because the choices are the lesson:
     x_{l+1} = x_l + Attn(Norm(x_l)) ;  x_{l+1} = x_{l+1} + FFN(Norm(x_{l+1}))      (pre-norm)
     logits  = Norm(x_L) W_out^T ,  p(x_t | x_<t) = softmax(logits_{t-1})
 
-and the plumbing the stages need: a byte-level tiktoken tokenizer built in code, one pure
-sampling function, batched KV-cache generation, per-token log-probabilities, atomic checkpoints,
-the `#### answer` verifier, and run helpers (device, seeding, DDP, args, JSONL, metrics).
+and the plumbing the stages need: a byte-level tiktoken tokenizer built in code (and real ones read from
+tokenizer.json, tiktoken ranks files or GGUF metadata), one pure sampling function, batched generation with
+a static KV cache and a compiled decode step, per-token log-probabilities in chunks, atomic checkpoints in
+and out (this project's .pt, Hugging Face folders and GGUF files for the Llama and Qwen families; export to
+a folder transformers loads), the verifiers (`#### answer`, Countdown expressions), and run helpers
+(device, seeding, DDP and FSDP2, option checks, JSONL, a run-folder lock, metrics).
 
-    python model.py            # benchmark: params, train tokens/s, MFU vs measured peak, KV-cache speed-up
+    python model.py                  # benchmark: train tokens/s and MFU, generation at batch 1 and 64, peak memory
+    python model.py --shape 135m     # the same at SmolLM2-135M's shape (0.5b: Qwen2.5-0.5B's), random weights
+    python model.py export --checkpoint runs/grpo/model.pt --to hf/grpo     # a folder transformers loads
     python model.py --help
 
 Sections: 1. model  2. tokenizer  3. sampling and generation  4. log-probabilities
@@ -2965,7 +2970,26 @@ def generate_by_recomputing(model, prompts, new_tokens: int, pad: int):
     return seq[:, -new_tokens:]
 
 
+@dataclass
+class ExportArgs:
+    checkpoint: str = ""         # what to export: a .pt checkpoint, a Hugging Face folder or a .gguf file
+    to: str = ""                 # the Hugging Face folder to write (config.json, model.safetensors, tokenizer files)
+
+
+def export(argv) -> None:
+    """python model.py export --checkpoint runs/grpo/model.pt --to hf/grpo: a folder transformers loads."""
+    args = parse_args(ExportArgs, argv, description=export.__doc__)
+    if not args.checkpoint or not args.to:
+        raise UserError("export needs --checkpoint PATH and --to FOLDER")
+    model, enc, _ = load(args.checkpoint)
+    save_hf(args.to, model, enc)
+    print(f"wrote {args.to}: {', '.join(sorted(os.listdir(args.to)))}")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export(argv[1:])
     args = parse_args(BenchArgs, argv)
     check_choices(args, shape=tuple(BENCH_SHAPES))
     check_options(args, positive=("batch_size", "seq_len", "steps", "gen_tokens"), seed=("seed",))

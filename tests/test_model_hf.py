@@ -247,3 +247,20 @@ def test_a_rename_only_gsm8k_file_is_rewarded_by_its_final_answer(tmp_path):
     for row, original in zip(M.read_prompts(str(path)), GSM8K):
         assert grpo.correct_reward(original["answer"], row, 10, False, args) == 1.0
         assert grpo.correct_reward(original["answer"].replace("####", "#### 1"), row, 10, False, args) == 0.0
+
+
+def test_the_export_verb_writes_a_folder_transformers_loads(tmp_path):
+    import subprocess
+    import sys
+    enc = M.get_tokenizer()
+    torch.manual_seed(1)
+    ours = M.GPT(M.Config(vocab_size=enc.n_vocab, n_layer=1, n_embd=32, n_head=4, n_kv_head=2))
+    M.save(str(tmp_path / "model.pt"), ours, enc)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "model.py"), "export", "--checkpoint",
+                           str(tmp_path / "model.pt"), "--to", str(tmp_path / "hf")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours.eval()(tokens), atol=1e-5, rtol=1e-5)
