@@ -10,16 +10,16 @@ Data made by a model is only as good as its filter (rejection sampling, as in ST
     distinct-n = |unique n-grams| / |n-grams|   over all completions: diversity (Li et al. 2016)
 
 Training on a model's own UNFILTERED samples shrinks diversity round after round (model collapse).
-
-A second task family swaps the verifier (and so the capability RL teaches): Countdown, as in TinyZero.
-The prompt gives a target and allowed numbers; the completion ends with '#### <expression>', which
-must use only those numbers (each at most once) and evaluate to the target (model.expression_hits_target).
-Targets are drawn only among the values a brute-force search reaches, and its shortest expression is
-the demonstration, so every row is solvable by construction:
-
-    reach(S) = S  u  { a op b : a in reach(A), b in reach(B), A u B = S, A n B = {} }     op in + - * /
 Cobbe et al. 2021 (GSM8K, "#### answer"); Zelikman et al. 2022 (STaR); Yuan et al. 2023 (RFT);
 Broder 1997 and Lee et al. 2022 (near-duplicate removal); Shumailov et al. 2024 (model collapse).
+
+A second task family swaps the verifier, and with it the capability RL teaches: Countdown, as in
+TinyZero (Pan et al. 2025). The prompt gives a target and allowed numbers; the completion ends with
+'#### <expression>', which must use only those numbers (each at most once) and evaluate to the target
+(model.expression_hits_target). Targets are drawn only among the values a brute-force search reaches,
+and its shortest expression is the demonstration, so every row is solvable by construction:
+
+    reach(S) = S  u  { a op b : a in reach(A), b in reach(S - A), A a non-empty proper part of S }
 
     python synth.py                                   # data/*.jsonl in seconds; prints counts, examples
     python synth.py --mix worked=1 --n-sft 10000      # all worked demonstrations, a bigger file
@@ -250,10 +250,13 @@ class Expression:
     steps: tuple
 
 
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+              "/": lambda a, b: a // b}                   # / only where it is exact (the solver checks)
+
+
 def combine(a: Expression, op: str, b: Expression) -> Expression:
     """a op b with only the parentheses the precedence needs: a-(b+c), (a+b)*c, a/(b*c)."""
-    value = {"+": a.value + b.value, "-": a.value - b.value, "*": a.value * b.value,
-             "/": a.value // b.value if b.value else 0}[op]
+    value = OPERATIONS[op](a.value, b.value)
     precedence = 1 if op in "+-" else 2
     left = f"({a.text})" if a.precedence < precedence else a.text
     right = f"({b.text})" if b.precedence < precedence or (op in "-/" and b.precedence == precedence) else b.text

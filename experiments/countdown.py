@@ -20,7 +20,7 @@ The stages run as subprocesses and talk through files, as the pipeline does:
 The table is read from each grpo.py run's summary.json: start, GRPO and control on both tasks.
 TinyZero (Pan et al. 2025); GRPO: Shao et al. 2024 (DeepSeekMath).
 
-    python experiments/countdown.py                          # both tasks, ~15-20 min on 2 CPU cores
+    python experiments/countdown.py                          # both tasks, ~20 min on 2 free CPU cores
     python experiments/countdown.py --no-headline --grpo-steps 60
 """
 import json
@@ -44,8 +44,8 @@ class Args:
     n_test: int = 200                      # held-out Countdown prompts (every row of the table)
     mix: str = "worked=1"                  # demonstration styles (synth.py --mix): worked shows the steps
     start: str = ""                        # a Countdown SFT checkpoint to start from ("" = train one into OUT/sft)
-    sft_minutes: float = 4.0               # sft.py --time-budget of the Countdown start
-    grpo_steps: int = 30                   # grpo.py --max-steps of each task; its control gets the same minutes
+    sft_steps: int = 600                   # sft.py --max-steps of the Countdown start (a step budget: same seed, same start)
+    grpo_steps: int = 60                   # grpo.py --max-steps of each task; its control gets the same minutes
     prompts_per_step: int = 16             # grpo.py --prompts-per-step
     group_size: int = 8                    # grpo.py --group-size
     max_new_tokens: int = M.MAX_NEW_TOKENS # completion length limit of every stage
@@ -70,8 +70,8 @@ def countdown_file(args: Args, split: str) -> str:
 def check_args(args: Args) -> None:
     """Every option before anything runs or is written: one line, exit 2. The synth options are parsed
     here as synth.py parses them, so a bad range fails before any stage starts."""
-    M.check_options(args, seed=("seed",), positive=("sft_minutes",))
-    M.require_at_least(args, 1, "n_sft", "n_sft_test", "n_rl", "n_test", "grpo_steps", "prompts_per_step",
+    M.check_options(args, seed=("seed",))
+    M.require_at_least(args, 1, "sft_steps", "n_sft", "n_sft_test", "n_rl", "n_test", "grpo_steps", "prompts_per_step",
                        "max_new_tokens", "n_eval", "pass_k")
     M.require_at_least(args, 2, "group_size")
     M.require_at_least(args, 0, "threads")
@@ -105,10 +105,11 @@ def countdown_data_command(args: Args) -> list[str]:
 
 
 def start_command(args: Args) -> list[str]:
-    """sft.py from scratch on the Countdown demonstrations: the start of the Countdown GRPO run."""
+    """sft.py from scratch on the Countdown demonstrations, for a fixed number of updates (so a seed gives one
+    checkpoint), evaluated once at its end: the start of the Countdown GRPO run."""
     return M.stage_command("sft.py", data=countdown_file(args, "sft_train"), test_data=countdown_file(args, "sft_test"),
                            eval_data=countdown_file(args, "rl_test"), out=os.path.join(args.out, "sft"),
-                           time_budget=args.sft_minutes, max_steps=0, n_eval=args.n_eval,
+                           max_steps=args.sft_steps, time_budget=0.0, eval_minutes=0.0, n_eval=args.n_eval,
                            max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device,
                            threads=args.threads)
 

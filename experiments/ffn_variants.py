@@ -208,6 +208,8 @@ def train_run(args: Args, variant: str, lr: float, seed: int, rows, eval_sets: d
         measured = evaluate(model, eval_rows, args.eval_rows, device)
         result[f"{name}_loss"] = measured["loss"]
         result[f"{name}_expert_load"] = measured["expert_load"]
+    print(f"{variant:10s} lr {lr:<7g} seed {seed:<4d} " + " ".join(f"{name} loss {result[f'{name}_loss']:.4f}"
+                                                             for name in eval_sets) + f" ({seconds:.0f} s)", flush=True)
     return result
 
 

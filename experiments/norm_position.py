@@ -191,6 +191,8 @@ def train_arm(args: Args, placement: str, warmup_steps: int, seed: int, rows, te
                             for _ in range(args.eval_batches)) / args.eval_batches
         finite = math.isfinite(test_loss)
     tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
+    print(f"{placement}-LN warmup {warmup_steps:<4d} seed {seed:<4d} " + (f"held-out loss {test_loss:.4f}" if finite else
+          f"diverged at step {len(losses)}"), flush=True)
     return {"placement": placement, "warmup_steps": warmup_steps, "seed": seed, "finite": finite,
             "steps_done": len(losses), "final_train_loss": sum(tail) / len(tail), "test_loss": test_loss,
             "losses": losses, "grad_norms": grad_norms}

@@ -20,7 +20,7 @@ E = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(E)
 
 CASES = [E.Args(), E.Args(out="o", data_dir="d", difficulty="2-4", n_sft=50, n_sft_test=5, n_rl=7, n_test=9,
-                          mix="worked=1,bare=1", start="", sft_minutes=0.5, grpo_steps=3, prompts_per_step=4,
+                          mix="worked=1,bare=1", start="", sft_steps=7, grpo_steps=3, prompts_per_step=4,
                           group_size=2, max_new_tokens=12, n_eval=5, pass_k=2, headline=False, headline_init="h.pt",
                           headline_data="hd.jsonl", headline_eval_data="he.jsonl", headline_sft_data="hs.jsonl",
                           headline_sft_test_data="ht.jsonl", seed=3, device="cpu", threads=1)]
@@ -44,8 +44,8 @@ def test_every_command_parses_with_the_target_stages_own_parser(args):
     assert E.start_command(args)[0] == "sft.py" and start.init == ""          # from scratch
     assert (start.data, start.test_data, start.eval_data) == tuple(
         E.countdown_file(args, s) for s in ("sft_train", "sft_test", "rl_test"))
-    assert (start.out, start.time_budget, start.max_steps) == (os.path.join(args.out, "sft"), args.sft_minutes, 0)
-    assert os.path.join(start.out, "model.pt") == E.start_path(args)
+    assert (start.out, start.max_steps, start.time_budget) == (os.path.join(args.out, "sft"), args.sft_steps, 0.0)
+    assert os.path.join(start.out, "model.pt") == E.start_path(args) and (start.eval_minutes, start.eval_every) == (0, 0)
     for name in ("max_new_tokens", "n_eval", "seed", "device", "threads"):
         assert getattr(start, name) == getattr(args, name), name
 
@@ -132,7 +132,7 @@ def test_a_tiny_run_for_real_trains_on_countdown_with_the_expression_reward(tmp_
 
 @pytest.mark.parametrize("bad, names", [(["--difficulty", "5"], "--difficulty"), (["--difficulty", "x"], "--difficulty"),
                                         (["--difficulty", "4-3"], "--difficulty"), (["--group-size", "1"], "--group-size"),
-                                        (["--sft-minutes", "0"], "--sft-minutes"), (["--seed", "-1"], "--seed"),
+                                        (["--sft-steps", "0"], "--sft-steps"), (["--seed", "-1"], "--seed"),
                                         (["--start", "missing.pt"], "missing.pt"), (["--device", "tpu"], "--device"),
                                         (["--n-test", "0"], "--n-test")])
 def test_a_bad_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, bad, names):
