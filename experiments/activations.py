@@ -285,7 +285,7 @@ def format_table(rows: list[dict], args: Args) -> str:
         cells = [r["activation"], pm(r["train_acc"], 100), pm(r["test_acc"], 100), pm(r["test_loss"], 1, 3), dead,
                  f"{r['moments'][0]:.3f}", f"{r['moments'][1]:.3f}", f"{r['mean_slope'][0]:.3f}",
                  f"{100 * r['zero_slope'][0]:.1f}", f"{r['grad_first'][0]:.3f} / {r['grad_last'][0]:.3f}",
-                 M.sparkline(r["curve"], 24)]
+                 f"{M.sparkline(r['curve'], 24)} {100 * min(r['curve']):.0f}–{100 * max(r['curve']):.0f} %"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

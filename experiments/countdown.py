@@ -21,7 +21,7 @@ The table is read from each grpo.py run's summary.json: start, GRPO and control 
 TinyZero (Pan et al. 2025); GRPO: Shao et al. 2024 (DeepSeekMath).
 
     python experiments/countdown.py                          # both tasks, ~20 min on 2 free CPU cores
-    python experiments/countdown.py --no-headline --grpo-steps 60
+    python experiments/countdown.py --no-headline --grpo-steps 120 --seed 1
 """
 import json
 import os
