@@ -20,6 +20,15 @@ E = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(E)
 
 
+@pytest.fixture
+def one_thread():
+    """The tiny runs pass --threads 1 (tiny matmuls on a busy machine are faster on one thread); the
+    session's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_data(folder):
     for name, offset in (("train", 0), ("test", 50)):
         M.write_jsonl(str(folder / f"{name}.jsonl"), [{"prompt": f"{a}*{b}=?\n", "completion": f"#### {a * b}"}
@@ -102,8 +111,8 @@ def test_the_verdict_says_what_the_numbers_say():
     assert "run at least one of each" in E.verdict_line(rows_for({"swiglu": [1.0, 1.1]}), 2)
 
 
-def test_tiny_run_prints_the_table_and_runs_each_variant_at_its_chosen_rate(tmp_path, capsys):
-    result = E.main(tiny_argv(tmp_path))
+def test_tiny_run_prints_the_table_and_runs_each_variant_at_its_chosen_rate(tmp_path, capsys, one_thread):
+    result = E.main(tiny_argv(tmp_path, "--threads", "1"))
     assert len(result["sweep"]) == 3 * 2 and len(result["runs"]) == 3 * 2
     for row in result["rows"]:
         tuned = [r for r in result["sweep"] if r["variant"] == row["variant"]]

@@ -20,6 +20,15 @@ E = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(E)
 
 
+@pytest.fixture
+def one_thread():
+    """The tiny runs pass --threads 1 (tiny matmuls on a busy machine are faster on one thread); the
+    session's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_data(folder):
     """Two small demonstration files (prompt/completion rows), enough for rows of 16 tokens."""
     for name, offset in (("train", 0), ("test", 50)):
@@ -112,7 +121,8 @@ def test_a_run_fails_when_it_diverges_or_does_not_beat_the_bigram_table():
     assert not E.failed({"finite": True, "test_loss": 1.5}, 2.0)
 
 
-def test_a_nan_loss_ends_the_arm_and_counts_as_failed(tmp_path):
+def test_a_nan_loss_ends_the_arm_and_counts_as_failed(tmp_path, one_thread):
+    torch.set_num_threads(1)
     data = tiny_data(tmp_path)
     enc = M.get_tokenizer("bytes")
     rows, test_rows = E.token_rows(str(data / "train.jsonl"), 16, enc), E.token_rows(str(data / "test.jsonl"), 16, enc)
@@ -121,8 +131,8 @@ def test_a_nan_loss_ends_the_arm_and_counts_as_failed(tmp_path):
     assert not run["finite"] and run["steps_done"] < 5 and E.failed(run, 10.0)
 
 
-def test_tiny_run_prints_both_tables(tmp_path, capsys):
-    result = E.main(tiny_args(tmp_path))
+def test_tiny_run_prints_both_tables(tmp_path, capsys, one_thread):
+    result = E.main(tiny_args(tmp_path, "--threads", "1"))
     assert set(result["profiles"]) == {f"{i}/{p}/{L}" for i in ("xiong", "gpt2") for p in ("pre", "post") for L in (2, 3)}
     assert all(len(norms) == int(key.split("/")[2]) for key, norms in result["profiles"].items())
     assert len(result["runs"]) == 2 * 2 * 2 and all(len(r["losses"]) == 4 for r in result["runs"])
