@@ -13,12 +13,22 @@ Training on a model's own UNFILTERED samples shrinks diversity round after round
 Cobbe et al. 2021 (GSM8K, "#### answer"); Zelikman et al. 2022 (STaR); Yuan et al. 2023 (RFT);
 Broder 1997 and Lee et al. 2022 (near-duplicate removal); Shumailov et al. 2024 (model collapse).
 
+A second task family swaps the verifier, and with it the capability RL teaches: Countdown, as in
+TinyZero (Pan et al. 2025). The prompt gives a target and allowed numbers; the completion ends with
+'#### <expression>', which must use only those numbers (each at most once) and evaluate to the target
+(model.expression_hits_target). Targets are drawn only among the values a brute-force search reaches,
+and its shortest expression is the demonstration, so every row is solvable by construction:
+
+    reach(S) = S  u  { a op b : a in reach(A), b in reach(S - A), A a non-empty proper part of S }
+
     python synth.py                                   # data/*.jsonl in seconds; prints counts, examples
     python synth.py --mix worked=1 --n-sft 10000      # all worked demonstrations, a bigger file
     python synth.py --from-model runs/sft/model.pt    # sample, verify, dedup, balance -> data/sft_model.jsonl
-    python synth.py --from-model runs/sft/model.pt --self-train-rounds 3   # retrain on unfiltered samples
+    python synth.py --families countdown              # data/countdown_*.jsonl: the Countdown task
 """
 import contextlib
+import functools
+import itertools
 import json
 import math
 import os
@@ -32,7 +42,8 @@ import torch
 
 import model as M
 
-FAMILIES = ("add", "sub", "mul", "word")
+FAMILIES = ("add", "sub", "mul", "word")                  # answers checked as '#### number'
+COUNTDOWN = "countdown"                                    # answers checked as '#### expression'
 STYLES = ("worked", "bare", "noisy")
 PREF_KINDS = ("off_by_one", "wrong_step", "bad_format")    # rejected = a plausible wrong completion
 DIAGNOSTIC_KINDS = ("length_only", "format_only")          # both correct: probes for reward shortcuts
@@ -43,7 +54,7 @@ MAX_DIFFICULTY = 6
 class Args:
     out_dir: str = "data"                    # folder for the JSONL files and synth_config.json
     seed: int = 0                            # one seed for every draw: same seed, same files
-    families: str = "add,sub,mul"           # task families (add, sub, mul, word); the default is the headline task
+    families: str = "add,sub,mul"           # task families (add, sub, mul, word), or countdown alone (its own files)
     n_sft: int = 8000                        # demonstrations in sft_train.jsonl (exactly this many)
     mix: str = "worked=0.4,bare=0.6"         # style shares of the demonstrations: worked|bare|noisy
     sft_difficulty: str = "3-4"              # difficulty range of the demonstrations (LO-HI)
@@ -222,13 +233,139 @@ def draw_word(rng, d):
     return Problem(prompt, value, "word", d, (start, tuple(ops)))
 
 
-DRAW = {"add": draw_add, "sub": draw_sub, "mul": draw_mul, "word": draw_word}
+# -- Countdown (TinyZero): reach a target with the allowed numbers ------------------------------
+
+COUNTDOWN_NUMBERS = range(1, 10)       # the allowed numbers are digits 1-9 (repeats allowed)
+COUNTDOWN_MAX_TARGET = 99              # targets 1-99
+COUNTDOWN_DIFFICULTIES = (2, 3, 4)     # difficulty d: d numbers are given
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A solver's expression: its value, its text, its precedence (3 atom, 2 for * /, 1 for + -) and the
+    steps that compute it, one 'a op b=c' line per operation in evaluation order."""
+    value: int
+    text: str
+    precedence: int
+    steps: tuple
+
+
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+              "/": lambda a, b: a // b}                   # / only where it is exact (the solver checks)
+
+
+def combine(a: Expression, op: str, b: Expression) -> Expression:
+    """a op b with only the parentheses the precedence needs: a-(b+c), (a+b)*c, a/(b*c)."""
+    value = OPERATIONS[op](a.value, b.value)
+    precedence = 1 if op in "+-" else 2
+    left = f"({a.text})" if a.precedence < precedence else a.text
+    right = f"({b.text})" if b.precedence < precedence or (op in "-/" and b.precedence == precedence) else b.text
+    return Expression(value, left + op + right, precedence, a.steps + b.steps + (f"{a.value}{op}{b.value}={value}",))
+
+
+def better(a: Expression, b: Expression | None) -> bool:
+    """The solver keeps, per value, the shortest text (then the first in order): a canonical answer."""
+    return b is None or (len(a.text), a.text) < (len(b.text), b.text)
+
+
+@functools.lru_cache(maxsize=None)
+def countdown_solutions(numbers: tuple) -> dict:
+    """Brute force over every expression on a sub-multiset of `numbers` with + - * / whose intermediate
+    values are positive integers (a - b only when a > b, a / b only when b divides a): -> {value: the
+    shortest Expression that reaches it, among those that use the fewest numbers}.
+
+    Dynamic programming over subsets (by bit mask): reach(S) combines reach(A) and reach(S \\ A) over every
+    split of S into two non-empty parts, so each value needs one representative per subset, not every
+    expression. A restricted search is still a proof: each value it finds has an expression the verifier
+    accepts, so a target drawn from it is solvable."""
+    n = len(numbers)
+    reach = {1 << i: {x: Expression(x, str(x), 3, ())} for i, x in enumerate(numbers)}
+    for mask in range(1, 1 << n):
+        if mask & (mask - 1) == 0:
+            continue
+        found = {}
+        low = mask & -mask
+        part = (mask - 1) & mask
+        while part:                                            # every split {A, B} once: A holds the lowest bit
+            if part & low:
+                for a, b in itertools.product(reach[part].values(), reach[mask ^ part].values()):
+                    big, small = (a, b) if a.value >= b.value else (b, a)
+                    candidates = [combine(a, "+", b), combine(a, "*", b)]
+                    if big.value > small.value:
+                        candidates.append(combine(big, "-", small))
+                    if big.value % small.value == 0:
+                        candidates.append(combine(big, "/", small))
+                    for expression in candidates:
+                        if better(expression, found.get(expression.value)):
+                            found[expression.value] = expression
+            part = (part - 1) & mask
+        reach[mask] = found
+    solutions = {}
+    for mask in sorted(reach, key=lambda m: (bin(m).count("1"), m)):   # fewest numbers first
+        for value, expression in reach[mask].items():
+            if value not in solutions or (bin(mask).count("1") == len(solutions[value].steps) + 1
+                                          and better(expression, solutions[value])):
+                solutions[value] = expression
+    return solutions
+
+
+def countdown_targets(numbers: tuple) -> list[int]:
+    """The targets a prompt may ask for: reachable, 1..99, and not one of the given numbers (that would
+    be solved by copying it)."""
+    return sorted(v for v in countdown_solutions(numbers) if 1 <= v <= COUNTDOWN_MAX_TARGET and v not in numbers)
+
+
+def countdown_prompt(numbers, target: int) -> str:
+    return f"Make {target} from {' '.join(map(str, numbers))}\n"
+
+
+def draw_countdown(rng, d):
+    """Difficulty d: d digits (sorted), and a target drawn uniformly among the solvable ones. Digits that
+    reach only one target (1 1 and 1 2) are drawn again: a noisy demonstration needs a second one."""
+    while True:
+        numbers = tuple(sorted(rng.choice(COUNTDOWN_NUMBERS) for _ in range(d)))
+        targets = countdown_targets(numbers)
+        if len(targets) >= 2:
+            target = rng.choice(targets)
+            return Problem(countdown_prompt(numbers, target), target, COUNTDOWN, d, numbers)
+
+
+def countdown_steps(numbers: tuple, target: int):
+    """The solver's steps and expression for `target`: -> (step lines, expression text)."""
+    expression = countdown_solutions(numbers)[target]
+    return list(expression.steps), expression.text
+
+
+@functools.lru_cache(maxsize=None)
+def countdown_space_size(d: int) -> int:
+    """Distinct Countdown prompts at difficulty d: sum over multisets of d digits of their targets (those
+    with at least two, as draw_countdown draws them)."""
+    if d not in COUNTDOWN_DIFFICULTIES:
+        return 0
+    counts = (len(countdown_targets(numbers))
+              for numbers in itertools.combinations_with_replacement(COUNTDOWN_NUMBERS, d))
+    return sum(count for count in counts if count >= 2)
+
+
+def countdown_demonstration(problem: Problem, style: str) -> str:
+    """worked: the solver's steps, then '#### expression'; bare: only '#### expression'; noisy: a careless
+    annotator's answer, the worked solution of the nearest OTHER target of these numbers (a near miss)."""
+    numbers, target = problem.operands, problem.answer
+    if style == "noisy":
+        target = min((v for v in countdown_targets(numbers) if v != target), key=lambda v: (abs(v - target), v))
+    lines, expression = countdown_steps(numbers, target)
+    return format_completion(lines, expression) if style != "bare" else f"#### {expression}"
+
+
+DRAW = {"add": draw_add, "sub": draw_sub, "mul": draw_mul, "word": draw_word, COUNTDOWN: draw_countdown}
 STEP_WRITERS = {"add": add_steps, "sub": sub_steps, "mul": mul_steps, "word": word_steps}
 
 
 def space_size(family: str, d: int) -> int:
     """How many distinct prompts the family can draw at difficulty d (word problems: unlimited)."""
     count = lambda n: 10 if n == 1 else 9 * 10 ** (n - 1)   # n-digit numbers
+    if family == COUNTDOWN:
+        return countdown_space_size(d)
     if family == "add":
         return count(d) ** 2
     if family == "sub":
@@ -244,10 +381,13 @@ def worked_steps(problem: Problem, wrong=None):
     return STEP_WRITERS[problem.family](*problem.operands, wrong=wrong)
 
 
-def verify(completion: str, answer) -> bool:
-    """The verifier of every family and every stage: the final answer after '####' equals the
-    answer (model.is_correct) and no written step is arithmetically wrong (model.completion_style)."""
-    return M.is_correct(completion, answer) and M.completion_style(completion) != "wrong_step"
+def verify(completion: str, answer, numbers=None) -> bool:
+    """The verifier of every family and every stage: the final answer after '####' equals the answer
+    (model.is_correct) or, for a Countdown row (its allowed `numbers` given), the final expression uses
+    only those numbers and hits the answer (model.expression_hits_target); and no written step is
+    arithmetically wrong (model.completion_style)."""
+    row = {"answer": answer} if numbers is None else {"answer": answer, "numbers": numbers}
+    return M.verify(completion, row) and M.completion_style(completion) != "wrong_step"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +419,8 @@ def noisy_completion(problem: Problem, rng: random.Random) -> str:
 def demonstration(problem: Problem, style: str, rng: random.Random) -> str:
     """worked: the steps and the answer; bare: only '#### answer' (a shortcut a small model cannot
     execute on hard problems); noisy: the steps with one wrong step carried through."""
+    if problem.family == COUNTDOWN:
+        return countdown_demonstration(problem, style)
     if style == "worked":
         lines, answer = worked_steps(problem)
         return format_completion(lines, answer)
@@ -379,14 +521,19 @@ def draw_split(rng: random.Random, n: int, families, difficulties, taken: set, u
     return problems
 
 
+def allowed_numbers(problem: Problem) -> dict:
+    """A Countdown row lists its allowed numbers (model.verify knows the task by this key)."""
+    return {"numbers": list(problem.operands)} if problem.family == COUNTDOWN else {}
+
+
 def sft_row(problem: Problem, style: str, rng: random.Random) -> dict:
     return {"prompt": problem.prompt, "completion": demonstration(problem, style, rng), "answer": str(problem.answer),
-            "family": problem.family, "difficulty": problem.difficulty, "style": style}
+            **allowed_numbers(problem), "family": problem.family, "difficulty": problem.difficulty, "style": style}
 
 
 def rl_row(problem: Problem) -> dict:
-    return {"prompt": problem.prompt, "answer": str(problem.answer), "family": problem.family,
-            "difficulty": problem.difficulty}
+    return {"prompt": problem.prompt, "answer": str(problem.answer), **allowed_numbers(problem),
+            "family": problem.family, "difficulty": problem.difficulty}
 
 
 def pref_row(problem: Problem, kind: str, rng: random.Random) -> dict:
@@ -396,8 +543,9 @@ def pref_row(problem: Problem, kind: str, rng: random.Random) -> dict:
 
 
 def build_dataset(args: Args) -> dict[str, list[dict]]:
-    """All six files, in memory. The held-out splits are drawn first, so when a small cell (1-digit sums
-    have only 100 prompts) runs out, it is the training splits that get fewer of it."""
+    """All six files, in memory (Countdown: the four SFT and RL files; it has no preference pairs). The
+    held-out splits are drawn first, so when a small cell (1-digit sums have only 100 prompts) runs out,
+    it is the training splits that get fewer of it."""
     families = parse_families(args.families)
     mix, test_mix = parse_mix(args.mix, STYLES, "mix"), parse_mix(args.test_mix, STYLES, "test-mix")
     pref_mix = parse_mix(args.pref_mix, PREF_KINDS, "pref-mix")
@@ -408,6 +556,13 @@ def build_dataset(args: Args) -> dict[str, list[dict]]:
     split = lambda n, ds, name: draw_split(rng, n, families, ds, taken, used, name)
     rl_test = split(args.n_test, test_d, "rl_test.jsonl (--n-test, --test-difficulty)")
     sft_test = split(args.n_sft_test, sft_d, "sft_test.jsonl (--n-sft-test, --sft-difficulty)")
+    if families == [COUNTDOWN]:
+        sft_train = split(args.n_sft, sft_d, "sft_train.jsonl (--n-sft, --sft-difficulty)")
+        rl_train = split(args.n_rl, rl_d, "rl_train.jsonl (--n-rl, --rl-difficulty)")
+        return {"sft_train": [sft_row(p, s, rng) for p, s in zip(sft_train, shuffled_labels(rng, args.n_sft, mix))],
+                "sft_test": [sft_row(p, s, rng) for p, s in zip(sft_test, shuffled_labels(rng, args.n_sft_test,
+                                                                                             test_mix))],
+                "rl_train": [rl_row(p) for p in rl_train], "rl_test": [rl_row(p) for p in rl_test]}
     prefs_test = split(args.n_prefs_test + len(DIAGNOSTIC_KINDS) * args.n_diagnostic, pref_d,
                        "prefs_test.jsonl (--n-prefs-test, --n-diagnostic, --pref-difficulty)")
     sft_train = split(args.n_sft, sft_d, "sft_train.jsonl (--n-sft, --sft-difficulty)")
@@ -476,6 +631,11 @@ def balance_by_difficulty(rows: list[dict], rng: random.Random) -> list[dict]:
     return [row for d in sorted(groups) for row in (groups[d] if len(groups[d]) <= cap else rng.sample(groups[d], cap))]
 
 
+def row_numbers(row: dict) -> dict:
+    """A Countdown prompt row's allowed numbers, carried into the rows made from it."""
+    return {"numbers": row["numbers"]} if "numbers" in row else {}
+
+
 def filter_samples(rows: list[dict], samples: list[tuple], args: Args, rng: random.Random):
     """Rejection sampling: samples = (row index, completion, finished) -> (kept SFT rows, counts).
     Keep a sample iff it ended on its own, verify() accepts it and it shows its work (or --keep-bare);
@@ -483,14 +643,14 @@ def filter_samples(rows: list[dict], samples: list[tuple], args: Args, rng: rand
     by_prompt = defaultdict(list)
     for i, text, finished in samples:
         style = M.completion_style(text)
-        if finished and verify(text, rows[i]["answer"]) and (style == "worked" or args.keep_bare):
+        if finished and verify(text, rows[i]["answer"], rows[i].get("numbers")) and (style == "worked" or args.keep_bare):
             by_prompt[i].append((text, style))
     verified, unique = sum(map(len, by_prompt.values())), []
     for i, items in by_prompt.items():
         for j in dedup([text for text, _ in items], args.ngram, args.jaccard):
             text, style = items[j]
             unique.append({"prompt": rows[i]["prompt"], "completion": text, "answer": str(rows[i]["answer"]),
-                           "family": rows[i].get("family", ""), "difficulty": rows[i].get("difficulty", 0),
+                           **row_numbers(rows[i]), "family": rows[i].get("family", ""), "difficulty": rows[i].get("difficulty", 0),
                            "style": style, "source": "model"})
     kept = balance_by_difficulty(unique, rng)
     return kept, {"sampled": len(samples), "verified": verified, "deduplicated": len(unique), "kept": len(kept)}
@@ -524,7 +684,7 @@ def pass_rates(rows: list[dict], samples) -> dict:
     """Share of samples that verify(), per difficulty."""
     hits = defaultdict(list)
     for i, text, finished in samples:
-        hits[rows[i].get("difficulty", 0)].append(finished and verify(text, rows[i]["answer"]))
+        hits[rows[i].get("difficulty", 0)].append(finished and verify(text, rows[i]["answer"], rows[i].get("numbers")))
     return {d: sum(v) / len(v) for d, v in sorted(hits.items())}
 
 
@@ -537,7 +697,7 @@ def unfiltered_rows(rows: list[dict], samples) -> list[dict]:
     """--no-filter: EVERY sample as an SFT row, unverified, truncated ones included: what a model trained on
     its own raw outputs sees (the model-collapse arm of experiments/self_training.py)."""
     return [{"prompt": rows[i]["prompt"], "completion": text, "answer": str(rows[i]["answer"]),
-             "family": rows[i].get("family", ""), "difficulty": rows[i].get("difficulty", 0),
+             **row_numbers(rows[i]), "family": rows[i].get("family", ""), "difficulty": rows[i].get("difficulty", 0),
              "style": M.completion_style(text), "source": "model_unfiltered", "finished": finished}
             for i, text, finished in samples]
 
@@ -549,15 +709,18 @@ def dataset_command(out_dir: str) -> list[str]:
 
 def read_sampling_prompts(args: Args, enc, block_size: int, rng: random.Random) -> list[dict]:
     """--prompts rows (model.read_prompts: {"prompt", "answer"} or GSM8K {"question", "answer"}), the optional
-    labels "family" (text) and "difficulty" (an integer) checked by line; prompts that leave no room for
+    labels "family" (text) and "difficulty" (an integer) and a Countdown row's "numbers" (a list of numbers)
+    checked by line; prompts that leave no room for
     --max-new-tokens in the context are skipped (model.fit_prompts); then --n-prompts of them at random.
     A missing DEFAULT --prompts file is made by this file's default mode (model.ensure_input)."""
     default = Args().prompts
     path = M.ensure_input(args.prompts, default, dataset_command(os.path.dirname(default)))
     rows = M.read_prompts(path)
     for number, row in M.jsonl_objects(path):
-        M.check_row(row, {key: kind for key, kind in (("family", str), ("difficulty", int)) if key in row},
-                    f"{path}:{number}")
+        M.check_row(row, {key: kind for key, kind in (("family", str), ("difficulty", int), ("numbers", list))
+                          if key in row}, f"{path}:{number}")
+        if any(not isinstance(x, (int, float)) or isinstance(x, bool) for x in row.get("numbers", ())):
+            raise M.UserError(f"{path}:{number}: 'numbers' must be a list of numbers")
     rows = M.fit_prompts(rows, enc, block_size, args.max_new_tokens, path)
     return rng.sample(rows, args.n_prompts) if args.n_prompts < len(rows) else rows
 
@@ -581,7 +744,8 @@ def from_model(args: Args) -> dict:
     counts["written"] = len(written)
     texts = [text for _, text, _ in samples]
     summary = {"args": asdict(args), "counts": counts, "pass_rate": pass_rates(rows, samples),
-               "sampled_pass": sum(finished and verify(text, rows[i]["answer"]) for i, text, finished in samples)
+               "sampled_pass": sum(finished and verify(text, rows[i]["answer"], rows[i].get("numbers"))
+                                   for i, text, finished in samples)
                / len(samples),
                "distinct_n": {"samples": diversity(texts), "written": diversity([r["completion"] for r in written])}}
     if written:                                                # nothing to write: the previous set stays whole
@@ -669,10 +833,22 @@ def parse_mix(text: str, allowed, name: str) -> dict[str, float]:
 
 def parse_families(text: str) -> list[str]:
     families = [f.strip() for f in text.split(",") if f.strip()]
-    unknown = [f for f in families if f not in FAMILIES]
+    unknown = [f for f in families if f not in (*FAMILIES, COUNTDOWN)]
     if not families or unknown:
-        raise M.UserError(f"--families {text!r}: choose from {', '.join(FAMILIES)}")
+        raise M.UserError(f"--families {text!r}: choose from {', '.join(FAMILIES)}, or {COUNTDOWN} alone")
+    if COUNTDOWN in families and len(set(families)) > 1:
+        raise M.UserError(f"--families {text!r}: {COUNTDOWN} is a task of its own (another verifier, its own "
+                          f"files); give it alone")
     return families
+
+
+def file_names(families: list[str]) -> dict[str, str]:
+    """The files of a dataset: {split: file name}. Countdown's carry a prefix, so they sit beside the headline
+    task's in one folder (data/countdown_rl_train.jsonl) and a run never mixes the two tasks in one set."""
+    if families == [COUNTDOWN]:
+        return {**{name: f"{COUNTDOWN}_{name}.jsonl" for name in ("sft_train", "sft_test", "rl_train", "rl_test")},
+                "config": f"{COUNTDOWN}_config.json"}
+    return {**{name: f"{name}.jsonl" for name in DATA_FILES}, "config": "synth_config.json"}
 
 
 def summarize(files: dict[str, list[dict]]) -> dict:
@@ -683,7 +859,7 @@ def summarize(files: dict[str, list[dict]]) -> dict:
         texts = [r.get("completion", r.get("chosen", "")) for r in rows]
         summary[name] = {"rows": len(rows),
                          "difficulty": dict(sorted(Counter(r["difficulty"] for r in rows).items())),
-                         "family": {f: c for f in FAMILIES if (c := sum(r["family"] == f for r in rows))},
+                         "family": {f: c for f in (*FAMILIES, COUNTDOWN) if (c := sum(r["family"] == f for r in rows))},
                          **({label: {k: c for k in (*STYLES, *PREF_KINDS, *DIAGNOSTIC_KINDS)
                                      if (c := sum(r[label] == k for r in rows))}} if label else {}),
                          "max_bytes": max(len((r["prompt"] + t).encode()) for r, t in zip(rows, texts)) if rows else 0,
@@ -746,7 +922,7 @@ def check_args(args: Args) -> None:
             raise M.UserError(f"--summary {args.summary}: the same file as --out")
     else:
         check_output(args.out_dir, "out-dir", folder=True)
-        for name in (*[f"{n}.jsonl" for n in DATA_FILES], "synth_config.json"):
+        for name in file_names(parse_families(args.families)).values():
             if os.path.isdir(os.path.join(args.out_dir, name)):
                 raise M.UserError(f"--out-dir {args.out_dir}: {name} there is a folder, not a file")
 
@@ -756,16 +932,18 @@ def write_dataset(args: Args) -> dict:
     t0 = time.time()
     files = build_dataset(args)
     summary = summarize(files)
-    claim_folders(os.path.join(args.out_dir, "synth_config.json"))
-    write_file_set({**{os.path.join(args.out_dir, f"{name}.jsonl"): jsonl_text(rows) for name, rows in files.items()},
-                    os.path.join(args.out_dir, "synth_config.json"):
+    names = file_names(parse_families(args.families))
+    claim_folders(os.path.join(args.out_dir, names["config"]))
+    write_file_set({**{os.path.join(args.out_dir, names[name]): jsonl_text(rows) for name, rows in files.items()},
+                    os.path.join(args.out_dir, names["config"]):
                         json.dumps({"args": asdict(args), "counts": summary}, indent=2)})
     print(f"wrote {len(files)} files to {args.out_dir}/ in {time.time() - t0:.1f} s (seed {args.seed})")
-    print(f"{'file':18s} {'rows':>5s}  {'by difficulty':30s} by style / kind")
+    width = max(len(names[name]) for name in summary)
+    print(f"{'file':{width}s} {'rows':>5s}  {'by difficulty':30s} by style / kind")
     for name, s in summary.items():
         by_d = " ".join(f"{d}:{c}" for d, c in s["difficulty"].items())
         by_label = " ".join(f"{k}:{c}" for k, c in s.get("style", s.get("kind", {})).items())
-        print(f"{name + '.jsonl':18s} {s['rows']:5d}  {by_d:30s} {by_label}")
+        print(f"{names[name]:{width}s} {s['rows']:5d}  {by_d:30s} {by_label}")
     print("families: " + ", ".join(f"{name} {' '.join(f'{f}:{c}' for f, c in s['family'].items())}"
                                    for name, s in summary.items() if name in ("sft_train", "rl_test")))
     print("longest prompt+completion: " + ", ".join(f"{name} {s['max_bytes']} B" for name, s in summary.items())

@@ -597,3 +597,193 @@ def test_a_run_failing_while_writing_leaves_the_previous_set_whole_and_no_tempor
     with pytest.raises(M.UserError, match="No space left on device"):
         S.main(small_args(tmp_path, "--seed", "1"))
     assert len(opened) == 5 and files_of(folder) == before            # 4 files written, none renamed into place
+
+
+# -- Countdown: the expression verifier, the solver, the files ------------------------------------
+
+from fractions import Fraction  # noqa: E402
+from itertools import combinations, combinations_with_replacement, product  # noqa: E402
+
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+       "/": lambda a, b: a / b if b != 0 else None}
+
+
+def expressions(pool, max_leaves):
+    """Every expression tree on up to max_leaves leaves drawn from `pool` (repeats allowed), with + - * /
+    and unary minus on a leaf, fully parenthesised. -> [(text, leaves, exact value or None if it divides by
+    zero)], the value computed with Fractions as the tree is built (no parser involved)."""
+    by_size = {1: [(str(x), (x,), Fraction(x)) for x in pool] + [(f"(-{x})", (x,), Fraction(-x)) for x in pool]}
+    for size in range(2, max_leaves + 1):
+        trees = []
+        for left_size in range(1, size):
+            for (lt, ll, lv), (rt, rl, rv) in product(by_size[left_size], by_size[size - left_size]):
+                for op, f in OPS.items():
+                    value = None if lv is None or rv is None else f(lv, rv)
+                    trees.append((f"({lt}{op}{rt})", ll + rl, value))
+        by_size[size] = trees
+    return [tree for size in sorted(by_size) for tree in by_size[size]]
+
+
+def sub_multiset(used, allowed) -> bool:
+    return not Counter(used) - Counter(allowed)
+
+
+def test_the_verifier_accepts_exactly_the_expressions_that_hit_the_target_with_the_allowed_numbers():
+    """Brute force: every tree on up to 3 leaves from {2, 3} (with unary minus) against allowed numbers that
+    hold each at most twice, and targets its own value, a near miss and 6; the verifier's answer must be the
+    independent one (used numbers a sub-multiset of the allowed ones, exact value equal to the target)."""
+    n_accepted = n_checked = 0
+    for text, leaves, value in expressions((2, 3), 3):
+        for numbers in ([2, 2, 3], [2, 3], [3, 3], [2]):
+            for target in {value if value is not None else Fraction(0), (value or 0) + Fraction(1, 3), Fraction(6)}:
+                expected = value is not None and sub_multiset(leaves, numbers) and value == target
+                got = M.expression_hits_target(f"7*8=56\n#### {text}", numbers, float(target))
+                assert got == expected, (text, numbers, target, value)
+                n_accepted += got
+                n_checked += 1
+    assert 100 < n_accepted < n_checked - 100                    # the brute force exercised both answers
+
+
+@given(numbers=st.lists(st.integers(1, 9), min_size=2, max_size=3), op=st.sampled_from("+-*"), spaced=st.booleans())
+def test_a_correct_expression_passes_in_any_spacing_and_a_number_used_twice_fails(numbers, op, spaced):
+    a, b = numbers[:2]
+    text = f"{a} {op} {b}" if spaced else f"{a}{op}{b}"
+    target = OPS[op](a, b)
+    assert M.expression_hits_target(f"#### {text}", numbers, target)
+    assert M.expression_hits_target(f"steps\n#### {text}\nanything after the line", numbers, target)
+    assert not M.expression_hits_target(f"#### {text}", numbers, target + 1)
+    twice = f"{a}{op}{a}"                                        # a used twice but given once
+    assert M.expression_hits_target(f"#### {twice}", numbers, OPS[op](a, a)) == (numbers.count(a) >= 2)
+
+
+HOSTILE = ["__import__('os').system('echo pwned')", "open('/etc/passwd').read()", "3 if 1 else 4", "[3][0]",
+           "(lambda: 3)()", "3; 4", "x", "2**3**4**5", "9**9**9**9", "1e400", "10**61", "2**-10000", "(" * 500 + "3",
+           "1" * 300, "3 + " * 100 + "3", "True", "3 == 3", "~3", "3 @ 3", "'3'", "3j", "٣", "1/0", "0**-1",
+           "3 % 0", "", "#### ####", "\x00", "4\n3"]
+
+
+@pytest.mark.parametrize("expression", HOSTILE)
+def test_the_verifier_rejects_hostile_expressions_without_raising(expression):
+    assert M.expression_hits_target(f"#### {expression}", [3, 4], 3) is False
+    final = M.final_expression(f"#### {expression}")
+    if final is not None and final != "4":                        # "4\n3": a valid 4 that misses the target
+        with pytest.raises(ValueError):                          # arith's documented error, and no other
+            M.arith(final)
+
+
+def test_the_verifier_needs_a_final_expression_and_a_numeric_target():
+    assert not M.expression_hits_target("3+4", [3, 4], 7)                       # no '####'
+    assert not M.expression_hits_target("#### 3+4", [3, 4], "seven")            # a target that is no number
+    assert M.expression_hits_target("#### 3+4", [3, 4], "7")                    # the answer as text (JSONL rows)
+    assert M.expression_hits_target("#### 3.0+4", [3, 4], 7)                    # 3.0 is the allowed 3
+    assert not M.expression_hits_target("#### 3+4 #### 3", [3, 4], 7)          # the LAST '####' counts
+
+
+def reachable(numbers) -> set:
+    """An independent brute force (the classic search, not synth's subset DP): pick any two values, replace
+    them by a + b, a * b, a - b (a > b) or a / b (b divides a), recurse; every value seen on the way."""
+    seen = set()
+
+    def search(values):
+        seen.update(values)
+        for i, j in product(range(len(values)), repeat=2):
+            if i == j:
+                continue
+            a, b = values[i], values[j]
+            rest = [v for k, v in enumerate(values) if k not in (i, j)]
+            for result in (a + b, a * b, a - b if a > b else None, a // b if a % b == 0 else None):
+                if result is not None:
+                    search(rest + [result])
+
+    search(list(numbers))
+    return seen
+
+
+def fewest_numbers(numbers, target) -> int:
+    """The size of the smallest sub-multiset whose brute-force reach holds the target."""
+    return min(len(subset) for r in range(1, len(numbers) + 1) for subset in
+               set(combinations(numbers, r))
+               if target in reachable(subset))
+
+
+@settings(max_examples=15)
+@given(numbers=st.lists(st.integers(1, 9), min_size=2, max_size=4).map(lambda v: tuple(sorted(v))))
+def test_the_solver_reaches_exactly_what_brute_force_reaches_and_every_answer_verifies(numbers):
+    solutions = S.countdown_solutions(numbers)
+    assert set(solutions) == reachable(numbers)
+    for target in S.countdown_targets(numbers):
+        assert 1 <= target <= S.COUNTDOWN_MAX_TARGET and target not in numbers
+        lines, expression = S.countdown_steps(numbers, target)
+        completion = S.format_completion(lines, expression)
+        assert M.expression_hits_target(completion, list(numbers), target)
+        assert M.completion_style(completion) == "worked" and S.verify(completion, target, list(numbers))
+        assert len(lines) + 1 == fewest_numbers(numbers, target)  # the demonstration uses the fewest numbers
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5])
+def test_countdown_space_size_is_the_number_of_distinct_solvable_prompts(d):
+    prompts = 0
+    if 2 <= d <= 4:
+        for numbers in combinations_with_replacement(range(1, 10), d):
+            targets = {t for t in reachable(numbers) if 1 <= t <= 99 and t not in numbers}
+            prompts += len(targets) if len(targets) >= 2 else 0     # one-target sets are not drawn
+    assert S.countdown_space_size(d) == prompts
+
+
+def countdown_argv(tmp_path, *extra):
+    return ["--families", "countdown", "--out-dir", str(tmp_path / "data"), "--n-sft", "90", "--n-sft-test", "12",
+            "--n-rl", "30", "--n-test", "20", "--sft-difficulty", "2-3", "--rl-difficulty", "3",
+            "--test-difficulty", "2-3", "--mix", "worked=1,bare=1,noisy=1", "--n-examples", "0", *extra]
+
+
+def test_countdown_rows_are_solvable_labelled_and_in_their_own_files(tmp_path):
+    S.main(small_args(tmp_path, "--n-examples", "0"))             # the headline task's set, in the same folder
+    before = files_of(tmp_path / "data")
+    S.main(countdown_argv(tmp_path))
+    after = files_of(tmp_path / "data")
+    assert all(after[name] == blob for name, blob in before.items())   # the headline files are untouched
+    names = {"sft_train": 90, "sft_test": 12, "rl_train": 30, "rl_test": 20}
+    assert set(after) - set(before) == {f"countdown_{n}.jsonl" for n in names} | {"countdown_config.json"}
+    prompts = []
+    for name, size in names.items():
+        rows = M.read_jsonl(str(tmp_path / "data" / f"countdown_{name}.jsonl"))
+        assert len(rows) == size and all(r["family"] == "countdown" for r in rows)
+        for r in rows:
+            m = re.fullmatch(r"Make (\d+) from ((?:\d )*\d)\n", r["prompt"])   # the prompt read back
+            target, numbers = int(m[1]), [int(x) for x in m[2].split()]
+            assert str(target) == r["answer"] and numbers == r["numbers"] == sorted(numbers)
+            assert len(numbers) == r["difficulty"] and target not in numbers and target in reachable(numbers)
+            if "completion" in r:
+                hits = M.expression_hits_target(r["completion"], numbers, target)
+                assert hits == (r["style"] != "noisy") == S.verify(r["completion"], r["answer"], r["numbers"])
+                assert M.completion_style(r["completion"]) == {"bare": "bare"}.get(r["style"], "worked")
+                assert M.verify(r["completion"], r) == hits        # model.py dispatches on "numbers"
+        prompts.append({r["prompt"] for r in rows})
+        assert len(prompts[-1]) == size                          # no repeats inside a split
+    assert sum(map(len, prompts)) == len(set().union(*prompts))  # splits disjoint
+    read = M.read_prompts(str(tmp_path / "data" / "countdown_rl_test.jsonl"))
+    assert all(isinstance(r["numbers"], list) for r in read)     # the numbers reach grpo.py's reward
+
+
+@pytest.mark.parametrize("bad, names", [(["--families", "countdown,add"], "--families"),
+                                        (["--sft-difficulty", "5-6"], "unused distinct prompts"),
+                                        (["--n-test", "130", "--test-difficulty", "2"], "unused distinct prompts")])
+def test_a_bad_countdown_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, bad, names):
+    code, err = run_cli(countdown_argv(tmp_path, *bad), capsys)
+    assert_one_line_error(code, err, names)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_from_model_checks_countdown_numbers_by_line_and_verifies_with_them(tmp_path, capsys, inputs):
+    bad = tmp_path / "bad_numbers.jsonl"
+    bad.write_text('{"prompt": "Make 7 from 3 4\\n", "answer": "7", "numbers": 34}\n')
+    argv = ["--from-model", str(inputs / "tiny.pt"), "--prompts", str(bad), "--device", "cpu",
+            "--out", str(tmp_path / "out" / "model.jsonl")]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, f"{bad}:1")
+    assert not (tmp_path / "out").exists()
+    row = {"prompt": "Make 7 from 3 4\n", "answer": "7", "numbers": [3, 4], "difficulty": 2}
+    samples = [(0, "3+4=7\n#### 3+4", True), (0, "#### 7", True), (0, "3+4=7\n#### 3+4+4", True)]
+    args = S.Args(keep_bare=True)
+    kept, counts = S.filter_samples([row], samples, args, random.Random(0))
+    assert counts["verified"] == 1 and kept[0]["completion"] == "3+4=7\n#### 3+4" and kept[0]["numbers"] == [3, 4]
