@@ -525,6 +525,9 @@ def train(args) -> dict:
         raise M.UserError(f"--prompts-per-step {args.prompts_per_step} must divide evenly over {world} processes")
     weights = parse_reward_weights(args.rewards)
     policy, enc, rows, eval_rows = prepare_inputs(args, main_process, ddp)
+    if "expression" in weights and not any("numbers" in row for row in rows):
+        raise M.UserError(f"--rewards expression: {args.data} has no Countdown rows (a 'numbers' list), so every "
+                          "reward would be 0; make them with `python synth.py --families countdown`")
     policy.to(device)
     init_hash = M.sha256(args.init)
     M.seed_everything(args.seed + rank)

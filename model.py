@@ -2165,7 +2165,10 @@ def expression_hits_target(text: str, numbers, target) -> bool:
         goal = float(target)
     except (ValueError, TypeError):
         return False
-    pool = list(numbers)
+    try:
+        pool = list(numbers)
+    except TypeError:
+        return False
     for number in used:
         if number not in pool:                     # 2 == 2.0, so "2.0" uses an allowed 2
             return False
@@ -2684,6 +2687,10 @@ def read_prompts(path: str) -> list[dict]:
         where = f"{path}:{number}"
         key = "prompt" if "prompt" in row else "question"
         check_row(row, {key: str, "answer": (str, int, float)}, where)
+        if "numbers" in row:              # a Countdown row: the numbers its expression may use
+            check_row(row, {"numbers": list}, where)
+            if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in row["numbers"]):
+                raise UserError(f"{where}: 'numbers' must be a list of numbers")
         answer = final_answer(row["answer"])
         if not answer:
             raise UserError(f"{where}: 'answer' holds no final answer")
