@@ -666,13 +666,13 @@ def sample_completions(policy, enc, prompts: list[str], k: int, temperature: flo
     """k completions per prompt with model.generate, batch_size sequences per call.
     -> [(prompt index, completion text, finished)], finished=False: cut by max_new_tokens."""
     jobs = [i for i in range(len(prompts)) for _ in range(k)]
-    encoded = [M.encode(enc, p) for p in prompts]
+    encoded = [M.encode_prompt(enc, p) for p in prompts]          # in the checkpoint's chat format
     samples = []
     for start in range(0, len(jobs), batch_size):
         idx = jobs[start:start + batch_size]
         room = policy.config.block_size - max(len(encoded[i]) for i in idx)
         gen = M.generate(policy, [encoded[i] for i in idx], max(1, min(max_new_tokens, room)),
-                         temperature=temperature, stop_ids=(enc.eot_token,), pad_id=M.pad_id(enc),
+                         temperature=temperature, stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc),
                          generator=generator)
         for row, i in enumerate(idx):
             text = M.decode(enc, gen.tokens[row, :int(gen.lengths[row])].tolist())
