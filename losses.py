@@ -17,7 +17,10 @@ smoothing (Szegedy et al. 2016) and z-loss (PaLM, Chowdhery et al. 2022); a chun
 that never builds the (tokens x vocab) logits; Bradley-Terry (1952) for reward models; DPO
 (Rafailov et al. 2023) and IPO (Azar et al. 2023); PPO's clipped surrogate and value loss (Schulman
 et al. 2017), the entropy bonus, REINFORCE with a baseline (Williams 1992); and the k1/k2/k3
-estimators of KL from samples (Schulman 2020, "Approximating KL Divergence").
+estimators of KL from samples (Schulman 2020, "Approximating KL Divergence"). Section 6 is the
+statistics under them: maximum likelihood is the minimum of the NLL, MAP with a Gaussian prior is L2
+regularisation (and AdamW's decoupled decay is not), a Dirichlet prior's posterior mean is add-alpha
+smoothing (label smoothing's target), and sampling temperature is a tempered distribution.
 
 Conventions: `mask` is a bool tensor (True = the position counts), `ignore_index` marks padded
 targets. What sits under the mask never matters: every masked input is replaced (torch.where) BEFORE
@@ -525,7 +528,73 @@ def reinforce_loss(logp, returns, baseline=0.0, mask=None, denom=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Worked example
+# 6. Statistics behind the losses: MLE, MAP, conjugate priors, tempered sampling
+# ----------------------------------------------------------------------------------------------
+
+def categorical_mle(counts):
+    """Maximum likelihood for a categorical from counts n_k (..., K): p_k = n_k / N.
+
+    It minimises the mean NLL  -1/N sum_k n_k log p_k  over the simplex (Lagrange: n_k / p_k = lambda),
+    and the minimum equals the empirical entropy H(n / N): training a model by cross-entropy on data from
+    p is fitting p by maximum likelihood, and the loss cannot go below the data's own entropy."""
+    counts = counts.to(torch.float64)
+    return counts / counts.sum(-1, keepdim=True)
+
+
+def dirichlet_posterior_mean(counts, alpha):
+    """Conjugate Bayesian estimate: prior Dirichlet(alpha, ..., alpha) on a categorical, counts n_k observed,
+    posterior Dirichlet(alpha + n_k), whose mean is add-alpha (Laplace, for alpha = 1) smoothing:
+
+        E[p_k | n] = (n_k + alpha) / (N + K alpha) = (1 - w) * n_k / N + w * 1 / K,   w = K alpha / (N + K alpha)
+
+    the same mixture of the data and the uniform distribution that label smoothing trains towards
+    (cross_entropy's label_smoothing = w: the target is (1 - w) onehot + w / K)."""
+    counts = counts.to(torch.float64)
+    K = counts.shape[-1]
+    return (counts + alpha) / (counts.sum(-1, keepdim=True) + K * alpha)
+
+
+def map_l2_loss(nll_value, params, prior_std: float, n_examples: int):
+    """MAP with a Gaussian prior theta ~ N(0, sigma^2 I) is NLL plus an L2 penalty:
+
+        -1/N log p(theta | D) = mean NLL + ||theta||^2 / (2 N sigma^2) + const
+
+    so L2 regularisation with coefficient lambda = 1 / (N sigma^2) (loss + lambda/2 ||theta||^2) is MAP.
+    Adam with that penalty in its gradient is NOT AdamW: Adam divides the penalty's gradient by sqrt(v)
+    like any other, so heavily-updated weights are barely decayed; AdamW's decoupled decay
+    theta <- theta - lr * wd * theta shrinks every weight at the same rate (Loshchilov & Hutter 2019;
+    adam_l2_vs_adamw shows the two apart)."""
+    return nll_value + sum(p.pow(2).sum() for p in params) / (2 * n_examples * prior_std ** 2)
+
+
+def adam_l2_vs_adamw(grads, weight, lr: float, wd: float, steps: int, betas=(0.9, 0.999), eps: float = 1e-8):
+    """Run Adam with an L2 term in the gradient (g + wd * theta) and AdamW (decoupled decay) from the same
+    start on the same gradient sequence (steps, D) of a separable problem; returns both end weights.
+    Closed form for a weight whose gradient is 0: AdamW shrinks it to w (1 - lr wd)^steps, while Adam+L2's
+    normalised step is about -lr * sign(w) (the penalty's gradient divided by its own root mean square)."""
+    adam_l2, adamw = weight.clone(), weight.clone()
+    states = [[torch.zeros_like(weight), torch.zeros_like(weight)] for _ in range(2)]
+    for t in range(1, steps + 1):
+        for kind, theta, (m, v) in (("l2", adam_l2, states[0]), ("decoupled", adamw, states[1])):
+            g = grads[t - 1] + (wd * theta if kind == "l2" else 0.0)
+            m.mul_(betas[0]).add_(g, alpha=1 - betas[0])
+            v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+            update = (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+            if kind == "decoupled":
+                theta.mul_(1 - lr * wd)
+            theta.sub_(lr * update)
+    return adam_l2, adamw
+
+
+def tempered(logits, temperature: float):
+    """Sampling at temperature tau is sampling from the tempered distribution p_tau(x) ∝ p(x)^(1/tau):
+    softmax(z / tau) = p^(1/tau) / sum p^(1/tau), since p = softmax(z) ∝ e^z. tau -> 0 is the argmax
+    (greedy), tau = 1 the model itself, tau -> inf uniform; the entropy rises with tau."""
+    return (_fp32(logits) / temperature).log_softmax(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Worked example
 # ----------------------------------------------------------------------------------------------
 
 def walkthrough(samples=4000, seed=0):
@@ -619,7 +688,7 @@ def walkthrough(samples=4000, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Benchmark: chunked vs plain cross-entropy at a large vocabulary
+# 8. Benchmark: chunked vs plain cross-entropy at a large vocabulary
 # ----------------------------------------------------------------------------------------------
 
 def _bench_inputs(vocab, tokens, n_embd, seed, device):
@@ -750,7 +819,7 @@ def benchmark(args, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. main
+# 9. main
 # ----------------------------------------------------------------------------------------------
 
 @dataclass

@@ -1118,3 +1118,110 @@ def test_bad_option_exits_2_with_one_line_and_no_traceback():
                           text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "error: --chunk-size must be >= 1, got 0\n"
+
+
+# ---------------------------------------------------------------- statistics: MLE, MAP, conjugate priors, temperature
+
+@given(counts=st.lists(st.integers(0, 50), min_size=2, max_size=8).filter(lambda c: sum(c) > 0),
+       seed=st.integers(0, 1000))
+def test_mle_is_the_minimum_of_the_nll_and_its_value_is_the_entropy(counts, seed):
+    """p = n / N minimises -1/N sum_k n_k log p_k over the simplex: no random point of the simplex does
+    better, and the minimum equals the empirical entropy (closed form)."""
+    n = torch.tensor(counts, dtype=torch.float64)
+    p = L.categorical_mle(n)
+    nll = lambda q: -(n * q.clamp_min(1e-300).log()).sum() / n.sum()
+    empirical = n / n.sum()
+    entropy = -(empirical[empirical > 0] * empirical[empirical > 0].log()).sum()
+    assert abs(nll(p) - entropy) < 1e-12
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        q = torch.distributions.Dirichlet(torch.ones(len(counts), dtype=torch.float64)).sample()
+        assert nll(q) >= nll(p) - 1e-12
+    # and gradient descent on logits with the library's cross-entropy converges to it
+    logits = torch.zeros(len(counts), dtype=torch.float64, requires_grad=True)
+    targets = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    optimizer = torch.optim.LBFGS([logits], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits.expand(len(targets), -1), targets)
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    assert torch.allclose(logits.softmax(0)[n > 0], p[n > 0], atol=1e-4)
+
+
+@given(counts=st.lists(st.integers(0, 30), min_size=2, max_size=6), alpha=st.floats(0.1, 5.0))
+def test_dirichlet_posterior_mean_is_add_alpha_smoothing_and_a_label_smoothing_mixture(counts, alpha):
+    """(n_k + alpha) / (N + K alpha) = (1 - w) n_k / N + w / K with w = K alpha / (N + K alpha); checked
+    against the Dirichlet posterior's own mean (torch.distributions) and the mixture form."""
+    n = torch.tensor(counts, dtype=torch.float64)
+    K, N = len(counts), float(sum(counts))
+    mean = L.dirichlet_posterior_mean(n, alpha)
+    posterior = torch.distributions.Dirichlet(n + alpha)
+    assert torch.allclose(mean, posterior.mean, atol=1e-12)
+    if N > 0:
+        w = K * alpha / (N + K * alpha)
+        assert torch.allclose(mean, (1 - w) * n / N + w / K, atol=1e-12)
+        # label smoothing w: the target distribution of cross_entropy is that same mixture, so the smoothed
+        # loss is minimised exactly at the posterior mean (its gradient w.r.t. the logits vanishes there)
+        logits = mean.log().clone().requires_grad_(True)
+        targets = torch.repeat_interleave(torch.arange(K), torch.tensor(counts))
+        loss = L.cross_entropy(logits.expand(len(targets), -1), targets, label_smoothing=w)
+        loss.backward()
+        assert logits.grad.abs().max() < 1e-9
+
+
+@given(seed=st.integers(0, 1000), prior_std=st.floats(0.3, 3.0), n_examples=st.integers(1, 50))
+def test_map_with_a_gaussian_prior_is_l2_regularisation(seed, prior_std, n_examples):
+    """-1/N log p(theta | D) = mean NLL + ||theta||^2 / (2 N sigma^2) + const: the gradient of map_l2_loss
+    equals the NLL's gradient plus lambda * theta with lambda = 1 / (N sigma^2), and minus the log density of
+    N(0, sigma^2) computed by torch.distributions has the same theta-dependence."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(n_examples, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (n_examples,), generator=g).double()
+    nll = F.binary_cross_entropy_with_logits(x @ theta, y)
+    (grad_map,) = torch.autograd.grad(L.map_l2_loss(nll, [theta], prior_std, n_examples), theta, retain_graph=True)
+    (grad_nll,) = torch.autograd.grad(nll, theta, retain_graph=True)
+    assert torch.allclose(grad_map, grad_nll + theta.detach() / (n_examples * prior_std ** 2), atol=1e-12)
+    log_prior = torch.distributions.Normal(0.0, prior_std).log_prob(theta).sum()
+    (grad_prior,) = torch.autograd.grad(-log_prior / n_examples, theta)
+    assert torch.allclose(grad_map - grad_nll, grad_prior, atol=1e-12)
+
+
+def test_adam_with_l2_is_not_adamw():
+    """On a weight whose data gradient is 0, AdamW's decoupled decay shrinks it geometrically,
+    w (1 - lr wd)^T (closed form), while Adam with the L2 term in its gradient normalises that term away and
+    moves it by about lr per step (sign descent): the two differ. With a live gradient on another weight the
+    same L2 coefficient decays it far less than AdamW does (its penalty is divided by sqrt(v) of a big gradient).
+    AdamW matches torch.optim.AdamW."""
+    lr, wd, T = 0.01, 0.1, 50
+    weight = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    grads = torch.zeros(T, 2, dtype=torch.float64)
+    grads[:, 1] = torch.linspace(-3, 3, T).sin() * 5                  # weight 1 sees a large, varying gradient
+    adam_l2, adamw = L.adam_l2_vs_adamw(grads, weight, lr, wd, T)
+    assert abs(adamw[0] - (1 - lr * wd) ** T) < 1e-12                  # decoupled: geometric decay, 0.951
+    # coupled: Adam's step is at most about lr (|m_hat / sqrt(v_hat)| <= 1 for a gradient of one sign), and
+    # here it is close to that bound every step: the weight falls to about 1 - lr T = 0.5, ten times further
+    assert 1 - lr * T - 1e-6 <= adam_l2[0] <= 1 - 0.8 * lr * T
+    assert adamw[1] < adam_l2[1]                                       # the big-gradient weight: decoupled decays more
+    reference = weight.clone().requires_grad_(True)
+    torch_adamw = torch.optim.AdamW([reference], lr=lr, weight_decay=wd)
+    for t in range(T):
+        reference.grad = grads[t].clone()
+        torch_adamw.step()
+    assert torch.allclose(adamw, reference.detach(), atol=1e-10)
+
+
+@given(seed=st.integers(0, 1000), temperature=st.floats(0.1, 10.0))
+def test_temperature_samples_from_the_tempered_distribution(seed, temperature):
+    """softmax(z / tau) = p^(1/tau) / sum p^(1/tau) (closed form), and the entropy rises with tau."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(7, generator=g, dtype=torch.float64) * 3
+    p = z.softmax(0)
+    want = p.pow(1 / temperature) / p.pow(1 / temperature).sum()
+    assert torch.allclose(L.tempered(z, temperature).exp(), want, atol=1e-12)
+    hotter = L.tempered(z, temperature * 1.5).exp()
+    entropy = lambda q: -(q * q.log()).sum()
+    assert entropy(hotter) >= entropy(want) - 1e-12
