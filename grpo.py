@@ -91,6 +91,7 @@ class Args:
     chat_template: str = "auto"            # auto|none|chatml|llama3: how prompts are wrapped (auto: from the checkpoint)
     dtype: str = "float32"                 # float32|bfloat16: the weights' precision (bf16 halves their memory)
     grad_checkpoint: bool = False          # recompute each block in the backward pass: less activation memory
+    compile: str = "auto"                  # the rollouts' decode step: auto (a CUDA graph on CUDA, eager on a CPU) | on | off
     threads: int = 0                       # torch CPU threads, passed on to the control too (0 = torch's default)
     device: str = "auto"                   # auto | cpu | cuda
     fsdp: bool = False                     # shard weights, gradients, optimizer state over torchrun processes (FSDP2)
@@ -101,7 +102,8 @@ def check_args(args) -> None:
     """Every option, before anything is read or written: one clear line for the first bad one."""
     parse_reward_weights(args.rewards)
     M.check_choices(args, scale=("group", "batch", "none"), aggregation=("grpo", "dr_grpo", "dapo"),
-                    ratio_level=("token", "sequence"), chat_template=("auto", *M.CHAT_FORMATS), dtype=tuple(M.DTYPES))
+                    ratio_level=("token", "sequence"), chat_template=("auto", *M.CHAT_FORMATS), dtype=tuple(M.DTYPES),
+                    compile=("auto", "on", "off"))
     M.check_options(args, positive=("prompts_per_step", "update_epochs", "micro_batch", "max_new_tokens", "n_eval",
                                     "n_eval_during", "pass_k", "eval_minutes"),
                     non_negative=("refill_rounds", "top_k", "threads", "beta", "lr", "weight_decay", "grad_clip",
@@ -295,7 +297,8 @@ def rollout(policy, enc, rows, args, weights, generator) -> Rollout:
     G = args.group_size
     prompts = [M.encode_prompt(enc, r["prompt"]) for r in rows for _ in range(G)]
     generation = M.generate(policy, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc), generator=generator)
+                            top_p=args.top_p, stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc), generator=generator,
+                            compile={"auto": None, "on": True, "off": False}[args.compile])
     lengths, truncated = generation.lengths.cpu(), (~generation.finished).cpu()
     completions = generation.tokens.cpu()
     texts = [M.decode(enc, c[:n].tolist()) for c, n in zip(completions, lengths.tolist())]
