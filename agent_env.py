@@ -29,19 +29,32 @@ and counted (`zero_adv_groups`): a task the warm start never solves gives GRPO n
 Environments, Gymnasium-style (Towers et al. 2024): reset(seed) -> observation; step(action_text) ->
 (observation, reward, done, info); a turn limit; an action ends at the stop string "\\n". A malformed
 action (no stop string, too long, garbage) costs a turn and gets an `error: ...` observation; acting
-after `done` raises.
+after `done` raises. Each tests one skill, which the expert uses and a novice skips:
     calc     tool use (Toolformer, Schick et al. 2023; ReAct, Yao et al. 2023): "47*38=?" ->
              <calc>47*38</calc> -> <result>1786</result> -> <answer>1786</answer>; the calculator
-             walks the `ast` with bounded sizes (model.arith) and never calls eval.
-    guess    partial observability, delayed reward: a hidden number in 1..N, feedback higher/lower;
-             reward 0.9^(turns-1) on success only. Bisection needs at most ceil(log2(N+1)) guesses.
+             walks the `ast` with bounded sizes (model.arith) and never calls eval. The novice answers
+             from its head (50*40 = 2000) and is almost always wrong.
+    guess    partial observability, delayed reward: a hidden number in 1..15, feedback higher/lower;
+             reward 0.9^(turns-1) on success only; 4 turns, bisection's worst case ceil(log2(N+1)), so
+             only bisection always succeeds. The novice counts up from 1 (finds 1..4 only).
     keydoor  memory: the door's code is shown once, in the first observation; the agent walks east down
-             an unseen corridor and must recall the code turns later at the door.
-Scripted experts (acting only on what they observe) give a behaviour-cloning warm start and the upper
-bound; a uniformly random policy gives the lower bound.
+             an unseen corridor and must recall the code turns later at the door. The novice walks to
+             the door and enters 0.
 
-    python agent_env.py                        # BC warm start, RL, table on held-out seeds (~2.5 min on CPU)
+What RL adds to imitation. The warm start is behaviour cloning (BC) on demonstrations of mixed quality:
+30 % of the episodes by the expert, 70 % by the novice (--expert-share; D4RL's "medium-expert" data,
+Fu et al. 2020). BC learns the mixture: sampled at T = 1 it uses the skill in about 30 % of episodes,
+and greedy decoding picks the majority, the novice's move, at the step where the two part. Nothing in
+the demonstrations says which episodes succeeded; the reward does, and RL moves the policy onto the
+expert's branch. The control is BC continued from the same warm start, on the same demonstrations, for
+the seconds RL took (as grpo.py's equal-time SFT control): more imitation of the same mixture. The table
+(held-out seeds) has the success rate with its standard error, the mean turns and the share of episodes
+that use the skill, for random, the demonstrations, warm start, RL, the control and the expert. With
+--expert-share 1 (expert demonstrations only) BC alone solves all three environments, faster than RL.
+
+    python agent_env.py                        # BC, RL, BC control, table on held-out seeds (~3 min, 2 cores)
     python agent_env.py --envs keydoor --rl-steps 100
+    python agent_env.py --expert-share 1          # expert demonstrations only: imitation alone is enough
     python agent_env.py --init runs/sft/model.pt  # warm-start from a checkpoint (byte tokenizer), then BC
 """
 import json
@@ -68,7 +81,7 @@ class Args:
     n_embd: int = 128                 # model width (new model only)
     bc_episodes: int = 400            # demonstrations per environment for behaviour cloning
     expert_share: float = 0.3         # share of demonstrations by the expert; the rest by a novice who skips the skill
-    bc_steps: int = 600               # behaviour-cloning updates (0 = no warm start)
+    bc_steps: int = 1200              # behaviour-cloning updates (0 = no warm start)
     bc_batch: int = 32                # expert trajectories per BC update
     bc_lr: float = 3e-3               # peak BC learning rate (linear warmup, cosine decay)
     rl_steps: int = 40                # RL updates
@@ -679,8 +692,9 @@ def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, 
         optimizer.step()
         step += 1
         loss_value = loss.item()
-        if logger is not None and (step % 25 == 0 or step == 1):
-            logger.log(step, echo=False, kind=log_kind, bc_loss=loss_value)
+        echo = steps > 0 and (step == 1 or step % max(1, steps // 10) == 0)   # ~10 progress lines
+        if logger is not None and (echo or step % 25 == 0):
+            logger.log(step, echo=echo, kind=log_kind, bc_loss=loss_value)
     return loss_value, step
 
 
@@ -895,6 +909,7 @@ def run(args) -> dict:
                                              args.seed + 1, logger, args.grad_clip, time_budget=rl_s,
                                              log_kind="bc_control")
         control_s = time.perf_counter() - t0
+        print(f"BC control: {control_steps} steps in {control_s:.0f} s")
         control = {name: evaluate_model(warm_model, enc, name, heldout, args.max_action_tokens) for name in names}
 
     policy_rng, demo_rng = random.Random(args.seed + 1), random.Random(args.seed + 2)
@@ -935,7 +950,7 @@ def what_rl_learned(table: dict, names, temperature: float) -> str:
     for name in names:
         skill = make_env(name).skill_name
         row = lambda policy: table[policy][name]["skill"]   # noqa: E731
-        lines.append(f"{name}: episodes that {skill}: demonstrations {row('demonstrations'):.2f}, warm start "
+        lines.append(f"{name}: share of episodes that use the skill ({skill}): demonstrations {row('demonstrations'):.2f}, warm start "
                      f"{row('warm start (greedy)'):.2f} greedy / {row(f'warm start ({sampled})'):.2f} sampled -> "
                      f"RL {row('RL (greedy)'):.2f} / {row(f'RL ({sampled})'):.2f}"
                      + (f"; BC control {row('BC control (greedy)'):.2f}" if "BC control (greedy)" in table else ""))

@@ -1010,6 +1010,11 @@ BAD_OPTIONS = [   # (argv, what the one line on stderr names, files the case's f
     (["--device", "cuda:x"], "--device", {}),
     (["--seed", "-1"], "--seed", {}),
     (["--seed", str(2 ** 32)], "--seed", {}),
+    (["--expert-share", "1.5"], "--expert-share", {}),
+    (["--expert-share", "-0.1"], "--expert-share", {}),
+    (["--expert-share", "nan"], "--expert-share", {}),
+    (["--control=yes"], "--control", {}),
+    (["--no-control", "--bc-episodes", "-1"], "--bc-episodes", {}),
     (["--clip-eps", "0.2"], "--clip-eps", {}),                   # renamed: --eps-low / --eps-high
     (["--updates-per-batch", "2"], "--updates-per-batch", {}),   # renamed: --update-epochs
 ]
