@@ -693,7 +693,7 @@ def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, 
         step += 1
         loss_value = loss.item()
         echo = steps > 0 and (step == 1 or step % max(1, steps // 10) == 0)   # ~10 progress lines
-        if logger is not None and (echo or step % 25 == 0):
+        if logger is not None and (echo or step == 1 or step % 25 == 0):
             logger.log(step, echo=echo, kind=log_kind, bc_loss=loss_value)
     return loss_value, step
 
