@@ -50,11 +50,12 @@ expert's branch. The control is BC continued from the same warm start, on the sa
 the seconds RL took (as grpo.py's equal-time SFT control): more imitation of the same mixture. The table
 (held-out seeds) has the success rate with its standard error, the mean turns and the share of episodes
 that use the skill, for random, the demonstrations, warm start, RL, the control and the expert. With
---expert-share 1 (expert demonstrations only) BC alone solves all three environments, faster than RL.
+--expert-share 1 (expert demonstrations only) there is no novice to outgrow, and more imitation is the
+natural competitor of RL.
 
-    python agent_env.py                        # BC, RL, BC control, table on held-out seeds (~3 min, 2 cores)
+    python agent_env.py                        # BC, RL, BC control, table on held-out seeds (~5 CPU-minutes)
     python agent_env.py --envs keydoor --rl-steps 100
-    python agent_env.py --expert-share 1          # expert demonstrations only: imitation alone is enough
+    python agent_env.py --expert-share 1          # expert demonstrations only
     python agent_env.py --init runs/sft/model.pt  # warm-start from a checkpoint (byte tokenizer), then BC
 """
 import json
