@@ -32,8 +32,8 @@ action (no stop string, too long, garbage) costs a turn and gets an `error: ...`
 after `done` raises. Each tests one skill, which the expert uses and a novice skips:
     calc     tool use (Toolformer, Schick et al. 2023; ReAct, Yao et al. 2023): "47*38=?" ->
              <calc>47*38</calc> -> <result>1786</result> -> <answer>1786</answer>; the calculator
-             walks the `ast` with bounded sizes (model.arith) and never calls eval. The novice skips
-             the tool and guesses.
+             walks the `ast` with bounded sizes (model.arith) and never calls eval. The novice answers
+             from its head (50*40 = 2000) and is almost always wrong.
     guess    partial observability, delayed reward: a hidden number in 1..15, feedback higher/lower;
              reward 0.9^(turns-1) on success only; 4 turns, bisection's worst case ceil(log2(N+1)), so
              only bisection always succeeds. The novice counts up from 1 (finds 1..4 only).
@@ -254,12 +254,10 @@ class CalculatorEnv(TextEnv):
 
     @staticmethod
     def novice(observations, actions):
-        """Skips the tool and guesses a 4-digit answer (the same guess for the same question; right one
-        time in 9000). Not an estimate from the factors on purpose: an answer that is a function of the
-        question teaches the model to compute the answer from the question, which competes with copying
-        it from <result> (measured: with a 50*40 estimator as the novice, 1 of 3 seeds never learned the
-        copy in 1200 BC steps)."""
-        return f"<answer>{random.Random(observations[0]).randint(1000, 9999)}</answer>\n"
+        """Skips the tool and answers from its head: both factors rounded to tens (47*38 ~ 50*40 = 2000),
+        right only when both are multiples of ten (about 1 time in 130)."""
+        a, b = map(int, observations[0].removesuffix("=?\n").split("*"))
+        return f"<answer>{round(a, -1) * round(b, -1)}</answer>\n"
 
     @staticmethod
     def uses_skill(observations, actions):

@@ -15,7 +15,6 @@ import math
 import operator
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -245,11 +244,10 @@ def test_random_calculator_answers_are_right_one_time_in_9000():
 
 def test_novices_fail_where_the_skill_is_needed_and_experts_always_use_it():
     """Closed forms per environment, on 300 held-out seeds each. calc: the novice never calls the tool
-    and answers in one turn with a 4-digit guess (right 1 time in 9000: P(> 2 of 300) < 1e-5). guess: counting up
+    and is right iff both factors are multiples of ten (its estimate is then exact). guess: counting up
     from 1 finds x within K turns iff x <= K, and never bisects (its first guess is 1, bisection's is 8).
     keydoor: the novice enters code 0, so it succeeds iff the note said 0."""
     seeds = range(A.HELDOUT_SEED, A.HELDOUT_SEED + 300)
-    lucky = 0
     for name in sorted(A.ENVS):
         env = A.make_env(name)
         for seed in seeds:
@@ -257,9 +255,9 @@ def test_novices_fail_where_the_skill_is_needed_and_experts_always_use_it():
             assert env.uses_skill(expert.observations, expert.actions), (name, seed)
             novice = A.play(env, env.novice, seed)
             if name == "calc":
-                assert novice.turns == 1 and re.fullmatch(r"<answer>\d{4}</answer>\n", novice.actions[0])
+                a, b = map(int, env.expression.split("*"))
+                assert novice.success == (a % 10 == 0 and b % 10 == 0) and novice.turns == 1
                 assert not env.uses_skill(novice.observations, novice.actions)
-                lucky += novice.success
             elif name == "guess":
                 assert novice.success == (env.secret <= env.max_turns)
                 assert novice.turns == min(env.secret, env.max_turns)
@@ -267,7 +265,6 @@ def test_novices_fail_where_the_skill_is_needed_and_experts_always_use_it():
             else:
                 assert novice.success == (env.code == 0) == env.uses_skill(novice.observations, novice.actions)
                 assert novice.turns == env.distance + 1
-    assert lucky <= 2
 
 
 def test_guess_turn_limit_is_the_bisection_bound_so_only_bisection_always_succeeds():
