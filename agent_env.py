@@ -29,19 +29,33 @@ and counted (`zero_adv_groups`): a task the warm start never solves gives GRPO n
 Environments, Gymnasium-style (Towers et al. 2024): reset(seed) -> observation; step(action_text) ->
 (observation, reward, done, info); a turn limit; an action ends at the stop string "\\n". A malformed
 action (no stop string, too long, garbage) costs a turn and gets an `error: ...` observation; acting
-after `done` raises.
+after `done` raises. Each tests one skill, which the expert uses and a novice skips:
     calc     tool use (Toolformer, Schick et al. 2023; ReAct, Yao et al. 2023): "47*38=?" ->
              <calc>47*38</calc> -> <result>1786</result> -> <answer>1786</answer>; the calculator
-             walks the `ast` with bounded sizes (model.arith) and never calls eval.
-    guess    partial observability, delayed reward: a hidden number in 1..N, feedback higher/lower;
-             reward 0.9^(turns-1) on success only. Bisection needs at most ceil(log2(N+1)) guesses.
+             walks the `ast` with bounded sizes (model.arith) and never calls eval. The novice answers
+             from its head (50*40 = 2000) and is almost always wrong.
+    guess    partial observability, delayed reward: a hidden number in 1..15, feedback higher/lower;
+             reward 0.9^(turns-1) on success only; 4 turns, bisection's worst case ceil(log2(N+1)), so
+             only bisection always succeeds. The novice counts up from 1 (finds 1..4 only).
     keydoor  memory: the door's code is shown once, in the first observation; the agent walks east down
-             an unseen corridor and must recall the code turns later at the door.
-Scripted experts (acting only on what they observe) give a behaviour-cloning warm start and the upper
-bound; a uniformly random policy gives the lower bound.
+             an unseen corridor and must recall the code turns later at the door. The novice walks to
+             the door and enters 0.
 
-    python agent_env.py                        # BC warm start, RL, table on held-out seeds (~2.5 min on CPU)
+What RL adds to imitation. The warm start is behaviour cloning (BC) on demonstrations of mixed quality:
+30 % of the episodes by the expert, 70 % by the novice (--expert-share; D4RL's "medium-expert" data,
+Fu et al. 2020). BC learns the mixture: sampled at T = 1 it uses the skill in about 30 % of episodes,
+and greedy decoding picks the majority, the novice's move, at the step where the two part. Nothing in
+the demonstrations says which episodes succeeded; the reward does, and RL moves the policy onto the
+expert's branch. The control is BC continued from the same warm start, on the same demonstrations, for
+the seconds RL took (as grpo.py's equal-time SFT control): more imitation of the same mixture. The table
+(held-out seeds) has the success rate with its standard error, the mean turns and the share of episodes
+that use the skill, for random, the demonstrations, warm start, RL, the control and the expert. With
+--expert-share 1 (expert demonstrations only) there is no novice to outgrow, and more imitation is the
+natural competitor of RL.
+
+    python agent_env.py                        # BC, RL, BC control, table on held-out seeds (~5 CPU-minutes)
     python agent_env.py --envs keydoor --rl-steps 100
+    python agent_env.py --expert-share 1          # expert demonstrations only
     python agent_env.py --init runs/sft/model.pt  # warm-start from a checkpoint (byte tokenizer), then BC
 """
 import json
@@ -50,7 +64,8 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+import copy
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -65,8 +80,9 @@ class Args:
     n_layer: int = 2                  # transformer blocks (new model only)
     n_head: int = 4                   # attention heads (new model only)
     n_embd: int = 128                 # model width (new model only)
-    bc_episodes: int = 400            # expert episodes per environment for behaviour cloning
-    bc_steps: int = 150               # behaviour-cloning updates (0 = no warm start)
+    bc_episodes: int = 400            # demonstrations per environment for behaviour cloning
+    expert_share: float = 0.3         # share of demonstrations by the expert; the rest by a novice who skips the skill
+    bc_steps: int = 1200              # behaviour-cloning updates (0 = no warm start)
     bc_batch: int = 32                # expert trajectories per BC update
     bc_lr: float = 3e-3               # peak BC learning rate (linear warmup, cosine decay)
     rl_steps: int = 40                # RL updates
@@ -82,6 +98,7 @@ class Args:
     temperature: float = 1.0          # sampling temperature of rollouts, and of the ratio's log-probs
     max_action_tokens: int = 24       # tokens the model may write per turn before it is cut off
     grad_clip: float = 1.0            # clip the global gradient norm (0 = off)
+    control: bool = True              # also run the equal-time control: BC from the warm start for RL's seconds
     eval_episodes: int = 200          # held-out seeds per environment in the final table
     eval_every: int = 20              # RL steps between held-out evals (0 = only at the end)
     log_every: int = 10               # steps between progress lines
@@ -157,9 +174,21 @@ class TextEnv:
     def _step(self, action: str):
         raise NotImplementedError
 
+    skill_name = "skill"      # what the expert does and the novice skips (a column of the table)
+
     @staticmethod
     def expert(observations: list[str], actions: list[str]) -> str:
         """The scripted expert's next action, from what it has seen (never the hidden state)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def novice(observations: list[str], actions: list[str]) -> str:
+        """A novice demonstrator: acts on what it has seen too, but skips the skill the environment tests."""
+        raise NotImplementedError
+
+    @staticmethod
+    def uses_skill(observations: list[str], actions: list[str]) -> bool:
+        """Did this episode use the skill (call the tool, bisect, recall the code)?"""
         raise NotImplementedError
 
     def random_action(self, rng) -> str:
@@ -212,6 +241,8 @@ class CalculatorEnv(TextEnv):
             return ("correct\n" if success else "wrong\n"), float(success), True, success, None
         return "error: not calc or answer\n", 0.0, False, False, "not <calc>expr</calc> or <answer>n</answer>"
 
+    skill_name = "tool"
+
     @staticmethod
     def expert(observations, actions):
         """Send the question to the calculator, then answer with its result."""
@@ -220,6 +251,18 @@ class CalculatorEnv(TextEnv):
             return f"<answer>{result.group(1)}</answer>\n"
         expression = observations[0].removesuffix("=?\n")
         return f"<calc>{expression}</calc>\n"
+
+    @staticmethod
+    def novice(observations, actions):
+        """Skips the tool and answers from its head: both factors rounded to tens (47*38 ~ 50*40 = 2000),
+        right only when both are multiples of ten (about 1 time in 130)."""
+        a, b = map(int, observations[0].removesuffix("=?\n").split("*"))
+        return f"<answer>{round(a, -1) * round(b, -1)}</answer>\n"
+
+    @staticmethod
+    def uses_skill(observations, actions):
+        """Called the calculator at least once."""
+        return any(action.startswith("<calc>") for action in actions)
 
     def random_action(self, rng):   # a random 4-digit answer: success probability 1/9000
         return f"<answer>{rng.randint(1000, 9999)}</answer>\n"
@@ -232,14 +275,17 @@ class CalculatorEnv(TextEnv):
 class GuessNumberEnv(TextEnv):
     """A hidden number x in 1..N; the agent says a number each turn and hears 'higher', 'lower' or
     'correct'. Reward gamma^(turns-1) on success, 0 otherwise (delayed: nothing until the end).
-    The state (the interval still possible) is never shown: it lives in the transcript."""
+    The state (the interval still possible) is never shown: it lives in the transcript. The turn limit
+    is bisection's worst case, ceil(log2(N + 1)) = 4 for N = 15: a policy that does not bisect runs out
+    of turns on some secrets (counting up from 1 finds only x <= 4)."""
 
     name = "guess"
-    max_turns = 6
+    max_turns = 4
     discount = 0.9
+    skill_name = "bisect"
 
     def __init__(self, n: int = 15, max_turns: int | None = None):
-        super().__init__(max_turns)
+        super().__init__(bisection_turns_bound(n) if max_turns is None else max_turns)
         self.n = n
 
     def _reset(self, rng):
@@ -255,16 +301,35 @@ class GuessNumberEnv(TextEnv):
         return ("higher\n" if self.secret > guess else "lower\n"), 0.0, False, False, None
 
     @staticmethod
-    def expert(observations, actions):
-        """Bisection: guess the middle of the interval the feedback so far allows."""
+    def interval(observations, actions):
+        """(low, high): the numbers the feedback so far still allows (read from the transcript)."""
         low, high = 1, int(re.fullmatch(r"guess 1-(\d+)\n", observations[0]).group(1))
         for action, feedback in zip(actions, observations[1:]):
-            guess = int(action.strip())
+            if not re.fullmatch(r"\d{1,4}\n", action):
+                continue
+            guess = int(action)
             if feedback == "higher\n":
                 low = max(low, guess + 1)
             elif feedback == "lower\n":
                 high = min(high, guess - 1)
+        return low, high
+
+    @staticmethod
+    def expert(observations, actions):
+        """Bisection: guess the middle of the interval the feedback so far allows."""
+        low, high = GuessNumberEnv.interval(observations, actions)
         return f"{(low + high) // 2}\n"
+
+    @staticmethod
+    def novice(observations, actions):
+        """Counts up: the smallest number the feedback still allows (never wrong, never fast)."""
+        return f"{GuessNumberEnv.interval(observations, actions)[0]}\n"
+
+    @staticmethod
+    def uses_skill(observations, actions):
+        """Every guess was the middle of the interval still possible."""
+        return all(action == GuessNumberEnv.expert(observations[:turn + 1], actions[:turn])
+                   for turn, action in enumerate(actions))
 
     def random_action(self, rng):   # uniform over 1..N, independently each turn
         return f"{rng.randint(1, self.n)}\n"
@@ -317,6 +382,8 @@ class KeyDoorEnv(TextEnv):
             return ("open\n" if success else "alarm\n"), float(success), True, success, None
         return "error: not an action\n", 0.0, False, False, "not east, west or enter <digit>"
 
+    skill_name = "recall"
+
     @staticmethod
     def expert(observations, actions):
         """Walk east until the door, then enter the code read in the first observation."""
@@ -324,6 +391,19 @@ class KeyDoorEnv(TextEnv):
             return "east\n"
         code = re.fullmatch(r"note: code (\d)\n", observations[0]).group(1)
         return f"enter {code}\n"
+
+    @staticmethod
+    def novice(observations, actions):
+        """Walks east to the door like the expert, but did not keep the note in mind: enters the
+        factory code 0 (right one time in ten)."""
+        return "east\n" if observations[-1] != "door\n" else "enter 0\n"
+
+    @staticmethod
+    def uses_skill(observations, actions):
+        """Entered, at the door, the code shown in the first observation."""
+        code = re.fullmatch(r"note: code (\d)\n", observations[0]).group(1)
+        return any(action == f"enter {code}\n" and seen == "door\n"
+                   for action, seen in zip(actions, observations))
 
     def random_action(self, rng):   # uniform over the 12 actions
         return rng.choice(["east\n", "west\n"] + [f"enter {d}\n" for d in range(10)])
@@ -367,19 +447,36 @@ def random_policy(env: TextEnv, rng):
     return lambda observations, actions: env.random_action(rng)
 
 
+def mixed_policy(env: TextEnv, expert_share: float, rng):
+    """The demonstrators: each EPISODE is the expert's with probability expert_share, else the novice's
+    (D4RL's "medium-expert" data, Fu et al. 2020). A policy(observations, actions) that draws its
+    demonstrator at the first turn of each episode."""
+    chosen = []
+
+    def policy(observations, actions):
+        if not actions:
+            chosen[:] = [env.expert if rng.random() < expert_share else env.novice]
+        return chosen[0](observations, actions)
+    return policy
+
+
 def evaluate_policy(name: str, make_policy, seeds) -> dict:
-    """Success rate, mean turns and mean reward of a scripted policy over the given env seeds."""
+    """Success rate, mean turns, mean reward and skill share of a scripted policy over the given env seeds."""
     env = make_env(name)
     policy = make_policy(env)
     episodes = [play(env, policy, seed) for seed in seeds]
-    return summarize([(episode.success, episode.turns, episode.reward) for episode in episodes])
+    return summarize([(episode.success, episode.turns, episode.reward,
+                       env.uses_skill(episode.observations, episode.actions)) for episode in episodes])
 
 
 def summarize(results) -> dict:
-    """[(success, turns, reward)] per episode -> their means, and n = the number of episodes."""
+    """[(success, turns, reward, used_skill)] per episode -> their means, n = the number of episodes, and
+    the success rate's standard error sqrt(p (1 - p) / n) (a binomial proportion)."""
     n = len(results)
-    successes, turns, rewards = zip(*results)
-    return {"success": sum(successes) / n, "turns": sum(turns) / n, "reward": sum(rewards) / n, "n": n}
+    successes, turns, rewards, skills = zip(*results)
+    p = sum(successes) / n
+    return {"success": p, "success_se": math.sqrt(p * (1 - p) / n), "turns": sum(turns) / n,
+            "reward": sum(rewards) / n, "skill": sum(skills) / n, "n": n}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,11 +493,15 @@ class Trajectory:
     reward: float = 0.0
     success: bool = False
     turns: int = 0
+    observations: list = field(default_factory=list)   # o_0 .. o_K as text (what the policies read)
+    actions: list = field(default_factory=list)        # a_1 .. a_K as text (decoded, for the skill statistic)
 
-    def append(self, ids, is_action: bool, logprobs=None):
+    def append(self, ids, is_action: bool, logprobs=None, text=None):
         self.tokens += ids
         self.is_action += [is_action] * len(ids)
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+        if text is not None:
+            (self.actions if is_action else self.observations).append(text)
 
 
 def stop_token(enc) -> int:
@@ -413,10 +514,10 @@ def stop_token(enc) -> int:
 def episode_trajectory(enc, name: str, seed: int, episode: Episode) -> Trajectory:
     """A scripted episode as tokens (behaviour-cloning data): the same layout the model's rollouts have."""
     traj = Trajectory(name, seed, [], [], [], episode.reward, episode.success, episode.turns)
-    traj.append(M.encode(enc, episode.observations[0]), False)
+    traj.append(M.encode(enc, episode.observations[0]), False, text=episode.observations[0])
     for action, observation in zip(episode.actions, episode.observations[1:]):
-        traj.append(M.encode(enc, action), True)
-        traj.append(M.encode(enc, observation), False)
+        traj.append(M.encode(enc, action), True, text=action)
+        traj.append(M.encode(enc, observation), False, text=observation)
     return traj
 
 
@@ -430,7 +531,8 @@ def rollout(model, enc, envs, seeds, temperature=1.0, max_action_tokens=24, gene
     trajs = []
     for env, seed in zip(envs, seeds):
         traj = Trajectory(env.name, seed, [], [], [])
-        traj.append(M.encode(enc, env.reset(seed)), False)
+        observation = env.reset(seed)
+        traj.append(M.encode(enc, observation), False, text=observation)
         trajs.append(traj)
     active = list(range(len(envs)))
     while active:
@@ -441,9 +543,10 @@ def rollout(model, enc, envs, seeds, temperature=1.0, max_action_tokens=24, gene
             ids = generation.tokens[row].tolist()
             # the action's tokens: up to the stop token, or all of them (a sampled pad id is a token too)
             n_written = ids.index(stop) + 1 if bool(generation.finished[row]) else len(ids)
-            trajs[i].append(ids[:n_written], True, generation.logprobs[row, :n_written].tolist())
-            observation, reward, done, info = envs[i].step(enc.decode(ids[:n_written]))
-            trajs[i].append(M.encode(enc, observation), False)
+            action = enc.decode(ids[:n_written])
+            trajs[i].append(ids[:n_written], True, generation.logprobs[row, :n_written].tolist(), text=action)
+            observation, reward, done, info = envs[i].step(action)
+            trajs[i].append(M.encode(enc, observation), False, text=observation)
             trajs[i].reward += reward
             if done:
                 trajs[i].success, trajs[i].turns = info["success"], info["turn"]
@@ -529,10 +632,11 @@ def agent_grpo_loss(logprobs, old_logprobs, advantages, action_mask, eps_low: fl
 # 8. The loops: behaviour cloning, RL, held-out evaluation
 # ---------------------------------------------------------------------------------------------
 
-def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup then cosine decay to peak * min_ratio."""
-    warm = min(1.0, (step + 1) / max(1, warmup))
-    progress = min(step / max(1, total), 1.0)
+def lr_at(progress: float, peak: float, warmup: float = 0.1, min_ratio: float = 0.1) -> float:
+    """progress in [0, 1] of the run -> lr: linear warmup over the first `warmup` share, then cosine
+    decay to peak * min_ratio: lr = peak * min(1, p / w) * (m + (1 - m) (1 + cos(pi p)) / 2)."""
+    progress = min(max(progress, 0.0), 1.0)
+    warm = min(1.0, progress / warmup) if warmup > 0 else 1.0
     return peak * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -549,27 +653,34 @@ def new_model(args, enc, device):
     return M.GPT(model_config(args, enc.n_vocab)).to(device)
 
 
-def expert_trajectories(enc, names, n_per_env: int, rng) -> list:
-    """Behaviour-cloning data: the scripted expert's episodes on training seeds (< HELDOUT_SEED)."""
+def demonstrations(enc, names, n_per_env: int, rng, expert_share: float = 1.0) -> list:
+    """Behaviour-cloning data on training seeds (< HELDOUT_SEED): each episode from the scripted expert
+    with probability expert_share, else from the novice (mixed_policy)."""
     trajs = []
     for name in names:
         env = make_env(name)
+        policy = mixed_policy(env, expert_share, rng)
         for _ in range(n_per_env):
             seed = rng.randrange(HELDOUT_SEED)
-            trajs.append(episode_trajectory(enc, name, seed, play(env, env.expert, seed)))
+            trajs.append(episode_trajectory(enc, name, seed, play(env, policy, seed)))
     return trajs
 
 
-def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, logger=None, grad_clip=1.0):
-    """Warm start: minimise bc_loss on random batches of expert trajectories. -> last loss.
-    A NaN/inf loss or gradient norm stops it before the update (M.NonFiniteError naming the step)."""
+def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, logger=None, grad_clip=1.0,
+                      time_budget: float = 0.0, log_kind: str = "bc") -> tuple:
+    """Minimise bc_loss on random batches of demonstrations for `steps` updates, or, with time_budget > 0,
+    for that many seconds of wall time (the equal-time control; the schedule then runs on elapsed time).
+    lr: linear warmup over the first 10 %, cosine decay. A NaN/inf loss or gradient norm stops it before
+    the update (M.NonFiniteError naming the step). -> (last loss, steps taken)"""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(seed)
     pad, loss_value = M.pad_id(enc), float("nan")
     model.train()
-    for step in range(steps):
+    start, step = time.perf_counter(), 0
+    while (time.perf_counter() - start < time_budget) if time_budget > 0 else step < steps:
+        progress = (time.perf_counter() - start) / time_budget if time_budget > 0 else (step + 1) / steps
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 10))
+            group["lr"] = lr_at(progress, lr)
         batch = [trajs[i] for i in torch.randint(len(trajs), (batch_size,), generator=generator).tolist()]
         tokens, mask, _ = collate(batch, pad, device)
         with M.autocast(device):
@@ -580,10 +691,12 @@ def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
         M.check_finite(f"behaviour cloning step {step + 1}", bc_loss=loss.detach(), grad_norm=grad_norm)
         optimizer.step()
+        step += 1
         loss_value = loss.item()
-        if logger is not None and ((step + 1) % max(1, steps // 10) == 0 or step == 0):
-            logger.log(step + 1, kind="bc", bc_loss=loss_value)
-    return loss_value
+        echo = steps > 0 and (step == 1 or step % max(1, steps // 10) == 0)   # ~10 progress lines
+        if logger is not None and (echo or step == 1 or step % 25 == 0):
+            logger.log(step, echo=echo, kind=log_kind, bc_loss=loss_value)
+    return loss_value, step
 
 
 def rl_step(model, optimizer, enc, names, rng, args, device, generator=None, step: int = 0) -> dict:
@@ -648,7 +761,9 @@ def evaluate_model(model, enc, name, seeds, max_action_tokens=24, temperature=0.
     policy RL trains (temperature 1), whose expected return is what RL maximises."""
     trajs = rollout(model, enc, [make_env(name) for _ in seeds], list(seeds), temperature, max_action_tokens,
                     generator)
-    return summarize([(traj.success, traj.turns, traj.reward) for traj in trajs])
+    env = make_env(name)
+    return summarize([(traj.success, traj.turns, traj.reward, env.uses_skill(traj.observations, traj.actions))
+                      for traj in trajs])
 
 
 def evaluate_both(model, enc, names, seeds, args, device) -> dict:
@@ -661,12 +776,14 @@ def evaluate_both(model, enc, names, seeds, args, device) -> dict:
 
 
 def format_table(table: dict, names) -> str:
-    """table: {policy: {env: {"success", "turns"}}} -> the table as text, one line per policy."""
-    head = f"{'policy':<20}" + "".join(f"{name + ' success':>17}{'turns':>7}" for name in names)
-    lines = [head, "-" * len(head)]
+    """table: {policy: {env: summary}} -> a Markdown table: one row per policy, per environment the success
+    rate +- its standard error, the mean turns and the share of episodes that use the skill."""
+    head = "| policy | " + " | ".join(f"{name} success | turns | {make_env(name).skill_name}" for name in names) + " |"
+    lines = [head, "|---|" + "---:|---:|---:|" * len(names)]
     for policy, by_env in table.items():
-        lines.append(f"{policy:<20}" + "".join(f"{by_env[name]['success']:>17.3f}{by_env[name]['turns']:>7.2f}"
-                                               for name in names))
+        cells = [f"{by_env[name]['success']:.3f} ± {by_env[name]['success_se']:.3f} | {by_env[name]['turns']:.2f} | "
+                 f"{by_env[name]['skill']:.2f}" for name in names]
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -702,10 +819,11 @@ def check_args(args) -> list[str]:
     M.require_at_least(args, 1, "n_head", "n_embd", "bc_batch", "states_per_step", "update_epochs", "micro_batch",
                        "max_action_tokens", "eval_episodes", "log_every")
     M.require_at_least(args, 0, "n_layer", "bc_steps", "rl_steps", "rl_warmup", "eval_every")   # 0 layers: bigram
-    M.require_at_least(args, 1 if args.bc_steps > 0 else 0, "bc_episodes")
+    M.require_at_least(args, 1 if args.bc_steps > 0 or args.control else 0, "bc_episodes")
     if args.group_size < 2:
         raise M.UserError(f"--group-size must be >= 2 (advantages compare rollouts), got {args.group_size}")
     M.check_options(args, positive=("bc_lr", "rl_lr", "temperature", "eps_high"), open_unit=("eps_low",),
+                    probability=("expert_share",),
                     non_negative=("grad_clip",), seed=("seed",))
     if not args.init:
         model_config(args, M.get_tokenizer("bytes").n_vocab)     # n_embd / n_head that make no model
@@ -723,7 +841,8 @@ def episode_token_bound(names, max_action_tokens: int) -> int:
 
 
 def run(args) -> dict:
-    """Warm start, RL, the table. Returns the results dict (also written to <out>/results.json)."""
+    """Warm start (BC on mixed demonstrations), RL, the equal-time BC control, the table. Returns the
+    results dict (also written to <out>/results.json)."""
     names = check_args(args)
     device = M.get_device(args.device)
     M.seed_everything(args.seed)
@@ -745,14 +864,16 @@ def run(args) -> dict:
     print(f"agent_env: {', '.join(names)} | model {model.num_params() / 1e6:.2f}M params "
           f"({'from ' + args.init if args.init else 'new'}) | device {device}")
 
+    # -- phase 1: behaviour cloning on demonstrations of mixed quality (the warm start) --
     t0 = time.perf_counter()
-    if args.bc_steps > 0:
-        demos = expert_trajectories(enc, names, args.bc_episodes, rng)
-        print(f"behaviour cloning: {len(demos)} expert episodes, {args.bc_steps} steps of {args.bc_batch}")
-        behaviour_cloning(model, enc, demos, args.bc_steps, args.bc_batch, args.bc_lr, device, args.seed, logger,
-                          args.grad_clip)
+    demos = demonstrations(enc, names, args.bc_episodes, rng, args.expert_share)
+    print(f"behaviour cloning: {len(demos)} demonstrations ({args.expert_share:.0%} expert, the rest novice), "
+          f"{args.bc_steps} steps of {args.bc_batch}")
+    behaviour_cloning(model, enc, demos, args.bc_steps, args.bc_batch, args.bc_lr, device, args.seed, logger,
+                      args.grad_clip)
     bc_s = time.perf_counter() - t0
     M.save(os.path.join(args.out, "warm_start.pt"), model, enc, args=asdict(args))
+    warm_model = copy.deepcopy(model) if args.control else None
     warm = evaluate_both(model, enc, names, heldout, args, device)
     logger.close()
     logger = M.MetricsLogger(args.out, total=args.rl_steps or None, append=True)   # RL's own ETA
@@ -762,42 +883,79 @@ def run(args) -> dict:
                                                   for how in evaluation for name in names})
     log_eval(0, warm)
 
+    # -- phase 2: RL from the warm start --
     episodes_per_step = len(names) * args.states_per_step * args.group_size
     print(f"RL: {args.rl_steps} steps x {episodes_per_step} episodes ({args.states_per_step} states x "
           f"{args.group_size} rollouts x {len(names)} envs), lr {args.rl_lr:g}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.rl_lr, weight_decay=0.0, betas=(0.9, 0.99))
-    t0 = time.perf_counter()
+    rl_s = 0.0                                      # RL's own time: rollouts and updates, not the evals
     for step in range(1, args.rl_steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = args.rl_lr * min(1.0, step / max(1, args.rl_warmup))
+        t0 = time.perf_counter()
         metrics = rl_step(model, optimizer, enc, names, rng, args, device, generator, step)
+        rl_s += time.perf_counter() - t0
         logger.log(step, echo=step % args.log_every == 0 or step == 1, kind="rl", **metrics)
         if args.eval_every and step % args.eval_every == 0 and step < args.rl_steps:
             log_eval(step, evaluate_both(model, enc, names, heldout, args, device))
-    rl_s = time.perf_counter() - t0
     trained = evaluate_both(model, enc, names, heldout, args, device)
     log_eval(args.rl_steps, trained, final=True)
 
-    policy_rng = random.Random(args.seed + 1)
+    # -- phase 3: the control: the warm start cloned on the same demonstrations for RL's seconds --
+    control_s, control_steps = 0.0, 0
+    if args.control:
+        print(f"BC control: behaviour cloning from the warm start for RL's {rl_s:.0f} s")
+        t0 = time.perf_counter()
+        _, control_steps = behaviour_cloning(warm_model, enc, demos, 0, args.bc_batch, args.bc_lr, device,
+                                             args.seed + 1, logger, args.grad_clip, time_budget=rl_s,
+                                             log_kind="bc_control")
+        control_s = time.perf_counter() - t0
+        print(f"BC control: {control_steps} steps in {control_s:.0f} s")
+        control = {name: evaluate_model(warm_model, enc, name, heldout, args.max_action_tokens) for name in names}
+
+    policy_rng, demo_rng = random.Random(args.seed + 1), random.Random(args.seed + 2)
     table = {"random": {name: evaluate_policy(name, lambda env: random_policy(env, policy_rng), heldout)
                         for name in names},
+             "demonstrations": {name: evaluate_policy(name, lambda env: mixed_policy(env, args.expert_share,
+                                                                                     demo_rng), heldout)
+                                for name in names},
              "warm start (greedy)": warm["greedy"], f"warm start (T={args.temperature:g})": warm["sampled"],
              "RL (greedy)": trained["greedy"], f"RL (T={args.temperature:g})": trained["sampled"],
+             **({"BC control (greedy)": control} if args.control else {}),
              "expert": {name: evaluate_policy(name, lambda env: env.expert, heldout) for name in names}}
-    results = {"table": table, "bc_seconds": bc_s, "rl_seconds": rl_s, "params": model.num_params(),
+    results = {"table": table, "bc_seconds": bc_s, "rl_seconds": rl_s, "control_seconds": control_s,
+               "control_steps": control_steps, "expert_share": args.expert_share, "params": model.num_params(),
                "heldout_seeds": [HELDOUT_SEED, HELDOUT_SEED + args.eval_episodes]}
     M.save(os.path.join(args.out, "model.pt"), model, enc, args=asdict(args), results=results)
     with M.atomic_write(os.path.join(args.out, "results.json")) as f:
         json.dump(results, f, indent=2)
     logger.close()
 
-    print(f"\nheld-out env seeds ({args.eval_episodes} per environment); BC {bc_s:.0f} s, RL {rl_s:.0f} s:")
+    print(f"\nheld-out env seeds ({args.eval_episodes} per environment): success +- its standard error, mean "
+          f"turns, share of episodes that use the skill;\nBC {bc_s:.0f} s ({args.bc_steps} steps), RL {rl_s:.0f} s "
+          f"({args.rl_steps} steps)" + (f", BC control {control_s:.0f} s ({control_steps} more steps)"
+                                        if args.control else "") + ":")
     print(format_table(table, names))
-    example = rollout(model, enc, [make_env(names[-1])], [HELDOUT_SEED], 0.0, args.max_action_tokens)[0]
-    print(f"\nan RL-trained greedy episode ({names[-1]}, seed {HELDOUT_SEED}; environment text in [brackets]):")
+    print("\n" + what_rl_learned(table, names, args.temperature))
+    example = rollout(model, enc, [make_env(names[0])], [HELDOUT_SEED], 0.0, args.max_action_tokens)[0]
+    print(f"\nan RL-trained greedy episode ({names[0]}, seed {HELDOUT_SEED}; environment text in [brackets]):")
     print(transcript(enc, example))
     print(f"saved {args.out}/model.pt, warm_start.pt, metrics.jsonl, results.json, args.json")
     return results
+
+
+def what_rl_learned(table: dict, names, temperature: float) -> str:
+    """One line per environment: the share of episodes that use the skill, before and after RL."""
+    sampled = f"T={temperature:g}"
+    lines = []
+    for name in names:
+        skill = make_env(name).skill_name
+        row = lambda policy: table[policy][name]["skill"]   # noqa: E731
+        lines.append(f"{name}: share of episodes that use the skill ({skill}): demonstrations {row('demonstrations'):.2f}, warm start "
+                     f"{row('warm start (greedy)'):.2f} greedy / {row(f'warm start ({sampled})'):.2f} sampled -> "
+                     f"RL {row('RL (greedy)'):.2f} / {row(f'RL ({sampled})'):.2f}"
+                     + (f"; BC control {row('BC control (greedy)'):.2f}" if "BC control (greedy)" in table else ""))
+    return "\n".join(lines)
 
 
 def transcript(enc, traj: Trajectory) -> str:

@@ -240,6 +240,61 @@ def test_random_calculator_answers_are_right_one_time_in_9000():
     assert sum(e.success for e in episodes) <= 4            # expected 1/3; P(> 4) < 1e-5
 
 
+# ---- the novice demonstrator, the mixture, the skill statistic ------------------------------------
+
+def test_novices_fail_where_the_skill_is_needed_and_experts_always_use_it():
+    """Closed forms per environment, on 300 held-out seeds each. calc: the novice never calls the tool
+    and is right iff both factors are multiples of ten (its estimate is then exact). guess: counting up
+    from 1 finds x within K turns iff x <= K, and never bisects (its first guess is 1, bisection's is 8).
+    keydoor: the novice enters code 0, so it succeeds iff the note said 0."""
+    seeds = range(A.HELDOUT_SEED, A.HELDOUT_SEED + 300)
+    for name in sorted(A.ENVS):
+        env = A.make_env(name)
+        for seed in seeds:
+            expert = A.play(env, env.expert, seed)
+            assert env.uses_skill(expert.observations, expert.actions), (name, seed)
+            novice = A.play(env, env.novice, seed)
+            if name == "calc":
+                a, b = map(int, env.expression.split("*"))
+                assert novice.success == (a % 10 == 0 and b % 10 == 0) and novice.turns == 1
+                assert not env.uses_skill(novice.observations, novice.actions)
+            elif name == "guess":
+                assert novice.success == (env.secret <= env.max_turns)
+                assert novice.turns == min(env.secret, env.max_turns)
+                assert not env.uses_skill(novice.observations, novice.actions)
+            else:
+                assert novice.success == (env.code == 0) == env.uses_skill(novice.observations, novice.actions)
+                assert novice.turns == env.distance + 1
+
+
+def test_guess_turn_limit_is_the_bisection_bound_so_only_bisection_always_succeeds():
+    """With K = ceil(log2(N + 1)) turns, bisection finds every secret; a policy whose first guess is
+    not the middle leaves a side of more than 2^(K-1) - 1 numbers, which K - 1 guesses cannot cover."""
+    env = A.GuessNumberEnv()
+    assert env.max_turns == A.bisection_turns_bound(env.n) == 4
+    for first in range(1, env.n + 1):
+        if first == (1 + env.n) // 2:
+            continue
+        worst_side = max(first - 1, env.n - first)
+        assert worst_side > 2 ** (env.max_turns - 1) - 1
+
+
+@given(share=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 1000))
+@settings(max_examples=6)
+def test_demonstrations_mix_expert_and_novice_episodes_in_the_given_share(share, seed):
+    """Each demonstration is wholly the expert's or wholly the novice's (replaying either policy on its seed
+    reproduces its actions), and the expert's share is binomial(n, share): within 5 standard errors."""
+    n = 200
+    trajs = A.demonstrations(ENC, ["calc"], n, random.Random(seed), share)
+    env = A.make_env("calc")
+    by_expert = 0
+    for traj in trajs:
+        expert, novice = A.play(env, env.expert, traj.seed), A.play(env, env.novice, traj.seed)
+        assert traj.actions in (expert.actions, novice.actions)
+        by_expert += traj.actions == expert.actions
+    assert abs(by_expert / n - share) <= 5 * math.sqrt(share * (1 - share) / n) + 1e-12
+
+
 # ---- the calculator ------------------------------------------------------------------------------
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
@@ -375,7 +430,7 @@ def test_calculator_tool_call_in_the_environment():
 
 def expert_trajs(n=6, seed=0):
     rng = random.Random(seed)
-    return A.expert_trajectories(ENC, sorted(A.ENVS), n, rng)
+    return A.demonstrations(ENC, sorted(A.ENVS), n, rng, expert_share=1.0)
 
 
 @given(seed=st.integers(0, 1000))
@@ -394,6 +449,86 @@ def test_collate_marks_exactly_the_model_tokens(seed):
         assert M.decode(ENC, [i for i, a in zip(ids, traj.is_action) if not a]) == env_text
         for t in range(mask.shape[1]):
             assert bool(mask[b, t]) == (t + 1 < len(traj.tokens) and traj.is_action[t + 1])
+
+
+@given(seed=st.integers(0, 10 ** 6))
+@settings(max_examples=10)
+def test_an_expert_episode_replayed_from_its_tokens_gets_the_full_reward(seed):
+    """The BC data is what the environment says: cut a demonstration's tokens at the action mask, decode
+    each action and step a fresh environment with it: every observation equals the stored one, token for
+    token, and the episode ends solved with reward 1 (guess: 0.9^(turns - 1), its turn discount)."""
+    for traj in expert_trajs(1, seed):
+        env = A.make_env(traj.env)
+        segments, start = [], 0
+        for i in range(1, len(traj.tokens) + 1):
+            if i == len(traj.tokens) or traj.is_action[i] != traj.is_action[start]:
+                segments.append((traj.is_action[start], traj.tokens[start:i]))
+                start = i
+        assert [is_action for is_action, _ in segments] == [False] + [True, False] * traj.turns
+        assert M.encode(ENC, env.reset(traj.seed)) == segments[0][1]
+        reward = 0.0
+        for (_, action_ids), (_, observation_ids) in zip(segments[1::2], segments[2::2]):
+            observation, step_reward, done, info = env.step(M.decode(ENC, action_ids))
+            assert M.encode(ENC, observation) == observation_ids
+            reward += step_reward
+        assert done and info["success"]
+        assert reward == (1.0 if traj.env != "guess" else pytest.approx(0.9 ** (info["turn"] - 1)))
+
+
+@given(seed=st.integers(0, 1000))
+@settings(max_examples=5)
+def test_bc_loss_puts_gradient_only_on_model_tokens(seed):
+    """BC is cross-entropy on the action tokens only: d bc_loss / d logp = -mask / N, exactly 0 at
+    environment tokens and padding, and the loss equals F.cross_entropy over the action positions."""
+    trajs = expert_trajs(2, seed)
+    tokens, mask, _ = A.collate(trajs, PAD)
+    model = tiny_model(seed)
+    logits = model(tokens)[:, :-1]                                            # (B, T-1, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    logp.retain_grad()
+    loss = A.bc_loss(logp, mask)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -mask.float() / mask.sum(), rtol=1e-6, atol=0)
+    reference = torch.nn.functional.cross_entropy(logits[mask], tokens[:, 1:][mask])
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_action_tokens_are_exactly_the_trained_tokens(monkeypatch):
+    """No re-tokenisation: the ids the sampler returned (recorded from model.generate itself) are the ids
+    stored and trained, up to and including the stop token, even where decoding and re-encoding them would
+    give different ids (a random model writes invalid UTF-8, which decodes to U+FFFD)."""
+    recorded = []
+    real_generate = M.generate
+
+    def recording_generate(*args, **kwargs):
+        generation = real_generate(*args, **kwargs)
+        recorded.append(generation)
+        return generation
+    monkeypatch.setattr(M, "generate", recording_generate)
+    model = tiny_model(5)
+    envs = [A.make_env(name) for name in sorted(A.ENVS) for _ in range(4)]
+    trajs = A.rollout(model, ENC, envs, list(range(len(envs))), 1.0, 10, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(M, "generate", real_generate)
+    stop = A.stop_token(ENC)
+    expected = [[] for _ in trajs]                    # each episode's action ids, turn by turn, from the sampler
+    active = list(range(len(trajs)))
+    for generation in recorded:
+        still = []
+        for row, i in enumerate(active):
+            ids = generation.tokens[row].tolist()
+            n = ids.index(stop) + 1 if stop in ids else len(ids)
+            expected[i].append(ids[:n])
+            if len(expected[i]) < trajs[i].turns:
+                still.append(i)
+        active = still
+    assert not active
+    round_trip_differs = False
+    tokens, mask, _ = A.collate(trajs, PAD)
+    for b, traj in enumerate(trajs):
+        trained = tokens[b, 1:][mask[b]].tolist()         # the targets the loss sees at action positions
+        assert trained == [i for turn in expected[b] for i in turn]
+        round_trip_differs |= any(M.encode(ENC, M.decode(ENC, turn)) != turn for turn in expected[b])
+    assert round_trip_differs                            # the test would catch a decode/encode round trip
 
 
 @given(seed=st.integers(0, 1000), adv=st.lists(st.floats(-3, 3), min_size=18, max_size=18))
@@ -629,23 +764,95 @@ def test_rl_raises_success_over_the_warm_start():
     assert after >= before + 0.15, (before, after)
 
 
+TINY_RUN = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--bc-episodes", "8", "--bc-steps", "3",
+            "--rl-steps", "2", "--states-per-step", "1", "--group-size", "2", "--eval-episodes", "3",
+            "--max-action-tokens", "8", "--device", "cpu"]
+POLICIES = ["random", "demonstrations", "warm start (greedy)", "warm start (T=1)", "RL (greedy)", "RL (T=1)",
+            "BC control (greedy)", "expert"]
+
+
 def test_main_writes_checkpoint_metrics_and_the_policy_table(tmp_path, capsys):
     out = tmp_path / "agent"
-    results = A.main(["--out", str(out), "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
-                      "--bc-episodes", "8", "--bc-steps", "3", "--rl-steps", "2", "--states-per-step", "1",
-                      "--group-size", "2", "--eval-episodes", "3", "--eval-every", "1", "--max-action-tokens", "8",
-                      "--device", "cpu"])
+    results = A.main(["--out", str(out), "--eval-every", "1", *TINY_RUN])
     for name in ("model.pt", "warm_start.pt", "metrics.jsonl", "results.json", "args.json"):
         assert (out / name).exists(), name
     model, enc, ckpt = M.load(str(out / "model.pt"))
     assert ckpt["meta"]["results"]["table"].keys() == results["table"].keys()
     table = results["table"]
+    assert list(table) == POLICIES
     assert all(table["expert"][n]["success"] == 1.0 and table["expert"][n]["n"] == 3 for n in A.ENVS)
     rows = M.read_jsonl(str(out / "metrics.jsonl"))
-    assert {r["kind"] for r in rows} == {"bc", "rl", "eval"}
+    assert {r["kind"] for r in rows} == {"bc", "rl", "eval", "bc_control"}
     printed = capsys.readouterr().out
-    for policy in ("random", "warm start (greedy)", "RL (T=1)", "expert"):
-        assert policy in printed
+    for policy in POLICIES:
+        assert f"| {policy} |" in printed
+
+
+@pytest.mark.parametrize("name", sorted(A.ENVS))
+def test_each_environment_alone_produces_its_row_for_every_policy(tmp_path, name):
+    """One environment end to end: every policy's row has that environment's cell, with the success rate's
+    binomial standard error sqrt(p (1 - p) / n), turns within the limit and a skill share in [0, 1]; the
+    control ran for at least RL's measured seconds."""
+    results = A.main(["--out", str(tmp_path / name), "--envs", name, "--eval-every", "0", *TINY_RUN])
+    table = results["table"]
+    assert list(table) == POLICIES
+    for policy, by_env in table.items():
+        assert list(by_env) == [name]
+        cell = by_env[name]
+        p, n = cell["success"], cell["n"]
+        assert n == 3 and 0 <= p <= 1 and 0 <= cell["skill"] <= 1
+        assert cell["success_se"] == pytest.approx(math.sqrt(p * (1 - p) / n))
+        assert 1 <= cell["turns"] <= A.make_env(name).max_turns
+    assert results["control_seconds"] >= results["rl_seconds"] > 0 and results["control_steps"] >= 1
+
+
+def test_the_bc_control_trains_for_the_measured_rl_seconds_from_the_warm_start(tmp_path, monkeypatch):
+    """The control's time budget is exactly the RL seconds the run measured (rollouts and updates, not the
+    evals), it starts from the warm start's weights (not from the RL model), and it sees the warm start's
+    demonstrations."""
+    calls = []
+    real_bc = A.behaviour_cloning
+
+    def recording_bc(model, enc, trajs, steps, *args, **kwargs):
+        calls.append({"weights": {k: v.clone() for k, v in model.state_dict().items()}, "trajs": trajs,
+                      "time_budget": kwargs.get("time_budget", 0.0)})
+        return real_bc(model, enc, trajs, steps, *args, **kwargs)
+    monkeypatch.setattr(A, "behaviour_cloning", recording_bc)
+    out = tmp_path / "agent"
+    results = A.main(["--out", str(out), "--envs", "keydoor", "--eval-every", "1", *TINY_RUN])
+    warm_start, control = calls
+    assert warm_start["time_budget"] == 0.0 and control["time_budget"] == results["rl_seconds"] > 0
+    assert control["trajs"] is warm_start["trajs"]
+    warm = M.load(str(out / "warm_start.pt"))[0].state_dict()
+    for key, value in control["weights"].items():
+        torch.testing.assert_close(value, warm[key], rtol=0, atol=0)
+    rl_rows = [r for r in M.read_jsonl(str(out / "metrics.jsonl")) if r["kind"] == "rl"]
+    measured = sum(r["rollout_s"] + r["update_s"] for r in rl_rows)
+    assert measured <= results["rl_seconds"] <= measured + 0.5      # the evals (eval-every 1) are not counted
+
+
+def test_behaviour_cloning_with_a_time_budget_runs_for_that_wall_time():
+    import time
+    model = tiny_model(0)
+    start = time.perf_counter()
+    _, steps = A.behaviour_cloning(model, ENC, expert_trajs(2), steps=0, batch_size=2, lr=1e-3,
+                                   device=torch.device("cpu"), time_budget=0.3)
+    elapsed = time.perf_counter() - start
+    assert elapsed >= 0.3 and steps >= 1
+    _, steps = A.behaviour_cloning(model, ENC, expert_trajs(2), steps=4, batch_size=2, lr=1e-3,
+                                   device=torch.device("cpu"))
+    assert steps == 4
+
+
+@given(peak=st.floats(1e-5, 1.0), progress=st.floats(0, 1))
+def test_lr_schedule_is_linear_warmup_then_cosine_to_a_tenth(peak, progress):
+    """lr(p) = peak * min(1, p / 0.1) * (0.1 + 0.9 (1 + cos(pi p)) / 2): 0 at the start, the peak's cosine
+    value after warmup, peak / 10 at the end, never above the peak."""
+    lr = A.lr_at(progress, peak)
+    assert 0 <= lr <= peak * (1 + 1e-12)
+    cosine = peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    assert lr == pytest.approx(cosine * min(1.0, progress / 0.1), rel=1e-9, abs=1e-15)
+    assert A.lr_at(1.0, peak) == pytest.approx(peak / 10) and A.lr_at(0.0, peak) == 0.0
 
 
 def test_behaviour_cloning_stops_before_a_non_finite_update():
@@ -803,6 +1010,11 @@ BAD_OPTIONS = [   # (argv, what the one line on stderr names, files the case's f
     (["--device", "cuda:x"], "--device", {}),
     (["--seed", "-1"], "--seed", {}),
     (["--seed", str(2 ** 32)], "--seed", {}),
+    (["--expert-share", "1.5"], "--expert-share", {}),
+    (["--expert-share", "-0.1"], "--expert-share", {}),
+    (["--expert-share", "nan"], "--expert-share", {}),
+    (["--control=yes"], "--control", {}),
+    (["--no-control", "--bc-episodes", "-1"], "--bc-episodes", {}),
     (["--clip-eps", "0.2"], "--clip-eps", {}),                   # renamed: --eps-low / --eps-high
     (["--updates-per-batch", "2"], "--updates-per-batch", {}),   # renamed: --update-epochs
 ]
