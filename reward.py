@@ -18,7 +18,7 @@ the kinds it was not trained on (synth.py's default trains the strategy choice, 
 bare answer or a missing "####", which a 0.84 M model separates; wrong_step, wrong_answer and
 off_by_one probe whether it checks arithmetic, which it does not learn in minutes).
 
-    python reward.py                     # ~3 min on 2 CPU cores -> runs/rm/model.pt, metrics.jsonl
+    python reward.py                     # 2 epochs, ~2 min on 2 CPU cores -> runs/rm/model.pt, metrics.jsonl
     python reward.py --init scratch      # the same body, randomly initialised (compare the two)
 """
 import math
@@ -52,7 +52,7 @@ class Args:
     grad_clip: float = 1.0                   # clip the global gradient norm to this (0 = off)
     margin: float = 0.0                      # m in -log sigmoid(r_c - r_r - m); a row's "margin" key wins
     center_coef: float = 0.01                # c in + c * (r_c + r_r)^2 (0 = off)
-    time_budget: float = 3.0                 # minutes of training, eval excluded (0 = no time limit)
+    time_budget: float = 0.0                 # minutes of training, eval excluded (0 = no time limit: --epochs decide)
     max_test: int = 0                        # held-out pairs to evaluate (0 = all)
     n_bins: int = 5                          # calibration bins over confidence [0.5, 1]
     log_every: int = 10                      # updates between metric lines

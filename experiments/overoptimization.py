@@ -48,7 +48,7 @@ class Args:
     prefs: str = "data/prefs_train.jsonl"    # reward.py --data: preference pairs for the proxy
     prefs_test: str = "data/prefs_test.jsonl"  # reward.py --test-data
     rm_epochs: int = 2                       # reward.py --epochs
-    rm_time_budget: float = 3.0              # reward.py --time-budget (minutes; 0 = epochs only)
+    rm_time_budget: float = 0.0              # reward.py --time-budget (minutes; 0 = no limit: --rm-epochs decide)
     data: str = "data/rl_train.jsonl"        # PPO's training prompts
     eval_data: str = "data/rl_test.jsonl"    # held-out prompts: every point of every arm is measured on them
     out: str = "runs/overoptimization"       # rm/, ppo_beta<b>/, bon/, overoptimization.json/.md/.png
@@ -172,6 +172,11 @@ def peak(alpha: float, beta: float, form: str):
 # ---------------------------------------------------------------------------------------------
 # The stages: commands built from each target's own Args field names
 # ---------------------------------------------------------------------------------------------
+
+def data_command() -> list[str]:
+    """synth.py on its defaults: every default data file (prompts and preference pairs)."""
+    return M.stage_command("synth.py", out_dir=os.path.dirname(Args().eval_data))
+
 
 def start_command() -> list[str]:
     """sft.py on its defaults: the SFT start, Args().init."""
@@ -412,7 +417,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = M.get_device(args.device)
     M.ensure_input(args.init, Args().init, start_command())
-    M.ensure_input(args.eval_data, Args().eval_data, M.stage_command("synth.py"))
+    M.ensure_input(args.eval_data, Args().eval_data, data_command())
     start, enc, _ = M.load(args.init)
     rows = M.fit_prompts(M.read_prompts(args.eval_data), enc, start.config.block_size, args.max_new_tokens,
                          args.eval_data)[:args.n_points]

@@ -135,6 +135,11 @@ def test_every_command_parses_with_its_targets_parser_and_names_the_experiments_
         assert (parsed.init, parsed.reward, parsed.reward_model, parsed.beta, parsed.lr, parsed.n_eval_during) == (
             "start.pt", "rm", "rm.pt", beta, args.lr, args.n_points)
         assert parsed.out == X.run_folder(args, beta) and not parsed.control and parsed.kl_target == 0
+    synth = pytest.importorskip("synth")
+    data = M.parse_args(synth.Args, X.data_command()[1:])
+    assert X.data_command()[0] == "synth.py"
+    assert os.path.join(data.out_dir, "rl_test.jsonl") == X.Args().eval_data
+    assert os.path.join(data.out_dir, "prefs_train.jsonl") == X.Args().prefs
     start = M.parse_args(sft.Args, X.start_command()[1:])
     assert X.start_command()[0] == "sft.py" and os.path.join(start.out, "model.pt") == X.Args().init
 
