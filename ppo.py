@@ -19,9 +19,16 @@ choice: it starts out already reading "how good is this text". With --reward ver
 final answer is correct by model.is_correct, else 0, on the last token: grpo.py's reward) there is
 no reward model; the value body then starts from the SFT checkpoint with a zero head.
 
-    python ppo.py                         # ~3 min on 2 CPU cores -> runs/ppo/ (builds missing inputs)
+The run ends with one table: the start, PPO, and the equal-time control (sft.py continued from the
+same start for the same training minutes, as grpo.py does), each evaluated by model.evaluate: greedy
+accuracy and style shares, and pass_k samples per prompt scored by BOTH the verifier (gold) and the
+reward model (proxy), side by side, with the KL to the start. Every eval also logs, in metrics.jsonl,
+the KL(pi || pi_init) of one sample per held-out prompt and its proxy and gold rewards: the axes of
+reward-model overoptimization (Gao, Schulman & Hilton 2022; experiments/overoptimization.py).
+
+    python ppo.py                         # 40 steps (~3 min) + the control (as long) on 2 CPU cores -> runs/ppo/
     python ppo.py --reward verifier       # the verifiable reward grpo.py uses, for the GRPO-vs-PPO comparison
-    python ppo.py --beta 0.0              # no KL penalty: watch the RM score rise while accuracy does not
+    python ppo.py --beta 0.0              # no KL penalty: the RM score rises; watch the verifier's accuracy
 """
 import copy
 import json
@@ -52,8 +59,8 @@ class Args:
     temperature: float = 1.0                 # sampling temperature (the ratio uses the same one)
     top_k: int = 0                           # sampling top-k (0 = off; the ratio uses the same one)
     max_new_tokens: int = M.MAX_NEW_TOKENS   # generation limit in rollouts and in held-out evals
-    time_budget: float = 3.0                 # minutes of training, evals excluded (0 = no time limit)
-    max_steps: int = 0                       # stop after this many steps (0 = no step limit)
+    time_budget: float = 0.0                 # minutes of training, evals excluded (0 = no time limit)
+    max_steps: int = 40                      # stop after this many steps (0 = no step limit; ~2-3 min on 2 CPU cores)
     update_epochs: int = 4                   # passes over each rollout batch
     n_minibatches: int = 4                   # gradient updates per epoch (shuffled minibatches of the rollout)
     lr: float = 3e-5                         # policy learning rate (AdamW, constant)
@@ -73,6 +80,11 @@ class Args:
     grad_clip: float = 1.0                   # clip each model's gradient norm to this (0 = off)
     missing_eos_penalty: float = 1.0         # subtracted from the RM score of a completion cut at the limit
     chat_template: str = "auto"              # auto|none|chatml|llama3: how prompts are wrapped (auto: from the checkpoint)
+    pass_k: int = 4                          # samples per held-out prompt in the table (sampled accuracy, RM score)
+    control: bool = True                     # run the equal-time SFT control (sft.py) and add it to the table
+    sft_data: str = "data/sft_train.jsonl"   # demonstrations the control continues SFT on
+    sft_test_data: str = "data/sft_test.jsonl"  # demonstrations for the control's eval loss
+    threads: int = 0                         # torch CPU threads, passed on to the control too (0 = torch's default)
     device: str = "auto"                     # auto|cpu|cuda
     seed: int = 0                            # seeds prompt order and sampling
 
@@ -467,6 +479,70 @@ def ppo_step(models, optimizer, enc, rows, args, beta, generators, device, step=
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation: the proxy (reward model) and the gold (verifier) side by side, and the distance moved
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def reward_of_texts(reward_model, enc, prompts, completions, batch_size: int = 256):
+    """R(x, y) (N,) for texts, read as reward.py trains it: prompt (chat format) ++ completion ++ end of turn,
+    right-padded, the head read at the last real token (causal: later pads change nothing)."""
+    device = reward_model.head.weight.device
+    sequences = [M.encode_prompt(enc, prompt) + M.encode(enc, completion) + [M.end_of_turn(enc)]
+                 for prompt, completion in zip(prompts, completions)]
+    rewards = []
+    for start in range(0, len(sequences), batch_size):
+        tokens, mask = M.padded_batch(sequences[start:start + batch_size], M.pad_id(enc), "right", device)
+        with M.autocast(device):
+            per_position = reward_model(tokens).float()                                 # (b, T)
+        rewards.append(per_position[torch.arange(len(tokens), device=device), mask.sum(-1) - 1])
+    return torch.cat(rewards).cpu()
+
+
+@torch.no_grad()
+def drift(policy, reference, reward_model, enc, rows, args, seed: int) -> dict:
+    """Where the policy stands on Gao, Schulman & Hilton (2022)'s axes, from ONE sample y ~ pi per prompt:
+
+        kl    = E_y[ sum_t log pi(y_t | s_t) - log pi_init(y_t | s_t) ]   KL(pi || pi_init) per completion
+                (the k1 estimator summed over the completion: unbiased for the sequence KL; pi_init = the frozen
+                reference, i.e. the start checkpoint)
+        proxy = E_y[ R_rm(x, y) ]      the learned reward model (None with --reward verifier)
+        gold  = E_y[ verifier(x, y) ]  1 if the final answer is right (model.is_correct)
+
+    under the sampling transform PPO trains with (temperature, top-k)."""
+    device = next(policy.parameters()).device
+    batch, _ = rollout(policy, enc, rows, args, torch.Generator(device).manual_seed(seed), device)
+    logprobs = response_logprobs(policy, batch, args.temperature, args.top_k)               # (B, N)
+    ref_logprobs = response_logprobs(reference, batch, args.temperature, args.top_k)        # (B, N)
+    kl = ((logprobs - ref_logprobs) * batch.mask).sum(-1)                                   # (B,)
+    answers = [row["answer"] for row in rows]
+    proxy = scores(batch, answers, reward_model) if reward_model is not None else None
+    return {"kl": float(kl.mean()), "kl_stderr": float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else 0.0,
+            "proxy": float(proxy.mean()) if proxy is not None else None,
+            "gold": float(verifier_scores(batch.texts, answers).mean()),
+            "truncated": float((~batch.finished).float().mean()), "n": len(rows)}
+
+
+def eval_row(policy, reference, reward_model, enc, rows, drift_rows, args, seed: int) -> dict:
+    """One row of the final table, every number from the one shared evaluation (model.evaluate):
+    greedy accuracy (with stderr, per difficulty) and style shares; `pass_k` samples per prompt at the
+    training temperature: their verifier accuracy, pass@k and, beside it, their mean reward-model score;
+    and the KL to the start (drift, on drift_rows)."""
+    device = next(policy.parameters()).device
+    greedy = M.evaluate(policy, enc, rows, args.max_new_tokens)
+    sampled = M.evaluate(policy, enc, rows, args.max_new_tokens, temperature=args.temperature, samples=args.pass_k,
+                         generator=torch.Generator(device).manual_seed(seed))
+    prompts = [row["prompt"] for row in rows for _ in range(args.pass_k)]
+    rm_score = (float(reward_of_texts(reward_model, enc, prompts, sampled["completions"]).mean())
+                if reward_model is not None else None)
+    moved = drift(policy, reference, reward_model, enc, drift_rows, args, seed)
+    return {"greedy": greedy["accuracy"], "stderr": greedy["stderr"], "n": greedy["n"],
+            "per_difficulty": greedy["per_difficulty"], "styles": greedy["styles"],
+            "mean_length": greedy["mean_length"], "sampled": sampled["accuracy"],
+            "sampled_stderr": sampled["stderr"], "pass_at_k": sampled["pass_at_k"], "rm_score": rm_score,
+            "kl": moved["kl"], "drift": moved, "examples": greedy["completions"][:3]}
+
+
+# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 
@@ -512,15 +588,16 @@ def check_args(args):
     check_device(args.device)
     M.check_budget(args)
     M.require_at_least(args, 1, "completions_per_step", "n_minibatches", "update_epochs", "max_new_tokens",
-                       "n_eval", "n_eval_during", "kl_horizon")
-    M.require_at_least(args, 0, "top_k")
+                       "n_eval", "n_eval_during", "kl_horizon", "pass_k")
+    M.require_at_least(args, 0, "top_k", "threads")
     M.require_at_least(args, 1e-3, "temperature")     # PPO samples: the ratio needs a distribution, not an argmax
     M.check_options(args, positive=("lr", "value_lr", "eval_minutes"),
                     non_negative=("eps_high", "value_clip", "vf_coef", "ent_coef", "beta", "kl_target",
                                   "early_stop_kl", "grad_clip", "missing_eos_penalty"),
                     probability=("eps_low", "gamma", "lam", "lr", "value_lr"), seed=("seed",))
     check_at_most(args, 10 ** 9, "completions_per_step", "n_minibatches", "update_epochs", "max_new_tokens",
-                  "n_eval", "n_eval_during", "kl_horizon", "top_k", "max_steps")
+                  "n_eval", "n_eval_during", "kl_horizon", "top_k", "max_steps", "pass_k")
+    check_at_most(args, 1024, "threads")
     check_at_most(args, 1e6, "eval_minutes", "temperature", "time_budget", "eps_high", "value_clip", "vf_coef",
                   "ent_coef", "beta", "kl_target", "early_stop_kl", "grad_clip", "missing_eos_penalty")
     if args.n_minibatches > args.completions_per_step:
@@ -528,7 +605,8 @@ def check_args(args):
                           f"--completions-per-step ({args.completions_per_step})")
     if args.kl_target > 0 and args.beta == 0:
         raise M.UserError("--kl-target needs --beta > 0: the controller multiplies beta, and 0 stays 0")
-    for name in ("init", "data", "eval_data", "out") + (("reward_model",) if args.reward == "rm" else ()):
+    for name in (("init", "data", "eval_data", "out") + (("reward_model",) if args.reward == "rm" else ())
+                 + (("sft_data", "sft_test_data") if args.control else ())):
         if not getattr(args, name).strip():
             raise M.UserError(f"--{name.replace('_', '-')}: the path is empty")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -549,7 +627,8 @@ def drop_empty_prompts(rows, path):
 def load_inputs(args, device):
     """Every input, read and checked before anything is written: the prompt files (M.read_prompts: GSM8K's
     question/answer rows work unchanged), the checkpoints, and the prompts that leave room for the completion
-    in every model's context (M.fit_prompts). A missing DEFAULT input is made by its upstream stage first.
+    in every model's context (M.fit_prompts), and with --control the control's demonstrations
+    (M.read_demonstrations). A missing DEFAULT input is made by its upstream stage first.
     -> (models, enc, train_rows, eval_rows)"""
     defaults = Args()
     M.ensure_input(args.data, defaults.data, synth_command())
@@ -559,6 +638,11 @@ def load_inputs(args, device):
     M.ensure_input(args.init, defaults.init, sft_command())
     if args.reward == "rm":
         M.ensure_input(args.reward_model, defaults.reward_model, reward_command())
+    if args.control:   # the control's demonstrations, checked now: a bad file must not cost the PPO run
+        M.ensure_input(args.sft_data, defaults.sft_data, synth_command())
+        M.read_demonstrations(args.sft_data)
+        M.ensure_input(args.sft_test_data, defaults.sft_test_data, synth_command())
+        M.read_demonstrations(args.sft_test_data)
     models, enc = build_models(args, device)
     context = context_length(models)
     train_rows = M.fit_prompts(drop_empty_prompts(train_rows, args.data), enc, context, args.max_new_tokens, args.data)
@@ -570,6 +654,8 @@ def load_inputs(args, device):
 def train(args):
     """Run PPO; returns summary.json's dict."""
     check_args(args)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = M.get_device(args.device)
     M.seed_everything(args.seed)
     models, enc, train_rows, eval_rows = load_inputs(args, device)
@@ -590,13 +676,26 @@ def train(args):
     print(f"ppo: reward {args.reward}, {len(train_rows)} training prompts, {args.completions_per_step} completions "
           f"per step, params {params}, device {device}")
 
-    def evaluate(step, train_seconds, rows):
-        result = M.evaluate(policy, enc, rows, max_new_tokens=args.max_new_tokens)
-        logger.log(step, kind="eval", train_minutes=train_seconds / 60, eval_accuracy=result["accuracy"],
-                   eval_stderr=result["stderr"], eval_n=result["n"], eval_styles=result["styles"])
-        return result
+    drift_rows = eval_rows[:args.n_eval_during]   # the same prompts and sampling seed at every eval
 
-    start_eval = evaluate(0, 0.0, eval_rows)
+    def evaluate(step, train_seconds, full: bool):
+        """Greedy held-out accuracy, and where the policy stands: KL to the start, proxy and gold reward of
+        its samples (drift). The first and last evals are whole table rows (eval_row)."""
+        if full:
+            row = eval_row(policy, models["reference"], models["reward"], enc, eval_rows, drift_rows, args, args.seed)
+            greedy = {"accuracy": row["greedy"], "stderr": row["stderr"], "n": row["n"], "styles": row["styles"]}
+        else:
+            row = None
+            greedy = M.evaluate(policy, enc, drift_rows, max_new_tokens=args.max_new_tokens)
+        moved = row["drift"] if full else drift(policy, models["reference"], models["reward"], enc, drift_rows, args,
+                                               args.seed)
+        logger.log(step, kind="eval", train_minutes=train_seconds / 60, eval_accuracy=greedy["accuracy"],
+                   eval_stderr=greedy["stderr"], eval_n=greedy["n"], eval_styles=greedy["styles"],
+                   eval_kl=moved["kl"], eval_kl_stderr=moved["kl_stderr"], eval_proxy=moved["proxy"],
+                   eval_gold=moved["gold"], eval_truncated=moved["truncated"], eval_drift_n=moved["n"])
+        return row
+
+    start_row = evaluate(0, 0.0, full=True)
     step, train_seconds, beta, history = 0, 0.0, args.beta, []
     next_eval = 60 * args.eval_minutes
     pool = []
@@ -621,9 +720,11 @@ def train(args):
         history.append(metrics)
         logger.log(step, kind="train", **metrics)
         if train_seconds >= next_eval and not finished():   # the final eval follows anyway
-            evaluate(step, train_seconds, eval_rows[:args.n_eval_during])
+            evaluate(step, train_seconds, full=False)
             next_eval += 60 * args.eval_minutes
-    final_eval = evaluate(step, train_seconds, eval_rows)
+    final_row = evaluate(step, train_seconds, full=True)
+    start_eval = {"accuracy": start_row["greedy"], "stderr": start_row["stderr"]}
+    final_eval = {"accuracy": final_row["greedy"], "stderr": final_row["stderr"]}
 
     M.save(os.path.join(args.out, "model.pt"), policy, enc, args=asdict(args), step=step,
            results={"start_accuracy": start_eval["accuracy"], "final_accuracy": final_eval["accuracy"]})
@@ -635,7 +736,8 @@ def train(args):
                "time_split": {key: mean(key) for key in ("gen_s", "score_s", "adv_s", "update_s")},
                "final_accuracy": final_eval["accuracy"], "start_accuracy": start_eval["accuracy"],
                "final_stderr": final_eval["stderr"], "start_stderr": start_eval["stderr"],
-               "train_minutes": train_seconds / 60, "steps": step, "n_eval": len(eval_rows)}
+               "train_minutes": train_seconds / 60, "steps": step, "n_eval": len(eval_rows),
+               "start": start_row, "ppo": final_row}
     with M.atomic_write(os.path.join(args.out, "summary.json")) as f:
         json.dump(summary, f, indent=2)
     logger.close()
@@ -656,8 +758,98 @@ def train(args):
     return summary
 
 
+# ---------------------------------------------------------------------------------------------
+# The control and the report
+# ---------------------------------------------------------------------------------------------
+
+def control_command(args, minutes: float) -> list[str]:
+    """The equal-time control: SFT (sft.py) continued from the same start checkpoint on the demonstrations,
+    for the same training minutes PPO took, with sft.py's own settings otherwise."""
+    return M.stage_command("sft.py", init=args.init, data=args.sft_data, test_data=args.sft_test_data,
+                           eval_data=args.eval_data, n_eval=args.n_eval_during, eval_minutes=args.eval_minutes,
+                           max_new_tokens=args.max_new_tokens, time_budget=f"{minutes:.4f}", max_steps=0,
+                           out=os.path.join(args.out, "control"), seed=args.seed, device=args.device,
+                           threads=args.threads)
+
+
+def run_control(args, summary) -> dict:
+    """Run the control, then evaluate its checkpoint exactly as the start and PPO rows were (eval_row), with
+    the same reference (the start) for its KL and the same reward model for its score."""
+    M.run_stage(control_command(args, summary["train_minutes"]))
+    device = M.get_device(args.device)
+    control, enc, _ = M.load(os.path.join(args.out, "control", "model.pt"), device=device,
+                             chat_format=args.chat_template)
+    reference, _, _ = M.load(args.init, device=device, chat_format=args.chat_template)
+    reward_model = load_reward_model(args.reward_model, device)[0] if args.reward == "rm" else None
+    for module in (control, reference) + ((reward_model,) if reward_model is not None else ()):
+        module.eval()
+    eval_rows = M.fit_prompts(drop_empty_prompts(M.read_prompts(args.eval_data), args.eval_data), enc,
+                              control.config.block_size, args.max_new_tokens, args.eval_data)[:args.n_eval]
+    return eval_row(control, reference, reward_model, enc, eval_rows, eval_rows[:args.n_eval_during], args, args.seed)
+
+
+def format_table(summary, args) -> str:
+    """start | PPO | control: greedy accuracy (per difficulty), then the sampled completions' verifier accuracy
+    beside their reward-model score, pass@k, KL to the start, and the greedy outputs' style shares."""
+    rows = [(label, summary[key]) for label, key in (("start", "start"), ("PPO", "ppo"), ("more SFT (control)",
+                                                                                     "control")) if key in summary]
+    difficulties = list(summary["start"]["per_difficulty"])
+    head = ["", "greedy acc", *[f"d={d}" for d in difficulties], "sampled acc (verifier)", "RM score (sampled)",
+            f"pass@{args.pass_k}", "KL to start", "worked", "skips work", "wrong step", "no answer", "mean len",
+            "minutes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, row in rows:
+        minutes = 0.0 if row is summary["start"] else summary["train_minutes"]
+        styles = row["styles"]
+        cells = [label, f"{100 * row['greedy']:.1f} ± {100 * row['stderr']:.1f}",
+                 *[f"{100 * row['per_difficulty'].get(d, float('nan')):.1f}" for d in difficulties],
+                 f"{100 * row['sampled']:.1f}", "-" if row["rm_score"] is None else f"{row['rm_score']:+.2f}",
+                 f"{100 * row['pass_at_k']:.1f}", f"{row['kl']:.2f}",
+                 *[f"{100 * styles[name]:.1f}" for name in ("worked", "bare", "wrong_step", "no_answer")],
+                 f"{row['mean_length']:.1f}", f"{minutes:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curves(out: str) -> dict:
+    """The eval rows of a run's metrics.jsonl as lists: minutes, greedy accuracy, KL to start, proxy, gold."""
+    evals = [row for row in M.read_jsonl(os.path.join(out, "metrics.jsonl")) if row.get("kind") == "eval"]
+    return {key: [row.get(field) for row in evals] for key, field in
+            (("minutes", "train_minutes"), ("accuracy", "eval_accuracy"), ("kl", "eval_kl"), ("proxy", "eval_proxy"),
+             ("gold", "eval_gold"))}
+
+
 def main(argv=None):
-    return train(M.parse_args(Args, argv))
+    args = M.parse_args(Args, argv)
+    summary = train(args)
+    if args.control:
+        summary["control"] = run_control(args, summary)
+        with M.atomic_write(os.path.join(args.out, "summary.json")) as f:
+            json.dump(summary, f, indent=2)
+    table = format_table(summary, args)
+    with M.atomic_write(os.path.join(args.out, "results.md")) as f:
+        f.write(table + "\n")
+    print(f"\nHeld-out prompts: {summary['start']['n']} from {args.eval_data}; greedy accuracy ± standard error; "
+          f"{args.pass_k} samples per prompt at temperature {args.temperature}, scored by the verifier and by "
+          f"the reward model ({args.reward_model if args.reward == 'rm' else 'none: --reward verifier'}); KL to "
+          f"start from {summary['start']['drift']['n']} samples; style shares of the greedy outputs.")
+    print(table)
+    line = f"PPO vs start: {100 * (summary['ppo']['greedy'] - summary['start']['greedy']):+.1f} points"
+    if "control" in summary:
+        line += f" | PPO vs equal-time SFT control: {100 * (summary['ppo']['greedy'] - summary['control']['greedy']):+.1f}"
+    print(line + " (greedy accuracy)")
+    history = curves(args.out)
+    print(f"during PPO ({len(history['minutes'])} evals; the first and last greedy ones on {summary['start']['n']} "
+          f"held-out prompts, the others and every KL, proxy and gold on {summary['start']['drift']['n']}):")
+    print(f"  greedy accuracy      {M.sparkline(history['accuracy'])}  "
+          f"({100 * history['accuracy'][0]:.1f}% -> {100 * history['accuracy'][-1]:.1f}%)")
+    print(f"  KL(pi || start)      {M.sparkline(history['kl'])}  ({history['kl'][0]:.2f} -> {history['kl'][-1]:.2f})")
+    if args.reward == "rm":
+        print(f"  RM score (proxy)     {M.sparkline(history['proxy'])}  "
+              f"({history['proxy'][0]:+.2f} -> {history['proxy'][-1]:+.2f})")
+    print(f"  verifier acc (gold)  {M.sparkline(history['gold'])}  "
+          f"({100 * history['gold'][0]:.1f}% -> {100 * history['gold'][-1]:.1f}%)")
+    return summary
 
 
 if __name__ == "__main__":

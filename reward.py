@@ -11,10 +11,14 @@ Terry's model of a pairwise choice makes the preference a logistic function of t
 m is an optional margin (Touvron et al. 2023, Llama 2), c an optional centring term that keeps the
 rewards near zero mean, since the loss alone only sees differences (Eisenstein et al. 2023).
 Bradley & Terry 1952; Christiano et al. 2017; Stiennon et al. 2020; Ouyang et al. 2022 (InstructGPT).
-The model only learns what separates the pairs it saw: per-kind accuracy on held-out pairs, and
-the diagnostic kinds that differ only in length or format, show when it learned a shortcut.
+The model only learns what separates the pairs it saw. The held-out accuracy and calibration that judge
+it are those of the kinds it was trained on; the other kinds in the test file are probes: pairs that
+differ only in length or format (both correct: 50 % = no preference, anything else is a shortcut) and
+the kinds it was not trained on (synth.py's default trains the strategy choice, worked solution over a
+bare answer or a missing "####", which a 0.84 M model separates; wrong_step, wrong_answer and
+off_by_one probe whether it checks arithmetic, which it does not learn in minutes).
 
-    python reward.py                     # ~3 min on 2 CPU cores -> runs/rm/model.pt, metrics.jsonl
+    python reward.py                     # 2 epochs, ~2 min on 2 CPU cores -> runs/rm/model.pt, metrics.jsonl
     python reward.py --init scratch      # the same body, randomly initialised (compare the two)
 """
 import math
@@ -48,7 +52,7 @@ class Args:
     grad_clip: float = 1.0                   # clip the global gradient norm to this (0 = off)
     margin: float = 0.0                      # m in -log sigmoid(r_c - r_r - m); a row's "margin" key wins
     center_coef: float = 0.01                # c in + c * (r_c + r_r)^2 (0 = off)
-    time_budget: float = 3.0                 # minutes of training, eval excluded (0 = no time limit)
+    time_budget: float = 0.0                 # minutes of training, eval excluded (0 = no time limit: --epochs decide)
     max_test: int = 0                        # held-out pairs to evaluate (0 = all)
     n_bins: int = 5                          # calibration bins over confidence [0.5, 1]
     log_every: int = 10                      # updates between metric lines
@@ -222,8 +226,11 @@ def pair_rewards(reward_model, pairs, pad, device):
 
 
 @torch.no_grad()
-def evaluate_pairs(reward_model, pairs, pad, device, n_bins=5, batch_size=64):
-    """Held-out metrics: loss, pairwise accuracy, mean margin, calibration, accuracy per kind."""
+def evaluate_pairs(reward_model, pairs, pad, device, n_bins=5, batch_size=64, trained_kinds=None):
+    """Held-out metrics: loss, pairwise accuracy, mean margin, calibration, accuracy per kind; and the same
+    accuracy and calibration over the pairs whose kind the model was trained on ("trained": the number the
+    preference data is judged by; the other kinds are probes, e.g. length_only/format_only, where both
+    completions are correct and 50 % means no preference)."""
     was_training = reward_model.training
     reward_model.eval()
     chosen, rejected = [], []
@@ -235,10 +242,17 @@ def evaluate_pairs(reward_model, pairs, pad, device, n_bins=5, batch_size=64):
     r_c, r_r = torch.cat(chosen), torch.cat(rejected)
     deltas = r_c - r_r
     table, ece = calibration(deltas, n_bins)
-    return {"test_loss": float(-F.logsigmoid(deltas).mean()), "test_accuracy": pairwise_accuracy(deltas),
-            "test_margin": float(deltas.mean()), "reward_mean": float(torch.cat([r_c, r_r]).mean()),
-            "reward_std": float(torch.cat([r_c, r_r]).std()), "ece": ece, "calibration": table,
-            "by_kind": accuracy_by_kind(deltas, [pair[3] for pair in pairs]), "n": len(pairs)}
+    results = {"test_loss": float(-F.logsigmoid(deltas).mean()), "test_accuracy": pairwise_accuracy(deltas),
+               "test_margin": float(deltas.mean()), "reward_mean": float(torch.cat([r_c, r_r]).mean()),
+               "reward_std": float(torch.cat([r_c, r_r]).std()), "ece": ece, "calibration": table,
+               "by_kind": accuracy_by_kind(deltas, [pair[3] for pair in pairs]), "n": len(pairs)}
+    trained = torch.tensor([pair[3] in (trained_kinds or ()) for pair in pairs], dtype=torch.bool)
+    if trained.any():
+        trained_table, trained_ece = calibration(deltas[trained], n_bins)
+        results.update(trained_accuracy=pairwise_accuracy(deltas[trained]), trained_ece=trained_ece,
+                       trained_loss=float(-F.logsigmoid(deltas[trained]).mean()), trained_n=int(trained.sum()),
+                       trained_calibration=trained_table)
+    return results
 
 
 def lr_at(step, progress, peak, warmup_steps, min_ratio):
@@ -247,17 +261,26 @@ def lr_at(step, progress, peak, warmup_steps, min_ratio):
     return peak * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def print_report(results, label="held-out"):
+def print_report(results, label="held-out", trained_kinds=()):
     print(f"{label} pairs: {results['n']} | pairwise accuracy {100 * results['test_accuracy']:.1f}% | "
           f"mean margin r_c - r_r {results['test_margin']:+.3f} | loss {results['test_loss']:.4f} | "
           f"ECE {results['ece']:.3f}")
-    print("calibration  confidence bin   pairs   mean confidence   observed accuracy")
-    for row in results["calibration"]:
+    calibration_table = results["calibration"]
+    if "trained_accuracy" in results:
+        print(f"{label} pairs of the kinds trained on ({', '.join(trained_kinds)}): {results['trained_n']} | "
+              f"pairwise accuracy {100 * results['trained_accuracy']:.1f}% | loss {results['trained_loss']:.4f} | "
+              f"ECE {results['trained_ece']:.3f}")
+        calibration_table = results["trained_calibration"]
+    print("calibration  confidence bin   pairs   mean confidence   observed accuracy"
+          + ("   (kinds trained on)" if "trained_accuracy" in results else ""))
+    for row in calibration_table:
         shown = f"{row['confidence']:.3f}            {row['accuracy']:.3f}" if row["n"] else "-                -"
         print(f"             [{row['lo']:.2f}, {row['hi']:.2f}]{' ' * 4}{row['n']:5d}   {shown}")
-    print("accuracy by pair kind (length/format-only kinds show shortcuts):")
+    print("accuracy by pair kind:")
     for kind, (accuracy, count) in results["by_kind"].items():
-        print(f"  {kind:<16} {100 * accuracy:5.1f}%  ({count} pairs)")
+        note = "trained on" if kind in trained_kinds else "probe, not trained on (both correct: 50% = no preference)" \
+            if kind in SHORTCUT_PROBES else "probe, not trained on"
+        print(f"  {kind:<16} {100 * accuracy:5.1f}%  ({count} pairs; {note})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +288,7 @@ def print_report(results, label="held-out"):
 # ---------------------------------------------------------------------------------------------
 
 PAIR_SCHEMA = {"prompt": str, "chosen": str, "rejected": str}
+SHORTCUT_PROBES = ("length_only", "format_only")   # synth.py's pairs of two correct completions (shortcut probes)
 MAX_MARGIN = 1e6   # a row's margin beyond this is a typo (and inf in float32 beyond 3.4e38)
 
 
@@ -420,9 +444,11 @@ def train(args):
           f"test pairs, {args.epochs} epochs x {steps_per_epoch} steps, device {device}")
 
     def scalars(results):
-        return {key: value for key, value in results.items() if key not in ("calibration", "by_kind")}
+        return {key: value for key, value in results.items()
+                if key not in ("calibration", "trained_calibration", "by_kind")}
 
-    start = evaluate_pairs(reward_model, test_pairs, pad, device, args.n_bins)
+    trained_kinds = sorted({pair[3] for pair in train_pairs})
+    start = evaluate_pairs(reward_model, test_pairs, pad, device, args.n_bins, trained_kinds=trained_kinds)
     logger.log(0, kind="eval", epoch=0, **scalars(start))
     step, train_seconds, results, out_of_time = 0, 0.0, start, False
     max_norm = args.grad_clip if args.grad_clip > 0 else math.inf    # inf: measure the norm, clip nothing
@@ -453,7 +479,7 @@ def train(args):
                 logger.log(step, kind="train", loss=loss.item(), accuracy=pairwise_accuracy((r_c - r_r).detach()),
                            margin=float((r_c - r_r).mean().detach()), grad_norm=float(grad_norm), lr=lr,
                            minutes=train_seconds / 60)
-        results = evaluate_pairs(reward_model, test_pairs, pad, device, args.n_bins)
+        results = evaluate_pairs(reward_model, test_pairs, pad, device, args.n_bins, trained_kinds=trained_kinds)
         logger.log(step, kind="eval", epoch=epoch, minutes=train_seconds / 60, **scalars(results),
                    by_kind={kind: accuracy for kind, (accuracy, _) in results["by_kind"].items()})
         if out_of_time:
@@ -463,10 +489,11 @@ def train(args):
     results.update(steps=step, minutes=train_seconds / 60, start_accuracy=start["test_accuracy"])
     save_reward_model(os.path.join(args.out, "model.pt"), reward_model, args=asdict(args), results=scalars(results))
     by_kind = {kind: {"accuracy": accuracy, "n": count} for kind, (accuracy, count) in results["by_kind"].items()}
-    logger.log(step, kind="final", calibration=results["calibration"], by_kind=by_kind, echo=False)
+    logger.log(step, kind="final", calibration=results["calibration"], by_kind=by_kind, trained_kinds=trained_kinds,
+               trained_calibration=results.get("trained_calibration"), echo=False)
     logger.close()
     print(f"before training: pairwise accuracy {100 * start['test_accuracy']:.1f}% (zero head: every pair a tie)")
-    print_report(results)
+    print_report(results, trained_kinds=trained_kinds)
     print(f"{step} steps in {train_seconds / 60:.1f} min | {args.out}/model.pt")
     return results
 

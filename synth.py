@@ -45,7 +45,7 @@ import model as M
 FAMILIES = ("add", "sub", "mul", "word")                  # answers checked as '#### number'
 COUNTDOWN = "countdown"                                    # answers checked as '#### expression'
 STYLES = ("worked", "bare", "noisy")
-PREF_KINDS = ("off_by_one", "wrong_step", "bad_format")    # rejected = a plausible wrong completion
+PREF_KINDS = ("bare", "bare_wrong", "wrong_answer", "off_by_one", "wrong_step", "bad_format")  # rejected kinds
 DIAGNOSTIC_KINDS = ("length_only", "format_only")          # both correct: probes for reward shortcuts
 MAX_DIFFICULTY = 6
 
@@ -66,9 +66,9 @@ class Args:
     n_test: int = 500                        # prompts in rl_test.jsonl: the accuracy every stage reports
     pref_difficulty: str = "3-4"             # difficulty range of the preference pairs
     n_prefs: int = 2000                      # pairs in prefs_train.jsonl
-    n_prefs_test: int = 300                  # pairs of the main kinds in prefs_test.jsonl
-    pref_mix: str = "off_by_one=0.34,wrong_step=0.33,bad_format=0.33"  # kinds of rejected completion
-    n_diagnostic: int = 100                  # prefs_test pairs per diagnostic kind (length_only, format_only)
+    n_prefs_test: int = 300                  # pairs of the trained kinds (--pref-mix) in prefs_test.jsonl
+    pref_mix: str = "bare=0.4,bare_wrong=0.3,bad_format=0.3"  # kinds of rejected completion trained on (PREF_KINDS)
+    n_diagnostic: int = 100                  # prefs_test pairs per probe: length_only, format_only, each kind not in --pref-mix
     n_examples: int = 1                      # examples printed per file
     # -- model-generated data: rejection sampling (--from-model) --------------------------------------
     from_model: str = ""                     # checkpoint to sample from; "" = write the synthetic files
@@ -434,13 +434,30 @@ def spaced(line: str) -> str:
     return re.sub(r"\s*([-+*=])\s*", r" \1 ", line).strip()
 
 
+def wrong_number(answer: int, rng: random.Random) -> int:
+    """A wrong answer of the same number of digits, drawn uniformly (never `answer` itself)."""
+    n = len(str(answer))
+    while (wrong := n_digit(rng, n)) == answer:
+        pass
+    return wrong
+
+
 def rejected_completion(problem: Problem, kind: str, rng: random.Random) -> str:
     """The second completion of a pair; `chosen` is always the worked, correct one.
-    off_by_one:  correct steps, final answer +-1          wrong_step: one wrong step carried through
-    bad_format:  correct steps, the answer without '####'
-    length_only: (diagnostic, correct) one step written twice: longer, nothing else changes
-    format_only: (diagnostic, correct) spaces around the operators: other format, same content"""
+    bare:         the right answer with no work, '#### answer' (the shortcut: strategy, not outcome)
+    bare_wrong:   a wrong answer with no work (same digit count)
+    wrong_answer: correct steps, then a wrong final answer of the same digit count (does not match the steps)
+    off_by_one:   correct steps, final answer +-1          wrong_step: one wrong step carried through
+    bad_format:   correct steps, the answer without '####'
+    length_only:  (diagnostic, correct) one step written twice: longer, nothing else changes
+    format_only:  (diagnostic, correct) spaces around the operators: other format, same content"""
     lines, answer = worked_steps(problem)
+    if kind == "bare":
+        return f"#### {answer}"
+    if kind == "bare_wrong":
+        return f"#### {wrong_number(answer, rng)}"
+    if kind == "wrong_answer":
+        return format_completion(lines, wrong_number(answer, rng))
     if kind == "off_by_one":
         return format_completion(lines, answer + (rng.choice((-1, 1)) if answer > 0 else 1))
     if kind == "wrong_step":
@@ -570,11 +587,19 @@ def build_dataset(args: Args) -> dict[str, list[dict]]:
     rl_train = split(args.n_rl, rl_d, "rl_train.jsonl (--n-rl, --rl-difficulty)")
     test_kinds = shuffled_labels(rng, args.n_prefs_test, pref_mix) + \
         [kind for kind in DIAGNOSTIC_KINDS for _ in range(args.n_diagnostic)]
+    # Probes: n_diagnostic held-out pairs of each kind NOT trained on (what the reward model did not learn).
+    # Drawn last, with their own generator, so that they change no other file.
+    probe_kinds = [kind for kind in PREF_KINDS if not pref_mix.get(kind)]
+    probe_rng = random.Random(f"pref probes {args.seed}")
+    probes = draw_split(probe_rng, len(probe_kinds) * args.n_diagnostic, families, pref_d, taken, used,
+                        "prefs_test.jsonl probes (--n-diagnostic, --pref-difficulty)")
+    probe_labels = [kind for kind in probe_kinds for _ in range(args.n_diagnostic)]
     return {
         "sft_train": [sft_row(p, s, rng) for p, s in zip(sft_train, shuffled_labels(rng, args.n_sft, mix))],
         "sft_test": [sft_row(p, s, rng) for p, s in zip(sft_test, shuffled_labels(rng, args.n_sft_test, test_mix))],
         "prefs_train": [pref_row(p, k, rng) for p, k in zip(prefs_train, shuffled_labels(rng, args.n_prefs, pref_mix))],
-        "prefs_test": [pref_row(p, k, rng) for p, k in zip(prefs_test, test_kinds)],
+        "prefs_test": [pref_row(p, k, rng) for p, k in zip(prefs_test, test_kinds)]
+                      + [pref_row(p, k, probe_rng) for p, k in zip(probes, probe_labels)],
         "rl_train": [rl_row(p) for p in rl_train],
         "rl_test": [rl_row(p) for p in rl_test],
     }

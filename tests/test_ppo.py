@@ -337,6 +337,59 @@ def test_reward_model_scores_agree_with_reward_py_under_left_padding(tmp_path):
     assert torch.allclose(got, rm.eval().score(prompts, completions), atol=1e-5)
 
 
+def test_text_scores_in_the_table_agree_with_reward_py_score():
+    """The table's RM score (reward_of_texts on decoded completions) is reward.py's own scoring API."""
+    rm = R.RewardModel(tiny_gpt(seed=4), ENC)
+    with torch.no_grad():
+        rm.head.weight.normal_()
+    scalar = P.ScalarHead(rm.body, {"weight": rm.head.weight.detach(), "bias": rm.head.bias.detach()}).eval()
+    prompts = ["1+2=?\n", "123+456=?\n", "9+9=?\n", "7*8=?\n"]
+    completions = ["#### 3", "3+6=9\n2+5=7\n1+4=5\n#### 579", "9+9=18\n#### 18", ""]
+    got = P.reward_of_texts(scalar, ENC, prompts, completions, batch_size=3)   # two batches, ragged
+    assert torch.allclose(got, rm.eval().score(prompts, completions), atol=1e-5)
+
+
+@torch.no_grad()
+def brute_force_sequence_kl(policy, reference, prompt_tokens, completion_tokens, temperature):
+    """sum_t log pi(y_t | s_t) - log pi_ref(y_t | s_t) of ONE unpadded sequence, from full forwards."""
+    tokens = torch.tensor([prompt_tokens + completion_tokens])
+    start = len(prompt_tokens) - 1
+    ours = M.token_logprobs(policy, tokens, temperature)[0, start:]
+    theirs = M.token_logprobs(reference, tokens, temperature)[0, start:]
+    return float((ours - theirs).sum())
+
+
+def test_drift_kl_is_the_mean_over_samples_of_each_sequences_summed_log_ratio():
+    """drift's KL(pi || pi_init): one batched, left-padded rollout == the per-sequence sums, one row at a time;
+    0 when the policy is its reference; proxy and gold are the reward model's and the verifier's means."""
+    policy, reference = tiny_gpt(seed=1).eval(), tiny_gpt(seed=2).eval()
+    args = P.Args(temperature=0.8, max_new_tokens=7)
+    rows = [{"prompt": p, "answer": "0"} for p in ["1+1=?\n", "22+33=?\n", "7*8=?\n", "100-1=?\n"]]
+    moved = P.drift(policy, reference, None, ENC, rows, args, seed=3)
+    batch, _ = P.rollout(policy, ENC, rows, args, torch.Generator().manual_seed(3), "cpu")   # the same samples
+    lengths = batch.mask.sum(-1).long().tolist()
+    completions = [batch.tokens[i, batch.n_prompt:batch.n_prompt + n].tolist() for i, n in enumerate(lengths)]
+    expected = np.mean([brute_force_sequence_kl(policy, reference, M.encode(ENC, row["prompt"]), completion, 0.8)
+                        for row, completion in zip(rows, completions)])
+    assert moved["kl"] == pytest.approx(expected, abs=1e-4)
+    assert moved["proxy"] is None and moved["gold"] == float(np.mean([M.is_correct(t, "0") for t in batch.texts]))
+    assert P.drift(policy, policy, None, ENC, rows, args, seed=3)["kl"] == 0.0
+
+
+def test_eval_row_numbers_are_model_evaluate_s():
+    """Every accuracy and style share in the table comes from model.evaluate, the one shared evaluation."""
+    policy = tiny_gpt(seed=1).eval()
+    args = P.Args(temperature=1.0, max_new_tokens=6, pass_k=3)
+    rows = [{"prompt": f"{a}+{a}=?\n", "answer": str(2 * a), "difficulty": 1 + a % 2} for a in range(6)]
+    row = P.eval_row(policy, policy, None, ENC, rows, rows[:2], args, seed=5)
+    greedy = M.evaluate(policy, ENC, rows, 6)
+    sampled = M.evaluate(policy, ENC, rows, 6, temperature=1.0, samples=3, generator=torch.Generator().manual_seed(5))
+    assert (row["greedy"], row["stderr"], row["styles"], row["per_difficulty"]) == (
+        greedy["accuracy"], greedy["stderr"], greedy["styles"], greedy["per_difficulty"])
+    assert (row["sampled"], row["pass_at_k"]) == (sampled["accuracy"], sampled["pass_at_k"])
+    assert row["rm_score"] is None and row["kl"] == 0.0
+
+
 def test_first_ratio_is_one_and_sampler_logprobs_match_a_full_forward():
     policy = tiny_gpt(n_layer=2, seed=1).eval()
     args = P.Args(temperature=0.7, top_k=20, max_new_tokens=12, n_minibatches=2, update_epochs=1)
@@ -376,7 +429,7 @@ def tiny_args(folder, **overrides):
                 data=str(folder / "rl_train.jsonl"), eval_data=str(folder / "rl_test.jsonl"), out=str(folder / "run"),
                 n_eval=8, completions_per_step=32, max_new_tokens=6, time_budget=0, max_steps=20,
                 n_minibatches=2, lr=3e-2, value_lr=1e-3, missing_eos_penalty=0.0, beta=0.0, early_stop_kl=1.0,
-                device="cpu")
+                control=False, pass_k=2, device="cpu")
     args.update(overrides)
     return P.Args(**args)
 
@@ -442,6 +495,18 @@ def check_run(folder, summary, reward_role):
 def test_timing_memory_and_params_by_role_are_logged_after_a_tiny_run(rm_run):
     folder, summary, _, _ = rm_run
     check_run(folder, summary, reward_role=True)
+
+
+def test_every_eval_logs_kl_to_the_start_and_the_proxy_and_gold_rewards(rm_run):
+    folder, summary, _, _ = rm_run
+    evals = [r for r in read_metrics(folder) if r.get("kind") == "eval"]
+    assert evals[0]["eval_kl"] == 0.0                                  # the start is pi_init itself
+    for r in evals:
+        assert {"eval_kl", "eval_proxy", "eval_gold", "eval_truncated"} <= set(r)
+        assert 0 <= r["eval_gold"] <= 1 and math.isfinite(r["eval_proxy"])
+    assert evals[-1]["eval_proxy"] > evals[0]["eval_proxy"]             # the score PPO maximised rose
+    for key in ("start", "ppo"):
+        assert {"greedy", "sampled", "pass_at_k", "rm_score", "kl", "styles"} <= set(summary[key])
 
 
 def test_params_by_role_equal_sums_over_the_modules_held(tmp_path):
@@ -582,6 +647,36 @@ def test_each_upstream_command_parses_with_its_targets_parser_and_makes_the_defa
     assert os.path.join(M.parse_args(R.Args, P.reward_command()[1:]).out, "model.pt") == defaults.reward_model
 
 
+def test_the_control_command_parses_with_sft_py_s_parser_and_continues_the_same_start_for_the_same_minutes():
+    sft = pytest.importorskip("sft")
+    args = P.Args(init="start.pt", sft_data="demos.jsonl", sft_test_data="demos_test.jsonl", eval_data="held.jsonl",
+                  out="runs/x", seed=7, threads=1, max_new_tokens=50)
+    command = P.control_command(args, 2.5)
+    parsed = M.parse_args(sft.Args, command[1:])
+    assert command[0] == os.path.basename(sft.__file__)
+    assert (parsed.init, parsed.data, parsed.test_data, parsed.eval_data, parsed.seed, parsed.threads) == (
+        "start.pt", "demos.jsonl", "demos_test.jsonl", "held.jsonl", 7, 1)
+    assert parsed.time_budget == pytest.approx(2.5) and parsed.max_steps == 0
+    assert parsed.out == os.path.join("runs/x", "control") and parsed.max_new_tokens == 50
+
+
+def test_main_ends_with_the_table_of_start_ppo_and_the_equal_time_control(tmp_path, capsys):
+    rows = write_inputs(tmp_path)
+    M.write_jsonl(str(tmp_path / "demos.jsonl"), [{"prompt": r["prompt"], "completion": f"#### {r['answer']}"}
+                                                  for r in rows])
+    args = tiny_args(tmp_path, control=True, sft_data=str(tmp_path / "demos.jsonl"),
+                     sft_test_data=str(tmp_path / "demos.jsonl"), max_steps=2)
+    summary = P.main(cli_argv(args))
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["start", "PPO", "more SFT (control)"]
+    control_args = json.load(open(tmp_path / "run" / "control" / "args.json"))
+    assert control_args["init"] == args.init and control_args["max_steps"] == 0
+    assert control_args["time_budget"] == pytest.approx(summary["train_minutes"], abs=1e-4)
+    assert {"greedy", "sampled", "rm_score", "kl"} <= set(summary["control"])
+    assert json.load(open(tmp_path / "run" / "summary.json"))["control"] == json.loads(json.dumps(summary["control"]))
+    assert "PPO vs equal-time SFT control" in capsys.readouterr().out
+
+
 def test_a_missing_default_input_runs_the_command_its_builder_makes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                              # no data/, no runs/: every default is missing
     ran = []
@@ -620,6 +715,7 @@ BAD_OPTIONS = {
     "kl_target": [-1.0, 1e300], "kl_horizon": [0, -1, 10 ** 400], "gamma": [-0.1, 1.1, math.nan],
     "lam": [-0.1, 1.5, math.nan], "early_stop_kl": [-0.05, math.nan, 1e300], "grad_clip": [-1.0, math.nan, 1e300],
     "missing_eos_penalty": [-1.0, 1e300], "device": ["tpu", "", "cuda:abc", "cuda:99"], "chat_template": ["jinja", ""], "seed": [-1, 2 ** 32],
+    "pass_k": [0, -1, 10 ** 10], "sft_data": [""], "sft_test_data": [""], "threads": [-1, 10 ** 6],
 }
 
 
@@ -815,7 +911,8 @@ def ppo_base_argv(inputs, folder):
     return ["--data", str(inputs / "rl_train.jsonl"), "--eval-data", str(inputs / "rl_test.jsonl"),
             "--init", str(inputs / "policy.pt"), "--reward-model", str(inputs / "rm.pt"), "--out", str(folder / "run"),
             "--max-steps", "1", "--time-budget", "0", "--device", "cpu", "--n-eval", "2",
-            "--completions-per-step", "2", "--n-minibatches", "1", "--max-new-tokens", "4"]
+            "--completions-per-step", "2", "--n-minibatches", "1", "--max-new-tokens", "4", "--no-control",
+            "--pass-k", "1"]
 
 
 @pytest.fixture(scope="module")

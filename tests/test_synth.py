@@ -169,8 +169,9 @@ def test_default_run_sizes_ranges_and_disjoint_splits(default_run):
     d = S.Args()
     files = {name: M.read_jsonl(str(out / f"{name}.jsonl")) for name in
              ("sft_train", "sft_test", "prefs_train", "prefs_test", "rl_train", "rl_test")}
+    untrained = [kind for kind in S.PREF_KINDS if kind not in S.parse_mix(d.pref_mix, S.PREF_KINDS, "")]
     sizes = {"sft_train": d.n_sft, "sft_test": d.n_sft_test, "prefs_train": d.n_prefs, "rl_train": d.n_rl,
-             "prefs_test": d.n_prefs_test + 2 * d.n_diagnostic, "rl_test": d.n_test}
+             "prefs_test": d.n_prefs_test + (2 + len(untrained)) * d.n_diagnostic, "rl_test": d.n_test}
     assert {name: len(rows) for name, rows in files.items()} == sizes
     prompts = {name: [r["prompt"] for r in rows] for name, rows in files.items()}
     for name, ps in prompts.items():
@@ -201,7 +202,16 @@ def test_preference_pairs_chosen_correct_rejected_as_labelled(default_run):
         chosen, rejected, answer = r["chosen"], r["rejected"], int(r["answer"])
         assert answer == solve(r["prompt"]) and S.verify(chosen, answer) and M.completion_style(chosen) == "worked"
         style = M.completion_style(rejected)
-        if r["kind"] == "off_by_one":
+        if r["kind"] == "bare":             # the right answer, no work: the strategy is what is rejected
+            assert style == "bare" and S.verify(rejected, answer) and rejected == f"#### {answer}"
+        elif r["kind"] == "bare_wrong":     # a wrong answer of the same length, no work
+            assert style == "bare" and not M.is_correct(rejected, answer)
+            assert len(M.extract_answer(rejected)) == len(str(answer))
+        elif r["kind"] == "wrong_answer":   # every step right, the final answer wrong (same length)
+            assert style == "worked" and not M.is_correct(rejected, answer)
+            assert rejected.splitlines()[:-1] == chosen.splitlines()[:-1]
+            assert len(M.extract_answer(rejected)) == len(str(answer))
+        elif r["kind"] == "off_by_one":
             assert style == "worked" and abs(int(M.extract_answer(rejected)) - answer) == 1
         elif r["kind"] == "wrong_step":
             assert style == "wrong_step" and len(wrong_steps(rejected)) == 1 and not S.verify(rejected, answer)
