@@ -648,3 +648,31 @@ def test_policy_logprobs_and_entropy_equal_brute_force_under_the_sampling_transf
             assert float(entropy[b, t]) == pytest.approx(want_entropy, abs=1e-4) and float(entropy[b, t]) >= 0
             checked += 1
     assert checked >= 10
+
+
+def test_grpo_loss_forwards_each_normaliser_and_keeps_the_logprobs_dtype():
+    """At ratio 1 the loss is -sum_i A_i w_i over tokens: dr_grpo divides by n_seqs * max_len (max_len below the
+    padded width here), dapo by n_tokens, grpo by n_seqs; float64 advantages do not promote a float32 loss."""
+    logp = torch.zeros(2, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    adv = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    summed = -(2.0 * 3 - 1.0 * 1)
+    cases = [(dict(aggregation="dr_grpo", max_len=3), summed / (2 * 3)),
+             (dict(aggregation="dr_grpo", n_seqs=5, max_len=2), summed / (5 * 2)),
+             (dict(aggregation="dapo", n_tokens=8.0), summed / 8),
+             (dict(aggregation="grpo", n_seqs=4), -(2.0 - 1.0) / 4)]
+    for kwargs, expected in cases:
+        loss, _ = grpo.grpo_loss(logp, logp, adv, mask, **kwargs)
+        assert loss.dtype == torch.float32 and math.isclose(loss.item(), expected, rel_tol=1e-6), kwargs
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_a_ratio_exactly_on_the_clip_boundary_is_not_clipped(advantage):
+    """With eps_low = eps_high = 0 and rho = 1 exactly, rho sits on both boundaries: clip(rho) = rho, the
+    gradient -A / n is not 0, so the clip does not bind and clipfrac is 0 (binding means gradient 0)."""
+    logp = torch.full((1, 3), -0.7, dtype=torch.float64, requires_grad=True)
+    loss, stats = grpo.grpo_loss(logp, logp.detach(), torch.tensor([advantage], dtype=torch.float64),
+                                 torch.ones(1, 3), eps_low=0.0, eps_high=0.0, aggregation="dapo")
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.full((1, 3), -advantage / 3, dtype=torch.float64))
+    assert stats["clipfrac"] == 0.0

@@ -950,3 +950,15 @@ def test_the_bad_input_table_passes_on_valid_input(ppo_valid_inputs, tmp_path, m
     monkeypatch.chdir(tmp_path)
     summary = P.main(ppo_base_argv(ppo_valid_inputs, tmp_path))
     assert summary["steps"] == 1 and (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_a_ratio_exactly_on_the_clip_boundary_is_not_clipped(advantage):
+    """eps_low = eps_high = 0 and rho = 1 exactly: clip(rho) = rho, the gradient -A / n is not 0, so the clip
+    does not bind and clipfrac is 0 (binding means gradient 0)."""
+    logp = torch.full((1, 3), -0.7, dtype=torch.float64, requires_grad=True)
+    adv = torch.full((1, 3), advantage, dtype=torch.float64)
+    loss, stats = P.policy_loss(logp, logp.detach(), adv, torch.ones(1, 3, dtype=torch.float64), 0.0, 0.0)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.full((1, 3), -advantage / 3, dtype=torch.float64))
+    assert float(stats["clipfrac"]) == 0.0

@@ -162,14 +162,17 @@ def mutmut_executable() -> str:
     return found
 
 
-def write_config(tree: Path, target: str) -> None:
+def write_config(tree: Path, target: str, deselect=()) -> None:
+    """The issue's setup.cfg; `deselect` adds pytest --deselect options (mutmut stops when a test fails on the
+    unchanged code, so a test that is already failing must be set aside, and said so)."""
     sources = sorted(p.name for p in tree.glob("*.py"))
+    extra = "pytest_add_cli_args =\n" + "".join(f"    --deselect={node}\n" for node in deselect) if deselect else ""
     (tree / "setup.cfg").write_text(
         "[mutmut]\nsource_paths =\n" + "".join(f"    {s}\n" for s in sources)
-        + f"only_mutate = {target}.py\npytest_add_cli_args_test_selection = tests/test_{target}.py\n")
+        + f"only_mutate = {target}.py\npytest_add_cli_args_test_selection = tests/test_{target}.py\n" + extra)
 
 
-def run_mutmut(target: str, functions, work: Path, max_children: int, env: dict) -> dict:
+def run_mutmut(target: str, functions, work: Path, max_children: int, env: dict, deselect=()) -> dict:
     """One mutmut run over `functions` of `target` in its own copy of the tree: -> results with the status and
     (for survivors) the diff of every mutant."""
     tree = work / target
@@ -178,7 +181,7 @@ def run_mutmut(target: str, functions, work: Path, max_children: int, env: dict)
     for (owner, qualname), (decorator, reapply) in UNDECORATE.items():
         if owner == target and any(fnmatch.fnmatch(qualname, f) for f in functions):
             undecorate(tree / f"{target}.py", qualname, decorator, reapply)
-    write_config(tree, target)
+    write_config(tree, target, [node for node in deselect if node.startswith(f"tests/test_{target}.py::")])
     names = patterns(target, functions)
     command = [mutmut_executable(), "run", "--max-children", str(max_children), *names]
     print(f"[{target}] OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {' '.join(command[1:])}   (in {tree})", flush=True)
@@ -199,6 +202,7 @@ def run_mutmut(target: str, functions, work: Path, max_children: int, env: dict)
             shown = subprocess.run([mutmut_executable(), "show", key], cwd=tree, env=env, capture_output=True, text=True)
             diffs[key] = shown.stdout.strip()
     return {"target": target, "command": f"OMP_NUM_THREADS=1 mutmut {' '.join(command[1:])}",
+            "config": (tree / "setup.cfg").read_text(),
             "seconds": round(seconds), "mutants": mutants, "diffs": diffs}
 
 
@@ -263,6 +267,8 @@ def main(argv=None):
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested in parallel (default 1)")
     parser.add_argument("--hand", action="store_true", help="run only the hand mutations of the decorated functions")
     parser.add_argument("--no-hand", action="store_true", help="skip the hand mutations")
+    parser.add_argument("--deselect", action="append", default=[], metavar="NODEID",
+                        help="a test to leave out (one that fails on the unchanged code), e.g. tests/test_model.py::test_x")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary trees (mutmut browse works there)")
     args = parser.parse_args(argv)
@@ -281,7 +287,7 @@ def main(argv=None):
         if not args.hand:
             for target in targets:
                 functions = args.functions.split(",") if args.functions else TARGETS[target]
-                results.append(run_mutmut(target, functions, work, args.max_children, env))
+                results.append(run_mutmut(target, functions, work, args.max_children, env, args.deselect))
         if not args.no_hand:
             hand = run_hand(work, targets, env)
     finally:
