@@ -1644,3 +1644,27 @@ def test_decode_attention_equals_scaled_dot_product_attention_with_a_mask_and_gq
     assert got.shape == (B, H, 1, d) and got.dtype == dtype
     close(got, want, tol=1e-5)                                # the softmax runs in float32 for any input dtype
     close(got[1, :, 0], v[1, torch.arange(H) // repeat, 3], tol=1e-6)
+
+
+def test_min_p_one_keeps_exactly_the_most_likely_tokens_ties_included():
+    """min_p = 1 keeps the tokens with p >= max p: the argmax, and every token tied with it (p = max p is kept)."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 2.0], [3.0, 1.0, 0.0, -2.0]])
+    logp = M.sampling_logprobs(logits, 1.0, min_p=1.0)
+    assert kept(logp[0]) == {1, 3} and kept(logp[1]) == {0}
+    close(logp[0, [1, 3]].exp(), torch.tensor([0.5, 0.5]))
+
+
+def test_generate_fills_a_learned_position_context_exactly_and_a_kept_cache_sizes_new_layers():
+    """prompt + max_new_tokens == block_size is allowed (the last new token sits at position block_size - 1).
+    A cache whose rows were dropped (keep) before a layer was ever written allocates that layer for the
+    rows it kept: its prefill equals the model on those rows alone."""
+    model = tiny_model(seed=21, pos="learned", block_size=8)
+    prompt = [1, 2, 3]
+    gen = M.generate(model, [prompt], 5, temperature=0.0, stop_ids=())
+    assert gen.tokens.shape == (1, 5) and gen.tokens[0].tolist() == greedy_by_recomputation(model, prompt, 5)
+    tokens = random_tokens(22, 4, 6)
+    cache = M.KVCache(model.config, 4, 8, "cpu")
+    cache.keep(torch.tensor([1, 3]))
+    with torch.no_grad():
+        close(model(tokens[[1, 3]], cache=cache), model(tokens[[1, 3]]))
+    assert cache.k[0].shape[0] == 2 and cache.doc_ids.shape == (2, 8)

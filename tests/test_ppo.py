@@ -962,3 +962,14 @@ def test_a_ratio_exactly_on_the_clip_boundary_is_not_clipped(advantage):
     loss.backward()
     assert torch.allclose(logp.grad, torch.full((1, 3), -advantage / 3, dtype=torch.float64))
     assert float(stats["clipfrac"]) == 0.0
+
+
+def test_explained_variance_of_small_returns_and_undefined_for_constant_returns():
+    """Returns (0, 1) have variance 1/4 (< 1): EV = 1 - Var[R - V] / Var[R] by hand; returns that do not vary
+    give NaN (not -inf), however wrong the values; padding is never read."""
+    mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    returns = torch.tensor([[0.0, 1.0, 99.0]], dtype=torch.float64)
+    values = torch.tensor([[0.25, 0.5, -99.0]], dtype=torch.float64)     # residuals -0.25, 0.5: variance 0.140625
+    assert P.explained_variance(values, returns, mask) == pytest.approx(1 - 0.140625 / 0.25, rel=1e-12)
+    constant = torch.tensor([[2.0, 2.0, 7.0]], dtype=torch.float64)
+    assert math.isnan(P.explained_variance(values, constant, mask))

@@ -114,8 +114,19 @@ HAND = [
      GENERATE_TESTS),
 ]
 
-# Surviving mutants that cannot change any result, with the reason (docs/testing.md lists them too).
-EQUIVALENT = {}
+# Surviving mutants that cannot change any result, with the reason (docs/testing.md lists them too). mutmut
+# numbers the mutants of a function in order, so a name stays valid while that function's code is unchanged.
+SUM_DIM = "sum(+1) is sum(-1): the tensor is the documented 2-D (N, L)"
+EQUIVALENT = {
+    "grpo.x_group_advantages__mutmut_5": "numel() == 1 instead of == 0: an empty (0, G) batch gives the same empty "
+                                         "result through the main path, and a single reward is a constant group (0)",
+    "grpo.x_aggregate__mutmut_2": "mask.to(None) keeps the mask's dtype: its 0/1 values multiply and sum exactly in any dtype",
+    "grpo.x_aggregate__mutmut_16": SUM_DIM,
+    "grpo.x_aggregate__mutmut_20": SUM_DIM,
+    "grpo.x_grpo_loss__mutmut_9": "mask.to(None): maskf is only summed (exact counts in any dtype) to divide a float",
+    "grpo.x_grpo_loss__mutmut_47": SUM_DIM,
+    "grpo.x_grpo_loss__mutmut_55": SUM_DIM,
+}
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", None: "not checked"}   # mutmut.stats
