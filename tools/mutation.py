@@ -126,6 +126,14 @@ EQUIVALENT = {
     "grpo.x_grpo_loss__mutmut_9": "mask.to(None): maskf is only summed (exact counts in any dtype) to divide a float",
     "grpo.x_grpo_loss__mutmut_47": SUM_DIM,
     "grpo.x_grpo_loss__mutmut_55": SUM_DIM,
+    "ppo.x_kl_shaped_rewards__mutmut_10": SUM_DIM,
+    "ppo.x_kl_shaped_rewards__mutmut_21": "the row index made on the default device: identical on a CPU, where the tests "
+                                          "run (torch indexing also takes CPU index tensors for CUDA tensors)",
+    "ppo.x_kl_shaped_rewards__mutmut_23": "the same as mutant 21 (device argument dropped)",
+    "ppo.x_policy_loss__mutmut_53": "binds.to(None) stays bool: masked_mean sums it to an exact integer count and "
+                                    "divides by the float token count, the same number",
+    "ppo.x_value_loss__mutmut_30": "the same as policy_loss 53, for vf_clipfrac",
+    "ppo.x_explained_variance__mutmut_33": 'float("NAN") is float("nan")',
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
