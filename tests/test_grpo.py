@@ -370,3 +370,309 @@ def test_prompts_longer_than_the_context_are_skipped_and_counted(tmp_path, capsy
     M.write_jsonl(str(tmp / "rl.jsonl"), rows)
     grpo.train(tiny_args(tmp, max_steps=1))
     assert f"rl.jsonl: skipped 1 of {len(rows)} prompts longer than the context" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- every default, branch and logged statistic
+# (issue 24: the mutants these tests kill passed every test above)
+
+def numpy_advantages(rewards, scale, eps):
+    """The docstring's three scalings in numpy: population std (ddof 0); a constant group gives exactly 0."""
+    centred = rewards - rewards.mean(axis=1, keepdims=True)
+    if scale == "group":
+        advantages = centred / (rewards.std(axis=1, keepdims=True) + eps)
+    elif scale == "batch":
+        advantages = centred / (rewards.std() + eps)
+    else:
+        advantages = centred
+    advantages[np.ptp(rewards, axis=1) == 0] = 0.0
+    return advantages
+
+
+# rewards whose spread runs from 1e-3 to 10, so that eps = 1e-4 moves the result well past the tolerance
+spread_rewards = st.tuples(rewards_strategy, st.sampled_from([1e-3, 1.0])).map(lambda t: t[0] * t[1])
+
+
+@given(rewards=spread_rewards, eps=st.sampled_from([1e-6, 0.5, 3.0]))
+def test_each_scale_equals_numpy_and_the_defaults_are_group_scaling_with_eps_1e_4(rewards, eps):
+    r = torch.tensor(rewards)
+    for scale in ("group", "batch", "none"):
+        got = grpo.group_advantages(r, scale=scale, eps=eps).numpy()
+        assert np.allclose(got, numpy_advantages(rewards, scale, eps), rtol=1e-9, atol=1e-12), scale
+    assert np.allclose(grpo.group_advantages(r).numpy(), numpy_advantages(rewards, "group", 1e-4), rtol=1e-9, atol=1e-12)
+    assert np.allclose(grpo.group_advantages(r, scale="batch").numpy(), numpy_advantages(rewards, "batch", 1e-4),
+                       rtol=1e-9, atol=1e-12)
+
+
+def test_batch_scaling_shares_one_std_across_groups():
+    """Two groups with the same centred rewards but different spreads: "group" gives both unit std, "batch"
+    keeps their ratio (the batch std is sqrt of the mean of the two variances, a closed form)."""
+    r = torch.tensor([[0.0, 2.0], [0.0, 6.0]], dtype=torch.float64)       # centred +-1 and +-3
+    batch_std = float(r.std(unbiased=False))                               # population std of all 4 rewards
+    assert math.isclose(batch_std, math.sqrt(((0 - 2) ** 2 + (2 - 2) ** 2 + (0 - 2) ** 2 + (6 - 2) ** 2) / 4))
+    adv = grpo.group_advantages(r, scale="batch", eps=0.0)
+    assert torch.allclose(adv, torch.tensor([[-1.0, 1.0], [-3.0, 3.0]], dtype=torch.float64) / batch_std)
+    assert torch.allclose(grpo.group_advantages(r, scale="group", eps=0.0), torch.tensor([[-1.0, 1.0], [-1.0, 1.0]],
+                                                                                         dtype=torch.float64))
+
+
+def test_unknown_scale_is_an_error_and_no_rewards_give_no_advantages():
+    with pytest.raises(ValueError, match="scale"):
+        grpo.group_advantages(torch.ones(2, 3), scale="groups")
+    for scale in ("group", "batch", "none"):
+        empty = grpo.group_advantages(torch.zeros(0, 4, dtype=torch.float64), scale=scale)
+        assert empty.shape == (0, 4) and empty.dtype == torch.float64
+
+
+@given(gap=st.one_of(st.floats(-1, 1), st.floats(-60, 60)), logp=st.floats(-10, 0),
+       max_log_ratio=st.sampled_from([None, 0.5, 3.0, 20.0]))
+def test_k3_equals_its_closed_form_with_the_log_ratio_clamped_at_20_by_default(gap, logp, max_log_ratio):
+    """k3 = r - 1 - log r with log r = clamp(log pi_ref - log pi, -m, m); m = 20 when not given."""
+    m = 20.0 if max_log_ratio is None else max_log_ratio
+    policy = torch.tensor([logp], dtype=torch.float64)
+    ref = policy + gap
+    log_r = min(max(float(ref - policy), -m), m)
+    expected = math.expm1(log_r) - log_r
+    got = grpo.kl_k3(policy, ref) if max_log_ratio is None else grpo.kl_k3(policy, ref, max_log_ratio)
+    assert float(got) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def brute_force_aggregate(per_token, mask, aggregation, n_seqs=None, n_tokens=None, max_len=None):
+    """The docstring's three reductions with Python loops; every normaliser is at least 1."""
+    rows = [[x for x, m in zip(row, mrow) if m] for row, mrow in zip(per_token, mask)]
+    n_seqs = len(per_token) if n_seqs is None else n_seqs
+    if aggregation == "grpo":
+        return sum(sum(row) / max(len(row), 1) for row in rows) / max(n_seqs, 1)
+    total = sum(sum(row) for row in rows)
+    if aggregation == "dr_grpo":
+        return total / max(n_seqs * (max_len or len(per_token[0])), 1)
+    return total / max(sum(len(row) for row in rows) if n_tokens is None else n_tokens, 1)
+
+
+@st.composite
+def token_grids(draw, max_rows=4, max_len=6):
+    N, L = draw(st.integers(1, max_rows)), draw(st.integers(1, max_len))
+    per_token = [[draw(st.floats(-5, 5)) for _ in range(L)] for _ in range(N)]
+    mask = [[draw(st.sampled_from([0, 1])) for _ in range(L)] for _ in range(N)]
+    return per_token, mask
+
+
+@given(grid=token_grids(), aggregation=st.sampled_from(["grpo", "dr_grpo", "dapo"]),
+       n_seqs=st.one_of(st.none(), st.integers(1, 8)), n_tokens=st.one_of(st.none(), st.floats(0.5, 30)),
+       max_len=st.one_of(st.none(), st.integers(1, 9)))
+def test_aggregate_equals_brute_force_with_and_without_each_normaliser(grid, aggregation, n_seqs, n_tokens, max_len):
+    per_token, mask = grid
+    got = grpo.aggregate(torch.tensor(per_token, dtype=torch.float64), torch.tensor(mask), aggregation,
+                         n_seqs=n_seqs, n_tokens=n_tokens, max_len=max_len)
+    expected = brute_force_aggregate(per_token, mask, aggregation, n_seqs, n_tokens, max_len)
+    assert float(got) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_dr_grpo_divides_by_max_len_or_else_the_padded_width_and_unit_batches_are_not_halved():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    total = 1 + 2 + 3 + 5 + 6
+    assert math.isclose(grpo.aggregate(per_token, mask, "dr_grpo").item(), total / (2 * 4))            # no max_len
+    assert math.isclose(grpo.aggregate(per_token, mask, "dr_grpo", max_len=2).item(), total / (2 * 2))  # max_len < L
+    assert math.isclose(grpo.aggregate(per_token, mask, "dr_grpo", n_seqs=5, max_len=3).item(), total / 15)
+    one = torch.tensor([[7.5]], dtype=torch.float64)
+    for aggregation in ("grpo", "dr_grpo", "dapo"):   # one sequence, one token: each reduction is the token
+        assert grpo.aggregate(one, torch.ones(1, 1), aggregation).item() == 7.5
+    masked_row = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0]])   # a fully masked sequence still counts in n_seqs
+    assert math.isclose(grpo.aggregate(per_token, masked_row, "grpo").item(), (6 / 3 + 0) / 2)
+    for aggregation in ("grpo", "dr_grpo", "dapo"):
+        assert grpo.aggregate(per_token, torch.zeros(2, 4), aggregation).item() == 0.0
+    with pytest.raises(ValueError, match="aggregation"):
+        grpo.aggregate(per_token, mask, "mean")
+
+
+@st.composite
+def grpo_batches(draw, max_rows=4, max_len=6):
+    """Old log-probs, log-ratios near 1 and past the +-20 clamp, reference gaps, any mask (fully masked too),
+    advantages with exact zeros (a constant group gives exactly 0)."""
+    N, L = draw(st.integers(1, max_rows)), draw(st.integers(1, max_len))
+
+    def grid(elements):
+        return [[draw(elements) for _ in range(L)] for _ in range(N)]
+    old = grid(st.floats(-8, 0))
+    log_ratio = grid(st.one_of(st.floats(-0.7, 0.7), st.floats(-40, 40)))
+    ref_gap = grid(st.one_of(st.floats(-1, 1), st.floats(-40, 40)))
+    mask = grid(st.sampled_from([0, 1]))
+    advantages = [draw(st.one_of(st.just(0.0), st.floats(-3, 3))) for _ in range(N)]
+    return old, log_ratio, ref_gap, mask, advantages
+
+
+def brute_force_grpo(old, log_ratio, ref_gap, mask, advantages, beta, eps_low, eps_high, ratio_level, aggregation,
+                     n_seqs, n_tokens, max_len, m):
+    """The docstring's loss and statistics, one token at a time in float64."""
+    clamp = lambda x: min(max(x, -m), m)
+    per_token, ratios, kls = [], [], []
+    for i, row in enumerate(log_ratio):
+        real = [t for t in range(len(row)) if mask[i][t]]
+        seq = sum(row[t] for t in real) / max(len(real), 1)
+        loss_row = []
+        for t, x in enumerate(row):
+            lr = clamp(seq if ratio_level == "sequence" else x)
+            ratio, A = math.exp(lr), advantages[i]
+            clipped = min(max(ratio, 1 - eps_low), 1 + eps_high)
+            g = clamp(ref_gap[i][t] - x)                       # log pi_ref - log pi = (old + gap) - (old + x)
+            k3 = math.expm1(g) - g
+            loss_row.append(-min(ratio * A, clipped * A) + (beta * k3 if beta > 0 else 0.0))
+            if mask[i][t]:
+                binds = (ratio > 1 + eps_high and A > 0) or (ratio < 1 - eps_low and A < 0)
+                ratios.append((ratio, lr, binds))
+                kls.append(k3)
+        per_token.append(loss_row)
+    loss = brute_force_aggregate(per_token, mask, aggregation, n_seqs, n_tokens, max_len)
+    n = len(ratios)
+    stats = {"clipfrac": sum(b for _, _, b in ratios) / n if n else 0.0,
+             "approx_kl": sum(r - 1 - lr for r, lr, _ in ratios) / n if n else 0.0,
+             "ratio_mean": sum(r for r, _, _ in ratios) / n if n else 1.0,
+             "kl": sum(kls) / n if n else 0.0}
+    return loss, stats
+
+
+@given(batch=grpo_batches(), beta=st.sampled_from([0.0, 0.3]), eps=st.tuples(st.floats(0.05, 0.5), st.floats(0.05, 0.5)),
+       ratio_level=st.sampled_from(["token", "sequence"]), aggregation=st.sampled_from(["grpo", "dr_grpo", "dapo"]),
+       n_seqs=st.one_of(st.none(), st.integers(1, 8)), n_tokens=st.one_of(st.none(), st.floats(1, 30)),
+       max_len=st.one_of(st.none(), st.integers(1, 9)), max_log_ratio=st.sampled_from([3.0, 20.0]))
+def test_grpo_loss_and_every_statistic_equal_brute_force(batch, beta, eps, ratio_level, aggregation, n_seqs, n_tokens,
+                                                         max_len, max_log_ratio):
+    old, log_ratio, ref_gap, mask, advantages = batch
+    old_t = torch.tensor(old, dtype=torch.float64)
+    logp = old_t + torch.tensor(log_ratio, dtype=torch.float64)
+    ref = old_t + torch.tensor(ref_gap, dtype=torch.float64)
+    loss, stats = grpo.grpo_loss(logp, old_t, torch.tensor(advantages, dtype=torch.float64), torch.tensor(mask),
+                                 ref_logprobs=ref, beta=beta, eps_low=eps[0], eps_high=eps[1], ratio_level=ratio_level,
+                                 aggregation=aggregation, n_seqs=n_seqs, n_tokens=n_tokens, max_len=max_len,
+                                 max_log_ratio=max_log_ratio)
+    want_loss, want_stats = brute_force_grpo(old, log_ratio, ref_gap, mask, advantages, beta, eps[0], eps[1],
+                                             ratio_level, aggregation, n_seqs, n_tokens, max_len, max_log_ratio)
+    assert float(loss) == pytest.approx(want_loss, rel=1e-9, abs=1e-9)
+    assert set(stats) == {"clipfrac", "approx_kl", "ratio_mean", "kl"}
+    for name, value in want_stats.items():   # clipfrac is a float32 mean of 0/1 flags: 1e-7
+        assert stats[name] == pytest.approx(value, rel=1e-9, abs=1e-7 if name == "clipfrac" else 1e-12), name
+
+
+@given(batch=grpo_batches())
+def test_grpo_loss_defaults_are_token_ratios_clip_0_2_and_0_28_grpo_mean_no_kl_and_clamp_20(batch):
+    old, log_ratio, ref_gap, mask, advantages = batch
+    old_t = torch.tensor(old, dtype=torch.float64)
+    logp = old_t + torch.tensor(log_ratio, dtype=torch.float64)
+    loss, stats = grpo.grpo_loss(logp, old_t, torch.tensor(advantages, dtype=torch.float64), torch.tensor(mask))
+    want_loss, want_stats = brute_force_grpo(old, log_ratio, ref_gap, mask, advantages, 0.0, 0.2, 0.28, "token",
+                                             "grpo", None, None, None, 20.0)
+    assert float(loss) == pytest.approx(want_loss, rel=1e-9, abs=1e-9)
+    assert "kl" not in stats                                  # no reference, no kl statistic
+    for name in ("clipfrac", "approx_kl", "ratio_mean"):
+        assert stats[name] == pytest.approx(want_stats[name], rel=1e-9, abs=1e-7 if name == "clipfrac" else 1e-12), name
+    # a reference without beta is logged but not in the loss (beta defaults to 0)
+    ref = old_t + torch.tensor(ref_gap, dtype=torch.float64)
+    with_ref, ref_stats = grpo.grpo_loss(logp, old_t, torch.tensor(advantages, dtype=torch.float64), torch.tensor(mask),
+                                         ref_logprobs=ref)
+    assert torch.equal(with_ref, loss) and ref_stats["kl"] == pytest.approx(want_stats["kl"], rel=1e-9, abs=1e-12)
+
+
+def test_default_clip_range_binds_just_past_0_8_and_1_28():
+    """Ratios 1.27 / 1.29 with A > 0 and 0.81 / 0.79 with A < 0: with eps_low = 0.2, eps_high = 0.28 (the
+    defaults) exactly the second of each pair is clipped; a token with A = 0 never counts, whatever its ratio."""
+    ratio = torch.tensor([[1.27], [1.29], [0.81], [0.79], [5.0], [0.1]], dtype=torch.float64)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0, 0.0], dtype=torch.float64)
+    logp = ratio.log().requires_grad_(True)
+    loss, stats = grpo.grpo_loss(logp, torch.zeros_like(ratio), adv, torch.ones_like(ratio), aggregation="dapo")
+    loss.backward()
+    assert stats["clipfrac"] == pytest.approx(2 / 6)
+    expected = -(1.27 + 1.28 - 0.81 - 0.8 + 0 + 0) / 6
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-12)
+    assert logp.grad[[1, 3, 4, 5], 0].tolist() == [0.0] * 4 and (logp.grad[[0, 2], 0] != 0).all()
+
+
+def test_fully_masked_batch_logs_neutral_statistics():
+    logp = torch.tensor([[-1.0, -30.0]], dtype=torch.float64)
+    _, stats = grpo.grpo_loss(logp, logp - 5, torch.tensor([1.0], dtype=torch.float64), torch.zeros(1, 2),
+                              ref_logprobs=logp + 5, beta=0.1)
+    assert stats == {"clipfrac": 0.0, "approx_kl": 0.0, "ratio_mean": 1.0, "kl": 0.0}
+    with pytest.raises(ValueError, match="ratio_level"):
+        grpo.grpo_loss(logp, logp, torch.ones(1), torch.ones(1, 2), ratio_level="tokens")
+
+
+def brute_force_sampling_distribution(z, temperature, top_k, top_p):
+    """softmax(z / T) over the top-k, then the smallest most-likely set reaching top_p, renormalised;
+    None where a token's cumulative mass sits within 1e-6 of top_p (the boundary is a rounding question)."""
+    z = [x / temperature for x in z]
+    order = sorted(range(len(z)), key=lambda i: -z[i])
+    allowed = order[:top_k] if 0 < top_k < len(z) else order
+    top = max(z[i] for i in allowed)
+    weights = {i: math.exp(z[i] - top) for i in allowed}
+    total = sum(weights.values())
+    probs = {i: w / total for i, w in weights.items()}
+    if top_p < 1.0:
+        nucleus, mass = [], 0.0
+        for i in allowed:
+            if abs(mass - top_p) < 1e-6:
+                return None
+            if mass >= top_p:
+                break
+            nucleus.append(i)
+            mass += probs[i]
+        probs = {i: probs[i] / mass for i in nucleus}
+    return probs
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 5, 0.9), (1.0, 3, 1.0),
+                                                       (2.0, 0, 0.5)])
+def test_policy_logprobs_and_entropy_equal_brute_force_under_the_sampling_transform(temperature, top_k, top_p):
+    """policy_logprobs reads the rollout's transform from args (temperature, top_k, top_p): each next token's
+    log-prob and the entropy H = -sum q log q >= 0 of the transformed distribution q, from the full logits."""
+    torch.manual_seed(0)
+    model = M.GPT(M.Config(vocab_size=24, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.5)
+    tokens = torch.randint(0, 24, (2, 7), generator=torch.Generator().manual_seed(1))
+    args = grpo.Args(temperature=temperature, top_k=top_k, top_p=top_p)
+    with torch.no_grad():
+        logp, entropy = grpo.policy_logprobs(model, tokens, args)
+        logits = model(tokens).double()
+    assert logp.shape == entropy.shape == (2, 6)
+    checked = 0
+    for b in range(2):
+        for t in range(6):
+            q = brute_force_sampling_distribution(logits[b, t].tolist(), temperature, top_k, top_p)
+            if q is None:
+                continue
+            token = int(tokens[b, t + 1])
+            want = math.log(q[token]) if token in q else -math.inf
+            assert float(logp[b, t]) == pytest.approx(want, abs=1e-4)
+            want_entropy = -sum(p * math.log(p) for p in q.values() if p > 0)
+            assert float(entropy[b, t]) == pytest.approx(want_entropy, abs=1e-4) and float(entropy[b, t]) >= 0
+            checked += 1
+    assert checked >= 10
+
+
+def test_grpo_loss_forwards_each_normaliser_and_keeps_the_logprobs_dtype():
+    """At ratio 1 the loss is -sum_i A_i w_i over tokens: dr_grpo divides by n_seqs * max_len (max_len below the
+    padded width here), dapo by n_tokens, grpo by n_seqs; float64 advantages do not promote a float32 loss."""
+    logp = torch.zeros(2, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    adv = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    summed = -(2.0 * 3 - 1.0 * 1)
+    cases = [(dict(aggregation="dr_grpo", max_len=3), summed / (2 * 3)),
+             (dict(aggregation="dr_grpo", n_seqs=5, max_len=2), summed / (5 * 2)),
+             (dict(aggregation="dapo", n_tokens=8.0), summed / 8),
+             (dict(aggregation="grpo", n_seqs=4), -(2.0 - 1.0) / 4)]
+    for kwargs, expected in cases:
+        loss, _ = grpo.grpo_loss(logp, logp, adv, mask, **kwargs)
+        assert loss.dtype == torch.float32 and math.isclose(loss.item(), expected, rel_tol=1e-6), kwargs
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_a_ratio_exactly_on_the_clip_boundary_is_not_clipped(advantage):
+    """With eps_low = eps_high = 0 and rho = 1 exactly, rho sits on both boundaries: clip(rho) = rho, the
+    gradient -A / n is not 0, so the clip does not bind and clipfrac is 0 (binding means gradient 0)."""
+    logp = torch.full((1, 3), -0.7, dtype=torch.float64, requires_grad=True)
+    loss, stats = grpo.grpo_loss(logp, logp.detach(), torch.tensor([advantage], dtype=torch.float64),
+                                 torch.ones(1, 3), eps_low=0.0, eps_high=0.0, aggregation="dapo")
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.full((1, 3), -advantage / 3, dtype=torch.float64))
+    assert stats["clipfrac"] == 0.0

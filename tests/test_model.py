@@ -1390,3 +1390,281 @@ def test_cuda_bf16_first_update_ratio_is_one_with_recomputed_old_logprobs():
         new, _ = grpo.policy_logprobs(model, tokens, args)
     _, stats = grpo.grpo_loss(new.float(), old, torch.ones(tokens.shape[0], device="cuda"), mask)
     assert abs(stats["ratio_mean"] - 1) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, log-probs and generation: defaults, each transform, stop ids, compaction (issue 24: the mutants
+# these tests kill passed every test above)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_sampling_logprobs_defaults_and_no_op_settings_are_the_plain_float32_log_softmax(dtype):
+    """No argument, top_k = 0 or >= V, top_p = 1, min_p = 0: log_softmax(z) in float32 (bf16/fp16 logits are
+    upcast first), also for tokens of probability 1e-17, which a cumulative mass rounds to 1 in float32."""
+    logits = (torch.randn(3, 2, 12, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    logits[0, 0, 0] = 40.0                                            # the rest of this row: p ~ e^-40
+    want = F.log_softmax(logits.float(), -1)
+    for got in (M.sampling_logprobs(logits), M.sampling_logprobs(logits, 1.0, 0, 1.0, 0.0),
+                M.sampling_logprobs(logits, top_k=12), M.sampling_logprobs(logits, top_k=50),
+                M.sampling_logprobs(logits, top_p=1.0), M.sampling_logprobs(logits, min_p=0.0)):
+        assert got.dtype == torch.float32 and got.shape == logits.shape
+        close(got, want)
+        assert torch.isfinite(got).all()
+
+
+@given(logits=logit_vectors, temperature=st.sampled_from([0.25, 0.5, 2.0, 3.0]))
+def test_temperature_alone_is_log_softmax_of_the_scaled_logits(logits, temperature):
+    close(M.sampling_logprobs(logits, temperature), F.log_softmax(logits.double() / temperature, -1).float())
+
+
+@given(logits=logit_vectors, p=st.floats(0.05, 0.95), min_p=st.floats(0.01, 0.5), top_k=st.integers(1, 6))
+def test_transforms_on_a_batch_equal_the_same_transforms_row_by_row(logits, p, min_p, top_k):
+    """(..., V): each row is transformed on its own (the sort, scatter and max run along the last dim)."""
+    batch = torch.stack([logits, logits.flip(0) * 0.5, logits.roll(1)]).view(3, 1, -1)
+    got = M.sampling_logprobs(batch, 0.9, top_k, p, min_p)
+    for i in range(3):
+        assert torch.equal(got[i, 0], M.sampling_logprobs(batch[i, 0], 0.9, top_k, p, min_p))
+
+
+def test_sample_defaults_draw_from_the_softmax_with_the_given_generator_over_any_batch_shape():
+    """sample(logits) at default settings: the log-prob of each drawn token is log_softmax(z) there (temperature
+    1, no truncation); the same seed draws the same tokens (the generator is used, not the global RNG); a
+    (2, 3, V) batch gives (2, 3) tokens."""
+    logits = torch.randn(2, 3, 9, generator=torch.Generator().manual_seed(3)) * 2
+    first, logp = M.sample(logits, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(123)                                                  # the global RNG must not matter
+    again, _ = M.sample(logits, generator=torch.Generator().manual_seed(5))
+    assert first.shape == logp.shape == (2, 3) and torch.equal(first, again)
+    close(logp, F.log_softmax(logits, -1).gather(-1, first[..., None]).squeeze(-1))
+    draws = torch.stack([M.sample(logits, generator=torch.Generator().manual_seed(s))[0] for s in range(40)])
+    assert len(set(draws.flatten().tolist())) > 3                           # it samples: not always the argmax
+    greedy, greedy_logp = M.sample(logits, temperature=0.0)
+    assert torch.equal(greedy, logits.argmax(-1)) and torch.equal(greedy_logp, torch.zeros(2, 3))
+
+
+def brute_force_logprob(z, token, temperature, top_k, top_p, min_p):
+    """log q(token) for softmax(z / T) restricted to top-k, then the top-p nucleus, then min-p; None when a
+    cumulative mass or a probability ratio sits within 1e-5 of its threshold (a rounding question)."""
+    z = [x / temperature for x in z]
+    order = sorted(range(len(z)), key=lambda i: -z[i])
+    ids = order[:top_k] if 0 < top_k < len(z) else order
+
+    def renorm(ids):
+        top = max(z[i] for i in ids)
+        total = sum(math.exp(z[i] - top) for i in ids)
+        return {i: math.exp(z[i] - top) / total for i in ids}
+    q = renorm(ids)
+    if top_p < 1.0:
+        nucleus, mass = [], 0.0
+        for i in ids:
+            if abs(mass - top_p) < 1e-5:
+                return None
+            if mass >= top_p:
+                break
+            nucleus.append(i)
+            mass += q[i]
+        q = renorm(nucleus)
+    if min_p > 0:
+        best = max(q.values())
+        if any(abs(v / best - min_p) < 1e-5 for v in q.values()):
+            return None
+        q = renorm([i for i, v in q.items() if v >= min_p * best])
+    return (math.log(q[token]) if token in q else -math.inf), -sum(v * math.log(v) for v in q.values())
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [(1.0, 0, 0.7, 0.0), (0.8, 0, 1.0, 0.1),
+                                                              (1.2, 7, 0.9, 0.05), (1.0, 0, 1.0, 0.0)])
+def test_token_logprobs_and_entropy_equal_brute_force_for_top_p_and_min_p(temperature, top_k, top_p, min_p):
+    model = tiny_model(seed=12)
+    tokens = random_tokens(13, 2, 8)
+    with torch.no_grad():
+        got, entropy = M.token_logprobs(model, tokens, temperature, top_k, top_p, min_p, entropy=True)
+        plain = M.token_logprobs(model, tokens, temperature, top_k, top_p, min_p)
+        logits = model(tokens).double()
+    assert torch.equal(plain, got)
+    checked = 0
+    for b in range(2):
+        for t in range(7):
+            want = brute_force_logprob(logits[b, t].tolist(), int(tokens[b, t + 1]), temperature, top_k, top_p, min_p)
+            if want is None:
+                continue
+            assert float(got[b, t]) == pytest.approx(want[0], abs=1e-4)
+            assert float(entropy[b, t]) == pytest.approx(want[1], abs=1e-4) and float(entropy[b, t]) >= 0
+            checked += 1
+    assert checked >= 10
+
+
+def test_token_logprobs_defaults_mask_positions_and_an_empty_row():
+    """Defaults: log_softmax at temperature 1, no truncation. mask (B, T) zeroes the positions whose TARGET
+    token is padding (mask[:, 1:]), never its context. positions/doc_ids reach the model: a packed row of two
+    documents gives each document its log-probs alone. T = 1 gives (B, 0)."""
+    model = tiny_model(seed=14)
+    tokens = random_tokens(15, 2, 9)
+    with torch.no_grad():
+        got = M.token_logprobs(model, tokens)
+        want = model(tokens).log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        close(got, want)
+        mask = torch.ones(2, 9, dtype=torch.bool)
+        mask[0, 0] = False                   # a padded first token: no target is there, nothing changes
+        mask[1, 4] = False                   # the target at t = 4 is padding: position 3 of the output is 0
+        masked = M.token_logprobs(model, tokens, mask=mask)
+        expected = got.clone()
+        expected[1, 3] = 0.0
+        assert torch.equal(masked, expected)
+        a, b = tokens[0, :4], tokens[1, :5]
+        packed = torch.cat([a, b])[None]
+        positions = torch.cat([torch.arange(4), torch.arange(5)])[None]
+        doc_ids = torch.tensor([[0] * 4 + [1] * 5])
+        both = M.token_logprobs(model, packed, positions=positions, doc_ids=doc_ids)[0]
+        close(both[:3], M.token_logprobs(model, a[None])[0])
+        close(both[4:], M.token_logprobs(model, b[None])[0])
+        empty, empty_entropy = M.token_logprobs(model, tokens[:, :1], entropy=True)
+        assert empty.shape == empty_entropy.shape == (2, 0)
+
+
+@pytest.mark.parametrize("chunk", [258, 258 * 2, 258 * 5, 258 * 16, 258 * 100])
+def test_chunked_token_logprobs_without_autograd_equal_one_chunk(chunk):
+    """Under no_grad the logits are still built a chunk of positions at a time (no checkpointing): every chunk
+    size, dividing the 16 positions or not, gives the whole-tensor values and entropies."""
+    import unittest.mock
+    model = tiny_model(seed=16)
+    tokens = random_tokens(17, 2, 9)
+    with torch.no_grad():
+        logp = M.sampling_logprobs(model(tokens)[:, :-1], 0.8, 0, 0.9)
+        want = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        want_entropy = -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
+        with unittest.mock.patch.object(M, "LOGIT_CHUNK_ELEMENTS", chunk):
+            got, got_entropy = M.token_logprobs(model, tokens, 0.8, 0, 0.9, entropy=True)
+    close(got, want)
+    close(got_entropy, want_entropy)
+
+
+def greedy_until_stop(model, prompt, n, stop_ids):
+    """Greedy by full recomputation, cut after the first stop id: (tokens, ended with a stop id)."""
+    tokens = greedy_by_recomputation(model, prompt, n)
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[:i + 1], True
+    return tokens, False
+
+
+STOP_PROMPTS = [[5, 9, 1], [44, 2, 7, 8, 100], [3, 3], [60, 61, 62, 63], [17], [200, 201, 9, 9, 9, 1]]
+
+
+def stop_ids_for(model, prompts, n):
+    """Stop ids that end at least four of the six rows early: greedy tokens 1, 3, 2 and 5 of rows 0-3."""
+    free = M.generate(model, prompts, n, temperature=0.0, stop_ids=())
+    return tuple(int(free.tokens[row, t]) for row, t in ((0, 0), (1, 2), (2, 1), (3, 4)))
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_generate_stops_each_row_at_its_first_stop_id_pads_the_rest_and_flags_it(check_every):
+    """Against greedy recomputation per row: tokens up to and including the first of several stop ids, then
+    pad_id (here a non-default one); lengths = tokens kept; finished = ended with a stop id; log-probs 0 past
+    the end; the output is as wide as the longest row. check_every > 1 checks less often, same result."""
+    model = tiny_model(seed=18)
+    n = 10
+    stop = stop_ids_for(model, STOP_PROMPTS, n)
+    gen = M.generate(model, STOP_PROMPTS, n, temperature=0.0, stop_ids=stop, pad_id=7, check_every=check_every)
+    expected = [greedy_until_stop(model, p, n, stop) for p in STOP_PROMPTS]
+    assert gen.tokens.shape[1] == max(len(t) for t, _ in expected)
+    for i, (tokens, ended) in enumerate(expected):
+        assert gen.tokens[i].tolist() == tokens + [7] * (gen.tokens.shape[1] - len(tokens))
+        assert int(gen.lengths[i]) == len(tokens) and bool(gen.finished[i]) == ended
+        assert (gen.logprobs[i, len(tokens):] == 0).all() and (gen.logprobs[i, :len(tokens)] <= 0).all()
+    assert gen.finished.sum() >= 4
+
+
+def test_generate_all_rows_stopping_early_trims_the_output_and_one_token_works():
+    model = tiny_model(seed=19)
+    prompts = [[1, 2, 3], [4, 5]]
+    free = M.generate(model, prompts, 6, temperature=0.0, stop_ids=())
+    stop = (int(free.tokens[0, 0]), int(free.tokens[1, 0]))
+    gen = M.generate(model, prompts, 6, temperature=0.0, stop_ids=stop)
+    assert gen.tokens.shape == (2, 1) and gen.finished.all() and gen.lengths.tolist() == [1, 1]
+    one = M.generate(model, prompts, 1, temperature=0.0, stop_ids=())
+    assert torch.equal(one.tokens, free.tokens[:, :1]) and one.lengths.tolist() == [1, 1] and not one.finished.any()
+    learned = tiny_model(seed=19, pos="learned", block_size=8)
+    with pytest.raises(ValueError, match="block_size"):
+        M.generate(learned, prompts, 6, temperature=0.0)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(pos="learned", ffn="moe")], ids=str)
+def test_compacting_finished_rows_changes_nothing_greedy_and_keeps_sampled_logprobs_exact(overrides, monkeypatch):
+    """compact=True drops finished rows from the batch and the cache once half are done. Greedy decoding
+    gives identical tokens, lengths and flags either way (and equal to recomputation); sampling draws fewer
+    rows per step after a compaction, so the RNG stream (hence the tokens) may differ, but every sampled
+    token's log-prob still equals a full forward pass over its own row."""
+    model = tiny_model(seed=20, **overrides)
+    n = 10
+    stop = stop_ids_for(model, STOP_PROMPTS, n)
+    kept = []
+    original_keep = M.KVCache.keep
+    monkeypatch.setattr(M.KVCache, "keep", lambda cache, rows: (kept.append(len(rows)), original_keep(cache, rows))[1])
+    compact = M.generate(model, STOP_PROMPTS, n, temperature=0.0, stop_ids=stop, compact=True)
+    assert kept, "the stop ids should end at least half of the rows early"
+    calls = len(kept)
+    full = M.generate(model, STOP_PROMPTS, n, temperature=0.0, stop_ids=stop, compact=False)
+    assert len(kept) == calls                                              # compact=False never drops a row
+    assert torch.equal(compact.tokens, full.tokens) and torch.equal(compact.lengths, full.lengths)
+    assert torch.equal(compact.finished, full.finished)
+    close(compact.logprobs, full.logprobs)
+    for i, p in enumerate(STOP_PROMPTS):
+        tokens, _ = greedy_until_stop(model, p, n, stop)
+        assert compact.tokens[i, :len(tokens)].tolist() == tokens
+    sampled = M.generate(model, STOP_PROMPTS, n, temperature=1.0, stop_ids=stop, compact=True,
+                         generator=torch.Generator().manual_seed(0))
+    for i, p in enumerate(STOP_PROMPTS):
+        new = sampled.tokens[i, :int(sampled.lengths[i])].tolist()
+        with torch.no_grad():
+            logp = model(torch.tensor([p + new]))[0].log_softmax(-1)
+        expected = torch.stack([logp[len(p) - 1 + j, tok] for j, tok in enumerate(new)])
+        close(sampled.logprobs[i, :len(new)], expected)
+        assert bool(sampled.finished[i]) == (new[-1] in stop)
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_attention_equals_scaled_dot_product_attention_with_a_mask_and_gqa(n_kv_head, dtype):
+    """One query per row against L keys, some masked out, H = 4 query heads over n_kv_head K/V heads: PyTorch's
+    F.scaled_dot_product_attention with the K/V heads repeated (query head h reads K/V head h // (H/Hkv))."""
+    g = torch.Generator().manual_seed(n_kv_head)
+    B, H, L, d = 3, 4, 7, 8
+    q = torch.randn(B, H, 1, d, generator=g, dtype=dtype)
+    k = torch.randn(B, n_kv_head, L, d, generator=g, dtype=dtype)
+    v = torch.randn(B, n_kv_head, L, d, generator=g, dtype=dtype)
+    mask = torch.rand(B, 1, 1, L, generator=g) < 0.6
+    mask[..., 0] = True                                       # every row sees at least one key
+    mask[1] = False
+    mask[1, ..., 3] = True                                    # a row that sees exactly one key: its value
+    repeat = H // n_kv_head
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1),
+                                          attn_mask=mask)
+    got = M.decode_attention(q, k, v, mask)
+    assert got.shape == (B, H, 1, d) and got.dtype == dtype
+    close(got, want, tol=1e-5)                                # the softmax runs in float32 for any input dtype
+    close(got[1, :, 0], v[1, torch.arange(H) // repeat, 3], tol=1e-6)
+
+
+def test_min_p_one_keeps_exactly_the_most_likely_tokens_ties_included():
+    """min_p = 1 keeps the tokens with p >= max p: the argmax, and every token tied with it (p = max p is kept)."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 2.0], [3.0, 1.0, 0.0, -2.0]])
+    logp = M.sampling_logprobs(logits, 1.0, min_p=1.0)
+    assert kept(logp[0]) == {1, 3} and kept(logp[1]) == {0}
+    close(logp[0, [1, 3]].exp(), torch.tensor([0.5, 0.5]))
+
+
+def test_generate_fills_a_learned_position_context_exactly_and_a_kept_cache_sizes_new_layers():
+    """prompt + max_new_tokens == block_size is allowed (the last new token sits at position block_size - 1).
+    A cache whose rows were dropped (keep) before a layer was ever written allocates that layer for the
+    rows it kept: its prefill equals the model on those rows alone."""
+    model = tiny_model(seed=21, pos="learned", block_size=8)
+    prompt = [1, 2, 3]
+    gen = M.generate(model, [prompt], 5, temperature=0.0, stop_ids=())
+    assert gen.tokens.shape == (1, 5) and gen.tokens[0].tolist() == greedy_by_recomputation(model, prompt, 5)
+    tokens = random_tokens(22, 4, 6)
+    cache = M.KVCache(model.config, 4, 8, "cpu")
+    cache.keep(torch.tensor([1, 3]))
+    with torch.no_grad():
+        close(model(tokens[[1, 3]], cache=cache), model(tokens[[1, 3]]))
+    assert cache.k[0].shape[0] == 2 and cache.doc_ids.shape == (2, 8)

@@ -277,6 +277,98 @@ def test_explained_variance_matches_numpy(data):
         assert math.isnan(got)                             # undefined when the returns do not vary
 
 
+# ---- every default, mask and statistic, by brute force (issue 24) ------------------------------------
+
+def brute_force_policy_loss(logp, old, advantages, mask, eps_low, eps_high, m):
+    """The docstring's surrogate and statistics one token at a time, from plain floats."""
+    terms, clipped, kls, ratios = [], 0, [], []
+    for lp_row, old_row, adv_row, m_row in zip(logp, old, advantages, mask):
+        for lp, o, A, keep in zip(lp_row, old_row, adv_row, m_row):
+            if not keep:
+                continue
+            log_ratio = min(max(lp - o, -m), m)
+            ratio = math.exp(log_ratio)
+            terms.append(min(ratio * A, min(max(ratio, 1 - eps_low), 1 + eps_high) * A))
+            clipped += (ratio > 1 + eps_high and A > 0) or (ratio < 1 - eps_low and A < 0)
+            kls.append(ratio - 1 - log_ratio)
+            ratios.append(ratio)
+    n = len(terms)
+    if n == 0:
+        return 0.0, {"clipfrac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0}
+    return -sum(terms) / n, {"clipfrac": clipped / n, "approx_kl": sum(kls) / n, "ratio_mean": sum(ratios) / n}
+
+
+@given(batch=masked_tokens(), eps_low=st.floats(0, 0.9), eps_high=st.floats(0, 1), max_log_ratio=st.sampled_from([None, 4.0]))
+def test_policy_loss_and_its_statistics_equal_brute_force_with_the_clamp_at_20_by_default(batch, eps_low, eps_high,
+                                                                                            max_log_ratio):
+    logp, old, advantages, mask = batch
+    if max_log_ratio is None:
+        loss, stats = P.policy_loss(logp, old, advantages, mask, eps_low, eps_high)
+    else:
+        loss, stats = P.policy_loss(logp, old, advantages, mask, eps_low, eps_high, max_log_ratio)
+    want, want_stats = brute_force_policy_loss(logp.tolist(), old.tolist(), advantages.tolist(), mask.tolist(),
+                                               eps_low, eps_high, 20.0 if max_log_ratio is None else max_log_ratio)
+    assert float(loss) == pytest.approx(want, rel=1e-9, abs=1e-9)
+    for name, value in want_stats.items():
+        assert float(stats[name]) == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+@given(values=masked_tokens(), value_clip=st.floats(0, 2))
+def test_value_loss_and_vf_clipfrac_equal_brute_force_over_real_tokens_only(values, value_clip):
+    new_values, old_values, returns, mask = values
+    rows = [(v, o, r) for v_row, o_row, r_row, m_row in zip(new_values.tolist(), old_values.tolist(), returns.tolist(),
+                                                            mask.tolist()) for v, o, r, keep in zip(v_row, o_row, r_row, m_row) if keep]
+    loss, stats = P.value_loss(new_values, old_values, returns, mask, value_clip)
+    terms = [((v - r) ** 2, (o + min(max(v - o, -value_clip), value_clip) - r) ** 2) for v, o, r in rows]
+    n = max(len(terms), 1)
+    assert float(loss) == pytest.approx(0.5 * sum(max(a, b) for a, b in terms) / n, rel=1e-9, abs=1e-12)
+    assert float(stats["vf_clipfrac"]) == pytest.approx(sum(b > a for a, b in terms) / n, abs=1e-12)
+
+
+@given(data=rows_of(4, 8), eps=st.sampled_from([None, 0.0, 1e-4, 0.3]), scale=st.sampled_from([1e-5, 1.0]))
+def test_whiten_equals_its_closed_form_with_eps_1e_8_by_default(data, eps, scale):
+    """(x - mean) / sqrt(var + eps) over real tokens (population variance); eps = 1e-8 when not given. The
+    1e-5 scale makes var ~ 1e-10..1e-9, where eps = 1e-8 dominates and a wrong default shows."""
+    lengths, values, _ = data
+    x = torch.tensor(values, dtype=torch.float64) * scale
+    mask = prefix_mask(lengths, x.shape[1])
+    real = x[mask.bool()].numpy()
+    e = 1e-8 if eps is None else eps
+    if e == 0.0 and real.var() < 1e-20:
+        return                                       # 0 / 0: no closed form to compare with
+    got = P.whiten(x, mask) if eps is None else P.whiten(x, mask, eps)
+    expected = (x.numpy() - real.mean()) / np.sqrt(real.var() + e)
+    assert np.allclose(got.numpy()[mask.bool().numpy()], expected[mask.bool().numpy()], rtol=1e-7, atol=1e-9)
+    assert torch.all(got[mask == 0] == 0)
+
+
+def test_masked_mean_ignores_inf_and_nan_under_the_mask_and_is_zero_on_an_empty_mask():
+    x = torch.tensor([[1.0, float("inf"), 3.0], [float("nan"), 5.0, -float("inf")]], dtype=torch.float64)
+    mask = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.float64)
+    assert float(P.masked_mean(x, mask)) == pytest.approx((1 + 3 + 5) / 3)
+    assert float(P.masked_mean(x, torch.zeros_like(mask))) == 0.0
+    assert float(P.masked_mean(torch.tensor([[4.0]]), torch.ones(1, 1))) == 4.0     # one token: its value, not halved
+
+
+@given(kl=st.floats(0, 50), target=st.floats(0.01, 10), beta=st.floats(0.001, 1), n=st.integers(1, 512),
+       horizon=st.integers(1, 20000))
+def test_adaptive_beta_is_ziegler_proportional_control_for_any_horizon(kl, target, beta, n, horizon):
+    """beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) (Ziegler et al. 2019, appendix), checked
+    against the explicit three cases of the clip."""
+    ratio = kl / target - 1
+    error = 0.2 if ratio > 0.2 else -0.2 if ratio < -0.2 else ratio
+    assert P.adaptive_beta(beta, kl, target, horizon, n) == pytest.approx(beta + beta * error * n / horizon, rel=1e-12)
+
+
+def test_kl_shaped_rewards_put_the_score_on_the_last_real_token_of_a_one_token_row():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -9.0, -9.0]], dtype=torch.float64)
+    ref = torch.tensor([[-1.5, -1.0, -3.0], [-1.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    rewards = P.kl_shaped_rewards(torch.tensor([10.0, 20.0], dtype=torch.float64), logp, ref, mask, beta=0.1)
+    expected = [-0.1 * 0.5, -0.1 * -1.0, 10.0 + 0.0, 20.0 - 0.1 * 0.5, 0.0, 0.0]
+    assert rewards.flatten().tolist() == pytest.approx(expected, abs=1e-12)
+
+
 # ---- models and rollouts -------------------------------------------------------------------------
 
 def tiny_gpt(n_layer=1, seed=0):
@@ -955,3 +1047,26 @@ def test_the_bad_input_table_passes_on_valid_input(ppo_valid_inputs, tmp_path, m
     monkeypatch.chdir(tmp_path)
     summary = P.main(ppo_base_argv(ppo_valid_inputs, tmp_path))
     assert summary["steps"] == 1 and (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_a_ratio_exactly_on_the_clip_boundary_is_not_clipped(advantage):
+    """eps_low = eps_high = 0 and rho = 1 exactly: clip(rho) = rho, the gradient -A / n is not 0, so the clip
+    does not bind and clipfrac is 0 (binding means gradient 0)."""
+    logp = torch.full((1, 3), -0.7, dtype=torch.float64, requires_grad=True)
+    adv = torch.full((1, 3), advantage, dtype=torch.float64)
+    loss, stats = P.policy_loss(logp, logp.detach(), adv, torch.ones(1, 3, dtype=torch.float64), 0.0, 0.0)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.full((1, 3), -advantage / 3, dtype=torch.float64))
+    assert float(stats["clipfrac"]) == 0.0
+
+
+def test_explained_variance_of_small_returns_and_undefined_for_constant_returns():
+    """Returns (0, 1) have variance 1/4 (< 1): EV = 1 - Var[R - V] / Var[R] by hand; returns that do not vary
+    give NaN (not -inf), however wrong the values; padding is never read."""
+    mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    returns = torch.tensor([[0.0, 1.0, 99.0]], dtype=torch.float64)
+    values = torch.tensor([[0.25, 0.5, -99.0]], dtype=torch.float64)     # residuals -0.25, 0.5: variance 0.140625
+    assert P.explained_variance(values, returns, mask) == pytest.approx(1 - 0.140625 / 0.25, rel=1e-12)
+    constant = torch.tensor([[2.0, 2.0, 7.0]], dtype=torch.float64)
+    assert math.isnan(P.explained_variance(values, constant, mask))

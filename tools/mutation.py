@@ -1,0 +1,347 @@
+"""Mutation testing of the math: would the tests notice if the math were wrong?
+
+A mutation tool changes the code one small edit at a time (an operator, a constant, a dropped argument, a
+swapped key) and runs the file's own tests against each change (a "mutant"). A mutant the tests fail on is
+killed; one they pass on survived: either the tests miss a behaviour, or the edit changes nothing (an
+equivalent mutant, listed with its reason in EQUIVALENT below and in docs/testing.md).
+
+    score = killed / (killed + survived),   a timeout counts as killed, a mutant no test reaches as survived
+
+This script runs mutmut 3 (a development-only tool, not in requirements.txt) the way issue 24 measured it,
+per target, in a temporary copy of the tree (the project is never modified in place), with a setup.cfg of
+
+    [mutmut]
+    source_paths = <all top-level .py files>
+    only_mutate = <target>.py
+    pytest_add_cli_args_test_selection = tests/test_<target>.py
+
+and `OMP_NUM_THREADS=1 mutmut run --max-children N "<target>.x_<function>__mutmut_*" ...` over the target's
+math functions (TARGETS). It prints killed / survived / score per file and the diff of every surviving mutant.
+
+mutmut 3 does not mutate decorated functions (only @staticmethod/@classmethod ones): `_Optimizer.step`
+(@torch.no_grad()), `ChunkedCrossEntropy.backward` (@once_differentiable) and `model.generate`
+(@torch.no_grad()) would be skipped. In the copy, UNDECORATE moves such a decorator below the function
+(`generate = torch.no_grad()(generate)`), which computes the same thing and lets mutmut reach the body. HAND
+adds hand-written mutations of those functions, each run against named tests (--hand).
+
+    /work/venv/bin/pip install mutmut                   # once (3.8.1 measured docs/testing.md)
+    python tools/mutation.py grpo ppo                   # the math functions of grpo.py and ppo.py
+    python tools/mutation.py model --functions sample   # some functions only
+    python tools/mutation.py --hand                     # the hand mutations only
+    python tools/mutation.py losses optim --max-children 2 --json out.json
+"""
+import argparse
+import ast
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The math functions of each target, as mutmut names them: `name` for a function, `Class.method` for a
+# method (mutmut's key is `x_name` or `xǁClassǁmethod`); fnmatch patterns are allowed.
+TARGETS = {
+    "losses": ["masked_sum", "masked_mean", "_reduce", "_keep", "_keep_rows", "_valid", "_fp32", "log_likelihood",
+               "nll", "entropy", "soft_cross_entropy", "kl_divergence", "perplexity", "bits_per_token",
+               "bits_per_byte", "_log_ratio", "kl_k1", "kl_k2", "kl_k3", "cross_entropy", "ChunkedCrossEntropy.*",
+               "chunked_cross_entropy", "sequence_logprob", "bradley_terry_loss", "_implicit_rewards", "dpo_loss",
+               "ipo_loss", "ppo_policy_loss", "value_loss", "entropy_bonus", "reinforce_loss"],
+    "optim": ["_params_and_grads", "_Optimizer.*", "SGD.*", "Adagrad.*", "RMSprop.*", "Adam.*", "AdamW.*", "Lion.*",
+              "newton_schulz", "Muon.*", "weight_decay_groups", "_embedding_and_norm_ids", "muon_param_split",
+              "_warmup", "lr_constant", "lr_cosine", "lr_linear", "lr_wsd", "scale_lr", "clip_grad_norm_", "_exact"],
+    "grpo": ["group_advantages", "kl_k3", "aggregate", "grpo_loss", "policy_logprobs"],
+    "ppo": ["masked_mean", "kl_shaped_rewards", "gae", "whiten", "policy_loss", "value_loss", "entropy",
+            "adaptive_beta", "explained_variance"],
+    "model": ["attention_mask", "KVCache.*", "decode_attention", "padded_batch", "left_pad_inputs",
+              "sampling_logprobs", "sample", "generate", "token_logprobs"],
+}
+
+# Tests left out of a target's run, with the reason: mutmut's mutated file imports mutmut, which reads
+# setup.cfg from the working directory, so a test that runs the TARGET file as a subprocess from another
+# folder fails there on the unchanged code too (and mutmut then stops: "failed to collect stats").
+DESELECT = {
+    "ppo": ["tests/test_ppo.py::test_python_ppo_py_on_bad_input_is_one_line_exit_2_and_writes_nothing"],
+}
+
+# Decorated functions mutmut would skip: (target, "Class.method" or "function") -> how to re-apply the
+# decorator after the definition, with {name} for the function's name.
+UNDECORATE = {
+    ("optim", "_Optimizer.step"): ("torch.no_grad()", "{name} = torch.no_grad()({name})"),
+    ("losses", "ChunkedCrossEntropy.backward"): (
+        "torch.autograd.function.once_differentiable",
+        "{name} = staticmethod(torch.autograd.function.once_differentiable({name}.__func__))"),
+    ("model", "generate"): ("torch.no_grad()", "{name} = torch.no_grad()({name})"),
+}
+
+GENERATE_TESTS = ["tests/test_model.py", "-k", "generate or compact"]
+
+# Hand mutations of the decorated functions: (target, what it breaks, original text, mutated text, tests).
+# The original text must occur exactly once in the file; the mutant is killed when the tests fail.
+HAND = [
+    ("optim", "step ignores the closure's loss", "                loss = closure()\n",
+     "                closure()\n", ["tests/test_optim.py"]),
+    ("optim", "step skips every param group but the first",
+     "        for group in self.param_groups:\n            params, grads = _params_and_grads",
+     "        for group in self.param_groups[:1]:\n            params, grads = _params_and_grads",
+     ["tests/test_optim.py"]),
+    ("optim", "step runs the closure without gradients", "            with torch.enable_grad():\n",
+     "            with torch.no_grad():\n", ["tests/test_optim.py"]),
+    ("losses", "backward ignores the incoming gradient (hidden)",
+     "grad_hidden * grad_loss.to(grad_hidden.dtype)", "grad_hidden", ["tests/test_losses.py"]),
+    ("losses", "backward ignores the incoming gradient (weight)",
+     "grad_weight * grad_loss.to(grad_weight.dtype)", "grad_weight", ["tests/test_losses.py"]),
+    ("losses", "backward returns no gradient for the weight",
+     "        return grad_hidden, grad_weight, None, None, None, None, None, None",
+     "        return grad_hidden, None, None, None, None, None, None, None", ["tests/test_losses.py"]),
+    ("model", "generate counts the stop token's row as still running",
+     "            done |= hit\n", "            done |= hit & False\n", GENERATE_TESTS),
+    ("model", "generate does not mark rows that hit a stop id as finished",
+     "            finished[rows] |= hit\n", "", GENERATE_TESTS),
+    ("model", "generate counts only non-pad ids as new tokens",
+     "            lengths[rows] += (~done).long()", "            lengths[rows] += (token != pad_id).long()",
+     GENERATE_TESTS),
+    ("model", "generate compacts the batch without compacting the positions",
+     "rows, done, token, next_pos = rows[keep], done[keep], token[keep], next_pos[keep]",
+     "rows, done, token, next_pos = rows[keep], done[keep], token[keep], next_pos[:len(keep)]",
+     GENERATE_TESTS),
+    ("model", "generate leaves the model in eval mode", "    model.train(was_training)\n", "",
+     GENERATE_TESTS),
+]
+
+# Surviving mutants that cannot change any result, with the reason (docs/testing.md lists them too). mutmut
+# numbers the mutants of a function in order, so a name stays valid while that function's code is unchanged.
+SUM_DIM = "sum(+1) is sum(-1): the tensor is the documented 2-D (N, L)"
+EQUIVALENT = {
+    "grpo.x_group_advantages__mutmut_5": "numel() == 1 instead of == 0: an empty (0, G) batch gives the same empty "
+                                         "result through the main path, and a single reward is a constant group (0)",
+    "grpo.x_aggregate__mutmut_2": "mask.to(None) keeps the mask's dtype: its 0/1 values multiply and sum exactly in any dtype",
+    "grpo.x_aggregate__mutmut_16": SUM_DIM,
+    "grpo.x_aggregate__mutmut_20": SUM_DIM,
+    "grpo.x_grpo_loss__mutmut_9": "mask.to(None): maskf is only summed (exact counts in any dtype) to divide a float",
+    "grpo.x_grpo_loss__mutmut_47": SUM_DIM,
+    "grpo.x_grpo_loss__mutmut_55": SUM_DIM,
+    "ppo.x_kl_shaped_rewards__mutmut_10": SUM_DIM,
+    "ppo.x_kl_shaped_rewards__mutmut_21": "the row index made on the default device: identical on a CPU, where the tests "
+                                          "run (torch indexing also takes CPU index tensors for CUDA tensors)",
+    "ppo.x_kl_shaped_rewards__mutmut_23": "the same as mutant 21 (device argument dropped)",
+    "ppo.x_policy_loss__mutmut_53": "binds.to(None) stays bool: masked_mean sums it to an exact integer count and "
+                                    "divides by the float token count, the same number",
+    "ppo.x_value_loss__mutmut_30": "the same as policy_loss 53, for vf_clipfrac",
+    "ppo.x_explained_variance__mutmut_33": 'float("NAN") is float("nan")',
+}
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
+          24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", None: "not checked"}   # mutmut.stats
+
+
+def mangled(function: str) -> str:
+    """mutmut's name of a function ("x_f") or method ("xǁClassǁmethod")."""
+    if "." in function:
+        cls, method = function.split(".", 1)
+        return f"xǁ{cls}ǁ{method}"
+    return f"x_{function}"
+
+
+def patterns(target: str, functions) -> list[str]:
+    return [f"{target}.{mangled(f)}__mutmut_*" for f in functions]
+
+
+def copy_tree(destination: Path) -> None:
+    """The files git knows (tracked, and new ones not ignored) into `destination`."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+def undecorate(path: Path, qualname: str, decorator: str, reapply: str) -> None:
+    """Remove `@decorator` from the function `qualname` in `path` and re-apply it by assignment right after
+    the definition, in the same scope: the same object results, and mutmut mutates the body."""
+    source = path.read_text()
+    lines = source.splitlines(keepends=True)
+    scopes, name = qualname.split(".")[:-1], qualname.split(".")[-1]
+    body = ast.parse(source).body
+    for cls in scopes:
+        body = next(node for node in body if isinstance(node, ast.ClassDef) and node.name == cls).body
+    function = next(node for node in body if isinstance(node, ast.FunctionDef) and node.name == name)
+    target = next(d for d in function.decorator_list if ast.unparse(d) == decorator)
+    indent = " " * function.col_offset
+    lines.insert(function.end_lineno, indent + reapply.format(name=name) + "\n")
+    del lines[target.lineno - 1]
+    path.write_text("".join(lines))
+
+
+def mutmut_executable() -> str:
+    beside = Path(sys.executable).parent / "mutmut"
+    found = str(beside) if beside.exists() else shutil.which("mutmut")
+    if not found:
+        sys.exit("error: mutmut is not installed; it is a development-only tool: pip install mutmut")
+    return found
+
+
+def write_config(tree: Path, target: str, deselect=()) -> None:
+    """The issue's setup.cfg; `deselect` adds pytest --deselect options (mutmut stops when a test fails on the
+    unchanged code, so a test that is already failing must be set aside, and said so)."""
+    sources = sorted(p.name for p in tree.glob("*.py"))
+    extra = "pytest_add_cli_args =\n" + "".join(f"    --deselect={node}\n" for node in deselect) if deselect else ""
+    (tree / "setup.cfg").write_text(
+        "[mutmut]\nsource_paths =\n" + "".join(f"    {s}\n" for s in sources)
+        + f"only_mutate = {target}.py\npytest_add_cli_args_test_selection = tests/test_{target}.py\n" + extra)
+
+
+def run_mutmut(target: str, functions, work: Path, max_children: int, env: dict, deselect=()) -> dict:
+    """One mutmut run over `functions` of `target` in its own copy of the tree: -> results with the status and
+    (for survivors) the diff of every mutant."""
+    tree = work / target
+    tree.mkdir()
+    copy_tree(tree)
+    for (owner, qualname), (decorator, reapply) in UNDECORATE.items():
+        if owner == target and any(fnmatch.fnmatch(qualname, f) for f in functions):
+            undecorate(tree / f"{target}.py", qualname, decorator, reapply)
+    write_config(tree, target, DESELECT.get(target, []) + [node for node in deselect
+                                                            if node.startswith(f"tests/test_{target}.py::")])
+    names = patterns(target, functions)
+    command = [mutmut_executable(), "run", "--max-children", str(max_children), *names]
+    print(f"[{target}] OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {' '.join(command[1:])}   (in {tree})", flush=True)
+    start = time.time()
+    with open(tree / "mutmut.log", "w") as log:
+        status = subprocess.run(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.time() - start
+    meta = tree / "mutants" / f"{target}.py.meta"
+    if not meta.exists() or status != 0:
+        tail = (tree / "mutmut.log").read_text(errors="replace")[-3000:]
+        print(f"[{target}] mutmut failed (exit {status}); the end of its log:\n{tail}", flush=True)
+        return {"target": target, "error": f"mutmut exit {status}", "seconds": round(seconds), "mutants": {},
+                "diffs": {}}
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    mutants = {key: STATUS.get(code, "suspicious") for key, code in codes.items()
+               if any(fnmatch.fnmatch(key, p) for p in names)}
+    diffs = {}
+    for key, state in sorted(mutants.items()):
+        if state not in ("killed", "timeout"):
+            shown = subprocess.run([mutmut_executable(), "show", key], cwd=tree, env=env, capture_output=True, text=True)
+            diffs[key] = shown.stdout.strip()
+    return {"target": target, "command": f"OMP_NUM_THREADS=1 mutmut {' '.join(command[1:])}",
+            "config": (tree / "setup.cfg").read_text(),
+            "seconds": round(seconds), "mutants": mutants, "diffs": diffs}
+
+
+def run_hand(work: Path, targets, env: dict, deselect=()) -> list[dict]:
+    """Each hand mutation in a fresh copy of its file; killed when its tests fail."""
+    tree = work / "hand"
+    tree.mkdir()
+    copy_tree(tree)
+    results, clean = [], {}
+
+    def fails(tests) -> bool:
+        skip = [f"--deselect={node}" for node in deselect]
+        return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests, *skip],
+                              cwd=tree, env=env, capture_output=True).returncode != 0
+    for target, what, original, mutated, tests in HAND:
+        if target not in targets:
+            continue
+        if tuple(tests) not in clean:            # the tests must pass on the unchanged code, or a kill means nothing
+            clean[tuple(tests)] = not fails(tests)
+        if not clean[tuple(tests)]:
+            results.append({"target": target, "what": what, "state": "not run: the tests fail on the unchanged code"})
+            print(f"[hand] {target}: {what}: {results[-1]['state']}", flush=True)
+            continue
+        path = tree / f"{target}.py"
+        source = (ROOT / f"{target}.py").read_text()
+        if source.count(original) != 1:
+            results.append({"target": target, "what": what, "state": "stale (text not found once)"})
+            continue
+        path.write_text(source.replace(original, mutated))
+        start = time.time()
+        failed = fails(tests)
+        path.write_text(source)
+        results.append({"target": target, "what": what, "state": "killed" if failed else "survived",
+                        "seconds": round(time.time() - start)})
+        print(f"[hand] {target}: {what}: {results[-1]['state']}", flush=True)
+    return results
+
+
+def counts(mutants: dict) -> dict:
+    states = list(mutants.values())
+    killed = states.count("killed") + states.count("timeout")
+    survivors = [k for k, s in mutants.items() if s not in ("killed", "timeout", "skipped", "not checked")]
+    equivalent = [k for k in survivors if k in EQUIVALENT]
+    tested = killed + len(survivors)
+    return {"mutants": len(states), "killed": killed, "survived": len(survivors), "equivalent": len(equivalent),
+            "score": 100.0 * killed / tested if tested else float("nan"),
+            "score_with_equivalent": 100.0 * (killed + len(equivalent)) / tested if tested else float("nan")}
+
+
+def report(results: list[dict], hand: list[dict]) -> None:
+    if results:
+        print("\n| file | mutants | killed | survived | equivalent (listed) | score | score, equivalent as killed | minutes |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in results:
+            if r.get("error"):
+                continue
+            c = counts(r["mutants"])
+            print(f"| {r['target']}.py | {c['mutants']} | {c['killed']} | {c['survived']} | {c['equivalent']} "
+                  f"| {c['score']:.1f} % | {c['score_with_equivalent']:.1f} % | {r['seconds'] / 60:.0f} |")
+    for r in results:
+        if r.get("error"):
+            print(f"\n{r['target']}.py: NOT MEASURED ({r['error']}; see mutmut.log in its tree, --keep)")
+        for key, diff in r["diffs"].items():
+            reason = EQUIVALENT.get(key)
+            print(f"\n{'equivalent: ' + reason if reason else 'SURVIVED (no test notices it)'}\n{diff}")
+    if hand:
+        print("\n| hand mutation | file | result |\n|---|---|---|")
+        for h in hand:
+            print(f"| {h['what']} | {h['target']}.py | {h['state']} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("targets", nargs="*", help=f"files to mutate, among {', '.join(TARGETS)} (default: all)")
+    parser.add_argument("--functions", default="", help="comma-separated functions of ONE target (default: TARGETS)")
+    parser.add_argument("--max-children", type=int, default=1, help="mutants tested in parallel (default 1)")
+    parser.add_argument("--hand", action="store_true", help="run only the hand mutations of the decorated functions")
+    parser.add_argument("--no-hand", action="store_true", help="skip the hand mutations")
+    parser.add_argument("--deselect", action="append", default=[], metavar="NODEID",
+                        help="a test to leave out (one that fails on the unchanged code), e.g. tests/test_model.py::test_x")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary trees (mutmut browse works there)")
+    args = parser.parse_args(argv)
+    targets = args.targets or list(TARGETS)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        parser.error(f"unknown target {unknown[0]!r}; choose from {', '.join(TARGETS)}")
+    if args.functions and len(targets) != 1:
+        parser.error("--functions needs exactly one target")
+    if args.max_children < 1:
+        parser.error("--max-children must be >= 1")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    work = Path(tempfile.mkdtemp(prefix="mutation-"))
+    results, hand = [], []
+    try:
+        if not args.hand:
+            for target in targets:
+                functions = args.functions.split(",") if args.functions else TARGETS[target]
+                results.append(run_mutmut(target, functions, work, args.max_children, env, args.deselect))
+        if not args.no_hand:
+            hand = run_hand(work, targets, env, args.deselect)
+    finally:
+        if args.keep:
+            print(f"kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    report(results, hand)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "hand": hand}, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
