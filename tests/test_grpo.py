@@ -676,3 +676,32 @@ def test_a_ratio_exactly_on_the_clip_boundary_is_not_clipped(advantage):
     loss.backward()
     assert torch.allclose(logp.grad, torch.full((1, 3), -advantage / 3, dtype=torch.float64))
     assert stats["clipfrac"] == 0.0
+
+
+# ---------------------------------------------------------------- one estimator, two files
+
+@given(logp=arrays(np.float64, st.integers(1, 12), elements=st.floats(-30, 0)),
+       gap=arrays(np.float64, 12, elements=st.floats(-40, 40)))
+def test_grpo_k3_is_the_k3_of_losses_py_including_its_clamp(logp, gap):
+    """grpo.py keeps its own copy of k3 (a reader needs only model.py beside it); it must be losses.py's:
+    the same closed form expm1(u) - u and the same clamp |u| <= 20, so the two agree to rounding."""
+    import losses as L
+    policy = torch.tensor(logp)
+    ref = policy + torch.tensor(gap[:len(logp)])
+    mine, theirs = grpo.kl_k3(policy, ref), L.kl_k3(policy, ref)
+    assert grpo.MAX_LOG_RATIO == 20.0
+    assert torch.allclose(mine, theirs, rtol=1e-12, atol=0.0)
+
+
+def test_expression_reward_is_one_exactly_when_the_expression_hits_the_target_with_the_allowed_numbers():
+    """The Countdown reward grpo.py registers, against hand-checked cases: 25*4-8 = 92 from [25, 4, 8]."""
+    args = grpo.Args()
+    row = {"prompt": "Use 25 4 8 to make 92", "numbers": [25, 4, 8], "answer": "92"}
+    reward = lambda text: grpo.REWARDS["expression"](text, row, 10, False, args)
+    assert reward("25*4=100, 100-8=92\n#### 25*4-8") == 1.0
+    assert reward("#### 25*4-7") == 0.0          # 7 is not allowed (and misses the target)
+    assert reward("#### 25*4-8+0") == 0.0        # 0 is not allowed
+    assert reward("#### 8-4") == 0.0             # allowed numbers, wrong value
+    assert reward("#### 25*4-8/") == 0.0         # does not parse: 0, never an exception
+    assert reward("no answer line") == 0.0
+    assert grpo.REWARDS["expression"]("#### 3+4", {"answer": "7"}, 3, False, args) == 0.0   # no numbers: none allowed
