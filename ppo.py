@@ -26,7 +26,7 @@ reward model (proxy), side by side, with the KL to the start. Every eval also lo
 the KL(pi || pi_init) of one sample per held-out prompt and its proxy and gold rewards: the axes of
 reward-model overoptimization (Gao, Schulman & Hilton 2022; experiments/overoptimization.py).
 
-    python ppo.py                         # 40 steps (~3 min) + the control (as long) on 2 CPU cores -> runs/ppo/
+    python ppo.py                         # 40 steps + the equal-time control: ~3 min on 2 CPU cores -> runs/ppo/
     python ppo.py --reward verifier       # the verifiable reward grpo.py uses, for the GRPO-vs-PPO comparison
     python ppo.py --beta 0.0              # no KL penalty: the RM score rises; watch the verifier's accuracy
 """
@@ -60,7 +60,7 @@ class Args:
     top_k: int = 0                           # sampling top-k (0 = off; the ratio uses the same one)
     max_new_tokens: int = M.MAX_NEW_TOKENS   # generation limit in rollouts and in held-out evals
     time_budget: float = 0.0                 # minutes of training, evals excluded (0 = no time limit)
-    max_steps: int = 40                      # stop after this many steps (0 = no step limit; ~2-3 min on 2 CPU cores)
+    max_steps: int = 40                      # stop after this many steps (0 = no step limit; ~1 min on 2 CPU cores)
     update_epochs: int = 4                   # passes over each rollout batch
     n_minibatches: int = 4                   # gradient updates per epoch (shuffled minibatches of the rollout)
     lr: float = 3e-5                         # policy learning rate (AdamW, constant)

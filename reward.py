@@ -18,7 +18,7 @@ the kinds it was not trained on (synth.py's default trains the strategy choice, 
 bare answer or a missing "####", which a 0.84 M model separates; wrong_step, wrong_answer and
 off_by_one probe whether it checks arithmetic, which it does not learn in minutes).
 
-    python reward.py                     # 2 epochs, ~2 min on 2 CPU cores -> runs/rm/model.pt, metrics.jsonl
+    python reward.py                     # 2 epochs, ~35 s on 2 CPU cores -> runs/rm/model.pt, metrics.jsonl
     python reward.py --init scratch      # the same body, randomly initialised (compare the two)
 """
 import math

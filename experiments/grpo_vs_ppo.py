@@ -76,13 +76,14 @@ def grpo_command(args, seed: int) -> list:
 
 
 def ppo_command(args, seed: int) -> list:
-    """PPO with the verifier as its reward, on the same start, prompts, completions per step and budget."""
+    """PPO with the verifier as its reward, on the same start, prompts, completions per step, budget and threads
+    (no control: the comparison is GRPO vs PPO)."""
     return M.stage_command("ppo.py", reward="verifier", init=args.init, data=args.data, eval_data=args.eval_data,
                            out=os.path.join(args.out, f"seed{seed}", "ppo"),
                            completions_per_step=args.prompts_per_step * args.group_size, temperature=args.temperature,
                            max_new_tokens=args.max_new_tokens, time_budget=args.time_budget, max_steps=args.max_steps,
                            n_eval=args.n_eval, n_eval_during=args.n_eval_during, eval_minutes=args.eval_minutes,
-                           seed=seed, device=args.device)
+                           control=False, seed=seed, device=args.device, threads=args.threads)
 
 
 def read_run(run_dir: str) -> tuple[dict, list]:

@@ -160,8 +160,21 @@ def gold_curve(d, alpha: float, beta: float, form: str):
     return d * (alpha - beta * f)
 
 
+def slope(d: float, alpha: float, beta: float, form: str) -> float:
+    """dR/dd of the fitted gold curve: bon alpha - 2 beta d; rl alpha - beta (log d + 1)."""
+    return alpha - 2 * beta * d if form == "bon" else alpha - beta * (math.log(d) + 1)
+
+
+def no_peak_trend(alpha: float, beta: float, form: str, max_d: float) -> str:
+    """What a fit without a peak does over the measured range (0, max_d]: rising, falling (the best gold is
+    the start's), or falling then rising (a minimum). Read from the slope on a grid of d."""
+    grid = [max_d * k / 64 for k in range(1, 65)]
+    signs = {slope(d, alpha, beta, form) > 0 for d in grid}
+    return "rising" if signs == {True} else "falling" if signs == {False} else "falling, then rising"
+
+
 def peak(alpha: float, beta: float, form: str):
-    """(d*, R*) where dR/dd = 0, or None when beta <= 0 (the fit still rises everywhere).
+    """(d*, R*) where dR/dd = 0 is a maximum, or None when beta <= 0 (then dR/dd only grows with d: no maximum).
     bon: alpha - 2 beta d = 0; rl: alpha - beta log d - beta = 0."""
     if beta <= 0:
         return None
@@ -315,7 +328,8 @@ def describe_fit(name: str, fit: dict) -> str:
     line = (f"{name:<16} gold - {100 * fit['gold0']:.1f}% = {shape}, alpha {fit['alpha']:+.4f}, "
             f"beta {fit['beta']:+.4f}")
     if fit["peak"] is None:
-        return line + f": no peak (still rising at every d; measured up to d = {fit['max_d']:.2f})"
+        trend = no_peak_trend(fit["alpha"], fit["beta"], fit["form"], fit["max_d"])
+        return line + f": no peak ({trend} over the measured d <= {fit['max_d']:.2f})"
     d_star, gain = fit["peak"]
     where = "inside" if d_star <= fit["max_d"] else "beyond"
     return (line + f": peak at d* = {d_star:.2f} (KL {d_star ** 2:.2f} nats), gold {100 * (fit['gold0'] + gain):.1f}% "
@@ -371,7 +385,7 @@ def format_table(series: dict, fits: dict) -> str:
              "fit alpha | fit beta | fitted peak d* (gold*) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, values in series.items():
         fit = fits[name]
-        fitted = "none (rising)" if fit["peak"] is None else \
+        fitted = f"none ({no_peak_trend(fit['alpha'], fit['beta'], fit['form'], fit['max_d'])})" if fit["peak"] is None else \
             f"{fit['peak'][0]:.2f} ({100 * (fit['gold0'] + fit['peak'][1]):.1f}%)"
         lines.append(f"| {name} | {len(values['kl'])} | {fit['d'][-1]:.2f} | {values['proxy'][0]:+.2f} -> "
                      f"{values['proxy'][-1]:+.2f} | {100 * values['gold'][0]:.1f}% -> {100 * values['gold'][-1]:.1f}% | "

@@ -31,10 +31,11 @@ def test_both_arms_get_the_same_inputs_and_parse_with_their_own_parsers(tmp_path
     args = M.parse_args(experiment.Args, tiny_argv(tmp_path))
     grpo_args = M.parse_args(grpo.Args, experiment.grpo_command(args, 0)[1:])
     ppo_args = M.parse_args(ppo.Args, experiment.ppo_command(args, 0)[1:])
-    for name in ("init", "data", "eval_data", "temperature", "max_new_tokens", "time_budget", "max_steps", "seed"):
+    for name in ("init", "data", "eval_data", "temperature", "max_new_tokens", "time_budget", "max_steps", "seed",
+                 "threads", "control"):
         assert getattr(grpo_args, name) == getattr(ppo_args, name), name
     assert grpo_args.prompts_per_step * grpo_args.group_size == ppo_args.completions_per_step
-    assert ppo_args.reward == "verifier" and not grpo_args.control
+    assert ppo_args.reward == "verifier" and not grpo_args.control and not ppo_args.control   # neither runs an SFT control
 
 
 def test_tiny_comparison_produces_the_table_with_both_rows(tmp_path):

@@ -120,6 +120,22 @@ def test_the_peak_is_the_maximum_of_the_fitted_curve_on_a_dense_grid(alpha, beta
     assert X.peak(alpha, -beta, form) is None      # beta <= 0: rising everywhere, no peak
 
 
+@given(alpha=st.floats(-2.0, 2.0).filter(lambda a: abs(a) > 1e-3), beta=st.floats(-2.0, 0.0),
+       form=st.sampled_from(["bon", "rl"]), max_d=st.floats(0.5, 8.0))
+def test_a_fit_without_a_peak_is_called_rising_or_falling_as_the_curve_itself_moves(alpha, beta, form, max_d):
+    """The trend named for a peakless fit (beta <= 0) is that of the fitted curve's own values on a dense grid
+    (finite differences), not of the slope formula it is computed from."""
+    grid = np.linspace(max_d / 64, max_d, 20_001)
+    steps = np.diff(X.gold_curve(grid, alpha, beta, form))
+    trend = X.no_peak_trend(alpha, beta, form, max_d)
+    if (steps > 0).all():
+        assert trend == "rising"
+    elif (steps < 0).all():
+        assert trend == "falling"
+    else:
+        assert trend == "falling, then rising" and steps[0] < 0 < steps[-1]
+
+
 # ---- the stages: every command parses with its target's own parser -------------------------------------
 
 def test_every_command_parses_with_its_targets_parser_and_names_the_experiments_paths(tmp_path):

@@ -66,7 +66,8 @@ def test_grpo_vs_ppo_arms_parse_with_their_own_parsers():
     E = experiment("grpo_vs_ppo")
     args = M.parse_args(E.Args, ["--seeds", "4", "--max-steps", "3", "--time-budget", "0"])
     g, p = parsed(E.grpo_command(args, 4)), parsed(E.ppo_command(args, 4))
-    assert (g.seed, p.seed, g.max_steps, p.max_steps, g.control, p.reward) == (4, 4, 3, 3, False, "verifier")
+    assert (g.seed, p.seed, g.max_steps, p.max_steps, g.control, p.control, p.reward) == (4, 4, 3, 3, False, False,
+                                                                                          "verifier")
 
 
 def test_self_training_commands_parse_with_their_own_parsers():
