@@ -468,20 +468,20 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, eps_low=0.2, eps_high
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask=None, clip_eps=0.2, denom=None):
+def value_loss(values, old_values, returns, mask=None, value_clip=0.2, denom=None):
     """PPO's clipped value loss (the PPO2 / OpenAI baselines form):
 
-        V_clip = V_old + clip(V - V_old, -clip_eps, clip_eps)
-        loss_t = 1/2 * max( (V - R)^2, (V_clip - R)^2 )        (clip_eps None: 1/2 (V - R)^2)
+        V_clip = V_old + clip(V - V_old, -value_clip, value_clip)
+        loss_t = 1/2 * max( (V - R)^2, (V_clip - R)^2 )        (value_clip None: 1/2 (V - R)^2)
 
     Masked tokens are replaced by 0 before the arithmetic (their gradient is exactly 0).
     -> (loss, stats{vf_clipfrac: fraction of tokens where the clipped term is the larger})"""
     values, old_values, returns = _keep(values, mask), _keep(old_values, mask), _keep(returns, mask)
     unclipped = (values - returns) ** 2
-    if clip_eps is None:
+    if value_clip is None:
         loss = masked_mean(0.5 * unclipped, mask, denom=denom)
         return loss, {"vf_clipfrac": torch.zeros((), device=values.device)}
-    values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    values_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
     clipped = (values_clipped - returns) ** 2
     loss = masked_mean(0.5 * torch.maximum(unclipped, clipped), mask, denom=denom)
     with torch.no_grad():

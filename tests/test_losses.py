@@ -403,16 +403,16 @@ def test_ppo_at_ratio_one_is_the_policy_gradient(batch):
 
 
 @given(SEEDS, st.floats(0.05, 1.0), st.booleans())
-def test_value_loss_equals_brute_force(seed, clip_eps, use_mask):
+def test_value_loss_equals_brute_force(seed, value_clip, use_mask):
     gen = torch.Generator().manual_seed(seed)
     values, old_values, returns = (torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(3))
     mask = torch.rand(3, 5, generator=gen) < 0.7 if use_mask else torch.ones(3, 5, dtype=torch.bool)
-    loss, stats = L.value_loss(values, old_values, returns, mask if use_mask else None, clip_eps=clip_eps)
+    loss, stats = L.value_loss(values, old_values, returns, mask if use_mask else None, value_clip=value_clip)
     terms, clipped = [], 0
     for v, vo, r, m in zip(values.flatten().tolist(), old_values.flatten().tolist(),
                            returns.flatten().tolist(), mask.flatten().tolist()):
         if m:
-            v_clip = vo + min(max(v - vo, -clip_eps), clip_eps)
+            v_clip = vo + min(max(v - vo, -value_clip), value_clip)
             terms.append(0.5 * max((v - r) ** 2, (v_clip - r) ** 2))
             clipped += (v_clip - r) ** 2 > (v - r) ** 2
     assert abs(loss.item() - (sum(terms) / max(len(terms), 1))) < 1e-12
@@ -779,20 +779,20 @@ def test_rl_losses_ignore_inf_under_the_mask_and_divide_by_denom(batch, denom):
     clean = {"logp": old_logp + 0.5 * rand(b, t), "old_logp": old_logp, "advantages": rand(b, t),
              "values": rand(b, t), "old_values": rand(b, t), "returns": rand(b, t), "logits": 3 * rand(b, t, v)}
     leaves = {k: poisoned(x, keep, gen).requires_grad_() for k, x in clean.items()}
-    eps_low, eps_high, clip_eps = 0.2, 0.3, 0.25
+    eps_low, eps_high, value_clip = 0.2, 0.3, 0.25
     ppo, stats = L.ppo_policy_loss(leaves["logp"], leaves["old_logp"], leaves["advantages"], keep,
                                    eps_low=eps_low, eps_high=eps_high, denom=denom)
-    value, _ = L.value_loss(leaves["values"], leaves["old_values"], leaves["returns"], keep, clip_eps=clip_eps,
+    value, _ = L.value_loss(leaves["values"], leaves["old_values"], leaves["returns"], keep, value_clip=value_clip,
                             denom=denom)
     value_plain, value_stats = L.value_loss(leaves["values"], leaves["old_values"], leaves["returns"], keep,
-                                            clip_eps=None, denom=denom)
+                                            value_clip=None, denom=denom)
     reinforce, _ = L.reinforce_loss(leaves["logp"], leaves["returns"], mask=keep, denom=denom)
     bonus = L.entropy_bonus(leaves["logits"], keep, denom=denom)
     c = {k: x[keep] for k, x in clean.items()}                                  # the kept tokens, clean
     ratio = (c["logp"] - c["old_logp"]).exp()
     a = c["advantages"]
     want_ppo = -torch.minimum(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a).sum() / count
-    v_clip = c["old_values"] + (c["values"] - c["old_values"]).clamp(-clip_eps, clip_eps)
+    v_clip = c["old_values"] + (c["values"] - c["old_values"]).clamp(-value_clip, value_clip)
     want_value = 0.5 * torch.maximum((c["values"] - c["returns"]) ** 2, (v_clip - c["returns"]) ** 2).sum() / count
     want_value_plain = 0.5 * ((c["values"] - c["returns"]) ** 2).sum() / count
     want_reinforce = -(c["returns"] * c["logp"]).sum() / count
@@ -800,7 +800,7 @@ def test_rl_losses_ignore_inf_under_the_mask_and_divide_by_denom(batch, denom):
     for got, want in [(ppo, want_ppo), (value, want_value), (value_plain, want_value_plain),
                       (reinforce, want_reinforce), (bonus, want_bonus)]:
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-    assert value_stats["vf_clipfrac"].item() == 0.0                              # clip_eps=None clips nothing
+    assert value_stats["vf_clipfrac"].item() == 0.0                              # value_clip=None clips nothing
     n_kept = max(int(keep.sum()), 1)                                             # stats: over kept tokens
     bound = ((a > 0) & (ratio > 1 + eps_high)) | ((a < 0) & (ratio < 1 - eps_low))
     assert abs(stats["clipfrac"].item() - bound.sum().item() / n_kept) < 1e-12
@@ -980,9 +980,9 @@ def test_value_loss_clip_and_kl_k3_clamp_defaults():
     values = torch.linspace(-0.5, 0.5, 41, dtype=torch.float64)
     old_values, returns = torch.zeros(41, dtype=torch.float64), torch.full((41,), 0.6, dtype=torch.float64)
     default, _ = L.value_loss(values, old_values, returns)
-    explicit, _ = L.value_loss(values, old_values, returns, clip_eps=0.2)
+    explicit, _ = L.value_loss(values, old_values, returns, value_clip=0.2)
     assert default.item() == explicit.item()
-    assert L.value_loss(values, old_values, returns, clip_eps=0.25)[0].item() != default.item()
+    assert L.value_loss(values, old_values, returns, value_clip=0.25)[0].item() != default.item()
     u = torch.linspace(-30, 30, 61, dtype=torch.float64)
     logp = torch.zeros_like(u)
     assert torch.equal(L.kl_k3(logp, u), L.kl_k3(logp, u, max_log_ratio=20.0))

@@ -236,7 +236,7 @@ def test_value_loss_agrees_with_losses_value_loss_in_loss_gradient_and_clipfrac(
     new_values, old_values, returns, mask = values
     ours_v, theirs_v = new_values.clone().requires_grad_(True), new_values.clone().requires_grad_(True)
     ours, our_stats = P.value_loss(ours_v, old_values, returns, mask, value_clip)
-    theirs, their_stats = losses.value_loss(theirs_v, old_values, returns, mask, clip_eps=value_clip)
+    theirs, their_stats = losses.value_loss(theirs_v, old_values, returns, mask, value_clip=value_clip)
     ours.backward()
     theirs.backward()
     assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-12, abs=1e-12)
