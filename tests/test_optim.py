@@ -836,3 +836,135 @@ def test_bad_option_is_one_line_and_exit_status_2(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: --optimizers")
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- Lion and Muon: maximize, validation, state keys
+# (torch.optim has neither, so these pin what the torch comparisons pin for the others; mutation run of optim.py)
+
+@given(theta=st.lists(st.floats(-5, 5), min_size=1, max_size=6), n=st.integers(1, 4), seed=st.integers(0, 1000),
+       wd=st.sampled_from([0.0, 0.1]))
+def test_lion_maximize_is_lion_on_the_negated_gradient(theta, n, seed, wd):
+    """maximize f == minimize -f: the brute-force reference fed -g."""
+    grads = torch.randn(n, len(theta), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    p = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
+    opt = optim.Lion([p], lr=0.01, betas=(0.9, 0.99), weight_decay=wd, maximize=True)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    expected = lion_reference(theta, (-grads).tolist(), 0.01, 0.9, 0.99, wd)
+    torch.testing.assert_close(p.detach(), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_lion_keeps_its_momentum_under_the_key_exp_avg_with_its_closed_form():
+    """After steps with gradients g_1..g_n from m_0 = 0: m_n = sum_k (1 - b2) b2^(n-k) g_k (the EMA, unrolled)."""
+    g = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = optim.Lion([p], lr=0.01, betas=(0.9, 0.99))
+    for row in g:
+        p.grad = row.clone()
+        opt.step()
+    expected = sum((1 - 0.99) * 0.99 ** (2 - k) * g[k] for k in range(3))
+    assert set(opt.state[p]) >= {"exp_avg"}
+    torch.testing.assert_close(opt.state[p]["exp_avg"], expected, rtol=1e-12, atol=1e-15)
+    reloaded = optim.Lion([p], lr=0.01, betas=(0.9, 0.99))
+    reloaded.load_state_dict(opt.state_dict())                  # the key survives a state-dict round trip
+    assert torch.equal(reloaded.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_muon_keeps_its_momentum_under_the_key_momentum_buffer_with_its_closed_form():
+    """b_n = sum_k (1 - mu) mu^(n-k) g_k, the key torch.optim.SGD also uses for its momentum."""
+    g = torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    p = torch.zeros(4, 3, dtype=torch.float64, requires_grad=True)
+    opt = optim.Muon([p], lr=0.02, momentum=0.9)
+    for row in g:
+        p.grad = row.clone()
+        opt.step()
+    expected = sum((1 - 0.9) * 0.9 ** (2 - k) * g[k] for k in range(3))
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("cls, kwargs, named", [
+    (optim.Lion, dict(lr=-1e-3), "lr"), (optim.Lion, dict(weight_decay=-0.1), "weight_decay"),
+    (optim.Lion, dict(betas=(1.01, 0.99)), "betas"), (optim.Lion, dict(betas=(0.9, 1.01)), "betas"),
+    (optim.Lion, dict(betas=(-0.01, 0.99)), "betas"), (optim.Lion, dict(betas=(0.9, -0.01)), "betas"),
+    (optim.Muon, dict(lr=-0.02), "lr"), (optim.Muon, dict(momentum=-0.5), "momentum"),
+    (optim.Muon, dict(weight_decay=-0.1), "weight_decay")])
+def test_lion_and_muon_refuse_bad_hyperparameters_naming_the_optimizer_and_the_argument(cls, kwargs, named):
+    p = torch.zeros(2, 2, requires_grad=True)
+    with pytest.raises(ValueError) as error:
+        cls([p], **kwargs)
+    assert f"optim.py {cls.__name__}:" in str(error.value) and named in str(error.value)
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.0), (1.0, 1.0), (0.0, 1.0), (1.0, 0.0)])
+def test_lion_accepts_betas_on_the_closed_interval_ends(betas):
+    """[0, 1] is closed at both ends: b = 0 (no memory) and b = 1 (frozen momentum) are valid Lion settings."""
+    p = torch.zeros(3, requires_grad=True)
+    optim.Lion([p], betas=betas)
+
+
+NEGATIVE_ARGUMENTS = [("SGD", a) for a in ("lr", "momentum", "weight_decay")] + \
+    [("Adagrad", a) for a in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")] + \
+    [("RMSprop", a) for a in ("lr", "alpha", "eps", "weight_decay", "momentum")] + \
+    [(name, a) for name in ("Adam", "AdamW") for a in ("lr", "eps", "weight_decay")]
+
+
+@pytest.mark.parametrize("name, argument", NEGATIVE_ARGUMENTS)
+def test_every_negative_hyperparameter_is_refused_as_torch_refuses_it_naming_the_optimizer_and_argument(name, argument):
+    """torch.optim is the oracle for WHICH values are invalid; the message must say which optimizer and argument."""
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError):
+        getattr(torch.optim, name)(p, **{argument: -0.5})
+    with pytest.raises(ValueError) as error:
+        getattr(optim, name)(p, **{argument: -0.5})
+    assert f"optim.py {name}: invalid {argument} -0.5" in str(error.value)
+    getattr(optim, name)(p, **{argument: 0.0})                       # 0 is allowed, as in torch
+
+
+@pytest.mark.parametrize("name, betas", [(n, b) for n in ("Adam", "AdamW")
+                                         for b in ((1.0, 0.9), (0.9, 1.0), (-0.1, 0.9), (0.9, -0.1))])
+def test_adam_betas_outside_0_1_are_refused_as_torch_refuses_them(name, betas):
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError):
+        getattr(torch.optim, name)(p, betas=betas)
+    with pytest.raises(ValueError, match=f"optim.py {name}: invalid betas"):
+        getattr(optim, name)(p, betas=betas)
+    getattr(optim, name)(p, betas=(0.0, 0.0))                         # 0 is inside [0, 1)
+
+
+@pytest.mark.parametrize("name, switch", [("SGD", "differentiable"), ("SGD", "fused"), ("Adagrad", "differentiable"),
+                                          ("Adagrad", "fused"), ("RMSprop", "differentiable"),
+                                          ("RMSprop", "capturable"), ("Adam", "differentiable"), ("Adam", "fused"),
+                                          ("Adam", "capturable"), ("AdamW", "fused")])
+def test_torch_engineering_switches_are_accepted_by_name_but_refused_when_on(name, switch):
+    """Same signature as torch.optim (a drop-in), but only the defaults are implemented: one clear error."""
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError) as error:
+        getattr(optim, name)(p, **{switch: True})
+    assert f"optim.py {name}: differentiable/fused/capturable are not implemented" in str(error.value)
+    getattr(optim, name)(p, **{switch: False if switch != "fused" else None})
+
+
+@given(total=st.integers(2, 400), warmup=st.integers(0, 5), decay_frac=st.sampled_from([0.0, 0.01, 0.1, 0.25, 0.5, 1.0]),
+       min_frac=st.sampled_from([0.0, 0.1]))
+def test_wsd_equals_its_piecewise_definition_at_every_step(total, warmup, decay_frac, min_frac):
+    """Brute force from the docstring: D = T - max(1, round(f T)) (no decay at all when f = 0), lr on [W, D),
+    then the straight line from lr at D to min_lr at T (D is never before the warmup's end)."""
+    lr, min_lr = 1.0, min_frac
+    decay_steps = max(1, round(decay_frac * total)) if decay_frac > 0 else 0
+    start = max(warmup, total - decay_steps)
+    for t in range(warmup, total + 1):
+        if t < start or decay_steps == 0:
+            expected = lr
+        else:
+            expected = lr - (lr - min_lr) * min(1.0, (t - start) / max(1, total - start))
+        assert math.isclose(optim.lr_wsd(t, lr, total, warmup, decay_frac, min_lr), expected, rel_tol=1e-12,
+                            abs_tol=1e-15), t
+
+
+@given(t=st.integers(0, 20), warmup=st.integers(1, 10))
+def test_constant_schedule_defaults_are_no_warmup_and_a_warmup_from_zero(t, warmup):
+    """lr_constant(t, lr) == lr from step 0; with warmup_steps W and the default min_lr 0: lr * t / W before W."""
+    assert optim.lr_constant(t, 0.5) == 0.5
+    expected = 0.5 * t / warmup if t < warmup else 0.5
+    assert math.isclose(optim.lr_constant(t, 0.5, warmup_steps=warmup), expected, rel_tol=1e-12, abs_tol=1e-15)
