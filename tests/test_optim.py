@@ -257,7 +257,8 @@ def test_muon_step_matches_svd_reference(m, n, seed, nesterov, wd):
 def test_muon_rejects_non_matrices():
     p = torch.zeros(3, requires_grad=True)
     p.grad = torch.ones(3)
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match=r"optim.py Muon: got a 1-D tensor of shape \(3,\); Muon is for 2-D matrices, "
+                                         "give the rest to AdamW"):
         optim.Muon([p]).step()
 
 
@@ -935,7 +936,8 @@ def test_adam_betas_outside_0_1_are_refused_as_torch_refuses_them(name, betas):
 @pytest.mark.parametrize("name, switch", [("SGD", "differentiable"), ("SGD", "fused"), ("Adagrad", "differentiable"),
                                           ("Adagrad", "fused"), ("RMSprop", "differentiable"),
                                           ("RMSprop", "capturable"), ("Adam", "differentiable"), ("Adam", "fused"),
-                                          ("Adam", "capturable"), ("AdamW", "fused")])
+                                          ("Adam", "capturable"), ("AdamW", "fused"), ("AdamW", "differentiable"),
+                                          ("AdamW", "capturable")])
 def test_torch_engineering_switches_are_accepted_by_name_but_refused_when_on(name, switch):
     """Same signature as torch.optim (a drop-in), but only the defaults are implemented: one clear error."""
     p = [torch.zeros(2, requires_grad=True)]
@@ -968,3 +970,27 @@ def test_constant_schedule_defaults_are_no_warmup_and_a_warmup_from_zero(t, warm
     assert optim.lr_constant(t, 0.5) == 0.5
     expected = 0.5 * t / warmup if t < warmup else 0.5
     assert math.isclose(optim.lr_constant(t, 0.5, warmup_steps=warmup), expected, rel_tol=1e-12, abs_tol=1e-15)
+
+
+def test_muon_split_leaves_a_norm_s_matrix_and_an_embedding_to_adamw_by_module_not_by_shape():
+    """The documented rule: parameters of nn.Embedding and of any module whose class name contains "norm" go to
+    AdamW even when they are 2-D (a norm with a matrix gain, here); other 2-D matrices go to Muon."""
+    class MatrixNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(4, 4))
+
+    model = nn.ModuleDict({"wte": nn.Embedding(10, 4), "norm": MatrixNorm(), "proj": nn.Linear(4, 4, bias=True)})
+    muon, adamw = optim.muon_param_split(model)
+    assert {id(p) for p in muon} == {id(model["proj"].weight)}
+    assert {id(p) for p in adamw} == {id(model["wte"].weight), id(model["norm"].gain), id(model["proj"].bias)}
+
+
+def test_gradient_norms_of_bf16_parameters_are_summed_in_float32_or_wider():
+    """bf16 keeps 8 bits of mantissa: a sum of 4,096 squares in bf16 is off by percent; the statistic must equal
+    the exact sum of the same bf16 values (Python floats) to float32 precision."""
+    model = nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    model.weight.grad = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    exact = math.sqrt(sum(float(v) ** 2 for v in model.weight.grad.flatten().tolist()))
+    total, per_layer = optim.grad_norms(model)
+    assert math.isclose(total, exact, rel_tol=1e-5) and math.isclose(per_layer["weight"], exact, rel_tol=1e-5)
