@@ -947,8 +947,8 @@ def test_torch_engineering_switches_are_accepted_by_name_but_refused_when_on(nam
     getattr(optim, name)(p, **{switch: False if switch != "fused" else None})
 
 
-@given(total=st.integers(2, 400), warmup=st.integers(0, 5), decay_frac=st.sampled_from([0.0, 0.01, 0.1, 0.25, 0.5, 1.0]),
-       min_frac=st.sampled_from([0.0, 0.1]))
+@given(total=st.integers(2, 400), warmup=st.integers(0, 5),
+       decay_frac=st.sampled_from([0.0, 0.01, 0.1, 0.25, 0.5, 1.0]), min_frac=st.sampled_from([0.0, 0.1]))
 def test_wsd_equals_its_piecewise_definition_at_every_step(total, warmup, decay_frac, min_frac):
     """Brute force from the docstring: D = T - max(1, round(f T)) (no decay at all when f = 0), lr on [W, D),
     then the straight line from lr at D to min_lr at T (D is never before the warmup's end)."""

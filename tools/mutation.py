@@ -146,7 +146,8 @@ EQUIVALENT = {
     "optim.x_newton_schulz__mutmut_17": NS_TRANSPOSE,
     "optim.x_lr_wsd__mutmut_32": "step <= decay_start: at step == decay_start the decay formula gives lr - 0 = lr too",
     "optim.x_clip_grad_norm___mutmut_11": "n.to(None) for n.to(first norm's device): one device, the CPU, in the tests",
-    "optim.x_clip_grad_norm___mutmut_23": "coef.to(None): _foreach_mul_ by a 0-d float tensor works on every gradient dtype, the same up to coef's rounding",
+    "optim.x_clip_grad_norm___mutmut_23": "coef.to(None): _foreach_mul_ by a 0-d float tensor works on every gradient "
+                                          "dtype, the same up to coef's rounding",
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
