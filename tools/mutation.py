@@ -140,6 +140,9 @@ EQUIVALENT = {
                                             "the fallback of group.get is never read",
     "optim.x__params_and_grads__mutmut_12": "the same as mutant 10",
     "optim.xǁAdagradǁ_update__mutmut_40": "value=1 is addcmul's default",
+    "optim.xǁRMSpropǁ__init____mutmut_15": "capturable passed in fused's place: _check_supported refuses either flag "
+                                           "with the same message",
+    "optim.x__embedding_and_norm_ids__mutmut_10": "recurse=None is falsy, the same as recurse=False",
     "optim.x_newton_schulz__mutmut_10": NS_TRANSPOSE,
     "optim.x_newton_schulz__mutmut_14": NS_TRANSPOSE,
     "optim.x_newton_schulz__mutmut_16": NS_TRANSPOSE,
