@@ -1305,3 +1305,61 @@ def test_chunked_cross_entropy_in_float64_accumulates_its_loss_in_float64():
     loss = L.chunked_cross_entropy(hidden, weight, targets, chunk_size=7)
     assert loss.dtype == torch.float64
     assert math.isclose(float(loss), float(F.cross_entropy(hidden @ weight.T, targets)), rel_tol=1e-12)
+
+
+def test_k3_without_its_clamp_is_the_raw_closed_form():
+    """max_log_ratio=None removes the clamp: k3 at log r = 30 is expm1(30) - 30, not the clamped value at 20."""
+    logp, ref = torch.tensor([0.0], dtype=torch.float64), torch.tensor([30.0], dtype=torch.float64)
+    assert math.isclose(float(L.kl_k3(logp, ref, max_log_ratio=None)), math.expm1(30.0) - 30.0, rel_tol=1e-12)
+    assert math.isclose(float(L.kl_k3(logp, ref)), math.expm1(20.0) - 20.0, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["logp", "old_logp", "advantages"])
+def test_ppo_policy_loss_masked_tokens_holding_inf_or_nan_in_any_input_change_nothing(which):
+    """Each input is replaced by 0 under the mask before any arithmetic: the loss and gradient equal those of
+    the same batch with finite values there."""
+    inputs = {"logp": torch.tensor([[-1.0, -2.0], [-0.5, -1.5]]),
+              "old_logp": torch.tensor([[-1.1, -2.0], [-0.4, -1.0]]),
+              "advantages": torch.tensor([[1.0, -1.0], [0.5, 2.0]])}
+    mask = torch.tensor([[True, False], [True, True]])
+    results = []
+    for poison in (0.0, float("inf"), float("nan")):
+        values = {k: v.clone() for k, v in inputs.items()}
+        values[which][0, 1] = poison if poison else values[which][0, 1]
+        logp = values["logp"].requires_grad_(True)
+        loss, stats = L.ppo_policy_loss(logp, values["old_logp"], values["advantages"], mask=mask)
+        loss.backward()
+        results.append((float(loss), logp.grad.clone(), {k: float(v) for k, v in stats.items()}))
+    for loss, grad, stats in results[1:]:
+        assert loss == results[0][0] and torch.equal(grad, results[0][1]) and stats == results[0][2]
+
+
+def test_ppo_policy_loss_clamps_the_log_ratio_at_its_max_log_ratio_in_the_loss_and_every_statistic():
+    """log ratio -30 with max_log_ratio 5: ratio e^-5 (not e^-30), and approx_kl = k3 at the same clamp."""
+    old = torch.zeros(1, 1, dtype=torch.float64)
+    loss, stats = L.ppo_policy_loss(old - 30.0, old, torch.ones(1, 1, dtype=torch.float64), max_log_ratio=5.0)
+    assert math.isclose(float(stats["ratio_mean"]), math.exp(-5.0), rel_tol=1e-12)
+    assert math.isclose(float(loss), -math.exp(-5.0), rel_tol=1e-12)                # A > 0: min(rho A, clip A)
+    assert math.isclose(float(stats["approx_kl"]), math.expm1(-5.0) + 5.0, rel_tol=1e-12)  # k3, log r = new - old
+
+
+def test_ppo_policy_loss_a_ratio_exactly_on_the_clip_boundary_is_not_counted_as_clipped():
+    """eps = 0 and ratio exactly 1: the condition is strict (ratio > 1 + eps_high, ratio < 1 - eps_low)."""
+    logp = torch.zeros(2, 1)
+    _, stats = L.ppo_policy_loss(logp, logp, torch.tensor([[1.0], [-1.0]]), eps_low=0.0, eps_high=0.0)
+    assert float(stats["clipfrac"]) == 0.0
+
+
+def test_chunked_cross_entropy_names_a_wrong_shape_in_its_error():
+    hidden, targets = torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError) as error:
+        L.chunked_cross_entropy(hidden, torch.zeros(5, 6), targets)
+    assert str(error.value) == "losses.chunked_cross_entropy: weight must be (V, 4), got (5, 6)"
+    with pytest.raises(ValueError) as error:
+        L.chunked_cross_entropy(hidden, torch.zeros(5, 4), torch.zeros(2, 4, dtype=torch.long))
+    assert str(error.value) == ("losses.chunked_cross_entropy: hidden (2, 3, 4) needs targets of shape (2, 3), "
+                                "got (2, 4)")
+    with pytest.raises(ValueError, match=r"^losses.chunked_cross_entropy: chunk_size=0 must be >= 1$"):
+        L.chunked_cross_entropy(hidden, torch.zeros(5, 4), targets, chunk_size=0)
+    with pytest.raises(ValueError, match=r"^losses.chunked_cross_entropy: reduction='none'; choose 'mean' or 'sum'$"):
+        L.chunked_cross_entropy(hidden, torch.zeros(5, 4), targets, reduction="none")
