@@ -1363,3 +1363,13 @@ def test_chunked_cross_entropy_names_a_wrong_shape_in_its_error():
         L.chunked_cross_entropy(hidden, torch.zeros(5, 4), targets, chunk_size=0)
     with pytest.raises(ValueError, match=r"^losses.chunked_cross_entropy: reduction='none'; choose 'mean' or 'sum'$"):
         L.chunked_cross_entropy(hidden, torch.zeros(5, 4), targets, reduction="none")
+
+
+def test_soft_cross_entropy_answers_in_the_dtype_of_the_log_probs_and_reduce_names_a_bad_reduction():
+    """Targets of another dtype are cast to the model's (float64 soft labels must not turn an fp32 loss into fp64)."""
+    logq = torch.log_softmax(torch.randn(3, 5, generator=torch.Generator().manual_seed(0)), -1)       # float32
+    target = torch.softmax(torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64), -1)
+    assert L.soft_cross_entropy(target, logq).dtype == torch.float32
+    with pytest.raises(ValueError) as error:
+        L.cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), reduction="avg")
+    assert str(error.value) == "losses.py: reduction='avg'; choose 'mean', 'sum' or 'none'"

@@ -119,6 +119,11 @@ HAND = [
 SUM_DIM = "sum(+1) is sum(-1): the tensor is the documented 2-D (N, L)"
 NS_TRANSPOSE = ("whether a tall matrix is transposed first only picks the smaller Gram matrix (speed): the odd "
                 "polynomial commutes with transposition, p(X^T) = p(X)^T, so the result is the same up to rounding")
+ZERO_DTYPE = ("a 0-d zero without a dtype is float32: torch.where with a 0-d tensor keeps the other operand's "
+              "floating dtype (0-d tensors do not promote)")
+ZERO_DEVICE = "a 0-d zero made on the default device: the CPU, where the tests run (and 0-d CPU tensors mix with CUDA)"
+FILL_ZERO_P = "the value filled where p == 0 is multiplied by p == 0: any finite value gives 0"
+EXTRA_BUFFER = "allocates a gradient buffer that is not needed: memory only, the returned values are the same"
 EQUIVALENT = {
     "grpo.x_group_advantages__mutmut_5": "numel() == 1 instead of == 0: an empty (0, G) batch gives the same empty "
                                          "result through the main path, and a single reward is a constant group (0)",
@@ -136,6 +141,47 @@ EQUIVALENT = {
                                     "divides by the float token count, the same number",
     "ppo.x_value_loss__mutmut_30": "the same as policy_loss 53, for vf_clipfrac",
     "ppo.x_explained_variance__mutmut_33": 'float("NAN") is float("nan")',
+    "losses.x_masked_sum__mutmut_15": ZERO_DTYPE,
+    "losses.x_masked_sum__mutmut_18": ZERO_DTYPE,
+    "losses.x__reduce__mutmut_11": ZERO_DTYPE,
+    "losses.x__reduce__mutmut_14": ZERO_DTYPE,
+    "losses.x__keep__mutmut_9": ZERO_DTYPE,
+    "losses.x__keep__mutmut_12": ZERO_DTYPE,
+    "losses.x_masked_sum__mutmut_16": ZERO_DEVICE,
+    "losses.x_masked_sum__mutmut_19": ZERO_DEVICE,
+    "losses.x__reduce__mutmut_12": ZERO_DEVICE,
+    "losses.x__reduce__mutmut_15": ZERO_DEVICE,
+    "losses.x__keep__mutmut_10": ZERO_DEVICE,
+    "losses.x__keep__mutmut_13": ZERO_DEVICE,
+    "losses.x_value_loss__mutmut_32": ZERO_DEVICE,
+    "losses.x_value_loss__mutmut_34": ZERO_DEVICE,
+    "losses.x_masked_sum__mutmut_20": "sum(dim) with dim None is the sum over everything, as sum()",
+    "losses.x_masked_mean__mutmut_27": "the same as masked_sum 20, for the count",
+    "losses.x_masked_mean__mutmut_32": "count.to(None) stays an integer tensor: a float total divided by it keeps its dtype",
+    "losses.x_entropy__mutmut_22": FILL_ZERO_P,
+    "losses.x_soft_cross_entropy__mutmut_28": FILL_ZERO_P,
+    "losses.x_kl_divergence__mutmut_35": FILL_ZERO_P,
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_6": EXTRA_BUFFER,
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_8": EXTRA_BUFFER,
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_12": EXTRA_BUFFER,
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_14": EXTRA_BUFFER,
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_19": ZERO_DEVICE,
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_22": ZERO_DEVICE,
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_38": "the logits are already float32 (_fp32) and row_weight is float32 unless the inputs are float64",
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_56": SUM_DIM,
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_60": SUM_DIM,
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_66": SUM_DIM,
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_113": "same dtypes take the out-of-place path: grad_weight += grad_logits.T @ h, the same sum as addmm_",
+    "losses.xǁChunkedCrossEntropyǁbackward__mutmut_7": "a 0-d float32 factor keeps the gradient's dtype (0-d tensors do not promote)",
+    "losses.xǁChunkedCrossEntropyǁbackward__mutmut_13": "the same as backward 7, for the weight",
+    "losses.x_chunked_cross_entropy__mutmut_3": "the chunk size changes memory, not results (tested for every chunk size)",
+    "losses.x_chunked_cross_entropy__mutmut_78": "an integer count divides a float row weight into the same float",
+    "losses.x_chunked_cross_entropy__mutmut_91": EXTRA_BUFFER,
+    "losses.x_sequence_logprob__mutmut_7": SUM_DIM,
+    "losses.x_reinforce_loss__mutmut_9": "keepdim dropped on a dim-0 reduction: (T,) broadcasts over (B, T) as (1, T) does",
+    "losses.x_reinforce_loss__mutmut_11": "keepdim dropped on a dim-0 reduction: (T,) broadcasts over (B, T) as (1, T) does",
+    "losses.x_reinforce_loss__mutmut_28": "keepdim dropped on a dim-0 reduction: (T,) broadcasts over (B, T) as (1, T) does",
+    "losses.x_reinforce_loss__mutmut_30": "keepdim dropped on a dim-0 reduction: (T,) broadcasts over (B, T) as (1, T) does",
     "optim.x__params_and_grads__mutmut_10": "every group holds 'maximize' (the optimizers' defaults put it there), so "
                                             "the fallback of group.get is never read",
     "optim.x__params_and_grads__mutmut_12": "the same as mutant 10",
