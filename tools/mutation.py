@@ -123,6 +123,11 @@ ZERO_DTYPE = ("a 0-d zero without a dtype is float32: torch.where with a 0-d ten
               "floating dtype (0-d tensors do not promote)")
 ZERO_DEVICE = "a 0-d zero made on the default device: the CPU, where the tests run (and 0-d CPU tensors mix with CUDA)"
 FILL_ZERO_P = "the value filled where p == 0 is multiplied by p == 0: any finite value gives 0"
+MASKED_TWICE = ("one of two guards dropped: the masked mean reads values through torch.where as well (and the log-ratio "
+                "clamp has a zero gradient outside its range), so inf or NaN under the mask still reaches neither the "
+                "loss, its gradient nor the statistics (a test puts each there)")
+F32_START = ("the loss starts as a float32 zero but loss = loss + x is not in place: the first float64 chunk promotes "
+             "it to float64 (a float64 test checks the dtype and the value to 1e-12)")
 EXTRA_BUFFER = "allocates a gradient buffer that is not needed: memory only, the returned values are the same"
 EQUIVALENT = {
     "grpo.x_group_advantages__mutmut_5": "numel() == 1 instead of == 0: an empty (0, G) batch gives the same empty "
@@ -182,6 +187,13 @@ EQUIVALENT = {
     "losses.x_reinforce_loss__mutmut_11": "keepdim dropped on a dim-0 reduction: (T,) broadcasts over (B, T) as (1, T) does",
     "losses.x_reinforce_loss__mutmut_28": "keepdim dropped on a dim-0 reduction: (T,) broadcasts over (B, T) as (1, T) does",
     "losses.x_reinforce_loss__mutmut_30": "keepdim dropped on a dim-0 reduction: (T,) broadcasts over (B, T) as (1, T) does",
+    "losses.x_ppo_policy_loss__mutmut_9": MASKED_TWICE,
+    "losses.x_ppo_policy_loss__mutmut_13": MASKED_TWICE,
+    "losses.x_ppo_policy_loss__mutmut_17": MASKED_TWICE,
+    "losses.x_reinforce_loss__mutmut_48": MASKED_TWICE,
+    "losses.x_reinforce_loss__mutmut_52": MASKED_TWICE,
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_18": F32_START,
+    "losses.xǁChunkedCrossEntropyǁforward__mutmut_21": F32_START,
     "optim.x__params_and_grads__mutmut_10": "every group holds 'maximize' (the optimizers' defaults put it there), so "
                                             "the fallback of group.get is never read",
     "optim.x__params_and_grads__mutmut_12": "the same as mutant 10",
