@@ -1312,7 +1312,7 @@ def test_chunked_token_logprobs_equal_the_full_logits_in_value_and_gradient(seed
     entropies and gradients equal those computed from the whole (B, T, V) logits tensor."""
     import unittest.mock
     model = tiny_model(seed=seed % 7)
-    tokens = random_tokens(seed, 3, 9)
+    tokens = random_tokens(seed, 3, 20)          # 57 positions: more than the width (32), so no index mix-up hides
     logits = model(tokens)[:, :-1]
     logp = M.sampling_logprobs(logits, temperature, top_k)
     want = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
