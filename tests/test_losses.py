@@ -1260,7 +1260,7 @@ def test_reinforce_masked_tokens_with_non_finite_returns_or_logprobs_change_noth
     mask = torch.tensor([[True, False], [True, True]])
     loss, _ = L.reinforce_loss(logp, returns, mask=mask)
     loss.backward()
-    assert math.isclose(float(loss), -(1.0 * -1.0 + 3.0 * -2.0 + 2.0 * -0.5) / 3, rel_tol=1e-6)
+    assert math.isclose(loss.item(), -(1.0 * -1.0 + 3.0 * -2.0 + 2.0 * -0.5) / 3, rel_tol=1e-6)
     assert logp.grad.isfinite().all() and logp.grad[0, 1] == 0
 
 
