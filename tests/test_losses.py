@@ -1329,7 +1329,7 @@ def test_ppo_policy_loss_masked_tokens_holding_inf_or_nan_in_any_input_change_no
         logp = values["logp"].requires_grad_(True)
         loss, stats = L.ppo_policy_loss(logp, values["old_logp"], values["advantages"], mask=mask)
         loss.backward()
-        results.append((float(loss), logp.grad.clone(), {k: float(v) for k, v in stats.items()}))
+        results.append((loss.item(), logp.grad.clone(), {k: float(v) for k, v in stats.items()}))
     for loss, grad, stats in results[1:]:
         assert loss == results[0][0] and torch.equal(grad, results[0][1]) and stats == results[0][2]
 
