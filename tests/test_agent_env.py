@@ -10,7 +10,6 @@ under the mask), losses.ppo_policy_loss (the same surrogate), a full forward pas
 log-probs, and a whole-batch gradient against micro-batches. Bad input: every option run through
 `python agent_env.py` (exit status 2, one line, nothing written)."""
 import contextlib
-import json
 import math
 import operator
 import os
@@ -26,6 +25,7 @@ from hypothesis import assume, given, settings, strategies as st
 import agent_env as A
 import losses
 import model as M
+from badinput import case_name, files_under, make_files, run_script_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENC = M.get_tokenizer("bytes")
@@ -909,55 +909,6 @@ def test_an_init_checkpoint_with_too_few_learned_positions_is_refused_before_wri
 
 # ---- bad input: one line on stderr, exit status 2, no traceback, nothing written -----------------
 
-SCRIPT_CASES_DRIVER = r"""
-import contextlib, io, json, os, runpy, sys, traceback
-root, script = sys.argv[1], sys.argv[2]
-sys.path.insert(0, root)
-results = {}
-for name, (cwd, argv) in json.loads(sys.stdin.read()).items():
-    os.chdir(cwd)
-    sys.argv = [script, *argv]
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            runpy.run_path(os.path.join(root, script), run_name="__main__")
-            status = 0
-        except SystemExit as e:                  # as the interpreter: None is 0, text is printed and 1
-            status = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
-        except BaseException:                    # an uncaught exception: its traceback, status 1
-            traceback.print_exc()
-            status = 1
-    results[name] = [status, stderr.getvalue()]
-print(json.dumps(results))
-"""
-
-
-def run_script_cases(script, cases, timeout=300):
-    """`python <script> <argv>` for every case, all in ONE fresh Python process (a fresh interpreter per
-    case costs ~1.5 s of torch import): each case runs the script as __main__ (runpy) in its own working
-    folder, and its exit status and stderr are what the interpreter would give (SystemExit's code; an
-    uncaught exception prints its traceback, status 1). cases {name: (cwd, argv)} -> {name: (status, stderr)}.
-    test_the_case_driver_agrees_with_a_real_process checks it against real processes."""
-    result = subprocess.run([sys.executable, "-c", SCRIPT_CASES_DRIVER, ROOT, script], input=json.dumps(cases),
-                            capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    return {name: tuple(value) for name, value in json.loads(result.stdout.splitlines()[-1]).items()}
-
-
-def files_under(folder):
-    return sorted(os.path.relpath(os.path.join(parent, name), folder)
-                  for parent, dirs, files in os.walk(folder) for name in dirs + files)
-
-
-def make_files(folder, files):
-    """files {relative path: bytes, or None for a folder}"""
-    for name, content in files.items():
-        path = folder / name
-        if content is None:
-            path.mkdir(parents=True)
-        else:
-            path.write_bytes(content)
-
 
 # Cheap settings first, so that a case the script wrongly accepted would finish in seconds; each case's own
 # options come after them and win.
@@ -1018,10 +969,6 @@ BAD_OPTIONS = [   # (argv, what the one line on stderr names, files the case's f
     (["--clip-eps", "0.2"], "--clip-eps", {}),                   # renamed: --eps-low / --eps-high
     (["--updates-per-batch", "2"], "--updates-per-batch", {}),   # renamed: --update-epochs
 ]
-
-
-def case_name(argv):
-    return " ".join(argv)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import model as M
+from badinput import case_name, files_under, make_files, run_script_cases
 import packing as P
 
 PAD = -7                                                   # a pad id no document token can equal
@@ -329,54 +330,6 @@ def test_lognormal_lengths_stay_in_range_and_are_the_rounded_draws_inside_it(med
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT_CASES_DRIVER = r"""
-import contextlib, io, json, os, runpy, sys, traceback
-root, script = sys.argv[1], sys.argv[2]
-sys.path.insert(0, root)
-results = {}
-for name, (cwd, argv) in json.loads(sys.stdin.read()).items():
-    os.chdir(cwd)
-    sys.argv = [script, *argv]
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            runpy.run_path(os.path.join(root, script), run_name="__main__")
-            status = 0
-        except SystemExit as e:                  # as the interpreter: None is 0, text is printed and 1
-            status = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
-        except BaseException:                    # an uncaught exception: its traceback, status 1
-            traceback.print_exc()
-            status = 1
-    results[name] = [status, stderr.getvalue()]
-print(json.dumps(results))
-"""
-
-
-def run_script_cases(script, cases, timeout=300):
-    """`python <script> <argv>` for every case, all in ONE fresh Python process (a fresh interpreter per
-    case costs ~1.5 s of torch import): each case runs the script as __main__ (runpy) in its own working
-    folder, and its exit status and stderr are what the interpreter would give (SystemExit's code; an
-    uncaught exception prints its traceback, status 1). cases {name: (cwd, argv)} -> {name: (status, stderr)}.
-    test_the_case_driver_agrees_with_a_real_process checks it against real processes."""
-    result = subprocess.run([sys.executable, "-c", SCRIPT_CASES_DRIVER, ROOT, script], input=json.dumps(cases),
-                            capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    return {name: tuple(value) for name, value in json.loads(result.stdout.splitlines()[-1]).items()}
-
-
-def files_under(folder):
-    return sorted(os.path.relpath(os.path.join(parent, name), folder)
-                  for parent, dirs, files in os.walk(folder) for name in dirs + files)
-
-
-def make_files(folder, files):
-    """files {relative path: bytes, or None for a folder}"""
-    for name, content in files.items():
-        path = folder / name
-        if content is None:
-            path.mkdir(parents=True)
-        else:
-            path.write_bytes(content)
 
 
 GOOD_ROW = b'{"prompt": "1+1=?", "completion": "#### 2"}\n'
@@ -430,10 +383,6 @@ BAD_INPUTS = [   # (argv, what the one line on stderr names: the option, or file
      {"huge.jsonl": b'{"prompt": "a", "completion": ' + b"1" * 5000 + b"}\n"}),
     (["--data", "array.jsonl"], "array.jsonl:1", {"array.jsonl": b"[1, 2]\n"}),
 ]
-
-
-def case_name(argv):
-    return " ".join(argv)
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,22 @@ score, learning a separable preference (and not learning random labels), calibra
 accuracy against brute force, and the checkpoint round trip."""
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import random
-import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import model as M
+from badinput import (bad_jsonl_cases, check_one_line_error, file_case, hostile_checkpoint,
+                      nan_weights_checkpoint, option_case, run_case, run_in_process, run_script, truncated_checkpoint,
+                      write_bad_input)
 import reward as R
 
 finite = st.floats(-20, 20, allow_nan=False)
@@ -371,53 +369,9 @@ def test_a_scratch_body_that_cannot_be_built_is_refused_by_its_option():
 PAIR_ROW = b'{"prompt": "1+1=?\\n", "chosen": "#### 2", "rejected": "#### 3"}\n'
 
 
-def bad_jsonl_cases(good_row, missing_key_row, wrong_type_row):
-    """{kind: (file content, None for no file or "dir" for a folder; the suffix after the path in the error)}."""
-    return {
-        "missing": (None, ""), "directory": ("dir", ""), "empty": (b"", ""),
-        "not JSON": (good_row + b"{not json\n", ":2"), "missing key": (missing_key_row, ":1"),
-        "wrong type": (good_row + wrong_type_row, ":2"), "non-UTF-8": (good_row + b'{"prompt": "\xff\xfe"}\n', ":2"),
-        "deep nesting": (b"[" * 100000 + b"\n", ":1"), "5000-digit integer": (b'{"n": ' + b"9" * 5000 + b"}\n", ":1"),
-    }
-
-
-def write_bad_input(folder, name, content):
-    path = folder / name
-    if content == "dir":
-        path.mkdir()
-    elif content is not None:
-        path.write_bytes(content)
-    return str(path)
-
-
-def hostile_checkpoint(source, path):
-    """About 1 KB on disk; its config asks for 48 layers of width 8192 (about 40 GB of weights)."""
-    config = dataclasses.asdict(M.Config(n_layer=48, n_embd=8192, n_head=64, n_kv_head=64))
-    torch.save({"config": config, "model": {"wte.weight": torch.zeros(2, 2)}, "tokenizer": M.tokenizer_spec(ENC),
-                "meta": {}}, path)
-
-
-def truncated_checkpoint(source, path):
-    data = open(source, "rb").read()
-    open(path, "wb").write(data[:len(data) // 2])
-
-
-def nan_weights_checkpoint(source, path):
-    ckpt = torch.load(source, weights_only=True)
-    ckpt["model"]["wte.weight"][0, 0] = math.nan
-    torch.save(ckpt, path)
-
-
 CHECKPOINTS = {"missing": lambda source, path: None, "directory": lambda source, path: os.mkdir(path),
                "truncated": truncated_checkpoint, "hostile": hostile_checkpoint, "NaN weights": nan_weights_checkpoint,
                "not a checkpoint": lambda source, path: open(path, "wb").write(PAIR_ROW)}
-
-
-def file_case(flag, name, content, where=""):
-    def make(folder, inputs):
-        path = write_bad_input(folder, name, content)
-        return [flag, path], path + where
-    return make
 
 
 def checkpoint_case(flag, source, kind):
@@ -426,10 +380,6 @@ def checkpoint_case(flag, source, kind):
         CHECKPOINTS[kind](str(inputs / source), path)
         return [flag, path], path
     return make
-
-
-def option_case(argv, flag):
-    return lambda folder, inputs: (argv, flag)
 
 
 def reward_cases():
@@ -467,44 +417,6 @@ def reward_cases():
 
 
 REWARD_CASES = reward_cases()
-
-
-def files_under(folder):
-    return sorted(str(path.relative_to(folder)) for path in Path(folder).rglob("*"))
-
-
-def run_case(make, folder, inputs, base_argv, run):
-    """Make the case's bad input in `folder`, run it -> (exit status, stderr lines, expected text, files before,
-    files after)."""
-    extra, expected = make(folder, inputs)
-    before = files_under(folder)
-    status, stderr = run([*base_argv(inputs, folder), *extra], folder)
-    return status, stderr.strip().splitlines(), expected, before, files_under(folder)
-
-
-def run_script(script):
-    def run(argv, folder):
-        result = subprocess.run([sys.executable, str(script), *argv], cwd=folder, capture_output=True, text=True,
-                                errors="replace", timeout=300)
-        return result.returncode, result.stderr
-    return run
-
-
-def run_in_process(main, monkeypatch, capsys):
-    def run(argv, folder):
-        monkeypatch.chdir(folder)
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as stopped:
-            M.cli(lambda: main(argv))
-        return stopped.value.code, capsys.readouterr().err
-    return run
-
-
-def check_one_line_error(status, err, expected, before, after):
-    assert status == 2, (status, err[-5:])
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err[-5:]
-    assert expected in err[0], (expected, err[0])
-    assert after == before, sorted(set(after) - set(before))
 
 
 def reward_base_argv(inputs, folder):
