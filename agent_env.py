@@ -32,8 +32,9 @@ action (no stop string, too long, garbage) costs a turn and gets an `error: ...`
 after `done` raises. Each tests one skill, which the expert uses and a novice skips:
     calc     tool use (Toolformer, Schick et al. 2023; ReAct, Yao et al. 2023): "47*38=?" ->
              <calc>47*38</calc> -> <result>1786</result> -> <answer>1786</answer>; the calculator
-             walks the `ast` with bounded sizes (model.arith) and never calls eval. The novice answers
-             from its head (50*40 = 2000) and is almost always wrong.
+             walks the `ast` with bounded sizes (model.arith) and never calls eval. The novice estimates:
+             it sends the factors rounded to tens (<calc>50*40</calc>) and answers with that result,
+             so it is almost always wrong; the skill is calling the tool on the question itself.
     guess    partial observability, delayed reward: a hidden number in 1..15, feedback higher/lower;
              reward 0.9^(turns-1) on success only; 4 turns, bisection's worst case ceil(log2(N+1)), so
              only bisection always succeeds. The novice counts up from 1 (finds 1..4 only).
@@ -41,17 +42,21 @@ after `done` raises. Each tests one skill, which the expert uses and a novice sk
              an unseen corridor and must recall the code turns later at the door. The novice walks to
              the door and enters 0.
 
-What RL adds to imitation. The warm start is behaviour cloning (BC) on demonstrations of mixed quality:
-30 % of the episodes by the expert, 70 % by the novice (--expert-share; D4RL's "medium-expert" data,
-Fu et al. 2020). BC learns the mixture: sampled at T = 1 it uses the skill in about 30 % of episodes,
-and greedy decoding picks the majority, the novice's move, at the step where the two part. Nothing in
-the demonstrations says which episodes succeeded; the reward does, and RL moves the policy onto the
-expert's branch. The control is BC continued from the same warm start, on the same demonstrations, for
-the seconds RL took (as grpo.py's equal-time SFT control): more imitation of the same mixture. The table
-(held-out seeds) has the success rate with its standard error, the mean turns and the share of episodes
-that use the skill, for random, the demonstrations, warm start, RL, the control and the expert. With
---expert-share 1 (expert demonstrations only) there is no novice to outgrow, and more imitation is the
-natural competitor of RL.
+What RL adds to imitation. The warm start is behaviour cloning (BC) on demonstrations of mixed quality: 30 %
+of the episodes by the expert, 70 % by the novice (--expert-share; D4RL's "medium-expert" data, Fu et al.
+2020). BC learns the mixture: sampled at T = 1 it uses the skill in about 30 % of episodes, and greedy
+decoding picks the majority, the novice's move, at the step where the two part. Nothing in the
+demonstrations says which episodes succeeded; the reward does, and RL moves the policy onto the expert's
+branch. A sub-skill that the reward cannot teach alone (it pays only when the rest is right too) is in every
+demonstration: both calc demonstrators copy the calculator's result into <answer>; they differ only in what
+they send to it. With a novice that skipped the tool (400 or 4,000 demonstrations per environment), BC
+learned to copy on some seeds only (held out it wrote near-misses, 5533 for 5733), and RL then had no
+successful rollout to learn from. There are 4,000 demonstrations per environment, on random training seeds.
+The control is BC continued from the same warm start, on the same demonstrations, for the seconds RL took
+(as grpo.py's equal-time SFT control): more imitation of the same mixture. The table (held-out seeds) has
+the success rate with its standard error, the mean turns and the share of episodes that use the skill, for
+random, the demonstrations, warm start, RL, the control and the expert. With --expert-share 1 (expert
+demonstrations only) there is no novice to outgrow, and more imitation is the natural competitor of RL.
 
     python agent_env.py                        # BC, RL, BC control, table on held-out seeds (~5 CPU-minutes)
     python agent_env.py --envs keydoor --rl-steps 100
@@ -80,7 +85,7 @@ class Args:
     n_layer: int = 2                  # transformer blocks (new model only)
     n_head: int = 4                   # attention heads (new model only)
     n_embd: int = 128                 # model width (new model only)
-    bc_episodes: int = 400            # demonstrations per environment for behaviour cloning
+    bc_episodes: int = 4000           # demonstrations per environment for behaviour cloning (random training seeds)
     expert_share: float = 0.3         # share of demonstrations by the expert; the rest by a novice who skips the skill
     bc_steps: int = 1200              # behaviour-cloning updates (0 = no warm start)
     bc_batch: int = 32                # expert trajectories per BC update
@@ -254,15 +259,19 @@ class CalculatorEnv(TextEnv):
 
     @staticmethod
     def novice(observations, actions):
-        """Skips the tool and answers from its head: both factors rounded to tens (47*38 ~ 50*40 = 2000),
-        right only when both are multiples of ten (about 1 time in 130)."""
+        """Estimates: sends the question with both factors rounded to tens to the calculator (47*38 ~ 50*40)
+        and answers with its result, right only when both are multiples of ten (about 1 time in 130)."""
+        result = re.fullmatch(r"<result>(-?\d+)</result>\n", observations[-1])
+        if result:
+            return f"<answer>{result.group(1)}</answer>\n"
         a, b = map(int, observations[0].removesuffix("=?\n").split("*"))
-        return f"<answer>{round(a, -1) * round(b, -1)}</answer>\n"
+        return f"<calc>{round(a, -1)}*{round(b, -1)}</calc>\n"
 
     @staticmethod
     def uses_skill(observations, actions):
-        """Called the calculator at least once."""
-        return any(action.startswith("<calc>") for action in actions)
+        """Sent the question's own expression to the calculator."""
+        expression = observations[0].removesuffix("=?\n")
+        return any(action.rstrip("\n") == f"<calc>{expression}</calc>" for action in actions)
 
     def random_action(self, rng):   # a random 4-digit answer: success probability 1/9000
         return f"<answer>{rng.randint(1000, 9999)}</answer>\n"

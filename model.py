@@ -216,7 +216,6 @@ class KVCache:
         self.doc_ids = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
         self.slots = torch.arange(max_len, device=device)                       # (L,) key index of each slot
         self.length = 0
-        self.max_len = max_len
 
     def update(self, layer: int, k, v, index):
         """Write this call's k, v (B, Hkv, T, d) at the slots `index` (T,); return the whole buffers. Attending
@@ -243,7 +242,7 @@ def decode_attention(q, k, v, mask):
     without copying them: the H query heads are viewed as (Hkv, H/Hkv) groups. On a CPU this is about
     2x faster than scaled_dot_product_attention, whose kernels are tuned for long queries."""
     B, H, _, d = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     q = q.reshape(B, Hkv, H // Hkv, d)                                          # (B, Hkv, H/Hkv, d)
     scores = (q @ k.transpose(-1, -2)) * d ** -0.5                              # (B, Hkv, H/Hkv, L)
     scores = scores.float().masked_fill(~mask, -math.inf)
@@ -482,6 +481,8 @@ def unwrap(model) -> GPT:
 
 def padded_batch(seqs, pad_id: int, side: str = "right", device=None):
     """list of token lists -> tokens (B, T) padded with pad_id on `side`, mask (B, T) True at real tokens."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     T = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.bool)

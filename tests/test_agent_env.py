@@ -243,8 +243,10 @@ def test_random_calculator_answers_are_right_one_time_in_9000():
 # ---- the novice demonstrator, the mixture, the skill statistic ------------------------------------
 
 def test_novices_fail_where_the_skill_is_needed_and_experts_always_use_it():
-    """Closed forms per environment, on 300 held-out seeds each. calc: the novice never calls the tool
-    and is right iff both factors are multiples of ten (its estimate is then exact). guess: counting up
+    """Closed forms per environment, on 300 held-out seeds each. calc: the novice calls the tool once on
+    the factors rounded to tens and answers with its result: it has sent the question itself iff both
+    factors are multiples of ten, and is right iff the rounded product is the product (those pairs and
+    four coincidences such as 32*75 = 30*80). guess: counting up
     from 1 finds x within K turns iff x <= K, and never bisects (its first guess is 1, bisection's is 8).
     keydoor: the novice enters code 0, so it succeeds iff the note said 0."""
     seeds = range(A.HELDOUT_SEED, A.HELDOUT_SEED + 300)
@@ -256,8 +258,9 @@ def test_novices_fail_where_the_skill_is_needed_and_experts_always_use_it():
             novice = A.play(env, env.novice, seed)
             if name == "calc":
                 a, b = map(int, env.expression.split("*"))
-                assert novice.success == (a % 10 == 0 and b % 10 == 0) and novice.turns == 1
-                assert not env.uses_skill(novice.observations, novice.actions)
+                assert novice.success == (round(a, -1) * round(b, -1) == a * b)
+                assert env.uses_skill(novice.observations, novice.actions) == (a % 10 == 0 and b % 10 == 0)
+                assert novice.turns == 2 and novice.actions[0].startswith("<calc>")
             elif name == "guess":
                 assert novice.success == (env.secret <= env.max_turns)
                 assert novice.turns == min(env.secret, env.max_turns)
@@ -283,16 +286,17 @@ def test_guess_turn_limit_is_the_bisection_bound_so_only_bisection_always_succee
 @settings(max_examples=6)
 def test_demonstrations_mix_expert_and_novice_episodes_in_the_given_share(share, seed):
     """Each demonstration is wholly the expert's or wholly the novice's (replaying either policy on its seed
-    reproduces its actions), and the expert's share is binomial(n, share): within 5 standard errors."""
-    n = 200
-    trajs = A.demonstrations(ENC, ["calc"], n, random.Random(seed), share)
+    reproduces its actions), and the expert's share is binomial(n, share): within 5 standard errors, among the
+    episodes where the two differ (when both factors are multiples of ten the novice's call is the expert's)."""
+    trajs = A.demonstrations(ENC, ["calc"], 200, random.Random(seed), share)
     env = A.make_env("calc")
-    by_expert = 0
+    by_expert = n = 0
     for traj in trajs:
         expert, novice = A.play(env, env.expert, traj.seed), A.play(env, env.novice, traj.seed)
         assert traj.actions in (expert.actions, novice.actions)
-        by_expert += traj.actions == expert.actions
-    assert abs(by_expert / n - share) <= 5 * math.sqrt(share * (1 - share) / n) + 1e-12
+        n += expert.actions != novice.actions
+        by_expert += traj.actions == expert.actions != novice.actions
+    assert n > 150 and abs(by_expert / n - share) <= 5 * math.sqrt(share * (1 - share) / n) + 1e-12
 
 
 # ---- the calculator ------------------------------------------------------------------------------

@@ -1668,3 +1668,65 @@ def test_generate_fills_a_learned_position_context_exactly_and_a_kept_cache_size
     with torch.no_grad():
         close(model(tokens[[1, 3]], cache=cache), model(tokens[[1, 3]]))
     assert cache.k[0].shape[0] == 2 and cache.doc_ids.shape == (2, 8)
+
+
+# ---- contracts the mutation run (tools/mutation.py model) found unpinned ----------------------------------
+
+def test_padded_batch_returns_long_tokens_and_a_bool_mask_pads_right_by_default_and_refuses_other_sides():
+    for side in ("left", "right"):
+        tokens, mask = M.padded_batch([[1, 2, 3], [4]], pad_id=PAD, side=side)
+        assert tokens.dtype == torch.long and mask.dtype == torch.bool
+    tokens, mask = M.padded_batch([[1, 2, 3], [4]], pad_id=PAD)
+    assert tokens.tolist() == [[1, 2, 3], [4, PAD, PAD]] and mask.tolist() == [[True] * 3, [True, False, False]]
+    with pytest.raises(ValueError, match="side"):
+        M.padded_batch([[1]], pad_id=PAD, side="top")
+
+
+def test_generate_returns_long_tokens_and_lengths_float32_logprobs_and_bool_flags():
+    """lengths index the tokens (tokens[i, :lengths[i]]) and count them, so they are integers, as the tokens are."""
+    gen = M.generate(tiny_model(seed=21), [[1, 2, 3], [4]], 3, generator=torch.Generator().manual_seed(0))
+    assert gen.tokens.dtype == gen.lengths.dtype == torch.long
+    assert gen.logprobs.dtype == torch.float32 and gen.finished.dtype == torch.bool
+
+
+def test_generate_defaults_sample_the_plain_softmax_of_a_full_forward_pass():
+    """At its defaults (temperature 1, no top-k/top-p/min-p) generate samples from softmax(z): every new token's
+    log-prob is log_softmax of the logits a full forward pass gives at its position."""
+    model, prompt = tiny_model(seed=22), [5, 9, 1]
+    gen = M.generate(model, [prompt], 6, stop_ids=(), generator=torch.Generator().manual_seed(3))
+    new = gen.tokens[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + new.tolist()]))[0].float()        # (T, V)
+    expected = F.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(-1, new[:, None]).squeeze(-1)
+    close(gen.logprobs[0], expected, tol=1e-4)
+
+
+def test_top_p_stops_when_the_mass_reaches_p_exactly():
+    """Four equally likely tokens (softmax of zeros: exactly 1/4 each in binary floating point, and exact partial
+    sums): the smallest set whose mass reaches p = 1/2 has two tokens, not three; p = 0.7 needs three."""
+    for p, size in [(0.25, 1), (0.5, 2), (0.7, 3), (0.75, 3), (0.76, 4)]:
+        assert len(kept(M.sampling_logprobs(torch.zeros(4), top_p=p))) == size, p
+
+
+def test_kv_cache_buffers_take_the_dtype_of_the_first_write_and_store_later_writes_in_it():
+    """A layer's buffers are allocated at the first write in the dtype the layer produced (bf16 under autocast:
+    half the memory of fp32), zero where nothing is written; a later write in another dtype is rounded into them."""
+    cfg = tiny_model().config
+    cache = M.KVCache(cfg, batch_size=2, max_len=5, device="cpu")
+    k = torch.randn(2, cfg.n_kv_head, 3, cfg.head_dim, generator=torch.Generator().manual_seed(0)).bfloat16()
+    K, V = cache.update(0, k, k + 1, torch.arange(3))
+    assert K.dtype == V.dtype == torch.bfloat16 and K.shape == V.shape == (2, cfg.n_kv_head, 5, cfg.head_dim)
+    assert torch.equal(K[:, :, :3], k) and torch.equal(V[:, :, :3], k + 1) and (K[:, :, 3:] == 0).all()
+    later = torch.randn(2, cfg.n_kv_head, 1, cfg.head_dim, generator=torch.Generator().manual_seed(1))   # fp32
+    K, V = cache.update(0, later, -later, torch.tensor([3]))
+    assert K.dtype == torch.bfloat16 and torch.equal(K[:, :, 3:4], later.bfloat16())
+    assert torch.equal(V[:, :, 3:4], (-later).bfloat16())
+
+
+def test_generate_runs_one_decode_step_per_new_token_after_the_first(monkeypatch):
+    """The prefill's logits give the first new token and each further token costs one decode step:
+    max_new_tokens - 1 steps for rows that never stop (a step after the last token computes unread logits)."""
+    steps, decode = [], M.Decoder.__call__
+    monkeypatch.setattr(M.Decoder, "__call__", lambda self, *a, **k: steps.append(1) or decode(self, *a, **k))
+    gen = M.generate(tiny_model(seed=23), [[1, 2], [3]], 5, temperature=0.0, stop_ids=())
+    assert gen.tokens.shape == (2, 5) and len(steps) == 4

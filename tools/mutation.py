@@ -129,6 +129,19 @@ MASKED_TWICE = ("one of two guards dropped: the masked mean reads values through
 F32_START = ("the loss starts as a float32 zero but loss = loss + x is not in place: the first float64 chunk promotes "
              "it to float64 (a float64 test checks the dtype and the value to 1e-12)")
 EXTRA_BUFFER = "allocates a gradient buffer that is not needed: memory only, the returned values are the same"
+DEVICE_CPU = ("device=None or the argument dropped: the default device, the CPU, where the tests run; a CUDA run "
+              "(tests/test_model.py's cuda tests) needs them")
+INT_DTYPE = "dtype dropped: torch.full/tensor/as_tensor of Python ints is int64 (and of -1 too), the dtype written"
+SAME_DIM = "the same dimension: +1 is -1 on the 2-D tensor (and transpose(-1, +2) is transpose(-1, -2) on 4-D k)"
+DEFAULT_DIM = "dim=-1 is topk's and sort's default"
+TOP_P_OFF = "top_p 2.0 as the default: like 1.0, not < 1, so no nucleus truncation either way"
+SPEED = "a speed switch of generate: the tokens and log-probs are the same (tests compare both settings), only the work differs"
+COMPILE = ("whether the CPU decode step is compiled: the compiled step gives the eager tokens and log-probs (a test "
+           "checks it), only the time differs")
+CHECKPOINT = ("whether (or how) a chunk of token_logprobs is checkpointed, or how many rows a chunk has: memory only; "
+              "values and gradients are the same (tests compare them with one full forward for every chunk size)")
+EMPTY_SLOT = ("the doc id of a cache slot not yet written: such a slot is always later than every query of the call, "
+              "so the causal mask hides it whatever its doc id")
 EQUIVALENT = {
     "grpo.x_group_advantages__mutmut_5": "numel() == 1 instead of == 0: an empty (0, G) batch gives the same empty "
                                          "result through the main path, and a single reward is a constant group (0)",
@@ -209,6 +222,87 @@ EQUIVALENT = {
     "optim.x_clip_grad_norm___mutmut_11": "n.to(None) for n.to(first norm's device): one device, the CPU, in the tests",
     "optim.x_clip_grad_norm___mutmut_23": "coef.to(None): _foreach_mul_ by a 0-d float tensor works on every gradient "
                                           "dtype, the same up to coef's rounding",
+    "model.x_generate__mutmut_101": DEVICE_CPU,
+    "model.x_generate__mutmut_103": DEVICE_CPU,
+    "model.x_generate__mutmut_107": DEVICE_CPU,
+    "model.x_generate__mutmut_110": DEVICE_CPU,
+    "model.x_generate__mutmut_31": DEVICE_CPU,
+    "model.x_generate__mutmut_35": DEVICE_CPU,
+    "model.x_generate__mutmut_44": DEVICE_CPU,
+    "model.x_generate__mutmut_63": DEVICE_CPU,
+    "model.x_generate__mutmut_66": DEVICE_CPU,
+    "model.x_generate__mutmut_73": DEVICE_CPU,
+    "model.x_generate__mutmut_77": DEVICE_CPU,
+    "model.x_generate__mutmut_81": DEVICE_CPU,
+    "model.x_generate__mutmut_84": DEVICE_CPU,
+    "model.x_generate__mutmut_88": DEVICE_CPU,
+    "model.x_generate__mutmut_91": DEVICE_CPU,
+    "model.x_generate__mutmut_95": DEVICE_CPU,
+    "model.x_generate__mutmut_98": DEVICE_CPU,
+    "model.x_padded_batch__mutmut_49": DEVICE_CPU,
+    "model.x_padded_batch__mutmut_50": DEVICE_CPU,
+    "model.xǁKVCacheǁ__init____mutmut_10": DEVICE_CPU,
+    "model.xǁKVCacheǁ__init____mutmut_14": DEVICE_CPU,
+    "model.xǁKVCacheǁ__init____mutmut_19": DEVICE_CPU,
+    "model.xǁKVCacheǁ__init____mutmut_21": DEVICE_CPU,
+    "model.xǁKVCacheǁupdate__mutmut_5": DEVICE_CPU,
+    "model.xǁKVCacheǁupdate__mutmut_8": DEVICE_CPU,
+    "model.xǁKVCacheǁupdate__mutmut_12": DEVICE_CPU,
+    "model.xǁKVCacheǁupdate__mutmut_15": DEVICE_CPU,
+    "model.x_generate__mutmut_64": INT_DTYPE,
+    "model.x_generate__mutmut_67": INT_DTYPE,
+    "model.x_generate__mutmut_72": INT_DTYPE,
+    "model.x_generate__mutmut_76": INT_DTYPE,
+    "model.x_padded_batch__mutmut_14": INT_DTYPE,
+    "model.x_padded_batch__mutmut_17": INT_DTYPE,
+    "model.x_padded_batch__mutmut_44": INT_DTYPE,
+    "model.x_padded_batch__mutmut_46": INT_DTYPE,
+    "model.xǁKVCacheǁ__init____mutmut_9": INT_DTYPE,
+    "model.xǁKVCacheǁ__init____mutmut_13": INT_DTYPE,
+    "model.x_decode_attention__mutmut_22": SAME_DIM,
+    "model.x_left_pad_inputs__mutmut_5": SAME_DIM,
+    "model.x_token_logprobs__mutmut_50": SAME_DIM,
+    "model.x_token_logprobs__mutmut_52": SAME_DIM,
+    "model.x_token_logprobs__mutmut_64": SAME_DIM,
+    "model.x_sampling_logprobs__mutmut_49": DEFAULT_DIM,
+    "model.x_sampling_logprobs__mutmut_65": DEFAULT_DIM,
+    "model.x_generate__mutmut_3": TOP_P_OFF,
+    "model.x_sample__mutmut_3": TOP_P_OFF,
+    "model.x_sampling_logprobs__mutmut_3": TOP_P_OFF,
+    "model.x_token_logprobs__mutmut_3": TOP_P_OFF,
+    "model.x_generate__mutmut_5": SPEED,
+    "model.x_generate__mutmut_6": SPEED,
+    "model.x_generate__mutmut_20": SPEED,
+    "model.x_generate__mutmut_22": SPEED,
+    "model.x_generate__mutmut_24": SPEED,
+    "model.x_generate__mutmut_25": SPEED,
+    "model.x_generate__mutmut_189": SPEED,
+    "model.x_generate__mutmut_190": SPEED,
+    "model.x_generate__mutmut_191": SPEED,
+    "model.x_generate__mutmut_52": COMPILE,
+    "model.x_generate__mutmut_54": COMPILE,
+    "model.x_generate__mutmut_55": COMPILE,
+    "model.x_generate__mutmut_56": COMPILE,
+    "model.x_generate__mutmut_57": COMPILE,
+    "model.x_generate__mutmut_58": COMPILE,
+    "model.x_generate__mutmut_59": COMPILE,
+    "model.x_generate__mutmut_60": COMPILE,
+    "model.x_token_logprobs__mutmut_71": CHECKPOINT,
+    "model.x_token_logprobs__mutmut_85": CHECKPOINT,
+    "model.x_token_logprobs__mutmut_86": CHECKPOINT,
+    "model.x_token_logprobs__mutmut_87": CHECKPOINT,
+    "model.x_token_logprobs__mutmut_92": CHECKPOINT,
+    "model.x_token_logprobs__mutmut_96": CHECKPOINT,
+    "model.x_token_logprobs__mutmut_97": CHECKPOINT,
+    "model.xǁKVCacheǁ__init____mutmut_15": EMPTY_SLOT,
+    "model.xǁKVCacheǁ__init____mutmut_16": EMPTY_SLOT,
+    "model.x_padded_batch__mutmut_30": "slice(T - n, None) is slice(T - n, T) on a row of length T",
+    "model.x_padded_batch__mutmut_37": "slice(None, n) is slice(0, n)",
+    "model.x_padded_batch__mutmut_39": "slice(n) is slice(0, n)",
+    "model.x_generate__mutmut_116": "n's start value is read only when max_new_tokens == 0, and the output then has no columns either way",
+    "model.x_generate__mutmut_117": "the same as mutant 116",
+    "model.x_sampling_logprobs__mutmut_32": "top_k == V keeps every token either way",
+    "model.x_token_logprobs__mutmut_63": "the value filled at -inf log-probs is multiplied by exp(-inf) = 0: any finite value gives 0",
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
