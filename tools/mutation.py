@@ -62,11 +62,14 @@ TARGETS = {
               "sampling_logprobs", "sample", "generate", "token_logprobs"],
 }
 
-# Tests left out of a target's run, with the reason: mutmut's mutated file imports mutmut, which reads
-# setup.cfg from the working directory, so a test that runs the TARGET file as a subprocess from another
-# folder fails there on the unchanged code too (and mutmut then stops: "failed to collect stats").
+# Tests left out of a target's run, each failing under mutmut on the unchanged code (mutmut then stops: "failed
+# to collect stats"). ppo: mutmut's mutated file imports mutmut, which reads setup.cfg from the working
+# directory, so a test that runs ppo.py as a subprocess from another folder fails. model: fit_prompts' test
+# (prompt filtering, not the mutated functions) fails in mutmut's clean run and passes under plain pytest; why
+# was not found.
 DESELECT = {
     "ppo": ["tests/test_ppo.py::test_python_ppo_py_on_bad_input_is_one_line_exit_2_and_writes_nothing"],
+    "model": ["tests/test_model.py::test_fit_prompts_keeps_exactly_the_prompts_that_leave_room"],
 }
 
 # Decorated functions mutmut would skip: (target, "Class.method" or "function") -> how to re-apply the
