@@ -58,7 +58,7 @@ the success rate with its standard error, the mean turns and the share of episod
 random, the demonstrations, warm start, RL, the control and the expert. With --expert-share 1 (expert
 demonstrations only) there is no novice to outgrow, and more imitation is the natural competitor of RL.
 
-    python agent_env.py                        # BC, RL, BC control, table on held-out seeds (~5 CPU-minutes)
+    python agent_env.py                        # BC, RL, BC control, table on held-out seeds (~3 min, 2 CPU cores)
     python agent_env.py --envs keydoor --rl-steps 100
     python agent_env.py --expert-share 1          # expert demonstrations only
     python agent_env.py --init runs/sft/model.pt  # warm-start from a checkpoint (byte tokenizer), then BC
@@ -249,29 +249,35 @@ class CalculatorEnv(TextEnv):
     skill_name = "tool"
 
     @staticmethod
+    def question(observations) -> str:
+        """The expression asked in the first observation ("47*38")."""
+        return observations[0].removesuffix("=?\n")
+
+    @staticmethod
+    def answer_with_result(observations):
+        """Both demonstrators answer with the calculator's result once they have one: -> that action, or None."""
+        result = re.fullmatch(r"<result>(-?\d+)</result>\n", observations[-1])
+        return f"<answer>{result.group(1)}</answer>\n" if result else None
+
+    @staticmethod
     def expert(observations, actions):
         """Send the question to the calculator, then answer with its result."""
-        result = re.fullmatch(r"<result>(-?\d+)</result>\n", observations[-1])
-        if result:
-            return f"<answer>{result.group(1)}</answer>\n"
-        expression = observations[0].removesuffix("=?\n")
-        return f"<calc>{expression}</calc>\n"
+        return (CalculatorEnv.answer_with_result(observations)
+                or f"<calc>{CalculatorEnv.question(observations)}</calc>\n")
 
     @staticmethod
     def novice(observations, actions):
         """Estimates: sends the question with both factors rounded to tens to the calculator (47*38 ~ 50*40)
-        and answers with its result, right only when both are multiples of ten (about 1 time in 130)."""
-        result = re.fullmatch(r"<result>(-?\d+)</result>\n", observations[-1])
-        if result:
-            return f"<answer>{result.group(1)}</answer>\n"
-        a, b = map(int, observations[0].removesuffix("=?\n").split("*"))
-        return f"<calc>{round(a, -1)}*{round(b, -1)}</calc>\n"
+        and answers with its result: right when rounding changes nothing (both multiples of ten) or by a
+        coincidence such as 32*75 = 30*80, on 40 of the 4,624 questions."""
+        a, b = map(int, CalculatorEnv.question(observations).split("*"))
+        return CalculatorEnv.answer_with_result(observations) or f"<calc>{round(a, -1)}*{round(b, -1)}</calc>\n"
 
     @staticmethod
     def uses_skill(observations, actions):
         """Sent the question's own expression to the calculator."""
-        expression = observations[0].removesuffix("=?\n")
-        return any(action.rstrip("\n") == f"<calc>{expression}</calc>" for action in actions)
+        call = f"<calc>{CalculatorEnv.question(observations)}</calc>"
+        return any(action.rstrip("\n") == call for action in actions)
 
     def random_action(self, rng):   # a random 4-digit answer: success probability 1/9000
         return f"<answer>{rng.randint(1000, 9999)}</answer>\n"

@@ -166,11 +166,11 @@ def slope(d: float, alpha: float, beta: float, form: str) -> float:
 
 
 def no_peak_trend(alpha: float, beta: float, form: str, max_d: float) -> str:
-    """What a fit without a peak does over the measured range (0, max_d]: rising, falling (the best gold is
-    the start's), or falling then rising (a minimum). Read from the slope on a grid of d."""
-    grid = [max_d * k / 64 for k in range(1, 65)]
-    signs = {slope(d, alpha, beta, form) > 0 for d in grid}
-    return "rising" if signs == {True} else "falling" if signs == {False} else "falling, then rising"
+    """What a fit without a peak does over the measured range [max_d / 64, max_d]: rising, falling (the best gold
+    is the start's), or falling then rising (a minimum). Without a peak beta <= 0, so the slope never decreases
+    with d (bon: -2 beta >= 0; rl: -beta / d >= 0), and its signs at the two ends of the range decide."""
+    first, last = (slope(d, alpha, beta, form) > 0 for d in (max_d / 64, max_d))
+    return "rising" if first else "falling" if not last else "falling, then rising"
 
 
 def peak(alpha: float, beta: float, form: str):
@@ -385,8 +385,10 @@ def format_table(series: dict, fits: dict) -> str:
              "fit alpha | fit beta | fitted peak d* (gold*) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, values in series.items():
         fit = fits[name]
-        fitted = f"none ({no_peak_trend(fit['alpha'], fit['beta'], fit['form'], fit['max_d'])})" if fit["peak"] is None else \
-            f"{fit['peak'][0]:.2f} ({100 * (fit['gold0'] + fit['peak'][1]):.1f}%)"
+        if fit["peak"] is None:
+            fitted = f"none ({no_peak_trend(fit['alpha'], fit['beta'], fit['form'], fit['max_d'])})"
+        else:
+            fitted = f"{fit['peak'][0]:.2f} ({100 * (fit['gold0'] + fit['peak'][1]):.1f}%)"
         lines.append(f"| {name} | {len(values['kl'])} | {fit['d'][-1]:.2f} | {values['proxy'][0]:+.2f} -> "
                      f"{values['proxy'][-1]:+.2f} | {100 * values['gold'][0]:.1f}% -> {100 * values['gold'][-1]:.1f}% | "
                      f"{100 * fit['measured_peak']['gold']:.1f}% ({fit['measured_peak']['d']:.2f}) | "
