@@ -1730,3 +1730,61 @@ def test_generate_runs_one_decode_step_per_new_token_after_the_first(monkeypatch
     monkeypatch.setattr(M.Decoder, "__call__", lambda self, *a, **k: steps.append(1) or decode(self, *a, **k))
     gen = M.generate(tiny_model(seed=23), [[1, 2], [3]], 5, temperature=0.0, stop_ids=())
     assert gen.tokens.shape == (2, 5) and len(steps) == 4
+
+
+# ---- rollout speed: sampling by inversion, one prefill per distinct prompt, eager attention over written slots ----
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_sample_by_inversion_draws_the_first_token_whose_cumulative_mass_reaches_u(top_k, monkeypatch):
+    """For U ~ Uniform[0, 1) the token is the first i with p_1 + ... + p_i >= (1 - U) * (p_1 + ... + p_V),
+    checked by a float64 loop over the probabilities for chosen U. The edges: U = 0 (u is the whole mass) draws
+    the last token of positive probability, never one of the zero-probability tokens after it (top-k); U just
+    below 1 draws the first token of positive probability."""
+    logits = torch.tensor([0.3, -1.0, 1.2, 0.1, -0.4, 2.0, -2.0, 0.0])
+    p = M.sampling_logprobs(logits, 1.0, top_k=top_k).exp().double().tolist()
+    positive = [i for i, q in enumerate(p) if q > 0]
+    cumulative = list(itertools.accumulate(p))
+
+    def inverse(U):
+        u = (1 - U) * cumulative[-1]
+        return next(i for i, c in enumerate(cumulative) if c >= u)
+
+    grid = [U for U in (i / 97 for i in range(97)) if min(abs((1 - U) * cumulative[-1] - c) for c in cumulative) > 1e-5]
+    draws = torch.tensor([0.0, 1 - 2 ** -24] + grid)
+    monkeypatch.setattr(torch, "rand", lambda n, *a, **k: draws[:n, None].clone())
+    tokens, logp = M.sample(logits[None].expand(len(draws), -1), 1.0, top_k=top_k)
+    assert tokens[0] == positive[-1] and tokens[1] == positive[0]
+    assert tokens[2:].tolist() == [inverse(U) for U in grid]
+    close(logp, torch.tensor(p).log().float()[tokens])
+
+
+def test_generate_prefills_each_distinct_prompt_once_and_every_copy_samples_as_the_prompt_alone(monkeypatch):
+    """GRPO repeats each prompt G times. The prefill runs on the distinct prompts (a cache of 3 rows for 6
+    prompts) and its rows are copied: greedy rows equal greedy decoding of the prompt alone by recomputation,
+    and every sampled token's log-prob equals a full forward pass over its own row."""
+    model = tiny_model(seed=24)
+    a, b, c = [5, 9, 1], [44, 2, 7, 8, 100], [17]
+    prompts = [a, b, a, a, c, b]
+    sizes, original_init = [], M.KVCache.__init__
+    monkeypatch.setattr(M.KVCache, "__init__", lambda cache, cfg, batch_size, *rest: (
+        sizes.append(batch_size), original_init(cache, cfg, batch_size, *rest))[1])
+    greedy = M.generate(model, prompts, 6, temperature=0.0, stop_ids=())
+    assert sizes == [3]
+    for i, prompt in enumerate(prompts):
+        assert greedy.tokens[i].tolist() == greedy_by_recomputation(model, prompt, 6)
+    sampled = M.generate(model, prompts, 6, stop_ids=(), generator=torch.Generator().manual_seed(4))
+    for i, prompt in enumerate(prompts):
+        new = sampled.tokens[i].tolist()
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + new]))[0].log_softmax(-1)
+        close(sampled.logprobs[i], torch.stack([logp[len(prompt) - 1 + j, t] for j, t in enumerate(new)]))
+
+
+def test_eager_decode_attends_to_the_written_slots_only(monkeypatch):
+    """The eager decode step reads the slots written so far (prompt + tokens decoded), not the whole static
+    buffer of prompt + max_new_tokens slots: with a 3-token prompt and 6 new tokens the five decode steps
+    attend to 4, 5, 6, 7 and 8 keys, in each of the 2 layers."""
+    widths, original = [], M.decode_attention
+    monkeypatch.setattr(M, "decode_attention", lambda q, k, v, mask: (widths.append(k.shape[2]), original(q, k, v, mask))[1])
+    M.generate(tiny_model(seed=25), [[1, 2, 3]], 6, temperature=0.0, stop_ids=(), compile=False)
+    assert widths == [w for w in (4, 5, 6, 7, 8) for _ in range(2)]

@@ -1,0 +1,95 @@
+"""GRPO's rollouts on a CPU: today's `model.generate` against the one issue 21 measured (the `model.py` of
+commit 90aac4f: a cache that grew by one slice per step, attention over it with scaled_dot_product_attention,
+torch.multinomial, every row decoded until the last one stopped). A benchmark, not a test.
+
+    python grpo.py                                   # once: writes runs/sft/model.pt, the SFT start
+    python tests/bench_rollouts.py                   # 8 rollouts each way, interleaved, after a warm-up pair
+    python tests/bench_rollouts.py --threads 1 --rollouts 12
+
+Both load the same weights and sample GRPO's default rollout (32 prompts x 8 completions of at most 96 new
+tokens, temperature 1) from the same prompts of data/rl_train.jsonl; old and new alternate in one process and
+the first pair is a warm-up. The baseline module is read with `git show`, so this needs the repository's
+history (a clone, not an export)."""
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import model as M  # noqa: E402
+
+BASELINE = "90aac4f"   # main when issue 21 was filed: the generate it measured
+
+
+def baseline_module(commit: str):
+    """The model.py of `commit`, imported under the name model_<commit>."""
+    try:
+        source = subprocess.run(["git", "show", f"{commit}:model.py"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise M.UserError(f"cannot read model.py at commit {commit} with git ({e}); run from a git clone") from None
+    path = os.path.join(tempfile.mkdtemp(), f"model_{commit}.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"model_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module      # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init", default="runs/sft/model.pt", help="the policy checkpoint (default: python grpo.py's SFT start)")
+    parser.add_argument("--data", default="data/rl_train.jsonl", help="prompts, as grpo.py reads them")
+    parser.add_argument("--rollouts", type=int, default=8, help="timed rollouts each way (after one warm-up pair)")
+    parser.add_argument("--prompts-per-step", type=int, default=32, help="prompts per rollout")
+    parser.add_argument("--group-size", type=int, default=8, help="completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=M.MAX_NEW_TOKENS, help="completion length limit")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--baseline", default=BASELINE, help="the commit whose generate is the baseline")
+    args = parser.parse_args(argv)
+    if min(args.rollouts, args.prompts_per_step, args.group_size, args.max_new_tokens) < 1 or args.threads < 0:
+        raise M.UserError("--rollouts, --prompts-per-step, --group-size and --max-new-tokens must be >= 1, --threads >= 0")
+    if not os.path.exists(args.init):
+        raise M.UserError(f"--init {args.init}: no such checkpoint (python grpo.py writes runs/sft/model.pt)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    new_model, enc, _ = M.load(args.init)
+    old = baseline_module(args.baseline)
+    fields = old.Config.__dataclass_fields__
+    old_model = old.GPT(old.Config(**{k: v for k, v in vars(new_model.config).items() if k in fields}))
+    old_model.load_state_dict(new_model.state_dict())
+    rows = M.fit_prompts(M.read_prompts(args.data), enc, new_model.config.block_size, args.max_new_tokens, args.data)
+    P, G = args.prompts_per_step, args.group_size
+    if len(rows) < P * (args.rollouts + 1):
+        raise M.UserError(f"--data {args.data}: {len(rows)} prompts, {P * (args.rollouts + 1)} needed")
+    print(f"{args.init}: {new_model.num_params() / 1e6:.2f} M parameters | {P} prompts x {G} completions, at most "
+          f"{args.max_new_tokens} new tokens, temperature 1 | {torch.get_num_threads()} threads | baseline: "
+          f"model.py at {args.baseline}", flush=True)
+    kwargs = dict(temperature=1.0, stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc))
+    seconds, tokens = {"today": 0.0, args.baseline: 0.0}, {"today": 0, args.baseline: 0}
+    for i in range(args.rollouts + 1):
+        prompts = [M.encode_prompt(enc, r["prompt"]) for r in rows[i * P:(i + 1) * P] for _ in range(G)]
+        runs = [("today", M.generate, new_model), (args.baseline, old.generate, old_model)]
+        for name, generate, model in runs if i % 2 else runs[::-1]:
+            start = time.perf_counter()
+            out = generate(model, prompts, args.max_new_tokens, generator=torch.Generator().manual_seed(i), **kwargs)
+            if i:                                    # rollout 0 is the warm-up
+                seconds[name] += time.perf_counter() - start
+                tokens[name] += int(out.lengths.sum())
+    for name in seconds:
+        print(f"{name:>8}: {seconds[name] / args.rollouts:.3f} s per rollout, {tokens[name] / args.rollouts:,.0f} new "
+              f"tokens per rollout, {tokens[name] / seconds[name]:,.0f} new tokens/s")
+    print(f"today's rollouts are {seconds[args.baseline] / seconds['today']:.2f}x faster than {args.baseline}'s "
+          f"({args.rollouts} rollouts each, same prompts and weights)")
+
+
+if __name__ == "__main__":
+    M.cli(main)
