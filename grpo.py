@@ -91,6 +91,7 @@ class Args:
     chat_template: str = "auto"            # auto|none|chatml|llama3: how prompts are wrapped (auto: from the checkpoint)
     dtype: str = "float32"                 # float32|bfloat16: the weights' precision (bf16 halves their memory)
     grad_checkpoint: bool = False          # recompute each block in the backward pass: less activation memory
+    compile_train: bool = False            # torch.compile each block for the training forward (model.GPT.compile_blocks)
     compile: str = "auto"                  # the rollouts' decode step: auto (a CUDA graph on CUDA, eager on a CPU) | on | off
     threads: int = 0                       # torch CPU threads, passed on to the control too (0 = torch's default)
     device: str = "auto"                   # auto | cpu | cuda
@@ -116,6 +117,8 @@ def check_args(args) -> None:
     M.get_device(args.device)
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise M.UserError("--fsdp shards the model over processes: run under torchrun --nproc_per_node N (N >= 2)")
+    if args.compile_train and args.fsdp:
+        raise M.UserError("--compile-train with --fsdp is not supported: compile the blocks or shard them, not both")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +483,7 @@ def control_command(args, minutes: float) -> list:
                            max_new_tokens=args.max_new_tokens, time_budget=f"{minutes:.4f}", max_steps=0,
                            out=os.path.join(args.out, "control"), seed=args.seed, device=args.device,
                            threads=args.threads, chat_template=args.chat_template, dtype=args.dtype,
-                           grad_checkpoint=args.grad_checkpoint, **lr)
+                           grad_checkpoint=args.grad_checkpoint, compile_train=args.compile_train, **lr)
 
 
 def prepare_inputs(args, main_process: bool, ddp: bool):
@@ -537,6 +540,8 @@ def train(args) -> dict:
     generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
     policy.eval()        # dropout off: the policy we update is exactly the policy we sampled from
     reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 else None
+    if args.compile_train:      # after the copy: the reference only runs without gradients, eagerly
+        policy.compile_blocks()
     model = torch.nn.parallel.DistributedDataParallel(policy) if ddp and not args.fsdp else policy
     if args.fsdp:       # FSDP2: each rank keeps 1/world of the weights; gradients averaged over ranks, as DDP does
         M.shard_model(policy, device)

@@ -209,30 +209,48 @@ class KVCache:
     empty slot is never attended to. `length` slots are written (the same for every row: prompts are
     left-padded to one length). keep(rows) drops finished rows or repeats a row."""
 
-    def __init__(self, cfg: Config, batch_size: int, max_len: int, device):
+    def __init__(self, cfg: Config, batch_size: int, max_len: int, device, zeroed: bool = True):
         self.k = [None] * cfg.n_layer
         self.v = [None] * cfg.n_layer
         self.shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.doc_ids = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
         self.slots = torch.arange(max_len, device=device)                       # (L,) key index of each slot
         self.length = 0
+        self.zeroed = zeroed
+
+    def buffer(self, like, batch_size: int):
+        """A (batch_size, Hkv, max_len, d) buffer in like's dtype and device: zeros, for a step that reads
+        every slot (fixed shapes: an empty slot gets weight 0, and 0 times an uninitialised NaN is NaN), or
+        uninitialised with zeroed=False, for callers that read written slots only (eager decoding): its
+        memory pages are then touched as slots are written, not all at once."""
+        new = torch.zeros if self.zeroed else torch.empty
+        return new((batch_size, *self.shape[1:]), dtype=like.dtype, device=like.device)
 
     def update(self, layer: int, k, v, index):
         """Write this call's k, v (B, Hkv, T, d) at the slots `index` (T,); return the whole buffers (the
         caller attends to the slots its mask covers: all of them at fixed shapes, the written ones eagerly)."""
         if self.k[layer] is None:   # allocated at the first write, in the dtype the layer produces (bf16 under autocast)
-            self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
-            self.v[layer] = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+            self.k[layer], self.v[layer] = self.buffer(k, self.shape[0]), self.buffer(v, self.shape[0])
         self.k[layer].index_copy_(2, index, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(2, index, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]                                      # (B, Hkv, L, d)
 
     def keep(self, rows) -> None:
         """The batch becomes the rows `rows` (a LongTensor) of this one: finished rows dropped stop costing
-        work, and a row repeated copies a prompt's prefilled keys and values to each of its samples."""
-        self.k = [None if k is None else k[rows] for k in self.k]
-        self.v = [None if v is None else v[rows] for v in self.v]
-        self.doc_ids = self.doc_ids[rows]
+        work, and a row repeated copies a prompt's prefilled keys and values to each of its samples. The
+        `length` written slots are copied into new buffers."""
+        written = slice(0, self.length)
+
+        def take(old):
+            if old is None:
+                return None
+            new = self.buffer(old, len(rows))
+            new[:, :, written] = old[rows, :, written]
+            return new
+        self.k, self.v = [take(k) for k in self.k], [take(v) for v in self.v]
+        doc_ids = torch.full((len(rows), self.shape[2]), -1, dtype=torch.long, device=self.doc_ids.device)
+        doc_ids[:, written] = self.doc_ids[rows, written]
+        self.doc_ids = doc_ids
         self.shape = (len(rows), *self.shape[1:])
 
 
@@ -404,6 +422,7 @@ class GPT(nn.Module):
         self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.checkpoint_blocks = False   # gradient checkpointing: activation memory of one block, not all L
+        self.compiled_blocks = None      # compile_blocks(): torch.compile'd blocks for training forwards
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight   # Press & Wolf 2017
@@ -416,6 +435,13 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """torch.compile each transformer block for the training forward (no cache, gradients on), as
+        torchtitan compiles per block: a block's norms, RoPE and activations fuse, and its Python overhead
+        goes. The compiled blocks wrap these ones, so the parameters, state_dict, optimizer and checkpoints
+        are unchanged; forwards without gradients (evaluation, a reference) and decoding stay eager."""
+        self.compiled_blocks = [torch.compile(block, backend=backend) for block in self.blocks]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())   # tied weights are counted once
@@ -461,8 +487,11 @@ class GPT(nn.Module):
         elif doc_ids is not None:
             index = torch.arange(T, device=tokens.device)
             mask = attention_mask(doc_ids, doc_ids, index, index)
+        training = cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
-            if self.checkpoint_blocks and cache is None and torch.is_grad_enabled():
+            if training and self.compiled_blocks is not None:
+                block = self.compiled_blocks[layer]
+            if self.checkpoint_blocks and training:
                 # gradient checkpointing: keep only each block's input, recompute the block in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, layer, use_reentrant=False)
             else:
@@ -1127,20 +1156,13 @@ def sampling_logprobs(logits, temperature: float = 1.0, top_k: int = 0, top_p: f
 
 def sample(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
            generator=None):
-    """Draw one token per row of logits (..., V); return tokens (...,) and their sampling log-probs (...,).
-
-    By inversion: with F the cumulative sum of the probabilities (F_V = the row's mass, 1 up to rounding) and
-    u = (1 - U) F_V for one U ~ Uniform[0, 1) per row, the token is the first i with F_i >= u, drawn with
-    probability (F_i - F_{i-1}) / F_V = p_i. u lies in (0, F_V], so a token of probability 0 (outside top-k,
-    top-p, min-p) is never drawn: its F_i equals F_{i-1}, and the search stops at an earlier token.
-    One random number per row, where torch.multinomial draws V (26x faster on a CPU at 256 x 258)."""
+    """Draw one token per row of logits (..., V); return tokens (...,) and their sampling log-probs (...,)."""
     logp = sampling_logprobs(logits, temperature, top_k, top_p, min_p)
     if temperature == 0:
         tokens = logp.argmax(-1)
     else:
-        cdf = logp.reshape(-1, logp.shape[-1]).exp().cumsum(-1)                     # (N, V)
-        u = (1 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)) * cdf[:, -1:]   # (N, 1)
-        tokens = torch.searchsorted(cdf, u).view(logp.shape[:-1])
+        flat = logp.reshape(-1, logp.shape[-1]).exp()
+        tokens = torch.multinomial(flat, 1, generator=generator).view(logp.shape[:-1])
     return tokens, logp.gather(-1, tokens[..., None]).squeeze(-1)
 
 
@@ -1247,8 +1269,8 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
     prefill_row = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
     tokens, mask = padded_batch(list(distinct), pad_id, side="left", device=device)
     positions, doc_ids = left_pad_inputs(mask)
-    cache = KVCache(model.config, len(distinct), P + max_new_tokens, device)
     decoder = Decoder(model, device.type == "cuda" if compile is None else compile)
+    cache = KVCache(model.config, len(distinct), P + max_new_tokens, device, zeroed=decoder.mode != "eager")
     stop = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
     out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(B, max_new_tokens, device=device)
@@ -2946,7 +2968,7 @@ class BenchArgs:
     gen_batches: str = "1,64"    # generation batch sizes, comma-separated
     gen_tokens: int = 96         # new tokens per prompt (greedy, no early stop, so every row makes them all)
     recompute: bool = True       # also time generation without a cache (the whole sequence per token)
-    compile: bool = False        # also time the compiled decode step (CUDA graph on a GPU, inductor on a CPU)
+    compile: bool = False        # also time compiled blocks in training and the compiled decode step (CUDA graph on a GPU, inductor on a CPU)
     device: str = "auto"         # auto | cpu | cuda
     seed: int = 0                # random seed
 
@@ -3057,6 +3079,15 @@ def main(argv=None):
     print(f"training   {tokens_per_s:,.0f} tokens/s ({train_s * 1e3:.1f} ms/step, batch {args.batch_size}x{args.seq_len}) "
           f"| {achieved / 1e12:.3f} TFLOP/s = {achieved / peak:.1%} of the measured matmul peak "
           f"({peak / 1e12:.2f} TFLOP/s) | peak memory {peak_memory_mb(device):,.0f} MB")
+    if args.compile:    # the same step with torch.compile'd blocks; the first call (the compilation) is the warm-up
+        model.compile_blocks()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        compiled_s = timed(train_step, device, args.steps)
+        model.compiled_blocks = None
+        print(f"training, compiled blocks: {args.batch_size * args.seq_len / compiled_s:,.0f} tokens/s "
+              f"({compiled_s * 1e3:.1f} ms/step), {train_s / compiled_s:.2f}x eager | peak memory "
+              f"{peak_memory_mb(device):,.0f} MB")
     del optimizer, x
     model.zero_grad(set_to_none=True)
 

@@ -71,6 +71,7 @@ class Args:
     chat_template: str = "auto"              # auto|none|chatml|llama3: how prompts are wrapped (auto: from the checkpoint)
     dtype: str = "float32"                   # float32|bfloat16: the weights' precision (bf16 halves their memory)
     grad_checkpoint: bool = False            # recompute each block in the backward pass: less activation memory
+    compile_train: bool = False              # torch.compile each block for the training forward (model.GPT.compile_blocks)
     device: str = "auto"                     # auto|cpu|cuda
     threads: int = 0                         # torch CPU threads per process (0 = torch's default)
     fsdp: bool = False                       # shard weights, gradients, optimizer state over torchrun processes (FSDP2)
@@ -107,6 +108,8 @@ def check_args(args):
         raise M.UserError(f"--out {args.out}: is a file, not a run folder")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise M.UserError("--fsdp shards the model over processes: run under torchrun --nproc_per_node N (N >= 2)")
+    if args.compile_train and args.fsdp:
+        raise M.UserError("--compile-train with --fsdp is not supported: compile the blocks or shard them, not both")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,10 +355,14 @@ def build_model(args, device):
             raise M.UserError(f"{'--resume' if args.resume else '--init'}: checkpoint {path} does not exist")
         model, enc, ckpt = M.load(path, device=device, dtype=M.DTYPES[args.dtype], chat_format=args.chat_template)
         model.checkpoint_blocks = args.grad_checkpoint
+        if args.compile_train:
+            model.compile_blocks()
         return model, enc, ckpt           # a corrupt or hostile file was a CheckpointError naming the path
     enc = M.set_chat_format(M.get_tokenizer(args.tokenizer), args.chat_template)
     model = M.GPT(model_config(args, enc.n_vocab)).to(device=device, dtype=M.DTYPES[args.dtype])
     model.checkpoint_blocks = args.grad_checkpoint
+    if args.compile_train:
+        model.compile_blocks()
     return model, enc, None
 
 

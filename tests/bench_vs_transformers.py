@@ -5,7 +5,7 @@ not a test: transformers is a test-only oracle, so this lives beside the tests, 
     python tests/bench_vs_transformers.py --shapes 135m --gen-batches 1,64 --device cuda
 
 For each shape: training tokens/s and peak memory (fp32 weights, bf16 autocast on CUDA, fused AdamW on
-CUDA, both models), greedy generation new tokens/s at each batch size (ours eager, ours compiled,
+CUDA, both models; ours also with torch.compile'd blocks), greedy generation new tokens/s at each batch size (ours eager, ours compiled,
 transformers' generate with its default dynamic cache), and one GRPO step's time split at that shape.
 Every figure is measured after a warm-up call, ours and theirs alternating in the same process."""
 import argparse
@@ -94,6 +94,12 @@ def compare(shape: str, args, device):
     print(f"training batch {args.batch_size}x{args.seq_len}: ours {tokens / s_ours:,.0f} tokens/s vs transformers "
           f"{tokens / s_theirs:,.0f} ({s_theirs / s_ours:.2f}x) | peak memory ours {m_ours:,.0f} MB vs {m_theirs:,.0f} MB "
           f"({m_ours / m_theirs:.2f}x)", flush=True)
+    ours.compile_blocks()           # the same step with torch.compile'd blocks (the warm-up call compiles)
+    s_compiled = timed(step_ours, device)
+    m_compiled = peak_mb(device, step_ours)
+    ours.compiled_blocks = None
+    print(f"training, ours with compiled blocks: {tokens / s_compiled:,.0f} tokens/s ({s_theirs / s_compiled:.2f}x "
+          f"transformers) | peak memory {m_compiled:,.0f} MB ({m_compiled / m_theirs:.2f}x)", flush=True)
     del opt_ours, opt_theirs
     ours.zero_grad(set_to_none=True)
     theirs.zero_grad(set_to_none=True)

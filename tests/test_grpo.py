@@ -705,3 +705,26 @@ def test_expression_reward_is_one_exactly_when_the_expression_hits_the_target_wi
     assert reward("#### 25*4-8/") == 0.0         # does not parse: 0, never an exception
     assert reward("no answer line") == 0.0
     assert grpo.REWARDS["expression"]("#### 3+4", {"answer": "7"}, 3, False, args) == 0.0   # no numbers: none allowed
+
+
+def test_compile_train_compiles_the_policy_after_the_reference_copy_and_passes_to_the_control(tmp_path, monkeypatch):
+    """--compile-train compiles the policy's blocks (backend aot_eager here) once, after the KL reference is
+    copied (the reference runs without gradients, eagerly), the run trains, and the control's sft.py command
+    carries the flag, so both arms of the comparison train with the same kernels. With --fsdp under torchrun
+    it is refused in one line."""
+    tmp = tiny_setup(tmp_path)
+    original = M.GPT.compile_blocks
+    compiled = []
+    monkeypatch.setattr(M.GPT, "compile_blocks", lambda model: (compiled.append(model), original(model, backend="aot_eager"))[1])
+    monkeypatch.setitem(grpo.REWARDS, "digits", digit_reward)   # a reward that varies within a group: updates run
+    torch._dynamo.reset()
+    grpo.train(tiny_args(tmp, max_steps=2, beta=0.1, compile_train=True, rewards="digits=1"))
+    assert len(compiled) == 1 and compiled[0].compiled_blocks is not None
+    rows = [json.loads(l) for l in open(tmp / "run" / "metrics.jsonl") if '"train"' in l]
+    assert len(rows) == 2 and all(r["grad_norm"] > 0 and math.isfinite(r["kl"]) for r in rows)
+    command = grpo.control_command(tiny_args(tmp, compile_train=True), 1.0)
+    import sft
+    assert "--compile-train" in command and M.parse_args(sft.Args, command[1:]).compile_train
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(M.UserError, match="--compile-train with --fsdp"):
+        grpo.check_args(tiny_args(tmp, compile_train=True, fsdp=True))

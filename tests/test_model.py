@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import unittest.mock
 from dataclasses import dataclass
 
 import numpy as np
@@ -1732,31 +1733,7 @@ def test_generate_runs_one_decode_step_per_new_token_after_the_first(monkeypatch
     assert gen.tokens.shape == (2, 5) and len(steps) == 4
 
 
-# ---- rollout speed: sampling by inversion, one prefill per distinct prompt, eager attention over written slots ----
-
-@pytest.mark.parametrize("top_k", [0, 3])
-def test_sample_by_inversion_draws_the_first_token_whose_cumulative_mass_reaches_u(top_k, monkeypatch):
-    """For U ~ Uniform[0, 1) the token is the first i with p_1 + ... + p_i >= (1 - U) * (p_1 + ... + p_V),
-    checked by a float64 loop over the probabilities for chosen U. The edges: U = 0 (u is the whole mass) draws
-    the last token of positive probability, never one of the zero-probability tokens after it (top-k); U just
-    below 1 draws the first token of positive probability."""
-    logits = torch.tensor([0.3, -1.0, 1.2, 0.1, -0.4, 2.0, -2.0, 0.0])
-    p = M.sampling_logprobs(logits, 1.0, top_k=top_k).exp().double().tolist()
-    positive = [i for i, q in enumerate(p) if q > 0]
-    cumulative = list(itertools.accumulate(p))
-
-    def inverse(U):
-        u = (1 - U) * cumulative[-1]
-        return next(i for i, c in enumerate(cumulative) if c >= u)
-
-    grid = [U for U in (i / 97 for i in range(97)) if min(abs((1 - U) * cumulative[-1] - c) for c in cumulative) > 1e-5]
-    draws = torch.tensor([0.0, 1 - 2 ** -24] + grid)
-    monkeypatch.setattr(torch, "rand", lambda n, *a, **k: draws[:n, None].clone())
-    tokens, logp = M.sample(logits[None].expand(len(draws), -1), 1.0, top_k=top_k)
-    assert tokens[0] == positive[-1] and tokens[1] == positive[0]
-    assert tokens[2:].tolist() == [inverse(U) for U in grid]
-    close(logp, torch.tensor(p).log().float()[tokens])
-
+# ---- rollout speed: one prefill per distinct prompt, eager attention over the written slots only ----
 
 def test_generate_prefills_each_distinct_prompt_once_and_every_copy_samples_as_the_prompt_alone(monkeypatch):
     """GRPO repeats each prompt G times. The prefill runs on the distinct prompts (a cache of 3 rows for 6
@@ -1766,8 +1743,8 @@ def test_generate_prefills_each_distinct_prompt_once_and_every_copy_samples_as_t
     a, b, c = [5, 9, 1], [44, 2, 7, 8, 100], [17]
     prompts = [a, b, a, a, c, b]
     sizes, original_init = [], M.KVCache.__init__
-    monkeypatch.setattr(M.KVCache, "__init__", lambda cache, cfg, batch_size, *rest: (
-        sizes.append(batch_size), original_init(cache, cfg, batch_size, *rest))[1])
+    monkeypatch.setattr(M.KVCache, "__init__", lambda cache, cfg, batch_size, *rest, **options: (
+        sizes.append(batch_size), original_init(cache, cfg, batch_size, *rest, **options))[1])
     greedy = M.generate(model, prompts, 6, temperature=0.0, stop_ids=())
     assert sizes == [3]
     for i, prompt in enumerate(prompts):
@@ -1780,6 +1757,36 @@ def test_generate_prefills_each_distinct_prompt_once_and_every_copy_samples_as_t
         close(sampled.logprobs[i], torch.stack([logp[len(prompt) - 1 + j, t] for j, t in enumerate(new)]))
 
 
+def test_eager_decoding_never_reads_an_unwritten_slot_of_its_uninitialised_cache(monkeypatch):
+    """Eager decoding allocates its cache uninitialised (zeroed=False) because it reads written slots only.
+    Filled with NaN instead of whatever memory held, and compacted along the way, it still gives the tokens,
+    lengths and log-probs of a zero-filled cache (compile=True with aot_eager reads the whole buffer, so
+    it must get zeros: checked too)."""
+    model, n = tiny_model(seed=30), 10
+    stop = stop_ids_for(model, STOP_PROMPTS, n)
+    runs, zeroed = {}, []
+    original = M.KVCache.buffer
+
+    def nan_when_uninitialised(cache, like, batch_size):
+        zeroed.append(cache.zeroed)
+        out = original(cache, like, batch_size)
+        return out if cache.zeroed else out.fill_(math.nan)
+    for name in ("zeros", "nan"):
+        if name == "nan":
+            monkeypatch.setattr(M.KVCache, "buffer", nan_when_uninitialised)
+        runs[name] = M.generate(model, STOP_PROMPTS + STOP_PROMPTS[:2], n, stop_ids=stop, compile=False,
+                                generator=torch.Generator().manual_seed(8))
+    assert zeroed and not any(zeroed)
+    assert torch.equal(runs["nan"].tokens, runs["zeros"].tokens) and torch.equal(runs["nan"].lengths, runs["zeros"].lengths)
+    assert torch.isfinite(runs["nan"].logprobs).all()
+    close(runs["nan"].logprobs, runs["zeros"].logprobs)
+    zeroed.clear()
+    with unittest.mock.patch.object(M, "DECODE_BACKEND", "aot_eager"):
+        torch._dynamo.reset()
+        M.generate(model, STOP_PROMPTS, 4, temperature=0.0, stop_ids=(), compile=True)
+    assert zeroed and all(zeroed)
+
+
 def test_eager_decode_attends_to_the_written_slots_only(monkeypatch):
     """The eager decode step reads the slots written so far (prompt + tokens decoded), not the whole static
     buffer of prompt + max_new_tokens slots: with a 3-token prompt and 6 new tokens the five decode steps
@@ -1788,3 +1795,50 @@ def test_eager_decode_attends_to_the_written_slots_only(monkeypatch):
     monkeypatch.setattr(M, "decode_attention", lambda q, k, v, mask: (widths.append(k.shape[2]), original(q, k, v, mask))[1])
     M.generate(tiny_model(seed=25), [[1, 2, 3]], 6, temperature=0.0, stop_ids=(), compile=False)
     assert widths == [w for w in (4, 5, 6, 7, 8) for _ in range(2)]
+
+
+# ---- compiled blocks for training (GPT.compile_blocks) ----------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [dict(), dict(pos="learned", n_kv_head=1), dict(ffn="moe"), dict(checkpoint=True)],
+                         ids=str)
+def test_compiled_blocks_give_the_eager_loss_and_gradients(overrides):
+    """torch.compile'd blocks (backend aot_eager here: the same graph dynamo captures for inductor, run by
+    eager kernels) give the eager loss and every parameter's gradient, with GQA, learned positions, MoE routing
+    and gradient checkpointing; the parameters and state_dict are the eager model's own."""
+    torch._dynamo.reset()
+    overrides = dict(overrides)
+    checkpoint = overrides.pop("checkpoint", False)
+    model = tiny_model(seed=26, **overrides).train()
+    model.checkpoint_blocks = checkpoint
+    tokens = random_tokens(27, 3, 10)
+    keys = list(model.state_dict())
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = -M.token_logprobs(model, tokens).mean() + model.aux_loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager_grads = loss_and_grads()
+    model.compile_blocks(backend="aot_eager")
+    compiled_loss, compiled_grads = loss_and_grads()
+    close(compiled_loss, eager_loss)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name in eager_grads:
+        close(compiled_grads[name], eager_grads[name])
+    assert list(model.state_dict()) == keys
+
+
+def test_compiled_blocks_run_only_in_training_forwards():
+    """The compiled blocks serve forwards with gradients and no cache; a forward under no_grad (evaluation, the
+    reference model) and decoding with a KV cache use the eager blocks. Checked with recording stand-ins."""
+    model = tiny_model(seed=28)
+    calls = []
+    model.compiled_blocks = [(lambda block: lambda *a: calls.append(1) or block(*a))(b) for b in model.blocks]
+    tokens = random_tokens(29, 2, 6)
+    with torch.no_grad():
+        model(tokens)
+    M.generate(model, tokens.tolist(), 3, temperature=0.0, stop_ids=())
+    assert calls == []
+    model(tokens).sum().backward()
+    assert len(calls) == len(model.blocks)

@@ -712,3 +712,31 @@ def test_a_second_run_on_a_folder_being_written_is_refused_and_writes_nothing(tm
         first.wait()
     steps = [json.loads(line)["step"] for line in open(metrics)]  # every line whole, one writer
     assert steps == list(range(1, len(steps) + 1))
+
+
+def test_compile_train_takes_the_same_first_step_and_saves_the_eager_model_s_keys(tmp_path, monkeypatch):
+    """--compile-train (torch.compile'd blocks; backend aot_eager here, as inductor takes minutes to compile on
+    2 CPU cores) trains the same model: the first step's loss and gradient norm (same weights, same batch) equal
+    the eager run's to rounding, and the checkpoint has the eager model's keys. Later steps are not compared:
+    Adam's first update is about lr * sign(g), which turns rounding into visible differences."""
+    original = M.GPT.compile_blocks
+    compiled = []
+    monkeypatch.setattr(M.GPT, "compile_blocks", lambda model: (compiled.append(1), original(model, backend="aot_eager"))[1])
+    torch._dynamo.reset()
+    runs = {}
+    for name, flag in (("eager", False), ("compiled", True)):
+        sft.run(tiny_args(tmp_path, out=name, max_steps=2, compile_train=flag))
+        runs[name] = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl") if '"train"' in x]
+    assert compiled == [1]
+    first = runs["eager"][0], runs["compiled"][0]
+    assert first[1]["loss"] == pytest.approx(first[0]["loss"], rel=1e-5)
+    assert first[1]["grad_norm"] == pytest.approx(first[0]["grad_norm"], rel=1e-4)
+    assert M.load(str(tmp_path / "compiled" / "model.pt"))[0].state_dict().keys() == \
+        M.load(str(tmp_path / "eager" / "model.pt"))[0].state_dict().keys()
+
+
+def test_compile_train_with_fsdp_is_refused(tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE >= 2) --compile-train --fsdp is one line naming both flags, before anything is read."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(M.UserError, match="--compile-train with --fsdp"):
+        sft.check_args(tiny_args(tmp_path, compile_train=True, fsdp=True))
