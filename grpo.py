@@ -91,7 +91,7 @@ class Args:
     chat_template: str = "auto"            # auto|none|chatml|llama3: how prompts are wrapped (auto: from the checkpoint)
     dtype: str = "float32"                 # float32|bfloat16: the weights' precision (bf16 halves their memory)
     grad_checkpoint: bool = False          # recompute each block in the backward pass: less activation memory
-    compile_train: bool = False            # torch.compile each block for the training forward (model.GPT.compile_blocks)
+    compile_train: bool = False            # torch.compile each block for the training forward (GPT.compile_blocks)
     compile: str = "auto"                  # the rollouts' decode step: auto (a CUDA graph on CUDA, eager on a CPU) | on | off
     threads: int = 0                       # torch CPU threads, passed on to the control too (0 = torch's default)
     device: str = "auto"                   # auto | cpu | cuda

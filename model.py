@@ -483,7 +483,7 @@ class GPT(nn.Module):
             # where it writes (a Python int; eager decoding attends to 20 slots, not the buffer's 100+),
             # the whole buffer when the slots are a tensor (a compiled step: the same shapes every step).
             visible = cache.length + T if advance else cache.doc_ids.shape[1]
-            mask = attention_mask(doc_ids, cache.doc_ids[:, :visible], cache_index, cache.slots[:visible])   # (B, 1, T, L)
+            mask = attention_mask(doc_ids, cache.doc_ids[:, :visible], cache_index, cache.slots[:visible])   # (B,1,T,L)
         elif doc_ids is not None:
             index = torch.arange(T, device=tokens.device)
             mask = attention_mask(doc_ids, doc_ids, index, index)
@@ -1247,9 +1247,9 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
              generator=None, compile: bool | None = None, compact: bool = True, check_every: int = 0) -> Generation:
     """Batched sampling with a static KV cache: prefill the left-padded prompts in one forward (each distinct
     prompt once; its samples copy its cache rows), then decode one token per row per step (Decoder), attending
-    to the written slots only when the step runs eagerly. Pads form their own document and positions start at each row's
-    first real token, so a row samples as it would alone. A row stops at its first stop id (the defaults
-    are the byte tokenizer's; pass enc-specific ids).
+    to the written slots only when the step runs eagerly. Pads form their own document and positions start at
+    each row's first real token, so a row samples as it would alone. A row stops at its first stop id (the
+    defaults are the byte tokenizer's; pass enc-specific ids).
 
     compile: the Decoder's compiled step; None = on CUDA (a CUDA graph: same tokens, a fraction of the launch
     cost), not on a CPU (inductor's first compile takes about a minute there, more than it saves in a run).
@@ -2968,7 +2968,7 @@ class BenchArgs:
     gen_batches: str = "1,64"    # generation batch sizes, comma-separated
     gen_tokens: int = 96         # new tokens per prompt (greedy, no early stop, so every row makes them all)
     recompute: bool = True       # also time generation without a cache (the whole sequence per token)
-    compile: bool = False        # also time compiled blocks in training and the compiled decode step (CUDA graph on a GPU, inductor on a CPU)
+    compile: bool = False        # also time compiled blocks in training and the compiled decode step (CUDA graph / inductor)
     device: str = "auto"         # auto | cpu | cuda
     seed: int = 0                # random seed
 

@@ -71,7 +71,7 @@ class Args:
     chat_template: str = "auto"              # auto|none|chatml|llama3: how prompts are wrapped (auto: from the checkpoint)
     dtype: str = "float32"                   # float32|bfloat16: the weights' precision (bf16 halves their memory)
     grad_checkpoint: bool = False            # recompute each block in the backward pass: less activation memory
-    compile_train: bool = False              # torch.compile each block for the training forward (model.GPT.compile_blocks)
+    compile_train: bool = False              # torch.compile each block for the training forward (GPT.compile_blocks)
     device: str = "auto"                     # auto|cpu|cuda
     threads: int = 0                         # torch CPU threads per process (0 = torch's default)
     fsdp: bool = False                       # shard weights, gradients, optimizer state over torchrun processes (FSDP2)

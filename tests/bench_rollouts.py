@@ -46,7 +46,7 @@ def baseline_module(commit: str):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init", default="runs/sft/model.pt", help="the policy checkpoint (default: python grpo.py's SFT start)")
+    parser.add_argument("--init", default="runs/sft/model.pt", help="policy checkpoint (default: grpo.py's SFT start)")
     parser.add_argument("--data", default="data/rl_train.jsonl", help="prompts, as grpo.py reads them")
     parser.add_argument("--rollouts", type=int, default=8, help="timed rollouts each way (after one warm-up pair)")
     parser.add_argument("--prompts-per-step", type=int, default=32, help="prompts per rollout")
@@ -56,7 +56,7 @@ def main(argv=None):
     parser.add_argument("--baseline", default=BASELINE, help="the commit whose generate is the baseline")
     args = parser.parse_args(argv)
     if min(args.rollouts, args.prompts_per_step, args.group_size, args.max_new_tokens) < 1 or args.threads < 0:
-        raise M.UserError("--rollouts, --prompts-per-step, --group-size and --max-new-tokens must be >= 1, --threads >= 0")
+        raise M.UserError("--rollouts, --prompts-per-step, --group-size, --max-new-tokens must be >= 1; --threads >= 0")
     if not os.path.exists(args.init):
         raise M.UserError(f"--init {args.init}: no such checkpoint (python grpo.py writes runs/sft/model.pt)")
     if args.threads:

@@ -5,8 +5,9 @@ not a test: transformers is a test-only oracle, so this lives beside the tests, 
     python tests/bench_vs_transformers.py --shapes 135m --gen-batches 1,64 --device cuda
 
 For each shape: training tokens/s and peak memory (fp32 weights, bf16 autocast on CUDA, fused AdamW on
-CUDA, both models; ours also with torch.compile'd blocks), greedy generation new tokens/s at each batch size (ours eager, ours compiled,
-transformers' generate with its default dynamic cache), and one GRPO step's time split at that shape.
+CUDA, both models; ours also with torch.compile'd blocks), greedy generation new tokens/s at each batch
+size (ours eager, ours compiled, transformers' generate with its default dynamic cache), and one GRPO
+step's time split at that shape.
 Every figure is measured after a warm-up call, ours and theirs alternating in the same process."""
 import argparse
 import os
