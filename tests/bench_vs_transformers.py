@@ -34,28 +34,13 @@ def hf_model(shape: str, cfg: M.Config):
     return LlamaForCausalLM(LlamaConfig(**common))
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats=3):
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
-
-
 def peak_mb(device, fn):
     if device.type != "cuda":
         return float("nan")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     fn()
-    sync(device)
+    M.sync(device)
     return torch.cuda.max_memory_allocated() / 2 ** 20
 
 
@@ -90,13 +75,13 @@ def compare(shape: str, args, device):
         opt_theirs.zero_grad(set_to_none=True)
 
     tokens = args.batch_size * args.seq_len
-    s_ours, s_theirs = timed(step_ours, device), timed(step_theirs, device)
+    s_ours, s_theirs = M.timed(step_ours, device, 3), M.timed(step_theirs, device, 3)
     m_ours, m_theirs = peak_mb(device, step_ours), peak_mb(device, step_theirs)
     print(f"training batch {args.batch_size}x{args.seq_len}: ours {tokens / s_ours:,.0f} tokens/s vs transformers "
           f"{tokens / s_theirs:,.0f} ({s_theirs / s_ours:.2f}x) | peak memory ours {m_ours:,.0f} MB vs {m_theirs:,.0f} MB "
           f"({m_ours / m_theirs:.2f}x)", flush=True)
     ours.compile_blocks()           # the same step with torch.compile'd blocks (the warm-up call compiles)
-    s_compiled = timed(step_ours, device)
+    s_compiled = M.timed(step_ours, device, 3)
     m_compiled = peak_mb(device, step_ours)
     ours.compiled_blocks = None
     print(f"training, ours with compiled blocks: {tokens / s_compiled:,.0f} tokens/s ({s_theirs / s_compiled:.2f}x "
@@ -120,9 +105,9 @@ def compare(shape: str, args, device):
                 out["hf"] = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
                                             min_new_tokens=n_new, do_sample=False, eos_token_id=None,
                                             pad_token_id=0)[:, prompt.shape[1]:]
-        t_eager = timed(lambda: gen_ours(False), device, repeats=2)
-        t_compiled = timed(lambda: gen_ours(True), device, repeats=2)
-        t_hf = timed(gen_theirs, device, repeats=2)
+        t_eager = M.timed(lambda: gen_ours(False), device, 2)
+        t_compiled = M.timed(lambda: gen_ours(True), device, 2)
+        t_hf = M.timed(gen_theirs, device, 2)
         new = batch * n_new
         agree = (out["hf"] == out["eager"]).float().mean().item()
         print(f"greedy generation batch {batch:3d}, {n_new} new tokens: ours eager {new / t_eager:,.0f} tok/s, ours "
@@ -147,12 +132,12 @@ def grpo_split(policy, device, args, prompts_per_step=8, group_size=8):
     for attempt in range(2):                    # the first step is the warm-up
         t0 = time.perf_counter()
         batch, seen = grpo.collect_rollouts(policy, enc, lambda n: rows[:n], prompts_per_step, run, weights, generator, False)
-        sync(device)
+        M.sync(device)
         t1 = time.perf_counter()
         batch.rewards = torch.randn_like(batch.rewards)          # random rewards: every group has a signal
         advantages = grpo.group_advantages(batch.rewards).flatten()
         grpo.update(policy, policy, optimizer, batch, advantages, None, run, device, step=1)
-        sync(device)
+        M.sync(device)
         t2 = time.perf_counter()
     gen = t1 - t0 - batch.score_s
     print(f"GRPO step ({prompts_per_step} prompts x {group_size}, {args.gen_tokens} new tokens): generation {gen:.2f} s, "
