@@ -62,14 +62,14 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     new_model, enc, _ = M.load(args.init)
-    old = baseline_module(args.baseline)
-    fields = old.Config.__dataclass_fields__
-    old_model = old.GPT(old.Config(**{k: v for k, v in vars(new_model.config).items() if k in fields}))
-    old_model.load_state_dict(new_model.state_dict())
     rows = M.fit_prompts(M.read_prompts(args.data), enc, new_model.config.block_size, args.max_new_tokens, args.data)
     P, G = args.prompts_per_step, args.group_size
     if len(rows) < P * (args.rollouts + 1):
         raise M.UserError(f"--data {args.data}: {len(rows)} prompts, {P * (args.rollouts + 1)} needed")
+    old = baseline_module(args.baseline)
+    fields = old.Config.__dataclass_fields__
+    old_model = old.GPT(old.Config(**{k: v for k, v in vars(new_model.config).items() if k in fields}))
+    old_model.load_state_dict(new_model.state_dict())
     print(f"{args.init}: {new_model.num_params() / 1e6:.2f} M parameters | {P} prompts x {G} completions, at most "
           f"{args.max_new_tokens} new tokens, temperature 1 | {torch.get_num_threads()} threads | baseline: "
           f"model.py at {args.baseline}", flush=True)
