@@ -30,6 +30,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import inspect
 import io
@@ -2337,7 +2338,9 @@ def setup_ddp():
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        # rank 0 evaluates alone while the other ranks wait at the next collective: a timeout of an hour instead
+        # of NCCL's default 10 minutes, so that a long evaluation of a real model is not taken for a hang
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
     return dist.get_rank(), dist.get_world_size(), True
 
 

@@ -333,6 +333,26 @@ def mangled(function: str) -> str:
     return f"x_{function}"
 
 
+def function_names(target: str) -> list[str]:
+    """Every function and method of ROOT/<target>.py as TARGETS names them: `name` or `Class.method`."""
+    tree = ast.parse((ROOT / f"{target}.py").read_text())
+    names = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.append(node.name)
+        elif isinstance(node, ast.ClassDef):
+            names += [f"{node.name}.{item.name}" for item in node.body
+                      if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return names
+
+
+def unmatched(target: str, functions) -> list[str]:
+    """The patterns among `functions` that name no function or method of <target>.py (a typo or a rename,
+    which mutmut would run as zero mutants and report as nothing)."""
+    names = function_names(target)
+    return [f for f in functions if not any(fnmatch.fnmatch(name, f) for name in names)]
+
+
 def patterns(target: str, functions) -> list[str]:
     return [f"{target}.{mangled(f)}__mutmut_*" for f in functions]
 
@@ -506,6 +526,11 @@ def main(argv=None):
         parser.error(f"unknown target {unknown[0]!r}; choose from {', '.join(TARGETS)}")
     if args.functions and len(targets) != 1:
         parser.error("--functions needs exactly one target")
+    if args.functions:
+        missing = unmatched(targets[0], args.functions.split(","))
+        if missing:
+            parser.error(f"--functions: {missing[0]!r} names no function or method of {targets[0]}.py "
+                         f"(a function is `name`, a method `Class.method`; fnmatch patterns allowed)")
     if args.max_children < 1:
         parser.error("--max-children must be >= 1")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
