@@ -115,10 +115,7 @@ def check_args(args) -> None:
         raise M.UserError(f"--top-p must be > 0, got {args.top_p}")
     M.require_at_least(args, 2, "group_size")   # the advantage compares completions within a group
     M.get_device(args.device)
-    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise M.UserError("--fsdp shards the model over processes: run under torchrun --nproc_per_node N (N >= 2)")
-    if args.compile_train and args.fsdp:
-        raise M.UserError("--compile-train with --fsdp is not supported: compile the blocks or shard them, not both")
+    M.check_fsdp(args)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2625,6 +2625,14 @@ def require_at_least(args, minimum: int, *names: str) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
 
 
+def check_fsdp(args) -> None:
+    """sft.py's and grpo.py's --fsdp: it needs torchrun with 2 or more processes, and not --compile-train."""
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise UserError("--fsdp shards the model over processes: run under torchrun --nproc_per_node N (N >= 2)")
+    if args.compile_train and args.fsdp:
+        raise UserError("--compile-train with --fsdp is not supported: compile the blocks or shard them, not both")
+
+
 def require_at_most(args, maximum, *names: str) -> None:
     """Each named option must be <= maximum (a bound that keeps a run from overflowing or never ending)."""
     for name in names:

@@ -106,10 +106,7 @@ def check_args(args):
             raise M.UserError(f"--{name.replace('_', '-')} must name a path")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise M.UserError(f"--out {args.out}: is a file, not a run folder")
-    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise M.UserError("--fsdp shards the model over processes: run under torchrun --nproc_per_node N (N >= 2)")
-    if args.compile_train and args.fsdp:
-        raise M.UserError("--compile-train with --fsdp is not supported: compile the blocks or shard them, not both")
+    M.check_fsdp(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,17 +350,16 @@ def build_model(args, device):
         path = os.path.join(args.out, "model.pt") if args.resume else args.init
         if not os.path.exists(path):
             raise M.UserError(f"{'--resume' if args.resume else '--init'}: checkpoint {path} does not exist")
+        # a corrupt or hostile file is a CheckpointError naming the path
         model, enc, ckpt = M.load(path, device=device, dtype=M.DTYPES[args.dtype], chat_format=args.chat_template)
-        model.checkpoint_blocks = args.grad_checkpoint
-        if args.compile_train:
-            model.compile_blocks()
-        return model, enc, ckpt           # a corrupt or hostile file was a CheckpointError naming the path
-    enc = M.set_chat_format(M.get_tokenizer(args.tokenizer), args.chat_template)
-    model = M.GPT(model_config(args, enc.n_vocab)).to(device=device, dtype=M.DTYPES[args.dtype])
+    else:
+        enc = M.set_chat_format(M.get_tokenizer(args.tokenizer), args.chat_template)
+        model = M.GPT(model_config(args, enc.n_vocab)).to(device=device, dtype=M.DTYPES[args.dtype])
+        ckpt = None
     model.checkpoint_blocks = args.grad_checkpoint
     if args.compile_train:
         model.compile_blocks()
-    return model, enc, None
+    return model, enc, ckpt
 
 
 def training_state(path, ckpt):
