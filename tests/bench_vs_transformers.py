@@ -11,6 +11,7 @@ step's time split at that shape.
 Every figure is measured after a warm-up call, ours and theirs alternating in the same process."""
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -34,6 +35,10 @@ def hf_model(shape: str, cfg: M.Config):
     return LlamaForCausalLM(LlamaConfig(**common))
 
 
+BLOCK = 2048        # the context of every shape here
+PROMPT_LEN = 16     # random prompt tokens before generation
+
+
 def peak_mb(device, fn):
     """Peak CUDA memory of one call of fn, in MB; nan on a CPU (torch keeps no peak there)."""
     if device.type != "cuda":
@@ -46,7 +51,7 @@ def peak_mb(device, fn):
 
 
 def compare(shape: str, args, device):
-    cfg = M.Config(**{"vocab_size": 258, "block_size": 2048, **M.BENCH_SHAPES[shape]})
+    cfg = M.Config(**{"vocab_size": 258, "block_size": BLOCK, **M.BENCH_SHAPES[shape]})
     torch.manual_seed(0)
     theirs = hf_model(shape, cfg).to(device)
     ours = M.GPT(cfg).to(device)
@@ -100,7 +105,7 @@ def compare(shape: str, args, device):
     # compare generation on equal weights)
     precision = "bf16" if device.type == "cuda" else "fp32"
     for batch in [int(b) for b in args.gen_batches.split(",")]:
-        prompt = torch.randint(0, 256, (batch, 16), device=device)
+        prompt = torch.randint(0, 256, (batch, PROMPT_LEN), device=device)
         prompts = prompt.tolist()
         out = {}
 
@@ -152,7 +157,7 @@ def grpo_split(policy, device, args, prompts_per_step=8, group_size=8):
           f"scoring {batch.score_s:.3f} s, update ({run.update_epochs} epochs) {t2 - t1:.2f} s", flush=True)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="135m,0.5b", help="comma-separated: default, 135m, 0.5b")
     parser.add_argument("--batch-size", type=int, default=8, help="training sequences per step")
@@ -160,11 +165,21 @@ def main():
     parser.add_argument("--gen-batches", default="1,64", help="generation batch sizes")
     parser.add_argument("--gen-tokens", type=int, default=128, help="new tokens per row")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = M.get_device(args.device)
-    for shape in args.shapes.split(","):
+    shapes = args.shapes.split(",")
+    unknown = [s for s in shapes if s not in M.BENCH_SHAPES]
+    if unknown:
+        raise M.UserError(f"--shapes {unknown[0]!r}: choose among {', '.join(M.BENCH_SHAPES)}")
+    if not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", args.gen_batches):
+        raise M.UserError(f"--gen-batches {args.gen_batches!r}: comma-separated batch sizes >= 1, e.g. 1,64")
+    if min(args.batch_size, args.seq_len, args.gen_tokens) < 1:
+        raise M.UserError("--batch-size, --seq-len and --gen-tokens must be >= 1")
+    if args.seq_len + 1 > BLOCK or PROMPT_LEN + args.gen_tokens > BLOCK:
+        raise M.UserError(f"--seq-len + 1 and {PROMPT_LEN} + --gen-tokens must fit the {BLOCK}-token context")
+    for shape in shapes:
         compare(shape, args, device)
 
 
 if __name__ == "__main__":
-    main()
+    M.cli(main)
