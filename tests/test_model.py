@@ -1797,6 +1797,56 @@ def test_eager_decode_attends_to_the_written_slots_only(monkeypatch):
     assert widths == [w for w in (4, 5, 6, 7, 8) for _ in range(2)]
 
 
+@pytest.mark.parametrize("zeroed", [True, False])
+def test_kv_cache_keep_moves_kept_rows_to_the_front_in_place_and_repeats_rows_into_new_buffers(zeroed):
+    """keep(rows), brute force against indexing copies taken before: dropping rows (any order) leaves the
+    batch's written slots equal to old[rows] and every slot past `length` as it was (zeros, doc id -1), in
+    the same memory (no new buffer: the front rows of the old one); repeating rows makes larger buffers."""
+    cfg = tiny_model().config
+    cache = M.KVCache(cfg, batch_size=4, max_len=6, device="cpu", zeroed=zeroed)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(4, cfg.n_kv_head, 3, cfg.head_dim, generator=g)
+    for layer in range(cfg.n_layer):
+        cache.update(layer, k + layer, -k - layer)
+    cache.doc_ids[:, :3] = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1], [1, 0, 1]])
+    cache.length = 3
+    before = [(K.clone(), V.clone()) for K, V in zip(cache.k, cache.v)]
+    doc_before, pointer = cache.doc_ids.clone(), cache.k[0].data_ptr()
+    rows = torch.tensor([3, 1, 2])
+    cache.keep(rows)
+    assert cache.shape[0] == 3 and cache.k[0].data_ptr() == pointer
+    for (K, V), (K0, V0) in zip(zip(cache.k, cache.v), before):
+        assert K.shape == (3, cfg.n_kv_head, 6, cfg.head_dim)
+        assert torch.equal(K[:, :, :3], K0[rows, :, :3]) and torch.equal(V[:, :, :3], V0[rows, :, :3])
+        if zeroed:
+            assert (K[:, :, 3:] == 0).all() and (V[:, :, 3:] == 0).all()
+    assert torch.equal(cache.doc_ids[:, :3], doc_before[rows, :3]) and (cache.doc_ids[:, 3:] == -1).all()
+    moved = [(K.clone(), V.clone()) for K, V in zip(cache.k, cache.v)]
+    repeat = torch.tensor([0, 0, 2, 1, 2])
+    cache.keep(repeat)
+    assert cache.shape[0] == 5 and cache.k[0].data_ptr() != pointer
+    for (K, V), (K0, V0) in zip(zip(cache.k, cache.v), moved):
+        assert torch.equal(K[:, :, :3], K0[repeat, :, :3]) and torch.equal(V[:, :, :3], V0[repeat, :, :3])
+
+
+def test_sample_draws_the_first_token_whose_cumulative_probability_reaches_u_and_never_a_zero_probability_one(
+        monkeypatch):
+    """Inverse-transform sampling with the uniform replaced by chosen values: the token is the first i with
+    p_1 + ... + p_i >= u (brute force over Python floats), u = 1 - rand. At both extremes (u = 1 and u just
+    above 0) the token drawn has positive probability, though the first and last tokens have probability 0
+    (cut by top-k), and its log-prob is log p of that token."""
+    logits = torch.tensor([[-9.0, 0.5, 2.0, -1.0, 1.0, 0.0, -8.0]])
+    p = M.sampling_logprobs(logits, top_k=5)[0].exp().double().tolist()
+    assert p[0] == p[-1] == 0.0
+    for r in [0.0, 1.0 - 2.0 ** -53, 0.25, 0.5, 0.9, 0.999]:
+        monkeypatch.setattr(torch, "rand", lambda *shape, r=r, dtype=None, **kw: torch.full(shape[0], r, dtype=dtype))
+        token, logp = M.sample(logits, top_k=5)
+        u, total, cumulative = 1.0 - r, sum(p), 0.0
+        want = next(i for i, q in enumerate(p) if (cumulative := cumulative + q) >= u * total)
+        assert token.tolist() == [want] and p[want] > 0, r
+        close(logp, torch.tensor([math.log(p[want])]), tol=1e-6)
+
+
 # ---- compiled blocks for training (GPT.compile_blocks) ----------------------------------------------------------
 
 @pytest.mark.parametrize("overrides", [dict(), dict(pos="learned", n_kv_head=1), dict(ffn="moe"), dict(checkpoint=True)],
