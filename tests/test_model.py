@@ -1827,6 +1827,12 @@ def test_kv_cache_keep_moves_kept_rows_to_the_front_in_place_and_repeats_rows_in
     assert cache.shape[0] == 5 and cache.k[0].data_ptr() != pointer
     for (K, V), (K0, V0) in zip(zip(cache.k, cache.v), moved):
         assert torch.equal(K[:, :, :3], K0[repeat, :, :3]) and torch.equal(V[:, :, :3], V0[repeat, :, :3])
+    assert (cache.doc_ids[:, 3:] == -1).all()
+    grown = [K.clone() for K in cache.k]
+    pointer, order = cache.k[0].data_ptr(), torch.tensor([4, 3, 2, 1, 0])
+    cache.keep(order)                                          # the same size, another order: still in place
+    assert cache.k[0].data_ptr() == pointer
+    assert all(torch.equal(K[:, :, :3], K0[order, :, :3]) for K, K0 in zip(cache.k, grown))
 
 
 def test_sample_draws_the_first_token_whose_cumulative_probability_reaches_u_and_never_a_zero_probability_one(
@@ -1845,6 +1851,14 @@ def test_sample_draws_the_first_token_whose_cumulative_probability_reaches_u_and
         want = next(i for i, q in enumerate(p) if (cumulative := cumulative + q) >= u * total)
         assert token.tolist() == [want] and p[want] > 0, r
         close(logp, torch.tensor([math.log(p[want])]), tol=1e-6)
+    batch = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(1)) * 2          # (2, 3, V): rows differ
+    r = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.7, 0.99]], dtype=torch.float64)
+    monkeypatch.setattr(torch, "rand", lambda *shape, dtype=None, **kw: r.to(dtype))
+    tokens, _ = M.sample(batch)
+    for i, j in itertools.product(range(2), range(3)):
+        p = M.sampling_logprobs(batch[i, j]).double().exp().tolist()
+        u, cumulative = 1.0 - float(r[i, j]), 0.0
+        assert int(tokens[i, j]) == next(t for t, q in enumerate(p) if (cumulative := cumulative + q) >= u * sum(p))
 
 
 # ---- compiled blocks for training (GPT.compile_blocks) ----------------------------------------------------------
