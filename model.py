@@ -270,8 +270,9 @@ class KVCache:
 def decode_attention(q, k, v, mask):
     """softmax(q k^T / sqrt(d) + mask) v for ONE query per row, as two batched matmuls.
     q (B, H, 1, d), k/v (B, Hkv, L, d), mask (B, 1, 1, L) bool. Grouped-query heads share their K/V
-    without copying them: the H query heads are viewed as (Hkv, H/Hkv) groups. On a CPU this is about
-    2x faster than scaled_dot_product_attention, whose kernels are tuned for long queries."""
+    without copying them: the H query heads are viewed as (Hkv, H/Hkv) groups (SDPA needs repeated heads
+    or enable_gqa, torch >= 2.5). Speed against scaled_dot_product_attention on torch 2.13, 2 CPU cores:
+    on par at GRPO's 256 rows, slower at 1-32 rows (docs/performance.md)."""
     B, H, _, d = q.shape
     Hkv = k.shape[1]
     q = q.reshape(B, Hkv, H // Hkv, d)                                          # (B, Hkv, H/Hkv, d)
