@@ -227,19 +227,22 @@ class KVCache:
         new = torch.zeros if self.zeroed else torch.empty
         return new((batch_size, *self.shape[1:]), dtype=like.dtype, device=like.device)
 
+    def write(self, buffer, dim: int, values, index=None) -> None:
+        """Write values into buffer along its slot dimension dim: at the slots `index` (T,), a tensor (a compiled
+        or captured step: the slot is data, so one graph serves every step), or with index None at the next T
+        slots from `length` on (eager: a strided copy, cheaper than index_copy_). Values take buffer's dtype."""
+        if index is None:
+            buffer.narrow(dim, self.length, values.shape[dim]).copy_(values)
+        else:
+            buffer.index_copy_(dim, index, values.to(buffer.dtype))
+
     def update(self, layer: int, k, v, index=None):
-        """Write this call's k, v (B, Hkv, T, d) at the slots `index` (T,), a tensor (a compiled or captured
-        step: the slot is data, so one graph serves every step), or with index None at the next T slots from
-        `length` on (eager: a strided copy, cheaper than index_copy_). Return the whole buffers (the caller
-        attends to the slots its mask covers: all of them at fixed shapes, the written ones eagerly)."""
+        """Write this call's k, v (B, Hkv, T, d) at the slots `index` (see write); return the whole buffers (the
+        caller attends to the slots its mask covers: all of them at fixed shapes, the written ones eagerly)."""
         if self.k[layer] is None:   # allocated at the first write, in the dtype the layer produces (bf16 under autocast)
             self.k[layer], self.v[layer] = self.buffer(k, self.shape[0]), self.buffer(v, self.shape[0])
-        if index is None:
-            self.k[layer][:, :, self.length:self.length + k.shape[2]] = k
-            self.v[layer][:, :, self.length:self.length + v.shape[2]] = v
-        else:
-            self.k[layer].index_copy_(2, index, k.to(self.k[layer].dtype))
-            self.v[layer].index_copy_(2, index, v.to(self.v[layer].dtype))
+        self.write(self.k[layer], 2, k, index)
+        self.write(self.v[layer], 2, v, index)
         return self.k[layer], self.v[layer]                                      # (B, Hkv, L, d)
 
     def keep(self, rows) -> None:
@@ -492,10 +495,7 @@ class GPT(nn.Module):
         if cache is not None:
             if doc_ids is None:
                 doc_ids = torch.zeros(B, T, dtype=torch.long, device=tokens.device)
-            if advance:
-                cache.doc_ids[:, cache.length:cache.length + T] = doc_ids
-            else:
-                cache.doc_ids.index_copy_(1, cache_index, doc_ids)
+            cache.write(cache.doc_ids, 1, doc_ids, None if advance else cache_index)
             # Which slots the mask covers, and so attention reads: the written ones when this call knows
             # where it writes (a Python int; eager decoding attends to 20 slots, not the buffer's 100+),
             # the whole buffer when the slots are a tensor (a compiled step: the same shapes every step).
