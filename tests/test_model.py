@@ -92,21 +92,52 @@ KV_CONFIGS = [dict(ffn=f, norm=n, norm_position=p, pos=q)
 KV_CONFIGS += [dict(n_kv_head=k, pos=q) for k in (1, 4) for q in ("rope", "learned")]
 
 
+@pytest.mark.parametrize("zeroed", [True, False])
 @pytest.mark.parametrize("overrides", KV_CONFIGS, ids=str)
-def test_kv_cache_decoding_equals_full_recomputation(overrides):
+def test_kv_cache_decoding_equals_full_recomputation(overrides, zeroed):
     """Prefill P tokens into a model.KVCache, then feed one token at a time: every logit equals the
-    logit of one forward pass over the whole sequence (fp32 tolerance)."""
+    logit of one forward pass over the whole sequence (fp32 tolerance). A zeroed cache's buffers hold all
+    12 slots from the start; an uninitialised (eager) one's hold the written slots and room for at most
+    SLOT_GROWTH - 1 more, re-laid out when full (8 slots, then 12), keeping what was written."""
     model = tiny_model(seed=1, **overrides)
     tokens = random_tokens(2, 2, 12)
     P = 5
     with torch.no_grad():
         full = model(tokens)                                                    # (B, T, V)
-        cache = M.KVCache(model.config, 2, 12, "cpu")
-        steps = [model(tokens[:, :P], cache=cache)]
+        cache = M.KVCache(model.config, 2, 12, "cpu", zeroed=zeroed)
+        steps, slots = [model(tokens[:, :P], cache=cache)], []
         for t in range(P, 12):
+            slots.append(cache.k[0].shape[2])
             steps.append(model(tokens[:, t:t + 1], cache=cache))
     close(torch.cat(steps, 1), full)
     assert cache.length == 12
+    assert slots == ([12] * 7 if zeroed else [8] * 4 + [12] * 3)
+    assert all(buffer.shape[2] == 12 for buffer in cache.k + cache.v)
+
+
+@pytest.mark.parametrize("growth", [1, 2, 5])
+def test_eager_cache_grows_by_slot_growth_and_keeps_its_written_slots(monkeypatch, growth):
+    """Writes of 3, then 1, 1, 2, 1, ... slots into an uninitialised cache of max_len 11: after each write
+    every buffer holds exactly what was written (brute force: the writes concatenated), and has room for
+    at most growth - 1 more slots (never more than max_len): length <= slots <= min(11, length + growth - 1)."""
+    monkeypatch.setattr(M, "SLOT_GROWTH", growth)
+    cfg = tiny_model().config
+    cache = M.KVCache(cfg, batch_size=2, max_len=11, device="cpu", zeroed=False)
+    g = torch.Generator().manual_seed(growth)
+    written = []
+    for T in (3, 1, 1, 2, 1, 1, 1, 1):
+        k = torch.randn(2, cfg.n_kv_head, T, cfg.head_dim, generator=g)
+        written.append(k)
+        for layer in range(cfg.n_layer):
+            cache.update(layer, k + layer, -k - layer)
+        cache.length += T
+        expected = torch.cat(written, 2)
+        for layer in range(cfg.n_layer):
+            K, V = cache.k[layer], cache.v[layer]
+            assert K.shape[:2] == V.shape[:2] == (2, cfg.n_kv_head) and K.shape[3] == cfg.head_dim
+            assert cache.length <= K.shape[2] == V.shape[2] <= min(11, cache.length + growth - 1)
+            assert torch.equal(K[:, :, :cache.length], expected + layer)
+            assert torch.equal(V[:, :, :cache.length], -expected - layer)
 
 
 def greedy_by_recomputation(model, prompt, n):
@@ -1767,9 +1798,9 @@ def test_eager_decoding_never_reads_an_unwritten_slot_of_its_uninitialised_cache
     runs, zeroed = {}, []
     original = M.KVCache.buffer
 
-    def nan_when_uninitialised(cache, like, batch_size):
+    def nan_when_uninitialised(cache, like, batch_size, slots):
         zeroed.append(cache.zeroed)
-        out = original(cache, like, batch_size)
+        out = original(cache, like, batch_size, slots)
         return out if cache.zeroed else out.fill_(math.nan)
     for name in ("zeros", "nan"):
         if name == "nan":
