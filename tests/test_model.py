@@ -1832,7 +1832,8 @@ def test_eager_decode_attends_to_the_written_slots_only(monkeypatch):
 def test_kv_cache_keep_moves_kept_rows_to_the_front_in_place_and_repeats_rows_into_new_buffers(zeroed):
     """keep(rows), brute force against indexing copies taken before: dropping rows (any order) leaves the
     batch's written slots equal to old[rows] and every slot past `length` as it was (zeros, doc id -1), in
-    the same memory (no new buffer: the front rows of the old one); repeating rows makes larger buffers."""
+    the same memory (no new buffer: the front rows of the old one); repeating rows makes buffers with more
+    rows and the same slots."""
     cfg = tiny_model().config
     cache = M.KVCache(cfg, batch_size=4, max_len=6, device="cpu", zeroed=zeroed)
     g = torch.Generator().manual_seed(0)
@@ -1857,6 +1858,7 @@ def test_kv_cache_keep_moves_kept_rows_to_the_front_in_place_and_repeats_rows_in
     cache.keep(repeat)
     assert cache.shape[0] == 5 and cache.k[0].data_ptr() != pointer
     for (K, V), (K0, V0) in zip(zip(cache.k, cache.v), moved):
+        assert K.shape == V.shape == (5, cfg.n_kv_head, 6, cfg.head_dim)              # as many slots as before
         assert torch.equal(K[:, :, :3], K0[repeat, :, :3]) and torch.equal(V[:, :, :3], V0[repeat, :, :3])
     assert (cache.doc_ids[:, 3:] == -1).all()
     grown = [K.clone() for K in cache.k]

@@ -240,8 +240,8 @@ EQUIVALENT = {
     "model.x_token_logprobs__mutmut_50": SAME_DIM,
     "model.x_token_logprobs__mutmut_52": SAME_DIM,
     "model.x_token_logprobs__mutmut_64": SAME_DIM,
-    "model.x_sampling_logprobs__mutmut_49": DEFAULT_DIM,
-    "model.x_sampling_logprobs__mutmut_65": DEFAULT_DIM,
+    "model.x_sampling_logprobs__mutmut_51": DEFAULT_DIM,
+    "model.x_sampling_logprobs__mutmut_67": DEFAULT_DIM,
     "model.x_sample__mutmut_3": TOP_P_OFF,
     "model.x_sampling_logprobs__mutmut_3": TOP_P_OFF,
     "model.x_token_logprobs__mutmut_3": TOP_P_OFF,
@@ -309,7 +309,7 @@ EQUIVALENT = {
     "model.x_padded_batch__mutmut_30": "slice(T - n, None) is slice(T - n, T) on a row of length T",
     "model.x_padded_batch__mutmut_37": "slice(None, n) is slice(0, n)",
     "model.x_padded_batch__mutmut_39": "slice(n) is slice(0, n)",
-    "model.x_sampling_logprobs__mutmut_32": "top_k == V keeps every token either way",
+    "model.x_sampling_logprobs__mutmut_34": "top_k == V keeps every token either way",
     "model.x_token_logprobs__mutmut_63": "the value filled at -inf log-probs is multiplied by exp(-inf) = 0: any finite value gives 0",
 }
 
