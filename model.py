@@ -263,8 +263,10 @@ class KVCache:
     def update(self, layer: int, k, v, index=None):
         """Write this call's k, v (B, Hkv, T, d) at the slots `index` (see write); return the whole buffers (the
         caller attends to the slots its mask covers: all of them at fixed shapes, the written ones eagerly)."""
-        # allocated at the first write, in the dtype the layer produces (bf16 under autocast); grown when full
-        if self.k[layer] is None or self.length + k.shape[2] > self.k[layer].shape[2]:
+        # allocated at the first write, in the dtype the layer produces (bf16 under autocast); grown when an eager
+        # write does not fit (a compiled step writes at a slot tensor into full buffers and never reads `length`,
+        # a Python int that torch.compile would otherwise recompile the step for at every new value)
+        if self.k[layer] is None or (index is None and self.length + k.shape[2] > self.k[layer].shape[2]):
             self.k[layer], self.v[layer] = self.grown(self.k[layer], k), self.grown(self.v[layer], v)
         self.write(self.k[layer], 2, k, index)
         self.write(self.v[layer], 2, v, index)

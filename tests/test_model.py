@@ -1396,6 +1396,20 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_logprobs(config):
         assert torch.equal(eager.lengths, compiled.lengths)
 
 
+def test_compiled_decode_step_is_traced_once_for_a_rollout_of_one_batch_size():
+    """Every compiled step sees the same shapes and the slot as a tensor, so dynamo (its own frame counter)
+    traces the step once for a whole rollout whose batch never changes (no stop ids: nothing is compacted).
+    A step that read a Python int changing every step (the cache's `length`) would be traced again at each
+    step, until dynamo's recompile limit sent it back to eager."""
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    with unittest.mock.patch.object(M, "DECODE_BACKEND", counter):
+        M.generate(tiny_model(seed=11), RAGGED_PROMPTS, 12, temperature=1.0, stop_ids=(), compile=True,
+                   generator=torch.Generator().manual_seed(0))
+    assert counter.frame_count == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CUDA graph path)")
 @pytest.mark.parametrize("config", list(DECODE_CONFIGS))
 def test_cuda_graph_decode_gives_the_eager_tokens_and_logprobs(config):
