@@ -66,10 +66,12 @@ TARGETS = {
 # to collect stats"). ppo: mutmut's mutated file imports mutmut, which reads setup.cfg from the working
 # directory, so a test that runs ppo.py as a subprocess from another folder fails. model: fit_prompts' test
 # (prompt filtering, not the mutated functions) fails in mutmut's clean run and passes under plain pytest; why
-# was not found.
+# was not found. The test that counts dynamo's traces of the compiled decode step fails too: mutmut's trampolines
+# (which read which mutant is under test) run inside the traced step, and dynamo traces them again.
 DESELECT = {
     "ppo": ["tests/test_ppo.py::test_python_ppo_py_on_bad_input_is_one_line_exit_2_and_writes_nothing"],
-    "model": ["tests/test_model.py::test_fit_prompts_keeps_exactly_the_prompts_that_leave_room"],
+    "model": ["tests/test_model.py::test_fit_prompts_keeps_exactly_the_prompts_that_leave_room",
+              "tests/test_model.py::test_compiled_decode_step_is_traced_once_for_a_rollout_of_one_batch_size"],
 }
 
 # Decorated functions mutmut would skip: (target, "Class.method" or "function") -> how to re-apply the
