@@ -490,6 +490,12 @@ def prepare_inputs(args, main_process: bool, ddp: bool):
     if args.fresh_start:
         args.init = os.path.join(args.out, "sft", "model.pt")
     if main_process:
+        named = [(args.data, defaults.data), (args.eval_data, defaults.eval_data)]
+        if args.control:
+            named += [(args.sft_data, defaults.sft_data), (args.sft_test_data, defaults.sft_test_data)]
+        if not args.fresh_start:
+            named.append((args.init, defaults.init))
+        M.check_named_inputs(*named)            # a typo fails now, not after the missing defaults are made
         for path, default in ((args.data, defaults.data), (args.eval_data, defaults.eval_data)):
             M.ensure_input(path, default, data_command())
         if args.control:

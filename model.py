@@ -307,7 +307,7 @@ def decode_attention(q, k, v, mask):
     Hkv = k.shape[1]
     q = q.reshape(B, Hkv, H // Hkv, d)                                          # (B, Hkv, H/Hkv, d)
     scores = (q @ k.transpose(-1, -2)) * d ** -0.5                              # (B, Hkv, H/Hkv, L)
-    scores = scores.float().masked_fill(~mask, -math.inf)
+    scores = torch.where(mask, scores.float(), -math.inf)
     y = scores.softmax(-1).to(v.dtype) @ v                                      # (B, Hkv, H/Hkv, d)
     return y.reshape(B, H, 1, d)
 
@@ -1318,49 +1318,52 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
     if model.wpe is not None and P + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) > block_size {model.config.block_size}")
     check_every = check_every or (8 if device.type == "cuda" else 1)
-    distinct = {}                                   # prompt -> its row in the prefill (GRPO repeats each G times)
-    prefill_row = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
-    tokens, mask = padded_batch(list(distinct), pad_id, side="left", device=device)
-    positions, doc_ids = left_pad_inputs(mask)
-    decoder = Decoder(model, device.type == "cuda" if compile is None else compile)
-    cache = KVCache(model.config, len(distinct), P + max_new_tokens, device, zeroed=decoder.mode != "eager")
-    stop = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
-    out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    out_logprobs = torch.zeros(B, max_new_tokens, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
-    rows = torch.arange(B, device=device)           # the original row of each row still in the batch
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    next_pos = positions[prefill_row, -1] + 1                                     # (B,)
-    n = 0
-    with autocast(device):
-        logits = model(tokens, positions, doc_ids, cache)[prefill_row, -1]       # (B, V) prefill, once per prompt
-        if len(distinct) < B:
-            cache.keep(prefill_row)                                               # each sample gets its prompt's rows
-        for t in range(max_new_tokens):
-            token, logprob = sample(logits, temperature, top_k, top_p, min_p, generator)
-            token, logprob = token.masked_fill(done, pad_id), logprob.masked_fill(done, 0.0)
-            out_tokens[rows, t] = token
-            out_logprobs[rows, t] = logprob
-            lengths[rows] += (~done).long()            # count tokens, not non-pad ids
-            hit = torch.isin(token, stop) & ~done
-            finished[rows] |= hit
-            done |= hit
-            n = t + 1
-            if t == max_new_tokens - 1:
-                break
-            if (t + 1) % check_every == 0:
-                running = int((~done).sum())
-                if running == 0:
+    # Inference mode: no autograd bookkeeping (a small model's decode step is mostly per-op overhead). Tensors
+    # made in it are inference tensors, which autograd cannot save: the outputs are cloned after it, to train on.
+    with torch.inference_mode():
+        distinct = {}                               # prompt -> its row in the prefill (GRPO repeats each G times)
+        prefill_row = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
+        tokens, mask = padded_batch(list(distinct), pad_id, side="left", device=device)
+        positions, doc_ids = left_pad_inputs(mask)
+        decoder = Decoder(model, device.type == "cuda" if compile is None else compile)
+        cache = KVCache(model.config, len(distinct), P + max_new_tokens, device, zeroed=decoder.mode != "eager")
+        stop = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
+        out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        out_logprobs = torch.zeros(B, max_new_tokens, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        lengths = torch.zeros(B, dtype=torch.long, device=device)
+        rows = torch.arange(B, device=device)       # the original row of each row still in the batch
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        next_pos = positions[prefill_row, -1] + 1                                 # (B,)
+        n = 0
+        with autocast(device):
+            logits = model(tokens, positions, doc_ids, cache)[prefill_row, -1]   # (B, V) prefill, once per prompt
+            if len(distinct) < B:
+                cache.keep(prefill_row)                                           # each sample gets its prompt's rows
+            for t in range(max_new_tokens):
+                token, logprob = sample(logits, temperature, top_k, top_p, min_p, generator)
+                token, logprob = token.masked_fill(done, pad_id), logprob.masked_fill(done, 0.0)
+                out_tokens[rows, t] = token
+                out_logprobs[rows, t] = logprob
+                lengths[rows] += (~done).long()        # count tokens, not non-pad ids
+                hit = torch.isin(token, stop) & ~done
+                finished[rows] |= hit
+                done |= hit
+                n = t + 1
+                if t == max_new_tokens - 1:
                     break
-                if compact and running <= len(rows) // 2:
-                    keep = (~done).nonzero().squeeze(1)
-                    rows, done, token, next_pos = rows[keep], done[keep], token[keep], next_pos[keep]
-                    cache.keep(keep)
-            logits = decoder(token, next_pos, P + t, cache)
-            next_pos = next_pos + 1
+                if (t + 1) % check_every == 0:
+                    running = int((~done).sum())
+                    if running == 0:
+                        break
+                    if compact and running <= len(rows) // 2:
+                        keep = (~done).nonzero().squeeze(1)
+                        rows, done, token, next_pos = rows[keep], done[keep], token[keep], next_pos[keep]
+                        cache.keep(keep)
+                logits = decoder(token, next_pos, P + t, cache)
+                next_pos = next_pos + 1
     model.train(was_training)
-    return Generation(out_tokens[:, :n], out_logprobs[:, :n], lengths, finished)
+    return Generation(out_tokens[:, :n].clone(), out_logprobs[:, :n].clone(), lengths.clone(), finished.clone())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2940,6 +2943,15 @@ class MetricsLogger:
     def close(self) -> None:
         if self.file:
             self.file.close()
+
+
+def check_named_inputs(*inputs) -> None:
+    """inputs: (path, default_path) pairs. Before a stage makes any missing default input (which can take
+    minutes: data, then an SFT start), every input the user named must exist, so that a typo in the last one
+    is one line at once, not an error after the upstream stages have run."""
+    for path, default_path in inputs:
+        if not os.path.exists(path) and os.path.normpath(path) != os.path.normpath(default_path):
+            raise UserError(f"{path}: no such file")
 
 
 def ensure_input(path: str, default_path: str, command: list[str]) -> str:

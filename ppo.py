@@ -631,6 +631,12 @@ def load_inputs(args, device):
     (M.read_demonstrations). A missing DEFAULT input is made by its upstream stage first.
     -> (models, enc, train_rows, eval_rows)"""
     defaults = Args()
+    named = [(args.data, defaults.data), (args.eval_data, defaults.eval_data), (args.init, defaults.init)]
+    if args.reward == "rm":
+        named.append((args.reward_model, defaults.reward_model))
+    if args.control:
+        named += [(args.sft_data, defaults.sft_data), (args.sft_test_data, defaults.sft_test_data)]
+    M.check_named_inputs(*named)                # a typo fails now, not after the missing defaults are made
     M.ensure_input(args.data, defaults.data, synth_command())
     train_rows = M.read_prompts(args.data)
     M.ensure_input(args.eval_data, defaults.eval_data, synth_command())

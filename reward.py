@@ -405,6 +405,8 @@ def load_inputs(args, device):
     checkpoint, and the pairs that fit its context. A missing DEFAULT input is made by its upstream stage.
     -> (reward_model, train_pairs, test_pairs)"""
     defaults = Args()
+    M.check_named_inputs((args.data, defaults.data), (args.test_data, defaults.test_data),
+                         *([] if args.init == "scratch" else [(args.init, defaults.init)]))
     M.ensure_input(args.data, defaults.data, synth_command())
     train_rows = read_pairs(args.data)
     M.ensure_input(args.test_data, defaults.test_data, synth_command())

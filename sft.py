@@ -331,8 +331,10 @@ def read_inputs(args, rank, world_size):
     missing DEFAULT input is made by synth.py (rank 0; the others wait); a missing explicit one is an error."""
     defaults = Args()
     if rank == 0:
-        for path, default in ((args.data, defaults.data), (args.test_data, defaults.test_data),
-                              (args.eval_data, defaults.eval_data)):
+        inputs = ((args.data, defaults.data), (args.test_data, defaults.test_data), (args.eval_data, defaults.eval_data))
+        start = [(args.init, defaults.init)] if args.init and not args.resume else []   # --init has no default to make
+        M.check_named_inputs(*inputs, *start)   # a typo fails now, not after synth.py has run
+        for path, default in inputs:
             M.ensure_input(path, default, synth_command())
     if world_size > 1:
         dist.barrier()

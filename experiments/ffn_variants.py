@@ -337,6 +337,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     defaults = Args()
+    M.check_named_inputs(*((getattr(args, name), getattr(defaults, name)) for name in ("data", "test_data")))
     for name in ("data", "test_data"):                  # inputs before anything is written
         M.ensure_input(getattr(args, name), getattr(defaults, name), data_command())
     enc = M.get_tokenizer("bytes")

@@ -5,13 +5,18 @@ torch.multinomial, every row decoded until the last one stopped). A benchmark, n
     python grpo.py                                   # once: writes runs/sft/model.pt, the SFT start
     python tests/bench_rollouts.py                   # 8 rollouts each way, interleaved, after a warm-up pair
     python tests/bench_rollouts.py --threads 1 --rollouts 12
+    python tests/bench_rollouts.py --grpo-steps 100  # every rollout of a GRPO run, both ways
 
 Both load the same weights and sample GRPO's default rollout (32 prompts x 8 completions of at most 96 new
 tokens, temperature 1) from the same prompts of data/rl_train.jsonl; old and new alternate in one process and
-the first pair is a warm-up. The baseline module is read with `git show`, so this needs the repository's
-history (a clone, not an export)."""
+the first pair is a warm-up. With --grpo-steps N, grpo.py trains for N steps from --init (no control, a
+temporary run folder) and each of its rollouts is also sampled by the baseline, from the policy of that step,
+the same prompts and a copy of the same random state; the run itself trains on today's rollouts, as it would
+alone. The baseline module is read with `git show`, so this needs the repository's history (a clone, not an
+export)."""
 import argparse
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -22,6 +27,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import grpo  # noqa: E402
 import model as M  # noqa: E402
 
 BASELINE = "90aac4f"   # main when issue 21 was filed: the generate it measured
@@ -54,9 +60,12 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=M.MAX_NEW_TOKENS, help="completion length limit")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--baseline", default=BASELINE, help="the commit whose generate is the baseline")
+    parser.add_argument("--grpo-steps", type=int, default=0,
+                        help="time every rollout of a GRPO run of this many steps instead (0: fixed policy)")
     args = parser.parse_args(argv)
-    if min(args.rollouts, args.prompts_per_step, args.group_size, args.max_new_tokens) < 1 or args.threads < 0:
-        raise M.UserError("--rollouts, --prompts-per-step, --group-size, --max-new-tokens must be >= 1; --threads >= 0")
+    if min(args.rollouts, args.prompts_per_step, args.group_size, args.max_new_tokens) < 1 or min(args.threads, args.grpo_steps) < 0:
+        raise M.UserError("--rollouts, --prompts-per-step, --group-size, --max-new-tokens must be >= 1; "
+                          "--threads, --grpo-steps >= 0")
     if not os.path.exists(args.init):
         raise M.UserError(f"--init {args.init}: no such checkpoint (python grpo.py writes runs/sft/model.pt)")
     if args.threads:
@@ -70,6 +79,8 @@ def main(argv=None):
     fields = old.Config.__dataclass_fields__
     old_model = old.GPT(old.Config(**{k: v for k, v in vars(new_model.config).items() if k in fields}))
     old_model.load_state_dict(new_model.state_dict())
+    if args.grpo_steps:
+        return along_grpo_run(args, old, old_model)
     print(f"{args.init}: {new_model.num_params() / 1e6:.2f} M parameters | {P} prompts x {G} completions, at most "
           f"{args.max_new_tokens} new tokens, temperature 1 | {torch.get_num_threads()} threads | baseline: "
           f"model.py at {args.baseline}", flush=True)
@@ -89,6 +100,52 @@ def main(argv=None):
               f"tokens per rollout, {tokens[name] / seconds[name]:,.0f} new tokens/s")
     print(f"today's rollouts are {seconds[args.baseline] / seconds['today']:.2f}x faster than {args.baseline}'s "
           f"({args.rollouts} rollouts each, same prompts and weights)")
+
+
+def along_grpo_run(args, old, old_model):
+    """Train GRPO for args.grpo_steps steps; time each rollout's generate both ways (the order alternating), the
+    baseline's from a copy of the policy and of the random generator, so the run trains on today's samples."""
+    seconds, tokens = {"today": [], args.baseline: []}, {"today": [], args.baseline: []}
+    today_generate, accepted = M.generate, inspect.signature(old.generate).parameters
+    rollout = grpo.rollout
+
+    def timed_generate(policy, prompts, max_new_tokens, generator=None, **kwargs):
+        old_model.load_state_dict(M.unwrap(policy).state_dict())
+        old_kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        old_generator = torch.Generator().set_state(generator.get_state())
+        runs = [("today", lambda: today_generate(policy, prompts, max_new_tokens, generator=generator, **kwargs)),
+                (args.baseline, lambda: old.generate(old_model, prompts, max_new_tokens, generator=old_generator,
+                                                     **old_kwargs))]
+        result = None
+        for name, run in runs if len(seconds["today"]) % 2 else runs[::-1]:
+            start = time.perf_counter()
+            out = run()
+            seconds[name].append(time.perf_counter() - start)
+            tokens[name].append(int(out.lengths.sum()))
+            result = out if name == "today" else result
+        return result
+
+    def timed_rollout(*a, **kw):        # only grpo's rollouts are timed, not its evaluations
+        M.generate = timed_generate
+        try:
+            return rollout(*a, **kw)
+        finally:
+            M.generate = today_generate
+
+    grpo.rollout = timed_rollout
+    with tempfile.TemporaryDirectory() as out:
+        grpo.train(M.parse_args(grpo.Args, [
+            "--init", args.init, "--data", args.data, "--out", out, "--max-steps", str(args.grpo_steps),
+            "--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size),
+            "--max-new-tokens", str(args.max_new_tokens), "--no-control", "--no-png", "--n-eval", "16",
+            "--eval-minutes", "1000", "--threads", str(args.threads)]))
+    grpo.rollout, n = rollout, len(seconds["today"])
+    print(f"\nGRPO's {n} rollouts (the first is a warm-up, left out), today's generate against {args.baseline}'s:")
+    for label, part in (("first 10", slice(1, 11)), ("last 10", slice(max(1, n - 10), n)), ("all", slice(1, n))):
+        new_s, old_s = sum(seconds["today"][part]), sum(seconds[args.baseline][part])
+        print(f"{label:>9}: {new_s / len(seconds['today'][part]):.3f} vs {old_s / len(seconds['today'][part]):.3f} s "
+              f"per rollout ({sum(tokens['today'][part]) / len(seconds['today'][part]):,.0f} new tokens), "
+              f"{old_s / new_s:.2f}x faster")
 
 
 if __name__ == "__main__":

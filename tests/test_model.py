@@ -1735,6 +1735,20 @@ def test_generate_returns_long_tokens_and_lengths_float32_logprobs_and_bool_flag
     assert gen.logprobs.dtype == torch.float32 and gen.finished.dtype == torch.bool
 
 
+
+def test_generate_outputs_are_ordinary_tensors_a_training_step_can_use():
+    """generate decodes in inference mode, but what it returns is trained on (GRPO's tokens and old log-probs):
+    an inference tensor cannot be saved for backward, so an embedding of the tokens, scaled by the log-probs
+    and backpropagated, would raise. It must not, and the gradient is the product rule's."""
+    model = tiny_model(seed=22)
+    gen = M.generate(model, [[1, 2, 3], [4]], 3, generator=torch.Generator().manual_seed(0))
+    assert not any(t.is_inference() for t in (gen.tokens, gen.logprobs, gen.lengths, gen.finished))
+    weight = model.wte.weight
+    (model.wte(gen.tokens) * gen.logprobs[..., None]).sum().backward()          # saves tokens and log-probs
+    expected = torch.zeros_like(weight).index_add_(0, gen.tokens.reshape(-1),
+                                                   gen.logprobs.reshape(-1, 1).expand(-1, weight.shape[1]))
+    close(weight.grad, expected)
+
 def test_generate_defaults_sample_the_plain_softmax_of_a_full_forward_pass():
     """At its defaults (temperature 1, no top-k/top-p/min-p) generate samples from softmax(z): every new token's
     log-prob is log_softmax of the logits a full forward pass gives at its position."""

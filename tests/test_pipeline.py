@@ -106,3 +106,30 @@ def test_every_command_line_is_built_by_a_command_function(source):
             command = node.args[-1] if node.args else None
             assert not isinstance(command, (ast.List, ast.Tuple)), \
                 f"{source}:{line}: {call} with a hand-typed command line; build it in a *_command function"
+
+
+NAMED_BUT_MISSING = {   # script, its arguments: every other input is a default that is missing, so it would be made
+    "sft --init": ("sft.py", ["--init", "typo.pt"], "typo.pt"),
+    "grpo --init": ("grpo.py", ["--init", "typo.pt"], "typo.pt"),
+    "grpo --sft-test-data": ("grpo.py", ["--sft-test-data", "typo.jsonl"], "typo.jsonl"),
+    "ppo --reward-model": ("ppo.py", ["--reward", "rm", "--reward-model", "typo.pt"], "typo.pt"),
+    "reward --test-data": ("reward.py", ["--test-data", "typo.jsonl"], "typo.jsonl"),
+    "self_training --init": ("experiments/self_training.py", ["--init", "typo.pt"], "typo.pt"),
+}
+
+
+def test_a_missing_named_input_fails_before_any_missing_default_is_made(tmp_path):
+    """Stages make their missing DEFAULT inputs by running the stages upstream (synth.py, then sft.py: minutes).
+    An input the user named and mistyped must fail at once, as one line naming it, in a folder left empty;
+    not after data and an SFT start were made for nothing."""
+    from badinput import run_script_cases
+    by_script = {}
+    for name, (script, argv, path) in NAMED_BUT_MISSING.items():
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        by_script.setdefault(script, {})[name] = (str(folder), argv)
+    for script, cases in by_script.items():
+        for name, (status, err) in run_script_cases(script, cases).items():
+            lines = err.strip().splitlines()
+            assert status == 2 and lines == [f"error: {NAMED_BUT_MISSING[name][2]}: no such file"], (name, lines[-3:])
+            assert not os.listdir(cases[name][0]), (name, os.listdir(cases[name][0]))
