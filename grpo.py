@@ -490,17 +490,14 @@ def prepare_inputs(args, main_process: bool, ddp: bool):
     if args.fresh_start:
         args.init = os.path.join(args.out, "sft", "model.pt")
     if main_process:
-        named = [(args.data, defaults.data), (args.eval_data, defaults.eval_data)]
+        data = [(args.data, defaults.data), (args.eval_data, defaults.eval_data)]
         if args.control:
-            named += [(args.sft_data, defaults.sft_data), (args.sft_test_data, defaults.sft_test_data)]
-        if not args.fresh_start:
-            named.append((args.init, defaults.init))
-        M.check_named_inputs(*named)            # a typo fails now, not after the missing defaults are made
-        for path, default in ((args.data, defaults.data), (args.eval_data, defaults.eval_data)):
+            data += [(args.sft_data, defaults.sft_data), (args.sft_test_data, defaults.sft_test_data)]
+        start = [] if args.fresh_start else [(args.init, defaults.init)]
+        M.check_named_inputs(*data, *start)     # a typo fails now, not after the missing defaults are made
+        for path, default in data:
             M.ensure_input(path, default, data_command())
         if args.control:
-            for path, default in ((args.sft_data, defaults.sft_data), (args.sft_test_data, defaults.sft_test_data)):
-                M.ensure_input(path, default, data_command())
             M.read_demonstrations(args.sft_data)
             M.read_demonstrations(args.sft_test_data)
         if args.fresh_start:

@@ -2960,8 +2960,7 @@ def ensure_input(path: str, default_path: str, command: list[str]) -> str:
     first). If the user named it explicitly, that is an error naming the path."""
     if os.path.exists(path):
         return path
-    if os.path.normpath(path) != os.path.normpath(default_path):
-        raise UserError(f"{path}: no such file")
+    check_named_inputs((path, default_path))
     print(f"{path} is missing; making it with: python {' '.join(command)}", flush=True)
     try:
         run_stage(command, echo=False)

@@ -63,7 +63,8 @@ def main(argv=None):
     parser.add_argument("--grpo-steps", type=int, default=0,
                         help="time every rollout of a GRPO run of this many steps instead (0: fixed policy)")
     args = parser.parse_args(argv)
-    if min(args.rollouts, args.prompts_per_step, args.group_size, args.max_new_tokens) < 1 or min(args.threads, args.grpo_steps) < 0:
+    if min(args.rollouts, args.prompts_per_step, args.group_size, args.max_new_tokens) < 1 or \
+            min(args.threads, args.grpo_steps) < 0:
         raise M.UserError("--rollouts, --prompts-per-step, --group-size, --max-new-tokens must be >= 1; "
                           "--threads, --grpo-steps >= 0")
     if not os.path.exists(args.init):
@@ -134,18 +135,18 @@ def along_grpo_run(args, old, old_model):
 
     grpo.rollout = timed_rollout
     with tempfile.TemporaryDirectory() as out:
-        grpo.train(M.parse_args(grpo.Args, [
-            "--init", args.init, "--data", args.data, "--out", out, "--max-steps", str(args.grpo_steps),
-            "--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size),
-            "--max-new-tokens", str(args.max_new_tokens), "--no-control", "--no-png", "--n-eval", "16",
-            "--eval-minutes", "1000", "--threads", str(args.threads)]))
+        command = M.stage_command("grpo.py", init=args.init, data=args.data, out=out, max_steps=args.grpo_steps,
+                                  prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                                  max_new_tokens=args.max_new_tokens, control=False, png=False, n_eval=16,
+                                  eval_minutes=1000, threads=args.threads)
+        grpo.train(M.parse_args(grpo.Args, command[1:]))
     grpo.rollout, n = rollout, len(seconds["today"])
     print(f"\nGRPO's {n} rollouts (the first is a warm-up, left out), today's generate against {args.baseline}'s:")
     for label, part in (("first 10", slice(1, 11)), ("last 10", slice(max(1, n - 10), n)), ("all", slice(1, n))):
+        count = len(seconds["today"][part])
         new_s, old_s = sum(seconds["today"][part]), sum(seconds[args.baseline][part])
-        print(f"{label:>9}: {new_s / len(seconds['today'][part]):.3f} vs {old_s / len(seconds['today'][part]):.3f} s "
-              f"per rollout ({sum(tokens['today'][part]) / len(seconds['today'][part]):,.0f} new tokens), "
-              f"{old_s / new_s:.2f}x faster")
+        print(f"{label:>9}: {new_s / count:.3f} vs {old_s / count:.3f} s per rollout "
+              f"({sum(tokens['today'][part]) / count:,.0f} new tokens), {old_s / new_s:.2f}x faster")
 
 
 if __name__ == "__main__":

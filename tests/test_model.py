@@ -1735,7 +1735,6 @@ def test_generate_returns_long_tokens_and_lengths_float32_logprobs_and_bool_flag
     assert gen.logprobs.dtype == torch.float32 and gen.finished.dtype == torch.bool
 
 
-
 def test_generate_outputs_are_ordinary_tensors_a_training_step_can_use():
     """generate decodes in inference mode, but what it returns is trained on (GRPO's tokens and old log-probs):
     an inference tensor cannot be saved for backward, so an embedding of the tokens, scaled by the log-probs
@@ -1748,6 +1747,7 @@ def test_generate_outputs_are_ordinary_tensors_a_training_step_can_use():
     expected = torch.zeros_like(weight).index_add_(0, gen.tokens.reshape(-1),
                                                    gen.logprobs.reshape(-1, 1).expand(-1, weight.shape[1]))
     close(weight.grad, expected)
+
 
 def test_generate_defaults_sample_the_plain_softmax_of_a_full_forward_pass():
     """At its defaults (temperature 1, no top-k/top-p/min-p) generate samples from softmax(z): every new token's
