@@ -63,10 +63,11 @@ def main(argv=None):
     parser.add_argument("--grpo-steps", type=int, default=0,
                         help="time every rollout of a GRPO run of this many steps instead (0: fixed policy)")
     args = parser.parse_args(argv)
-    if min(args.rollouts, args.prompts_per_step, args.group_size, args.max_new_tokens) < 1 or \
-            min(args.threads, args.grpo_steps) < 0:
-        raise M.UserError("--rollouts, --prompts-per-step, --group-size, --max-new-tokens must be >= 1; "
-                          "--threads, --grpo-steps >= 0")
+    if min(args.rollouts, args.prompts_per_step, args.group_size, args.max_new_tokens) < 1 or args.threads < 0:
+        raise M.UserError("--rollouts, --prompts-per-step, --group-size, --max-new-tokens must be >= 1; --threads >= 0")
+    if args.grpo_steps < 0 or args.grpo_steps == 1:
+        raise M.UserError(f"--grpo-steps {args.grpo_steps}: 0 (a fixed policy) or at least 2 (the first rollout is "
+                          "a warm-up, left out)")
     if not os.path.exists(args.init):
         raise M.UserError(f"--init {args.init}: no such checkpoint (python grpo.py writes runs/sft/model.pt)")
     if args.threads:
