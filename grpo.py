@@ -652,10 +652,10 @@ def train(args) -> dict:
                    "start_accuracy": start_eval["greedy"], "final_accuracy": end_eval["greedy"]}
     logger.close()
     if ddp:
-        # Every rank leaves together, the others waiting here while rank 0 saves and evaluates. Without it a rank
-        # other than 0 exits right after full_model's all-gathers, and a gloo worker thread that is still dropping
-        # the last one (its tensors have Python objects, so it needs the GIL) meets the interpreter's shutdown:
-        # SIGABRT, "terminate called without an active exception" (seen in CI, about 1 run in 20 under load).
+        # Every rank leaves together, the others waiting here while rank 0 saves and evaluates. This alone
+        # narrows, but does not close, the race that model.cli's os._exit closes: a gloo worker thread still
+        # dropping the last all-gather (its tensors have Python objects, so it needs the GIL) meets the
+        # interpreter's shutdown: SIGABRT, "terminate called without an active exception".
         dist.barrier()
         M.cleanup_ddp()
     return results

@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import tokenize
+import traceback
 import typing
 import unicodedata
 from dataclasses import dataclass, asdict
@@ -2703,12 +2704,38 @@ def check_budget(args) -> None:
 
 
 def cli(main) -> None:
-    """Run main(); a UserError becomes one line on stderr and exit status 2, not a traceback."""
+    """Run main(); a UserError becomes one line on stderr and exit status 2, not a traceback.
+
+    One of torchrun's ranks (WORLD_SIZE > 1) leaves with os._exit once main() is done, after flushing
+    stdout and stderr: it skips the interpreter's shutdown. A gloo worker thread can still be dropping
+    a finished collective whose tensors belong to Python objects; taking the GIL while the interpreter
+    shuts down stops that thread with a forced unwind, which aborts the process (SIGABRT, "terminate
+    called without an active exception": an SFT run on two ranks in CI, once). Whatever a stage writes
+    is closed and renamed into place before main() returns, so nothing is lost."""
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if not (world_size.isdigit() and int(world_size) > 1):
+        try:
+            main()
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
     try:
         main()
+        status = 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        status = 2
+    except SystemExit as e:  # sys.exit(n) or sys.exit("message"), as the interpreter would report it
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:  # a bug: its traceback, as the interpreter would print it
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def type_names(types) -> str:

@@ -1007,6 +1007,36 @@ def test_get_device_and_cli(capsys):
     assert info.value.code == 2 and capsys.readouterr().err.strip() == "error: data.jsonl:3: bad line"
 
 
+CLI_RANK = ("import atexit, sys; sys.path.insert(0, {root!r}); import model as M\n"
+            "atexit.register(lambda: print('interpreter shutdown ran', flush=True))\n"
+            "def main():\n"
+            "    print('partial line, not yet flushed', end='')\n"
+            "    {body}\n"
+            "M.cli(main)\n")
+
+
+@pytest.mark.parametrize("body, status, err", [
+    ("pass", 0, ""),
+    ("raise M.UserError('rl.jsonl:2: bad line')", 2, "error: rl.jsonl:2: bad line"),
+    ("raise SystemExit(130)", 130, ""),
+    ("raise SystemExit('stopped')", 1, "stopped"),
+    ("1 / 0", 1, "ZeroDivisionError"),
+])
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_cli_ends_a_torchrun_rank_without_the_interpreter_shutdown_and_the_same_exit_status(body, status, err,
+                                                                                           world_size):
+    """A rank (WORLD_SIZE 2) skips the interpreter's shutdown, where a gloo worker thread that takes the GIL
+    aborts the process: its atexit handlers do not run. Exit status, stdout (flushed) and stderr are what
+    the interpreter gives a plain process (WORLD_SIZE 1), whose shutdown runs as usual."""
+    done = subprocess.run([sys.executable, "-c", CLI_RANK.format(root=ROOT, body=body)], capture_output=True,
+                          text=True, env={**os.environ, "WORLD_SIZE": world_size}, timeout=60)
+    assert done.returncode == status, done.stderr
+    shutdown = "interpreter shutdown ran\n" if world_size == "1" else ""
+    assert done.stdout == "partial line, not yet flushed" + shutdown
+    assert (err in done.stderr) if err else done.stderr == ""
+    assert err != "error: rl.jsonl:2: bad line" or done.stderr == err + "\n"
+
+
 # ----------------------------------------------------------------------------------------------
 # evaluate: the shared held-out protocol
 # ----------------------------------------------------------------------------------------------
