@@ -2713,26 +2713,33 @@ def cli(main) -> None:
     called without an active exception": an SFT run on two ranks in CI, once). Whatever a stage writes
     is closed and renamed into place before main() returns, so nothing is lost."""
     world_size = os.environ.get("WORLD_SIZE", "1")
-    if not (world_size.isdigit() and int(world_size) > 1):
-        try:
-            main()
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        return
+    a_rank = world_size.isdigit() and int(world_size) > 1
     try:
         main()
         status = 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         status = 2
-    except SystemExit as e:  # sys.exit(n) or sys.exit("message"), as the interpreter would report it
+    except SystemExit as e:  # sys.exit(n) or sys.exit("message"): the status the interpreter would give
+        if not a_rank:
+            raise
         if e.code is not None and not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
         status = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException:  # a bug: its traceback, as the interpreter would print it
+    except BaseException:  # a bug: the traceback the interpreter would print
+        if not a_rank:
+            raise
         traceback.print_exc()
         status = 1
+    if a_rank:
+        exit_without_shutdown(status)
+    if status:
+        sys.exit(status)
+
+
+def exit_without_shutdown(status: int) -> None:
+    """Flush stdout and stderr, then end this process at once (os._exit): no atexit handlers, no interpreter
+    shutdown. For a process that joined a gloo process group (see cli)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

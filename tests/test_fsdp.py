@@ -209,6 +209,7 @@ def _fsdp_worker(rank, world, ports, folder, states):
             shutil.copy(os.path.join(folder, "resumed", name), os.path.join(folder, "stopped", name))
     os.environ["MASTER_PORT"] = str(ports[3])
     sft.main(["--out", os.path.join(folder, "resumed"), "--resume", "--fsdp"])
+    M.exit_without_shutdown(0)   # as model.cli ends a torchrun rank: spawn's exit would shut the interpreter down
 
 
 @pytest.fixture(scope="module")
