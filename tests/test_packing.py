@@ -134,6 +134,14 @@ def test_greedy_concat_is_the_pretraining_stream_cut_every_T(lengths, T):
     assert tokens[:sum(lengths)] == [t for doc in docs for t in doc]       # row-major read = the stream
     assert all(t == PAD for t in tokens[sum(lengths):])                    # padding only at the very end
     assert p.n_rows == math.ceil(sum(lengths) / T)                         # the lower bound exactly
+    # the pieces by definition: walk the stream; a piece begins where a document or a row begins
+    pieces, stream = [], [(d, j) for d, L in enumerate(lengths) for j in range(L)]
+    for i, (d, j) in enumerate(stream):
+        if i % T == 0 or j == 0:
+            pieces.append([d, j, 0, i // T, i % T])
+        pieces[-1][2] += 1
+    assert [list(piece) for piece in zip(*(x.tolist() for x in (p.doc, p.start, p.length, p.row, p.col)))] \
+        == pieces
 
 
 # ---------------------------------------------------------------- FFD / BFD
@@ -141,10 +149,27 @@ def test_greedy_concat_is_the_pretraining_stream_cut_every_T(lengths, T):
 
 @pytest.mark.parametrize("rule", ["first", "best"])
 @given(lengths=lengths_st, T=T_st)
+@example(lengths=[8, 8, 14, 15, 8, 15], T=28)           # best fit: rooms 13, 13 and 5 take 2 + 1 copies of 8
+@example(lengths=[8, 1, 1, 1, 1, 3, 3, 3, 4, 8, 4, 8], T=10)   # best fit: rows of equal room, in row order
+@example(lengths=[1, 5, 3, 3], T=7)                    # best fit: of two rows with room, the later is tighter
 def test_fit_decreasing_matches_the_per_piece_definition(rule, lengths, T):
-    p = P.fit_decreasing(lengths, T, rule)
-    assert {(d, s): r for d, s, r in zip(p.doc.tolist(), p.start.tolist(), p.row.tolist())} \
-        == fit_by_definition(lengths, T, rule)
+    named = {"first": P.first_fit_decreasing, "best": P.best_fit_decreasing}[rule]
+    packings = [P.fit_decreasing(lengths, T, rule), named(lengths, T)]
+    if rule == "first":
+        packings.append(P.fit_decreasing(lengths, T))                      # the default rule
+    for p in packings:
+        assert {(d, s): r for d, s, r in zip(p.doc.tolist(), p.start.tolist(), p.row.tolist())} \
+            == fit_by_definition(lengths, T, rule)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_documents_pack_into_no_rows(method):
+    p = P.PACKERS[method]([], 8)
+    assert (p.T, p.n_rows) == (8, 0)
+    assert all(len(x) == 0 and x.dtype == np.int64 for x in (p.doc, p.start, p.length, p.row, p.col))
+    batch = P.packed_batch(p, [], PAD)
+    for x in (batch.tokens, batch.loss_mask, batch.doc_ids, batch.positions):
+        assert x.shape == (0, 8)
 
 
 @pytest.mark.parametrize("rule", ["first", "best"])
@@ -170,6 +195,7 @@ def test_ffd_is_suboptimal_on_the_textbook_instance():
 def test_rows_between_lower_bound_and_twice_it(method, lengths, T):
     p = P.PACKERS[method](lengths, T)
     bound = math.ceil(sum(lengths) / T)
+    assert P.lower_bound(lengths, T) == bound
     assert bound <= p.n_rows <= 2 * bound
     if method != "greedy concat":
         # any-fit: the first piece of a later row fit in no earlier row, so two rows hold > T together
@@ -190,7 +216,7 @@ def test_positions_restart_and_loss_mask_is_zero_exactly_at_boundaries_and_paddi
     b = P.packed_batch(p, docs, PAD)
     tokens, doc_ids, pos, mask = (x.numpy() for x in (b.tokens, b.doc_ids, b.positions, b.loss_mask))
     real = tokens != PAD
-    assert np.array_equal(real, doc_ids >= 0)
+    assert np.array_equal(real, doc_ids >= 0) and np.all(doc_ids[~real] == -1)
     # piece starts from the packing itself, independently of the tensors
     starts = np.zeros_like(real)
     starts[p.row, p.col] = True
@@ -214,6 +240,12 @@ def test_padded_cost_equals_materialised_padded_batches(lengths, batch_size, win
     batches = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
     computed = sum(P.padded_batch([[1] * n for n in b], 0).tokens.numel() for b in batches)
     assert P.padded_cost(lengths, batch_size, window) == computed
+
+
+def test_padded_cost_of_nothing_is_zero_and_efficiency_is_real_over_computed():
+    assert P.padded_cost([], 4) == 0 and P.padded_cost([], 4, 2) == 0
+    assert P.efficiency(30, 40) == 0.75 and P.efficiency(7, 7) == 1.0 and P.efficiency(1, 1) == 1.0
+    assert P.efficiency(0, 0) == 0.0                                      # nothing computed: no division by zero
 
 
 # ---------------------------------------------------------------- the model: packing is exact
@@ -269,6 +301,17 @@ def test_padded_and_packed_batches_give_the_same_loss_and_gradient(lengths, seed
     torch.testing.assert_close(grads[0][0], sum(nll).detach() / sum(n - 1 for n in lengths), rtol=1e-5, atol=1e-6)
 
 
+def test_one_predicted_token_its_loss_is_that_tokens_nll_and_padded_dtypes_match_packed():
+    gpt = tiny_gpt(8, "rope", 0)
+    batch = P.padded_batch([[5, 7], [3]], 39)                              # one prediction: 7 after 5
+    with torch.no_grad():
+        want = F.cross_entropy(gpt(torch.tensor([[5, 7]]))[0, :1], torch.tensor([7]))
+        torch.testing.assert_close(P.masked_loss(gpt, batch), want)
+    packed = P.packed_batch(P.best_fit_decreasing([2, 1], 8), [[5, 7], [3]], 39)
+    assert (batch.tokens.dtype, batch.loss_mask.dtype) == (packed.tokens.dtype, packed.loss_mask.dtype) \
+        == (torch.long, torch.bool)
+
+
 # ---------------------------------------------------------------- errors and the script
 
 
@@ -277,8 +320,10 @@ def test_bad_lengths_are_one_clear_error():
         P.best_fit_decreasing([3, 0, 2], 8)
     with pytest.raises(ValueError, match="row length T"):
         P.greedy_concat([3], 0)
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="^packing.py: the packing does not match the documents' lengths$"):
         P.packed_batch(P.greedy_concat([3, 4], 8), [[1, 2, 3], [1, 2]], 0)
+    with pytest.raises(ValueError, match="^packing.py: rule must be 'first' or 'best', got 'worst'$"):
+        P.fit_decreasing([3], 8, "worst")
 
 
 def test_main_end_to_end_tiny(tmp_path, capsys):

@@ -12,7 +12,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import model as M
@@ -20,6 +20,7 @@ from badinput import (bad_jsonl_cases, check_one_line_error, file_case, hostile_
                       nan_weights_checkpoint, option_case, run_case, run_in_process, run_script, truncated_checkpoint,
                       write_bad_input)
 import reward as R
+import sft
 
 finite = st.floats(-20, 20, allow_nan=False)
 
@@ -129,10 +130,27 @@ def test_score_is_the_head_applied_to_the_hidden_state_of_the_last_real_token(le
             assert float(got[i]) == pytest.approx(float(h @ RM.head.weight[0] + RM.head.bias[0]), abs=1e-5)
 
 
+@given(lengths=st.lists(st.integers(0, 12), min_size=1, max_size=7), batch_size=st.integers(1, 4))
+def test_score_of_texts_is_the_forward_of_each_encoded_pair_alone(lengths, batch_size):
+    """The text API, in batches of any size (and the default), against one forward per sequence."""
+    rng = random.Random(sum(lengths) + batch_size)
+    prompts = [f"{rng.randrange(100)}+{rng.randrange(100)}=?\n" for _ in lengths]
+    completions = ["".join(rng.choice("0123456789 #\n") for _ in range(n)) for n in lengths]
+    with torch.no_grad():
+        alone = [RM(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.bool))[0]
+                 for seq in (R.encode_pair(RM.enc, p, c) for p, c in zip(prompts, completions))]
+    for got in (RM.score(prompts, completions, batch_size=batch_size), RM.score(prompts, completions)):
+        assert got.shape == (len(lengths),)
+        torch.testing.assert_close(got, torch.stack(alone), atol=1e-5, rtol=0)
+
+
 # ---- metrics against brute force -------------------------------------------------------------
 
 @given(deltas=st.lists(st.floats(-8, 8), min_size=1, max_size=60), n_bins=st.integers(1, 6))
+@example(deltas=[math.log(3), -math.log(3), 0.5108256237659907, 1.9459101490553132, 40.0, -40.0, 0.0], n_bins=4)
 def test_calibration_matches_a_brute_force_loop(deltas, n_bins):
+    """The example puts confidences exactly on the bin edges 0.625, 0.75 and 0.875 (each belongs to the bin
+    above it) and at 1.0 (sigmoid(40) in float64: the last bin includes its upper edge)."""
     rows, ece = R.calibration(torch.tensor(deltas, dtype=torch.float64), n_bins)
     bins = [[] for _ in range(n_bins)]
     for d in deltas:
@@ -146,6 +164,11 @@ def test_calibration_matches_a_brute_force_loop(deltas, n_bins):
     for r, v in zip(rows, bins):
         if v:
             assert r["lo"] - 1e-12 <= r["confidence"] <= r["hi"] + 1e-12
+
+
+def test_calibration_has_five_bins_by_default():
+    rows, _ = R.calibration(torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64))
+    assert [(r["lo"], r["hi"]) for r in rows] == [(0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.0)]
 
 
 @given(data=st.lists(st.tuples(st.floats(-5, 5), st.sampled_from(["a", "b", "c"])), min_size=1, max_size=40))
@@ -281,6 +304,20 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_at_its_step_and_keeps_the_l
     assert not M.non_finite_tensors(R.load_reward_model(str(tmp_path / "rm" / "model.pt")).state_dict())
 
 
+@given(peak=st.floats(1e-5, 1e-1), warmup=st.integers(0, 50), ratio=st.floats(0, 1), step=st.integers(0, 300),
+       progress=st.floats(0, 2))
+def test_lr_schedule_closed_form_and_the_same_as_sft(peak, warmup, ratio, step, progress):
+    """Warmup linear in (step + 1) / warmup; cosine from the peak (progress 0) to peak * ratio (progress >= 1),
+    their mean at 1/2: the schedule sft.py documents, and its values."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    assert math.isclose(R.lr_at(step, 0.0, peak, warmup, ratio), peak * warm)
+    assert math.isclose(R.lr_at(step, 0.5, peak, warmup, ratio), peak * warm * (1 + ratio) / 2)
+    assert math.isclose(R.lr_at(step, 1.0, peak, warmup, ratio), peak * warm * ratio, abs_tol=1e-15)
+    assert R.lr_at(step, 2.0, peak, warmup, ratio) == R.lr_at(step, 1.0, peak, warmup, ratio)
+    assert math.isclose(R.lr_at(step, progress, peak, warmup, ratio), sft.lr_at(step, progress, peak, warmup, ratio),
+                        rel_tol=1e-12, abs_tol=1e-18)
+
+
 # ---- inputs and the upstream commands ----------------------------------------------------------------
 
 def test_pairs_are_read_with_their_margins_and_kinds(tmp_path):
@@ -290,6 +327,17 @@ def test_pairs_are_read_with_their_margins_and_kinds(tmp_path):
     assert R.read_pairs(str(tmp_path / "pairs.jsonl")) == rows
     pairs, skipped = R.make_pairs(rows, ENC, 64, default_margin=0.5)
     assert [(p[2], p[3]) for p in pairs] == [(0.5, "all"), (2.0, "x")] and skipped == 0
+    assert [p[2] for p in R.make_pairs(rows, ENC, 64)[0]] == [0.0, 2.0]           # no margin given: 0
+
+
+def test_a_pair_is_kept_when_its_longer_sequence_fills_the_context_and_skipped_and_counted_past_it():
+    """The reward is read at the last of a sequence's L tokens (no shift as in SFT): L <= block_size fits."""
+    fits = {"prompt": "p", "chosen": "abc", "rejected": "a"}
+    size = len(R.encode_pair(ENC, "p", "abc"))
+    too_long = {"prompt": "p", "chosen": "a", "rejected": "abcd"}
+    pairs, skipped = R.make_pairs([too_long, fits, too_long, fits], ENC, size)
+    assert len(pairs) == 2 and skipped == 2
+    assert pairs[0][0] == R.encode_pair(ENC, "p", "abc") and len(pairs[0][0]) == size
 
 
 def test_each_upstream_command_parses_with_its_targets_parser_and_makes_the_default_path():

@@ -206,6 +206,114 @@ def test_grad_clip_bounds_the_global_norm():
     assert norm > 1e-3 and math.isclose(clipped, 1e-3, rel_tol=1e-4)
 
 
+def completion_nll_by_hand(policy, pairs):
+    """(sum over every completion+EOS token of -log p, token count): each sequence alone, in a Python loop."""
+    total, count = 0.0, 0
+    for p, c in pairs:
+        seq = torch.tensor(p + c + [EOS])
+        with torch.no_grad():
+            logp = torch.log_softmax(policy(seq[None, :-1])[0].double(), -1)  # (L-1, V)
+        for t in range(len(p), len(seq)):
+            total -= float(logp[t - 1, seq[t]])
+            count += 1
+    return total, count
+
+
+@settings(max_examples=10)
+@given(pairs=example_lists, batch_size=st.integers(1, 3))
+def test_eval_loss_is_the_mean_completion_nll_over_every_example(pairs, batch_size):
+    policy = tiny_model(1)
+    total, count = completion_nll_by_hand(policy, pairs)
+    for got in (sft.eval_loss(policy, to_examples(pairs), PAD, "cpu", batch_size=batch_size),
+                sft.eval_loss(policy, to_examples(pairs), PAD, "cpu")):
+        assert math.isclose(got, total / count, rel_tol=1e-5)
+    assert math.isnan(sft.eval_loss(policy, [], PAD, "cpu"))                 # nothing to score: NaN, not 0 / 0
+
+
+def test_micro_batches_are_length_sorted_slices_each_padded_to_its_own_longest():
+    pairs = [([1] * n, [2] * (n % 3)) for n in (5, 1, 4, 2, 6, 3, 1)]
+    examples = to_examples(pairs)
+    by_length = sorted(examples, key=lambda e: len(e[0]))
+    for micro, sizes in ((2, [2, 2, 2, 1]), (3, [3, 3, 1]), (0, [7])):      # 0: the whole batch at once
+        batches = sft.length_sorted_micro_batches(examples, micro, PAD)
+        assert [len(b[0]) for b in batches] == sizes
+        start = 0
+        for inputs, targets, mask in batches:
+            mine = by_length[start:start + len(inputs)]
+            assert inputs.shape[1] == max(len(e[0]) for e in mine) - 1         # padded to its own longest
+            assert [int(m.sum()) for m in mask] == [len(e[0]) - e[1] for e in mine]
+            start += len(inputs)
+
+
+def test_train_step_defaults_clip_at_1_name_the_update_and_count_a_lone_token():
+    pairs = [([1, 2, 3], [4, 5, 6]), ([7], [8, 9])]
+    policy = tiny_model()
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.mul_(8)                                                  # a gradient norm well above 2
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+    _, norm, _ = sft.train_step(policy, optimizer, [sft.collate(to_examples(pairs), PAD)], "cpu")
+    clipped = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in policy.parameters()))
+    assert norm > 2 and math.isclose(clipped, 1.0, rel_tol=1e-4)           # grad_clip defaults to 1.0
+
+    lone = tiny_model(2)                                                   # one completion token: N = 1
+    batch = sft.collate([(torch.tensor([5, 6]), 1)], PAD)
+    loss, _, n_tokens = sft.train_step(lone, torch.optim.SGD(lone.parameters(), lr=0.0), [batch], "cpu")
+    with torch.no_grad():
+        want = -float(torch.log_softmax(lone(torch.tensor([[5]]))[0, 0].double(), -1)[6])
+    assert n_tokens == 1 and math.isclose(loss, want, rel_tol=1e-5)
+
+    broken = tiny_model()
+    with torch.no_grad():
+        broken.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(M.NonFiniteError, match="^update: loss is nan; stopped before the update"):
+        sft.train_step(broken, torch.optim.SGD(broken.parameters(), lr=0.1), [sft.collate(to_examples(pairs), PAD)],
+                       "cpu")
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_update():
+    pairs = [([1, 2, 3], [4, 5, 6])]
+    policy = tiny_model()
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    policy.lm_head.weight.register_hook(lambda grad: grad * float("inf"))  # the loss stays finite
+    with pytest.raises(M.NonFiniteError, match="^step 3: grad_norm is"):
+        sft.train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), [sft.collate(to_examples(pairs), PAD)],
+                       "cpu", where="step 3")
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+
+
+def test_a_parameter_no_token_reached_gets_a_zero_gradient_not_none():
+    """An MoE expert that no token was routed to has no gradient from autograd; train_step gives it zeros, so
+    every parameter joins the gradient sum (and the norm) in every process."""
+    policy = tiny_model(0, ffn="moe", n_expert=8, moe_top_k=1)
+    batch = sft.collate(to_examples([([1], [2])]), PAD)                    # 2 positions: at most 2 experts used
+    sft.train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), [batch], "cpu")
+    grads = [p.grad for p in policy.parameters()]
+    assert all(g is not None for g in grads)
+    assert any(not g.any() for g in grads)                                 # some expert was idle
+
+
+def test_moe_auxiliary_loss_is_weighted_by_each_micro_batchs_share_of_rows_and_off_by_default():
+    """loss = sum over micro-batches m of [ -sum log p / N + w * aux_m * rows_m / B ], aux_m the router
+    losses of m's forward (read from a copy of the model, one micro-batch at a time); w = 0 by default."""
+    pairs = [([1, 2], [3, 4, 5]), ([6], [7]), ([8, 9, 10], [11, 12]), ([13], [])]
+    micro_batches = sft.length_sorted_micro_batches(to_examples(pairs), 3, PAD)
+    reference = tiny_model(3, ffn="moe")
+    n_tokens = sum(int(mask.sum()) for _, _, mask in micro_batches)
+    nll, aux = 0.0, 0.0
+    with torch.no_grad():
+        for inputs, targets, mask in micro_batches:
+            nll += float(sft.masked_nll(reference(inputs), targets, mask, n_tokens))
+            aux += float(reference.aux_loss) * len(inputs) / len(pairs)
+    assert aux > 0
+    for weight in (0.0, 0.5):
+        policy = tiny_model(3, ffn="moe")
+        kwargs = {"aux_loss_weight": weight} if weight else {}
+        loss, _, _ = sft.train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), micro_batches, "cpu",
+                                    **kwargs)
+        assert math.isclose(loss, nll + weight * aux, rel_tol=1e-5)
+
+
 # ---- DDP: two gloo processes over halves == one process over the whole batch ----------------
 
 def free_port():

@@ -60,6 +60,13 @@ TARGETS = {
             "adaptive_beta", "explained_variance"],
     "model": ["attention_mask", "KVCache.*", "decode_attention", "padded_batch", "left_pad_inputs",
               "sampling_logprobs", "sample", "generate", "token_logprobs"],
+    "sft": ["encode_example", "make_examples", "collate", "masked_nll", "length_sorted_micro_batches",
+            "batch_indices", "lr_at", "train_step", "eval_loss"],
+    "reward": ["last_token_index", "RewardModel.*", "encode_pair", "bradley_terry_loss", "pairwise_accuracy",
+               "calibration", "accuracy_by_kind", "make_pairs", "pair_rewards", "lr_at"],
+    "packing": ["check_lengths", "split_documents", "_place_in_columns", "fit_decreasing", "_tightest_first",
+                "first_fit_decreasing", "best_fit_decreasing", "greedy_concat", "padded_cost", "efficiency",
+                "lower_bound", "packed_batch", "padded_batch", "token_nll", "masked_loss"],
 }
 
 # Tests left out of a target's run, each failing under mutmut on the unchanged code (mutmut then stops: "failed
@@ -72,6 +79,13 @@ DESELECT = {
     "ppo": ["tests/test_ppo.py::test_python_ppo_py_on_bad_input_is_one_line_exit_2_and_writes_nothing"],
     "model": ["tests/test_model.py::test_fit_prompts_keeps_exactly_the_prompts_that_leave_room",
               "tests/test_model.py::test_compiled_decode_step_is_traced_once_for_a_rollout_of_one_batch_size"],
+    # the same as ppo's: each runs the mutated file as a subprocess in another folder
+    "sft": ["tests/test_sft.py::test_a_huge_lr_is_one_line_exit_2_and_every_saved_weight_is_finite",
+            "tests/test_sft.py::test_a_second_run_on_a_folder_being_written_is_refused_and_writes_nothing",
+            "tests/test_sft.py::test_bad_input_is_one_line_exit_2_no_traceback_and_nothing_written"],
+    "reward": ["tests/test_reward.py::test_python_reward_py_on_bad_input_is_one_line_exit_2_and_writes_nothing"],
+    "packing": ["tests/test_packing.py::test_every_bad_option_or_data_file_is_one_line_exit_2_and_writes_nothing",
+                "tests/test_packing.py::test_the_case_driver_agrees_with_a_real_process"],
 }
 
 # Decorated functions mutmut would skip: (target, "Class.method" or "function") -> how to re-apply the
@@ -82,11 +96,14 @@ UNDECORATE = {
         "torch.autograd.function.once_differentiable",
         "{name} = staticmethod(torch.autograd.function.once_differentiable({name}.__func__))"),
     ("model", "generate"): ("torch.no_grad()", "{name} = torch.no_grad()({name})"),
+    ("sft", "eval_loss"): ("torch.no_grad()", "{name} = torch.no_grad()({name})"),
+    ("reward", "RewardModel.score"): ("torch.no_grad()", "{name} = torch.no_grad()({name})"),
 }
 
 GENERATE_TESTS = ["tests/test_model.py", "-k", "generate or compact"]
 
-# Hand mutations of the decorated functions: (target, what it breaks, original text, mutated text, tests).
+# Hand mutations of the decorated functions, and of code mutmut cannot measure: (target, what it breaks,
+# original text, mutated text, tests).
 # The original text must occur exactly once in the file; the mutant is killed when the tests fail.
 HAND = [
     ("optim", "step ignores the closure's loss", "                loss = closure()\n",
@@ -117,6 +134,15 @@ HAND = [
      GENERATE_TESTS),
     ("model", "generate leaves the model in eval mode", "    model.train(was_training)\n", "",
      GENERATE_TESTS),
+    # sft.train_step's two-process branches: they run in spawned processes, whose calls mutmut's stats do not see
+    ("sft", "train_step under DDP does not all-reduce the gradients", "    elif world_size > 1:  # one flat",
+     "    elif False:  # one flat", ["tests/test_sft.py", "-k", "ddp_two_gloo"]),
+    ("sft", "train_step divides by this rank's token count, not the whole batch's",
+     "    n_tokens = int(allreduce_sum(torch.tensor([float(n_local)], device=device), world_size).item())",
+     "    n_tokens = n_local", ["tests/test_sft.py", "-k", "ddp_two_gloo"]),
+    ("sft", "train_step under FSDP reports this rank's loss, not the sum over ranks",
+     "        loss_sum = float(allreduce_sum(torch.tensor([loss_sum], device=device), world_size))",
+     "        loss_sum = float(loss_sum)", ["tests/test_fsdp.py", "-k", "not torchrun"]),
 ]
 
 # Surviving mutants that cannot change any result, with the reason (docs/testing.md lists them too). mutmut
@@ -151,6 +177,15 @@ SAME_SLICE = "slice(None, n) and slice(n) are slice(0, n)"
 UNINITIALISED = ("always zeroing the buffers: eager decoding never reads an unwritten slot (a test fills them with NaN "
                  "and compares), so zeros change the work, not the values")
 N_START = "n's start value is read only when max_new_tokens == 0, and the output then has no columns either way"
+UNREACHABLE_EMPTY = "the branch for no rows cannot be taken: the function returned for an empty packing above"
+ROWS_NOT_COPIES = ("counting rows instead of the copies they take: every candidate row takes >= 1 copy, so the cut "
+                   "lands at the same room or a larger one; more rows are sorted, the tightest first as before")
+KIND_CASE = "numpy reads sort kinds case-insensitively: 'STABLE' is 'stable'"
+INT_DTYPE_NP = "dtype dropped: numpy makes int64 of Python ints here, the dtype written"
+SEED_LABEL = ("which seed each (seed, epoch) maps to is arbitrary: the contract (a fresh permutation per epoch, the "
+              "same batches for the same seed and step, on every rank) holds for any such map")
+EMPTY_MEAN = "the mean of an empty selection is NaN in torch: the value the empty branch gives"
+NO_DOCS_FLAT = "with no documents there are no pieces, so nothing is read from the empty (or one-zero) token array"
 EQUIVALENT = {
     "grpo.x_group_advantages__mutmut_5": "numel() == 1 instead of == 0: an empty (0, G) batch gives the same empty "
                                          "result through the main path, and a single reward is a constant group (0)",
@@ -313,6 +348,81 @@ EQUIVALENT = {
     "model.x_padded_batch__mutmut_39": "slice(n) is slice(0, n)",
     "model.x_sampling_logprobs__mutmut_34": "top_k == V keeps every token either way",
     "model.x_token_logprobs__mutmut_63": "the value filled at -inf log-probs is multiplied by exp(-inf) = 0: any finite value gives 0",
+    # packing.py
+    "packing.x__place_in_columns__mutmut_40": UNREACHABLE_EMPTY,
+    "packing.x__place_in_columns__mutmut_44": UNREACHABLE_EMPTY,
+    "packing.x__tightest_first__mutmut_3": ROWS_NOT_COPIES,
+    "packing.x__tightest_first__mutmut_5": ROWS_NOT_COPIES,
+    "packing.x__tightest_first__mutmut_21": KIND_CASE,
+    "packing.x_fit_decreasing__mutmut_21": KIND_CASE,
+    "packing.x_check_lengths__mutmut_2": "reshape(None) keeps the shape: every caller passes 1-D lengths",
+    "packing.x_check_lengths__mutmut_8": "numpy reads any negative size in reshape as -1",
+    "packing.x_first_fit_decreasing__mutmut_6": "fit_decreasing's default rule is 'first' (a test checks the default)",
+    "packing.x_fit_decreasing__mutmut_125": ("rank only orders pieces (lexsort): small integers order the same "
+                                             "as float64"),
+    "packing.x_fit_decreasing__mutmut_127": "the same as 125",
+    "packing.x_fit_decreasing__mutmut_41": ("every piece its own group: placing a group of k copies at once is "
+                                            "exact (the docstring's argument), so one copy at a time gives the "
+                                            "same rows, slower"),
+    "packing.x_fit_decreasing__mutmut_58": "best fit sorting one candidate row changes nothing",
+    "packing.x_fit_decreasing__mutmut_72": (
+        "short = k + copies opens rows this group does not use; they stay empty (room T) and are numbered right "
+        "after the used rows, so a later piece that fits no used row meets the first of them where a new row would "
+        "be opened, with the same number (first and best fit: a used row always has room < T); rows numbered past "
+        "the room array are never needed, since the true packing uses at most one row per piece"),
+    "packing.x_fit_decreasing__mutmut_74": "short == 0 opens zero new rows: nothing changes",
+    "packing.x_packed_batch__mutmut_18": INT_DTYPE_NP,
+    "packing.x_packed_batch__mutmut_20": INT_DTYPE_NP,
+    "packing.x_packed_batch__mutmut_55": INT_DTYPE_NP,
+    "packing.x_packed_batch__mutmut_58": INT_DTYPE_NP,
+    "packing.x_packed_batch__mutmut_63": INT_DTYPE_NP,
+    "packing.x_packed_batch__mutmut_66": INT_DTYPE_NP,
+    "packing.x_packed_batch__mutmut_22": NO_DOCS_FLAT,
+    "packing.x_packed_batch__mutmut_24": NO_DOCS_FLAT,
+    "packing.x_packed_batch__mutmut_25": NO_DOCS_FLAT,
+    "packing.x_padded_batch__mutmut_6": INT_DTYPE,
+    "packing.x_padded_batch__mutmut_9": INT_DTYPE,
+    "packing.x_padded_batch__mutmut_20": "the ints written into the int64 tokens tensor are cast to it either way",
+    "packing.x_padded_batch__mutmut_22": "the same as 20",
+    "packing.x_padded_cost__mutmut_1": ("a default window of 1 batch sorts inside each batch only: the batch's "
+                                        "longest, so its cost, is the same"),
+    "packing.x_padded_cost__mutmut_4": INT_DTYPE_NP + " (an empty list returns 0 before any arithmetic)",
+    "packing.x_padded_cost__mutmut_6": "the same as 4",
+    # sft.py
+    "sft.x_make_examples__mutmut_23": INT_DTYPE,
+    "sft.x_make_examples__mutmut_25": INT_DTYPE,
+    "sft.x_batch_indices__mutmut_17": SEED_LABEL,
+    "sft.x_batch_indices__mutmut_19": SEED_LABEL,
+    "sft.x_eval_loss__mutmut_1": ("the default batch size groups the same per-token terms another way: the mean is "
+                                  "the same up to rounding (a test checks several batch sizes against a loop)"),
+    "sft.x_eval_loss__mutmut_28": DEVICE_CPU,
+    "sft.x_eval_loss__mutmut_40": DEVICE_CPU,
+    "sft.x_eval_loss__mutmut_41": DEVICE_CPU,
+    "sft.x_eval_loss__mutmut_52": 'float("NAN") is float("nan")',
+    "sft.x_train_step__mutmut_17": DEVICE_CPU,
+    "sft.x_train_step__mutmut_19": DEVICE_CPU,
+    "sft.x_train_step__mutmut_74": "zero_grad(set_to_none=None or False) zeroes the gradients instead: the same values",
+    "sft.x_train_step__mutmut_75": "the same as 74",
+    "sft.x_train_step__mutmut_80": DEVICE_CPU,
+    "sft.x_train_step__mutmut_81": DEVICE_CPU,
+    "sft.x_train_step__mutmut_82": DEVICE_CPU,
+    "sft.x_train_step__mutmut_159": 'float("INF") is float("inf")',
+    # reward.py
+    "reward.x_calibration__mutmut_43": EMPTY_MEAN,
+    "reward.x_calibration__mutmut_50": EMPTY_MEAN,
+    "reward.x_calibration__mutmut_47": 'float("NAN") is float("nan")',
+    "reward.x_calibration__mutmut_54": 'float("NAN") is float("nan")',
+    "reward.x_last_token_index__mutmut_3": "sum(+1) is sum(-1): the mask is the documented 2-D (B, T)",
+    "reward.xǁRewardModelǁforward__mutmut_11": "squeeze(+1) is squeeze(-1) on the head's (B, 1) output",
+    "reward.xǁRewardModelǁforward__mutmut_5": DEVICE_CPU,
+    "reward.xǁRewardModelǁforward__mutmut_7": DEVICE_CPU,
+    "reward.x_pair_rewards__mutmut_5": DEVICE_CPU,
+    "reward.x_pair_rewards__mutmut_9": DEVICE_CPU,
+    "reward.xǁRewardModelǁscore__mutmut_27": DEVICE_CPU,
+    "reward.xǁRewardModelǁscore__mutmut_31": DEVICE_CPU,
+    "reward.xǁRewardModelǁscore__mutmut_1": ("the default batch size changes the work, not the scores: each row's "
+                                            "reward ignores padding and batch-mates (a test checks every batch "
+                                            "size against one forward per sequence)"),
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
