@@ -2988,6 +2988,14 @@ def check_named_inputs(*inputs) -> None:
             raise UserError(f"{path}: no such file")
 
 
+def ensure_inputs(*inputs) -> None:
+    """inputs: (path, default_path, command) triples. Every input the user named is checked first
+    (check_named_inputs), then each missing default is made in order (ensure_input)."""
+    check_named_inputs(*((path, default_path) for path, default_path, _ in inputs))
+    for path, default_path, command in inputs:
+        ensure_input(path, default_path, command)
+
+
 def ensure_input(path: str, default_path: str, command: list[str]) -> str:
     """A stage's input: if `path` exists, use it. If it is missing and is the stage's default, make it by
     running the upstream stage (`command` = script and its arguments, run with this Python, printed

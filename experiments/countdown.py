@@ -209,11 +209,9 @@ def main(argv=None) -> list[dict]:
     check_args(args)
     defaults = Args()
     if args.headline:                                  # the headline's inputs first: built only if missing
-        M.check_named_inputs(*((getattr(args, name), getattr(defaults, name)) for name in (
-            "headline_data", "headline_eval_data", "headline_sft_data", "headline_sft_test_data", "headline_init")))
-        for name in ("headline_data", "headline_eval_data", "headline_sft_data", "headline_sft_test_data"):
-            M.ensure_input(getattr(args, name), getattr(defaults, name), headline_data_command())
-        M.ensure_input(args.headline_init, defaults.headline_init, headline_start_command(args))
+        M.ensure_inputs(*((getattr(args, name), getattr(defaults, name), headline_data_command()) for name in (
+            "headline_data", "headline_eval_data", "headline_sft_data", "headline_sft_test_data")),
+                        (args.headline_init, defaults.headline_init, headline_start_command(args)))
     M.claim_run_dir(args.out)                          # one experiment per folder; each stage claims its own
     M.run_stage(countdown_data_command(args))
     if not args.start:

@@ -299,9 +299,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     defaults = Args()
-    M.check_named_inputs(*((getattr(args, name), getattr(defaults, name)) for name in ("data", "test_data")))
-    for name in ("data", "test_data"):                  # inputs before anything is written
-        M.ensure_input(getattr(args, name), getattr(defaults, name), data_command())
+    M.ensure_inputs(*((getattr(args, name), getattr(defaults, name), data_command())    # before anything is written
+                      for name in ("data", "test_data")))
     enc = M.get_tokenizer("bytes")
     rows, test_rows = token_rows(args.data, args.seq_len, enc), token_rows(args.test_data, args.seq_len, enc)
     depths, seeds = parse_ints(args.depths, "depths", 1, 65), parse_ints(args.seeds, "seeds", 0, 2 ** 32)

@@ -432,9 +432,7 @@ def main(argv=None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = M.get_device(args.device)
-    M.check_named_inputs((args.init, Args().init), (args.eval_data, Args().eval_data))
-    M.ensure_input(args.init, Args().init, start_command())
-    M.ensure_input(args.eval_data, Args().eval_data, data_command())
+    M.ensure_inputs((args.init, Args().init, start_command()), (args.eval_data, Args().eval_data, data_command()))
     start, enc, _ = M.load(args.init)
     rows = M.fit_prompts(M.read_prompts(args.eval_data), enc, start.config.block_size, args.max_new_tokens,
                          args.eval_data)[:args.n_points]

@@ -160,11 +160,8 @@ def main(argv=None) -> list[dict]:
     args = M.parse_args(Args, argv)
     check_args(args)
     defaults = Args()
-    M.check_named_inputs(*((getattr(args, name), getattr(defaults, name)) for name in ("prompts", "test_data",
-                                                                                      "eval_data", "init")))
-    for name in ("prompts", "test_data", "eval_data"):     # inputs before anything is written
-        M.ensure_input(getattr(args, name), getattr(defaults, name), data_command())
-    M.ensure_input(args.init, defaults.init, start_command())
+    M.ensure_inputs(*((getattr(args, name), getattr(defaults, name), data_command())     # before anything is written
+                      for name in ("prompts", "test_data", "eval_data")), (args.init, defaults.init, start_command()))
     if not os.path.isfile(args.init):
         raise M.UserError(f"--init {args.init}: not a checkpoint file")
     M.claim_run_dir(args.out)                  # one experiment per folder; each stage claims its own subfolder
