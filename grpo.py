@@ -497,6 +497,8 @@ def prepare_inputs(args, main_process: bool, ddp: bool):
         M.check_named_inputs(*data, *start)     # a typo fails now, not after the missing defaults are made
         for path, default in data:
             M.ensure_input(path, default, data_command())
+        M.read_prompts(args.data)               # a malformed file fails now, not after an SFT start is made
+        M.read_prompts(args.eval_data)
         if args.control:
             M.read_demonstrations(args.sft_data)
             M.read_demonstrations(args.sft_test_data)

@@ -118,6 +118,17 @@ NAMED_BUT_MISSING = {   # script, its arguments: every other input is a default 
 }
 
 
+def test_a_malformed_named_prompt_file_fails_before_an_sft_start_is_made(tmp_path):
+    """python grpo.py --data bad.jsonl in an empty folder: synth.py makes the default eval prompts (seconds),
+    then the bad line is one error naming file:line, before sft.py would train a start for minutes."""
+    from badinput import run_script_cases
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1=?\\n", "answer": "2"}\n{not json\n')
+    status, err = run_script_cases("grpo.py", {"bad": (str(tmp_path), ["--data", "bad.jsonl"])})["bad"]
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: bad.jsonl:2: not valid JSON"), lines[-3:]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_missing_named_input_fails_before_any_missing_default_is_made(tmp_path):
     """Stages make their missing DEFAULT inputs by running the stages upstream (synth.py, then sft.py: minutes).
     An input the user named and mistyped must fail at once, as one line naming it, in a folder left empty;
