@@ -75,6 +75,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import model as M
+from lib import checkpoints, cli, rundir, tasks, tokenizer
 
 
 @dataclass
@@ -217,7 +218,7 @@ def calculator(expression: str) -> str:
     any input that is not such an expression: its one documented failure (model.arith raises only
     ValueError, whatever the string), an observation for the agent, never an exception."""
     try:
-        value = M.arith(expression)
+        value = tasks.arith(expression)
     except ValueError as e:
         return "error: " + (str(e).split(" (")[0] or "not an arithmetic expression")
     return format_number(value)
@@ -429,7 +430,7 @@ ENVS = {"calc": CalculatorEnv, "guess": GuessNumberEnv, "keydoor": KeyDoorEnv}
 
 def make_env(name: str) -> TextEnv:
     if name not in ENVS:
-        raise M.UserError(f"--envs: unknown environment {name!r}; choose from {', '.join(ENVS)}")
+        raise cli.UserError(f"--envs: unknown environment {name!r}; choose from {', '.join(ENVS)}")
     return ENVS[name]()
 
 
@@ -520,19 +521,19 @@ class Trajectory:
 
 
 def stop_token(enc) -> int:
-    ids = M.encode(enc, TextEnv.stop)
+    ids = tokenizer.encode(enc, TextEnv.stop)
     if len(ids) != 1:
-        raise M.UserError(f"the stop string {TextEnv.stop!r} must be one token in tokenizer {enc.name!r}")
+        raise cli.UserError(f"the stop string {TextEnv.stop!r} must be one token in tokenizer {enc.name!r}")
     return ids[0]
 
 
 def episode_trajectory(enc, name: str, seed: int, episode: Episode) -> Trajectory:
     """A scripted episode as tokens (behaviour-cloning data): the same layout the model's rollouts have."""
     traj = Trajectory(name, seed, [], [], [], episode.reward, episode.success, episode.turns)
-    traj.append(M.encode(enc, episode.observations[0]), False, text=episode.observations[0])
+    traj.append(tokenizer.encode(enc, episode.observations[0]), False, text=episode.observations[0])
     for action, observation in zip(episode.actions, episode.observations[1:]):
-        traj.append(M.encode(enc, action), True, text=action)
-        traj.append(M.encode(enc, observation), False, text=observation)
+        traj.append(tokenizer.encode(enc, action), True, text=action)
+        traj.append(tokenizer.encode(enc, observation), False, text=observation)
     return traj
 
 
@@ -542,12 +543,12 @@ def rollout(model, enc, envs, seeds, temperature=1.0, max_action_tokens=24, gene
     the transcript). Each turn, every unfinished episode's transcript is a prompt; the model writes up to
     max_action_tokens, stopping at the stop token; its sampled ids and their sampling log-probs are
     appended as they are (no decode/encode round trip), then the environment's reply as encoded text."""
-    stop, pad = stop_token(enc), M.pad_id(enc)
+    stop, pad = stop_token(enc), tokenizer.pad_id(enc)
     trajs = []
     for env, seed in zip(envs, seeds):
         traj = Trajectory(env.name, seed, [], [], [])
         observation = env.reset(seed)
-        traj.append(M.encode(enc, observation), False, text=observation)
+        traj.append(tokenizer.encode(enc, observation), False, text=observation)
         trajs.append(traj)
     active = list(range(len(envs)))
     while active:
@@ -561,7 +562,7 @@ def rollout(model, enc, envs, seeds, temperature=1.0, max_action_tokens=24, gene
             action = enc.decode(ids[:n_written])
             trajs[i].append(ids[:n_written], True, generation.logprobs[row, :n_written].tolist(), text=action)
             observation, reward, done, info = envs[i].step(action)
-            trajs[i].append(M.encode(enc, observation), False, text=observation)
+            trajs[i].append(tokenizer.encode(enc, observation), False, text=observation)
             trajs[i].reward += reward
             if done:
                 trajs[i].success, trajs[i].turns = info["success"], info["turn"]
@@ -661,7 +662,7 @@ def model_config(args, vocab_size: int) -> M.Config:
         return M.Config(vocab_size=vocab_size, block_size=512, n_layer=args.n_layer, n_head=args.n_head,
                         n_kv_head=args.n_head, n_embd=args.n_embd)
     except ValueError as e:
-        raise M.UserError(f"--n-embd {args.n_embd}, --n-head {args.n_head}, --n-layer {args.n_layer}: {e}") from None
+        raise cli.UserError(f"--n-embd {args.n_embd}, --n-head {args.n_head}, --n-layer {args.n_layer}: {e}") from None
 
 
 def new_model(args, enc, device):
@@ -686,10 +687,10 @@ def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, 
     """Minimise bc_loss on random batches of demonstrations for `steps` updates, or, with time_budget > 0,
     for that many seconds of wall time (the equal-time control; the schedule then runs on elapsed time).
     lr: linear warmup over the first 10 %, cosine decay. A NaN/inf loss or gradient norm stops it before
-    the update (M.NonFiniteError naming the step). -> (last loss, steps taken)"""
+    the update (cli.NonFiniteError naming the step). -> (last loss, steps taken)"""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(seed)
-    pad, loss_value = M.pad_id(enc), float("nan")
+    pad, loss_value = tokenizer.pad_id(enc), float("nan")
     model.train()
     start, step = time.perf_counter(), 0
     while (time.perf_counter() - start < time_budget) if time_budget > 0 else step < steps:
@@ -704,7 +705,7 @@ def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-        M.check_finite(f"behaviour cloning step {step + 1}", bc_loss=loss.detach(), grad_norm=grad_norm)
+        cli.check_finite(f"behaviour cloning step {step + 1}", bc_loss=loss.detach(), grad_norm=grad_norm)
         optimizer.step()
         step += 1
         loss_value = loss.item()
@@ -719,7 +720,7 @@ def rl_step(model, optimizer, enc, names, rng, args, device, generator=None, ste
     each group, `update_epochs` gradient steps on agent_grpo_loss. The batch goes through in
     micro-batches of similar length (sorted), so short episodes are not padded to the longest one;
     the loss is normalised by the whole batch's action tokens, so the gradient is the same. A NaN/inf
-    loss or gradient norm stops it before the update (M.NonFiniteError naming `step`). -> metrics"""
+    loss or gradient norm stops it before the update (cli.NonFiniteError naming `step`). -> metrics"""
     t0 = time.perf_counter()
     envs, seeds = [], []
     for name in names:
@@ -739,7 +740,7 @@ def rl_step(model, optimizer, enc, names, rng, args, device, generator=None, ste
     chunks = []
     for start in range(0, len(order), args.micro_batch):
         index = order[start:start + args.micro_batch]
-        tokens, mask, old = collate([trajs[i] for i in index], M.pad_id(enc), device)
+        tokens, mask, old = collate([trajs[i] for i in index], tokenizer.pad_id(enc), device)
         if device.type == "cuda":   # bf16: the old log-probs come from the training forward, not the sampler
             with torch.no_grad(), M.autocast(device):
                 old = M.token_logprobs(model, tokens, args.temperature)
@@ -759,7 +760,7 @@ def rl_step(model, optimizer, enc, names, rng, args, device, generator=None, ste
             stats = {k: stats[k] + chunk_stats[k] for k in stats}
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    args.grad_clip if args.grad_clip > 0 else math.inf)
-        M.check_finite(f"RL step {step}, update epoch {epoch + 1}", loss=loss_sum, grad_norm=grad_norm)
+        cli.check_finite(f"RL step {step}, update epoch {epoch + 1}", loss=loss_sum, grad_norm=grad_norm)
         optimizer.step()
     per_env = args.states_per_step * args.group_size
     return {"loss": loss_sum, "grad_norm": float(grad_norm), **stats, "reward": float(rewards.mean()),
@@ -805,46 +806,33 @@ def format_table(table: dict, names) -> str:
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def check_run_folder(flag: str, path: str) -> None:
-    """A run folder that can be made: named, not a file, under a writable folder."""
-    if not path.strip():
-        raise M.UserError(f"{flag}: name a run folder")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):              # the nearest part of the path that exists
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise M.UserError(f"{flag} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise M.UserError(f"{flag} {path}: cannot write in {existing}")
-
-
 def check_args(args) -> list[str]:
-    """Validate every option before anything is read or written: the first bad one is a M.UserError
+    """Validate every option before anything is read or written: the first bad one is a cli.UserError
     naming its flag (one line on stderr, exit status 2). -> the environment names."""
     names = [name.strip() for name in args.envs.split(",") if name.strip()]
     if not names:
-        raise M.UserError("--envs: name at least one environment")
+        raise cli.UserError("--envs: name at least one environment")
     for name in names:
         make_env(name)
     if len(set(names)) < len(names):
-        raise M.UserError(f"--envs {args.envs}: an environment is named twice")
-    check_run_folder("--out", args.out)
+        raise cli.UserError(f"--envs {args.envs}: an environment is named twice")
+    rundir.check_run_folder("--out", args.out)
     if args.init and not os.path.exists(args.init):
-        raise M.UserError(f"--init: checkpoint {args.init} does not exist")
-    M.require_at_least(args, 1, "n_head", "n_embd", "bc_batch", "states_per_step", "update_epochs", "micro_batch",
-                       "max_action_tokens", "eval_episodes", "log_every")
-    M.require_at_least(args, 0, "n_layer", "bc_steps", "rl_steps", "rl_warmup", "eval_every")   # 0 layers: bigram
-    M.require_at_least(args, 1 if args.bc_steps > 0 or args.control else 0, "bc_episodes")
+        raise cli.UserError(f"--init: checkpoint {args.init} does not exist")
+    cli.require_at_least(args, 1, "n_head", "n_embd", "bc_batch", "states_per_step", "update_epochs", "micro_batch",
+                         "max_action_tokens", "eval_episodes", "log_every")
+    cli.require_at_least(args, 0, "n_layer", "bc_steps", "rl_steps", "rl_warmup", "eval_every")   # 0 layers: bigram
+    cli.require_at_least(args, 1 if args.bc_steps > 0 or args.control else 0, "bc_episodes")
     if args.group_size < 2:
-        raise M.UserError(f"--group-size must be >= 2 (advantages compare rollouts), got {args.group_size}")
-    M.check_options(args, positive=("bc_lr", "rl_lr", "temperature", "eps_high"), open_unit=("eps_low",),
-                    probability=("expert_share",),
-                    non_negative=("grad_clip",), seed=("seed",))
+        raise cli.UserError(f"--group-size must be >= 2 (advantages compare rollouts), got {args.group_size}")
+    cli.check_options(args, positive=("bc_lr", "rl_lr", "temperature", "eps_high"), open_unit=("eps_low",),
+                      probability=("expert_share",),
+                      non_negative=("grad_clip",), seed=("seed",))
     if not args.init:
-        model_config(args, M.get_tokenizer("bytes").n_vocab)     # n_embd / n_head that make no model
+        model_config(args, tokenizer.get_tokenizer("bytes").n_vocab)     # n_embd / n_head that make no model
     if not DEVICE.fullmatch(args.device):
-        raise M.UserError(f"--device {args.device}: choose auto, cpu, cuda or cuda:N")
-    M.get_device(args.device)                                  # cuda on a machine without it
+        raise cli.UserError(f"--device {args.device}: choose auto, cpu, cuda or cuda:N")
+    cli.get_device(args.device)                                  # cuda on a machine without it
     return names
 
 
@@ -859,20 +847,20 @@ def run(args) -> dict:
     """Warm start (BC on mixed demonstrations), RL, the equal-time BC control, the table. Returns the
     results dict (also written to <out>/results.json)."""
     names = check_args(args)
-    device = M.get_device(args.device)
-    M.seed_everything(args.seed)
+    device = cli.get_device(args.device)
+    cli.seed_everything(args.seed)
     if args.init:
-        model, enc, _ = M.load(args.init, device=device)
+        model, enc, _ = checkpoints.load(args.init, device=device)
     else:
-        enc = M.get_tokenizer("bytes")
+        enc = tokenizer.get_tokenizer("bytes")
         model = new_model(args, enc, device)
     stop_token(enc)
     bound = episode_token_bound(names, args.max_action_tokens)
     if model.wpe is not None and bound > model.config.block_size:    # learned positions end at block_size
-        raise M.UserError(f"--max-action-tokens {args.max_action_tokens}: an episode may reach {bound} tokens, "
-                          f"more than the {model.config.block_size} positions of {args.init}")
-    M.save_args(args.out, args)
-    logger = M.MetricsLogger(args.out, total=args.bc_steps or None)
+        raise cli.UserError(f"--max-action-tokens {args.max_action_tokens}: an episode may reach {bound} tokens, "
+                            f"more than the {model.config.block_size} positions of {args.init}")
+    rundir.save_args(args.out, args)
+    logger = rundir.MetricsLogger(args.out, total=args.bc_steps or None)
     rng = random.Random(args.seed)
     generator = torch.Generator(device).manual_seed(args.seed)
     heldout = range(HELDOUT_SEED, HELDOUT_SEED + args.eval_episodes)
@@ -887,11 +875,11 @@ def run(args) -> dict:
     behaviour_cloning(model, enc, demos, args.bc_steps, args.bc_batch, args.bc_lr, device, args.seed, logger,
                       args.grad_clip)
     bc_s = time.perf_counter() - t0
-    M.save(os.path.join(args.out, "warm_start.pt"), model, enc, args=asdict(args))
+    checkpoints.save(os.path.join(args.out, "warm_start.pt"), model, enc, args=asdict(args))
     warm_model = copy.deepcopy(model) if args.control else None
     warm = evaluate_both(model, enc, names, heldout, args, device)
     logger.close()
-    logger = M.MetricsLogger(args.out, total=args.rl_steps or None, append=True)   # RL's own ETA
+    logger = rundir.MetricsLogger(args.out, total=args.rl_steps or None, append=True)   # RL's own ETA
 
     def log_eval(step, evaluation, **extra):
         logger.log(step, kind="eval", **extra, **{f"eval_{how}_{name}": evaluation[how][name]["success"]
@@ -941,8 +929,8 @@ def run(args) -> dict:
     results = {"table": table, "bc_seconds": bc_s, "rl_seconds": rl_s, "control_seconds": control_s,
                "control_steps": control_steps, "expert_share": args.expert_share, "params": model.num_params(),
                "heldout_seeds": [HELDOUT_SEED, HELDOUT_SEED + args.eval_episodes]}
-    M.save(os.path.join(args.out, "model.pt"), model, enc, args=asdict(args), results=results)
-    with M.atomic_write(os.path.join(args.out, "results.json")) as f:
+    checkpoints.save(os.path.join(args.out, "model.pt"), model, enc, args=asdict(args), results=results)
+    with rundir.atomic_write(os.path.join(args.out, "results.json")) as f:
         json.dump(results, f, indent=2)
     logger.close()
 
@@ -987,8 +975,8 @@ def transcript(enc, traj: Trajectory) -> str:
 
 
 def main(argv=None):
-    return run(M.parse_args(Args, argv))
+    return run(cli.parse_args(Args, argv))
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 import model as M
+from lib import checkpoints, cli, distributed, rundir, stages, tasks, tokenizer
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Args:
     temperature: float = 1.0               # sampling temperature of rollouts (and of the ratio's log-probs)
     top_k: int = 0                         # top-k truncation of the sampler (0 = off)
     top_p: float = 1.0                     # nucleus truncation of the sampler (1 = off)
-    max_new_tokens: int = M.MAX_NEW_TOKENS # completion length limit; longer ones are truncated
+    max_new_tokens: int = tasks.MAX_NEW_TOKENS # completion length limit; longer ones are truncated
     rewards: str = "correct=1.0"           # weighted reward functions, name=weight: correct, format, overlong, expression
     dynamic_sampling: bool = True          # drop groups whose rewards are all equal (DAPO); refill up to --refill-rounds
     refill_rounds: int = 0                 # extra sampling rounds to refill dropped groups (0 = just drop)
@@ -102,20 +103,20 @@ class Args:
 def check_args(args) -> None:
     """Every option, before anything is read or written: one clear line for the first bad one."""
     parse_reward_weights(args.rewards)
-    M.check_choices(args, scale=("group", "batch", "none"), aggregation=("grpo", "dr_grpo", "dapo"),
-                    ratio_level=("token", "sequence"), chat_template=("auto", *M.CHAT_FORMATS), dtype=tuple(M.DTYPES),
-                    compile=("auto", "on", "off"))
-    M.check_options(args, positive=("prompts_per_step", "update_epochs", "micro_batch", "max_new_tokens", "n_eval",
-                                    "n_eval_during", "pass_k", "eval_minutes"),
-                    non_negative=("refill_rounds", "top_k", "threads", "beta", "lr", "weight_decay", "grad_clip",
-                                  "eps_low", "eps_high", "control_lr"),
-                    probability=("top_p",), seed=("seed",), temperature=("temperature",))
-    M.check_budget(args)
+    cli.check_choices(args, scale=("group", "batch", "none"), aggregation=("grpo", "dr_grpo", "dapo"),
+                      ratio_level=("token", "sequence"), chat_template=("auto", *tokenizer.CHAT_FORMATS), dtype=tuple(cli.DTYPES),
+                      compile=("auto", "on", "off"))
+    cli.check_options(args, positive=("prompts_per_step", "update_epochs", "micro_batch", "max_new_tokens", "n_eval",
+                                      "n_eval_during", "pass_k", "eval_minutes"),
+                      non_negative=("refill_rounds", "top_k", "threads", "beta", "lr", "weight_decay", "grad_clip",
+                                    "eps_low", "eps_high", "control_lr"),
+                      probability=("top_p",), seed=("seed",), temperature=("temperature",))
+    cli.check_budget(args)
     if args.top_p <= 0:
-        raise M.UserError(f"--top-p must be > 0, got {args.top_p}")
-    M.require_at_least(args, 2, "group_size")   # the advantage compares completions within a group
-    M.get_device(args.device)
-    M.check_fsdp(args)
+        raise cli.UserError(f"--top-p must be > 0, got {args.top_p}")
+    cli.require_at_least(args, 2, "group_size")   # the advantage compares completions within a group
+    cli.get_device(args.device)
+    cli.check_fsdp(args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,13 +126,13 @@ def check_args(args) -> None:
 
 def correct_reward(text, row, length, truncated, args):
     """1 when the completion's `#### answer` equals the row's answer, else 0."""
-    return float(M.is_correct(text, row["answer"]))
+    return float(tasks.is_correct(text, row["answer"]))
 
 
 def format_reward(text, row, length, truncated, args):
     """1 when the completion ends with a well-formed `#### <answer>` line, else 0."""
     last = text.strip().splitlines()[-1] if text.strip() else ""
-    return float(last.startswith("#### ") and M.extract_answer(text) is not None)
+    return float(last.startswith("#### ") and tasks.extract_answer(text) is not None)
 
 
 def overlong_reward(text, row, length, truncated, args, buffer=16):
@@ -143,7 +144,7 @@ def overlong_reward(text, row, length, truncated, args, buffer=16):
 def expression_reward(text, row, length, truncated, args):
     """Countdown (TinyZero): 1 when the completion's final `#### <expression>` uses only the row's allowed
     numbers (each at most once) and evaluates to its target, else 0. Same loss, another capability."""
-    return float(M.expression_hits_target(text, row.get("numbers", ()), row["answer"]))
+    return float(tasks.expression_hits_target(text, row.get("numbers", ()), row["answer"]))
 
 
 REWARDS = {"correct": correct_reward, "format": format_reward, "overlong": overlong_reward,
@@ -155,15 +156,15 @@ def parse_reward_weights(spec: str) -> dict:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, weight = part.partition("=")
         if name not in REWARDS:
-            raise M.UserError(f"--rewards: unknown reward {name!r}; choose from {', '.join(REWARDS)}")
+            raise cli.UserError(f"--rewards: unknown reward {name!r}; choose from {', '.join(REWARDS)}")
         try:
             weights[name] = float(weight) if weight else 1.0
         except ValueError:
-            raise M.UserError(f"--rewards: {part!r} is not name=number") from None
+            raise cli.UserError(f"--rewards: {part!r} is not name=number") from None
         if not math.isfinite(weights[name]):
-            raise M.UserError(f"--rewards: the weight of {name} must be a finite number, got {weight}")
+            raise cli.UserError(f"--rewards: the weight of {name} must be a finite number, got {weight}")
     if not weights:
-        raise M.UserError("--rewards: give at least one reward, e.g. correct=1.0")
+        raise cli.UserError("--rewards: give at least one reward, e.g. correct=1.0")
     return weights
 
 
@@ -295,21 +296,21 @@ class Rollout:
 def rollout(policy, enc, rows, args, weights, generator) -> Rollout:
     """Sample G completions for each of the P prompts (KV-cache sampler, eval mode) and score them."""
     G = args.group_size
-    prompts = [M.encode_prompt(enc, r["prompt"]) for r in rows for _ in range(G)]
+    prompts = [tokenizer.encode_prompt(enc, r["prompt"]) for r in rows for _ in range(G)]
     generation = M.generate(policy, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc), generator=generator,
+                            top_p=args.top_p, stop_ids=tokenizer.stop_ids(enc), pad_id=tokenizer.pad_id(enc), generator=generator,
                             compile={"auto": None, "on": True, "off": False}[args.compile])
     lengths, truncated = generation.lengths.cpu(), (~generation.finished).cpu()
     completions = generation.tokens.cpu()
-    texts = [M.decode(enc, c[:n].tolist()) for c, n in zip(completions, lengths.tolist())]
+    texts = [tokenizer.decode(enc, c[:n].tolist()) for c, n in zip(completions, lengths.tolist())]
     t_score = time.time()
     rewards = torch.tensor([total_reward(text, rows[i // G], int(lengths[i]), bool(truncated[i]), args, weights)
                             for i, text in enumerate(texts)])
-    correct = torch.tensor([float(M.verify(text, rows[i // G])) for i, text in enumerate(texts)])
+    correct = torch.tensor([float(tasks.verify(text, rows[i // G])) for i, text in enumerate(texts)])
     score_s = time.time() - t_score
     # One right-padded row per completion: prompt then completion; loss positions are the completion's.
     N, T = len(prompts), max(len(p) + int(n) for p, n in zip(prompts, lengths))
-    tokens = torch.full((N, T), M.pad_id(enc), dtype=torch.long)
+    tokens = torch.full((N, T), tokenizer.pad_id(enc), dtype=torch.long)
     mask = torch.zeros(N, T - 1)
     old_logprobs = torch.zeros(N, T - 1)
     sampled_logprobs = generation.logprobs.cpu()
@@ -366,7 +367,7 @@ def collect_rollouts(policy, enc, next_prompts, n_prompts: int, args, weights, g
             extra = rollout(policy, enc, next_prompts(missing), args, weights, generator)
             seen["rewards"].append(extra.rewards.flatten())
             seen["correct"].append(extra.correct.flatten())
-            batch = concat_rollouts(batch, select_groups(extra, ~constant_groups(extra.rewards)), M.pad_id(enc))
+            batch = concat_rollouts(batch, select_groups(extra, ~constant_groups(extra.rewards)), tokenizer.pad_id(enc))
     seen["rewards"], seen["correct"] = torch.cat(seen["rewards"]), torch.cat(seen["correct"])
     return batch, seen
 
@@ -419,7 +420,7 @@ def update(policy, model, optimizer, batch: Rollout, advantages, reference, args
                                     None if ref_logprobs is None else ref_logprobs[rows, :width - 1],
                                     args.beta, args.eps_low, args.eps_high, args.ratio_level, args.aggregation,
                                     n_seqs=n_seqs, n_tokens=n_tokens, max_len=args.max_new_tokens)
-            M.check_finite(f"step {step}, epoch {epoch + 1}", loss=loss)
+            cli.check_finite(f"step {step}, epoch {epoch + 1}", loss=loss)
             loss.backward()
             kept = mask[rows, :width - 1].bool()
             stats["entropy"] = entropy[kept].mean().item() if kept.any() else 0.0
@@ -428,7 +429,7 @@ def update(policy, model, optimizer, batch: Rollout, advantages, reference, args
             n_stats += 1
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(),
                                                          args.grad_clip if args.grad_clip > 0 else float("inf")))
-        M.check_finite(f"step {step}, epoch {epoch + 1}", grad_norm=grad_norm)
+        cli.check_finite(f"step {step}, epoch {epoch + 1}", grad_norm=grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return {**{k: v / max(n_stats, 1) for k, v in stats_sum.items()}, "grad_norm": grad_norm}
@@ -441,15 +442,15 @@ def update(policy, model, optimizer, batch: Rollout, advantages, reference, args
 def eval_row(model, enc, rows, args, samples: int = 0, seed: int = 0) -> dict:
     """Greedy accuracy (with stderr and per difficulty), and, with samples > 0, accuracy and pass@k of
     `samples` completions at the training temperature."""
-    greedy = M.evaluate(model, enc, rows, args.max_new_tokens, temperature=0.0)
+    greedy = tasks.evaluate(model, enc, rows, args.max_new_tokens, temperature=0.0)
     row = {"greedy": greedy["accuracy"], "stderr": greedy["stderr"], "n": greedy["n"],
            "per_difficulty": greedy["per_difficulty"], "skip_work": greedy["styles"]["bare"],
            "wrong_step": greedy["styles"]["wrong_step"], "no_answer": greedy["styles"]["no_answer"],
            "mean_length": greedy["mean_length"], "examples": greedy["completions"][:3]}
     if samples:
         device = M.unwrap(model).wte.weight.device
-        sampled = M.evaluate(model, enc, rows, args.max_new_tokens, temperature=args.temperature, samples=samples,
-                             generator=torch.Generator(device).manual_seed(seed))
+        sampled = tasks.evaluate(model, enc, rows, args.max_new_tokens, temperature=args.temperature, samples=samples,
+                                 generator=torch.Generator(device).manual_seed(seed))
         row.update(sampled=sampled["accuracy"], pass_at_k=sampled["pass_at_k"])
     return row
 
@@ -460,14 +461,14 @@ def eval_row(model, enc, rows, args, samples: int = 0, seed: int = 0) -> dict:
 
 def data_command() -> list:
     """synth.py on its defaults: it writes every default data file of the pipeline."""
-    return M.stage_command("synth.py")
+    return stages.stage_command("synth.py")
 
 
 def start_command(args) -> list:
     """sft.py on its defaults: the SFT start (a fixed step budget, so a seed gives one checkpoint)."""
     if args.fresh_start:
-        return M.stage_command("sft.py", seed=args.seed, out=os.path.dirname(args.init), threads=args.threads)
-    return M.stage_command("sft.py", threads=args.threads)
+        return stages.stage_command("sft.py", seed=args.seed, out=os.path.dirname(args.init), threads=args.threads)
+    return stages.stage_command("sft.py", threads=args.threads)
 
 
 def control_command(args, minutes: float) -> list:
@@ -475,12 +476,12 @@ def control_command(args, minutes: float) -> list:
     for the same wall-clock training minutes GRPO took, in the same chat format and precision, with sft.py's
     own settings otherwise (its learning rate unless --control-lr is given)."""
     lr = {"lr": args.control_lr} if args.control_lr > 0 else {}
-    return M.stage_command("sft.py", init=args.init, data=args.sft_data, test_data=args.sft_test_data,
-                           eval_data=args.eval_data, n_eval=args.n_eval_during, eval_minutes=args.eval_minutes,
-                           max_new_tokens=args.max_new_tokens, time_budget=f"{minutes:.4f}", max_steps=0,
-                           out=os.path.join(args.out, "control"), seed=args.seed, device=args.device,
-                           threads=args.threads, chat_template=args.chat_template, dtype=args.dtype,
-                           grad_checkpoint=args.grad_checkpoint, compile_train=args.compile_train, **lr)
+    return stages.stage_command("sft.py", init=args.init, data=args.sft_data, test_data=args.sft_test_data,
+                                eval_data=args.eval_data, n_eval=args.n_eval_during, eval_minutes=args.eval_minutes,
+                                max_new_tokens=args.max_new_tokens, time_budget=f"{minutes:.4f}", max_steps=0,
+                                out=os.path.join(args.out, "control"), seed=args.seed, device=args.device,
+                                threads=args.threads, chat_template=args.chat_template, dtype=args.dtype,
+                                grad_checkpoint=args.grad_checkpoint, compile_train=args.compile_train, **lr)
 
 
 def prepare_inputs(args, main_process: bool, ddp: bool):
@@ -494,25 +495,25 @@ def prepare_inputs(args, main_process: bool, ddp: bool):
         if args.control:
             data += [(args.sft_data, defaults.sft_data), (args.sft_test_data, defaults.sft_test_data)]
         start = [] if args.fresh_start else [(args.init, defaults.init)]
-        M.check_named_inputs(*data, *start)     # a typo fails now, not after the missing defaults are made
+        stages.check_named_inputs(*data, *start)     # a typo fails now, not after the missing defaults are made
         for path, default in data:
-            M.ensure_input(path, default, data_command())
-        M.read_prompts(args.data)               # a malformed file fails now, not after an SFT start is made
-        M.read_prompts(args.eval_data)
+            stages.ensure_input(path, default, data_command())
+        tasks.read_prompts(args.data)               # a malformed file fails now, not after an SFT start is made
+        tasks.read_prompts(args.eval_data)
         if args.control:
-            M.read_demonstrations(args.sft_data)
-            M.read_demonstrations(args.sft_test_data)
+            tasks.read_demonstrations(args.sft_data)
+            tasks.read_demonstrations(args.sft_test_data)
         if args.fresh_start:
-            M.run_stage(start_command(args))
+            stages.run_stage(start_command(args))
         else:
-            M.ensure_input(args.init, defaults.init, start_command(args))
+            stages.ensure_input(args.init, defaults.init, start_command(args))
     if ddp:
         dist.barrier()
-    policy, enc, _ = M.load(args.init, dtype=M.DTYPES[args.dtype], chat_format=args.chat_template)
+    policy, enc, _ = checkpoints.load(args.init, dtype=cli.DTYPES[args.dtype], chat_format=args.chat_template)
     policy.checkpoint_blocks = args.grad_checkpoint
     block = policy.config.block_size
-    rows = M.fit_prompts(M.read_prompts(args.data), enc, block, args.max_new_tokens, args.data)
-    eval_rows = M.fit_prompts(M.read_prompts(args.eval_data), enc, block, args.max_new_tokens, args.eval_data)
+    rows = tasks.fit_prompts(tasks.read_prompts(args.data), enc, block, args.max_new_tokens, args.data)
+    eval_rows = tasks.fit_prompts(tasks.read_prompts(args.eval_data), enc, block, args.max_new_tokens, args.eval_data)
     return policy, enc, rows, eval_rows[:args.n_eval]
 
 
@@ -522,23 +523,23 @@ def prepare_inputs(args, main_process: bool, ddp: bool):
 
 def train(args) -> dict:
     check_args(args)
-    rank, world, ddp = M.setup_ddp()
+    rank, world, ddp = distributed.setup_ddp()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     main_process = rank == 0
-    device = M.get_device(args.device)
+    device = cli.get_device(args.device)
     if ddp and device.type == "cuda":   # setup_ddp bound this process to its LOCAL_RANK GPU
         device = torch.device("cuda", torch.cuda.current_device())
     if args.prompts_per_step % world:
-        raise M.UserError(f"--prompts-per-step {args.prompts_per_step} must divide evenly over {world} processes")
+        raise cli.UserError(f"--prompts-per-step {args.prompts_per_step} must divide evenly over {world} processes")
     weights = parse_reward_weights(args.rewards)
     policy, enc, rows, eval_rows = prepare_inputs(args, main_process, ddp)
     if "expression" in weights and not any("numbers" in row for row in rows):
-        raise M.UserError(f"--rewards expression: {args.data} has no Countdown rows (a 'numbers' list), so every "
-                          "reward would be 0; make them with `python synth.py --families countdown`")
+        raise cli.UserError(f"--rewards expression: {args.data} has no Countdown rows (a 'numbers' list), so every "
+                            "reward would be 0; make them with `python synth.py --families countdown`")
     policy.to(device)
-    init_hash = M.sha256(args.init)
-    M.seed_everything(args.seed + rank)
+    init_hash = rundir.sha256(args.init)
+    cli.seed_everything(args.seed + rank)
     generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
     policy.eval()        # dropout off: the policy we update is exactly the policy we sampled from
     reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 else None
@@ -546,24 +547,24 @@ def train(args) -> dict:
         policy.compile_blocks()
     model = torch.nn.parallel.DistributedDataParallel(policy) if ddp and not args.fsdp else policy
     if args.fsdp:       # FSDP2: each rank keeps 1/world of the weights; gradients averaged over ranks, as DDP does
-        M.shard_model(policy, device)
+        distributed.shard_model(policy, device)
         if reference is not None:
-            M.shard_model(reference, device)
+            distributed.shard_model(reference, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99),
                                   fused=device.type == "cuda")
     params_by_role = {"policy": policy.num_params(), "reference": reference.num_params() if reference else 0,
                       "value": 0, "reward": 0}
 
-    logger = M.MetricsLogger(args.out, total=args.max_steps or None,
-                             budget_s=60 * args.time_budget if not args.max_steps else None, enabled=main_process)
+    logger = rundir.MetricsLogger(args.out, total=args.max_steps or None,
+                                  budget_s=60 * args.time_budget if not args.max_steps else None, enabled=main_process)
     if main_process:
-        M.save_args(args.out, args)
+        rundir.save_args(args.out, args)
         budget = " and ".join(([f"{args.max_steps} steps"] if args.max_steps else [])
                               + ([f"{args.time_budget} min"] if args.time_budget else []))
         print(f"GRPO from {args.init} | {policy.num_params() / 1e6:.2f} M params | {len(rows)} RL prompts | "
               f"{args.prompts_per_step} prompts x {args.group_size} samples per step | budget {budget} | "
               f"{world} process(es) on {device}", flush=True)
-    with M.gathered(policy):    # FSDP: every rank gathers the full weights, rank 0 evaluates (no-op otherwise)
+    with distributed.gathered(policy):    # FSDP: every rank gathers the full weights, rank 0 evaluates (no-op otherwise)
         start_eval = eval_row(policy, enc, eval_rows, args, samples=args.pass_k, seed=args.seed) if main_process else {}
     if main_process:
         logger.log(0, kind="eval", train_minutes=0.0, eval_accuracy=start_eval["greedy"],
@@ -592,7 +593,7 @@ def train(args) -> dict:
         #    FSDP: generation runs on the full weights, gathered once per rollout on every rank and freed
         #    before the update (model.gathered: its docstring gives the memory and time it costs, and what
         #    verl and OpenRLHF do instead: a separate vLLM engine).
-        with M.gathered(policy):
+        with distributed.gathered(policy):
             batch, seen = collect_rollouts(policy, enc, next_prompts, args.prompts_per_step // world, args, weights,
                                            generator, args.dynamic_sampling and not ddp)
         gen_s = time.time() - t0 - batch.score_s    # sampling with the KV cache, decoding, batch building
@@ -617,7 +618,7 @@ def train(args) -> dict:
                    truncated=batch.truncated.float().mean().item() if N else 0.0,
                    gen_s=gen_s, score_s=batch.score_s, adv_s=adv_s, update_s=update_s, step_s=step_s,
                    tokens_per_s=float(batch.lengths.sum()) / step_s if N else 0.0,
-                   peak_mem_mb=M.peak_memory_mb(device), **stats)
+                   peak_mem_mb=rundir.peak_memory_mb(device), **stats)
         eval_due = train_s / 60 >= next_eval
         if args.fsdp:   # the gather needs every rank: rank 0's clock decides, as in budget_spent
             flag = torch.tensor([float(eval_due)], device=device)
@@ -625,8 +626,8 @@ def train(args) -> dict:
             eval_due = bool(flag.item())
         if eval_due and (main_process or args.fsdp):
             next_eval += args.eval_minutes
-            with M.gathered(policy):    # FSDP: every rank gathers the full weights, rank 0 evaluates
-                accuracy = M.evaluate(policy, enc, eval_rows[:args.n_eval_during], args.max_new_tokens) \
+            with distributed.gathered(policy):    # FSDP: every rank gathers the full weights, rank 0 evaluates
+                accuracy = tasks.evaluate(policy, enc, eval_rows[:args.n_eval_during], args.max_new_tokens) \
                     if main_process else None
             if main_process:
                 history["minutes"].append(train_s / 60)
@@ -636,19 +637,19 @@ def train(args) -> dict:
 
     results = {}
     if args.fsdp:       # collective: rank 0 gets a plain model with the full weights; it saves and evaluates it
-        policy = M.full_model(policy, device)
+        policy = distributed.full_model(policy, device)
     if main_process:
-        M.save(os.path.join(args.out, "model.pt"), policy, enc, step=step, args=asdict(args), init_sha256=init_hash)
+        checkpoints.save(os.path.join(args.out, "model.pt"), policy, enc, step=step, args=asdict(args), init_sha256=init_hash)
         end_eval = eval_row(policy, enc, eval_rows, args, samples=args.pass_k, seed=args.seed)
         logger.log(step, kind="eval", train_minutes=train_s / 60, eval_accuracy=end_eval["greedy"],
                    eval_stderr=end_eval["stderr"], eval_sampled=end_eval["sampled"], final=True)
         history["minutes"].append(train_s / 60)
         history["accuracy"].append(end_eval["greedy"])
-        train_rows = [r for r in M.read_jsonl(os.path.join(args.out, "metrics.jsonl")) if r.get("kind") == "train"]
+        train_rows = [r for r in tasks.read_jsonl(os.path.join(args.out, "metrics.jsonl")) if r.get("kind") == "train"]
         mean = lambda k: sum(r[k] for r in train_rows) / max(len(train_rows), 1)
         results = {"algo": "grpo", "init": args.init, "init_sha256": init_hash, "steps": step,
                    "train_minutes": train_s / 60, "start": start_eval, "grpo": end_eval, "history": history,
-                   "params_by_role": params_by_role, "peak_mem_mb": M.peak_memory_mb(device),
+                   "params_by_role": params_by_role, "peak_mem_mb": rundir.peak_memory_mb(device),
                    "sec_per_step": mean("step_s"),
                    "time_split": {k: mean(k) for k in ("gen_s", "score_s", "adv_s", "update_s")},
                    "start_accuracy": start_eval["greedy"], "final_accuracy": end_eval["greedy"]}
@@ -659,7 +660,7 @@ def train(args) -> dict:
         # dropping the last all-gather (its tensors have Python objects, so it needs the GIL) meets the
         # interpreter's shutdown: SIGABRT, "terminate called without an active exception".
         dist.barrier()
-        M.cleanup_ddp()
+        distributed.cleanup_ddp()
     return results
 
 
@@ -683,7 +684,7 @@ def control_history(out: str) -> tuple[list, list]:
     path = os.path.join(out, "metrics.jsonl")
     minutes, accuracy = [], []
     if os.path.exists(path):
-        for row in M.read_jsonl(path):
+        for row in tasks.read_jsonl(path):
             if row.get("kind") == "eval" and "eval_accuracy" in row:
                 minutes.append(row["train_minutes"])
                 accuracy.append(row["eval_accuracy"])
@@ -712,12 +713,12 @@ def format_table(results: dict, args) -> str:
 def plot(results: dict, args) -> None:
     """Held-out accuracy against training minutes: a text sparkline always, a PNG with matplotlib."""
     h = results["history"]
-    print(f"GRPO held-out accuracy over {results['train_minutes']:.1f} min: {M.sparkline(h['accuracy'])} "
+    print(f"GRPO held-out accuracy over {results['train_minutes']:.1f} min: {rundir.sparkline(h['accuracy'])} "
           f"({100 * h['accuracy'][0]:.1f}% -> {100 * h['accuracy'][-1]:.1f}%)")
-    print(f"GRPO mean training reward per step:       {M.sparkline(h['reward'])}")
+    print(f"GRPO mean training reward per step:       {rundir.sparkline(h['reward'])}")
     control_minutes, control_accuracy = results.get("control_history", ([], []))
     if control_accuracy:
-        print(f"control held-out accuracy:                {M.sparkline(control_accuracy)} "
+        print(f"control held-out accuracy:                {rundir.sparkline(control_accuracy)} "
               f"({100 * control_accuracy[0]:.1f}% -> {100 * control_accuracy[-1]:.1f}%)")
     if not args.png:
         return
@@ -744,22 +745,22 @@ def plot(results: dict, args) -> None:
 
 
 def main(argv=None):
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     results = train(args)
     if not results:          # a non-zero rank under torchrun
         return results
     if args.control:
-        M.run_stage(control_command(args, results["train_minutes"]))
+        stages.run_stage(control_command(args, results["train_minutes"]))
         control_dir = os.path.join(args.out, "control")
-        control_model, enc, _ = M.load(os.path.join(control_dir, "model.pt"), M.get_device(args.device))
-        eval_rows = M.fit_prompts(M.read_prompts(args.eval_data), enc, control_model.config.block_size,
-                                  args.max_new_tokens, args.eval_data)[:args.n_eval]
+        control_model, enc, _ = checkpoints.load(os.path.join(control_dir, "model.pt"), cli.get_device(args.device))
+        eval_rows = tasks.fit_prompts(tasks.read_prompts(args.eval_data), enc, control_model.config.block_size,
+                                      args.max_new_tokens, args.eval_data)[:args.n_eval]
         results["control"] = eval_row(control_model, enc, eval_rows, args, samples=args.pass_k, seed=args.seed)
         results["control_history"] = control_history(control_dir)
-    with M.atomic_write(os.path.join(args.out, "summary.json")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "summary.json")) as f:
         json.dump(results, f, indent=1)
     table = format_table(results, args)
-    with M.atomic_write(os.path.join(args.out, "results.md")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "results.md")) as f:
         f.write(table + "\n")
     print()
     print(f"Held-out prompts: {results['start']['n']} from {args.eval_data}; "
@@ -775,4 +776,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import model as M
+from lib import cli
 
 LN2 = math.log(2.0)
 
@@ -837,21 +837,21 @@ class Args:
 
 def check_args(args):
     """Every option, before anything runs: sizes, the device name and the seed."""
-    M.require_at_least(args, 2, "samples", "vocab")
-    M.require_at_least(args, 1, "tokens", "n_embd", "chunk_size", "repeats")
-    M.check_options(args, seed=("seed",))
-    M.get_device(args.device)                           # auto | cpu | cuda[:N], and CUDA present
+    cli.require_at_least(args, 2, "samples", "vocab")
+    cli.require_at_least(args, 1, "tokens", "n_embd", "chunk_size", "repeats")
+    cli.check_options(args, seed=("seed",))
+    cli.get_device(args.device)                           # auto | cpu | cuda[:N], and CUDA present
 
 
 def main(argv=None):
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     check_args(args)
-    device = M.get_device(args.device)
-    M.seed_everything(args.seed)
+    device = cli.get_device(args.device)
+    cli.seed_everything(args.seed)
     result = walkthrough(args.samples, args.seed)
     result.update(benchmark(args, device))
     return result
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

@@ -21,7 +21,7 @@ weight decay, LR schedules as pure functions of the step, global-norm clipping, 
     python optim.py            # trains the same tiny GPT with every optimizer and prints a table
     python optim.py --help
 
-The optimizers, schedules and diagnostics need only torch; model.py is used by the demo alone.
+The optimizers, schedules and diagnostics need only torch; model.py and lib are used by the demo alone.
 """
 import math
 import statistics
@@ -956,28 +956,28 @@ def check_args(args):
     """Every option, before anything is written: one UserError naming the first bad one."""
     import os
 
-    import model as M
+    from lib import cli
 
     try:
         select_recipes(args.optimizers)
     except ValueError as e:
-        raise M.UserError(str(e)) from None
-    M.require_at_least(args, 1, "steps", "batch_size", "n_layer", "n_embd", "n_head", "eval_every",
-                       "eval_size", "beta_seeds", "timing_rounds")
-    M.require_at_least(args, 3, "seq_len")
-    M.require_at_least(args, 2, "symbols")
-    M.check_options(args, probability=("noise",), positive=("lr_scale", "beta_lr"),
-                    non_negative=("warmup", "weight_decay", "clip", "target", "beta_steps", "threads"),
-                    seed=("seed",))
+        raise cli.UserError(str(e)) from None
+    cli.require_at_least(args, 1, "steps", "batch_size", "n_layer", "n_embd", "n_head", "eval_every",
+                         "eval_size", "beta_seeds", "timing_rounds")
+    cli.require_at_least(args, 3, "seq_len")
+    cli.require_at_least(args, 2, "symbols")
+    cli.check_options(args, probability=("noise",), positive=("lr_scale", "beta_lr"),
+                      non_negative=("warmup", "weight_decay", "clip", "target", "beta_steps", "threads"),
+                      seed=("seed",))
     if 0 < args.beta_steps < 3:
-        raise M.UserError(f"--beta-steps must be 0 (skip) or >= 3, got {args.beta_steps}")
+        raise cli.UserError(f"--beta-steps must be 0 (skip) or >= 3, got {args.beta_steps}")
     try:
         demo_config(args)
     except ValueError as e:                              # e.g. n_embd not divisible by n_head
-        raise M.UserError(f"--n-embd {args.n_embd} --n-head {args.n_head}: {e}") from None
+        raise cli.UserError(f"--n-embd {args.n_embd} --n-head {args.n_head}: {e}") from None
     if not args.out_dir or (os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir)):
-        raise M.UserError(f"--out-dir {args.out_dir!r}: must name a folder")
-    M.get_device(args.device)                           # auto | cpu | cuda[:N], and CUDA present
+        raise cli.UserError(f"--out-dir {args.out_dir!r}: must name a folder")
+    cli.get_device(args.device)                           # auto | cpu | cuda[:N], and CUDA present
 
 
 def main(argv=None):
@@ -985,16 +985,17 @@ def main(argv=None):
     import os
 
     import model as M
+    from lib import cli, rundir
 
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     check_args(args)
     names = select_recipes(args.optimizers)
     if BASELINE not in names:
         names.append(BASELINE)
-    device = M.get_device(args.device)
+    device = cli.get_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    M.seed_everything(args.seed)
+    cli.seed_everything(args.seed)
     floor = loss_floor(args.symbols, args.noise, args.seq_len)
     target = args.target if args.target > 0 else floor + 0.3
     cfg = demo_config(args)
@@ -1004,8 +1005,8 @@ def main(argv=None):
           f"floor = {floor:.3f} nats, "
           f"target = {target:.3f}")
     os.makedirs(args.out_dir, exist_ok=True)
-    M.save_args(args.out_dir, args)
-    logger = M.MetricsLogger(args.out_dir, total=args.steps)
+    rundir.save_args(args.out_dir, args)
+    logger = rundir.MetricsLogger(args.out_dir, total=args.steps)
     try:
         results = optimizer_table(args, cfg, names, device, target, logger)
         beta = beta2_warmup_table(args, cfg, device, logger) if args.beta_steps > 0 else {}
@@ -1014,13 +1015,13 @@ def main(argv=None):
     summary = {"floor": floor, "target": target, "beta2_warmup": beta,
                "optimizers": {n: {k: v for k, v in r.items() if k not in ("losses", "step_s")}
                               for n, r in results.items()}}
-    with M.atomic_write(os.path.join(args.out_dir, "results.json")) as f:
+    with rundir.atomic_write(os.path.join(args.out_dir, "results.json")) as f:
         json.dump(summary, f, indent=2)
     print(f"\nwrote {args.out_dir}/results.json, metrics.jsonl, args.json")
     return summary
 
 
 if __name__ == "__main__":
-    import model as M
+    from lib import cli
 
-    M.cli(main)
+    cli.run(main)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from lib import cli, rundir, tasks, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def synthetic_documents(n, median, sigma, T, enc, rng):
             a, b = rng.integers(0, 100, 2)
             lines.append(f"{a}+{b}={a + b}\n")
             size += len(lines[-1])
-        docs.append(M.encode(enc, "".join(lines))[:length - 1] + [enc.eot_token])
+        docs.append(tokenizer.encode(enc, "".join(lines))[:length - 1] + [enc.eot_token])
     return docs
 
 
@@ -320,8 +321,8 @@ def compare_training(docs, args, device, out_dir=None):
     on packed rows (best-fit decreasing). Same documents, same loss, so the same gradients: the losses
     agree to fp32 rounding while the packed run computes far fewer token positions.
     Time the steps side by side (alternating) so machine load hits both alike."""
-    enc = M.get_tokenizer("bytes")
-    pad = M.pad_id(enc)
+    enc = tokenizer.get_tokenizer("bytes")
+    pad = tokenizer.pad_id(enc)
     T, B = args.train_seq_len, args.batch_size
     steps = [docs[i:i + B] for i in range(0, len(docs) - B + 1, B)][:args.train_steps]
     padded = [padded_batch(step, pad).to(device) for step in steps]
@@ -333,12 +334,12 @@ def compare_training(docs, args, device, out_dir=None):
         gpt = M.GPT(cfg).to(device)
         runs[name] = dict(model=gpt, batches=batches, optimizer=torch.optim.AdamW(gpt.parameters(), lr=args.lr),
                           losses=[], seconds=0.0, real=0, computed=0)
-    logger = M.MetricsLogger(out_dir, total=len(steps), enabled=out_dir is not None)
+    logger = rundir.MetricsLogger(out_dir, total=len(steps), enabled=out_dir is not None)
     warmup = min(2, len(steps) - 1)                                       # steps left out of the timing
     for step in range(len(steps)):
         for name, run in runs.items():
             batch = run["batches"][step]
-            M.sync(device)
+            rundir.sync(device)
             t0 = time.perf_counter()
             with M.autocast(device):
                 loss = masked_loss(run["model"], batch)
@@ -396,43 +397,32 @@ def model_config(args, vocab_size: int) -> M.Config:
         return M.Config(vocab_size=vocab_size, block_size=args.train_seq_len, n_layer=args.n_layer,
                         n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd)
     except ValueError as e:
-        raise M.UserError(f"--n-embd {args.n_embd}, --n-head {args.n_head}, --n-layer {args.n_layer}: {e}") from None
+        raise cli.UserError(f"--n-embd {args.n_embd}, --n-head {args.n_head}, --n-layer {args.n_layer}: {e}") from None
 
 
 def check_args(args) -> None:
-    """Validate every option before anything is read or written: the first bad one is a M.UserError
+    """Validate every option before anything is read or written: the first bad one is a cli.UserError
     naming its flag (one line on stderr, exit status 2)."""
-    M.require_at_least(args, 1, "seq_len", "n_docs", "batch_size", "train_steps", "n_head", "n_embd")
-    M.require_at_least(args, 0, "bucket_window", "bench_docs", "n_layer")      # 0 layers: a bigram model
-    M.require_at_least(args, 2, "train_seq_len")      # a document of one token has nothing to predict
+    cli.require_at_least(args, 1, "seq_len", "n_docs", "batch_size", "train_steps", "n_head", "n_embd")
+    cli.require_at_least(args, 0, "bucket_window", "bench_docs", "n_layer")      # 0 layers: a bigram model
+    cli.require_at_least(args, 2, "train_seq_len")      # a document of one token has nothing to predict
     for name in ("n_docs", "bench_docs"):
         if getattr(args, name) > MAX_DOCS:
-            raise M.UserError(f"--{name.replace('_', '-')} must be <= {MAX_DOCS:,}, got {getattr(args, name):,}")
+            raise cli.UserError(f"--{name.replace('_', '-')} must be <= {MAX_DOCS:,}, got {getattr(args, name):,}")
     if args.batch_size * args.train_steps > MAX_DOCS:
-        raise M.UserError(f"--batch-size x --train-steps (the training documents) must be <= {MAX_DOCS:,}, "
-                          f"got {args.batch_size * args.train_steps:,}")
+        raise cli.UserError(f"--batch-size x --train-steps (the training documents) must be <= {MAX_DOCS:,}, "
+                            f"got {args.batch_size * args.train_steps:,}")
     if not 1 <= args.median_len <= MAX_DOC_TOKENS:
-        raise M.UserError(f"--median-len must be in [1, {MAX_DOC_TOKENS}], got {args.median_len}")
+        raise cli.UserError(f"--median-len must be in [1, {MAX_DOC_TOKENS}], got {args.median_len}")
     if not 2 <= args.train_median_len <= MAX_DOC_TOKENS:
-        raise M.UserError(f"--train-median-len must be in [2, {MAX_DOC_TOKENS}], got {args.train_median_len}")
-    M.check_options(args, non_negative=("sigma",), positive=("lr",), seed=("seed",))
-    model_config(args, M.get_tokenizer("bytes").n_vocab)
+        raise cli.UserError(f"--train-median-len must be in [2, {MAX_DOC_TOKENS}], got {args.train_median_len}")
+    cli.check_options(args, non_negative=("sigma",), positive=("lr",), seed=("seed",))
+    model_config(args, tokenizer.get_tokenizer("bytes").n_vocab)
     if args.out_dir:
-        check_run_folder("--out-dir", args.out_dir)
+        rundir.check_run_folder("--out-dir", args.out_dir)
     if not DEVICE.fullmatch(args.device):
-        raise M.UserError(f"--device {args.device}: choose auto, cpu, cuda or cuda:N")
-    M.get_device(args.device)                        # cuda on a machine without it
-
-
-def check_run_folder(flag: str, path: str) -> None:
-    """A run folder that can be made: not a file, under a writable folder."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):              # the nearest part of the path that exists
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise M.UserError(f"{flag} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise M.UserError(f"{flag} {path}: cannot write in {existing}")
+        raise cli.UserError(f"--device {args.device}: choose auto, cpu, cuda or cuda:N")
+    cli.get_device(args.device)                        # cuda on a machine without it
 
 
 def lognormal_lengths(n, median, sigma, rng):
@@ -446,15 +436,15 @@ def check_pieces(lengths, T, what: str) -> None:
     MAX_PIECES pieces of at most T tokens (sum_i ceil(L_i / T)): it would not fit in memory."""
     pieces = int((-(-lengths // T)).sum())
     if pieces > MAX_PIECES:
-        raise M.UserError(f"{what}: {pieces:,} pieces of at most T = {T} tokens, more than {MAX_PIECES:,}; "
-                          "choose fewer or shorter documents, or a longer --seq-len")
+        raise cli.UserError(f"{what}: {pieces:,} pieces of at most T = {T} tokens, more than {MAX_PIECES:,}; "
+                            "choose fewer or shorter documents, or a longer --seq-len")
 
 
 def demonstration_lengths(path, enc):
     """Token lengths (prompt + completion + <|endoftext|>) of the demonstrations in `path`
-    (M.read_demonstrations: {prompt, completion} or GSM8K rows; every problem names file:line)."""
-    rows = M.read_demonstrations(path)
-    return np.array([len(M.encode(enc, row["prompt"] + row["completion"])) + 1 for row in rows], np.int64)
+    (tasks.read_demonstrations: {prompt, completion} or GSM8K rows; every problem names file:line)."""
+    rows = tasks.read_demonstrations(path)
+    return np.array([len(tokenizer.encode(enc, row["prompt"] + row["completion"])) + 1 for row in rows], np.int64)
 
 
 def print_table(title, lengths, T, batch_size, bucket_window):
@@ -471,12 +461,12 @@ def print_table(title, lengths, T, batch_size, bucket_window):
 
 
 def main(argv=None):
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     check_args(args)
-    M.seed_everything(args.seed)
-    device = M.get_device(args.device)
+    cli.seed_everything(args.seed)
+    device = cli.get_device(args.device)
     rng = np.random.default_rng(args.seed)
-    enc = M.get_tokenizer("bytes")
+    enc = tokenizer.get_tokenizer("bytes")
     results = {}
 
     # Every input first (the data file, and every document drawn), so that bad input writes nothing.
@@ -501,7 +491,7 @@ def main(argv=None):
 
     # 2. Training: padded vs packed, same model, same documents, same steps.
     if args.out_dir:
-        M.save_args(args.out_dir, args)
+        rundir.save_args(args.out_dir, args)
     runs, cfg = compare_training(docs, args, device, args.out_dir or None)
     padded_run, packed_run = runs["padded"], runs["packed"]
     print(f"\ntraining on {device}: the same {cfg.n_layer}-layer, width-{cfg.n_embd} model, "
@@ -535,4 +525,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 import model as M
+from lib import checkpoints, cli, rundir, stages, tasks, tokenizer
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Args:
     completions_per_step: int = 32           # completions sampled per step (one per prompt)
     temperature: float = 1.0                 # sampling temperature (the ratio uses the same one)
     top_k: int = 0                           # sampling top-k (0 = off; the ratio uses the same one)
-    max_new_tokens: int = M.MAX_NEW_TOKENS   # generation limit in rollouts and in held-out evals
+    max_new_tokens: int = tasks.MAX_NEW_TOKENS   # generation limit in rollouts and in held-out evals
     time_budget: float = 0.0                 # minutes of training, evals excluded (0 = no time limit)
     max_steps: int = 40                      # stop after this many steps (0 = no step limit; ~1 min on 2 CPU cores)
     update_epochs: int = 4                   # passes over each rollout batch
@@ -226,34 +227,18 @@ class ScalarHead(nn.Module):
         return self.head(self.body.hidden(tokens, positions, doc_ids).float()).squeeze(-1)   # (B, T)
 
 
-def reward_head_weights(ckpt, path, width: int) -> dict:
-    """The scalar head reward.py saves in its checkpoint's meta: {"weight": (1, C), "bias": (1,)}, finite.
-    Anything else (a policy checkpoint, a damaged or hostile meta) is a UserError naming the path."""
-    meta = ckpt.get("meta")
-    head = meta.get("reward_head") if isinstance(meta, dict) else None
-    if head is None:
-        raise M.UserError(f"{path}: not a reward model checkpoint (no reward_head in its meta)")
-    shapes = {"weight": (1, width), "bias": (1,)}
-    if (not isinstance(head, dict) or set(head) != set(shapes)
-            or any(not torch.is_tensor(head[k]) or tuple(head[k].shape) != shape for k, shape in shapes.items())):
-        raise M.UserError(f"{path}: reward_head must hold a weight of shape (1, {width}) and a bias of shape (1,)")
-    if M.non_finite_tensors(head):
-        raise M.UserError(f"{path}: reward_head holds NaN or inf")
-    return head
-
-
 def check_weights_finite(where, *modules):
     """Every parameter of the modules is finite; else NonFiniteError naming `where` and the tensor."""
     for module in modules:
-        bad = M.non_finite_tensors(dict(module.named_parameters()))
+        bad = cli.non_finite_tensors(dict(module.named_parameters()))
         if bad:
-            raise M.NonFiniteError(f"{where}: {bad[0]} holds NaN or inf")
+            raise cli.NonFiniteError(f"{where}: {bad[0]} holds NaN or inf")
 
 
 def load_reward_model(path, device):
     """reward.py's checkpoint: a model.GPT body + the head weights saved in its meta -> (ScalarHead, enc)."""
-    body, enc, ckpt = M.load(path, device=device)
-    head = reward_head_weights(ckpt, path, body.config.n_embd)
+    body, enc, ckpt = checkpoints.load(path, device=device)
+    head = checkpoints.reward_head_weights(ckpt, path, body.config.n_embd)
     return ScalarHead(body, head).to(device), enc
 
 
@@ -261,7 +246,7 @@ def build_models(args, device):
     """-> (models {"policy", "reference", "value", "reward"}, enc). The reference and the reward model are
     frozen; the value model is a trainable copy of the reward model (or of the SFT body with --reward verifier).
     Checkpoints whose weights hold NaN or inf are refused here, before anything is written."""
-    policy, enc, _ = M.load(args.init, device=device, chat_format=args.chat_template)
+    policy, enc, _ = checkpoints.load(args.init, device=device, chat_format=args.chat_template)
     check_weights_finite(args.init, policy)
     reference = copy.deepcopy(policy).requires_grad_(False)
     reward_model = None
@@ -269,8 +254,8 @@ def build_models(args, device):
         reward_model, reward_enc = load_reward_model(args.reward_model, device)
         check_weights_finite(args.reward_model, reward_model)
         if reward_enc.name != enc.name:
-            raise M.UserError(f"{args.reward_model}: tokenizer {reward_enc.name!r} differs from the policy's "
-                              f"{enc.name!r}")
+            raise cli.UserError(f"{args.reward_model}: tokenizer {reward_enc.name!r} differs from the policy's "
+                                f"{enc.name!r}")
         reward_model.requires_grad_(False)
         value = copy.deepcopy(reward_model).requires_grad_(True)
     else:
@@ -309,12 +294,12 @@ class Batch:
 
 def make_batch(prompts, completions, finished, enc, device):
     """Token lists -> Batch. prompts, completions: list[list[int]] (a completion includes its EOS)."""
-    pad = M.pad_id(enc)
+    pad = tokenizer.pad_id(enc)
     prompt_tokens, prompt_mask = M.padded_batch(prompts, pad, "left", device)           # (B, P)
     completion_tokens, completion_mask = M.padded_batch(completions, pad, "right", device)  # (B, N)
     tokens = torch.cat([prompt_tokens, completion_tokens], 1)
     positions, doc_ids = M.left_pad_inputs(torch.cat([prompt_mask, completion_mask], 1))
-    texts = [M.decode(enc, c) for c in completions]
+    texts = [tokenizer.decode(enc, c) for c in completions]
     return Batch(tokens, positions, doc_ids, prompt_tokens.shape[1], completion_mask.float(),
                  torch.as_tensor(finished, dtype=torch.bool, device=device), texts)
 
@@ -322,9 +307,9 @@ def make_batch(prompts, completions, finished, enc, device):
 @torch.no_grad()
 def rollout(policy, enc, rows, args, generator, device):
     """Sample one completion per prompt with the KV-cache sampler -> (Batch, sampling log-probs (B, N))."""
-    prompts = [M.encode_prompt(enc, row["prompt"]) for row in rows]
+    prompts = [tokenizer.encode_prompt(enc, row["prompt"]) for row in rows]
     gen = M.generate(policy, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                     stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc), generator=generator)
+                     stop_ids=tokenizer.stop_ids(enc), pad_id=tokenizer.pad_id(enc), generator=generator)
     completions = [gen.tokens[i, :length].tolist() for i, length in enumerate(gen.lengths.tolist())]
     batch = make_batch(prompts, completions, gen.finished, enc, device)
     return batch, gen.logprobs[:, :batch.mask.shape[1]] * batch.mask
@@ -350,7 +335,7 @@ def response_values(value_model, batch):
 
 def verifier_scores(texts, answers):
     """1.0 where model.is_correct(completion, answer) else 0.0: grpo.py's reward, on the completion only."""
-    return torch.tensor([float(M.is_correct(t, a)) for t, a in zip(texts, answers)])
+    return torch.tensor([float(tasks.is_correct(t, a)) for t, a in zip(texts, answers)])
 
 
 @torch.no_grad()
@@ -370,14 +355,9 @@ def scores(batch, answers, reward_model, missing_eos_penalty=0.0):
 # One PPO step: rollout, rewards, advantages, epochs of clipped updates
 # ---------------------------------------------------------------------------------------------
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def ppo_update(models, optimizer, batch, old_logprobs, old_values, advantages, returns, args, generator, step=0):
     """Epochs over shuffled minibatches of the rollout; early stop once approx KL passes the threshold.
-    Before each optimizer.step() the loss and both gradient norms must be finite (M.check_finite), and
+    Before each optimizer.step() the loss and both gradient norms must be finite (cli.check_finite), and
     after the last one every weight: a NaN stops the run, naming the step, before it reaches a checkpoint.
     -> dict of means over the minibatch updates done (losses, entropy, clipfrac, approx_kl, grad norms)."""
     policy, value_model = models["policy"], models["value"]
@@ -409,8 +389,8 @@ def ppo_update(models, optimizer, batch, old_logprobs, old_values, advantages, r
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
             value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), max_norm)
-            M.check_finite(f"step {step}, epoch {epoch + 1}, minibatch {start // minibatch_size + 1}",
-                           loss=loss.detach(), grad_norm=grad_norm, value_grad_norm=value_grad_norm)
+            cli.check_finite(f"step {step}, epoch {epoch + 1}, minibatch {start // minibatch_size + 1}",
+                             loss=loss.detach(), grad_norm=grad_norm, value_grad_norm=value_grad_norm)
             optimizer.step()
             # TRY NOT TO MODIFY: log what practitioners read
             if first_ratio is None:   # before any update: ratio == 1 up to float error
@@ -436,13 +416,13 @@ def ppo_step(models, optimizer, enc, rows, args, beta, generators, device, step=
     answers = [row["answer"] for row in rows]
     started = time.perf_counter()
     batch, sample_logprobs = rollout(policy, enc, rows, args, generators["sample"], device)        # generation
-    sync(device)
+    rundir.sync(device)
     generated = time.perf_counter()
     with torch.no_grad():                                                                          # scoring
         score = scores(batch, answers, reward_model, args.missing_eos_penalty)
         old_logprobs = response_logprobs(policy, batch, args.temperature, args.top_k)  # the first ratio is 1
         ref_logprobs = response_logprobs(reference, batch, args.temperature, args.top_k)
-    sync(device)
+    rundir.sync(device)
     scored = time.perf_counter()
     with torch.no_grad():                                                                          # advantages
         old_values = response_values(value_model, batch)
@@ -450,11 +430,11 @@ def ppo_step(models, optimizer, enc, rows, args, beta, generators, device, step=
         advantages, returns = gae(rewards, old_values, batch.mask, args.gamma, args.lam)
         if args.whiten_advantages:
             advantages = whiten(advantages, batch.mask)
-    sync(device)
+    rundir.sync(device)
     estimated = time.perf_counter()
     stats = ppo_update(models, optimizer, batch, old_logprobs, old_values, advantages, returns, args,
                        generators["shuffle"], step)                                        # update (eval mode)
-    sync(device)
+    rundir.sync(device)
     updated = time.perf_counter()
     mask = batch.mask
     log_ratio = ref_logprobs - old_logprobs                                                       # (B, N)
@@ -487,11 +467,11 @@ def reward_of_texts(reward_model, enc, prompts, completions, batch_size: int = 2
     """R(x, y) (N,) for texts, read as reward.py trains it: prompt (chat format) ++ completion ++ end of turn,
     right-padded, the head read at the last real token (causal: later pads change nothing)."""
     device = reward_model.head.weight.device
-    sequences = [M.encode_prompt(enc, prompt) + M.encode(enc, completion) + [M.end_of_turn(enc)]
+    sequences = [tokenizer.encode_prompt(enc, prompt) + tokenizer.encode(enc, completion) + [tokenizer.end_of_turn(enc)]
                  for prompt, completion in zip(prompts, completions)]
     rewards = []
     for start in range(0, len(sequences), batch_size):
-        tokens, mask = M.padded_batch(sequences[start:start + batch_size], M.pad_id(enc), "right", device)
+        tokens, mask = M.padded_batch(sequences[start:start + batch_size], tokenizer.pad_id(enc), "right", device)
         with M.autocast(device):
             per_position = reward_model(tokens).float()                                 # (b, T)
         rewards.append(per_position[torch.arange(len(tokens), device=device), mask.sum(-1) - 1])
@@ -528,9 +508,9 @@ def eval_row(policy, reference, reward_model, enc, rows, drift_rows, args, seed:
     training temperature: their verifier accuracy, pass@k and, beside it, their mean reward-model score;
     and the KL to the start (drift, on drift_rows)."""
     device = next(policy.parameters()).device
-    greedy = M.evaluate(policy, enc, rows, args.max_new_tokens)
-    sampled = M.evaluate(policy, enc, rows, args.max_new_tokens, temperature=args.temperature, samples=args.pass_k,
-                         generator=torch.Generator(device).manual_seed(seed))
+    greedy = tasks.evaluate(policy, enc, rows, args.max_new_tokens)
+    sampled = tasks.evaluate(policy, enc, rows, args.max_new_tokens, temperature=args.temperature, samples=args.pass_k,
+                             generator=torch.Generator(device).manual_seed(seed))
     prompts = [row["prompt"] for row in rows for _ in range(args.pass_k)]
     rm_score = (float(reward_of_texts(reward_model, enc, prompts, sampled["completions"]).mean())
                 if reward_model is not None else None)
@@ -548,69 +528,50 @@ def eval_row(policy, reference, reward_model, enc, rows, drift_rows, args, seed:
 
 def synth_command() -> list[str]:
     """The synth.py run that makes the default prompt files, Args().data and Args().eval_data."""
-    return M.stage_command("synth.py", out_dir=os.path.dirname(Args().data))
+    return stages.stage_command("synth.py", out_dir=os.path.dirname(Args().data))
 
 
 def sft_command() -> list[str]:
     """The sft.py run that makes the default policy checkpoint, Args().init."""
-    return M.stage_command("sft.py", out=os.path.dirname(Args().init))
+    return stages.stage_command("sft.py", out=os.path.dirname(Args().init))
 
 
 def reward_command() -> list[str]:
     """The reward.py run that makes the default reward model, Args().reward_model."""
-    return M.stage_command("reward.py", out=os.path.dirname(Args().reward_model))
-
-
-def check_device(name: str):
-    """--device as model.get_device reads it, plus what it lets through: a malformed cuda:N (torch.device
-    raises RuntimeError) or an index this machine does not have."""
-    try:
-        device = M.get_device(name)
-    except RuntimeError:
-        raise M.UserError(f"--device {name}: choose auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise M.UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
-def check_at_most(args, limit: float, *names: str):
-    """Each named option must be <= limit. Larger is a typo, and would overflow inside torch or a float (a clamp
-    bound, 60 * minutes, steps in the ETA) as a traceback in the middle of a run."""
-    for name in names:
-        if not getattr(args, name) <= limit:
-            raise M.UserError(f"--{name.replace('_', '-')} must be <= {limit:g}, got {getattr(args, name)}")
+    return stages.stage_command("reward.py", out=os.path.dirname(Args().reward_model))
 
 
 def check_args(args):
     """Every option, checked before anything is read or written; the first bad one is a UserError naming it.
     The upper limits (a count beyond 1e9, a coefficient beyond 1e6) and the lowest temperature, 1e-3, keep
     every value away from a float overflow inside torch, which would be a traceback in the middle of a run."""
-    M.check_choices(args, reward=("rm", "verifier"), chat_template=("auto", *M.CHAT_FORMATS))
-    check_device(args.device)
-    M.check_budget(args)
-    M.require_at_least(args, 1, "completions_per_step", "n_minibatches", "update_epochs", "max_new_tokens",
-                       "n_eval", "n_eval_during", "kl_horizon", "pass_k")
-    M.require_at_least(args, 0, "top_k", "threads")
-    M.require_at_least(args, 1e-3, "temperature")     # PPO samples: the ratio needs a distribution, not an argmax
-    M.check_options(args, positive=("lr", "value_lr", "eval_minutes"),
-                    non_negative=("eps_high", "value_clip", "vf_coef", "ent_coef", "beta", "kl_target",
-                                  "early_stop_kl", "grad_clip", "missing_eos_penalty"),
-                    probability=("eps_low", "gamma", "lam", "lr", "value_lr"), seed=("seed",))
-    check_at_most(args, 10 ** 9, "completions_per_step", "n_minibatches", "update_epochs", "max_new_tokens",
+    cli.check_choices(args, reward=("rm", "verifier"), chat_template=("auto", *tokenizer.CHAT_FORMATS))
+    cli.get_device(args.device)
+    cli.check_budget(args)
+    cli.require_at_least(args, 1, "completions_per_step", "n_minibatches", "update_epochs", "max_new_tokens",
+                         "n_eval", "n_eval_during", "kl_horizon", "pass_k")
+    cli.require_at_least(args, 0, "top_k", "threads")
+    cli.require_at_least(args, 1e-3, "temperature")     # PPO samples: the ratio needs a distribution, not an argmax
+    cli.check_options(args, positive=("lr", "value_lr", "eval_minutes"),
+                      non_negative=("eps_high", "value_clip", "vf_coef", "ent_coef", "beta", "kl_target",
+                                    "early_stop_kl", "grad_clip", "missing_eos_penalty"),
+                      probability=("eps_low", "gamma", "lam", "lr", "value_lr"), seed=("seed",))
+    cli.require_at_most(args, 10 ** 9, "completions_per_step", "n_minibatches", "update_epochs", "max_new_tokens",
                   "n_eval", "n_eval_during", "kl_horizon", "top_k", "max_steps", "pass_k")
-    check_at_most(args, 1024, "threads")
-    check_at_most(args, 1e6, "eval_minutes", "temperature", "time_budget", "eps_high", "value_clip", "vf_coef",
+    cli.require_at_most(args, 1024, "threads")
+    cli.require_at_most(args, 1e6, "eval_minutes", "temperature", "time_budget", "eps_high", "value_clip", "vf_coef",
                   "ent_coef", "beta", "kl_target", "early_stop_kl", "grad_clip", "missing_eos_penalty")
     if args.n_minibatches > args.completions_per_step:
-        raise M.UserError(f"--n-minibatches {args.n_minibatches}: a minibatch needs a completion; use at most "
-                          f"--completions-per-step ({args.completions_per_step})")
+        raise cli.UserError(f"--n-minibatches {args.n_minibatches}: a minibatch needs a completion; use at most "
+                            f"--completions-per-step ({args.completions_per_step})")
     if args.kl_target > 0 and args.beta == 0:
-        raise M.UserError("--kl-target needs --beta > 0: the controller multiplies beta, and 0 stays 0")
+        raise cli.UserError("--kl-target needs --beta > 0: the controller multiplies beta, and 0 stays 0")
     for name in (("init", "data", "eval_data", "out") + (("reward_model",) if args.reward == "rm" else ())
                  + (("sft_data", "sft_test_data") if args.control else ())):
         if not getattr(args, name).strip():
-            raise M.UserError(f"--{name.replace('_', '-')}: the path is empty")
+            raise cli.UserError(f"--{name.replace('_', '-')}: the path is empty")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise M.UserError(f"--out {args.out}: exists and is not a folder")
+        raise cli.UserError(f"--out {args.out}: exists and is not a folder")
 
 
 def drop_empty_prompts(rows, path):
@@ -620,15 +581,15 @@ def drop_empty_prompts(rows, path):
     if len(kept) < len(rows):
         print(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} prompts that are empty", flush=True)
     if not kept:
-        raise M.UserError(f"{path}: every prompt is empty")
+        raise cli.UserError(f"{path}: every prompt is empty")
     return kept
 
 
 def load_inputs(args, device):
-    """Every input, read and checked before anything is written: the prompt files (M.read_prompts: GSM8K's
+    """Every input, read and checked before anything is written: the prompt files (tasks.read_prompts: GSM8K's
     question/answer rows work unchanged), the checkpoints, and the prompts that leave room for the completion
-    in every model's context (M.fit_prompts), and with --control the control's demonstrations
-    (M.read_demonstrations). A missing DEFAULT input is made by its upstream stage first.
+    in every model's context (tasks.fit_prompts), and with --control the control's demonstrations
+    (tasks.read_demonstrations). A missing DEFAULT input is made by its upstream stage first.
     -> (models, enc, train_rows, eval_rows)"""
     defaults = Args()
     named = [(args.data, defaults.data), (args.eval_data, defaults.eval_data), (args.init, defaults.init)]
@@ -636,24 +597,24 @@ def load_inputs(args, device):
         named.append((args.reward_model, defaults.reward_model))
     if args.control:
         named += [(args.sft_data, defaults.sft_data), (args.sft_test_data, defaults.sft_test_data)]
-    M.check_named_inputs(*named)                # a typo fails now, not after the missing defaults are made
-    M.ensure_input(args.data, defaults.data, synth_command())
-    train_rows = M.read_prompts(args.data)
-    M.ensure_input(args.eval_data, defaults.eval_data, synth_command())
-    eval_rows = M.read_prompts(args.eval_data)
-    M.ensure_input(args.init, defaults.init, sft_command())
+    stages.check_named_inputs(*named)                # a typo fails now, not after the missing defaults are made
+    stages.ensure_input(args.data, defaults.data, synth_command())
+    train_rows = tasks.read_prompts(args.data)
+    stages.ensure_input(args.eval_data, defaults.eval_data, synth_command())
+    eval_rows = tasks.read_prompts(args.eval_data)
+    stages.ensure_input(args.init, defaults.init, sft_command())
     if args.reward == "rm":
-        M.ensure_input(args.reward_model, defaults.reward_model, reward_command())
+        stages.ensure_input(args.reward_model, defaults.reward_model, reward_command())
     if args.control:   # the control's demonstrations, checked now: a bad file must not cost the PPO run
-        M.ensure_input(args.sft_data, defaults.sft_data, synth_command())
-        M.read_demonstrations(args.sft_data)
-        M.ensure_input(args.sft_test_data, defaults.sft_test_data, synth_command())
-        M.read_demonstrations(args.sft_test_data)
+        stages.ensure_input(args.sft_data, defaults.sft_data, synth_command())
+        tasks.read_demonstrations(args.sft_data)
+        stages.ensure_input(args.sft_test_data, defaults.sft_test_data, synth_command())
+        tasks.read_demonstrations(args.sft_test_data)
     models, enc = build_models(args, device)
     context = context_length(models)
-    train_rows = M.fit_prompts(drop_empty_prompts(train_rows, args.data), enc, context, args.max_new_tokens, args.data)
-    eval_rows = M.fit_prompts(drop_empty_prompts(eval_rows, args.eval_data), enc, context, args.max_new_tokens,
-                              args.eval_data)[:args.n_eval]
+    train_rows = tasks.fit_prompts(drop_empty_prompts(train_rows, args.data), enc, context, args.max_new_tokens, args.data)
+    eval_rows = tasks.fit_prompts(drop_empty_prompts(eval_rows, args.eval_data), enc, context, args.max_new_tokens,
+                                  args.eval_data)[:args.n_eval]
     return models, enc, train_rows, eval_rows
 
 
@@ -662,8 +623,8 @@ def train(args):
     check_args(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = M.get_device(args.device)
-    M.seed_everything(args.seed)
+    device = cli.get_device(args.device)
+    cli.seed_everything(args.seed)
     models, enc, train_rows, eval_rows = load_inputs(args, device)
     policy, value_model = models["policy"], models["value"]
     if policy.config.dropout or value_model.body.config.dropout:   # all models stay in eval mode
@@ -672,9 +633,9 @@ def train(args):
                                    {"params": list(value_model.parameters()), "lr": args.value_lr}],
                                   betas=(0.9, 0.95), weight_decay=0.0)
     roles = params_by_role(models)
-    M.save_args(args.out, args)
-    logger = M.MetricsLogger(args.out, total=args.max_steps or None,
-                             budget_s=None if args.max_steps else 60 * args.time_budget)
+    rundir.save_args(args.out, args)
+    logger = rundir.MetricsLogger(args.out, total=args.max_steps or None,
+                                  budget_s=None if args.max_steps else 60 * args.time_budget)
     generators = {"sample": torch.Generator(device).manual_seed(args.seed),
                   "shuffle": torch.Generator().manual_seed(args.seed + 1)}
     prompt_order = random.Random(args.seed)
@@ -692,7 +653,7 @@ def train(args):
             greedy = {"accuracy": row["greedy"], "stderr": row["stderr"], "n": row["n"], "styles": row["styles"]}
         else:
             row = None
-            greedy = M.evaluate(policy, enc, drift_rows, max_new_tokens=args.max_new_tokens)
+            greedy = tasks.evaluate(policy, enc, drift_rows, max_new_tokens=args.max_new_tokens)
         moved = row["drift"] if full else drift(policy, models["reference"], models["reward"], enc, drift_rows, args,
                                                args.seed)
         logger.log(step, kind="eval", train_minutes=train_seconds / 60, eval_accuracy=greedy["accuracy"],
@@ -722,7 +683,7 @@ def train(args):
         train_seconds += metrics["step_s"]
         if args.kl_target > 0:
             beta = adaptive_beta(beta, metrics["kl_seq"], args.kl_target, args.kl_horizon, len(rows))
-        metrics.update(train_minutes=train_seconds / 60, peak_mem_mb=M.peak_memory_mb(device))
+        metrics.update(train_minutes=train_seconds / 60, peak_mem_mb=rundir.peak_memory_mb(device))
         history.append(metrics)
         logger.log(step, kind="train", **metrics)
         if train_seconds >= next_eval and not finished():   # the final eval follows anyway
@@ -732,19 +693,19 @@ def train(args):
     start_eval = {"accuracy": start_row["greedy"], "stderr": start_row["stderr"]}
     final_eval = {"accuracy": final_row["greedy"], "stderr": final_row["stderr"]}
 
-    M.save(os.path.join(args.out, "model.pt"), policy, enc, args=asdict(args), step=step,
-           results={"start_accuracy": start_eval["accuracy"], "final_accuracy": final_eval["accuracy"]})
+    checkpoints.save(os.path.join(args.out, "model.pt"), policy, enc, args=asdict(args), step=step,
+                     results={"start_accuracy": start_eval["accuracy"], "final_accuracy": final_eval["accuracy"]})
 
     def mean(key, metrics_rows=history):
         return sum(row[key] for row in metrics_rows) / max(len(metrics_rows), 1)
     summary = {"algo": "ppo", "reward": args.reward, "params_by_role": roles,
-               "peak_mem_mb": M.peak_memory_mb(device), "sec_per_step": mean("step_s"),
+               "peak_mem_mb": rundir.peak_memory_mb(device), "sec_per_step": mean("step_s"),
                "time_split": {key: mean(key) for key in ("gen_s", "score_s", "adv_s", "update_s")},
                "final_accuracy": final_eval["accuracy"], "start_accuracy": start_eval["accuracy"],
                "final_stderr": final_eval["stderr"], "start_stderr": start_eval["stderr"],
                "train_minutes": train_seconds / 60, "steps": step, "n_eval": len(eval_rows),
                "start": start_row, "ppo": final_row}
-    with M.atomic_write(os.path.join(args.out, "summary.json")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "summary.json")) as f:
         json.dump(summary, f, indent=2)
     logger.close()
 
@@ -771,26 +732,26 @@ def train(args):
 def control_command(args, minutes: float) -> list[str]:
     """The equal-time control: SFT (sft.py) continued from the same start checkpoint on the demonstrations,
     for the same training minutes PPO took, with sft.py's own settings otherwise."""
-    return M.stage_command("sft.py", init=args.init, data=args.sft_data, test_data=args.sft_test_data,
-                           eval_data=args.eval_data, n_eval=args.n_eval_during, eval_minutes=args.eval_minutes,
-                           max_new_tokens=args.max_new_tokens, time_budget=f"{minutes:.4f}", max_steps=0,
-                           out=os.path.join(args.out, "control"), seed=args.seed, device=args.device,
-                           threads=args.threads)
+    return stages.stage_command("sft.py", init=args.init, data=args.sft_data, test_data=args.sft_test_data,
+                                eval_data=args.eval_data, n_eval=args.n_eval_during, eval_minutes=args.eval_minutes,
+                                max_new_tokens=args.max_new_tokens, time_budget=f"{minutes:.4f}", max_steps=0,
+                                out=os.path.join(args.out, "control"), seed=args.seed, device=args.device,
+                                threads=args.threads)
 
 
 def run_control(args, summary) -> dict:
     """Run the control, then evaluate its checkpoint exactly as the start and PPO rows were (eval_row), with
     the same reference (the start) for its KL and the same reward model for its score."""
-    M.run_stage(control_command(args, summary["train_minutes"]))
-    device = M.get_device(args.device)
-    control, enc, _ = M.load(os.path.join(args.out, "control", "model.pt"), device=device,
-                             chat_format=args.chat_template)
-    reference, _, _ = M.load(args.init, device=device, chat_format=args.chat_template)
+    stages.run_stage(control_command(args, summary["train_minutes"]))
+    device = cli.get_device(args.device)
+    control, enc, _ = checkpoints.load(os.path.join(args.out, "control", "model.pt"), device=device,
+                                       chat_format=args.chat_template)
+    reference, _, _ = checkpoints.load(args.init, device=device, chat_format=args.chat_template)
     reward_model = load_reward_model(args.reward_model, device)[0] if args.reward == "rm" else None
     for module in (control, reference) + ((reward_model,) if reward_model is not None else ()):
         module.eval()
-    eval_rows = M.fit_prompts(drop_empty_prompts(M.read_prompts(args.eval_data), args.eval_data), enc,
-                              control.config.block_size, args.max_new_tokens, args.eval_data)[:args.n_eval]
+    eval_rows = tasks.fit_prompts(drop_empty_prompts(tasks.read_prompts(args.eval_data), args.eval_data), enc,
+                                  control.config.block_size, args.max_new_tokens, args.eval_data)[:args.n_eval]
     return eval_row(control, reference, reward_model, enc, eval_rows, eval_rows[:args.n_eval_during], args, args.seed)
 
 
@@ -819,21 +780,21 @@ def format_table(summary, args) -> str:
 
 def curves(out: str) -> dict:
     """The eval rows of a run's metrics.jsonl as lists: minutes, greedy accuracy, KL to start, proxy, gold."""
-    evals = [row for row in M.read_jsonl(os.path.join(out, "metrics.jsonl")) if row.get("kind") == "eval"]
+    evals = [row for row in tasks.read_jsonl(os.path.join(out, "metrics.jsonl")) if row.get("kind") == "eval"]
     return {key: [row.get(field) for row in evals] for key, field in
             (("minutes", "train_minutes"), ("accuracy", "eval_accuracy"), ("kl", "eval_kl"), ("proxy", "eval_proxy"),
              ("gold", "eval_gold"))}
 
 
 def main(argv=None):
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     summary = train(args)
     if args.control:
         summary["control"] = run_control(args, summary)
-        with M.atomic_write(os.path.join(args.out, "summary.json")) as f:
+        with rundir.atomic_write(os.path.join(args.out, "summary.json")) as f:
             json.dump(summary, f, indent=2)
     table = format_table(summary, args)
-    with M.atomic_write(os.path.join(args.out, "results.md")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "results.md")) as f:
         f.write(table + "\n")
     print(f"\nHeld-out prompts: {summary['start']['n']} from {args.eval_data}; greedy accuracy ± standard error; "
           f"{args.pass_k} samples per prompt at temperature {args.temperature}, scored by the verifier and by "
@@ -847,16 +808,16 @@ def main(argv=None):
     history = curves(args.out)
     print(f"during PPO ({len(history['minutes'])} evals; the first and last greedy ones on {summary['start']['n']} "
           f"held-out prompts, the others and every KL, proxy and gold on {summary['start']['drift']['n']}):")
-    print(f"  greedy accuracy      {M.sparkline(history['accuracy'])}  "
+    print(f"  greedy accuracy      {rundir.sparkline(history['accuracy'])}  "
           f"({100 * history['accuracy'][0]:.1f}% -> {100 * history['accuracy'][-1]:.1f}%)")
-    print(f"  KL(pi || start)      {M.sparkline(history['kl'])}  ({history['kl'][0]:.2f} -> {history['kl'][-1]:.2f})")
+    print(f"  KL(pi || start)      {rundir.sparkline(history['kl'])}  ({history['kl'][0]:.2f} -> {history['kl'][-1]:.2f})")
     if args.reward == "rm":
-        print(f"  RM score (proxy)     {M.sparkline(history['proxy'])}  "
+        print(f"  RM score (proxy)     {rundir.sparkline(history['proxy'])}  "
               f"({history['proxy'][0]:+.2f} -> {history['proxy'][-1]:+.2f})")
-    print(f"  verifier acc (gold)  {M.sparkline(history['gold'])}  "
+    print(f"  verifier acc (gold)  {rundir.sparkline(history['gold'])}  "
           f"({100 * history['gold'][0]:.1f}% -> {100 * history['gold'][-1]:.1f}%)")
     return summary
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

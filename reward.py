@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as M
+from lib import checkpoints, cli, rundir, stages, tasks, tokenizer
 
 
 @dataclass
@@ -99,7 +100,7 @@ class RewardModel(nn.Module):
         sequences = [encode_pair(self.enc, prompt, completion) for prompt, completion in zip(prompts, completions)]
         scores = []
         for start in range(0, len(sequences), batch_size):
-            tokens, mask = M.padded_batch(sequences[start:start + batch_size], M.pad_id(self.enc), "right", device)
+            tokens, mask = M.padded_batch(sequences[start:start + batch_size], tokenizer.pad_id(self.enc), "right", device)
             with M.autocast(device):
                 scores.append(self(tokens, mask).float())
         self.train(was_training)
@@ -109,37 +110,21 @@ class RewardModel(nn.Module):
 def encode_pair(enc, prompt, completion):
     """tokens of prompt ++ completion ++ [end of turn], the sequence a reward is read from (at its end); the
     prompt in the checkpoint's chat format (plain for this project's byte-level models)."""
-    return M.encode_prompt(enc, prompt) + M.encode(enc, completion) + [M.end_of_turn(enc)]
+    return tokenizer.encode_prompt(enc, prompt) + tokenizer.encode(enc, completion) + [tokenizer.end_of_turn(enc)]
 
 
 def save_reward_model(path, reward_model: RewardModel, **meta):
     """model.save of the body; the head's weights go in the checkpoint's meta as plain tensors, so any
     file can rebuild the reward model with model.load and three lines (ppo.py does)."""
     head = {"weight": reward_model.head.weight.detach().cpu(), "bias": reward_model.head.bias.detach().cpu()}
-    M.save(path, reward_model.body, reward_model.enc, kind="reward_model", reward_head=head, **meta)
-
-
-def reward_head_weights(ckpt, path, width: int) -> dict:
-    """The head save_reward_model put in the checkpoint's meta: {"weight": (1, C), "bias": (1,)}, finite.
-    Anything else (a policy checkpoint, a damaged or hostile meta) is a UserError naming the path."""
-    meta = ckpt.get("meta")
-    head = meta.get("reward_head") if isinstance(meta, dict) else None
-    if head is None:
-        raise M.UserError(f"{path}: not a reward model checkpoint (no reward_head in its meta)")
-    shapes = {"weight": (1, width), "bias": (1,)}
-    if (not isinstance(head, dict) or set(head) != set(shapes)
-            or any(not torch.is_tensor(head[k]) or tuple(head[k].shape) != shape for k, shape in shapes.items())):
-        raise M.UserError(f"{path}: reward_head must hold a weight of shape (1, {width}) and a bias of shape (1,)")
-    if M.non_finite_tensors(head):
-        raise M.UserError(f"{path}: reward_head holds NaN or inf")
-    return head
+    checkpoints.save(path, reward_model.body, reward_model.enc, kind="reward_model", reward_head=head, **meta)
 
 
 def load_reward_model(path, device="cpu") -> RewardModel:
     """-> RewardModel (eval mode) from a checkpoint written by save_reward_model."""
-    body, enc, ckpt = M.load(path, device=device)
+    body, enc, ckpt = checkpoints.load(path, device=device)
     reward_model = RewardModel(body, enc).to(device)
-    reward_model.head.load_state_dict(reward_head_weights(ckpt, path, body.config.n_embd))
+    reward_model.head.load_state_dict(checkpoints.reward_head_weights(ckpt, path, body.config.n_embd))
     return reward_model.eval()
 
 
@@ -294,55 +279,36 @@ MAX_MARGIN = 1e6   # a row's margin beyond this is a typo (and inf in float32 be
 
 def read_pairs(path):
     """Preference pairs {"prompt", "chosen", "rejected"} (TRL's format, strings), with an optional number
-    "margin" (|m| <= MAX_MARGIN) and an optional "kind" label. M.read_jsonl(path, PAIR_SCHEMA) row by row
+    "margin" (|m| <= MAX_MARGIN) and an optional "kind" label. tasks.read_jsonl(path, PAIR_SCHEMA) row by row
     (model.py's reader and checks) plus the margin's, so every bad row is a UserError naming file:line."""
     rows = []
-    for number, row in M.jsonl_objects(path):
+    for number, row in tasks.jsonl_objects(path):
         where = f"{path}:{number}"
-        M.check_row(row, PAIR_SCHEMA, where)
+        tasks.check_row(row, PAIR_SCHEMA, where)
         if "margin" in row:
-            M.check_row(row, {"margin": (int, float)}, where)
+            tasks.check_row(row, {"margin": (int, float)}, where)
             if not abs(row["margin"]) <= MAX_MARGIN:   # nan fails too; no float() of a 400-digit integer
-                raise M.UserError(f"{where}: 'margin' must be a number in [-{MAX_MARGIN:g}, {MAX_MARGIN:g}]")
+                raise cli.UserError(f"{where}: 'margin' must be a number in [-{MAX_MARGIN:g}, {MAX_MARGIN:g}]")
         rows.append(row)
     if not rows:
-        raise M.UserError(f"{path}: empty, no rows")
+        raise cli.UserError(f"{path}: empty, no rows")
     return rows
 
 
 def synth_command() -> list[str]:
     """The synth.py run that makes the default preference files, Args().data and Args().test_data."""
-    return M.stage_command("synth.py", out_dir=os.path.dirname(Args().data))
+    return stages.stage_command("synth.py", out_dir=os.path.dirname(Args().data))
 
 
 def sft_command() -> list[str]:
     """The sft.py run that makes the default body checkpoint, Args().init."""
-    return M.stage_command("sft.py", out=os.path.dirname(Args().init))
+    return stages.stage_command("sft.py", out=os.path.dirname(Args().init))
 
 
 def scratch_config(args, vocab_size: int) -> M.Config:
     """The body's Config for --init scratch (a ValueError names the field that is wrong)."""
     return M.Config(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                     n_kv_head=args.n_head, n_embd=args.n_embd)
-
-
-def check_device(name: str):
-    """--device as model.get_device reads it, plus what it lets through: a malformed cuda:N (torch.device
-    raises RuntimeError) or an index this machine does not have."""
-    try:
-        device = M.get_device(name)
-    except RuntimeError:
-        raise M.UserError(f"--device {name}: choose auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise M.UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
-def check_at_most(args, limit: float, *names: str):
-    """Each named option must be <= limit. Larger is a typo, and would overflow inside torch or a float (AdamW's
-    decay factor, a margin tensor, 60 * minutes, steps in the ETA) or hang, in the middle of a run."""
-    for name in names:
-        if not getattr(args, name) <= limit:
-            raise M.UserError(f"--{name.replace('_', '-')} must be <= {limit:g}, got {getattr(args, name)}")
 
 
 def check_fits_in_memory(config):
@@ -355,8 +321,8 @@ def check_fits_in_memory(config):
         return
     if 16 * n_params > memory:
         need, have = 16 * n_params / 2 ** 30, memory / 2 ** 30
-        raise M.UserError(f"--init scratch: a body of about {n_params:.2e} parameters needs {need:.0f} GiB for "
-                          f"training; this machine has {have:.0f} GiB")
+        raise cli.UserError(f"--init scratch: a body of about {n_params:.2e} parameters needs {need:.0f} GiB for "
+                            f"training; this machine has {have:.0f} GiB")
 
 
 def check_args(args):
@@ -364,39 +330,39 @@ def check_args(args):
     The upper limits (a count beyond 1e9, a coefficient beyond 1e6, more than 1000 calibration bins, a scratch
     body larger than this machine's memory) keep every value away from an overflow, a hang or an allocation
     failure in the middle of a run."""
-    check_device(args.device)
-    M.require_at_least(args, 1, "epochs", "batch_size", "n_bins", "log_every", "n_head", "n_embd", "block_size")
-    M.require_at_least(args, 0, "n_layer", "warmup_steps", "max_test")
-    M.check_options(args, positive=("lr",), probability=("min_lr_ratio", "lr"), seed=("seed",),
-                    non_negative=("weight_decay", "grad_clip", "margin", "center_coef", "time_budget"))
-    check_at_most(args, 10 ** 9, "n_layer", "n_head", "n_embd", "block_size", "epochs", "batch_size", "warmup_steps",
+    cli.get_device(args.device)
+    cli.require_at_least(args, 1, "epochs", "batch_size", "n_bins", "log_every", "n_head", "n_embd", "block_size")
+    cli.require_at_least(args, 0, "n_layer", "warmup_steps", "max_test")
+    cli.check_options(args, positive=("lr",), probability=("min_lr_ratio", "lr"), seed=("seed",),
+                      non_negative=("weight_decay", "grad_clip", "margin", "center_coef", "time_budget"))
+    cli.require_at_most(args, 10 ** 9, "n_layer", "n_head", "n_embd", "block_size", "epochs", "batch_size", "warmup_steps",
                   "max_test", "log_every")
-    check_at_most(args, 1000, "n_bins")
-    check_at_most(args, 1e6, "weight_decay", "grad_clip", "margin", "center_coef", "time_budget")
+    cli.require_at_most(args, 1000, "n_bins")
+    cli.require_at_most(args, 1e6, "weight_decay", "grad_clip", "margin", "center_coef", "time_budget")
     for name in ("data", "test_data", "init", "out"):
         if not getattr(args, name).strip():
-            raise M.UserError(f"--{name.replace('_', '-')}: the path is empty")
+            raise cli.UserError(f"--{name.replace('_', '-')}: the path is empty")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise M.UserError(f"--out {args.out}: exists and is not a folder")
+        raise cli.UserError(f"--out {args.out}: exists and is not a folder")
     if args.init == "scratch":
         try:
-            config = scratch_config(args, M.get_tokenizer("bytes").n_vocab)
+            config = scratch_config(args, tokenizer.get_tokenizer("bytes").n_vocab)
         except ValueError as e:
-            raise M.UserError(f"--init scratch: {e}") from None
+            raise cli.UserError(f"--init scratch: {e}") from None
         check_fits_in_memory(config)
 
 
 def build(args, device):
     """-> RewardModel: body from the SFT checkpoint (built by sft.py when the default is missing) or new."""
     if args.init == "scratch":
-        enc = M.get_tokenizer("bytes")
+        enc = tokenizer.get_tokenizer("bytes")
         body = M.GPT(scratch_config(args, enc.n_vocab))
     else:
-        M.ensure_input(args.init, Args().init, sft_command())
-        body, enc, _ = M.load(args.init)
-        bad = M.non_finite_tensors(body.state_dict())
+        stages.ensure_input(args.init, Args().init, sft_command())
+        body, enc, _ = checkpoints.load(args.init)
+        bad = cli.non_finite_tensors(body.state_dict())
         if bad:
-            raise M.UserError(f"{args.init}: weights hold NaN or inf (first: {bad[0]})")
+            raise cli.UserError(f"{args.init}: weights hold NaN or inf (first: {bad[0]})")
     return RewardModel(body, enc).to(device)
 
 
@@ -405,11 +371,11 @@ def load_inputs(args, device):
     checkpoint, and the pairs that fit its context. A missing DEFAULT input is made by its upstream stage.
     -> (reward_model, train_pairs, test_pairs)"""
     defaults = Args()
-    M.check_named_inputs((args.data, defaults.data), (args.test_data, defaults.test_data),
-                         *([] if args.init == "scratch" else [(args.init, defaults.init)]))
-    M.ensure_input(args.data, defaults.data, synth_command())
+    stages.check_named_inputs((args.data, defaults.data), (args.test_data, defaults.test_data),
+                              *([] if args.init == "scratch" else [(args.init, defaults.init)]))
+    stages.ensure_input(args.data, defaults.data, synth_command())
     train_rows = read_pairs(args.data)
-    M.ensure_input(args.test_data, defaults.test_data, synth_command())
+    stages.ensure_input(args.test_data, defaults.test_data, synth_command())
     test_rows = read_pairs(args.test_data)
     if args.max_test > 0:
         test_rows = test_rows[:args.max_test]
@@ -418,7 +384,7 @@ def load_inputs(args, device):
     train_pairs, skipped = make_pairs(train_rows, reward_model.enc, block, args.margin)
     test_pairs, test_skipped = make_pairs(test_rows, reward_model.enc, block, args.margin)
     if not train_pairs or not test_pairs:
-        raise M.UserError(f"{args.data if not train_pairs else args.test_data}: no pair fits the context ({block})")
+        raise cli.UserError(f"{args.data if not train_pairs else args.test_data}: no pair fits the context ({block})")
     if skipped or test_skipped:
         print(f"skipped {skipped} training and {test_skipped} test pairs longer than the context ({block} tokens)")
     return reward_model, train_pairs, test_pairs
@@ -427,10 +393,10 @@ def load_inputs(args, device):
 def train(args):
     """Train the reward model; returns the final held-out results dict."""
     check_args(args)
-    device = M.get_device(args.device)
-    M.seed_everything(args.seed)
+    device = cli.get_device(args.device)
+    cli.seed_everything(args.seed)
     reward_model, train_pairs, test_pairs = load_inputs(args, device)
-    pad = M.pad_id(reward_model.enc)
+    pad = tokenizer.pad_id(reward_model.enc)
 
     # AdamW (Loshchilov & Hutter 2019): decay matrices only, never norm gains or biases.
     params = [p for p in reward_model.parameters() if p.requires_grad]
@@ -439,8 +405,8 @@ def train(args):
                                   lr=args.lr, betas=(0.9, 0.95))
     steps_per_epoch = math.ceil(len(train_pairs) / args.batch_size)
     total = args.epochs * steps_per_epoch
-    M.save_args(args.out, args)
-    logger = M.MetricsLogger(args.out, total=total)
+    rundir.save_args(args.out, args)
+    logger = rundir.MetricsLogger(args.out, total=total)
     print(f"reward model: {reward_model.body.num_params() / 1e6:.2f}M body params from "
           f"{'scratch' if args.init == 'scratch' else args.init}, {len(train_pairs)} train / {len(test_pairs)} "
           f"test pairs, {args.epochs} epochs x {steps_per_epoch} steps, device {device}")
@@ -473,7 +439,7 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            M.check_finite(f"step {step + 1}", loss=loss.detach(), grad_norm=grad_norm)   # before the weights move
+            cli.check_finite(f"step {step + 1}", loss=loss.detach(), grad_norm=grad_norm)   # before the weights move
             optimizer.step()
             step += 1
             train_seconds += time.perf_counter() - step_started
@@ -501,8 +467,8 @@ def train(args):
 
 
 def main(argv=None):
-    return train(M.parse_args(Args, argv))
+    return train(cli.parse_args(Args, argv))
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

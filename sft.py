@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import model as M
+from lib import checkpoints, cli, distributed, rundir, stages, tasks, tokenizer
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Args:
     eval_every: int = 0                      # updates between evals and checkpoints (0 = off)
     eval_examples: int = 256                 # test_data examples for the eval loss (0 = all)
     n_eval: int = 500                        # first rows of --eval-data evaluated (0 = all)
-    max_new_tokens: int = M.MAX_NEW_TOKENS   # generation limit for held-out accuracy (every stage's default)
+    max_new_tokens: int = tasks.MAX_NEW_TOKENS   # generation limit for held-out accuracy (every stage's default)
     eval_batch: int = 256                    # prompts per generation batch
     log_every: int = 10                      # updates between metric lines
     chat_template: str = "auto"              # auto|none|chatml|llama3: how prompts are wrapped (auto: from the checkpoint)
@@ -81,32 +82,32 @@ class Args:
 def check_args(args):
     """Every option against its rule (model.OPTION_RULES), before anything is read or written: the first
     that breaks its rule is a UserError naming the flag (one line, exit status 2)."""
-    M.check_options(args, positive=("n_head", "n_kv_head", "n_embd", "block_size", "batch_size", "lr",
-                                    "max_new_tokens", "eval_batch", "log_every"),
-                    non_negative=("n_layer", "micro_batch", "warmup_steps", "weight_decay", "grad_clip",
-                                  "aux_loss_weight", "eval_minutes", "eval_every", "eval_examples", "n_eval",
-                                  "threads"),
-                    probability=("min_lr_ratio",), seed=("seed",))
+    cli.check_options(args, positive=("n_head", "n_kv_head", "n_embd", "block_size", "batch_size", "lr",
+                                      "max_new_tokens", "eval_batch", "log_every"),
+                      non_negative=("n_layer", "micro_batch", "warmup_steps", "weight_decay", "grad_clip",
+                                    "aux_loss_weight", "eval_minutes", "eval_every", "eval_examples", "n_eval",
+                                    "threads"),
+                      probability=("min_lr_ratio",), seed=("seed",))
     for name in ("dropout", "beta1", "beta2"):  # [0, 1): a probability that is never 1
         value = getattr(args, name)
         if not 0 <= value < 1:
-            raise M.UserError(f"--{name} must be in [0, 1), got {value}")
-    M.check_budget(args)
-    M.check_choices(args, device=("auto", "cpu", "cuda"), ffn=("swiglu", "geglu", "gelu", "relu", "relu2", "moe"),
-                    norm=("rmsnorm", "layernorm"), pos=("rope", "learned"),
-                    tokenizer=("bytes", *tiktoken.list_encoding_names()),
-                    chat_template=("auto", *M.CHAT_FORMATS), dtype=tuple(M.DTYPES))
+            raise cli.UserError(f"--{name} must be in [0, 1), got {value}")
+    cli.check_budget(args)
+    cli.check_choices(args, device=("auto", "cpu", "cuda"), ffn=("swiglu", "geglu", "gelu", "relu", "relu2", "moe"),
+                      norm=("rmsnorm", "layernorm"), pos=("rope", "learned"),
+                      tokenizer=("bytes", *tiktoken.list_encoding_names()),
+                      chat_template=("auto", *tokenizer.CHAT_FORMATS), dtype=tuple(cli.DTYPES))
     try:  # the model options together (divisibility, RoPE's even head size), before any input is read
         model_config(args, vocab_size=1)
     except ValueError as err:
-        raise M.UserError(f"--n-embd {args.n_embd} --n-head {args.n_head} --n-kv-head {args.n_kv_head} "
-                          f"--pos {args.pos}: {err}") from None
+        raise cli.UserError(f"--n-embd {args.n_embd} --n-head {args.n_head} --n-kv-head {args.n_kv_head} "
+                            f"--pos {args.pos}: {err}") from None
     for name in ("data", "test_data", "eval_data", "out"):
         if not getattr(args, name):
-            raise M.UserError(f"--{name.replace('_', '-')} must name a path")
+            raise cli.UserError(f"--{name.replace('_', '-')} must name a path")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise M.UserError(f"--out {args.out}: is a file, not a run folder")
-    M.check_fsdp(args)
+        raise cli.UserError(f"--out {args.out}: is a file, not a run folder")
+    cli.check_fsdp(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,8 +119,8 @@ def encode_example(enc, prompt, completion):
     For this project's byte-level models the format is plain text and the end is <|endoftext|>; for an
     instruct checkpoint the prompt is wrapped in its user/assistant turns and the loss also teaches it to
     close its turn (<|im_end|>, <|eot_id|>), where generation stops."""
-    prompt_ids = M.encode_prompt(enc, prompt)
-    return prompt_ids + M.encode(enc, completion) + [M.end_of_turn(enc)], len(prompt_ids)
+    prompt_ids = tokenizer.encode_prompt(enc, prompt)
+    return prompt_ids + tokenizer.encode(enc, completion) + [tokenizer.end_of_turn(enc)], len(prompt_ids)
 
 
 def make_examples(rows, enc, block_size):
@@ -282,7 +283,7 @@ def train_step(model, optimizer, micro_batches, device, grad_clip=1.0, world_siz
             offset += param.numel()
         loss_sum = float(flat_grads[-1])
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    M.check_finite(where, loss=loss_sum, grad_norm=grad_norm)  # the same sums on every rank: all stop
+    cli.check_finite(where, loss=loss_sum, grad_norm=grad_norm)  # the same sums on every rank: all stop
     optimizer.step()
     return loss_sum, float(grad_norm), n_tokens
 
@@ -322,7 +323,7 @@ def model_config(args, vocab_size):
 
 def synth_command():
     """The command that makes the default input files (data/*.jsonl): synth.py with its own defaults."""
-    return M.stage_command("synth.py")
+    return stages.stage_command("synth.py")
 
 
 def read_inputs(args, rank, world_size):
@@ -333,14 +334,14 @@ def read_inputs(args, rank, world_size):
     if rank == 0:
         inputs = ((args.data, defaults.data), (args.test_data, defaults.test_data), (args.eval_data, defaults.eval_data))
         start = [(args.init, defaults.init)] if args.init and not args.resume else []   # --init has no default to make
-        M.check_named_inputs(*inputs, *start)   # a typo fails now, not after synth.py has run
+        stages.check_named_inputs(*inputs, *start)   # a typo fails now, not after synth.py has run
         for path, default in inputs:
-            M.ensure_input(path, default, synth_command())
+            stages.ensure_input(path, default, synth_command())
     if world_size > 1:
         dist.barrier()
-    train_rows = M.read_demonstrations(args.data)
-    test_rows = M.read_demonstrations(args.test_data)
-    heldout_rows = M.read_prompts(args.eval_data)
+    train_rows = tasks.read_demonstrations(args.data)
+    test_rows = tasks.read_demonstrations(args.test_data)
+    heldout_rows = tasks.read_prompts(args.eval_data)
     if args.eval_examples > 0:
         test_rows = test_rows[:args.eval_examples]
     return train_rows, test_rows, heldout_rows
@@ -351,12 +352,12 @@ def build_model(args, device):
     if args.resume or args.init:
         path = os.path.join(args.out, "model.pt") if args.resume else args.init
         if not os.path.exists(path):
-            raise M.UserError(f"{'--resume' if args.resume else '--init'}: checkpoint {path} does not exist")
+            raise cli.UserError(f"{'--resume' if args.resume else '--init'}: checkpoint {path} does not exist")
         # a corrupt or hostile file is a CheckpointError naming the path
-        model, enc, ckpt = M.load(path, device=device, dtype=M.DTYPES[args.dtype], chat_format=args.chat_template)
+        model, enc, ckpt = checkpoints.load(path, device=device, dtype=cli.DTYPES[args.dtype], chat_format=args.chat_template)
     else:
-        enc = M.set_chat_format(M.get_tokenizer(args.tokenizer), args.chat_template)
-        model = M.GPT(model_config(args, enc.n_vocab)).to(device=device, dtype=M.DTYPES[args.dtype])
+        enc = tokenizer.set_chat_format(tokenizer.get_tokenizer(args.tokenizer), args.chat_template)
+        model = M.GPT(model_config(args, enc.n_vocab)).to(device=device, dtype=cli.DTYPES[args.dtype])
         ckpt = None
     model.checkpoint_blocks = args.grad_checkpoint
     if args.compile_train:
@@ -370,12 +371,12 @@ def training_state(path, ckpt):
     meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
     missing = [key for key in ("optimizer", "step", "train_seconds", "rng") if key not in meta]
     if missing:
-        raise M.UserError(f"{path}: holds no optimizer state ({', '.join(missing)} missing; not written by "
-                          f"sft.py), so --resume cannot continue it; to train from its weights use --init {path}")
+        raise cli.UserError(f"{path}: holds no optimizer state ({', '.join(missing)} missing; not written by "
+                            f"sft.py), so --resume cannot continue it; to train from its weights use --init {path}")
     try:
         return meta, meta["optimizer"], int(meta["step"]), float(meta["train_seconds"]), meta["rng"]
     except (TypeError, ValueError):
-        raise M.UserError(f"{path}: its step or train_seconds is not a number") from None
+        raise cli.UserError(f"{path}: its step or train_seconds is not a number") from None
 
 
 def resumed_args(args, argv):
@@ -383,18 +384,18 @@ def resumed_args(args, argv):
     command line overriding them (one printed line each; model.resume_args)."""
     path = os.path.join(args.out, "model.pt")
     if not os.path.exists(path):
-        raise M.UserError(f"--resume: checkpoint {path} does not exist")
-    meta = training_state(path, M.load(path)[2])[0]
+        raise cli.UserError(f"--resume: checkpoint {path} does not exist")
+    meta = training_state(path, checkpoints.load(path)[2])[0]
     saved = meta.get("args")
     if not isinstance(saved, dict):
-        raise M.UserError(f"{path}: holds no saved arguments to resume with")
+        raise cli.UserError(f"{path}: holds no saved arguments to resume with")
     for field, default in asdict(Args()).items():  # each saved value has its option's type (an int is a float)
         kind = type(saved.get(field, default))
         if kind is not type(default) and not (kind is int and type(default) is float):
-            raise M.UserError(f"{path}: saved argument {field} = {saved[field]!r} is not a {type(default).__name__}")
+            raise cli.UserError(f"{path}: saved argument {field} = {saved[field]!r} is not a {type(default).__name__}")
     # this folder is where the run continues; --fsdp is how this command runs, never a saved value
     saved = {**saved, "out": args.out, "resume": True, "fsdp": args.fsdp}
-    return M.resume_args(Args, saved, argv)
+    return cli.resume_args(Args, saved, argv)
 
 
 def rng_states(world_size):
@@ -411,44 +412,44 @@ def checkpoint(args, policy, enc, optimizer, step, train_seconds, results=None, 
     With world_size > 1 every rank calls it (collective): the RNG states of all ranks are gathered, and
     under FSDP the shards of the weights and of the optimizer state too; rank 0 writes the full, unsharded
     file a single process writes (it loads and resumes in one process)."""
-    weights, optimizer_state = M.full_model(policy), M.full_optimizer_state(policy, optimizer)
+    weights, optimizer_state = distributed.full_model(policy), distributed.full_optimizer_state(policy, optimizer)
     rng_by_rank = rng_states(world_size)
     if main_proc:
-        M.save(os.path.join(args.out, "model.pt"), weights, enc, optimizer=optimizer_state, step=step,
-               train_seconds=train_seconds, rng=torch.get_rng_state(), rng_by_rank=rng_by_rank,
-               args=asdict(args), results=results or {})
+        checkpoints.save(os.path.join(args.out, "model.pt"), weights, enc, optimizer=optimizer_state, step=step,
+                         train_seconds=train_seconds, rng=torch.get_rng_state(), rng_by_rank=rng_by_rank,
+                         args=asdict(args), results=results or {})
 
 
 def run(args):
     """Train; returns the final results dict (held-out accuracy, eval loss, steps, minutes).
     With args.resume, args.init (if any) only records where the run first started."""
     check_args(args)
-    rank, world_size, is_ddp = M.setup_ddp()
+    rank, world_size, is_ddp = distributed.setup_ddp()
     try:
         return _run(args, rank, world_size)
     finally:
         if is_ddp:
-            M.cleanup_ddp()
+            distributed.cleanup_ddp()
 
 
 def _run(args, rank, world_size):
-    main_proc = M.is_main(rank)
+    main_proc = distributed.is_main(rank)
     if args.batch_size < world_size:
-        raise M.UserError(f"--batch-size {args.batch_size} is smaller than the {world_size} processes")
+        raise cli.UserError(f"--batch-size {args.batch_size} is smaller than the {world_size} processes")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = M.get_device(args.device)
+    device = cli.get_device(args.device)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    M.seed_everything(args.seed)  # the same init on every rank
+    cli.seed_everything(args.seed)  # the same init on every rank
 
     # -- inputs, all checked before anything is written ----------------------------------------
     train_rows, test_rows, heldout_rows = read_inputs(args, rank, world_size)
     policy, enc, ckpt = build_model(args, device)
     if args.fsdp:  # each rank keeps 1/world of the weights; gradients summed (the loss divides by the batch's count)
-        M.shard_model(policy, device, sum_gradients=True)
+        distributed.shard_model(policy, device, sum_gradients=True)
     block_size = policy.config.block_size
-    heldout_rows = M.fit_prompts(heldout_rows, enc, block_size, args.max_new_tokens, args.eval_data)
+    heldout_rows = tasks.fit_prompts(heldout_rows, enc, block_size, args.max_new_tokens, args.eval_data)
     if args.n_eval > 0:
         heldout_rows = heldout_rows[:args.n_eval]
     train_examples, n_skipped = make_examples(train_rows, enc, block_size)
@@ -457,8 +458,8 @@ def _run(args, rank, world_size):
         print(f"skipped {n_skipped} of {len(train_rows)} training and {n_test_skipped} of {len(test_rows)} "
               f"test examples longer than the context ({block_size} tokens)")
     if not train_examples:
-        raise M.UserError(f"{args.data}: no example fits the context of {block_size} tokens")
-    pad_token = M.pad_id(enc)
+        raise cli.UserError(f"{args.data}: no example fits the context of {block_size} tokens")
+    pad_token = tokenizer.pad_id(enc)
 
     # -- optimiser and state -------------------------------------------------------------------
     optimizer = adamw(policy, args.lr, args.weight_decay, (args.beta1, args.beta2))
@@ -471,31 +472,31 @@ def _run(args, rank, world_size):
             rng_state = rng_by_rank[rank]
         try:
             if args.fsdp:  # rank 0's full state, broadcast: each rank keeps its shards
-                M.load_full_optimizer_state(policy, optimizer, optimizer_state)
+                distributed.load_full_optimizer_state(policy, optimizer, optimizer_state)
             else:
                 optimizer.load_state_dict(optimizer_state)
             torch.set_rng_state(rng_state.cpu())
         except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
-            raise M.UserError(f"{path}: optimizer or RNG state does not fit ({str(err)[:120]})") from None
+            raise cli.UserError(f"{path}: optimizer or RNG state does not fit ({str(err)[:120]})") from None
     if main_proc:
-        M.save_args(args.out, args)  # claims the folder: a second writer stops here, having written nothing
+        rundir.save_args(args.out, args)  # claims the folder: a second writer stops here, having written nothing
         start = ("resumed at step %d" % step if args.resume else f"from {args.init}" if args.init
                  else "from scratch")
         print(f"sft: {policy.num_params() / 1e6:.2f}M params {start}, {len(train_examples)} examples, "
               f"batch {args.batch_size} over {world_size} process(es), peak lr {args.lr:g}, device {device}, "
               f"budget {args.max_steps or '-'} steps / {args.time_budget or '-'} min")
-    logger = M.MetricsLogger(args.out, total=args.max_steps or None, enabled=main_proc, append=args.resume,
-                             budget_s=None if args.max_steps else 60 * args.time_budget)
+    logger = rundir.MetricsLogger(args.out, total=args.max_steps or None, enabled=main_proc, append=args.resume,
+                                  budget_s=None if args.max_steps else 60 * args.time_budget)
 
     def evaluate():
         """Rank 0: greedy held-out accuracy (model.evaluate, the protocol every stage reports) and the
         eval loss; logged as an "eval" row and saved in an atomic checkpoint. Other ranks wait. Under FSDP
         every rank first gathers the full weights (model.gathered), and joins the checkpoint's gather."""
         results = {}
-        with M.gathered(policy):
+        with distributed.gathered(policy):
             if main_proc:
-                report = M.evaluate(policy, enc, heldout_rows, args.max_new_tokens, temperature=0.0,
-                                    batch_size=args.eval_batch)
+                report = tasks.evaluate(policy, enc, heldout_rows, args.max_new_tokens, temperature=0.0,
+                                        batch_size=args.eval_batch)
                 policy.train()
                 results = {"eval_accuracy": report["accuracy"], "eval_stderr": report["stderr"],
                            "eval_n": report["n"], "per_difficulty": report["per_difficulty"],
@@ -589,13 +590,13 @@ def _run(args, rank, world_size):
 def main(argv=None):
     """python sft.py [options]. --resume continues with the run's saved arguments (an option given again
     overrides its saved value); run() checks every option before anything is read or written."""
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     if args.resume:
         if args.init:
-            raise M.UserError("--resume continues the run in --out; it cannot be combined with --init")
+            raise cli.UserError("--resume continues the run in --out; it cannot be combined with --init")
         args = resumed_args(args, argv)
     run(args)
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import model as M
+from lib import checkpoints, cli, rundir, stages, tasks, tokenizer
 
 FAMILIES = ("add", "sub", "mul", "word")                  # answers checked as '#### number'
 COUNTDOWN = "countdown"                                    # answers checked as '#### expression'
@@ -76,7 +77,7 @@ class Args:
     n_prompts: int = 128                     # prompts drawn from --prompts
     k: int = 4                               # completions sampled per prompt
     temperature: float = 1.0                 # sampling temperature (0 = greedy)
-    max_new_tokens: int = M.MAX_NEW_TOKENS   # generation limit per completion
+    max_new_tokens: int = tasks.MAX_NEW_TOKENS   # generation limit per completion
     batch_size: int = 256                    # completions per generate() call
     keep_bare: bool = False                  # also keep correct answers that show no steps
     ngram: int = 3                           # character n-gram size of the near-duplicate test
@@ -387,7 +388,7 @@ def verify(completion: str, answer, numbers=None) -> bool:
     only those numbers and hits the answer (model.expression_hits_target); and no written step is
     arithmetically wrong (model.completion_style)."""
     row = {"answer": answer} if numbers is None else {"answer": answer, "numbers": numbers}
-    return M.verify(completion, row) and M.completion_style(completion) != "wrong_step"
+    return tasks.verify(completion, row) and tasks.completion_style(completion) != "wrong_step"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,9 +518,9 @@ def draw_split(rng: random.Random, n: int, families, difficulties, taken: set, u
     cells = [(family, d) for family in families for d in difficulties]
     capacities = [space_size(family, d) - used[(family, d)] for family, d in cells]
     if n > sum(capacities):
-        raise M.UserError(f"{name}: only {sum(capacities)} unused distinct prompts in families "
-                          f"{','.join(families)} at difficulties {difficulties[0]}-{difficulties[-1]}, "
-                          f"{n} asked; widen the range or ask for fewer")
+        raise cli.UserError(f"{name}: only {sum(capacities)} unused distinct prompts in families "
+                            f"{','.join(families)} at difficulties {difficulties[0]}-{difficulties[-1]}, "
+                            f"{n} asked; widen the range or ask for fewer")
     problems = []
     for (family, d), count in zip(cells, allocate(n, capacities)):
         misses, limit = 0, 50 * min(space_size(family, d), 10 ** 5)
@@ -667,7 +668,7 @@ def filter_samples(rows: list[dict], samples: list[tuple], args: Args, rng: rand
     then drop exact and near duplicates among each prompt's kept completions; then balance."""
     by_prompt = defaultdict(list)
     for i, text, finished in samples:
-        style = M.completion_style(text)
+        style = tasks.completion_style(text)
         if finished and verify(text, rows[i]["answer"], rows[i].get("numbers")) and (style == "worked" or args.keep_bare):
             by_prompt[i].append((text, style))
     verified, unique = sum(map(len, by_prompt.values())), []
@@ -691,16 +692,16 @@ def sample_completions(policy, enc, prompts: list[str], k: int, temperature: flo
     """k completions per prompt with model.generate, batch_size sequences per call.
     -> [(prompt index, completion text, finished)], finished=False: cut by max_new_tokens."""
     jobs = [i for i in range(len(prompts)) for _ in range(k)]
-    encoded = [M.encode_prompt(enc, p) for p in prompts]          # in the checkpoint's chat format
+    encoded = [tokenizer.encode_prompt(enc, p) for p in prompts]          # in the checkpoint's chat format
     samples = []
     for start in range(0, len(jobs), batch_size):
         idx = jobs[start:start + batch_size]
         room = policy.config.block_size - max(len(encoded[i]) for i in idx)
         gen = M.generate(policy, [encoded[i] for i in idx], max(1, min(max_new_tokens, room)),
-                         temperature=temperature, stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc),
+                         temperature=temperature, stop_ids=tokenizer.stop_ids(enc), pad_id=tokenizer.pad_id(enc),
                          generator=generator)
         for row, i in enumerate(idx):
-            text = M.decode(enc, gen.tokens[row, :int(gen.lengths[row])].tolist())
+            text = tokenizer.decode(enc, gen.tokens[row, :int(gen.lengths[row])].tolist())
             samples.append((i, text, bool(gen.finished[row])))
     return samples
 
@@ -723,13 +724,13 @@ def unfiltered_rows(rows: list[dict], samples) -> list[dict]:
     its own raw outputs sees (the model-collapse arm of experiments/self_training.py)."""
     return [{"prompt": rows[i]["prompt"], "completion": text, "answer": str(rows[i]["answer"]),
              **row_numbers(rows[i]), "family": rows[i].get("family", ""), "difficulty": rows[i].get("difficulty", 0),
-             "style": M.completion_style(text), "source": "model_unfiltered", "finished": finished}
+             "style": tasks.completion_style(text), "source": "model_unfiltered", "finished": finished}
             for i, text, finished in samples]
 
 
 def dataset_command(out_dir: str) -> list[str]:
     """This file in its default mode: writes the synthetic files, e.g. a missing default --prompts file."""
-    return M.stage_command("synth.py", out_dir=out_dir)
+    return stages.stage_command("synth.py", out_dir=out_dir)
 
 
 def read_sampling_prompts(args: Args, enc, block_size: int, rng: random.Random) -> list[dict]:
@@ -739,14 +740,14 @@ def read_sampling_prompts(args: Args, enc, block_size: int, rng: random.Random) 
     --max-new-tokens in the context are skipped (model.fit_prompts); then --n-prompts of them at random.
     A missing DEFAULT --prompts file is made by this file's default mode (model.ensure_input)."""
     default = Args().prompts
-    path = M.ensure_input(args.prompts, default, dataset_command(os.path.dirname(default)))
-    rows = M.read_prompts(path)
-    for number, row in M.jsonl_objects(path):
-        M.check_row(row, {key: kind for key, kind in (("family", str), ("difficulty", int), ("numbers", list))
-                          if key in row}, f"{path}:{number}")
+    path = stages.ensure_input(args.prompts, default, dataset_command(os.path.dirname(default)))
+    rows = tasks.read_prompts(path)
+    for number, row in tasks.jsonl_objects(path):
+        tasks.check_row(row, {key: kind for key, kind in (("family", str), ("difficulty", int), ("numbers", list))
+                              if key in row}, f"{path}:{number}")
         if any(not isinstance(x, (int, float)) or isinstance(x, bool) for x in row.get("numbers", ())):
-            raise M.UserError(f"{path}:{number}: 'numbers' must be a list of numbers")
-    rows = M.fit_prompts(rows, enc, block_size, args.max_new_tokens, path)
+            raise cli.UserError(f"{path}:{number}: 'numbers' must be a list of numbers")
+    rows = tasks.fit_prompts(rows, enc, block_size, args.max_new_tokens, path)
     return rng.sample(rows, args.n_prompts) if args.n_prompts < len(rows) else rows
 
 
@@ -754,8 +755,8 @@ def from_model(args: Args) -> dict:
     """Rejection sampling (STaR / RFT): sample k per prompt, verify, dedup, balance; write --out and its
     summary as one set (neither when no sample passes). With --no-filter, --out holds every sample and the
     summary still counts what the filter would have kept. -> the summary (counts, pass rates, distinct-n)."""
-    device, rng = M.get_device(args.device), random.Random(args.seed)
-    policy, enc, _ = M.load(args.from_model, device)           # inputs first: a bad one writes nothing
+    device, rng = cli.get_device(args.device), random.Random(args.seed)
+    policy, enc, _ = checkpoints.load(args.from_model, device)           # inputs first: a bad one writes nothing
     rows = read_sampling_prompts(args, enc, policy.config.block_size, rng)
     summary_file = summary_path(args)
     claim_folders(args.out, summary_file)                      # a second writer is refused before sampling
@@ -801,9 +802,9 @@ def claim_folders(*paths: str) -> None:
     their files; a second writer gets a one-line error before it writes anything."""
     for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
         try:
-            M.claim_run_dir(folder)
+            rundir.claim_run_dir(folder)
         except OSError as e:
-            raise M.UserError(f"{folder}: cannot write here ({e.strerror})") from None
+            raise cli.UserError(f"{folder}: cannot write here ({e.strerror})") from None
 
 
 def jsonl_text(rows: list[dict]) -> str:
@@ -819,11 +820,11 @@ def write_file_set(contents: dict[str, str]) -> None:
     try:
         with contextlib.ExitStack() as renames:                # on exit: every rename, after every write
             for path, text in contents.items():
-                temp = renames.enter_context(M.atomic_write(path))
+                temp = renames.enter_context(rundir.atomic_write(path))
                 temp.write(text)
                 temp.flush()                                   # complete on disk before the first rename
     except OSError as e:
-        raise M.UserError(f"{e.filename or path}: cannot write ({e.strerror})") from None
+        raise cli.UserError(f"{e.filename or path}: cannot write ({e.strerror})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -835,7 +836,7 @@ def parse_range(text: str, name: str) -> list[int]:
     match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
     lo, hi = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (0, -1)
     if not 1 <= lo <= hi <= MAX_DIFFICULTY:
-        raise M.UserError(f"--{name} {text!r}: expected LO-HI with 1 <= LO <= HI <= {MAX_DIFFICULTY}")
+        raise cli.UserError(f"--{name} {text!r}: expected LO-HI with 1 <= LO <= HI <= {MAX_DIFFICULTY}")
     return list(range(lo, hi + 1))
 
 
@@ -849,10 +850,10 @@ def parse_mix(text: str, allowed, name: str) -> dict[str, float]:
         except ValueError:
             shares[key.strip()] = -1.0
         if not eq or key.strip() not in allowed or not 0 <= shares[key.strip()] < math.inf:
-            raise M.UserError(f"--{name} {text!r}: expected KEY=SHARE pairs, KEY in {', '.join(allowed)}, SHARE >= 0")
+            raise cli.UserError(f"--{name} {text!r}: expected KEY=SHARE pairs, KEY in {', '.join(allowed)}, SHARE >= 0")
     total = sum(shares.values())
     if total <= 0:
-        raise M.UserError(f"--{name} {text!r}: the shares sum to 0")
+        raise cli.UserError(f"--{name} {text!r}: the shares sum to 0")
     return {key: value / total for key, value in shares.items()}
 
 
@@ -860,10 +861,10 @@ def parse_families(text: str) -> list[str]:
     families = [f.strip() for f in text.split(",") if f.strip()]
     unknown = [f for f in families if f not in (*FAMILIES, COUNTDOWN)]
     if not families or unknown:
-        raise M.UserError(f"--families {text!r}: choose from {', '.join(FAMILIES)}, or {COUNTDOWN} alone")
+        raise cli.UserError(f"--families {text!r}: choose from {', '.join(FAMILIES)}, or {COUNTDOWN} alone")
     if COUNTDOWN in families and len(set(families)) > 1:
-        raise M.UserError(f"--families {text!r}: {COUNTDOWN} is a task of its own (another verifier, its own "
-                          f"files); give it alone")
+        raise cli.UserError(f"--families {text!r}: {COUNTDOWN} is a task of its own (another verifier, its own "
+                            f"files); give it alone")
     return families
 
 
@@ -909,47 +910,47 @@ def check_output(path: str, flag: str, folder: bool = False) -> None:
     """An output we can create: a file path that is not a folder (or a folder path that is not a file),
     under no existing file posing as a folder."""
     if not path:
-        raise M.UserError(f"--{flag}: a path is needed")
+        raise cli.UserError(f"--{flag}: a path is needed")
     target = os.path.abspath(path)
     if folder and os.path.exists(target) and not os.path.isdir(target):
-        raise M.UserError(f"--{flag} {path}: exists and is not a folder")
+        raise cli.UserError(f"--{flag} {path}: exists and is not a folder")
     if not folder and os.path.isdir(target):
-        raise M.UserError(f"--{flag} {path}: is a folder, not a file")
+        raise cli.UserError(f"--{flag} {path}: is a folder, not a file")
     parent = target if folder else os.path.dirname(target)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise M.UserError(f"--{flag} {path}: {parent} is not a folder")
+        raise cli.UserError(f"--{flag} {path}: {parent} is not a folder")
 
 
 def check_args(args: Args) -> None:
     """Every option, before anything is read or written (a bad value: one line, exit 2, no file): sizes, the
     seed, the temperature and the Jaccard threshold, the families, style and kind mixes and difficulty ranges
     (parsed here, so a typo fails before any file is touched), the device and the output paths."""
-    M.check_options(args, seed=("seed",), non_negative=("temperature",), probability=("jaccard",))
-    M.require_at_least(args, 1, "n_sft", "n_sft_test", "n_rl", "n_test", "n_prefs", "n_prefs_test", "n_prompts", "k",
-                       "max_new_tokens", "batch_size", "ngram")
-    M.require_at_least(args, 0, "n_diagnostic", "n_examples")
+    cli.check_options(args, seed=("seed",), non_negative=("temperature",), probability=("jaccard",))
+    cli.require_at_least(args, 1, "n_sft", "n_sft_test", "n_rl", "n_test", "n_prefs", "n_prefs_test", "n_prompts", "k",
+                         "max_new_tokens", "batch_size", "ngram")
+    cli.require_at_least(args, 0, "n_diagnostic", "n_examples")
     if 0 < args.temperature < MIN_TEMPERATURE:
-        raise M.UserError(f"--temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {args.temperature}")
+        raise cli.UserError(f"--temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {args.temperature}")
     parse_families(args.families)
     for name, allowed in (("mix", STYLES), ("test_mix", STYLES), ("pref_mix", PREF_KINDS)):
         parse_mix(getattr(args, name), allowed, name.replace("_", "-"))
     for name in ("sft_difficulty", "rl_difficulty", "test_difficulty", "pref_difficulty"):
         parse_range(getattr(args, name), name.replace("_", "-"))
-    M.check_choices(args, device=("auto", "cpu", "cuda"))
+    cli.check_choices(args, device=("auto", "cpu", "cuda"))
     if args.from_model:
         if not args.prompts:
-            raise M.UserError("--prompts: a prompt/answer JSONL file is needed with --from-model")
+            raise cli.UserError("--prompts: a prompt/answer JSONL file is needed with --from-model")
         check_output(args.out, "out")
         check_output(summary_path(args), "summary")
         if os.path.abspath(summary_path(args)) == os.path.abspath(args.out):
-            raise M.UserError(f"--summary {args.summary}: the same file as --out")
+            raise cli.UserError(f"--summary {args.summary}: the same file as --out")
     else:
         check_output(args.out_dir, "out-dir", folder=True)
         for name in file_names(parse_families(args.families)).values():
             if os.path.isdir(os.path.join(args.out_dir, name)):
-                raise M.UserError(f"--out-dir {args.out_dir}: {name} there is a folder, not a file")
+                raise cli.UserError(f"--out-dir {args.out_dir}: {name} there is a folder, not a file")
 
 
 def write_dataset(args: Args) -> dict:
@@ -987,10 +988,10 @@ def write_dataset(args: Args) -> dict:
 
 
 def main(argv=None):
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     check_args(args)                         # every option first: a bad one writes nothing
     return from_model(args) if args.from_model else write_dataset(args)
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import model as M  # noqa: E402  (the project root is on sys.path only from the line above)
+from lib import cli, rundir  # noqa: E402  (the project root is on sys.path only from the line above)
 
 
 @dataclass
@@ -196,7 +196,7 @@ def train_one(args: Args, activation: str, seed: int) -> dict:
     curve, every = [], max(1, args.steps // 24)
     for step in range(args.steps):
         loss = F.cross_entropy(net(train_pairs), train_y)
-        M.check_finite(f"{activation} seed {seed} step {step}", loss=loss)
+        cli.check_finite(f"{activation} seed {seed} step {step}", loss=loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -217,18 +217,18 @@ def parse_list(text: str, name: str, allowed=None, kind=str) -> list:
     try:
         items = [kind(item.strip()) for item in text.split(",") if item.strip()]
     except ValueError:
-        raise M.UserError(f"--{name} {text!r}: give comma-separated values") from None
+        raise cli.UserError(f"--{name} {text!r}: give comma-separated values") from None
     if not items or (allowed is not None and any(item not in allowed for item in items)):
-        raise M.UserError(f"--{name} {text!r}: give one or more of {', '.join(allowed or ())}")
+        raise cli.UserError(f"--{name} {text!r}: give one or more of {', '.join(allowed or ())}")
     if len(set(items)) < len(items):
-        raise M.UserError(f"--{name} {text!r}: a value is repeated")
+        raise cli.UserError(f"--{name} {text!r}: a value is repeated")
     return items
 
 
 def parse_seeds(text: str) -> list[int]:
     seeds = parse_list(text, "seeds", kind=int)
     if any(not 0 <= s < 2 ** 32 for s in seeds):
-        raise M.UserError(f"--seeds {text!r}: each seed must be in [0, 2**32)")
+        raise cli.UserError(f"--seeds {text!r}: each seed must be in [0, 2**32)")
     return seeds
 
 
@@ -236,17 +236,17 @@ def check_args(args: Args) -> None:
     """Every option before anything runs or is written: one line, exit 2."""
     parse_list(args.activations, "activations", tuple(ACTIVATIONS))
     parse_seeds(args.seeds)
-    M.require_at_least(args, 4, "vocab")     # 2 tokens: the only pair group (0, 0) is held out, nothing to train on
-    M.require_at_least(args, 1, "embd", "hidden", "layers", "steps")
-    M.require_at_least(args, 0, "threads")
-    M.require_at_least(args, 2, "held_out")
-    M.check_options(args, positive=("lr",), non_negative=("weight_decay",))
+    cli.require_at_least(args, 4, "vocab")     # 2 tokens: the only pair group (0, 0) is held out, nothing to train on
+    cli.require_at_least(args, 1, "embd", "hidden", "layers", "steps")
+    cli.require_at_least(args, 0, "threads")
+    cli.require_at_least(args, 2, "held_out")
+    cli.check_options(args, positive=("lr",), non_negative=("weight_decay",))
     if args.vocab % 2:
-        raise M.UserError(f"--vocab must be even (tokens pair up as 2i, 2i+1 of opposite parity), got {args.vocab}")
+        raise cli.UserError(f"--vocab must be even (tokens pair up as 2i, 2i+1 of opposite parity), got {args.vocab}")
     if not args.out:
-        raise M.UserError("--out: a folder is needed")
+        raise cli.UserError("--out: a folder is needed")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise M.UserError(f"--out {args.out}: exists and is not a folder")
+        raise cli.UserError(f"--out {args.out}: exists and is not a folder")
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -285,7 +285,7 @@ def format_table(rows: list[dict], args: Args) -> str:
         cells = [r["activation"], pm(r["train_acc"], 100), pm(r["test_acc"], 100), pm(r["test_loss"], 1, 3), dead,
                  f"{r['moments'][0]:.3f}", f"{r['moments'][1]:.3f}", f"{r['mean_slope'][0]:.3f}",
                  f"{100 * r['zero_slope'][0]:.1f}", f"{r['grad_first'][0]:.3f} / {r['grad_last'][0]:.3f}",
-                 f"{M.sparkline(r['curve'], 24)} {100 * min(r['curve']):.0f}–{100 * max(r['curve']):.0f} %"]
+                 f"{rundir.sparkline(r['curve'], 24)} {100 * min(r['curve']):.0f}–{100 * max(r['curve']):.0f} %"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -301,12 +301,12 @@ def collapse_check(args: Args) -> float:
 
 
 def main(argv=None) -> dict:
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     activations, seeds = parse_list(args.activations, "activations", tuple(ACTIVATIONS)), parse_seeds(args.seeds)
-    M.claim_run_dir(args.out)
+    rundir.claim_run_dir(args.out)
     t0 = time.time()
     runs = [train_one(args, name, seed) for name in activations for seed in seeds]
     rows = summarize(runs, activations)
@@ -320,9 +320,9 @@ def main(argv=None) -> dict:
               f"after training, the next two are closed forms, the rest are measured at initialisation.")
     collapse = (f"Identity: a linear stack of {args.layers} FFN layers equals one affine map P h + c, "
                 f"max |stack(h) - (P h + c)| = {gap:.1e}")
-    with M.atomic_write(os.path.join(args.out, "results.json")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "results.json")) as f:
         json.dump({"args": asdict(args), "rows": rows, "runs": runs, "collapse_max_error": gap}, f, indent=1)
-    with M.atomic_write(os.path.join(args.out, "results.md")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "results.md")) as f:
         f.write(f"{header}\n\n{table}\n\n{collapse}\n")
     print(header)
     print(table)
@@ -332,4 +332,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

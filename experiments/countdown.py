@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import model as M  # noqa: E402  (the project root is on sys.path only from the line above)
+from lib import cli, rundir, stages, tasks  # noqa: E402  (the project root is on sys.path only from the line above)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Args:
     grpo_steps: int = 60                   # grpo.py --max-steps of each task; its control gets the same minutes
     prompts_per_step: int = 16             # grpo.py --prompts-per-step
     group_size: int = 8                    # grpo.py --group-size
-    max_new_tokens: int = M.MAX_NEW_TOKENS # completion length limit of every stage
+    max_new_tokens: int = tasks.MAX_NEW_TOKENS # completion length limit of every stage
     n_eval: int = 200                      # held-out prompts in each grpo.py table
     pass_k: int = 4                        # samples per prompt for sampled accuracy and pass@k
     headline: bool = True                  # also run the headline task with the same GRPO settings
@@ -70,26 +70,26 @@ def countdown_file(args: Args, split: str) -> str:
 def check_args(args: Args) -> None:
     """Every option before anything runs or is written: one line, exit 2. The synth options are parsed
     here as synth.py parses them, so a bad range fails before any stage starts."""
-    M.check_options(args, seed=("seed",))
-    M.require_at_least(args, 1, "sft_steps", "n_sft", "n_sft_test", "n_rl", "n_test", "grpo_steps", "prompts_per_step",
-                       "max_new_tokens", "n_eval", "pass_k")
-    M.require_at_least(args, 2, "group_size")
-    M.require_at_least(args, 0, "threads")
-    M.check_choices(args, device=("auto", "cpu", "cuda"))
+    cli.check_options(args, seed=("seed",))
+    cli.require_at_least(args, 1, "sft_steps", "n_sft", "n_sft_test", "n_rl", "n_test", "grpo_steps", "prompts_per_step",
+                         "max_new_tokens", "n_eval", "pass_k")
+    cli.require_at_least(args, 2, "group_size")
+    cli.require_at_least(args, 0, "threads")
+    cli.check_choices(args, device=("auto", "cpu", "cuda"))
     parts = args.difficulty.split("-")
     if not all(p.strip().isdigit() for p in parts) or len(parts) > 2 or \
             not 2 <= int(parts[0]) <= int(parts[-1]) <= 4:
-        raise M.UserError(f"--difficulty {args.difficulty!r}: expected LO-HI (or one number) within 2-4")
+        raise cli.UserError(f"--difficulty {args.difficulty!r}: expected LO-HI (or one number) within 2-4")
     for name in ("out", "data_dir", *(["headline_init", "headline_data", "headline_eval_data", "headline_sft_data",
                                        "headline_sft_test_data"] if args.headline else [])):
         if not getattr(args, name):
-            raise M.UserError(f"--{name.replace('_', '-')}: a path is needed")
+            raise cli.UserError(f"--{name.replace('_', '-')}: a path is needed")
     if args.start and not os.path.isfile(args.start):
-        raise M.UserError(f"--start {args.start}: no such checkpoint file")
+        raise cli.UserError(f"--start {args.start}: no such checkpoint file")
     for name in ("out", "data_dir"):
         path = getattr(args, name)
         if os.path.exists(path) and not os.path.isdir(path):
-            raise M.UserError(f"--{name.replace('_', '-')} {path}: exists and is not a folder")
+            raise cli.UserError(f"--{name.replace('_', '-')} {path}: exists and is not a folder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,20 +98,20 @@ def check_args(args: Args) -> None:
 
 def countdown_data_command(args: Args) -> list[str]:
     """synth.py --families countdown: solvable prompts and solver demonstrations, in their own files."""
-    return M.stage_command("synth.py", families="countdown", out_dir=args.data_dir, seed=args.seed,
-                           n_sft=args.n_sft, n_sft_test=args.n_sft_test, n_rl=args.n_rl, n_test=args.n_test,
-                           sft_difficulty=args.difficulty, rl_difficulty=args.difficulty,
-                           test_difficulty=args.difficulty, mix=args.mix, test_mix="worked=1", n_examples=1)
+    return stages.stage_command("synth.py", families="countdown", out_dir=args.data_dir, seed=args.seed,
+                                n_sft=args.n_sft, n_sft_test=args.n_sft_test, n_rl=args.n_rl, n_test=args.n_test,
+                                sft_difficulty=args.difficulty, rl_difficulty=args.difficulty,
+                                test_difficulty=args.difficulty, mix=args.mix, test_mix="worked=1", n_examples=1)
 
 
 def start_command(args: Args) -> list[str]:
     """sft.py from scratch on the Countdown demonstrations, for a fixed number of updates (so a seed gives one
     checkpoint), evaluated once at its end: the start of the Countdown GRPO run."""
-    return M.stage_command("sft.py", data=countdown_file(args, "sft_train"), test_data=countdown_file(args, "sft_test"),
-                           eval_data=countdown_file(args, "rl_test"), out=os.path.join(args.out, "sft"),
-                           max_steps=args.sft_steps, time_budget=0.0, eval_minutes=0.0, n_eval=args.n_eval,
-                           max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device,
-                           threads=args.threads)
+    return stages.stage_command("sft.py", data=countdown_file(args, "sft_train"), test_data=countdown_file(args, "sft_test"),
+                                eval_data=countdown_file(args, "rl_test"), out=os.path.join(args.out, "sft"),
+                                max_steps=args.sft_steps, time_budget=0.0, eval_minutes=0.0, n_eval=args.n_eval,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device,
+                                threads=args.threads)
 
 
 def start_path(args: Args) -> str:
@@ -129,28 +129,28 @@ def grpo_settings(args: Args) -> dict:
 def countdown_grpo_command(args: Args) -> list[str]:
     """grpo.py with the Countdown verifier as its reward, and its equal-time SFT control on the
     Countdown demonstrations."""
-    return M.stage_command("grpo.py", init=start_path(args), data=countdown_file(args, "rl_train"),
-                           eval_data=countdown_file(args, "rl_test"), sft_data=countdown_file(args, "sft_train"),
-                           sft_test_data=countdown_file(args, "sft_test"), rewards="expression=1",
-                           out=os.path.join(args.out, "countdown"), **grpo_settings(args))
+    return stages.stage_command("grpo.py", init=start_path(args), data=countdown_file(args, "rl_train"),
+                                eval_data=countdown_file(args, "rl_test"), sft_data=countdown_file(args, "sft_train"),
+                                sft_test_data=countdown_file(args, "sft_test"), rewards="expression=1",
+                                out=os.path.join(args.out, "countdown"), **grpo_settings(args))
 
 
 def headline_data_command() -> list[str]:
     """synth.py with its defaults: the headline task's data/*.jsonl when a default file is missing."""
-    return M.stage_command("synth.py")
+    return stages.stage_command("synth.py")
 
 
 def headline_start_command(args: Args) -> list[str]:
     """sft.py with its defaults: the pipeline's SFT start runs/sft/model.pt when it is missing."""
-    return M.stage_command("sft.py", threads=args.threads)
+    return stages.stage_command("sft.py", threads=args.threads)
 
 
 def headline_grpo_command(args: Args) -> list[str]:
     """grpo.py on the headline task (`#### number`, reward correct=1), with the same settings."""
-    return M.stage_command("grpo.py", init=args.headline_init, data=args.headline_data,
-                           eval_data=args.headline_eval_data, sft_data=args.headline_sft_data,
-                           sft_test_data=args.headline_sft_test_data, rewards="correct=1",
-                           out=os.path.join(args.out, "headline"), **grpo_settings(args))
+    return stages.stage_command("grpo.py", init=args.headline_init, data=args.headline_data,
+                                eval_data=args.headline_eval_data, sft_data=args.headline_sft_data,
+                                sft_test_data=args.headline_sft_test_data, rewards="correct=1",
+                                out=os.path.join(args.out, "headline"), **grpo_settings(args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def read_summary(run_dir: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise M.UserError(f"{path}: cannot read the GRPO run's summary ({e})") from None
+        raise cli.UserError(f"{path}: cannot read the GRPO run's summary ({e})") from None
 
 
 ROWS = (("SFT start", "start"), ("GRPO", "grpo"), ("more SFT (control)", "control"))
@@ -205,20 +205,20 @@ TASKS = (("Countdown (expression=1)", "countdown"), ("headline arithmetic (corre
 
 
 def main(argv=None) -> list[dict]:
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     check_args(args)
     defaults = Args()
     if args.headline:                                  # the headline's inputs first: built only if missing
-        M.ensure_inputs(*((getattr(args, name), getattr(defaults, name), headline_data_command()) for name in (
-            "headline_data", "headline_eval_data", "headline_sft_data", "headline_sft_test_data")),
-                        (args.headline_init, defaults.headline_init, headline_start_command(args)))
-    M.claim_run_dir(args.out)                          # one experiment per folder; each stage claims its own
-    M.run_stage(countdown_data_command(args))
+        stages.ensure_inputs(*((getattr(args, name), getattr(defaults, name), headline_data_command()) for name in (
+                 "headline_data", "headline_eval_data", "headline_sft_data", "headline_sft_test_data")),
+                             (args.headline_init, defaults.headline_init, headline_start_command(args)))
+    rundir.claim_run_dir(args.out)                          # one experiment per folder; each stage claims its own
+    stages.run_stage(countdown_data_command(args))
     if not args.start:
-        M.run_stage(start_command(args))
-    M.run_stage(countdown_grpo_command(args))
+        stages.run_stage(start_command(args))
+    stages.run_stage(countdown_grpo_command(args))
     if args.headline:
-        M.run_stage(headline_grpo_command(args))
+        stages.run_stage(headline_grpo_command(args))
     summaries = {key: read_summary(os.path.join(args.out, key)) for _, key in TASKS
                  if key == "countdown" or args.headline}
     rows = [row for task, key in TASKS if key in summaries for row in table_rows(task, summaries[key])]
@@ -228,9 +228,9 @@ def main(argv=None) -> list[dict]:
               f"samples, two verifiers; greedy accuracy ± standard error on each task's held-out prompts "
               f"({args.n_eval} at most), sampled at temperature 1 with {args.pass_k} samples. The control is SFT "
               f"continued from the same start for GRPO's minutes.")
-    with M.atomic_write(os.path.join(args.out, "results.json")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "results.json")) as f:
         json.dump({"args": asdict(args), "rows": rows, "gains": lines}, f, indent=1)
-    with M.atomic_write(os.path.join(args.out, "results.md")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "results.md")) as f:
         f.write(header + "\n\n" + table + "\n\n" + "\n".join(lines) + "\n")
     print()
     print(header)
@@ -241,4 +241,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

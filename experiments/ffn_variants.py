@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import model as M  # noqa: E402  (the project root is on sys.path only from the line above)
+from lib import cli, rundir, stages, tasks, tokenizer  # noqa: E402  (the project root is on sys.path only from the line above)
 
 
 @dataclass
@@ -128,11 +129,11 @@ def make_model(args: Args, variant: str, vocab_size: int, seed: int, device):
 def token_rows(path: str, seq_len: int, enc) -> torch.Tensor:
     """The demonstrations of `path` (prompt ++ completion ++ EOT, concatenated) cut into rows (N, seq_len + 1)."""
     stream = []
-    for row in M.read_demonstrations(path):
-        stream += M.encode(enc, row["prompt"] + row["completion"]) + [enc.eot_token]
+    for row in tasks.read_demonstrations(path):
+        stream += tokenizer.encode(enc, row["prompt"] + row["completion"]) + [enc.eot_token]
     n = len(stream) // (seq_len + 1)
     if n < 2:
-        raise M.UserError(f"{path}: fewer than {2 * (seq_len + 1)} tokens; lower --seq-len")
+        raise cli.UserError(f"{path}: fewer than {2 * (seq_len + 1)} tokens; lower --seq-len")
     return torch.tensor(stream[:n * (seq_len + 1)]).view(n, seq_len + 1)
 
 
@@ -195,7 +196,7 @@ def train_run(args: Args, variant: str, lr: float, seed: int, rows, eval_sets: d
         optimizer.zero_grad(set_to_none=True)
         (loss + aux).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        M.check_finite(f"{variant} lr {lr} seed {seed} step {step}", loss=loss, grad_norm=grad_norm)
+        cli.check_finite(f"{variant} lr {lr} seed {seed} step {step}", loss=loss, grad_norm=grad_norm)
         optimizer.step()
         losses.append(loss.item())
         aux_losses.append(aux.item())
@@ -221,23 +222,23 @@ def parse_list(text: str, name: str, kind=str, allowed=None) -> list:
     try:
         items = [kind(item.strip()) for item in text.split(",") if item.strip()]
     except ValueError:
-        raise M.UserError(f"--{name} {text!r}: give comma-separated values") from None
+        raise cli.UserError(f"--{name} {text!r}: give comma-separated values") from None
     if not items or len(set(items)) < len(items) or (allowed and any(item not in allowed for item in items)):
-        raise M.UserError(f"--{name} {text!r}: give distinct values" + (f" from {', '.join(allowed)}" if allowed else ""))
+        raise cli.UserError(f"--{name} {text!r}: give distinct values" + (f" from {', '.join(allowed)}" if allowed else ""))
     return items
 
 
 def parse_lrs(text: str) -> list[float]:
     lrs = parse_list(text, "lrs", float)
     if any(not (0 < lr < math.inf) for lr in lrs):
-        raise M.UserError(f"--lrs {text!r}: every learning rate must be a finite number > 0")
+        raise cli.UserError(f"--lrs {text!r}: every learning rate must be a finite number > 0")
     return lrs
 
 
 def parse_seeds(text: str) -> list[int]:
     seeds = parse_list(text, "seeds", int)
     if any(not 0 <= s < 2 ** 32 for s in seeds):
-        raise M.UserError(f"--seeds {text!r}: each seed must be in [0, 2**32)")
+        raise cli.UserError(f"--seeds {text!r}: each seed must be in [0, 2**32)")
     return seeds
 
 
@@ -246,26 +247,26 @@ def check_args(args: Args) -> None:
     parse_list(args.variants, "variants", str, VARIANTS)
     parse_lrs(args.lrs)
     parse_seeds(args.seeds)
-    M.check_options(args, seed=("tune_seed",), non_negative=("weight_decay", "grad_clip"))
-    M.require_at_least(args, 1, "n_layer", "n_embd", "n_head", "n_expert", "moe_top_k", "seq_len", "batch_size",
-                       "steps")
-    M.require_at_least(args, 3, "base_hidden")
-    M.require_at_least(args, 0, "eval_rows", "threads")
+    cli.check_options(args, seed=("tune_seed",), non_negative=("weight_decay", "grad_clip"))
+    cli.require_at_least(args, 1, "n_layer", "n_embd", "n_head", "n_expert", "moe_top_k", "seq_len", "batch_size",
+                         "steps")
+    cli.require_at_least(args, 3, "base_hidden")
+    cli.require_at_least(args, 0, "eval_rows", "threads")
     if args.moe_top_k > args.n_expert:
-        raise M.UserError(f"--moe-top-k {args.moe_top_k} must be <= --n-expert {args.n_expert}")
+        raise cli.UserError(f"--moe-top-k {args.moe_top_k} must be <= --n-expert {args.n_expert}")
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
-        raise M.UserError(f"--n-embd {args.n_embd} must split into --n-head {args.n_head} heads of even width")
-    M.get_device(args.device)
+        raise cli.UserError(f"--n-embd {args.n_embd} must split into --n-head {args.n_head} heads of even width")
+    cli.get_device(args.device)
     for name in ("data", "test_data", "out"):
         if not getattr(args, name):
-            raise M.UserError(f"--{name.replace('_', '-')}: a path is needed")
+            raise cli.UserError(f"--{name.replace('_', '-')}: a path is needed")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise M.UserError(f"--out {args.out}: exists and is not a folder")
+        raise cli.UserError(f"--out {args.out}: exists and is not a folder")
 
 
 def data_command() -> list[str]:
     """synth.py with its defaults: makes data/*.jsonl when a default input file is missing."""
-    return M.stage_command("synth.py")
+    return stages.stage_command("synth.py")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -326,26 +327,26 @@ def format_table(rows: list[dict], args: Args) -> str:
         cells = [r["variant"], str(r["ffn_hidden"]), f"{r['ffn_params']:,}", f"{r['ffn_active']:,}", f"{r['params']:,}",
                  f"{r['lr']:g} ({sweep})", f"{r['test_loss'][0]:.4f} ± {r['test_loss'][1]:.4f}",
                  f"{r['test_min']:.4f} / {r['test_max']:.4f}", f"{r['ms_per_step']:.0f}", load,
-                 M.sparkline(r["curve"], 24)]
+                 rundir.sparkline(r["curve"], 24)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     defaults = Args()
-    M.ensure_inputs(*((getattr(args, name), getattr(defaults, name), data_command())    # before anything is written
-                      for name in ("data", "test_data")))
-    enc = M.get_tokenizer("bytes")
+    stages.ensure_inputs(*((getattr(args, name), getattr(defaults, name), data_command())    # before anything is written
+                           for name in ("data", "test_data")))
+    enc = tokenizer.get_tokenizer("bytes")
     all_rows, test_rows = token_rows(args.data, args.seq_len, enc), token_rows(args.test_data, args.seq_len, enc)
     n_val = max(1, len(all_rows) // 10)
     rows, val_rows = all_rows[:-n_val], all_rows[-n_val:]
     variants, lrs, seeds = parse_list(args.variants, "variants", str, VARIANTS), parse_lrs(args.lrs), parse_seeds(args.seeds)
-    device = M.get_device(args.device)
-    M.claim_run_dir(args.out)
+    device = cli.get_device(args.device)
+    rundir.claim_run_dir(args.out)
     t0 = time.time()
     # 1. The sweep: every variant at every rate, with the tuning seed; picked by validation loss.
     sweep = [train_run(args, v, lr, args.tune_seed, rows, {"val": val_rows}, enc.n_vocab, device)
@@ -362,10 +363,10 @@ def main(argv=None) -> dict:
               f"variant from {args.lrs} by validation loss (tuning seed {args.tune_seed}); held-out loss on "
               f"{args.test_data} over seeds {args.seeds}. moe = top-{args.moe_top_k} of {args.n_expert} experts at "
               f"equal compute; moe_params = at equal parameters.")
-    with M.atomic_write(os.path.join(args.out, "results.json")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "results.json")) as f:
         json.dump({"args": asdict(args), "rows": table_rows, "sweep": sweep, "runs": runs, "verdict": conclusion},
                   f, indent=1)
-    with M.atomic_write(os.path.join(args.out, "results.md")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "results.md")) as f:
         f.write(f"{header}\n\n{table}\n\n{conclusion}\n")
     print(header)
     print(table)
@@ -375,4 +376,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

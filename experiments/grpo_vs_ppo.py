@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model as M  # noqa: E402  (the project root is on the path only now)
+from lib import cli, rundir, stages, tasks  # noqa: E402  (the project root is on the path only now)
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Args:
     prompts_per_step: int = 8              # GRPO prompts per step; PPO samples prompts_per_step * group_size
     group_size: int = 8                    # GRPO completions per prompt
     temperature: float = 1.0               # sampling temperature of both arms
-    max_new_tokens: int = M.MAX_NEW_TOKENS # completion length limit of both arms
+    max_new_tokens: int = tasks.MAX_NEW_TOKENS # completion length limit of both arms
     time_budget: float = 1.0               # training minutes of each arm (0 = steps only)
     max_steps: int = 0                     # training steps of each arm (0 = time budget only)
     n_eval: int = 200                      # held-out prompts in each arm's final eval
@@ -50,47 +50,47 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise M.UserError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+        raise cli.UserError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
     if not seeds or any(not 0 <= s < 2 ** 32 for s in seeds):
-        raise M.UserError(f"--seeds {text!r}: give at least one seed, each in [0, 2**32)")
+        raise cli.UserError(f"--seeds {text!r}: give at least one seed, each in [0, 2**32)")
     return seeds
 
 
 def check_args(args) -> None:
     parse_seeds(args.seeds)
-    M.check_options(args, positive=("prompts_per_step", "max_new_tokens", "n_eval", "n_eval_during", "eval_minutes"),
-                    non_negative=("temperature", "threads"))
-    M.require_at_least(args, 2, "group_size")
-    M.check_budget(args)
-    M.get_device(args.device)
+    cli.check_options(args, positive=("prompts_per_step", "max_new_tokens", "n_eval", "n_eval_during", "eval_minutes"),
+                      non_negative=("temperature", "threads"))
+    cli.require_at_least(args, 2, "group_size")
+    cli.check_budget(args)
+    cli.get_device(args.device)
 
 
 def grpo_command(args, seed: int) -> list:
     """GRPO alone (no control), on the shared start, prompts and budget."""
-    return M.stage_command("grpo.py", init=args.init, data=args.data, eval_data=args.eval_data,
-                           out=os.path.join(args.out, f"seed{seed}", "grpo"), prompts_per_step=args.prompts_per_step,
-                           group_size=args.group_size, temperature=args.temperature,
-                           max_new_tokens=args.max_new_tokens, time_budget=args.time_budget, max_steps=args.max_steps,
-                           n_eval=args.n_eval, n_eval_during=args.n_eval_during, eval_minutes=args.eval_minutes,
-                           control=False, png=False, seed=seed, device=args.device, threads=args.threads)
+    return stages.stage_command("grpo.py", init=args.init, data=args.data, eval_data=args.eval_data,
+                                out=os.path.join(args.out, f"seed{seed}", "grpo"), prompts_per_step=args.prompts_per_step,
+                                group_size=args.group_size, temperature=args.temperature,
+                                max_new_tokens=args.max_new_tokens, time_budget=args.time_budget, max_steps=args.max_steps,
+                                n_eval=args.n_eval, n_eval_during=args.n_eval_during, eval_minutes=args.eval_minutes,
+                                control=False, png=False, seed=seed, device=args.device, threads=args.threads)
 
 
 def ppo_command(args, seed: int) -> list:
     """PPO with the verifier as its reward, on the same start, prompts, completions per step, budget and threads
     (no control: the comparison is GRPO vs PPO)."""
-    return M.stage_command("ppo.py", reward="verifier", init=args.init, data=args.data, eval_data=args.eval_data,
-                           out=os.path.join(args.out, f"seed{seed}", "ppo"),
-                           completions_per_step=args.prompts_per_step * args.group_size, temperature=args.temperature,
-                           max_new_tokens=args.max_new_tokens, time_budget=args.time_budget, max_steps=args.max_steps,
-                           n_eval=args.n_eval, n_eval_during=args.n_eval_during, eval_minutes=args.eval_minutes,
-                           control=False, seed=seed, device=args.device, threads=args.threads)
+    return stages.stage_command("ppo.py", reward="verifier", init=args.init, data=args.data, eval_data=args.eval_data,
+                                out=os.path.join(args.out, f"seed{seed}", "ppo"),
+                                completions_per_step=args.prompts_per_step * args.group_size, temperature=args.temperature,
+                                max_new_tokens=args.max_new_tokens, time_budget=args.time_budget, max_steps=args.max_steps,
+                                n_eval=args.n_eval, n_eval_during=args.n_eval_during, eval_minutes=args.eval_minutes,
+                                control=False, seed=seed, device=args.device, threads=args.threads)
 
 
 def read_run(run_dir: str) -> tuple[dict, list]:
     """A finished run's summary.json and the eval rows of its metrics.jsonl (train_minutes, eval_accuracy)."""
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
-    evals = [r for r in M.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("kind") == "eval"]
+    evals = [r for r in tasks.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r.get("kind") == "eval"]
     return summary, evals
 
 
@@ -144,7 +144,7 @@ def format_report(table: dict, args, seeds: list) -> str:
                  f"{sum(g['params_by_role'].values()) / sum(p['params_by_role'].values()):.2f}x")
     for algo in ("grpo", "ppo"):
         for seed, (_, accuracy) in zip(seeds, table[algo]["curves"]):
-            lines.append(f"{algo.upper():4s} seed {seed} held-out accuracy: {M.sparkline(accuracy)} "
+            lines.append(f"{algo.upper():4s} seed {seed} held-out accuracy: {rundir.sparkline(accuracy)} "
                          f"({100 * accuracy[0]:.1f}% -> {100 * accuracy[-1]:.1f}%)")
     return "\n".join(lines)
 
@@ -171,21 +171,21 @@ def plot(table: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     check_args(args)
     seeds = parse_seeds(args.seeds)
-    M.claim_run_dir(args.out)
+    rundir.claim_run_dir(args.out)
     runs = {"grpo": [], "ppo": []}
     for seed in seeds:
         for algo, command in (("grpo", grpo_command(args, seed)), ("ppo", ppo_command(args, seed))):
-            M.run_stage(command)
+            stages.run_stage(command)
             runs[algo].append(read_run(os.path.join(args.out, f"seed{seed}", algo)))
     table = compare(runs, seeds)
     report = format_report(table, args, seeds)
     print(report)
-    with M.atomic_write(os.path.join(args.out, "comparison.md")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "comparison.md")) as f:
         f.write(report + "\n")
-    with M.atomic_write(os.path.join(args.out, "comparison.json")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "comparison.json")) as f:
         json.dump(table, f, indent=1)
     if args.png:
         plot(table, os.path.join(args.out, "grpo_vs_ppo.png"))
@@ -193,4 +193,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

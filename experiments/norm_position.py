@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import model as M  # noqa: E402  (the project root is on sys.path only from the line above)
+from lib import cli, rundir, stages, tasks, tokenizer  # noqa: E402  (the project root is on sys.path only from the line above)
 
 
 @dataclass
@@ -77,11 +78,11 @@ PLACEMENTS = ("post", "pre")
 def token_rows(path: str, seq_len: int, enc) -> torch.Tensor:
     """The demonstrations of `path` as one token stream cut into rows (N, seq_len + 1)."""
     stream = []
-    for row in M.read_demonstrations(path):
-        stream += M.encode(enc, row["prompt"] + row["completion"]) + [enc.eot_token]
+    for row in tasks.read_demonstrations(path):
+        stream += tokenizer.encode(enc, row["prompt"] + row["completion"]) + [enc.eot_token]
     n = len(stream) // (seq_len + 1)
     if n < 1:
-        raise M.UserError(f"{path}: fewer than {seq_len + 1} tokens; lower --seq-len")
+        raise cli.UserError(f"{path}: fewer than {seq_len + 1} tokens; lower --seq-len")
     return torch.tensor(stream[:n * (seq_len + 1)]).view(n, seq_len + 1)
 
 
@@ -178,7 +179,7 @@ def train_arm(args: Args, placement: str, warmup_steps: int, seed: int, rows, te
         loss.backward()
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         if not (math.isfinite(loss.item()) and math.isfinite(float(grad_norm))):
-            finite = False                      # M.check_finite would stop the process; here it is the result
+            finite = False                      # cli.check_finite would stop the process; here it is the result
             break
         optimizer.step()
         losses.append(loss.item())
@@ -211,43 +212,43 @@ def parse_ints(text: str, name: str, low: int, high: int) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise M.UserError(f"--{name} {text!r}: give comma-separated integers") from None
+        raise cli.UserError(f"--{name} {text!r}: give comma-separated integers") from None
     if not values or any(not low <= v < high for v in values) or len(set(values)) < len(values):
-        raise M.UserError(f"--{name} {text!r}: give distinct integers in [{low}, {high})")
+        raise cli.UserError(f"--{name} {text!r}: give distinct integers in [{low}, {high})")
     return values
 
 
 def parse_inits(text: str) -> list[str]:
     inits = [name.strip() for name in text.split(",") if name.strip()]
     if not inits or any(name not in INITS for name in inits) or len(set(inits)) < len(inits):
-        raise M.UserError(f"--profile-inits {text!r}: give one or both of {', '.join(INITS)}")
+        raise cli.UserError(f"--profile-inits {text!r}: give one or both of {', '.join(INITS)}")
     return inits
 
 
 def check_args(args: Args) -> None:
     """Every option before anything is read or written: one line, exit 2."""
-    M.check_choices(args, norm=("layernorm", "rmsnorm"), ffn=("swiglu", "geglu", "gelu", "relu", "relu2"))
+    cli.check_choices(args, norm=("layernorm", "rmsnorm"), ffn=("swiglu", "geglu", "gelu", "relu", "relu2"))
     parse_ints(args.depths, "depths", 1, 65)
     parse_inits(args.profile_inits)
-    M.check_choices(args, init=INITS)
+    cli.check_choices(args, init=INITS)
     parse_ints(args.seeds, "seeds", 0, 2 ** 32)
-    M.require_at_least(args, 1, "n_embd", "n_head", "seq_len", "batch_size", "grad_batches", "train_depth",
-                       "train_steps", "eval_batches")
-    M.require_at_least(args, 0, "warmup_steps", "threads")
-    M.check_options(args, positive=("lr",))
+    cli.require_at_least(args, 1, "n_embd", "n_head", "seq_len", "batch_size", "grad_batches", "train_depth",
+                         "train_steps", "eval_batches")
+    cli.require_at_least(args, 0, "warmup_steps", "threads")
+    cli.check_options(args, positive=("lr",))
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
-        raise M.UserError(f"--n-embd {args.n_embd} must split into --n-head {args.n_head} heads of even width")
-    M.get_device(args.device)
+        raise cli.UserError(f"--n-embd {args.n_embd} must split into --n-head {args.n_head} heads of even width")
+    cli.get_device(args.device)
     for name in ("data", "test_data", "out"):
         if not getattr(args, name):
-            raise M.UserError(f"--{name.replace('_', '-')}: a path is needed")
+            raise cli.UserError(f"--{name.replace('_', '-')}: a path is needed")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise M.UserError(f"--out {args.out}: exists and is not a folder")
+        raise cli.UserError(f"--out {args.out}: exists and is not a folder")
 
 
 def data_command() -> list[str]:
     """synth.py with its defaults: makes data/*.jsonl when a default input file is missing."""
-    return M.stage_command("synth.py")
+    return stages.stage_command("synth.py")
 
 
 def mean(values):
@@ -267,7 +268,7 @@ def profile_table(profiles: dict, inits: list[str], depths: list[int]) -> str:
         for placement in PLACEMENTS:
             for depth in depths:
                 norms = profiles[profile_key(init, placement, depth)]
-                cells = [init, f"{placement}-LN", str(depth), M.sparkline(norms, 24), f"{norms[0]:.3g}",
+                cells = [init, f"{placement}-LN", str(depth), rundir.sparkline(norms, 24), f"{norms[0]:.3g}",
                          f"{norms[-1]:.3g}", str(1 + norms.index(max(norms))), f"{norms[-1] / norms[0]:.2f}",
                          f"{norms[-1] * math.sqrt(depth):.3g}"]
                 lines.append("| " + " | ".join(cells) + " |")
@@ -287,25 +288,25 @@ def training_table(runs: list[dict], entropy: float, seeds: list[int], warmup_st
             grads = [mean(values) for values in zip(*(r["grad_norms"] for r in mine if r["finite"]))]
             cells = [f"{placement}-LN", f"{warmup} steps" if warmup else "none",
                      f"{len(bad)}/{len(mine)}" + (f" ({', '.join(bad)})" if bad else ""), losses,
-                     M.sparkline(curve, 30) + (f" {curve[0]:.2f} → {curve[-1]:.2f}" if curve else "all NaN"),
-                     M.sparkline(grads, 30) + (f" max {max(grads):.3g}" if grads else "")]
+                     rundir.sparkline(curve, 30) + (f" {curve[0]:.2f} → {curve[-1]:.2f}" if curve else "all NaN"),
+                     rundir.sparkline(grads, 30) + (f" max {max(grads):.3g}" if grads else "")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     defaults = Args()
-    M.ensure_inputs(*((getattr(args, name), getattr(defaults, name), data_command())    # before anything is written
-                      for name in ("data", "test_data")))
-    enc = M.get_tokenizer("bytes")
+    stages.ensure_inputs(*((getattr(args, name), getattr(defaults, name), data_command())    # before anything is written
+                           for name in ("data", "test_data")))
+    enc = tokenizer.get_tokenizer("bytes")
     rows, test_rows = token_rows(args.data, args.seq_len, enc), token_rows(args.test_data, args.seq_len, enc)
     depths, seeds = parse_ints(args.depths, "depths", 1, 65), parse_ints(args.seeds, "seeds", 0, 2 ** 32)
-    device = M.get_device(args.device)
-    M.claim_run_dir(args.out)
+    device = cli.get_device(args.device)
+    rundir.claim_run_dir(args.out)
     t0 = time.time()
     entropy = bigram_entropy(rows, enc.n_vocab)
     inits = parse_inits(args.profile_inits)
@@ -324,9 +325,9 @@ def main(argv=None) -> dict:
     head2 = (f"Training {args.train_depth}-layer models ({args.init} init) at lr {args.lr} (Adam, betas 0.9/0.98) for "
              f"{args.train_steps} steps, no warmup vs {args.warmup_steps} linear warmup steps, seeds {args.seeds}. Failed "
              f"= loss NaN/inf, or held-out loss not below the bigram entropy {entropy:.3f} nats of the training text.")
-    with M.atomic_write(os.path.join(args.out, "results.json")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "results.json")) as f:
         json.dump({"args": asdict(args), "bigram_entropy": entropy, "profiles": profiles, "runs": runs}, f, indent=1)
-    with M.atomic_write(os.path.join(args.out, "results.md")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "results.md")) as f:
         f.write(f"{head1}\n\n{table1}\n\n{head2}\n\n{table2}\n")
     print(head1)
     print(table1)
@@ -339,4 +340,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402  (the project root is on the path only now)
+from lib import checkpoints, cli, rundir, stages, tasks, tokenizer  # noqa: E402  (the project root is on the path only now)
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Args:
     eval_minutes: float = 0.5                # training minutes between PPO's evals (one point each)
     n_points: int = 200                      # held-out prompts per point (one sample each; best-of-n: N each)
     bon_n: str = "1,2,4,8,16,32,64"          # best-of-n sizes; N = the largest is sampled per prompt
-    max_new_tokens: int = M.MAX_NEW_TOKENS   # completion length limit everywhere
+    max_new_tokens: int = tasks.MAX_NEW_TOKENS   # completion length limit everywhere
     temperature: float = 1.0                 # sampling temperature of pi (PPO's and best-of-n's)
     png: bool = True                         # write a PNG plot when matplotlib is installed
     device: str = "auto"                     # auto | cpu | cuda
@@ -72,23 +73,23 @@ def parse_numbers(text: str, name: str, kind=float) -> list:
     try:
         values = [kind(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise M.UserError(f"--{name} {text!r}: give comma-separated numbers") from None
+        raise cli.UserError(f"--{name} {text!r}: give comma-separated numbers") from None
     if not values or len(set(values)) != len(values):
-        raise M.UserError(f"--{name} {text!r}: give at least one value, each once")
+        raise cli.UserError(f"--{name} {text!r}: give at least one value, each once")
     return values
 
 
 def parse_betas(text: str) -> list[float]:
     betas = parse_numbers(text, "betas")
     if not all(0 <= beta <= 1e6 for beta in betas):
-        raise M.UserError(f"--betas {text!r}: each KL penalty must be in [0, 1e6]")
+        raise cli.UserError(f"--betas {text!r}: each KL penalty must be in [0, 1e6]")
     return betas
 
 
 def parse_bon(text: str) -> list[int]:
     sizes = sorted(parse_numbers(text, "bon-n", int))
     if sizes[0] < 1 or sizes[-1] > 4096:
-        raise M.UserError(f"--bon-n {text!r}: each n must be in [1, 4096]")
+        raise cli.UserError(f"--bon-n {text!r}: each n must be in [1, 4096]")
     return sizes
 
 
@@ -96,19 +97,19 @@ def check_args(args) -> None:
     """Every option, before anything runs or is written: one line, exit 2."""
     parse_betas(args.betas)
     parse_bon(args.bon_n)
-    M.check_options(args, positive=("lr", "eval_minutes", "temperature"), probability=("lr",), seed=("seed",),
-                    non_negative=("rm_time_budget", "time_budget"))
-    M.require_at_least(args, 1, "rm_epochs", "n_points", "max_new_tokens")
-    M.require_at_least(args, 0, "max_steps", "threads")
-    M.require_at_most(args, 10 ** 6, "rm_epochs", "n_points", "max_new_tokens", "max_steps", "threads")
-    M.require_at_most(args, 1e6, "rm_time_budget", "time_budget", "eval_minutes", "temperature")
-    M.check_budget(args)
-    M.check_choices(args, device=("auto", "cpu", "cuda"))
+    cli.check_options(args, positive=("lr", "eval_minutes", "temperature"), probability=("lr",), seed=("seed",),
+                      non_negative=("rm_time_budget", "time_budget"))
+    cli.require_at_least(args, 1, "rm_epochs", "n_points", "max_new_tokens")
+    cli.require_at_least(args, 0, "max_steps", "threads")
+    cli.require_at_most(args, 10 ** 6, "rm_epochs", "n_points", "max_new_tokens", "max_steps", "threads")
+    cli.require_at_most(args, 1e6, "rm_time_budget", "time_budget", "eval_minutes", "temperature")
+    cli.check_budget(args)
+    cli.check_choices(args, device=("auto", "cpu", "cuda"))
     for name in ("init", "prefs", "prefs_test", "data", "eval_data", "out"):
         if not getattr(args, name).strip():
-            raise M.UserError(f"--{name.replace('_', '-')}: the path is empty")
+            raise cli.UserError(f"--{name.replace('_', '-')}: the path is empty")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise M.UserError(f"--out {args.out}: exists and is not a folder")
+        raise cli.UserError(f"--out {args.out}: exists and is not a folder")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,30 +189,30 @@ def peak(alpha: float, beta: float, form: str):
 
 def data_command() -> list[str]:
     """synth.py on its defaults: every default data file (prompts and preference pairs)."""
-    return M.stage_command("synth.py", out_dir=os.path.dirname(Args().eval_data))
+    return stages.stage_command("synth.py", out_dir=os.path.dirname(Args().eval_data))
 
 
 def start_command() -> list[str]:
     """sft.py on its defaults: the SFT start, Args().init."""
-    return M.stage_command("sft.py", out=os.path.dirname(Args().init))
+    return stages.stage_command("sft.py", out=os.path.dirname(Args().init))
 
 
 def reward_command(args) -> list[str]:
     """reward.py: the proxy reward model, trained from the start's body on the preference pairs."""
-    return M.stage_command("reward.py", data=args.prefs, test_data=args.prefs_test, init=args.init,
-                           out=os.path.join(args.out, "rm"), epochs=args.rm_epochs, time_budget=args.rm_time_budget,
-                           seed=args.seed, device=args.device)
+    return stages.stage_command("reward.py", data=args.prefs, test_data=args.prefs_test, init=args.init,
+                                out=os.path.join(args.out, "rm"), epochs=args.rm_epochs, time_budget=args.rm_time_budget,
+                                seed=args.seed, device=args.device)
 
 
 def ppo_command(args, beta: float, reward_model: str) -> list[str]:
     """ppo.py against the proxy at one KL penalty; its evals log KL to the start, proxy and gold on the first
     n_points held-out prompts; no control and a small final table (the curve is what is read)."""
-    return M.stage_command("ppo.py", init=args.init, reward="rm", reward_model=reward_model, data=args.data,
-                           eval_data=args.eval_data, out=run_folder(args, beta), beta=beta, lr=args.lr,
-                           time_budget=args.time_budget, max_steps=args.max_steps, eval_minutes=args.eval_minutes,
-                           n_eval=args.n_points, n_eval_during=args.n_points, pass_k=1,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, control=False,
-                           seed=args.seed, device=args.device, threads=args.threads)
+    return stages.stage_command("ppo.py", init=args.init, reward="rm", reward_model=reward_model, data=args.data,
+                                eval_data=args.eval_data, out=run_folder(args, beta), beta=beta, lr=args.lr,
+                                time_budget=args.time_budget, max_steps=args.max_steps, eval_minutes=args.eval_minutes,
+                                n_eval=args.n_points, n_eval_during=args.n_points, pass_k=1,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, control=False,
+                                seed=args.seed, device=args.device, threads=args.threads)
 
 
 def run_folder(args, beta: float) -> str:
@@ -220,10 +221,10 @@ def run_folder(args, beta: float) -> str:
 
 def read_rl_points(run_dir: str) -> dict:
     """A PPO run's eval rows -> {"minutes", "kl", "proxy", "gold", "accuracy"} lists (one entry per eval)."""
-    evals = [row for row in M.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    evals = [row for row in tasks.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
              if row.get("kind") == "eval" and row.get("eval_kl") is not None]
     if not evals:
-        raise M.UserError(f"{run_dir}/metrics.jsonl: no eval row with eval_kl (a ppo.py older than this script?)")
+        raise cli.UserError(f"{run_dir}/metrics.jsonl: no eval row with eval_kl (a ppo.py older than this script?)")
     return {"minutes": [row["train_minutes"] for row in evals], "kl": [row["eval_kl"] for row in evals],
             "proxy": [row["eval_proxy"] for row in evals], "gold": [row["eval_gold"] for row in evals],
             "accuracy": [row["eval_accuracy"] for row in evals], "steps": [row["step"] for row in evals]}
@@ -236,13 +237,13 @@ def read_rl_points(run_dir: str) -> dict:
 def load_reward_head(path: str, device):
     """reward.py's checkpoint -> (body, head): the body is a model.GPT, the head the Linear(n_embd, 1) whose
     weights reward.py saves in the checkpoint's meta as {"weight": (1, C), "bias": (1,)}."""
-    body, enc, ckpt = M.load(path, device=device)
+    body, enc, ckpt = checkpoints.load(path, device=device)
     meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
     head = meta.get("reward_head") if isinstance(meta, dict) else None
     width = body.config.n_embd
     if (not isinstance(head, dict) or not torch.is_tensor(head.get("weight")) or not torch.is_tensor(head.get("bias"))
             or tuple(head["weight"].shape) != (1, width) or tuple(head["bias"].shape) != (1,)):
-        raise M.UserError(f"{path}: not a reward model checkpoint (reward.py saves reward_head in its meta)")
+        raise cli.UserError(f"{path}: not a reward model checkpoint (reward.py saves reward_head in its meta)")
     linear = torch.nn.Linear(width, 1).to(device)
     linear.load_state_dict({"weight": head["weight"], "bias": head["bias"]})
     return body.eval(), linear.eval(), enc
@@ -265,24 +266,24 @@ def proxy_scores(body, head, sequences, pad: int, device, batch_size: int = 256)
 @torch.no_grad()
 def sample_best_of_n(args, reward_model: str, rows, n_samples: int, device) -> dict:
     """N samples per prompt from pi_init at the training temperature -> {"proxy", "gold"} arrays (P, N)."""
-    policy, enc, _ = M.load(args.init, device=device)
+    policy, enc, _ = checkpoints.load(args.init, device=device)
     body, head, reward_enc = load_reward_head(reward_model, device)
     if reward_enc.name != enc.name:
-        raise M.UserError(f"{reward_model}: tokenizer {reward_enc.name!r} differs from the start's {enc.name!r}")
+        raise cli.UserError(f"{reward_model}: tokenizer {reward_enc.name!r} differs from the start's {enc.name!r}")
     policy.eval()
     generator = torch.Generator(device).manual_seed(args.seed)
-    prompts = [M.encode_prompt(enc, row["prompt"]) for row in rows for _ in range(n_samples)]
+    prompts = [tokenizer.encode_prompt(enc, row["prompt"]) for row in rows for _ in range(n_samples)]
     answers = [row["answer"] for row in rows for _ in range(n_samples)]
     sequences, texts = [], []
     for start in range(0, len(prompts), 256):
         batch = prompts[start:start + 256]
-        gen = M.generate(policy, batch, args.max_new_tokens, temperature=args.temperature, stop_ids=M.stop_ids(enc),
-                         pad_id=M.pad_id(enc), generator=generator)
+        gen = M.generate(policy, batch, args.max_new_tokens, temperature=args.temperature, stop_ids=tokenizer.stop_ids(enc),
+                         pad_id=tokenizer.pad_id(enc), generator=generator)
         for prompt, tokens, length in zip(batch, gen.tokens.tolist(), gen.lengths.tolist()):
             sequences.append(prompt + tokens[:length])                  # the EOS is kept when the row ended
-            texts.append(M.decode(enc, tokens[:length]))
-    proxy = proxy_scores(body, head, sequences, M.pad_id(enc), device)
-    gold = np.array([float(M.is_correct(text, answer)) for text, answer in zip(texts, answers)])
+            texts.append(tokenizer.decode(enc, tokens[:length]))
+    proxy = proxy_scores(body, head, sequences, tokenizer.pad_id(enc), device)
+    gold = np.array([float(tasks.is_correct(text, answer)) for text, answer in zip(texts, answers)])
     return {"proxy": proxy.reshape(len(rows), n_samples), "gold": gold.reshape(len(rows), n_samples)}
 
 
@@ -426,24 +427,24 @@ def plot_png(series: dict, fits: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     check_args(args)
     betas, sizes = parse_betas(args.betas), parse_bon(args.bon_n)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = M.get_device(args.device)
-    M.ensure_inputs((args.init, Args().init, start_command()), (args.eval_data, Args().eval_data, data_command()))
-    start, enc, _ = M.load(args.init)
-    rows = M.fit_prompts(M.read_prompts(args.eval_data), enc, start.config.block_size, args.max_new_tokens,
-                         args.eval_data)[:args.n_points]
-    M.claim_run_dir(args.out)
+    device = cli.get_device(args.device)
+    stages.ensure_inputs((args.init, Args().init, start_command()), (args.eval_data, Args().eval_data, data_command()))
+    start, enc, _ = checkpoints.load(args.init)
+    rows = tasks.fit_prompts(tasks.read_prompts(args.eval_data), enc, start.config.block_size, args.max_new_tokens,
+                             args.eval_data)[:args.n_points]
+    rundir.claim_run_dir(args.out)
     reward_model = args.reward_model
     if not reward_model:
-        M.run_stage(reward_command(args))
+        stages.run_stage(reward_command(args))
         reward_model = os.path.join(args.out, "rm", "model.pt")
     series = {}
     for beta in betas:
-        M.run_stage(ppo_command(args, beta, reward_model))
+        stages.run_stage(ppo_command(args, beta, reward_model))
         series[f"beta {beta:g}"] = read_rl_points(run_folder(args, beta))
     print(f"best-of-n: {sizes[-1]} samples for each of {len(rows)} held-out prompts from {args.init}", flush=True)
     samples = sample_best_of_n(args, reward_model, rows, sizes[-1], device)
@@ -457,15 +458,15 @@ def main(argv=None) -> dict:
               *[describe_fit(name, fit) for name, fit in fits.items()], "",
               ascii_chart(series, "proxy"), "", ascii_chart(series, "gold", fits), ""]
     for name, values in series.items():
-        report.append(f"{name:<10} proxy {M.sparkline(values['proxy'])}  gold {M.sparkline(values['gold'])}  "
+        report.append(f"{name:<10} proxy {rundir.sparkline(values['proxy'])}  gold {rundir.sparkline(values['gold'])}  "
                       f"d {math.sqrt(max(values['kl'][0], 0)):.2f} -> {math.sqrt(max(values['kl'][-1], 0)):.2f}")
     text = "\n".join(report)
     print(text)
     result = {"args": asdict(args), "reward_model": reward_model, "series": series,
               "fits": {name: {key: value for key, value in fit.items()} for name, fit in fits.items()}}
-    with M.atomic_write(os.path.join(args.out, "overoptimization.json")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "overoptimization.json")) as f:
         json.dump(result, f, indent=1)
-    with M.atomic_write(os.path.join(args.out, "overoptimization.md")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "overoptimization.md")) as f:
         f.write(text + "\n")
     if args.png:
         plot_png(series, fits, os.path.join(args.out, "overoptimization.png"))
@@ -473,4 +474,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import model as M  # noqa: E402  (the project root is on sys.path only from the line above)
+from lib import cli, rundir, stages, tasks  # noqa: E402  (the project root is on sys.path only from the line above)
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Args:
     n_prompts: int = 128                     # prompts drawn from --prompts (the same ones every round)
     k: int = 4                               # completions sampled per prompt
     temperature: float = 1.0                 # sampling temperature
-    max_new_tokens: int = M.MAX_NEW_TOKENS   # generation limit per sampled completion
+    max_new_tokens: int = tasks.MAX_NEW_TOKENS   # generation limit per sampled completion
     sft_steps: int = 100                     # sft.py --max-steps per round
     test_data: str = "data/sft_test.jsonl"   # sft.py --test-data: demonstrations for its eval loss
     eval_data: str = "data/rl_test.jsonl"    # held-out prompts: greedy accuracy of every checkpoint
@@ -53,17 +53,17 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Every option before anything runs or is written: one line, exit 2."""
-    M.check_options(args, seed=("seed",), non_negative=("temperature",))
-    M.require_at_least(args, 1, "rounds", "n_prompts", "k", "max_new_tokens", "sft_steps")
-    M.require_at_least(args, 0, "n_eval", "threads")
-    M.check_choices(args, device=("auto", "cpu", "cuda"))
+    cli.check_options(args, seed=("seed",), non_negative=("temperature",))
+    cli.require_at_least(args, 1, "rounds", "n_prompts", "k", "max_new_tokens", "sft_steps")
+    cli.require_at_least(args, 0, "n_eval", "threads")
+    cli.check_choices(args, device=("auto", "cpu", "cuda"))
     if 0 < args.temperature < 1e-6:          # as synth.py: logits / T would overflow float32
-        raise M.UserError(f"--temperature must be 0 (greedy) or >= 1e-06, got {args.temperature}")
+        raise cli.UserError(f"--temperature must be 0 (greedy) or >= 1e-06, got {args.temperature}")
     for name in ("init", "prompts", "test_data", "eval_data", "out"):
         if not getattr(args, name):
-            raise M.UserError(f"--{name.replace('_', '-')}: a path is needed")
+            raise cli.UserError(f"--{name.replace('_', '-')}: a path is needed")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise M.UserError(f"--out {args.out}: exists and is not a folder")
+        raise cli.UserError(f"--out {args.out}: exists and is not a folder")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,30 +72,30 @@ def check_args(args: Args) -> None:
 
 def data_command() -> list[str]:
     """synth.py with its defaults: makes data/*.jsonl when a default input file is missing."""
-    return M.stage_command("synth.py")
+    return stages.stage_command("synth.py")
 
 
 def start_command() -> list[str]:
     """sft.py with its defaults: makes the default --init (runs/sft/model.pt) when it is missing."""
-    return M.stage_command("sft.py")
+    return stages.stage_command("sft.py")
 
 
 def sample_command(args: Args, checkpoint: str, folder: str) -> list[str]:
     """synth.py --from-model: k samples per prompt from `checkpoint`, EVERY one written (--no-filter), with a
     summary JSON of the sampled pass rate and distinct-n."""
-    return M.stage_command("synth.py", from_model=checkpoint, prompts=args.prompts, n_prompts=args.n_prompts,
-                           k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens, filter=False,
-                           out=os.path.join(folder, "samples.jsonl"), summary=os.path.join(folder, "summary.json"),
-                           seed=args.seed, device=args.device)
+    return stages.stage_command("synth.py", from_model=checkpoint, prompts=args.prompts, n_prompts=args.n_prompts,
+                                k=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens, filter=False,
+                                out=os.path.join(folder, "samples.jsonl"), summary=os.path.join(folder, "summary.json"),
+                                seed=args.seed, device=args.device)
 
 
 def sft_command(args: Args, checkpoint: str, data: str, run_dir: str) -> list[str]:
     """sft.py --init `checkpoint` on the unfiltered samples `data`, for --sft-steps updates; it evaluates
     the held-out prompts at step 0 (its starting checkpoint) and at its end, and at no time in between."""
-    return M.stage_command("sft.py", init=checkpoint, data=data, test_data=args.test_data, eval_data=args.eval_data,
-                           out=run_dir, max_steps=args.sft_steps, time_budget=0.0, eval_every=args.sft_steps,
-                           eval_minutes=0.0, n_eval=args.n_eval, seed=args.seed, device=args.device,
-                           threads=args.threads)
+    return stages.stage_command("sft.py", init=checkpoint, data=data, test_data=args.test_data, eval_data=args.eval_data,
+                                out=run_dir, max_steps=args.sft_steps, time_budget=0.0, eval_every=args.sft_steps,
+                                eval_minutes=0.0, n_eval=args.n_eval, seed=args.seed, device=args.device,
+                                threads=args.threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise M.UserError(f"{path}: cannot read the stage's output ({e})") from None
+        raise cli.UserError(f"{path}: cannot read the stage's output ({e})") from None
 
 
 def sample_stats(folder: str) -> dict:
@@ -121,9 +121,9 @@ def sample_stats(folder: str) -> dict:
 def heldout_accuracy(run_dir: str) -> tuple[float, float]:
     """sft.py's metrics.jsonl -> (greedy held-out accuracy at step 0 = its --init, at its end)."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    evals = [r for r in M.read_jsonl(path) if r.get("kind") == "eval" and "eval_accuracy" in r]
+    evals = [r for r in tasks.read_jsonl(path) if r.get("kind") == "eval" and "eval_accuracy" in r]
     if not evals or evals[0].get("step") != 0:
-        raise M.UserError(f"{path}: no held-out evaluation at step 0 (the round's starting checkpoint)")
+        raise cli.UserError(f"{path}: no held-out evaluation at step 0 (the round's starting checkpoint)")
     return evals[0]["eval_accuracy"], evals[-1]["eval_accuracy"]
 
 
@@ -138,12 +138,12 @@ def self_train(args: Args) -> list[dict]:
     checkpoint, table, accuracy = args.init, [], {}
     for r in range(args.rounds + 1):
         samples_dir = os.path.join(args.out, f"samples{r}")
-        M.run_stage(sample_command(args, checkpoint, samples_dir))
+        stages.run_stage(sample_command(args, checkpoint, samples_dir))
         table.append({"round": r, "checkpoint": checkpoint, **sample_stats(samples_dir)})
         if r == args.rounds:
             break
         run_dir = os.path.join(args.out, f"sft{r + 1}")
-        M.run_stage(sft_command(args, checkpoint, os.path.join(samples_dir, "samples.jsonl"), run_dir))
+        stages.run_stage(sft_command(args, checkpoint, os.path.join(samples_dir, "samples.jsonl"), run_dir))
         accuracy[r], accuracy[r + 1] = heldout_accuracy(run_dir)
         checkpoint = os.path.join(run_dir, "model.pt")
     return [{**row, "heldout_acc": accuracy[row["round"]]} for row in table]
@@ -157,16 +157,16 @@ def report(table: list[dict]) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    args = M.parse_args(Args, argv)
+    args = cli.parse_args(Args, argv)
     check_args(args)
     defaults = Args()
-    M.ensure_inputs(*((getattr(args, name), getattr(defaults, name), data_command())     # before anything is written
-                      for name in ("prompts", "test_data", "eval_data")), (args.init, defaults.init, start_command()))
+    stages.ensure_inputs(*((getattr(args, name), getattr(defaults, name), data_command())     # before anything is written
+                           for name in ("prompts", "test_data", "eval_data")), (args.init, defaults.init, start_command()))
     if not os.path.isfile(args.init):
-        raise M.UserError(f"--init {args.init}: not a checkpoint file")
-    M.claim_run_dir(args.out)                  # one experiment per folder; each stage claims its own subfolder
+        raise cli.UserError(f"--init {args.init}: not a checkpoint file")
+    rundir.claim_run_dir(args.out)                  # one experiment per folder; each stage claims its own subfolder
     table = self_train(args)
-    with M.atomic_write(os.path.join(args.out, "results.json")) as f:
+    with rundir.atomic_write(os.path.join(args.out, "results.json")) as f:
         json.dump({"args": asdict(args), "rounds": table}, f, indent=2)
     report(table)
     print(f"{args.out}/results.json; samples<r>/ and sft<r>/ hold each round's files")
@@ -174,4 +174,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import model as M
+from lib import cli, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENC = M.get_tokenizer("bytes")
+ENC = tokenizer.get_tokenizer("bytes")
 
 
 def bad_jsonl_cases(good_row, missing_key_row, wrong_type_row):
@@ -40,7 +41,7 @@ def write_bad_input(folder, name, content):
 def hostile_checkpoint(source, path):
     """About 1 KB on disk; its config asks for 48 layers of width 8192 (about 40 GB of weights)."""
     config = dataclasses.asdict(M.Config(n_layer=48, n_embd=8192, n_head=64, n_kv_head=64))
-    torch.save({"config": config, "model": {"wte.weight": torch.zeros(2, 2)}, "tokenizer": M.tokenizer_spec(ENC),
+    torch.save({"config": config, "model": {"wte.weight": torch.zeros(2, 2)}, "tokenizer": tokenizer.tokenizer_spec(ENC),
                 "meta": {}}, path)
 
 
@@ -92,7 +93,7 @@ def run_in_process(main, monkeypatch, capsys):
         monkeypatch.chdir(folder)
         capsys.readouterr()
         with pytest.raises(SystemExit) as stopped:
-            M.cli(lambda: main(argv))
+            cli.run(lambda: main(argv))
         return stopped.value.code, capsys.readouterr().err
     return run
 

@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import grpo  # noqa: E402
 import model as M  # noqa: E402
+from lib import checkpoints, cli, stages, tasks, tokenizer  # noqa: E402
 
 BASELINE = "90aac4f"   # main when issue 21 was filed: the generate it measured
 
@@ -39,7 +40,7 @@ def baseline_module(commit: str):
         source = subprocess.run(["git", "show", f"{commit}:model.py"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
-        raise M.UserError(f"cannot read model.py at commit {commit} with git ({e}); run from a git clone") from None
+        raise cli.UserError(f"cannot read model.py at commit {commit} with git ({e}); run from a git clone") from None
     path = os.path.join(tempfile.mkdtemp(), f"model_{commit}.py")
     with open(path, "w") as f:
         f.write(source)
@@ -57,26 +58,26 @@ def main(argv=None):
     parser.add_argument("--rollouts", type=int, default=8, help="timed rollouts each way (after one warm-up pair)")
     parser.add_argument("--prompts-per-step", type=int, default=32, help="prompts per rollout")
     parser.add_argument("--group-size", type=int, default=8, help="completions per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=M.MAX_NEW_TOKENS, help="completion length limit")
+    parser.add_argument("--max-new-tokens", type=int, default=tasks.MAX_NEW_TOKENS, help="completion length limit")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--baseline", default=BASELINE, help="the commit whose generate is the baseline")
     parser.add_argument("--grpo-steps", type=int, default=0,
                         help="time every rollout of a GRPO run of this many steps instead (0: fixed policy)")
     args = parser.parse_args(argv)
     if min(args.rollouts, args.prompts_per_step, args.group_size, args.max_new_tokens) < 1 or args.threads < 0:
-        raise M.UserError("--rollouts, --prompts-per-step, --group-size, --max-new-tokens must be >= 1; --threads >= 0")
+        raise cli.UserError("--rollouts, --prompts-per-step, --group-size, --max-new-tokens must be >= 1; --threads >= 0")
     if args.grpo_steps < 0 or args.grpo_steps == 1:
-        raise M.UserError(f"--grpo-steps {args.grpo_steps}: 0 (a fixed policy) or at least 2 (the first rollout is "
-                          "a warm-up, left out)")
+        raise cli.UserError(f"--grpo-steps {args.grpo_steps}: 0 (a fixed policy) or at least 2 (the first rollout is "
+                            "a warm-up, left out)")
     if not os.path.exists(args.init):
-        raise M.UserError(f"--init {args.init}: no such checkpoint (python grpo.py writes runs/sft/model.pt)")
+        raise cli.UserError(f"--init {args.init}: no such checkpoint (python grpo.py writes runs/sft/model.pt)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    new_model, enc, _ = M.load(args.init)
-    rows = M.fit_prompts(M.read_prompts(args.data), enc, new_model.config.block_size, args.max_new_tokens, args.data)
+    new_model, enc, _ = checkpoints.load(args.init)
+    rows = tasks.fit_prompts(tasks.read_prompts(args.data), enc, new_model.config.block_size, args.max_new_tokens, args.data)
     P, G = args.prompts_per_step, args.group_size
     if len(rows) < P * (args.rollouts + 1):
-        raise M.UserError(f"--data {args.data}: {len(rows)} prompts, {P * (args.rollouts + 1)} needed")
+        raise cli.UserError(f"--data {args.data}: {len(rows)} prompts, {P * (args.rollouts + 1)} needed")
     old = baseline_module(args.baseline)
     fields = old.Config.__dataclass_fields__
     old_model = old.GPT(old.Config(**{k: v for k, v in vars(new_model.config).items() if k in fields}))
@@ -86,10 +87,10 @@ def main(argv=None):
     print(f"{args.init}: {new_model.num_params() / 1e6:.2f} M parameters | {P} prompts x {G} completions, at most "
           f"{args.max_new_tokens} new tokens, temperature 1 | {torch.get_num_threads()} threads | baseline: "
           f"model.py at {args.baseline}", flush=True)
-    kwargs = dict(temperature=1.0, stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc))
+    kwargs = dict(temperature=1.0, stop_ids=tokenizer.stop_ids(enc), pad_id=tokenizer.pad_id(enc))
     seconds, tokens = {"today": 0.0, args.baseline: 0.0}, {"today": 0, args.baseline: 0}
     for i in range(args.rollouts + 1):
-        prompts = [M.encode_prompt(enc, r["prompt"]) for r in rows[i * P:(i + 1) * P] for _ in range(G)]
+        prompts = [tokenizer.encode_prompt(enc, r["prompt"]) for r in rows[i * P:(i + 1) * P] for _ in range(G)]
         runs = [("today", M.generate, new_model), (args.baseline, old.generate, old_model)]
         for name, generate, model in runs if i % 2 else runs[::-1]:
             start = time.perf_counter()
@@ -136,11 +137,11 @@ def along_grpo_run(args, old, old_model):
 
     grpo.rollout = timed_rollout
     with tempfile.TemporaryDirectory() as out:
-        command = M.stage_command("grpo.py", init=args.init, data=args.data, out=out, max_steps=args.grpo_steps,
-                                  prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-                                  max_new_tokens=args.max_new_tokens, control=False, png=False, n_eval=16,
-                                  eval_minutes=1000, threads=args.threads)
-        grpo.train(M.parse_args(grpo.Args, command[1:]))
+        command = stages.stage_command("grpo.py", init=args.init, data=args.data, out=out, max_steps=args.grpo_steps,
+                                       prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                                       max_new_tokens=args.max_new_tokens, control=False, png=False, n_eval=16,
+                                       eval_minutes=1000, threads=args.threads)
+        grpo.train(cli.parse_args(grpo.Args, command[1:]))
     grpo.rollout, n = rollout, len(seconds["today"])
     print(f"\nGRPO's {n} rollouts (the first is a warm-up, left out), today's generate against {args.baseline}'s:")
     for label, part in (("first 10", slice(1, 11)), ("last 10", slice(max(1, n - 10), n)), ("all", slice(1, n))):
@@ -151,4 +152,4 @@ def along_grpo_run(args, old, old_model):
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

@@ -20,6 +20,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
+from lib import cli, convert, rundir, tokenizer  # noqa: E402
+import bench_model  # noqa: E402  (beside this file)
 import grpo  # noqa: E402
 
 
@@ -46,16 +48,16 @@ def peak_mb(device, fn):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     fn()
-    M.sync(device)
+    rundir.sync(device)
     return torch.cuda.max_memory_allocated() / 2 ** 20
 
 
 def compare(shape: str, args, device):
-    cfg = M.Config(**{"vocab_size": 258, "block_size": BLOCK, **M.BENCH_SHAPES[shape]})
+    cfg = M.Config(**{"vocab_size": 258, "block_size": BLOCK, **bench_model.BENCH_SHAPES[shape]})
     torch.manual_seed(0)
     theirs = hf_model(shape, cfg).to(device)
     ours = M.GPT(cfg).to(device)
-    ours.load_state_dict(M.state_dict_from_hf(theirs.state_dict(), cfg, shape))
+    ours.load_state_dict(convert.state_dict_from_hf(theirs.state_dict(), cfg, shape))
     print(f"\n== {shape}: {ours.num_params() / 1e6:.1f} M parameters, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}", flush=True)
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
     with torch.no_grad(), M.autocast(device):
@@ -81,7 +83,7 @@ def compare(shape: str, args, device):
         opt_theirs.zero_grad(set_to_none=True)
 
     tokens = args.batch_size * args.seq_len
-    s_ours, s_theirs = M.timed(step_ours, device, 3), M.timed(step_theirs, device, 3)
+    s_ours, s_theirs = bench_model.timed(step_ours, device, 3), bench_model.timed(step_theirs, device, 3)
     m_ours, m_theirs = peak_mb(device, step_ours), peak_mb(device, step_theirs)
 
     def memory(mb: float) -> str:
@@ -90,7 +92,7 @@ def compare(shape: str, args, device):
           f"{tokens / s_theirs:,.0f} ({s_theirs / s_ours:.2f}x) | peak memory ours {memory(m_ours)}"
           + (f", transformers {m_theirs:,.0f} MB" if device.type == "cuda" else ""), flush=True)
     ours.compile_blocks()           # the same step with torch.compile'd blocks (the warm-up call compiles)
-    s_compiled = M.timed(step_ours, device, 3)
+    s_compiled = bench_model.timed(step_ours, device, 3)
     m_compiled = peak_mb(device, step_ours)
     ours.compiled_blocks = None
     print(f"training, ours with compiled blocks: {tokens / s_compiled:,.0f} tokens/s ({s_theirs / s_compiled:.2f}x "
@@ -118,9 +120,9 @@ def compare(shape: str, args, device):
                 out["hf"] = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
                                             min_new_tokens=n_new, do_sample=False, eos_token_id=None,
                                             pad_token_id=0)[:, prompt.shape[1]:]
-        t_eager = M.timed(lambda: gen_ours(False), device, 2)
-        t_compiled = M.timed(lambda: gen_ours(True), device, 2)
-        t_hf = M.timed(gen_theirs, device, 2)
+        t_eager = bench_model.timed(lambda: gen_ours(False), device, 2)
+        t_compiled = bench_model.timed(lambda: gen_ours(True), device, 2)
+        t_hf = bench_model.timed(gen_theirs, device, 2)
         new = batch * n_new
         agree = (out["hf"] == out["eager"]).float().mean().item()
         print(f"greedy generation batch {batch:3d}, {n_new} new tokens: ours eager {new / t_eager:,.0f} tok/s, ours "
@@ -133,10 +135,10 @@ def compare(shape: str, args, device):
 
 def grpo_split(policy, device, args, prompts_per_step=8, group_size=8):
     """One GRPO step at this shape (random weights, byte prompts): seconds in generation, scoring and update."""
-    enc = M.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     rows = [{"prompt": f"{a}+{b}=?\n", "answer": str(a + b)} for a, b in zip(range(100, 200), range(300, 400))]
-    byte_decode = M.decode     # a random model at a real shape samples ids past the byte tokenizer's 258: skip them
-    M.decode = lambda enc, ids: byte_decode(enc, [i for i in ids if int(i) < enc.n_vocab])
+    byte_decode = tokenizer.decode     # a random model at a real shape samples ids past the byte tokenizer's 258: skip them
+    tokenizer.decode = lambda enc, ids: byte_decode(enc, [i for i in ids if int(i) < enc.n_vocab])
     run = grpo.Args(prompts_per_step=prompts_per_step, group_size=group_size, max_new_tokens=args.gen_tokens,
                     micro_batch=16, device=device.type)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, fused=device.type == "cuda")
@@ -145,12 +147,12 @@ def grpo_split(policy, device, args, prompts_per_step=8, group_size=8):
     for attempt in range(2):                    # the first step is the warm-up
         t0 = time.perf_counter()
         batch, seen = grpo.collect_rollouts(policy, enc, lambda n: rows[:n], prompts_per_step, run, weights, generator, False)
-        M.sync(device)
+        rundir.sync(device)
         t1 = time.perf_counter()
         batch.rewards = torch.randn_like(batch.rewards)          # random rewards: every group has a signal
         advantages = grpo.group_advantages(batch.rewards).flatten()
         grpo.update(policy, policy, optimizer, batch, advantages, None, run, device, step=1)
-        M.sync(device)
+        rundir.sync(device)
         t2 = time.perf_counter()
     gen = t1 - t0 - batch.score_s
     print(f"GRPO step ({prompts_per_step} prompts x {group_size}, {args.gen_tokens} new tokens): generation {gen:.2f} s, "
@@ -166,20 +168,20 @@ def main(argv=None):
     parser.add_argument("--gen-tokens", type=int, default=128, help="new tokens per row")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args(argv)
-    device = M.get_device(args.device)
+    device = cli.get_device(args.device)
     shapes = args.shapes.split(",")
-    unknown = [s for s in shapes if s not in M.BENCH_SHAPES]
+    unknown = [s for s in shapes if s not in bench_model.BENCH_SHAPES]
     if unknown:
-        raise M.UserError(f"--shapes {unknown[0]!r}: choose among {', '.join(M.BENCH_SHAPES)}")
+        raise cli.UserError(f"--shapes {unknown[0]!r}: choose among {', '.join(bench_model.BENCH_SHAPES)}")
     if not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", args.gen_batches):
-        raise M.UserError(f"--gen-batches {args.gen_batches!r}: comma-separated batch sizes >= 1, e.g. 1,64")
+        raise cli.UserError(f"--gen-batches {args.gen_batches!r}: comma-separated batch sizes >= 1, e.g. 1,64")
     if min(args.batch_size, args.seq_len, args.gen_tokens) < 1:
-        raise M.UserError("--batch-size, --seq-len and --gen-tokens must be >= 1")
+        raise cli.UserError("--batch-size, --seq-len and --gen-tokens must be >= 1")
     if args.seq_len + 1 > BLOCK or PROMPT_LEN + args.gen_tokens > BLOCK:
-        raise M.UserError(f"--seq-len + 1 and {PROMPT_LEN} + --gen-tokens must fit the {BLOCK}-token context")
+        raise cli.UserError(f"--seq-len + 1 and {PROMPT_LEN} + --gen-tokens must fit the {BLOCK}-token context")
     for shape in shapes:
         compare(shape, args, device)
 
 
 if __name__ == "__main__":
-    M.cli(main)
+    cli.run(main)

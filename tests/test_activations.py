@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-import model as M
+from lib import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("activations", os.path.join(ROOT, "experiments", "activations.py"))
@@ -154,7 +154,7 @@ def test_tiny_run_prints_the_table_linear_stays_at_chance_and_relu_learns(tmp_pa
 def test_a_bad_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, bad, names):
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        M.cli(lambda: E.main(["--out", str(tmp_path / "act"), *bad]))
+        cli.run(lambda: E.main(["--out", str(tmp_path / "act"), *bad]))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and names in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
@@ -162,6 +162,6 @@ def test_a_bad_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, ba
 
 def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        M.parse_args(E.Args, ["--help"])
+        cli.parse_args(E.Args, ["--help"])
     shown = capsys.readouterr().out
     assert exit_info.value.code == 0 and all(f"--{n.replace('_', '-')}" in shown for n in vars(E.Args()))

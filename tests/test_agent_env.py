@@ -25,10 +25,11 @@ from hypothesis import assume, given, settings, strategies as st
 import agent_env as A
 import losses
 import model as M
+from lib import checkpoints, cli, tasks, tokenizer
 from badinput import case_name, files_under, make_files, run_script_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENC = M.get_tokenizer("bytes")
+ENC = tokenizer.get_tokenizer("bytes")
 PAD = M.BYTE_PAD_ID
 TINY = dict(vocab_size=258, block_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
 
@@ -128,7 +129,7 @@ def test_no_observation_is_longer_than_the_bound(name, seed, script):
             break
         observations.append(env.step(action)[0])
     for observation in observations:
-        assert len(M.encode(ENC, observation)) <= A.TextEnv.max_observation_chars, observation
+        assert len(tokenizer.encode(ENC, observation)) <= A.TextEnv.max_observation_chars, observation
     assert len(A.calculator("-10**30*10**30")) + len("<result></result>\n") == A.TextEnv.max_observation_chars
 
 
@@ -342,7 +343,7 @@ trees = st.recursive(leaves, lambda kids: st.one_of(
 def test_calculator_agrees_with_python_arithmetic(tree):
     text, value, depth, biggest = tree
     result = A.calculator(text)
-    if len(text) > M.ARITH_MAX_CHARS or depth > 30 or (value != ERROR and biggest > 1e40) or biggest == OUT_OF_RANGE:
+    if len(text) > tasks.ARITH_MAX_CHARS or depth > 30 or (value != ERROR and biggest > 1e40) or biggest == OUT_OF_RANGE:
         assert result.startswith("error") or result == A.format_number(value)   # bounds: either is fine
     elif value == ERROR:
         assert result.startswith("error: division by zero")
@@ -359,7 +360,7 @@ def test_calculator_returns_a_number_or_an_error_on_any_string(text):
     assert isinstance(result, str)
     if not result.startswith("error: "):
         float(result)                                   # a number, nothing else
-        assert math.isfinite(float(result)) and abs(float(result)) <= M.ARITH_MAX_ABS
+        assert math.isfinite(float(result)) and abs(float(result)) <= tasks.ARITH_MAX_ABS
 
 
 EXTREMES = [0, 1, 2, 9, 10, 255, 256, 257, 10 ** 30, 10 ** 60, 10 ** 61, 0.0, 0.5, 0.01, 1e-300, 5e-324,
@@ -394,7 +395,7 @@ def test_calculator_on_extreme_constants_gives_python_value_or_its_error(tree):
     if result.startswith("error: "):
         return
     value = python_value(structure)
-    assert abs(value) <= M.ARITH_MAX_ABS
+    assert abs(value) <= tasks.ARITH_MAX_ABS
     assert result == A.format_number(value)
 
 
@@ -449,8 +450,8 @@ def test_collate_marks_exactly_the_model_tokens(seed):
         model_text = "".join(episode.actions)
         env_text = "".join(episode.observations)
         ids = tokens[b, :len(traj.tokens)].tolist()
-        assert M.decode(ENC, [i for i, a in zip(ids, traj.is_action) if a]) == model_text
-        assert M.decode(ENC, [i for i, a in zip(ids, traj.is_action) if not a]) == env_text
+        assert tokenizer.decode(ENC, [i for i, a in zip(ids, traj.is_action) if a]) == model_text
+        assert tokenizer.decode(ENC, [i for i, a in zip(ids, traj.is_action) if not a]) == env_text
         for t in range(mask.shape[1]):
             assert bool(mask[b, t]) == (t + 1 < len(traj.tokens) and traj.is_action[t + 1])
 
@@ -469,11 +470,11 @@ def test_an_expert_episode_replayed_from_its_tokens_gets_the_full_reward(seed):
                 segments.append((traj.is_action[start], traj.tokens[start:i]))
                 start = i
         assert [is_action for is_action, _ in segments] == [False] + [True, False] * traj.turns
-        assert M.encode(ENC, env.reset(traj.seed)) == segments[0][1]
+        assert tokenizer.encode(ENC, env.reset(traj.seed)) == segments[0][1]
         reward = 0.0
         for (_, action_ids), (_, observation_ids) in zip(segments[1::2], segments[2::2]):
-            observation, step_reward, done, info = env.step(M.decode(ENC, action_ids))
-            assert M.encode(ENC, observation) == observation_ids
+            observation, step_reward, done, info = env.step(tokenizer.decode(ENC, action_ids))
+            assert tokenizer.encode(ENC, observation) == observation_ids
             reward += step_reward
         assert done and info["success"]
         assert reward == (1.0 if traj.env != "guess" else pytest.approx(0.9 ** (info["turn"] - 1)))
@@ -531,7 +532,7 @@ def test_sampled_action_tokens_are_exactly_the_trained_tokens(monkeypatch):
     for b, traj in enumerate(trajs):
         trained = tokens[b, 1:][mask[b]].tolist()         # the targets the loss sees at action positions
         assert trained == [i for turn in expected[b] for i in turn]
-        round_trip_differs |= any(M.encode(ENC, M.decode(ENC, turn)) != turn for turn in expected[b])
+        round_trip_differs |= any(tokenizer.encode(ENC, tokenizer.decode(ENC, turn)) != turn for turn in expected[b])
     assert round_trip_differs                            # the test would catch a decode/encode round trip
 
 
@@ -780,12 +781,12 @@ def test_main_writes_checkpoint_metrics_and_the_policy_table(tmp_path, capsys):
     results = A.main(["--out", str(out), "--eval-every", "1", *TINY_RUN])
     for name in ("model.pt", "warm_start.pt", "metrics.jsonl", "results.json", "args.json"):
         assert (out / name).exists(), name
-    model, enc, ckpt = M.load(str(out / "model.pt"))
+    model, enc, ckpt = checkpoints.load(str(out / "model.pt"))
     assert ckpt["meta"]["results"]["table"].keys() == results["table"].keys()
     table = results["table"]
     assert list(table) == POLICIES
     assert all(table["expert"][n]["success"] == 1.0 and table["expert"][n]["n"] == 3 for n in A.ENVS)
-    rows = M.read_jsonl(str(out / "metrics.jsonl"))
+    rows = tasks.read_jsonl(str(out / "metrics.jsonl"))
     assert {r["kind"] for r in rows} == {"bc", "rl", "eval", "bc_control"}
     printed = capsys.readouterr().out
     for policy in POLICIES:
@@ -827,10 +828,10 @@ def test_the_bc_control_trains_for_the_measured_rl_seconds_from_the_warm_start(t
     warm_start, control = calls
     assert warm_start["time_budget"] == 0.0 and control["time_budget"] == results["rl_seconds"] > 0
     assert control["trajs"] is warm_start["trajs"]
-    warm = M.load(str(out / "warm_start.pt"))[0].state_dict()
+    warm = checkpoints.load(str(out / "warm_start.pt"))[0].state_dict()
     for key, value in control["weights"].items():
         torch.testing.assert_close(value, warm[key], rtol=0, atol=0)
-    rl_rows = [r for r in M.read_jsonl(str(out / "metrics.jsonl")) if r["kind"] == "rl"]
+    rl_rows = [r for r in tasks.read_jsonl(str(out / "metrics.jsonl")) if r["kind"] == "rl"]
     measured = sum(r["rollout_s"] + r["update_s"] for r in rl_rows)
     assert measured <= results["rl_seconds"] <= measured + 0.5      # the evals (eval-every 1) are not counted
 
@@ -866,7 +867,7 @@ def test_behaviour_cloning_stops_before_a_non_finite_update():
     with torch.no_grad():
         model.wte.weight[0, 0] = math.nan                  # tied: every logit row holds a NaN
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    with pytest.raises(M.NonFiniteError, match="behaviour cloning step 1: bc_loss is nan"):
+    with pytest.raises(cli.NonFiniteError, match="behaviour cloning step 1: bc_loss is nan"):
         A.behaviour_cloning(model, ENC, expert_trajs(2), steps=3, batch_size=4, lr=1e-3, device=torch.device("cpu"))
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0, equal_nan=True)
@@ -884,7 +885,7 @@ def test_rl_step_stops_before_a_non_finite_update(monkeypatch):
     before = {name: value.clone() for name, value in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     args = A.Args(states_per_step=1, group_size=2, max_action_tokens=4)
-    with pytest.raises(M.NonFiniteError, match="RL step 7, update epoch 1: loss is nan"):
+    with pytest.raises(cli.NonFiniteError, match="RL step 7, update epoch 1: loss is nan"):
         A.rl_step(model, optimizer, ENC, ["keydoor"], random.Random(0), args, torch.device("cpu"),
                   torch.Generator().manual_seed(0), step=7)
     assert not optimizer.state                             # never stepped
@@ -895,7 +896,7 @@ def test_rl_step_stops_before_a_non_finite_update(monkeypatch):
 def test_a_non_finite_warm_start_saves_no_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(A, "bc_loss", lambda logprobs, mask: (logprobs * mask).sum() * math.nan)
     out = tmp_path / "agent"
-    with pytest.raises(M.NonFiniteError, match="behaviour cloning step 1"):
+    with pytest.raises(cli.NonFiniteError, match="behaviour cloning step 1"):
         A.main(["--out", str(out), "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--bc-episodes", "2",
                 "--bc-steps", "2", "--rl-steps", "1", "--eval-episodes", "1", "--device", "cpu"])
     assert not (out / "warm_start.pt").exists() and not (out / "model.pt").exists()
@@ -903,10 +904,10 @@ def test_a_non_finite_warm_start_saves_no_checkpoint(tmp_path, monkeypatch):
 
 def test_an_init_checkpoint_with_too_few_learned_positions_is_refused_before_writing(tmp_path):
     ckpt = tmp_path / "learned.pt"
-    M.save(str(ckpt), M.GPT(M.Config(**{**TINY, "block_size": 64, "pos": "learned"})), ENC)
+    checkpoints.save(str(ckpt), M.GPT(M.Config(**{**TINY, "block_size": 64, "pos": "learned"})), ENC)
     out = tmp_path / "agent"
     assert A.episode_token_bound(sorted(A.ENVS), 24) > 64
-    with pytest.raises(M.UserError, match="--max-action-tokens 24: an episode may reach"):
+    with pytest.raises(cli.UserError, match="--max-action-tokens 24: an episode may reach"):
         A.main(["--init", str(ckpt), "--out", str(out), "--device", "cpu"])
     assert not out.exists()
 

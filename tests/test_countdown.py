@@ -11,6 +11,7 @@ import torch
 
 import grpo
 import model as M
+from lib import checkpoints, cli, tasks, tokenizer
 import sft
 import synth as S
 
@@ -30,7 +31,7 @@ CASES = [E.Args(), E.Args(out="o", data_dir="d", difficulty="2-4", n_sft=50, n_s
 def test_every_command_parses_with_the_target_stages_own_parser(args):
     data = E.countdown_data_command(args)
     assert data[0] == "synth.py"
-    parsed = M.parse_args(S.Args, data[1:])
+    parsed = cli.parse_args(S.Args, data[1:])
     S.check_args(parsed)                                       # synth.py's own checks accept the values
     assert S.parse_families(parsed.families) == [S.COUNTDOWN] and parsed.out_dir == args.data_dir
     names = S.file_names([S.COUNTDOWN])
@@ -40,7 +41,7 @@ def test_every_command_parses_with_the_target_stages_own_parser(args):
         assert getattr(parsed, name) == getattr(args, name), name
     assert parsed.sft_difficulty == parsed.rl_difficulty == parsed.test_difficulty == args.difficulty
 
-    start = M.parse_args(sft.Args, E.start_command(args)[1:])
+    start = cli.parse_args(sft.Args, E.start_command(args)[1:])
     assert E.start_command(args)[0] == "sft.py" and start.init == ""          # from scratch
     assert (start.data, start.test_data, start.eval_data) == tuple(
         E.countdown_file(args, s) for s in ("sft_train", "sft_test", "rl_test"))
@@ -52,7 +53,7 @@ def test_every_command_parses_with_the_target_stages_own_parser(args):
     runs = {}
     for task, command in (("countdown", E.countdown_grpo_command(args)), ("headline", E.headline_grpo_command(args))):
         assert command[0] == "grpo.py"
-        runs[task] = M.parse_args(grpo.Args, command[1:])
+        runs[task] = cli.parse_args(grpo.Args, command[1:])
         grpo.check_args(runs[task])
         assert runs[task].out == os.path.join(args.out, task) and runs[task].control
     countdown, headline = runs["countdown"], runs["headline"]
@@ -69,15 +70,15 @@ def test_every_command_parses_with_the_target_stages_own_parser(args):
     assert (countdown.max_steps, countdown.time_budget, countdown.prompts_per_step, countdown.group_size) == (
         args.grpo_steps, 0.0, args.prompts_per_step, args.group_size)
 
-    assert M.parse_args(S.Args, E.headline_data_command()[1:]) == S.Args()
-    assert M.parse_args(sft.Args, E.headline_start_command(args)[1:]) == sft.Args(threads=args.threads)
+    assert cli.parse_args(S.Args, E.headline_data_command()[1:]) == S.Args()
+    assert cli.parse_args(sft.Args, E.headline_start_command(args)[1:]) == sft.Args(threads=args.threads)
 
 
 def test_the_headline_defaults_are_the_pipelines_own():
     d, g = E.Args(), grpo.Args()
     assert (d.headline_init, d.headline_data, d.headline_eval_data, d.headline_sft_data, d.headline_sft_test_data) == \
         (g.init, g.data, g.eval_data, g.sft_data, g.sft_test_data)
-    assert d.headline_init == os.path.join(sft.Args().out, "model.pt") and d.max_new_tokens == M.MAX_NEW_TOKENS
+    assert d.headline_init == os.path.join(sft.Args().out, "model.pt") and d.max_new_tokens == tasks.MAX_NEW_TOKENS
     assert E.countdown_file(d, "rl_test") == os.path.join(S.Args().out_dir, "countdown_rl_test.jsonl")
 
 
@@ -100,7 +101,7 @@ def test_the_table_holds_what_the_summaries_hold():
 
 def tiny_checkpoint(path):
     torch.manual_seed(0)
-    M.save(str(path), M.GPT(M.Config(n_layer=1, n_head=2, n_kv_head=2, n_embd=32)), M.get_tokenizer("bytes"))
+    checkpoints.save(str(path), M.GPT(M.Config(n_layer=1, n_head=2, n_kv_head=2, n_embd=32)), tokenizer.get_tokenizer("bytes"))
     return str(path)
 
 
@@ -115,7 +116,7 @@ def tiny_argv(tmp_path, *extra):
 def test_a_tiny_run_for_real_trains_on_countdown_with_the_expression_reward(tmp_path, capsys):
     rows = E.main(tiny_argv(tmp_path))
     assert [(r["task"], r["row"]) for r in rows] == [("Countdown (expression=1)", label) for label, _ in E.ROWS]
-    prompts = M.read_jsonl(str(tmp_path / "data" / "countdown_rl_train.jsonl"))
+    prompts = tasks.read_jsonl(str(tmp_path / "data" / "countdown_rl_train.jsonl"))
     assert len(prompts) == 8 and all(r["family"] == "countdown" and len(r["numbers"]) == 3 for r in prompts)
     run = tmp_path / "cd" / "countdown"
     saved = json.loads((run / "args.json").read_text())
@@ -139,7 +140,7 @@ def test_a_bad_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, ba
     argv = tiny_argv(tmp_path, *bad)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        M.cli(lambda: E.main(argv))
+        cli.run(lambda: E.main(argv))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and names in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]
@@ -147,6 +148,6 @@ def test_a_bad_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, ba
 
 def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        M.parse_args(E.Args, ["--help"])
+        cli.parse_args(E.Args, ["--help"])
     shown = capsys.readouterr().out
     assert exit_info.value.code == 0 and all(f"--{n.replace('_', '-')}" in shown for n in vars(E.Args()))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-import model as M
+from lib import cli, tasks
 import synth as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +31,8 @@ def one_thread():
 
 def tiny_data(folder):
     for name, offset in (("train", 0), ("test", 50)):
-        M.write_jsonl(str(folder / f"{name}.jsonl"), [{"prompt": f"{a}*{b}=?\n", "completion": f"#### {a * b}"}
-                                                      for a in range(offset, offset + 30) for b in range(3)])
+        tasks.write_jsonl(str(folder / f"{name}.jsonl"), [{"prompt": f"{a}*{b}=?\n", "completion": f"#### {a * b}"}
+                                                          for a in range(offset, offset + 30) for b in range(3)])
     return folder
 
 
@@ -140,7 +140,7 @@ def test_a_bad_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, ba
     argv = tiny_argv(tmp_path, *bad)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        M.cli(lambda: E.main(argv))
+        cli.run(lambda: E.main(argv))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and names in err and "Traceback" not in err, err
     assert not (tmp_path / "ffn").exists()
@@ -148,8 +148,8 @@ def test_a_bad_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, ba
 
 def test_the_data_command_parses_with_synths_parser_and_help_lists_every_option(capsys):
     command = E.data_command()
-    assert command[0] == "synth.py" and M.parse_args(S.Args, command[1:]) == S.Args()
+    assert command[0] == "synth.py" and cli.parse_args(S.Args, command[1:]) == S.Args()
     with pytest.raises(SystemExit) as exit_info:
-        M.parse_args(E.Args, ["--help"])
+        cli.parse_args(E.Args, ["--help"])
     shown = capsys.readouterr().out
     assert exit_info.value.code == 0 and all(f"--{n.replace('_', '-')}" in shown for n in vars(E.Args()))

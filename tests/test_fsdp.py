@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 import grpo
 import model as M
+from lib import checkpoints, cli, distributed, stages, tasks, tokenizer
 import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,10 +109,10 @@ def tiny_rows(n=24):
 
 def write_sft_data(folder):
     rows = tiny_rows()
-    M.write_jsonl(os.path.join(folder, "train.jsonl"), rows)
-    M.write_jsonl(os.path.join(folder, "test.jsonl"), rows[:8])
-    M.write_jsonl(os.path.join(folder, "heldout.jsonl"), [{"prompt": r["prompt"], "answer": r["answer"]}
-                                                         for r in rows[:4]])
+    tasks.write_jsonl(os.path.join(folder, "train.jsonl"), rows)
+    tasks.write_jsonl(os.path.join(folder, "test.jsonl"), rows[:8])
+    tasks.write_jsonl(os.path.join(folder, "heldout.jsonl"), [{"prompt": r["prompt"], "answer": r["answer"]}
+                                                             for r in rows[:4]])
 
 
 def sft_args(folder, out, **overrides):
@@ -135,7 +136,7 @@ def _fsdp_worker(rank, world, ports, folder, states):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(ports[0]))
-    M.setup_ddp()
+    distributed.setup_ddp()
     M.LOGIT_CHUNK_ELEMENTS = CHUNK
     save = lambda name, obj: torch.save(obj, os.path.join(folder, f"rank{rank}_{name}.pt"))
 
@@ -143,7 +144,7 @@ def _fsdp_worker(rank, world, ports, folder, states):
     for clip in (0.0, 0.5):
         policy = M.GPT(M.Config(**TINY))
         policy.load_state_dict(states["sft"])
-        M.shard_model(policy, "cpu", sum_gradients=True)
+        distributed.shard_model(policy, "cpu", sum_gradients=True)
         optimizer = torch.optim.SGD(policy.parameters(), lr=SGD_LR)
         loss, grad_norm, n_tokens = sft.train_step(policy, optimizer, sft_micro_batches(SFT_PAIRS, rank, world),
                                                    "cpu", grad_clip=clip, world_size=world, fsdp=True)
@@ -156,15 +157,15 @@ def _fsdp_worker(rank, world, ports, folder, states):
     inputs = torch.arange(40).view(2, 20) % 256
     with torch.no_grad():
         logits = policy(inputs)                            # every rank: the forward gathers from every rank
-    copy = M.full_model(policy)
+    copy = distributed.full_model(policy)
     if rank == 0:
-        M.save(os.path.join(folder, "fsdp_saved.pt"), copy, M.get_tokenizer())
+        checkpoints.save(os.path.join(folder, "fsdp_saved.pt"), copy, tokenizer.get_tokenizer())
     else:
         assert copy is None
     save("logits", {"inputs": inputs, "logits": logits})
 
     # Generation on the gathered weights: ranks decode different lengths, no collective inside
-    with M.gathered(policy):
+    with distributed.gathered(policy):
         generation = M.generate(policy, [[5, 6, 7], [8, 9]], max_new_tokens=3 + 9 * rank, temperature=0.0,
                                 stop_ids=(), pad_id=PAD)
     save("generate", {"tokens": generation.tokens, "sharded_after": hasattr(policy.wte.weight, "full_tensor")})
@@ -176,14 +177,14 @@ def _fsdp_worker(rank, world, ports, folder, states):
     policy.load_state_dict(states["grpo"])
     reference = M.GPT(M.Config(**TINY)).requires_grad_(False)
     reference.load_state_dict(states["reference"])
-    M.shard_model(policy, "cpu")
-    M.shard_model(reference, "cpu")
+    distributed.shard_model(policy, "cpu")
+    distributed.shard_model(reference, "cpu")
     optimizer = RecordingSGD(policy.parameters(), lr=SGD_LR)
     stats = grpo.update(policy, policy, optimizer, grpo_rollout(tokens[rows], mask[rows], old_logprobs[rows]),
                         advantages[rows], reference, grpo_args(), torch.device("cpu"), step=1, world=world)
     save("grpo", {"grads": optimizer.grads, "stats": stats,
                   "params": {n: full(p.detach()) for n, p in policy.named_parameters()}})
-    M.cleanup_ddp()
+    distributed.cleanup_ddp()
 
     # Resume under FSDP: N steps straight vs stopped after k (checkpoint at k), then --resume --fsdp
     os.environ["MASTER_PORT"] = str(ports[1])
@@ -209,7 +210,7 @@ def _fsdp_worker(rank, world, ports, folder, states):
             shutil.copy(os.path.join(folder, "resumed", name), os.path.join(folder, "stopped", name))
     os.environ["MASTER_PORT"] = str(ports[3])
     sft.main(["--out", os.path.join(folder, "resumed"), "--resume", "--fsdp"])
-    M.exit_without_shutdown(0)   # as model.cli ends a torchrun rank: spawn's exit would shut the interpreter down
+    cli.exit_without_shutdown(0)   # as model.cli ends a torchrun rank: spawn's exit would shut the interpreter down
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +305,7 @@ def test_sharded_gradient_clip_uses_the_norm_over_every_shard(fsdp):
 def test_a_checkpoint_gathered_under_fsdp_loads_in_one_process_with_the_same_logits(fsdp):
     """model.save of full_model's copy: a plain checkpoint (model.load validates it), tied embeddings tied,
     the weights the sharded model held (gathering copies, bit for bit) and the logits it computed."""
-    loaded, _, _ = M.load(os.path.join(fsdp, "fsdp_saved.pt"))
+    loaded, _, _ = checkpoints.load(os.path.join(fsdp, "fsdp_saved.pt"))
     assert loaded.lm_head.weight is loaded.wte.weight
     sharded = load(fsdp, 0, "sft_clip0.5")["params"]
     for name, param in loaded.named_parameters():
@@ -318,7 +319,7 @@ def test_a_checkpoint_gathered_under_fsdp_loads_in_one_process_with_the_same_log
 def test_generation_on_gathered_weights_equals_one_process_and_frees_them_after(fsdp):
     """Inside model.gathered each rank decodes alone (3 and 12 new tokens: a collective per decode step would
     hang); greedy tokens equal the single-process model's; on exit the parameters are shards again."""
-    loaded, _, _ = M.load(os.path.join(fsdp, "fsdp_saved.pt"))
+    loaded, _, _ = checkpoints.load(os.path.join(fsdp, "fsdp_saved.pt"))
     for rank in range(WORLD):
         got = load(fsdp, rank, "generate")
         want = M.generate(loaded, [[5, 6, 7], [8, 9]], max_new_tokens=3 + 9 * rank, temperature=0.0, stop_ids=(),
@@ -364,8 +365,8 @@ def test_resume_under_fsdp_continues_bit_identically(fsdp):
     run's bit for bit, as single-process resume does (test_sft). Exact, because both runs do the same float
     operations in the same order: gathering and scattering shards copies numbers, and a sum over two ranks
     does not depend on their order."""
-    straight, _, ckpt_a = M.load(os.path.join(fsdp, "straight", "model.pt"))
-    resumed, _, ckpt_b = M.load(os.path.join(fsdp, "resumed", "model.pt"))
+    straight, _, ckpt_a = checkpoints.load(os.path.join(fsdp, "straight", "model.pt"))
+    resumed, _, ckpt_b = checkpoints.load(os.path.join(fsdp, "resumed", "model.pt"))
     assert ckpt_a["meta"]["step"] == ckpt_b["meta"]["step"] == RESUME_STEPS
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
@@ -385,14 +386,14 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(fsdp, tmp_path):
     in another order than the two ranks' reduce-scatter, and Adam amplifies the last-bit differences.)"""
     folder = tmp_path / "stopped"
     shutil.copytree(os.path.join(fsdp, "stopped"), folder)
-    policy, _, ckpt = M.load(str(folder / "model.pt"))
+    policy, _, ckpt = checkpoints.load(str(folder / "model.pt"))
     saved = ckpt["meta"]["optimizer"]
     params = [p for group in sft.adamw(policy, 1e-3, 0.1, (0.9, 0.99)).param_groups for p in group["params"]]
     assert ckpt["meta"]["step"] == RESUME_AT and sorted(saved["state"]) == list(range(len(params)))
     for index, param in enumerate(params):
         assert saved["state"][index]["exp_avg"].shape == param.shape
     sft.main(["--out", str(folder), "--resume"])   # the saved --fsdp is not restored: it is how a command runs
-    assert M.load(str(folder / "model.pt"))[2]["meta"]["step"] == RESUME_STEPS
+    assert checkpoints.load(str(folder / "model.pt"))[2]["meta"]["step"] == RESUME_STEPS
 
 
 # ---- torchrun, end to end ----------------------------------------------------------------------
@@ -411,18 +412,18 @@ def test_torchrun_sft_fsdp_on_a_time_budget_exits_0_with_one_writer(tmp_path):
     gradient averaged instead of summed over the ranks (half the norm) would not give."""
     write_sft_data(str(tmp_path))
     args = sft_args(str(tmp_path), "run", max_steps=0, time_budget=0.01, eval_every=0, fsdp=True, dropout=0.0)
-    argv = M.stage_command("sft.py", **{k: v for k, v in vars(args).items() if k not in ("init", "resume")})[1:]
+    argv = stages.stage_command("sft.py", **{k: v for k, v in vars(args).items() if k not in ("init", "resume")})[1:]
     done = torchrun("sft.py", argv, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "run")) == [".lock", "args.json", "metrics.jsonl", "model.pt"]
-    rows = [r for r in M.read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    rows = [r for r in tasks.read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
     steps = [r["step"] for r in rows]
     assert steps and steps == list(range(1, len(steps) + 1))
     sft.run(sft_args(str(tmp_path), "one", max_steps=1, eval_every=0, dropout=0.0))
-    one = [r for r in M.read_jsonl(str(tmp_path / "one" / "metrics.jsonl")) if r["kind"] == "train"][0]
+    one = [r for r in tasks.read_jsonl(str(tmp_path / "one" / "metrics.jsonl")) if r["kind"] == "train"][0]
     assert abs(rows[0]["loss"] - one["loss"]) <= 1e-5 * one["loss"]
     assert abs(rows[0]["grad_norm"] - one["grad_norm"]) <= 1e-5 * one["grad_norm"]
-    assert M.load(str(tmp_path / "run" / "model.pt"))[2]["meta"]["step"] == steps[-1]
+    assert checkpoints.load(str(tmp_path / "run" / "model.pt"))[2]["meta"]["step"] == steps[-1]
     assert done.stdout.count("held-out accuracy") == 1
 
 
@@ -430,23 +431,23 @@ def test_torchrun_grpo_fsdp_exits_0_with_one_writer(tmp_path):
     """GRPO on 2 sharded ranks with a reference model and an eval after every step (each a gather that
     every rank joins): exit 0, one run folder, one table, a checkpoint that loads in one process."""
     torch.manual_seed(0)
-    enc = M.get_tokenizer()
-    M.save(str(tmp_path / "start.pt"), M.GPT(M.Config(**{**TINY, "n_layer": 1})), enc)
-    M.write_jsonl(str(tmp_path / "rl.jsonl"), [{"prompt": f"{a}+{b}=?\n", "answer": str(a + b)}
-                                               for a in range(10) for b in range(10)])
-    argv = M.stage_command("grpo.py", init="start.pt", data="rl.jsonl", eval_data="rl.jsonl", out="run",
-                           prompts_per_step=4, group_size=4, max_new_tokens=6, max_steps=2, n_eval=4,
-                           n_eval_during=4, pass_k=2, eval_minutes=1e-4, beta=0.1, micro_batch=3, control=False,
-                           png=False, device="cpu", fsdp=True)[1:]
+    enc = tokenizer.get_tokenizer()
+    checkpoints.save(str(tmp_path / "start.pt"), M.GPT(M.Config(**{**TINY, "n_layer": 1})), enc)
+    tasks.write_jsonl(str(tmp_path / "rl.jsonl"), [{"prompt": f"{a}+{b}=?\n", "answer": str(a + b)}
+                                                   for a in range(10) for b in range(10)])
+    argv = stages.stage_command("grpo.py", init="start.pt", data="rl.jsonl", eval_data="rl.jsonl", out="run",
+                                prompts_per_step=4, group_size=4, max_new_tokens=6, max_steps=2, n_eval=4,
+                                n_eval_during=4, pass_k=2, eval_minutes=1e-4, beta=0.1, micro_batch=3, control=False,
+                                png=False, device="cpu", fsdp=True)[1:]
     done = torchrun("grpo.py", argv, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "run")) == [".lock", "args.json", "metrics.jsonl", "model.pt",
                                                     "results.md", "summary.json"]
-    rows = M.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    rows = tasks.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
     assert len([r for r in rows if r["kind"] == "eval"]) == 4   # start, after steps 1 and 2, final
     assert done.stdout.count("| GRPO |") == 1
-    assert M.load(str(tmp_path / "run" / "model.pt"))[2]["meta"]["step"] == 2
+    assert checkpoints.load(str(tmp_path / "run" / "model.pt"))[2]["meta"]["step"] == 2
 
 
 # ---- options -----------------------------------------------------------------------------------
@@ -454,8 +455,8 @@ def test_torchrun_grpo_fsdp_exits_0_with_one_writer(tmp_path):
 def test_fsdp_without_torchrun_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     write_sft_data(str(tmp_path))
-    with pytest.raises(M.UserError, match="--fsdp .* torchrun"):
+    with pytest.raises(cli.UserError, match="--fsdp .* torchrun"):
         sft.run(sft_args(str(tmp_path), "run", fsdp=True))
-    with pytest.raises(M.UserError, match="--fsdp .* torchrun"):
+    with pytest.raises(cli.UserError, match="--fsdp .* torchrun"):
         grpo.train(grpo.Args(out=str(tmp_path / "grpo"), fsdp=True))
     assert not (tmp_path / "run").exists() and not (tmp_path / "grpo").exists()

@@ -13,6 +13,7 @@ from hypothesis.extra.numpy import arrays
 
 import grpo
 import model as M
+from lib import checkpoints, cli, rundir, tasks, tokenizer
 
 
 # ---------------------------------------------------------------- advantages
@@ -211,7 +212,7 @@ def test_rewards_read_the_completion_only():
     assert grpo.overlong_reward("", row, 32, True, args) == -1.0
     w = grpo.parse_reward_weights("correct=1, format=0.5")
     assert grpo.total_reward("x=1\n#### 7", row, 8, False, args, w) == 1.5
-    with pytest.raises(M.UserError):
+    with pytest.raises(cli.UserError):
         grpo.parse_reward_weights("nonsense=1")
 
 
@@ -219,7 +220,7 @@ def test_rewards_read_the_completion_only():
                                        ({"top_k": -1}, "--top-k"), ({"group_size": 1}, "--group-size")])
 def test_bad_sizes_are_one_clear_error_and_write_nothing(tmp_path, bad, flag):
     args = grpo.Args(out=str(tmp_path / "run"), data=str(tmp_path / "none.jsonl"), **bad)
-    with pytest.raises(M.UserError, match=flag):
+    with pytest.raises(cli.UserError, match=flag):
         grpo.train(args)
     assert not (tmp_path / "run").exists()
 
@@ -229,14 +230,14 @@ def test_bad_sizes_are_one_clear_error_and_write_nothing(tmp_path, bad, flag):
 def tiny_setup(tmp_path, seed=0):
     """A tiny byte-level policy checkpoint and RL prompts/answers, written to tmp_path."""
     torch.manual_seed(seed)
-    enc = M.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     policy = M.GPT(M.Config(vocab_size=enc.n_vocab, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, block_size=64))
-    M.save(str(tmp_path / "start.pt"), policy, enc)
+    checkpoints.save(str(tmp_path / "start.pt"), policy, enc)
     rows = [{"prompt": f"{a}+{b}=?\n", "answer": str(a + b), "difficulty": 1 + (a > 4)}
             for a in range(10) for b in range(10)]
-    M.write_jsonl(str(tmp_path / "rl.jsonl"), rows)
+    tasks.write_jsonl(str(tmp_path / "rl.jsonl"), rows)
     sft_rows = [{"prompt": r["prompt"], "completion": f"#### {r['answer']}"} for r in rows]
-    M.write_jsonl(str(tmp_path / "sft.jsonl"), sft_rows)
+    tasks.write_jsonl(str(tmp_path / "sft.jsonl"), sft_rows)
     return tmp_path
 
 
@@ -275,9 +276,9 @@ def test_first_update_ratio_is_one_with_sampler_logprobs(tmp_path):
     """The sampler's log-probs (KV cache, temperature, top-k) and the training forward agree, so the
     importance ratio at the first update is 1 to fp32 precision."""
     tmp = tiny_setup(tmp_path)
-    policy, enc, _ = M.load(str(tmp / "start.pt"))
+    policy, enc, _ = checkpoints.load(str(tmp / "start.pt"))
     args = tiny_args(tmp, temperature=0.8, top_k=20, max_new_tokens=10)
-    rows = M.read_jsonl(str(tmp / "rl.jsonl"))[:4]
+    rows = tasks.read_jsonl(str(tmp / "rl.jsonl"))[:4]
     ro = grpo.rollout(policy, enc, rows, args, {"correct": 1.0}, torch.Generator().manual_seed(0))
     with torch.no_grad():
         logprobs, entropy = grpo.policy_logprobs(policy, ro.tokens, args)
@@ -303,10 +304,10 @@ def test_full_run_produces_the_three_row_table_with_a_fair_control(tmp_path, mon
         assert label in table
     control_args = json.load(open(tmp / "run" / "control" / "args.json"))
     assert control_args["init"] == args.init and control_args["data"] == args.sft_data
-    assert results["init_sha256"] == M.sha256(args.init)
+    assert results["init_sha256"] == rundir.sha256(args.init)
     # the control row is what eval_row gives on the control checkpoint, on the same held-out prompts
-    control_model, enc, _ = M.load(str(tmp / "run" / "control" / "model.pt"))
-    again = grpo.eval_row(control_model, enc, M.read_jsonl(args.eval_data)[:args.n_eval], args,
+    control_model, enc, _ = checkpoints.load(str(tmp / "run" / "control" / "model.pt"))
+    again = grpo.eval_row(control_model, enc, tasks.read_jsonl(args.eval_data)[:args.n_eval], args,
                           samples=args.pass_k, seed=args.seed)
     assert again["greedy"] == results["control"]["greedy"] and again["sampled"] == results["control"]["sampled"]
     summary = json.load(open(tmp / "run" / "summary.json"))
@@ -342,7 +343,7 @@ def test_far_off_policy_tokens_give_finite_loss_and_gradient(log_ratio, advantag
 
 def test_no_budget_is_refused_before_anything_is_written(tmp_path):
     tmp = tiny_setup(tmp_path)
-    with pytest.raises(M.UserError, match="set a budget"):
+    with pytest.raises(cli.UserError, match="set a budget"):
         grpo.train(tiny_args(tmp, time_budget=0, max_steps=0))
     assert not (tmp / "run").exists()
 
@@ -350,7 +351,7 @@ def test_no_budget_is_refused_before_anything_is_written(tmp_path):
 def test_step_budget_runs_exactly_that_many_steps(tmp_path):
     tmp = tiny_setup(tmp_path)
     results = grpo.train(tiny_args(tmp, max_steps=3, time_budget=0))
-    train_rows = [r for r in M.read_jsonl(str(tmp / "run" / "metrics.jsonl")) if r.get("kind") == "train"]
+    train_rows = [r for r in tasks.read_jsonl(str(tmp / "run" / "metrics.jsonl")) if r.get("kind") == "train"]
     assert results["steps"] == 3 and [r["step"] for r in train_rows] == [1, 2, 3]
 
 
@@ -358,16 +359,16 @@ def test_the_controls_bad_demonstrations_stop_the_run_before_grpo_trains(tmp_pat
     """--sft-data is the control's input: a malformed file is reported before GRPO spends its minutes."""
     tmp = tiny_setup(tmp_path)
     (tmp / "bad.jsonl").write_text('{"prompt": "1+1=?\\n", "completion": "#### 2"}\n{"prompt": 5, "completion": "x"}\n')
-    with pytest.raises(M.UserError, match=r"bad.jsonl:2: 'prompt' must be a string"):
+    with pytest.raises(cli.UserError, match=r"bad.jsonl:2: 'prompt' must be a string"):
         grpo.train(tiny_args(tmp, control=True, sft_data=str(tmp / "bad.jsonl")))
     assert not (tmp / "run").exists()
 
 
 def test_prompts_longer_than_the_context_are_skipped_and_counted(tmp_path, capsys):
     tmp = tiny_setup(tmp_path)                      # block_size 64, max_new_tokens 8: prompts of > 56 bytes skip
-    rows = M.read_jsonl(str(tmp / "rl.jsonl"))
+    rows = tasks.read_jsonl(str(tmp / "rl.jsonl"))
     rows[0] = {"prompt": "9" * 60 + "=?\n", "answer": "1"}
-    M.write_jsonl(str(tmp / "rl.jsonl"), rows)
+    tasks.write_jsonl(str(tmp / "rl.jsonl"), rows)
     grpo.train(tiny_args(tmp, max_steps=1))
     assert f"rl.jsonl: skipped 1 of {len(rows)} prompts longer than the context" in capsys.readouterr().out
 
@@ -724,7 +725,7 @@ def test_compile_train_compiles_the_policy_after_the_reference_copy_and_passes_t
     assert len(rows) == 2 and all(r["grad_norm"] > 0 and math.isfinite(r["kl"]) for r in rows)
     command = grpo.control_command(tiny_args(tmp, compile_train=True), 1.0)
     import sft
-    assert "--compile-train" in command and M.parse_args(sft.Args, command[1:]).compile_train
+    assert "--compile-train" in command and cli.parse_args(sft.Args, command[1:]).compile_train
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(M.UserError, match="--compile-train with --fsdp"):
+    with pytest.raises(cli.UserError, match="--compile-train with --fsdp"):
         grpo.check_args(tiny_args(tmp, compile_train=True, fsdp=True))

@@ -4,7 +4,7 @@ import importlib.util
 import json
 import os
 
-import model as M
+from lib import cli, tasks
 import grpo
 import ppo
 from test_grpo import tiny_setup
@@ -28,9 +28,9 @@ def tiny_argv(tmp):
 
 def test_both_arms_get_the_same_inputs_and_parse_with_their_own_parsers(tmp_path):
     experiment = load_experiment()
-    args = M.parse_args(experiment.Args, tiny_argv(tmp_path))
-    grpo_args = M.parse_args(grpo.Args, experiment.grpo_command(args, 0)[1:])
-    ppo_args = M.parse_args(ppo.Args, experiment.ppo_command(args, 0)[1:])
+    args = cli.parse_args(experiment.Args, tiny_argv(tmp_path))
+    grpo_args = cli.parse_args(grpo.Args, experiment.grpo_command(args, 0)[1:])
+    ppo_args = cli.parse_args(ppo.Args, experiment.ppo_command(args, 0)[1:])
     for name in ("init", "data", "eval_data", "temperature", "max_new_tokens", "time_budget", "max_steps", "seed",
                  "threads", "control"):
         assert getattr(grpo_args, name) == getattr(ppo_args, name), name
@@ -47,7 +47,7 @@ def test_tiny_comparison_produces_the_table_with_both_rows(tmp_path):
         summary = json.load(open(tmp / "cmp" / "seed0" / algo / "summary.json"))
         assert summary["sec_per_step"] > 0 and summary["peak_mem_mb"] > 0
         assert all(summary["time_split"][k] > 0 for k in ("gen_s", "score_s", "update_s"))
-        rows = M.read_jsonl(str(tmp / "cmp" / "seed0" / algo / "metrics.jsonl"))
+        rows = tasks.read_jsonl(str(tmp / "cmp" / "seed0" / algo / "metrics.jsonl"))
         train = [r for r in rows if r.get("kind") == "train"]
         assert len(train) == 2 and all(r["completions"] == 64 for r in train)
     assert table["grpo"]["params_by_role"]["value"] == 0 and table["ppo"]["params_by_role"]["value"] > 0

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import losses as L
-import model as M
+from lib import cli
 
 SEEDS = st.integers(0, 2 ** 31 - 1)
 
@@ -543,7 +543,7 @@ def test_help_and_bad_arguments(capsys):
         L.main(["--help"])
     assert exit_info.value.code == 0
     assert "--chunk-size" in capsys.readouterr().out
-    with pytest.raises(M.UserError, match="--tokens"):
+    with pytest.raises(cli.UserError, match="--tokens"):
         L.main(["--tokens", "0"])
 
 
@@ -1107,7 +1107,7 @@ BAD_LOSSES_OPTIONS = [("--samples", "1"), ("--vocab", "1"), ("--tokens", "0"), (
 
 @pytest.mark.parametrize("flag,value", BAD_LOSSES_OPTIONS)
 def test_every_bad_option_is_a_one_line_user_error(flag, value, capsys):
-    with pytest.raises(M.UserError, match=flag):
+    with pytest.raises(cli.UserError, match=flag):
         L.main([flag, value])
     assert capsys.readouterr().out == ""                              # refused before the walkthrough
 

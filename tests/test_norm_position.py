@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-import model as M
+from lib import cli, tasks, tokenizer
 import synth as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,8 +32,8 @@ def one_thread():
 def tiny_data(folder):
     """Two small demonstration files (prompt/completion rows), enough for rows of 16 tokens."""
     for name, offset in (("train", 0), ("test", 50)):
-        M.write_jsonl(str(folder / f"{name}.jsonl"), [{"prompt": f"{a}+{b}=?\n", "completion": f"#### {a + b}"}
-                                                      for a in range(offset, offset + 30) for b in range(3)])
+        tasks.write_jsonl(str(folder / f"{name}.jsonl"), [{"prompt": f"{a}+{b}=?\n", "completion": f"#### {a + b}"}
+                                                          for a in range(offset, offset + 30) for b in range(3)])
     return folder
 
 
@@ -124,7 +124,7 @@ def test_a_run_fails_when_it_diverges_or_does_not_beat_the_bigram_table():
 def test_a_nan_loss_ends_the_arm_and_counts_as_failed(tmp_path, one_thread):
     torch.set_num_threads(1)
     data = tiny_data(tmp_path)
-    enc = M.get_tokenizer("bytes")
+    enc = tokenizer.get_tokenizer("bytes")
     rows, test_rows = E.token_rows(str(data / "train.jsonl"), 16, enc), E.token_rows(str(data / "test.jsonl"), 16, enc)
     args = E.Args(n_embd=16, n_head=2, seq_len=16, batch_size=4, train_depth=2, train_steps=5, lr=1e30)
     run = E.train_arm(args, "post", 0, 0, rows, test_rows, enc.n_vocab, "cpu")
@@ -155,7 +155,7 @@ def test_a_bad_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, ba
     argv = tiny_args(tmp_path, *bad)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        M.cli(lambda: E.main(argv))
+        cli.run(lambda: E.main(argv))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and names in err and "Traceback" not in err, err
     assert not (tmp_path / "np").exists()
@@ -163,9 +163,9 @@ def test_a_bad_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, ba
 
 def test_the_data_command_parses_with_synths_parser_and_help_lists_every_option(capsys):
     command = E.data_command()
-    assert command[0] == "synth.py" and M.parse_args(S.Args, command[1:]) == S.Args()
+    assert command[0] == "synth.py" and cli.parse_args(S.Args, command[1:]) == S.Args()
     assert os.path.join(S.Args().out_dir, "sft_train.jsonl") == E.Args().data
     with pytest.raises(SystemExit) as exit_info:
-        M.parse_args(E.Args, ["--help"])
+        cli.parse_args(E.Args, ["--help"])
     shown = capsys.readouterr().out
     assert exit_info.value.code == 0 and all(f"--{n.replace('_', '-')}" in shown for n in vars(E.Args()))

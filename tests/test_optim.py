@@ -11,7 +11,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import model as M
+from lib import cli
 import optim
 
 # ---------------------------------------------------------------- trajectory equality vs torch
@@ -574,7 +574,7 @@ def test_main_end_to_end_on_a_tiny_config(tmp_path):
 
 
 def test_main_rejects_an_unknown_optimizer(tmp_path):
-    with pytest.raises(M.UserError, match="--optimizers"):
+    with pytest.raises(cli.UserError, match="--optimizers"):
         optim.main(["--optimizers", "Adamax", "--out-dir", str(tmp_path)])
 
 
@@ -823,7 +823,7 @@ BAD_OPTIONS = [("--steps", "0"), ("--batch-size", "0"), ("--seq-len", "2"), ("--
 @pytest.mark.parametrize("flag,value", BAD_OPTIONS)
 def test_every_bad_option_is_refused_before_anything_is_written(tmp_path, flag, value):
     out = tmp_path / "run"
-    with pytest.raises(M.UserError, match=flag if flag != "--n-head" or value != "3" else "--n-embd"):
+    with pytest.raises(cli.UserError, match=flag if flag != "--n-head" or value != "3" else "--n-embd"):
         optim.main([flag, value, "--out-dir", str(out)])
     assert not out.exists()
 

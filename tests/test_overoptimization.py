@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import model as M
+from lib import checkpoints, cli, tasks, tokenizer
 import ppo
 import reward
 import sft
@@ -139,31 +140,31 @@ def test_a_fit_without_a_peak_is_called_rising_or_falling_as_the_curve_itself_mo
 # ---- the stages: every command parses with its target's own parser -------------------------------------
 
 def test_every_command_parses_with_its_targets_parser_and_names_the_experiments_paths(tmp_path):
-    args = M.parse_args(X.Args, ["--out", str(tmp_path / "oo"), "--init", "start.pt", "--betas", "0,0.5"])
-    rm_args = M.parse_args(reward.Args, X.reward_command(args)[1:])
+    args = cli.parse_args(X.Args, ["--out", str(tmp_path / "oo"), "--init", "start.pt", "--betas", "0,0.5"])
+    rm_args = cli.parse_args(reward.Args, X.reward_command(args)[1:])
     assert X.reward_command(args)[0] == "reward.py"
     assert (rm_args.init, rm_args.data, rm_args.test_data, rm_args.out, rm_args.epochs, rm_args.time_budget) == (
         "start.pt", args.prefs, args.prefs_test, str(tmp_path / "oo" / "rm"), args.rm_epochs, args.rm_time_budget)
     for beta in (0.0, 0.5):
         command = X.ppo_command(args, beta, "rm.pt")
-        parsed = M.parse_args(ppo.Args, command[1:])
+        parsed = cli.parse_args(ppo.Args, command[1:])
         assert command[0] == "ppo.py"
         assert (parsed.init, parsed.reward, parsed.reward_model, parsed.beta, parsed.lr, parsed.n_eval_during) == (
             "start.pt", "rm", "rm.pt", beta, args.lr, args.n_points)
         assert parsed.out == X.run_folder(args, beta) and not parsed.control and parsed.kl_target == 0
     synth = pytest.importorskip("synth")
-    data = M.parse_args(synth.Args, X.data_command()[1:])
+    data = cli.parse_args(synth.Args, X.data_command()[1:])
     assert X.data_command()[0] == "synth.py"
     assert os.path.join(data.out_dir, "rl_test.jsonl") == X.Args().eval_data
     assert os.path.join(data.out_dir, "prefs_train.jsonl") == X.Args().prefs
-    start = M.parse_args(sft.Args, X.start_command()[1:])
+    start = cli.parse_args(sft.Args, X.start_command()[1:])
     assert X.start_command()[0] == "sft.py" and os.path.join(start.out, "model.pt") == X.Args().init
 
 
 def test_bad_options_are_one_line_errors_before_anything_runs(tmp_path):
     for argv, flag in ((["--betas", "0,x"], "--betas"), (["--betas", "-1"], "--betas"), (["--bon-n", "0,2"], "--bon-n"),
                        (["--n-points", "0"], "--n-points"), (["--lr", "0"], "--lr"), (["--seed", "-1"], "--seed")):
-        with pytest.raises(M.UserError, match=flag):
+        with pytest.raises(cli.UserError, match=flag):
             X.main(["--out", str(tmp_path / "oo"), "--init", str(tmp_path / "missing.pt"), *argv])
     assert not (tmp_path / "oo").exists()
 
@@ -172,16 +173,16 @@ def test_bad_options_are_one_line_errors_before_anything_runs(tmp_path):
 
 def write_tiny_inputs(folder):
     torch.manual_seed(0)
-    enc = M.get_tokenizer("bytes")
+    enc = tokenizer.get_tokenizer("bytes")
     policy = M.GPT(M.Config(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    M.save(str(folder / "start.pt"), policy, enc)
+    checkpoints.save(str(folder / "start.pt"), policy, enc)
     rng = random.Random(0)
     rows = [{"prompt": f"{a}+{b}=?\n", "answer": str(a + b)}
             for a, b in ((rng.randint(10, 99), rng.randint(10, 99)) for _ in range(32))]
-    M.write_jsonl(str(folder / "rl.jsonl"), rows)
+    tasks.write_jsonl(str(folder / "rl.jsonl"), rows)
     pairs = [{"prompt": row["prompt"], "chosen": f"1+2=3\n#### {row['answer']}", "rejected": f"#### {row['answer']}",
               "kind": "bare"} for row in rows]
-    M.write_jsonl(str(folder / "prefs.jsonl"), pairs)
+    tasks.write_jsonl(str(folder / "prefs.jsonl"), pairs)
 
 
 def test_a_tiny_run_produces_its_table_fits_and_points(tmp_path):

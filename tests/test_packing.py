@@ -17,6 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import model as M
+from lib import cli, tasks, tokenizer
 from badinput import case_name, files_under, make_files, run_script_cases
 import packing as P
 
@@ -342,18 +343,18 @@ def test_main_end_to_end_tiny(tmp_path, capsys):
     lines, bound = results["sft"]
     assert all(line["rows"] >= bound for line in lines if line["method"] in P.PACKERS)
     assert (out / "metrics.jsonl").exists() and (out / "args.json").exists()
-    with pytest.raises(M.UserError, match="missing.jsonl"):
+    with pytest.raises(cli.UserError, match="missing.jsonl"):
         P.main(["--data", str(tmp_path / "missing.jsonl"), "--n-docs", "10", "--bench-docs", "0"])
 
 
 def test_demonstration_lengths_read_prompt_completion_and_gsm8k_rows(tmp_path):
     """Byte tokens of prompt + completion + <|endoftext|> = UTF-8 bytes + 1; a GSM8K row's question is the
-    prompt and its worked answer the completion (M.read_demonstrations)."""
+    prompt and its worked answer the completion (tasks.read_demonstrations)."""
     rows = [{"prompt": "2+2=?\n", "completion": "#### 4"},
             {"question": "Héloïse has 3 apples", "answer": "3\n#### 3"}]
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    lengths = P.demonstration_lengths(str(data), M.get_tokenizer("bytes"))
+    lengths = P.demonstration_lengths(str(data), tokenizer.get_tokenizer("bytes"))
     texts = ["2+2=?\n#### 4", "Héloïse has 3 apples3\n#### 3"]
     assert lengths.tolist() == [len(text.encode("utf-8")) + 1 for text in texts]
 

@@ -3,7 +3,7 @@
 Stages talk through files and through command lines (a missing default input is built by running the stage
 upstream; grpo.py runs its equal-time control with sft.py; the experiments run whole stages). A command
 line that the target no longer accepts fails only at run time, minutes into a run: this file parses every
-one of them with the target's own `M.parse_args(target.Args, ...)` and checks that the values arrive, and
+one of them with the target's own `cli.parse_args(target.Args, ...)` and checks that the values arrive, and
 it checks by reading the source that no file builds a command any other way."""
 import ast
 import importlib
@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-import model as M
+from lib import cli
 import grpo
 import sft
 import synth
@@ -30,7 +30,7 @@ def experiment(name):
 def parsed(command):
     """The target stage's Args, parsed by its own parser from a command line built for it."""
     target = importlib.import_module(command[0][:-3])
-    return M.parse_args(target.Args, command[1:])
+    return cli.parse_args(target.Args, command[1:])
 
 
 def test_grpo_control_arrives_as_sft_continued_for_the_same_minutes():
@@ -64,7 +64,7 @@ def test_sft_builds_its_data_with_synth():
 
 def test_grpo_vs_ppo_arms_parse_with_their_own_parsers():
     E = experiment("grpo_vs_ppo")
-    args = M.parse_args(E.Args, ["--seeds", "4", "--max-steps", "3", "--time-budget", "0"])
+    args = cli.parse_args(E.Args, ["--seeds", "4", "--max-steps", "3", "--time-budget", "0"])
     g, p = parsed(E.grpo_command(args, 4)), parsed(E.ppo_command(args, 4))
     assert (g.seed, p.seed, g.max_steps, p.max_steps, g.control, p.control, p.reward) == (4, 4, 3, 3, False, False,
                                                                                           "verifier")
@@ -72,7 +72,7 @@ def test_grpo_vs_ppo_arms_parse_with_their_own_parsers():
 
 def test_self_training_commands_parse_with_their_own_parsers():
     E = experiment("self_training")
-    args = M.parse_args(E.Args, [])
+    args = cli.parse_args(E.Args, [])
     assert parsed(E.sample_command(args, "c.pt", "o")).from_model == "c.pt"
     assert parsed(E.sft_command(args, "c.pt", "d.jsonl", "r")).init == "c.pt"
     assert parsed(E.data_command()) == synth.Args() and parsed(E.start_command()) == sft.Args()

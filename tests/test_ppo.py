@@ -20,13 +20,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import model as M
+from lib import checkpoints, cli, stages, tasks, tokenizer
 from badinput import (bad_jsonl_cases, check_one_line_error, file_case, hostile_checkpoint,
                       nan_weights_checkpoint, option_case, run_case, run_in_process, run_script, truncated_checkpoint,
                       write_bad_input)
 import ppo as P
 import reward as R
 
-ENC = M.get_tokenizer("bytes")
+ENC = tokenizer.get_tokenizer("bytes")
 small = st.floats(-5, 5, allow_nan=False)
 
 
@@ -392,15 +393,15 @@ VERIFIER_CASES = [("3+4=7\n#### 7", "7", True), ("#### 8", "7", True), ("#### 7.
 
 def test_verifier_reward_equals_model_is_correct_on_the_completion_only():
     # every prompt ends with a correct-looking "#### <answer>": it must not count, only the completion does
-    prompts = [M.encode(ENC, f"q{i} #### {a}\n") for i, (_, a, _) in enumerate(VERIFIER_CASES)]
+    prompts = [tokenizer.encode(ENC, f"q{i} #### {a}\n") for i, (_, a, _) in enumerate(VERIFIER_CASES)]
     completions, answers = [], []
     for text, answer, finished in VERIFIER_CASES:
-        completions.append(M.encode(ENC, text) + ([ENC.eot_token] if finished else []))
+        completions.append(tokenizer.encode(ENC, text) + ([ENC.eot_token] if finished else []))
         answers.append(answer)
     finished = [text != "7" for text, _, _ in VERIFIER_CASES]   # one truncated row
     batch = P.make_batch(prompts, completions, finished, ENC, "cpu")
     got = P.scores(batch, answers, reward_model=None, missing_eos_penalty=5.0)   # no penalty for the verifier
-    expected = [float(M.is_correct(text, a)) for text, a, _ in VERIFIER_CASES]
+    expected = [float(tasks.is_correct(text, a)) for text, a, _ in VERIFIER_CASES]
     assert got.tolist() == expected
     assert batch.texts == [text for text, _, _ in VERIFIER_CASES]
 
@@ -424,8 +425,8 @@ def test_reward_model_scores_agree_with_reward_py_under_left_padding(tmp_path):
     scalar, _ = P.load_reward_model(str(tmp_path / "rm.pt"), "cpu")
     prompts = ["1+2=?\n", "123+456=?\n", "9+9=?\n"]
     completions = ["#### 3", "3+6=9\n2+5=7\n1+4=5\n#### 579", "9+9=18\n#### 18"]
-    batch = P.make_batch([M.encode(ENC, p) for p in prompts],
-                         [M.encode(ENC, c) + [ENC.eot_token] for c in completions], [True] * 3, ENC, "cpu")
+    batch = P.make_batch([tokenizer.encode(ENC, p) for p in prompts],
+                         [tokenizer.encode(ENC, c) + [ENC.eot_token] for c in completions], [True] * 3, ENC, "cpu")
     got = P.scores(batch, None, scalar.eval())
     assert torch.allclose(got, rm.eval().score(prompts, completions), atol=1e-5)
 
@@ -462,10 +463,10 @@ def test_drift_kl_is_the_mean_over_samples_of_each_sequences_summed_log_ratio():
     batch, _ = P.rollout(policy, ENC, rows, args, torch.Generator().manual_seed(3), "cpu")   # the same samples
     lengths = batch.mask.sum(-1).long().tolist()
     completions = [batch.tokens[i, batch.n_prompt:batch.n_prompt + n].tolist() for i, n in enumerate(lengths)]
-    expected = np.mean([brute_force_sequence_kl(policy, reference, M.encode(ENC, row["prompt"]), completion, 0.8)
+    expected = np.mean([brute_force_sequence_kl(policy, reference, tokenizer.encode(ENC, row["prompt"]), completion, 0.8)
                         for row, completion in zip(rows, completions)])
     assert moved["kl"] == pytest.approx(expected, abs=1e-4)
-    assert moved["proxy"] is None and moved["gold"] == float(np.mean([M.is_correct(t, "0") for t in batch.texts]))
+    assert moved["proxy"] is None and moved["gold"] == float(np.mean([tasks.is_correct(t, "0") for t in batch.texts]))
     assert P.drift(policy, policy, None, ENC, rows, args, seed=3)["kl"] == 0.0
 
 
@@ -475,8 +476,8 @@ def test_eval_row_numbers_are_model_evaluate_s():
     args = P.Args(temperature=1.0, max_new_tokens=6, pass_k=3)
     rows = [{"prompt": f"{a}+{a}=?\n", "answer": str(2 * a), "difficulty": 1 + a % 2} for a in range(6)]
     row = P.eval_row(policy, policy, None, ENC, rows, rows[:2], args, seed=5)
-    greedy = M.evaluate(policy, ENC, rows, 6)
-    sampled = M.evaluate(policy, ENC, rows, 6, temperature=1.0, samples=3, generator=torch.Generator().manual_seed(5))
+    greedy = tasks.evaluate(policy, ENC, rows, 6)
+    sampled = tasks.evaluate(policy, ENC, rows, 6, temperature=1.0, samples=3, generator=torch.Generator().manual_seed(5))
     assert (row["greedy"], row["stderr"], row["styles"], row["per_difficulty"]) == (
         greedy["accuracy"], greedy["stderr"], greedy["styles"], greedy["per_difficulty"])
     assert (row["sampled"], row["pass_at_k"]) == (sampled["accuracy"], sampled["pass_at_k"])
@@ -504,7 +505,7 @@ def test_first_ratio_is_one_and_sampler_logprobs_match_a_full_forward():
 def write_inputs(folder):
     """A random tiny policy, a reward model whose score depends only on the last token (no blocks), and
     64 addition prompts."""
-    M.save(str(folder / "policy.pt"), tiny_gpt(), ENC)
+    checkpoints.save(str(folder / "policy.pt"), tiny_gpt(), ENC)
     rm = R.RewardModel(tiny_gpt(n_layer=0, seed=5), ENC)
     with torch.no_grad():
         rm.head.weight.normal_(0, 1 / 32 ** 0.5)
@@ -512,8 +513,8 @@ def write_inputs(folder):
     rng = random.Random(0)
     rows = [{"prompt": f"{a}+{b}=?\n", "answer": str(a + b)}
             for a, b in ((rng.randint(1, 99), rng.randint(1, 99)) for _ in range(64))]
-    M.write_jsonl(str(folder / "rl_train.jsonl"), rows)
-    M.write_jsonl(str(folder / "rl_test.jsonl"), rows[:8])
+    tasks.write_jsonl(str(folder / "rl_train.jsonl"), rows)
+    tasks.write_jsonl(str(folder / "rl_test.jsonl"), rows[:8])
     return rows
 
 
@@ -528,7 +529,7 @@ def tiny_args(folder, **overrides):
 
 
 def mean_score(policy_path, rm_path, rows, args):
-    policy, _, _ = M.load(policy_path)
+    policy, _, _ = checkpoints.load(policy_path)
     rm, _ = P.load_reward_model(rm_path, "cpu")
     batch, _ = P.rollout(policy, ENC, rows * 8, args, torch.Generator().manual_seed(123), "cpu")
     return float(P.scores(batch, None, rm.eval()).mean())
@@ -538,7 +539,9 @@ def mean_score(policy_path, rm_path, rows, args):
 def rm_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ppo_rm")
     rows = write_inputs(folder)
-    args = tiny_args(folder)
+    # evaluated on all 64 prompts: eval_proxy is the mean of one sampled completion's score per prompt, and on 8
+    # prompts its noise (~0.35) is as large as the rise it should show
+    args = tiny_args(folder, eval_data=str(folder / "rl_train.jsonl"), n_eval=64)
     before = mean_score(args.init, args.reward_model, rows, args)
     summary = P.train(args)
     after = mean_score(str(folder / "run" / "model.pt"), args.reward_model, rows, args)
@@ -547,7 +550,10 @@ def rm_run(tmp_path_factory):
 
 def test_tiny_run_raises_the_reward_model_score_on_its_training_prompts(rm_run):
     _, _, before, after = rm_run
-    assert after > before + 1.0   # score std ~1 per completion; 512 samples before and after
+    # 512 samples before and after (score std ~1 per completion: noise ~0.05). The gain over 8 seeds of this set-up
+    # (policy, reward head, prompts and run seed varied together) ranged 1.1 to 2.5, mean 1.9, std 0.5; this seed
+    # gives 1.0. 0.4 is the mean less 3 std: a run that learned nothing cannot pass, a machine's rounding cannot fail it
+    assert after > before + 0.4
 
 
 def read_metrics(folder):
@@ -576,8 +582,8 @@ def check_run(folder, summary, reward_role):
     assert on_disk["algo"] == "ppo" and on_disk["steps"] == len(train)
     assert on_disk["peak_mem_mb"] > 0 and on_disk["sec_per_step"] > 0
     assert all(v > 0 for v in on_disk["time_split"].values())
-    policy_cfg = M.load(str(folder / "policy.pt"))[0].config
-    rm_cfg = M.load(str(folder / "rm.pt"))[0].config
+    policy_cfg = checkpoints.load(str(folder / "policy.pt"))[0].config
+    rm_cfg = checkpoints.load(str(folder / "rm.pt"))[0].config
     n_policy = gpt_params_closed_form(policy_cfg)
     value_cfg = rm_cfg if reward_role else policy_cfg
     assert on_disk["params_by_role"] == {"policy": n_policy, "reference": n_policy,
@@ -621,11 +627,11 @@ def test_verifier_run_logs_the_same_fields_and_holds_no_reward_model(tmp_path):
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
     write_inputs(tmp_path)
-    with pytest.raises(M.UserError, match="--reward"):
+    with pytest.raises(cli.UserError, match="--reward"):
         P.train(tiny_args(tmp_path, reward="human"))
-    with pytest.raises(M.UserError, match="missing.pt"):
+    with pytest.raises(cli.UserError, match="missing.pt"):
         P.train(tiny_args(tmp_path, init=str(tmp_path / "missing.pt")))
-    with pytest.raises(M.UserError, match="policy.pt"):   # a policy checkpoint is not a reward model
+    with pytest.raises(cli.UserError, match="policy.pt"):   # a policy checkpoint is not a reward model
         P.train(tiny_args(tmp_path, reward_model=str(tmp_path / "policy.pt")))
 
 
@@ -634,13 +640,13 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 def run_cli_in_process(main, argv, capsys):
     """model.cli(main) on argv in this process -> (exit status, stderr lines)."""
     with pytest.raises(SystemExit) as stopped:
-        M.cli(lambda: main(argv))
+        cli.run(lambda: main(argv))
     return stopped.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 def cli_argv(args):
-    """The command line of a P.Args / R.Args: every field as its flag (M.stage_command) minus the script."""
-    return M.stage_command("x.py", **asdict(args))[1:]
+    """The command line of a P.Args / R.Args: every field as its flag (stages.stage_command) minus the script."""
+    return stages.stage_command("x.py", **asdict(args))[1:]
 
 
 def digest(path):
@@ -669,8 +675,8 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_at_its_step_and_keeps_the_l
     assert err[0].startswith("error: step 1, epoch 1, minibatch 1: ")
     assert ("loss is nan" if poison == "loss" else "value_grad_norm is nan") in err[0]
     assert digest(out / "model.pt") == before                 # untouched, and still finite
-    model, _, _ = M.load(str(out / "model.pt"))
-    assert not M.non_finite_tensors(model.state_dict())
+    model, _, _ = checkpoints.load(str(out / "model.pt"))
+    assert not cli.non_finite_tensors(model.state_dict())
     assert not (out / "summary.json").exists()
 
 
@@ -694,7 +700,7 @@ def test_an_update_that_makes_a_weight_non_finite_stops_before_the_next_rollout(
     value = P.ScalarHead(tiny_gpt(seed=2))
     optimizer = ExplodingSGD(list(policy.parameters()) + list(value.parameters()), lr=1e-3)
     zeros = torch.zeros_like(old)
-    with pytest.raises(M.NonFiniteError, match="step 7: after the update: wte.weight holds NaN or inf"):
+    with pytest.raises(cli.NonFiniteError, match="step 7: after the update: wte.weight holds NaN or inf"):
         P.ppo_update({"policy": policy, "value": value}, optimizer, batch, old, zeros, batch.mask.clone(), zeros, args,
                      torch.Generator().manual_seed(0), step=7)
 
@@ -706,7 +712,7 @@ def test_gsm8k_rows_work_unchanged_and_their_answers_are_reduced_to_the_final_nu
     gsm8k = [{"question": f"Tom has {a} apples and buys {b}. How many?\n",
               "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b:,}"}
              for a, b in ((7, 5), (900, 350), (12, 30), (1000, 1))]
-    M.write_jsonl(str(tmp_path / "gsm8k.jsonl"), gsm8k)
+    tasks.write_jsonl(str(tmp_path / "gsm8k.jsonl"), gsm8k)
     args = tiny_args(tmp_path, data=str(tmp_path / "gsm8k.jsonl"), eval_data=str(tmp_path / "gsm8k.jsonl"),
                      completions_per_step=4, n_minibatches=2, max_steps=1)
     _, _, train_rows, _ = P.load_inputs(args, "cpu")
@@ -718,7 +724,7 @@ def test_gsm8k_rows_work_unchanged_and_their_answers_are_reduced_to_the_final_nu
 def test_prompts_longer_than_the_context_are_skipped_and_counted(tmp_path, capsys):
     rows = write_inputs(tmp_path)   # the tiny policy's context is 64 tokens (bytes)
     long_rows = [{"prompt": "x" * (64 - 6 + extra), "answer": "1"} for extra in (0, 1, 30)]   # 6 new tokens
-    M.write_jsonl(str(tmp_path / "mixed.jsonl"), rows[:5] + long_rows)
+    tasks.write_jsonl(str(tmp_path / "mixed.jsonl"), rows[:5] + long_rows)
     args = tiny_args(tmp_path, data=str(tmp_path / "mixed.jsonl"), eval_data=str(tmp_path / "mixed.jsonl"))
     _, _, train_rows, eval_rows = P.load_inputs(args, "cpu")
     assert train_rows == rows[:5] + long_rows[:1]          # prompt + 6 new tokens <= 64 is kept, one more is not
@@ -733,11 +739,11 @@ def test_each_upstream_command_parses_with_its_targets_parser_and_makes_the_defa
     defaults = P.Args()
     for command, target in ((P.synth_command(), synth), (P.sft_command(), sft), (P.reward_command(), R)):
         assert command[0] == os.path.basename(target.__file__)
-        M.parse_args(target.Args, command[1:])              # the target's own parser accepts it
-    assert os.path.join(M.parse_args(synth.Args, P.synth_command()[1:]).out_dir, "rl_train.jsonl") == defaults.data
-    assert os.path.join(M.parse_args(synth.Args, P.synth_command()[1:]).out_dir, "rl_test.jsonl") == defaults.eval_data
-    assert os.path.join(M.parse_args(sft.Args, P.sft_command()[1:]).out, "model.pt") == defaults.init
-    assert os.path.join(M.parse_args(R.Args, P.reward_command()[1:]).out, "model.pt") == defaults.reward_model
+        cli.parse_args(target.Args, command[1:])              # the target's own parser accepts it
+    assert os.path.join(cli.parse_args(synth.Args, P.synth_command()[1:]).out_dir, "rl_train.jsonl") == defaults.data
+    assert os.path.join(cli.parse_args(synth.Args, P.synth_command()[1:]).out_dir, "rl_test.jsonl") == defaults.eval_data
+    assert os.path.join(cli.parse_args(sft.Args, P.sft_command()[1:]).out, "model.pt") == defaults.init
+    assert os.path.join(cli.parse_args(R.Args, P.reward_command()[1:]).out, "model.pt") == defaults.reward_model
 
 
 def test_the_control_command_parses_with_sft_py_s_parser_and_continues_the_same_start_for_the_same_minutes():
@@ -745,7 +751,7 @@ def test_the_control_command_parses_with_sft_py_s_parser_and_continues_the_same_
     args = P.Args(init="start.pt", sft_data="demos.jsonl", sft_test_data="demos_test.jsonl", eval_data="held.jsonl",
                   out="runs/x", seed=7, threads=1, max_new_tokens=50)
     command = P.control_command(args, 2.5)
-    parsed = M.parse_args(sft.Args, command[1:])
+    parsed = cli.parse_args(sft.Args, command[1:])
     assert command[0] == os.path.basename(sft.__file__)
     assert (parsed.init, parsed.data, parsed.test_data, parsed.eval_data, parsed.seed, parsed.threads) == (
         "start.pt", "demos.jsonl", "demos_test.jsonl", "held.jsonl", 7, 1)
@@ -755,8 +761,8 @@ def test_the_control_command_parses_with_sft_py_s_parser_and_continues_the_same_
 
 def test_main_ends_with_the_table_of_start_ppo_and_the_equal_time_control(tmp_path, capsys):
     rows = write_inputs(tmp_path)
-    M.write_jsonl(str(tmp_path / "demos.jsonl"), [{"prompt": r["prompt"], "completion": f"#### {r['answer']}"}
-                                                  for r in rows])
+    tasks.write_jsonl(str(tmp_path / "demos.jsonl"), [{"prompt": r["prompt"], "completion": f"#### {r['answer']}"}
+                                                      for r in rows])
     args = tiny_args(tmp_path, control=True, sft_data=str(tmp_path / "demos.jsonl"),
                      sft_test_data=str(tmp_path / "demos.jsonl"), max_steps=2)
     summary = P.main(cli_argv(args))
@@ -776,18 +782,18 @@ def test_a_missing_default_input_runs_the_command_its_builder_makes(tmp_path, mo
 
     def run_stage(command, echo=True):
         ran.append(command)
-        raise M.UserError("stop here")
-    monkeypatch.setattr(M, "run_stage", run_stage)
-    with pytest.raises(M.UserError, match="stop here"):
+        raise cli.UserError("stop here")
+    monkeypatch.setattr(stages, "run_stage", run_stage)
+    with pytest.raises(cli.UserError, match="stop here"):
         P.train(P.Args(device="cpu", max_steps=1))
     assert ran == [P.synth_command()]
     write_inputs(tmp_path)
     ran.clear()
-    with pytest.raises(M.UserError, match="stop here"):
+    with pytest.raises(cli.UserError, match="stop here"):
         P.train(P.Args(device="cpu", max_steps=1, data="rl_train.jsonl", eval_data="rl_test.jsonl"))
     assert ran == [P.sft_command()]
     ran.clear()
-    with pytest.raises(M.UserError, match="stop here"):
+    with pytest.raises(cli.UserError, match="stop here"):
         P.train(P.Args(device="cpu", max_steps=1, data="rl_train.jsonl", eval_data="rl_test.jsonl", init="policy.pt"))
     assert ran == [P.reward_command()]
     assert not os.path.exists(P.Args().out)
@@ -823,7 +829,7 @@ def test_each_bad_option_is_refused_by_name_before_any_input_is_read(tmp_path, n
     missing = str(tmp_path / "missing")    # inputs that do not exist: the option must be refused first
     args = dataclasses.replace(P.Args(init=missing, reward_model=missing, data=missing, eval_data=missing,
                                       out=str(tmp_path / "run"), device="cpu", max_steps=1), **{name: value})
-    with pytest.raises(M.UserError, match="--" + name.replace("_", "-")):
+    with pytest.raises(cli.UserError, match="--" + name.replace("_", "-")):
         P.train(args)
     assert os.listdir(tmp_path) == []
 
@@ -831,12 +837,12 @@ def test_each_bad_option_is_refused_by_name_before_any_input_is_read(tmp_path, n
 def test_option_combinations_and_defaults():
     P.check_args(P.Args(device="cpu"))
     assert P.Args().eps_high == P.Args().eps_low == 0.2         # plain PPO's symmetric clip by default
-    assert P.Args().max_new_tokens == M.MAX_NEW_TOKENS
-    with pytest.raises(M.UserError, match="--kl-target"):
+    assert P.Args().max_new_tokens == tasks.MAX_NEW_TOKENS
+    with pytest.raises(cli.UserError, match="--kl-target"):
         P.check_args(P.Args(device="cpu", kl_target=1.0, beta=0.0))
-    with pytest.raises(M.UserError, match="--n-minibatches"):
+    with pytest.raises(cli.UserError, match="--n-minibatches"):
         P.check_args(P.Args(device="cpu", completions_per_step=4, n_minibatches=5))
-    with pytest.raises(M.UserError, match="--max-steps"):
+    with pytest.raises(cli.UserError, match="--max-steps"):
         P.check_args(P.Args(device="cpu", max_steps=0, time_budget=0.0))
 
 
@@ -933,7 +939,7 @@ def ppo_valid_inputs(tmp_path_factory):
 def ppo_cli_runs(ppo_valid_inputs, tmp_path_factory):
     """The "cli" cases, each a `python ppo.py` in its own folder, a few at a time."""
     root = tmp_path_factory.mktemp("ppo_cli_cases")
-    cli = [(number, case_id, make) for number, (case_id, via, make) in enumerate(PPO_CASES) if via == "cli"]
+    cli_cases = [(number, case_id, make) for number, (case_id, via, make) in enumerate(PPO_CASES) if via == "cli"]
 
     def run(case):
         number, case_id, make = case
@@ -941,7 +947,7 @@ def ppo_cli_runs(ppo_valid_inputs, tmp_path_factory):
         folder.mkdir()
         return case_id, run_case(make, folder, ppo_valid_inputs, ppo_base_argv, run_script(P.__file__))
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        return dict(pool.map(run, cli))
+        return dict(pool.map(run, cli_cases))
 
 
 @pytest.mark.parametrize("case_id", [case_id for case_id, via, _ in PPO_CASES if via == "cli"])

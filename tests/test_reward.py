@@ -16,6 +16,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import model as M
+from lib import checkpoints, cli, stages, tasks, tokenizer
 from badinput import (bad_jsonl_cases, check_one_line_error, file_case, hostile_checkpoint,
                       nan_weights_checkpoint, option_case, run_case, run_in_process, run_script, truncated_checkpoint,
                       write_bad_input)
@@ -27,7 +28,7 @@ finite = st.floats(-20, 20, allow_nan=False)
 
 def tiny_rm(seed=0, n_layer=1, head_scale=1.0):
     torch.manual_seed(seed)
-    enc = M.get_tokenizer("bytes")
+    enc = tokenizer.get_tokenizer("bytes")
     body = M.GPT(M.Config(vocab_size=enc.n_vocab, block_size=64, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=32))
     rm = R.RewardModel(body, enc)
     with torch.no_grad():   # a non-zero head, so scores differ between sequences
@@ -92,7 +93,7 @@ def test_bradley_terry_loss_agrees_with_losses_in_loss_gradient_and_stats(pairs,
 
 
 def test_zero_head_starts_every_pair_as_a_tie_with_loss_log_2():
-    rm = R.RewardModel(tiny_rm().body, M.get_tokenizer("bytes"))
+    rm = R.RewardModel(tiny_rm().body, tokenizer.get_tokenizer("bytes"))
     pairs, _ = R.make_pairs([{"prompt": "1+1=?\n", "chosen": "#### 2", "rejected": "#### 3"}] * 3, rm.enc, 64)
     with torch.no_grad():
         r_c, r_r = R.pair_rewards(rm, pairs, M.BYTE_PAD_ID, "cpu")
@@ -199,8 +200,8 @@ def marker_rows(n, seed, random_labels=False):
 
 
 def train_tiny(tmp_path, random_labels):
-    M.write_jsonl(tmp_path / "train.jsonl", marker_rows(256, 0, random_labels))
-    M.write_jsonl(tmp_path / "test.jsonl", marker_rows(200, 1, random_labels))
+    tasks.write_jsonl(tmp_path / "train.jsonl", marker_rows(256, 0, random_labels))
+    tasks.write_jsonl(tmp_path / "test.jsonl", marker_rows(200, 1, random_labels))
     args = R.Args(data=str(tmp_path / "train.jsonl"), test_data=str(tmp_path / "test.jsonl"), init="scratch",
                   out=str(tmp_path / "rm"), n_layer=1, n_head=2, n_embd=32, block_size=64, epochs=3,
                   batch_size=16, lr=3e-3, warmup_steps=5, time_budget=0, log_every=1000, device="cpu")
@@ -236,28 +237,28 @@ def test_checkpoint_round_trip_preserves_scores_exactly(tmp_path):
 
 
 def test_a_policy_checkpoint_is_not_a_reward_model(tmp_path):
-    M.save(str(tmp_path / "policy.pt"), tiny_rm().body, M.get_tokenizer("bytes"))
-    with pytest.raises(M.UserError, match="policy.pt"):
+    checkpoints.save(str(tmp_path / "policy.pt"), tiny_rm().body, tokenizer.get_tokenizer("bytes"))
+    with pytest.raises(cli.UserError, match="policy.pt"):
         R.load_reward_model(str(tmp_path / "policy.pt"))
 
 
 def test_a_missing_explicit_input_is_an_error_naming_it(tmp_path):
     args = R.Args(data=str(tmp_path / "nope.jsonl"), init="scratch", out=str(tmp_path / "rm"), device="cpu")
-    with pytest.raises(M.UserError, match="nope.jsonl"):
+    with pytest.raises(cli.UserError, match="nope.jsonl"):
         R.train(args)
     assert not (tmp_path / "rm").exists()   # nothing half-written
 
 
 # ---- a non-finite loss or gradient stops the run before the update ---------------------------------
 
-ENC = M.get_tokenizer("bytes")
+ENC = tokenizer.get_tokenizer("bytes")
 
 
 def write_inputs(folder):
     """A tiny SFT-like body checkpoint and small train/test pair files (the marker task)."""
-    M.save(str(folder / "policy.pt"), tiny_rm(seed=7).body, ENC)
-    M.write_jsonl(folder / "train.jsonl", marker_rows(32, 0))
-    M.write_jsonl(folder / "test.jsonl", marker_rows(16, 1))
+    checkpoints.save(str(folder / "policy.pt"), tiny_rm(seed=7).body, ENC)
+    tasks.write_jsonl(folder / "train.jsonl", marker_rows(32, 0))
+    tasks.write_jsonl(folder / "test.jsonl", marker_rows(16, 1))
 
 
 def small_args(folder, **overrides):
@@ -267,8 +268,8 @@ def small_args(folder, **overrides):
 
 
 def cli_argv(args):
-    """The command line of an R.Args: every field as its flag (M.stage_command) minus the script."""
-    return M.stage_command("x.py", **asdict(args))[1:]
+    """The command line of an R.Args: every field as its flag (stages.stage_command) minus the script."""
+    return stages.stage_command("x.py", **asdict(args))[1:]
 
 
 def digest(path):
@@ -296,12 +297,12 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_at_its_step_and_keeps_the_l
         return loss + 0.0 * (r_chosen - r_chosen.detach()).sqrt().sum(), stats
     monkeypatch.setattr(R, "bradley_terry_loss", poisoned_loss)
     with pytest.raises(SystemExit) as stopped:
-        M.cli(lambda: R.main(cli_argv(small_args(tmp_path))))
+        cli.run(lambda: R.main(cli_argv(small_args(tmp_path))))
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2 and len(err) == 1, err
     assert err[0].startswith("error: step 3: " + ("loss is inf" if poison == "loss" else "grad_norm is nan")), err
     assert digest(tmp_path / "rm" / "model.pt") == before
-    assert not M.non_finite_tensors(R.load_reward_model(str(tmp_path / "rm" / "model.pt")).state_dict())
+    assert not cli.non_finite_tensors(R.load_reward_model(str(tmp_path / "rm" / "model.pt")).state_dict())
 
 
 @given(peak=st.floats(1e-5, 1e-1), warmup=st.integers(0, 50), ratio=st.floats(0, 1), step=st.integers(0, 300),
@@ -323,7 +324,7 @@ def test_lr_schedule_closed_form_and_the_same_as_sft(peak, warmup, ratio, step, 
 def test_pairs_are_read_with_their_margins_and_kinds(tmp_path):
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c", "rejected": "d",
                                                               "margin": 2, "kind": "x"}]
-    M.write_jsonl(tmp_path / "pairs.jsonl", rows)
+    tasks.write_jsonl(tmp_path / "pairs.jsonl", rows)
     assert R.read_pairs(str(tmp_path / "pairs.jsonl")) == rows
     pairs, skipped = R.make_pairs(rows, ENC, 64, default_margin=0.5)
     assert [(p[2], p[3]) for p in pairs] == [(0.5, "all"), (2.0, "x")] and skipped == 0
@@ -345,11 +346,11 @@ def test_each_upstream_command_parses_with_its_targets_parser_and_makes_the_defa
     defaults = R.Args()
     for command, target in ((R.synth_command(), synth), (R.sft_command(), sft)):
         assert command[0] == os.path.basename(target.__file__)
-        M.parse_args(target.Args, command[1:])              # the target's own parser accepts it
-    out_dir = M.parse_args(synth.Args, R.synth_command()[1:]).out_dir
+        cli.parse_args(target.Args, command[1:])              # the target's own parser accepts it
+    out_dir = cli.parse_args(synth.Args, R.synth_command()[1:]).out_dir
     assert os.path.join(out_dir, "prefs_train.jsonl") == defaults.data
     assert os.path.join(out_dir, "prefs_test.jsonl") == defaults.test_data
-    assert os.path.join(M.parse_args(sft.Args, R.sft_command()[1:]).out, "model.pt") == defaults.init
+    assert os.path.join(cli.parse_args(sft.Args, R.sft_command()[1:]).out, "model.pt") == defaults.init
 
 
 def test_a_missing_default_input_runs_the_command_its_builder_makes(tmp_path, monkeypatch):
@@ -358,14 +359,14 @@ def test_a_missing_default_input_runs_the_command_its_builder_makes(tmp_path, mo
 
     def run_stage(command, echo=True):
         ran.append(command)
-        raise M.UserError("stop here")
-    monkeypatch.setattr(M, "run_stage", run_stage)
-    with pytest.raises(M.UserError, match="stop here"):
+        raise cli.UserError("stop here")
+    monkeypatch.setattr(stages, "run_stage", run_stage)
+    with pytest.raises(cli.UserError, match="stop here"):
         R.train(R.Args(device="cpu"))
     assert ran == [R.synth_command()]
     write_inputs(tmp_path)
     ran.clear()
-    with pytest.raises(M.UserError, match="stop here"):
+    with pytest.raises(cli.UserError, match="stop here"):
         R.train(R.Args(device="cpu", data="train.jsonl", test_data="test.jsonl"))
     assert ran == [R.sft_command()]
     assert not os.path.exists(R.Args().out)
@@ -394,17 +395,17 @@ def test_each_bad_option_is_refused_by_name_before_any_input_is_read(tmp_path, n
     missing = str(tmp_path / "missing")    # inputs that do not exist: the option must be refused first
     args = dataclasses.replace(R.Args(data=missing, test_data=missing, init="scratch", out=str(tmp_path / "rm"),
                                       device="cpu"), **{name: value})
-    with pytest.raises(M.UserError, match="--" + name.replace("_", "-")):
+    with pytest.raises(cli.UserError, match="--" + name.replace("_", "-")):
         R.train(args)
     assert os.listdir(tmp_path) == []
 
 
 def test_a_scratch_body_that_cannot_be_built_is_refused_by_its_option():
     R.check_args(R.Args(device="cpu"))
-    with pytest.raises(M.UserError, match="--init scratch: n_embd=30 must be divisible by n_head=4"):
+    with pytest.raises(cli.UserError, match="--init scratch: n_embd=30 must be divisible by n_head=4"):
         R.check_args(R.Args(device="cpu", init="scratch", n_embd=30, n_head=4))
     # 12 L C^2 = 12 * 1e6 * 1e8 = 1.2e15 parameters: no machine has the 17 PiB to train it
-    with pytest.raises(M.UserError, match="--init scratch: a body of about 1.20e\\+15 parameters"):
+    with pytest.raises(cli.UserError, match="--init scratch: a body of about 1.20e\\+15 parameters"):
         R.check_args(R.Args(device="cpu", init="scratch", n_layer=10 ** 6, n_embd=10 ** 4, n_head=4))
 
 
@@ -485,7 +486,7 @@ def reward_valid_inputs(tmp_path_factory):
 def reward_cli_runs(reward_valid_inputs, tmp_path_factory):
     """The "cli" cases, each a `python reward.py` in its own folder, a few at a time."""
     root = tmp_path_factory.mktemp("reward_cli_cases")
-    cli = [(number, case_id, make) for number, (case_id, via, make) in enumerate(REWARD_CASES) if via == "cli"]
+    cli_cases = [(number, case_id, make) for number, (case_id, via, make) in enumerate(REWARD_CASES) if via == "cli"]
 
     def run(case):
         number, case_id, make = case
@@ -493,7 +494,7 @@ def reward_cli_runs(reward_valid_inputs, tmp_path_factory):
         folder.mkdir()
         return case_id, run_case(make, folder, reward_valid_inputs, reward_base_argv, run_script(R.__file__))
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        return dict(pool.map(run, cli))
+        return dict(pool.map(run, cli_cases))
 
 
 @pytest.mark.parametrize("case_id", [case_id for case_id, via, _ in REWARD_CASES if via == "cli"])

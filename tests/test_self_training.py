@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import model as M
+from lib import checkpoints, cli, tasks, tokenizer
 import sft
 import synth as S
 
@@ -27,7 +28,7 @@ def small_data(tmp_path):
 
 def tiny_checkpoint(path):
     torch.manual_seed(0)
-    M.save(str(path), M.GPT(M.Config(n_layer=1, n_head=2, n_kv_head=2, n_embd=32)), M.get_tokenizer("bytes"))
+    checkpoints.save(str(path), M.GPT(M.Config(n_layer=1, n_head=2, n_kv_head=2, n_embd=32)), tokenizer.get_tokenizer("bytes"))
     return str(path)
 
 
@@ -40,7 +41,7 @@ CASES = [E.Args(), E.Args(init="a/b.pt", rounds=1, prompts="p.jsonl", n_prompts=
 def test_every_command_parses_with_the_target_stages_own_parser(args):
     sample = E.sample_command(args, "ckpt.pt", os.path.join("o", "samples0"))
     assert sample[0] == "synth.py"
-    parsed = M.parse_args(S.Args, sample[1:])
+    parsed = cli.parse_args(S.Args, sample[1:])
     S.check_args(parsed)                                   # and synth.py's own checks accept the values
     assert (parsed.from_model, parsed.filter) == ("ckpt.pt", False)
     assert parsed.out == os.path.join("o", "samples0", "samples.jsonl")
@@ -50,21 +51,21 @@ def test_every_command_parses_with_the_target_stages_own_parser(args):
 
     train = E.sft_command(args, "ckpt.pt", "samples.jsonl", "run")
     assert train[0] == "sft.py"
-    parsed = M.parse_args(sft.Args, train[1:])
+    parsed = cli.parse_args(sft.Args, train[1:])
     assert (parsed.init, parsed.data, parsed.out, parsed.max_steps, parsed.time_budget) == \
         ("ckpt.pt", "samples.jsonl", "run", args.sft_steps, 0.0)
     assert (parsed.eval_every, parsed.eval_minutes) == (args.sft_steps, 0.0)   # evals at step 0 and the end only
     for name in ("test_data", "eval_data", "n_eval", "seed", "device", "threads"):
         assert getattr(parsed, name) == getattr(args, name), name
 
-    assert M.parse_args(sft.Args, E.start_command()[1:]) == sft.Args() and E.start_command()[0] == "sft.py"
-    assert M.parse_args(S.Args, E.data_command()[1:]) == S.Args() and E.data_command()[0] == "synth.py"
+    assert cli.parse_args(sft.Args, E.start_command()[1:]) == sft.Args() and E.start_command()[0] == "sft.py"
+    assert cli.parse_args(S.Args, E.data_command()[1:]) == S.Args() and E.data_command()[0] == "synth.py"
 
 
 def test_defaults_come_from_model_py_and_help_lists_every_option(capsys):
-    assert E.Args().max_new_tokens == M.MAX_NEW_TOKENS
+    assert E.Args().max_new_tokens == tasks.MAX_NEW_TOKENS
     with pytest.raises(SystemExit) as exit_info:
-        M.parse_args(E.Args, ["--help"])
+        cli.parse_args(E.Args, ["--help"])
     shown = capsys.readouterr().out
     assert exit_info.value.code == 0
     assert all(f"--{name.replace('_', '-')}" in shown for name in vars(E.Args()))
@@ -82,7 +83,7 @@ def test_a_bad_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, ba
             "--out", str(tmp_path / "self"), *bad]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        M.cli(lambda: E.main(argv))
+        cli.run(lambda: E.main(argv))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1 and names in err, err
     assert not (tmp_path / "self").exists()
@@ -98,9 +99,9 @@ def test_one_round_for_real_trains_on_every_unfiltered_sample_and_reports_what_t
                     str(data / "sft_test.jsonl"), "--eval-data", str(data / "rl_test.jsonl"), "--n-eval", str(n_eval),
                     "--out", str(out), "--device", "cpu", "--threads", "1"])
     assert [r["round"] for r in table] == [0, 1]
-    prompts = {r["prompt"]: r["answer"] for r in M.read_jsonl(str(data / "rl_train.jsonl"))}
+    prompts = {r["prompt"]: r["answer"] for r in tasks.read_jsonl(str(data / "rl_train.jsonl"))}
     for r, row in enumerate(table):
-        samples = M.read_jsonl(str(out / f"samples{r}" / "samples.jsonl"))
+        samples = tasks.read_jsonl(str(out / f"samples{r}" / "samples.jsonl"))
         assert len(samples) == n_prompts * k                 # every sample, unfiltered: n_prompts * k rows
         assert all("prompt" in s and "completion" in s and prompts[s["prompt"]] == s["answer"] for s in samples)
         assert not all(S.verify(s["completion"], s["answer"]) for s in samples)   # a random model: wrong rows kept
@@ -114,7 +115,7 @@ def test_one_round_for_real_trains_on_every_unfiltered_sample_and_reports_what_t
     assert (round1["init"], round1["data"]) == (ckpt, str(out / "samples0" / "samples.jsonl"))  # pi_1 = SFT(pi_0, D_0)
     sampled_from = json.loads((out / "samples1" / "summary.json").read_text())["args"]["from_model"]
     assert sampled_from == str(out / "sft1" / "model.pt") == table[1]["checkpoint"]             # D_1 ~ pi_1
-    before, after = M.load(ckpt)[0].state_dict(), M.load(sampled_from)[0].state_dict()
+    before, after = checkpoints.load(ckpt)[0].state_dict(), checkpoints.load(sampled_from)[0].state_dict()
     assert any(not torch.equal(before[name], after[name]) for name in before)                 # pi_1 was trained
     assert json.loads((out / "results.json").read_text())["rounds"] == table
     shown = capsys.readouterr().out

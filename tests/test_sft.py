@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings, strategies as st
 
 import model as M
+from lib import checkpoints, cli, stages, tasks, tokenizer
 import optim
 import sft
 
@@ -63,7 +64,7 @@ def test_loss_mask_selects_exactly_completion_and_eos(pairs):
 
 
 def test_encode_example_appends_eos_and_counts_the_prompt():
-    enc = M.get_tokenizer("bytes")
+    enc = tokenizer.get_tokenizer("bytes")
     tokens, n_prompt = sft.encode_example(enc, "12+3=?\n", "#### 15")
     assert tokens == list(b"12+3=?\n#### 15") + [enc.eot_token] and n_prompt == len("12+3=?\n")
 
@@ -110,7 +111,7 @@ def test_loss_ignores_prompt_predictions_entirely(pairs, noise_seed):
 
 
 def test_make_examples_skips_what_does_not_fit_the_context():
-    enc = M.get_tokenizer("bytes")
+    enc = tokenizer.get_tokenizer("bytes")
     rows = [{"prompt": "1+1=?\n", "completion": "#### 2"},             # 6 + 6 + EOS = 13 tokens
             {"prompt": "1+1=?\n", "completion": "1+1=2\n" * 5 + "#### 2"}]
     examples, skipped = sft.make_examples(rows, enc, block_size=12)    # 13 tokens -> 12 pairs: fits
@@ -266,7 +267,7 @@ def test_train_step_defaults_clip_at_1_name_the_update_and_count_a_lone_token():
     broken = tiny_model()
     with torch.no_grad():
         broken.lm_head.weight[0, 0] = float("nan")
-    with pytest.raises(M.NonFiniteError, match="^update: loss is nan; stopped before the update"):
+    with pytest.raises(cli.NonFiniteError, match="^update: loss is nan; stopped before the update"):
         sft.train_step(broken, torch.optim.SGD(broken.parameters(), lr=0.1), [sft.collate(to_examples(pairs), PAD)],
                        "cpu")
 
@@ -276,7 +277,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_update():
     policy = tiny_model()
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     policy.lm_head.weight.register_hook(lambda grad: grad * float("inf"))  # the loss stays finite
-    with pytest.raises(M.NonFiniteError, match="^step 3: grad_norm is"):
+    with pytest.raises(cli.NonFiniteError, match="^step 3: grad_norm is"):
         sft.train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), [sft.collate(to_examples(pairs), PAD)],
                        "cpu", where="step 3")
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
@@ -339,7 +340,7 @@ def _ddp_worker(rank, world, port, pairs, state, out_dir):
     torch.save({"loss": loss, "params": {n: p.detach() for n, p in policy.named_parameters()},
                 "grads": {n: p.grad for n, p in policy.named_parameters()}}, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
-    M.exit_without_shutdown(0)   # as model.cli ends a torchrun rank: spawn's exit would shut the interpreter down
+    cli.exit_without_shutdown(0)   # as model.cli ends a torchrun rank: spawn's exit would shut the interpreter down
 
 
 def test_ddp_two_gloo_processes_match_one_process_on_the_whole_batch(tmp_path):
@@ -414,11 +415,11 @@ def test_resume_k_then_n_minus_k_steps_equals_n_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(sft, "train_step", interrupted)
     with pytest.raises(SystemExit):
         sft.run(tiny_args(tmp_path, out="resumed", max_steps=n_steps, dropout=0.1))
-    assert M.load(str(tmp_path / "resumed" / "model.pt"))[2]["meta"]["step"] == k
+    assert checkpoints.load(str(tmp_path / "resumed" / "model.pt"))[2]["meta"]["step"] == k
     monkeypatch.setattr(sft, "train_step", real_step)
     sft.main(["--out", str(tmp_path / "resumed"), "--resume"])  # everything else: the run's saved arguments
-    straight, _, ckpt_a = M.load(str(tmp_path / "straight" / "model.pt"))
-    resumed, _, ckpt_b = M.load(str(tmp_path / "resumed" / "model.pt"))
+    straight, _, ckpt_a = checkpoints.load(str(tmp_path / "straight" / "model.pt"))
+    resumed, _, ckpt_b = checkpoints.load(str(tmp_path / "resumed" / "model.pt"))
     assert ckpt_a["meta"]["step"] == ckpt_b["meta"]["step"] == n_steps
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
@@ -435,7 +436,7 @@ def test_resume_k_then_n_minus_k_steps_equals_n_steps(tmp_path, monkeypatch):
 def test_bad_input_names_file_and_line_and_writes_nothing(tmp_path, content, message):
     args = tiny_args(tmp_path)
     (tmp_path / "train.jsonl").write_text(content)
-    with pytest.raises(M.UserError, match=message):
+    with pytest.raises(cli.UserError, match=message):
         sft.run(args)
     assert not os.path.exists(args.out)
 
@@ -448,16 +449,16 @@ def test_too_long_completions_are_skipped_and_counted(tmp_path, capsys):
     sft.run(args)
     assert f"skipped 1 of {len(rows)} training" in capsys.readouterr().out
     write_rows(args.data, rows[:1])
-    with pytest.raises(M.UserError, match="no example fits"):
+    with pytest.raises(cli.UserError, match="no example fits"):
         sft.run(tiny_args(tmp_path, out="other", data=args.data))
 
 
 def test_explicit_missing_inputs_are_errors_naming_the_path(tmp_path):
-    with pytest.raises(M.UserError, match="nowhere.jsonl"):
+    with pytest.raises(cli.UserError, match="nowhere.jsonl"):
         sft.run(tiny_args(tmp_path, data=str(tmp_path / "nowhere.jsonl")))
-    with pytest.raises(M.UserError, match="nothing.pt"):
+    with pytest.raises(cli.UserError, match="nothing.pt"):
         sft.run(tiny_args(tmp_path, init=str(tmp_path / "nothing.pt")))
-    with pytest.raises(M.UserError, match="budget"):
+    with pytest.raises(cli.UserError, match="budget"):
         sft.run(tiny_args(tmp_path, max_steps=0, time_budget=0))
 
 
@@ -471,14 +472,14 @@ def test_run_records_heldout_accuracy_and_init_continues_from_the_checkpoint(tmp
     assert lines[-1]["kind"] == "eval" and lines[-1]["eval_accuracy"] == results["eval_accuracy"]
     assert 0 <= results["eval_accuracy"] <= 1 and results["steps"] == 3
     assert json.load(open(tmp_path / "run" / "args.json"))["max_steps"] == 3
-    start, _, _ = M.load(str(tmp_path / "run" / "model.pt"))
+    start, _, _ = checkpoints.load(str(tmp_path / "run" / "model.pt"))
     continued = sft.run(tiny_args(tmp_path, out="cont", init=str(tmp_path / "run" / "model.pt"), max_steps=1,
                                   lr=1e-12, warmup_steps=1, eval_every=100))  # lr ~ 0: weights stay those of --init
     assert continued["steps"] == 1
     evals = [json.loads(x) for x in open(tmp_path / "cont" / "metrics.jsonl") if '"eval"' in x]
     assert [r["step"] for r in evals] == [0, 1] and evals[0]["train_minutes"] == 0  # the start is evaluated too
     assert math.isclose(evals[0]["eval_loss"], results["eval_loss"], rel_tol=1e-6)  # same model, same loss
-    after, _, ckpt = M.load(str(tmp_path / "cont" / "model.pt"))
+    after, _, ckpt = checkpoints.load(str(tmp_path / "cont" / "model.pt"))
     for a, b in zip(start.state_dict().values(), after.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-8, rtol=0)
     assert ckpt["meta"]["args"]["init"].endswith("model.pt")
@@ -495,8 +496,8 @@ def test_synth_then_sft_lowers_heldout_loss(tmp_path):
     args = tiny_args(tmp_path, data=str(data / "sft_train.jsonl"), test_data=str(data / "sft_test.jsonl"),
                      eval_data=str(data / "rl_test.jsonl"), max_steps=40, batch_size=16, block_size=256,
                      n_embd=64, n_head=4, n_kv_head=4, lr=3e-3, eval_examples=32, max_new_tokens=32)
-    enc = M.get_tokenizer("bytes")
-    test_examples, _ = sft.make_examples(M.read_jsonl(args.test_data)[:32], enc, 256)
+    enc = tokenizer.get_tokenizer("bytes")
+    test_examples, _ = sft.make_examples(tasks.read_jsonl(args.test_data)[:32], enc, 256)
     torch.manual_seed(args.seed)
     before = sft.eval_loss(M.GPT(M.Config(**{**TINY, "n_embd": 64, "n_head": 4, "n_kv_head": 4,
                                              "block_size": 256})), test_examples, PAD, "cpu")
@@ -508,7 +509,7 @@ def test_synth_then_sft_lowers_heldout_loss(tmp_path):
 
 def tiny_argv(args):
     """The command line of sft.Args `args` (every field given), as another stage would build it."""
-    return M.stage_command("sft.py", **{k: v for k, v in vars(args).items() if k not in ("init", "resume")})[1:]
+    return stages.stage_command("sft.py", **{k: v for k, v in vars(args).items() if k not in ("init", "resume")})[1:]
 
 
 def test_resume_uses_the_saved_arguments_and_an_option_given_again_overrides_them(tmp_path, capsys):
@@ -528,7 +529,7 @@ def test_resume_uses_the_saved_arguments_and_an_option_given_again_overrides_the
     # step 3 is update index 2 of 3: warmup over, cosine at progress 2/3, between lr*0.5 and lr = 5e-3
     expected = 5e-3 * (0.5 + 0.5 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))
     assert math.isclose(train_lines[-1]["lr"], expected, rel_tol=1e-9)
-    assert M.load(str(run_dir / "model.pt"))[2]["meta"]["step"] == 3
+    assert checkpoints.load(str(run_dir / "model.pt"))[2]["meta"]["step"] == 3
 
 
 def test_a_diverging_run_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -547,9 +548,9 @@ def test_a_diverging_run_stops_before_the_update_and_keeps_the_last_good_checkpo
 
     monkeypatch.setattr(sft, "masked_nll", poisoned_nll)
     args = tiny_args(tmp_path, max_steps=6, eval_every=2)
-    with pytest.raises(M.NonFiniteError, match="step 4: loss is nan"):
+    with pytest.raises(cli.NonFiniteError, match="step 4: loss is nan"):
         sft.run(args)
-    policy, _, ckpt = M.load(os.path.join(args.out, "model.pt"))
+    policy, _, ckpt = checkpoints.load(os.path.join(args.out, "model.pt"))
     assert ckpt["meta"]["step"] == 2
     assert all(torch.isfinite(p).all() for p in policy.state_dict().values())
 
@@ -565,9 +566,9 @@ def test_a_huge_lr_is_one_line_exit_2_and_every_saved_weight_is_finite(tmp_path)
     failed_step = int(lines[0].split()[2].rstrip(":"))
     path = os.path.join(args.out, "model.pt")
     if os.path.exists(path):
-        policy, _, ckpt = M.load(path)
+        policy, _, ckpt = checkpoints.load(path)
         assert ckpt["meta"]["step"] < failed_step
-        assert not M.non_finite_tensors(policy.state_dict())
+        assert not cli.non_finite_tensors(policy.state_dict())
 
 
 def test_gsm8k_rows_train_and_evaluate_unchanged(tmp_path):
@@ -597,9 +598,9 @@ def test_defaults_are_a_step_budget_and_shared_values():
     limit) is a valid command line."""
     defaults = sft.Args()
     assert defaults.max_steps > 0 and defaults.time_budget == 0
-    assert defaults.max_new_tokens == M.MAX_NEW_TOKENS
+    assert defaults.max_new_tokens == tasks.MAX_NEW_TOKENS
     sft.check_args(defaults)
-    control = M.parse_args(sft.Args, ["--init", "runs/sft/model.pt", "--time-budget", "2.5", "--max-steps", "0"])
+    control = cli.parse_args(sft.Args, ["--init", "runs/sft/model.pt", "--time-budget", "2.5", "--max-steps", "0"])
     sft.check_args(control)
     assert control.max_steps == 0 and control.time_budget == 2.5
 
@@ -628,7 +629,7 @@ def test_the_synth_command_makes_the_default_inputs():
     import synth
     command = sft.synth_command()
     assert command[0] == "synth.py"
-    synth_args = M.parse_args(synth.Args, command[1:])
+    synth_args = cli.parse_args(synth.Args, command[1:])
     defaults = sft.Args()
     for path, name in ((defaults.data, "sft_train"), (defaults.test_data, "sft_test"),
                        (defaults.eval_data, "rl_test")):
@@ -653,13 +654,13 @@ def tree_listing(folder):
 def write_checkpoint_without_optimizer(tmp_path):
     """A run folder whose model.pt was written by another stage (grpo.py: weights, step and args only)."""
     os.makedirs(tmp_path / "run")
-    M.save(str(tmp_path / "run" / "model.pt"), tiny_model(), M.get_tokenizer("bytes"), step=3, args={"lr": 1e-5})
+    checkpoints.save(str(tmp_path / "run" / "model.pt"), tiny_model(), tokenizer.get_tokenizer("bytes"), step=3, args={"lr": 1e-5})
     return ["--resume"]
 
 
 def write_truncated_checkpoint(tmp_path):
     path = tmp_path / "truncated.pt"
-    M.save(str(path), tiny_model(), M.get_tokenizer("bytes"))
+    checkpoints.save(str(path), tiny_model(), tokenizer.get_tokenizer("bytes"))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return ["--init", str(path)]
 
@@ -706,7 +707,7 @@ BAD_INPUT = {  # case -> (set-up returning extra argv, text the one error line m
         ("--log-every", "0"), ("--n-head", "0"), ("--n-layer", "-1"), ("--batch-size", "0"),
         ("--micro-batch", "-1"), ("--lr", "-1"), ("--time-budget", "nan"), ("--seed", "-1")]},
 }
-MORE_BAD_INPUT = {  # the same kinds of case again, through M.cli(main) in this process (no interpreter start-up)
+MORE_BAD_INPUT = {  # the same kinds of case again, through cli.run(main) in this process (no interpreter start-up)
     "GSM8K answer not a string": (write_data("train.jsonl", '{"question": "q", "answer": 2}\n'), "train.jsonl:1"),
     "test data not JSON": (write_data("test.jsonl", "{\n"), "test.jsonl:1"),
     "eval answer wrong type": (write_data("heldout.jsonl", '{"prompt": "1+1=?\\n", "answer": [2]}\n'),
@@ -750,13 +751,13 @@ def test_bad_input_is_one_line_exit_2_no_traceback_and_nothing_written(bad_input
 
 @pytest.mark.parametrize("case", list(MORE_BAD_INPUT))
 def test_more_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, monkeypatch, case):
-    """As the table above, through the M.cli(main) that `python sft.py` runs, in this process."""
+    """As the table above, through the cli.run(main) that `python sft.py` runs, in this process."""
     setup, where = MORE_BAD_INPUT[case]
     monkeypatch.chdir(tmp_path)
     argv = tiny_argv(tiny_args(tmp_path, max_steps=2, eval_minutes=0, n_eval=4, max_new_tokens=4)) + setup(tmp_path)
     before = tree_listing(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        M.cli(lambda: sft.main(argv))
+        cli.run(lambda: sft.main(argv))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("error: ") and where in err, err
@@ -777,7 +778,7 @@ BAD_OPTIONS = [("--log-every", "0"), ("--n-head", "0"), ("--n-layer", "-1"), ("-
 
 @pytest.mark.parametrize("flag, value", BAD_OPTIONS)
 def test_every_bad_option_value_is_one_line_exit_2_before_anything_is_read(tmp_path, capsys, monkeypatch, flag, value):
-    """Each option's rule, through the same M.cli(main) that `python sft.py` runs (in this process, so the
+    """Each option's rule, through the same cli.run(main) that `python sft.py` runs (in this process, so the
     whole table costs well under a second): exit status 2, one line naming the flag, and nothing read or
     written (the data files are missing: an option check that came after reading would name them)."""
     monkeypatch.chdir(tmp_path)
@@ -785,7 +786,7 @@ def test_every_bad_option_value_is_one_line_exit_2_before_anything_is_read(tmp_p
     for path in tiny_data(tmp_path):
         os.remove(path)
     with pytest.raises(SystemExit) as exit_info:
-        M.cli(lambda: sft.main(argv))
+        cli.run(lambda: sft.main(argv))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert flag in err, err
@@ -839,12 +840,12 @@ def test_compile_train_takes_the_same_first_step_and_saves_the_eager_model_s_key
     first = runs["eager"][0], runs["compiled"][0]
     assert first[1]["loss"] == pytest.approx(first[0]["loss"], rel=1e-5)
     assert first[1]["grad_norm"] == pytest.approx(first[0]["grad_norm"], rel=1e-4)
-    assert M.load(str(tmp_path / "compiled" / "model.pt"))[0].state_dict().keys() == \
-        M.load(str(tmp_path / "eager" / "model.pt"))[0].state_dict().keys()
+    assert checkpoints.load(str(tmp_path / "compiled" / "model.pt"))[0].state_dict().keys() == \
+        checkpoints.load(str(tmp_path / "eager" / "model.pt"))[0].state_dict().keys()
 
 
 def test_compile_train_with_fsdp_is_refused(tmp_path, monkeypatch):
     """Under torchrun (WORLD_SIZE >= 2) --compile-train --fsdp is one line naming both flags, before anything is read."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(M.UserError, match="--compile-train with --fsdp"):
+    with pytest.raises(cli.UserError, match="--compile-train with --fsdp"):
         sft.check_args(tiny_args(tmp_path, compile_train=True, fsdp=True))

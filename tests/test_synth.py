@@ -15,6 +15,7 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 import model as M
+from lib import checkpoints, cli, rundir, tasks, tokenizer
 import synth as S
 
 SEEDS = st.integers(0, 2 ** 32 - 1)
@@ -42,7 +43,7 @@ def solve(prompt: str) -> int:
 
 def wrong_steps(completion: str) -> list[int]:
     """Indices of the steps whose left side does not evaluate to the right side (model.py's parser)."""
-    return [k for k, (lhs, rhs) in enumerate(M.step_lines(completion)) if M.arith(lhs) != int(rhs)]
+    return [k for k, (lhs, rhs) in enumerate(tasks.step_lines(completion)) if tasks.arith(lhs) != int(rhs)]
 
 
 def small_args(tmp_path, *extra):
@@ -66,9 +67,9 @@ def test_every_example_passes_its_verifier_and_a_perturbed_answer_fails(seed, fa
     assert problem.answer == solve(problem.prompt) >= 0
     worked = S.demonstration(problem, "worked", random.Random(seed))
     bare = S.demonstration(problem, "bare", random.Random(seed))
-    assert M.completion_style(worked) == "worked" and S.verify(worked, problem.answer)
-    assert M.completion_style(bare) == "bare" and bare == f"#### {problem.answer}" and S.verify(bare, problem.answer)
-    assert not S.verify(worked, problem.answer + delta) and not M.is_correct(bare, problem.answer + delta)
+    assert tasks.completion_style(worked) == "worked" and S.verify(worked, problem.answer)
+    assert tasks.completion_style(bare) == "bare" and bare == f"#### {problem.answer}" and S.verify(bare, problem.answer)
+    assert not S.verify(worked, problem.answer + delta) and not tasks.is_correct(bare, problem.answer + delta)
     perturbed = worked.rpartition("#### ")[0] + f"#### {problem.answer + delta}"
     assert not S.verify(perturbed, problem.answer)
 
@@ -77,12 +78,12 @@ def test_every_example_passes_its_verifier_and_a_perturbed_answer_fails(seed, fa
 def test_noisy_demo_has_exactly_one_wrong_step_carried_through(seed, family, d):
     problem = S.DRAW[family](random.Random(seed), d)
     noisy = S.demonstration(problem, "noisy", random.Random(seed))
-    assert M.completion_style(noisy) == "wrong_step" and not S.verify(noisy, problem.answer)
+    assert tasks.completion_style(noisy) == "wrong_step" and not S.verify(noisy, problem.answer)
     [k] = wrong_steps(noisy)                                   # exactly one wrong step
-    steps = M.step_lines(noisy)
-    delta = int(steps[k][1]) - M.arith(steps[k][0])
+    steps = tasks.step_lines(noisy)
+    delta = int(steps[k][1]) - tasks.arith(steps[k][0])
     assert abs(delta) == 1
-    final = int(M.extract_answer(noisy))
+    final = int(tasks.extract_answer(noisy))
     if family == "word":  # carried through: the next step starts from the wrong value, doublings scale it
         if k + 1 < len(steps):
             assert steps[k + 1][0].startswith(steps[k][1])
@@ -96,7 +97,7 @@ def test_noisy_demo_has_exactly_one_wrong_step_carried_through(seed, family, d):
 def test_steps_are_local_and_short(seed, family, d):
     problem = S.DRAW[family](random.Random(seed), d)
     worked = S.demonstration(problem, "worked", random.Random(seed))
-    for lhs, _ in M.step_lines(worked):
+    for lhs, _ in tasks.step_lines(worked):
         numbers = [int(x) for x in re.findall(r"\d+", lhs)]
         if family in ("add", "sub"):
             assert max(numbers) <= 19                          # digits, a borrowed 1x, a carry
@@ -135,11 +136,11 @@ def test_worked_examples_match_the_documented_format():
 def test_extractor_reads_plain_and_gsm8k_answers():
     gsm8k = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
              "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
-    assert M.extract_answer("#### 42") == "42"
-    assert M.extract_answer(gsm8k) == "72" and S.verify(gsm8k, "72") and S.verify(gsm8k, 72)
-    assert M.extract_answer("so the total is\n#### 1,234") == "1234" and M.is_correct("#### 1,234", 1234)
-    assert M.extract_answer("no answer here") is None and not S.verify("no answer here", 0)
-    assert not M.is_correct("#### 71", "72")
+    assert tasks.extract_answer("#### 42") == "42"
+    assert tasks.extract_answer(gsm8k) == "72" and S.verify(gsm8k, "72") and S.verify(gsm8k, 72)
+    assert tasks.extract_answer("so the total is\n#### 1,234") == "1234" and tasks.is_correct("#### 1,234", 1234)
+    assert tasks.extract_answer("no answer here") is None and not S.verify("no answer here", 0)
+    assert not tasks.is_correct("#### 71", "72")
 
 
 # -- styles, sizes, splits -----------------------------------------------------------------------
@@ -149,8 +150,8 @@ def test_extractor_reads_plain_and_gsm8k_answers():
        n=st.integers(50, 300))
 def test_style_shares_match_the_requested_ones_and_labels_match_the_verifier(seed, shares, n):
     mix = ",".join(f"{s}={w}" for s, w in zip(S.STYLES, shares))
-    args = M.parse_args(S.Args, ["--seed", str(seed), "--mix", mix, "--n-sft", str(n), "--n-rl", "20",
-                                 "--n-test", "20", "--n-prefs", "10", "--n-prefs-test", "10", "--n-diagnostic", "2"])
+    args = cli.parse_args(S.Args, ["--seed", str(seed), "--mix", mix, "--n-sft", str(n), "--n-rl", "20",
+                                   "--n-test", "20", "--n-prefs", "10", "--n-prefs-test", "10", "--n-diagnostic", "2"])
     rows = S.build_dataset(args)["sft_train"]
     assert len(rows) == n
     counts = Counter(r["style"] for r in rows)
@@ -160,14 +161,14 @@ def test_style_shares_match_the_requested_ones_and_labels_match_the_verifier(see
     expected = {"worked": "worked", "bare": "bare", "noisy": "wrong_step"}
     for r in rows:
         assert r["answer"] == str(solve(r["prompt"]))
-        assert M.completion_style(r["completion"]) == expected[r["style"]]
+        assert tasks.completion_style(r["completion"]) == expected[r["style"]]
         assert S.verify(r["completion"], r["answer"]) == (r["style"] != "noisy")
 
 
 def test_default_run_sizes_ranges_and_disjoint_splits(default_run):
     out, _ = default_run
     d = S.Args()
-    files = {name: M.read_jsonl(str(out / f"{name}.jsonl")) for name in
+    files = {name: tasks.read_jsonl(str(out / f"{name}.jsonl")) for name in
              ("sft_train", "sft_test", "prefs_train", "prefs_test", "rl_train", "rl_test")}
     untrained = [kind for kind in S.PREF_KINDS if kind not in S.parse_mix(d.pref_mix, S.PREF_KINDS, "")]
     sizes = {"sft_train": d.n_sft, "sft_test": d.n_sft_test, "prefs_train": d.n_prefs, "rl_train": d.n_rl,
@@ -195,24 +196,24 @@ def test_default_run_sizes_ranges_and_disjoint_splits(default_run):
 
 def test_preference_pairs_chosen_correct_rejected_as_labelled(default_run):
     out, _ = default_run
-    rows = M.read_jsonl(str(out / "prefs_train.jsonl")) + M.read_jsonl(str(out / "prefs_test.jsonl"))
+    rows = tasks.read_jsonl(str(out / "prefs_train.jsonl")) + tasks.read_jsonl(str(out / "prefs_test.jsonl"))
     assert {r["kind"] for r in rows} == set(S.PREF_KINDS) | set(S.DIAGNOSTIC_KINDS)
-    assert not {r["kind"] for r in M.read_jsonl(str(out / "prefs_train.jsonl"))} & set(S.DIAGNOSTIC_KINDS)
+    assert not {r["kind"] for r in tasks.read_jsonl(str(out / "prefs_train.jsonl"))} & set(S.DIAGNOSTIC_KINDS)
     for r in rows:
         chosen, rejected, answer = r["chosen"], r["rejected"], int(r["answer"])
-        assert answer == solve(r["prompt"]) and S.verify(chosen, answer) and M.completion_style(chosen) == "worked"
-        style = M.completion_style(rejected)
+        assert answer == solve(r["prompt"]) and S.verify(chosen, answer) and tasks.completion_style(chosen) == "worked"
+        style = tasks.completion_style(rejected)
         if r["kind"] == "bare":             # the right answer, no work: the strategy is what is rejected
             assert style == "bare" and S.verify(rejected, answer) and rejected == f"#### {answer}"
         elif r["kind"] == "bare_wrong":     # a wrong answer of the same length, no work
-            assert style == "bare" and not M.is_correct(rejected, answer)
-            assert len(M.extract_answer(rejected)) == len(str(answer))
+            assert style == "bare" and not tasks.is_correct(rejected, answer)
+            assert len(tasks.extract_answer(rejected)) == len(str(answer))
         elif r["kind"] == "wrong_answer":   # every step right, the final answer wrong (same length)
-            assert style == "worked" and not M.is_correct(rejected, answer)
+            assert style == "worked" and not tasks.is_correct(rejected, answer)
             assert rejected.splitlines()[:-1] == chosen.splitlines()[:-1]
-            assert len(M.extract_answer(rejected)) == len(str(answer))
+            assert len(tasks.extract_answer(rejected)) == len(str(answer))
         elif r["kind"] == "off_by_one":
-            assert style == "worked" and abs(int(M.extract_answer(rejected)) - answer) == 1
+            assert style == "worked" and abs(int(tasks.extract_answer(rejected)) - answer) == 1
         elif r["kind"] == "wrong_step":
             assert style == "wrong_step" and len(wrong_steps(rejected)) == 1 and not S.verify(rejected, answer)
         elif r["kind"] == "bad_format":
@@ -239,7 +240,7 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path):
                                  ["--families", "sub", "--test-difficulty", "1", "--n-test", "56"],
                                  ["--n-sft", "-5"], ["--n-test", "0"], ["--n-diagnostic", "-1"]])
 def test_bad_options_raise_one_clear_error_and_write_nothing(tmp_path, bad):
-    with pytest.raises(M.UserError, match="--|unused distinct prompts"):
+    with pytest.raises(cli.UserError, match="--|unused distinct prompts"):
         S.main(small_args(tmp_path, *bad))
     assert not (tmp_path / "data").exists()
 
@@ -329,12 +330,12 @@ def test_balance_by_difficulty_caps_each_difficulty_at_an_equal_share():
 def tiny_checkpoint(path):
     torch.manual_seed(0)
     policy = M.GPT(M.Config(n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    M.save(str(path), policy, M.get_tokenizer("bytes"))
+    checkpoints.save(str(path), policy, tokenizer.get_tokenizer("bytes"))
     return str(path)
 
 
 def test_batched_greedy_sampling_matches_one_prompt_at_a_time(tmp_path):
-    policy, enc, _ = M.load(tiny_checkpoint(tmp_path / "tiny.pt"))
+    policy, enc, _ = checkpoints.load(tiny_checkpoint(tmp_path / "tiny.pt"))
     prompts = ["7+6=?\n", "357+486=?\n", "Ann has 12 apples. She buys 7 more. How many apples now?\n", "9*9=?\n"]
     batched = S.sample_completions(policy, enc, prompts, 2, 0.0, 12, batch_size=8)
     alone = []
@@ -352,7 +353,7 @@ def test_from_model_writes_only_verified_rows(tmp_path, monkeypatch):
             "--max-new-tokens", "8", "--out", str(out), "--device", "cpu"]
     result = S.main(argv)                                      # a random model: real sampling, batched
     assert result["counts"]["sampled"] == 12
-    assert not out.exists() or all(S.verify(r["completion"], r["answer"]) for r in M.read_jsonl(str(out)))
+    assert not out.exists() or all(S.verify(r["completion"], r["answer"]) for r in tasks.read_jsonl(str(out)))
 
     def oracle(policy, enc, prompts, k, *rest, **kw):          # a model that solves every other prompt
         samples = []
@@ -365,17 +366,17 @@ def test_from_model_writes_only_verified_rows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(S, "sample_completions", oracle)
     prompts = tmp_path / "arith.jsonl"
-    M.write_jsonl(str(prompts), [r for r in M.read_jsonl(str(data / "rl_train.jsonl")) if r["family"] != "word"])
+    tasks.write_jsonl(str(prompts), [r for r in tasks.read_jsonl(str(data / "rl_train.jsonl")) if r["family"] != "word"])
     result = S.main(argv[:2] + ["--prompts", str(prompts)] + argv[4:])
-    kept = M.read_jsonl(str(out))
+    kept = tasks.read_jsonl(str(out))
     assert all(S.verify(r["completion"], r["answer"]) and r["source"] == "model" for r in kept)
     assert result["counts"]["verified"] == 6 and result["counts"]["deduplicated"] == 3   # k copies -> 1
 
 
 def test_defaults_come_from_model_py():
-    assert S.Args().max_new_tokens == M.MAX_NEW_TOKENS
+    assert S.Args().max_new_tokens == tasks.MAX_NEW_TOKENS
     assert S.dataset_command("data") == ["synth.py", "--out-dir", "data"]
-    assert M.parse_args(S.Args, S.dataset_command(os.path.dirname(S.Args().prompts))[1:]) == S.Args()
+    assert cli.parse_args(S.Args, S.dataset_command(os.path.dirname(S.Args().prompts))[1:]) == S.Args()
 
 
 def test_no_filter_writes_every_sample_and_a_summary_that_matches_the_file(tmp_path):
@@ -385,8 +386,8 @@ def test_no_filter_writes_every_sample_and_a_summary_that_matches_the_file(tmp_p
     summary = S.main(["--from-model", tiny_checkpoint(tmp_path / "tiny.pt"), "--prompts", str(data / "rl_train.jsonl"),
                       "--n-prompts", "5", "--k", "3", "--max-new-tokens", "8", "--out", str(out), "--no-filter",
                       "--device", "cpu"])
-    rows = M.read_jsonl(str(out))
-    prompts = {r["prompt"]: r["answer"] for r in M.read_jsonl(str(data / "rl_train.jsonl"))}
+    rows = tasks.read_jsonl(str(out))
+    prompts = {r["prompt"]: r["answer"] for r in tasks.read_jsonl(str(data / "rl_train.jsonl"))}
     assert len(rows) == 15 and all(c == 3 for c in Counter(r["prompt"] for r in rows).values())
     assert all(prompts[r["prompt"]] == r["answer"] and r["source"] == "model_unfiltered" for r in rows)
     assert not all(S.verify(r["completion"], r["answer"]) for r in rows)     # a random model: unverified rows kept
@@ -401,13 +402,13 @@ def test_no_filter_writes_every_sample_and_a_summary_that_matches_the_file(tmp_p
 def test_from_model_reads_gsm8k_rows_and_skips_prompts_longer_than_the_context(tmp_path, capsys):
     prompts = tmp_path / "gsm8k.jsonl"
     solution = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 1,072"
-    M.write_jsonl(str(prompts), [{"question": f"Natalia sold clips to {n} friends. How many?\n", "answer": solution}
-                                 for n in range(3)] + [{"question": "x" * 400, "answer": "#### 5"}])
+    tasks.write_jsonl(str(prompts), [{"question": f"Natalia sold clips to {n} friends. How many?\n", "answer": solution}
+                                     for n in range(3)] + [{"question": "x" * 400, "answer": "#### 5"}])
     out = tmp_path / "out.jsonl"
     S.main(["--from-model", tiny_checkpoint(tmp_path / "tiny.pt"), "--prompts", str(prompts), "--k", "2",
             "--max-new-tokens", "8", "--out", str(out), "--no-filter", "--device", "cpu"])
     assert f"{prompts}: skipped 1 of 4 prompts longer than the context" in capsys.readouterr().out
-    rows = M.read_jsonl(str(out))
+    rows = tasks.read_jsonl(str(out))
     assert len(rows) == 6 and {r["answer"] for r in rows} == {"1072"}       # the number after the last ####
     assert {r["prompt"] for r in rows} == {f"Natalia sold clips to {n} friends. How many?\n" for n in range(3)}
 
@@ -459,7 +460,7 @@ def run_cli(argv, capsys):
     """`python synth.py ARGV` in this process: model.cli turns a UserError into one line and exit 2."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        M.cli(lambda: S.main(argv))
+        cli.run(lambda: S.main(argv))
     return exit_info.value.code, capsys.readouterr().err
 
 
@@ -531,7 +532,7 @@ def test_an_out_dir_holding_a_folder_where_a_data_file_goes_is_refused(tmp_path,
 # -- one writer per folder, and a set of files written whole or not at all -----------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOLD_FOLDER = "import sys, model as M; M.claim_run_dir(sys.argv[1]); print('claimed', flush=True); sys.stdin.read()"
+HOLD_FOLDER = "import sys; from lib import rundir; rundir.claim_run_dir(sys.argv[1]); print('claimed', flush=True); sys.stdin.read()"
 
 
 def files_of(folder):
@@ -559,16 +560,17 @@ def test_a_second_writer_on_a_claimed_folder_is_refused_and_writes_nothing(tmp_p
 
 KILLED_MIDWAY = """
 import os, signal, sys
-import model as M, synth as S
+import synth as S
+from lib import rundir
 argv = sys.argv[1:]
 S.main(argv)                                          # the previous set (seed 0)
-opened, real = [], M.atomic_write
+opened, real = [], rundir.atomic_write
 def dying(path, mode="w"):                            # killed after 3 files are complete under their temporary
     opened.append(path)                               # names, while the 4th is begun
     if len(opened) == 4:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(path, mode)
-M.atomic_write = dying
+rundir.atomic_write = dying
 S.main(argv + ["--seed", "1"])
 """
 
@@ -595,7 +597,7 @@ def test_a_run_failing_while_writing_leaves_the_previous_set_whole_and_no_tempor
     folder = tmp_path / "data"
     S.main(small_args(tmp_path))
     before = files_of(folder)
-    opened, real = [], M.atomic_write
+    opened, real = [], rundir.atomic_write
 
     def disk_full(path, mode="w"):
         opened.append(path)
@@ -603,8 +605,8 @@ def test_a_run_failing_while_writing_leaves_the_previous_set_whole_and_no_tempor
             raise OSError(28, "No space left on device", path)
         return real(path, mode)
 
-    monkeypatch.setattr(M, "atomic_write", disk_full)
-    with pytest.raises(M.UserError, match="No space left on device"):
+    monkeypatch.setattr(rundir, "atomic_write", disk_full)
+    with pytest.raises(cli.UserError, match="No space left on device"):
         S.main(small_args(tmp_path, "--seed", "1"))
     assert len(opened) == 5 and files_of(folder) == before            # 4 files written, none renamed into place
 
@@ -647,7 +649,7 @@ def test_the_verifier_accepts_exactly_the_expressions_that_hit_the_target_with_t
         for numbers in ([2, 2, 3], [2, 3], [3, 3], [2]):
             for target in {value if value is not None else Fraction(0), (value or 0) + Fraction(1, 3), Fraction(6)}:
                 expected = value is not None and sub_multiset(leaves, numbers) and value == target
-                got = M.expression_hits_target(f"7*8=56\n#### {text}", numbers, float(target))
+                got = tasks.expression_hits_target(f"7*8=56\n#### {text}", numbers, float(target))
                 assert got == expected, (text, numbers, target, value)
                 n_accepted += got
                 n_checked += 1
@@ -659,11 +661,11 @@ def test_a_correct_expression_passes_in_any_spacing_and_a_number_used_twice_fail
     a, b = numbers[:2]
     text = f"{a} {op} {b}" if spaced else f"{a}{op}{b}"
     target = OPS[op](a, b)
-    assert M.expression_hits_target(f"#### {text}", numbers, target)
-    assert M.expression_hits_target(f"steps\n#### {text}\nanything after the line", numbers, target)
-    assert not M.expression_hits_target(f"#### {text}", numbers, target + 1)
+    assert tasks.expression_hits_target(f"#### {text}", numbers, target)
+    assert tasks.expression_hits_target(f"steps\n#### {text}\nanything after the line", numbers, target)
+    assert not tasks.expression_hits_target(f"#### {text}", numbers, target + 1)
     twice = f"{a}{op}{a}"                                        # a used twice but given once
-    assert M.expression_hits_target(f"#### {twice}", numbers, OPS[op](a, a)) == (numbers.count(a) >= 2)
+    assert tasks.expression_hits_target(f"#### {twice}", numbers, OPS[op](a, a)) == (numbers.count(a) >= 2)
 
 
 HOSTILE = ["__import__('os').system('echo pwned')", "open('/etc/passwd').read()", "3 if 1 else 4", "[3][0]",
@@ -674,19 +676,19 @@ HOSTILE = ["__import__('os').system('echo pwned')", "open('/etc/passwd').read()"
 
 @pytest.mark.parametrize("expression", HOSTILE)
 def test_the_verifier_rejects_hostile_expressions_without_raising(expression):
-    assert M.expression_hits_target(f"#### {expression}", [3, 4], 3) is False
-    final = M.final_expression(f"#### {expression}")
+    assert tasks.expression_hits_target(f"#### {expression}", [3, 4], 3) is False
+    final = tasks.final_expression(f"#### {expression}")
     if final is not None and final != "4":                        # "4\n3": a valid 4 that misses the target
         with pytest.raises(ValueError):                          # arith's documented error, and no other
-            M.arith(final)
+            tasks.arith(final)
 
 
 def test_the_verifier_needs_a_final_expression_and_a_numeric_target():
-    assert not M.expression_hits_target("3+4", [3, 4], 7)                       # no '####'
-    assert not M.expression_hits_target("#### 3+4", [3, 4], "seven")            # a target that is no number
-    assert M.expression_hits_target("#### 3+4", [3, 4], "7")                    # the answer as text (JSONL rows)
-    assert M.expression_hits_target("#### 3.0+4", [3, 4], 7)                    # 3.0 is the allowed 3
-    assert not M.expression_hits_target("#### 3+4 #### 3", [3, 4], 7)          # the LAST '####' counts
+    assert not tasks.expression_hits_target("3+4", [3, 4], 7)                       # no '####'
+    assert not tasks.expression_hits_target("#### 3+4", [3, 4], "seven")            # a target that is no number
+    assert tasks.expression_hits_target("#### 3+4", [3, 4], "7")                    # the answer as text (JSONL rows)
+    assert tasks.expression_hits_target("#### 3.0+4", [3, 4], 7)                    # 3.0 is the allowed 3
+    assert not tasks.expression_hits_target("#### 3+4 #### 3", [3, 4], 7)          # the LAST '####' counts
 
 
 def reachable(numbers) -> set:
@@ -725,8 +727,8 @@ def test_the_solver_reaches_exactly_what_brute_force_reaches_and_every_answer_ve
         assert 1 <= target <= S.COUNTDOWN_MAX_TARGET and target not in numbers
         lines, expression = S.countdown_steps(numbers, target)
         completion = S.format_completion(lines, expression)
-        assert M.expression_hits_target(completion, list(numbers), target)
-        assert M.completion_style(completion) == "worked" and S.verify(completion, target, list(numbers))
+        assert tasks.expression_hits_target(completion, list(numbers), target)
+        assert tasks.completion_style(completion) == "worked" and S.verify(completion, target, list(numbers))
         assert len(lines) + 1 == fewest_numbers(numbers, target)  # the demonstration uses the fewest numbers
 
 
@@ -756,7 +758,7 @@ def test_countdown_rows_are_solvable_labelled_and_in_their_own_files(tmp_path):
     assert set(after) - set(before) == {f"countdown_{n}.jsonl" for n in names} | {"countdown_config.json"}
     prompts = []
     for name, size in names.items():
-        rows = M.read_jsonl(str(tmp_path / "data" / f"countdown_{name}.jsonl"))
+        rows = tasks.read_jsonl(str(tmp_path / "data" / f"countdown_{name}.jsonl"))
         assert len(rows) == size and all(r["family"] == "countdown" for r in rows)
         for r in rows:
             m = re.fullmatch(r"Make (\d+) from ((?:\d )*\d)\n", r["prompt"])   # the prompt read back
@@ -764,14 +766,14 @@ def test_countdown_rows_are_solvable_labelled_and_in_their_own_files(tmp_path):
             assert str(target) == r["answer"] and numbers == r["numbers"] == sorted(numbers)
             assert len(numbers) == r["difficulty"] and target not in numbers and target in reachable(numbers)
             if "completion" in r:
-                hits = M.expression_hits_target(r["completion"], numbers, target)
+                hits = tasks.expression_hits_target(r["completion"], numbers, target)
                 assert hits == (r["style"] != "noisy") == S.verify(r["completion"], r["answer"], r["numbers"])
-                assert M.completion_style(r["completion"]) == {"bare": "bare"}.get(r["style"], "worked")
-                assert M.verify(r["completion"], r) == hits        # model.py dispatches on "numbers"
+                assert tasks.completion_style(r["completion"]) == {"bare": "bare"}.get(r["style"], "worked")
+                assert tasks.verify(r["completion"], r) == hits        # model.py dispatches on "numbers"
         prompts.append({r["prompt"] for r in rows})
         assert len(prompts[-1]) == size                          # no repeats inside a split
     assert sum(map(len, prompts)) == len(set().union(*prompts))  # splits disjoint
-    read = M.read_prompts(str(tmp_path / "data" / "countdown_rl_test.jsonl"))
+    read = tasks.read_prompts(str(tmp_path / "data" / "countdown_rl_test.jsonl"))
     assert all(isinstance(r["numbers"], list) for r in read)     # the numbers reach grpo.py's reward
 
 

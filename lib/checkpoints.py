@@ -1,0 +1,150 @@
+"""Checkpoints in and out: this project's .pt files, and load() for any model a stage can start from.
+
+A .pt checkpoint is {"config", "model" (state dict), "tokenizer" (spec), "meta" (optimizer state, step,
+...)}: written atomically (a temporary file, then a rename), read with torch.load(weights_only=True) (tensors
+and plain containers only, never code), and its config checked against its own tensors before a weight is
+allocated. load() also takes a Hugging Face folder or a .gguf file (lib/convert.py).
+
+    python model.py export --checkpoint runs/grpo/model.pt --to hf/grpo     # a folder transformers loads
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+from dataclasses import dataclass, asdict
+
+import tiktoken
+import torch
+
+import model as M
+from lib import cli, convert, rundir, tokenizer
+
+
+def save(path: str, model, enc: tiktoken.Encoding, **meta) -> None:
+    """Write config, weights, tokenizer spec and metadata (optimizer state, step, ...) atomically:
+    a temporary file in the same folder, then os.replace, so a crash never leaves a half-written model.
+    Weights holding NaN or inf are refused (NonFiniteError): the previous file at `path` stays as it was."""
+    model = M.unwrap(model)
+    state = model.state_dict()
+    bad = cli.non_finite_tensors(state)
+    if bad:
+        raise cli.NonFiniteError(f"{path}: not saved, {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); "
+                                 "the previous checkpoint, if any, is kept")
+    ckpt = {"config": asdict(model.config), "model": state, "tokenizer": tokenizer.tokenizer_spec(enc), "meta": meta}
+    buffer = io.BytesIO()                       # refuse meta that load(weights_only=True) could not read
+    torch.save(meta, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: meta holds objects that load(weights_only=True) cannot read "
+                         f"(use tensors, numbers, strings, lists, dicts): {str(e).splitlines()[0][:120]}") from None
+    with rundir.atomic_write(path, "wb") as f:
+        torch.save(ckpt, f)
+
+
+def config_from_checkpoint(ckpt, path: str) -> M.Config:
+    """The checkpoint's Config, validated against its own state dict BEFORE any weight is allocated:
+    known fields of the right types, and exactly the tensor names and shapes that Config implies
+    (built on the meta device, which allocates nothing). A hostile or damaged file fails here."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
+        raise cli.CheckpointError(f"{path}: not a checkpoint of this project (no config and model state)")
+    fields = {f.name: f for f in dataclasses.fields(M.Config)}
+    unknown = sorted(set(ckpt["config"]) - set(fields))
+    if unknown:
+        raise cli.CheckpointError(f"{path}: config has unknown field(s) {', '.join(map(str, unknown[:5]))}")
+    try:
+        cfg = M.Config(**ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise cli.CheckpointError(f"{path}: invalid config ({e})") from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in M.GPT(cfg).state_dict().items()}
+    state = ckpt["model"]
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and (not torch.is_tensor(state[k]) or tuple(state[k].shape) != expected[k])]
+    if missing or extra or wrong:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
+                  f"{wrong[0]} has shape {tuple(getattr(state[wrong[0]], 'shape', ()))}, config implies {expected[wrong[0]]}")
+        raise cli.CheckpointError(f"{path}: weights do not match its config ({detail})")
+    return cfg
+
+
+def load(path: str, device="cpu", dtype=None, chat_format: str = "auto"):
+    """-> (model, enc, ckpt) from this project's .pt checkpoint, a Hugging Face model folder (config.json,
+    safetensors, tokenizer files) or a .gguf file. A .pt file is read with torch.load(weights_only=True):
+    tensors and plain containers only, no code; its config is checked against its weights before the model
+    is built (config_from_checkpoint). dtype: cast the weights (e.g. torch.bfloat16) after loading.
+    chat_format: auto | none | chatml | llama3 (auto: what the checkpoint recorded, else from the tokenizer).
+    Any problem is a CheckpointError naming the path."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise cli.CheckpointError(f"{path}: is a directory without config.json, not a Hugging Face model folder")
+        model, enc, ckpt = convert.load_hf(path)
+    elif not os.path.isfile(path):
+        raise cli.CheckpointError(f"{path}: no such checkpoint file")
+    elif path.endswith(".gguf"):
+        model, enc, ckpt = convert.load_gguf(path)
+    else:
+        model, enc, ckpt = load_pt(path)
+    bad = cli.non_finite_tensors(model.state_dict())
+    if bad:
+        raise cli.CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]})")
+    if chat_format != "auto":
+        tokenizer.set_chat_format(enc, chat_format)
+    return model.to(device=device, dtype=dtype), enc, ckpt
+
+
+def load_pt(path: str):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = config_from_checkpoint(ckpt, path)
+        enc = tokenizer.tokenizer_from_spec(ckpt.get("tokenizer"))
+        if enc.n_vocab > cfg.vocab_size and not isinstance(enc, tokenizer.SpecEncoding):
+            raise cli.CheckpointError(f"{path}: tokenizer has {enc.n_vocab} tokens, the model only {cfg.vocab_size}")
+        model = M.GPT(cfg)
+        model.load_state_dict(ckpt["model"])
+    except cli.UserError as e:
+        raise cli.CheckpointError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+    except Exception as e:
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).splitlines() or [""])[0])[:160]   # no terminal codes
+        if "Weights only load failed" in reason:
+            reason = "holds objects other than tensors and plain containers"
+        raise cli.CheckpointError(f"{path}: not a readable checkpoint; truncated, corrupt or not ours "
+                                  f"({type(e).__name__}: {reason})") from None
+    return model, enc, ckpt
+
+
+def reward_head_weights(ckpt, path: str, width: int) -> dict:
+    """The scalar head reward.py saves in its checkpoint's meta: {"weight": (1, C), "bias": (1,)}, finite.
+    Anything else (a policy checkpoint, a damaged or hostile meta) is a UserError naming the path."""
+    meta = ckpt.get("meta")
+    head = meta.get("reward_head") if isinstance(meta, dict) else None
+    if head is None:
+        raise cli.UserError(f"{path}: not a reward model checkpoint (no reward_head in its meta)")
+    shapes = {"weight": (1, width), "bias": (1,)}
+    if (not isinstance(head, dict) or set(head) != set(shapes)
+            or any(not torch.is_tensor(head[k]) or tuple(head[k].shape) != shape for k, shape in shapes.items())):
+        raise cli.UserError(f"{path}: reward_head must hold a weight of shape (1, {width}) and a bias of shape (1,)")
+    if cli.non_finite_tensors(head):
+        raise cli.UserError(f"{path}: reward_head holds NaN or inf")
+    return head
+
+
+@dataclass
+class ExportArgs:
+    checkpoint: str = ""         # what to export: a .pt checkpoint, a Hugging Face folder or a .gguf file
+    to: str = ""                 # the Hugging Face folder to write (config.json, model.safetensors, tokenizer files)
+
+
+def export(argv) -> None:
+    """python model.py export --checkpoint runs/grpo/model.pt --to hf/grpo: a folder transformers loads."""
+    args = cli.parse_args(ExportArgs, argv, description=export.__doc__)
+    if not args.checkpoint or not args.to:
+        raise cli.UserError("export needs --checkpoint PATH and --to FOLDER")
+    model, enc, _ = load(args.checkpoint)
+    convert.save_hf(args.to, model, enc)
+    print(f"wrote {args.to}: {', '.join(sorted(os.listdir(args.to)))}")
+
