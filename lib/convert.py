@@ -197,26 +197,29 @@ def load_hf(folder: str):
     except ValueError as e:
         raise cli.CheckpointError(str(e)) from None
     model = build_checkpoint_model(cfg, state_dict_from_hf(tensors, cfg, folder), folder)
-    tokenizer_config = read_json_file(os.path.join(folder, "tokenizer_config.json"), required=False)
     try:
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            spec = tokenizer_files.tokenizer_spec_from_json(read_json_file(os.path.join(folder, "tokenizer.json")), tokenizer_config,
-                                                            cfg.vocab_size, os.path.join(folder, "tokenizer.json"))
-        elif os.path.isfile(os.path.join(folder, "tokenizer.model")):
-            specials = {tokenizer_files.token_content(v): int(k) for k, v in tokenizer_config.get("added_tokens_decoder", {}).items()}
-            spec = tokenizer_files.tokenizer_spec_from_tiktoken_file(os.path.join(folder, "tokenizer.model"), specials,
-                                                                     bos=tokenizer_files.token_content(tokenizer_config.get("bos_token")),
-                                                                     eos=tokenizer_files.token_content(tokenizer_config.get("eos_token")),
-                                                                     pad=tokenizer_files.token_content(tokenizer_config.get("pad_token")),
-                                                                     vocab_size=cfg.vocab_size)
-        else:
-            raise cli.CheckpointError(f"{folder}: no tokenizer.json or tokenizer.model")
+        spec = folder_tokenizer_spec(folder, cfg.vocab_size)
         enc = tokenizer.encoding_from_spec(spec)
     except ValueError as e:
         raise cli.CheckpointError(str(e)) from None
     eos = read_json_file(os.path.join(folder, "generation_config.json"), required=False).get("eos_token_id", [])
     enc.stop_token_ids = tuple(eos if isinstance(eos, list) else [eos])
     return model, tokenizer.set_chat_format(enc), {"config": asdict(cfg), "meta": {}, "source": folder}
+
+
+def folder_tokenizer_spec(folder: str, vocab_size: int) -> dict:
+    """The tokenizer spec of a Hugging Face folder: tokenizer.json (+ tokenizer_config.json), or Llama 3's
+    tiktoken ranks file tokenizer.model, whose special tokens tokenizer_config.json lists."""
+    config = read_json_file(os.path.join(folder, "tokenizer_config.json"), required=False)
+    tokenizer_json, ranks_file = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer.model")
+    if os.path.isfile(tokenizer_json):
+        return tokenizer_files.tokenizer_spec_from_json(read_json_file(tokenizer_json), config, vocab_size,
+                                                        tokenizer_json)
+    if os.path.isfile(ranks_file):
+        named = {role: tokenizer_files.token_content(config.get(f"{role}_token")) for role in ("bos", "eos", "pad")}
+        specials = {tokenizer_files.token_content(v): int(k) for k, v in config.get("added_tokens_decoder", {}).items()}
+        return tokenizer_files.tokenizer_spec_from_tiktoken_file(ranks_file, specials, **named, vocab_size=vocab_size)
+    raise cli.CheckpointError(f"{folder}: no tokenizer.json or tokenizer.model")
 
 
 def config_from_gguf(metadata: dict, tensors: dict, path: str) -> M.Config:
@@ -270,7 +273,8 @@ def save_hf(directory: str, model, enc: tiktoken.Encoding) -> None:
     Only Llama-family models (pre-norm RMSNorm, RoPE, SwiGLU, no biases but Qwen2's) can be exported."""
     model = M.unwrap(model)
     hf = config_to_hf(model.config)
-    spec = enc.spec if isinstance(enc, tokenizer.SpecEncoding) else tokenizer_files.tokenizer_spec_from_encoding(enc, model.config.vocab_size)
+    spec = (enc.spec if isinstance(enc, tokenizer.SpecEncoding)
+            else tokenizer_files.tokenizer_spec_from_encoding(enc, model.config.vocab_size))
     state = model.state_dict()
     bad = cli.non_finite_tensors(state)
     if bad:
@@ -282,7 +286,8 @@ def save_hf(directory: str, model, enc: tiktoken.Encoding) -> None:
                               {"format": "pt"})
     files = {"config.json": hf, "tokenizer.json": tokenizer_files.tokenizer_json_from_spec(spec),
              "tokenizer_config.json": tokenizer_files.tokenizer_config_from_spec(spec),
-             "generation_config.json": {"eos_token_id": sorted(set(tokenizer.stop_ids(enc))), "pad_token_id": tokenizer.pad_id(enc)}}
+             "generation_config.json": {"eos_token_id": sorted(set(tokenizer.stop_ids(enc))),
+                                        "pad_token_id": tokenizer.pad_id(enc)}}
     for name, content in files.items():
         with rundir.atomic_write(os.path.join(directory, name)) as f:
             json.dump(content, f, indent=1, ensure_ascii=False)
