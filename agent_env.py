@@ -843,12 +843,9 @@ def episode_token_bound(names, max_action_tokens: int) -> int:
                + TextEnv.max_observation_chars for name in names)
 
 
-def run(args) -> dict:
-    """Warm start (BC on mixed demonstrations), RL, the equal-time BC control, the table. Returns the
-    results dict (also written to <out>/results.json)."""
-    names = check_args(args)
-    device = cli.get_device(args.device)
-    cli.seed_everything(args.seed)
+def load_model(args, names, device):
+    """The model to train: --init's checkpoint, or a new one on the byte tokenizer; refused when an episode
+    could outgrow its learned positions. -> (model, enc)"""
     if args.init:
         model, enc, _ = checkpoints.load(args.init, device=device)
     else:
@@ -859,15 +856,18 @@ def run(args) -> dict:
     if model.wpe is not None and bound > model.config.block_size:    # learned positions end at block_size
         raise cli.UserError(f"--max-action-tokens {args.max_action_tokens}: an episode may reach {bound} tokens, "
                             f"more than the {model.config.block_size} positions of {args.init}")
-    rundir.save_args(args.out, args)
-    logger = rundir.MetricsLogger(args.out, total=args.bc_steps or None)
-    rng = random.Random(args.seed)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    heldout = range(HELDOUT_SEED, HELDOUT_SEED + args.eval_episodes)
-    print(f"agent_env: {', '.join(names)} | model {model.num_params() / 1e6:.2f}M params "
-          f"({'from ' + args.init if args.init else 'new'}) | device {device}")
+    return model, enc
 
-    # -- phase 1: behaviour cloning on demonstrations of mixed quality (the warm start) --
+
+def log_eval(logger, step, evaluation, names, **extra):
+    """One "eval" row of metrics.jsonl: the held-out success rate per environment, greedy and sampled."""
+    logger.log(step, kind="eval", **extra, **{f"eval_{how}_{name}": evaluation[how][name]["success"]
+                                              for how in evaluation for name in names})
+
+
+def warm_start(model, enc, names, rng, heldout, logger, args, device):
+    """Phase 1: behaviour cloning on demonstrations of mixed quality. Saves warm_start.pt and, for the control,
+    keeps a copy of it. -> (demonstrations, the copy or None, its held-out evaluation, BC seconds)"""
     t0 = time.perf_counter()
     demos = demonstrations(enc, names, args.bc_episodes, rng, args.expert_share)
     print(f"behaviour cloning: {len(demos)} demonstrations ({args.expert_share:.0%} expert, the rest novice), "
@@ -878,15 +878,12 @@ def run(args) -> dict:
     checkpoints.save(os.path.join(args.out, "warm_start.pt"), model, enc, args=asdict(args))
     warm_model = copy.deepcopy(model) if args.control else None
     warm = evaluate_both(model, enc, names, heldout, args, device)
-    logger.close()
-    logger = rundir.MetricsLogger(args.out, total=args.rl_steps or None, append=True)   # RL's own ETA
+    return demos, warm_model, warm, bc_s
 
-    def log_eval(step, evaluation, **extra):
-        logger.log(step, kind="eval", **extra, **{f"eval_{how}_{name}": evaluation[how][name]["success"]
-                                                  for how in evaluation for name in names})
-    log_eval(0, warm)
 
-    # -- phase 2: RL from the warm start --
+def train_rl(model, enc, names, rng, generator, heldout, logger, args, device):
+    """Phase 2: RL from the warm start, one rl_step at a time (linear lr warmup), with a held-out eval every
+    eval_every steps and at the end. -> (the final evaluation, RL's seconds: rollouts and updates, not evals)"""
     episodes_per_step = len(names) * args.states_per_step * args.group_size
     print(f"RL: {args.rl_steps} steps x {episodes_per_step} episodes ({args.states_per_step} states x "
           f"{args.group_size} rollouts x {len(names)} envs), lr {args.rl_lr:g}")
@@ -900,43 +897,47 @@ def run(args) -> dict:
         rl_s += time.perf_counter() - t0
         logger.log(step, echo=step % args.log_every == 0 or step == 1, kind="rl", **metrics)
         if args.eval_every and step % args.eval_every == 0 and step < args.rl_steps:
-            log_eval(step, evaluate_both(model, enc, names, heldout, args, device))
+            log_eval(logger, step, evaluate_both(model, enc, names, heldout, args, device), names)
     trained = evaluate_both(model, enc, names, heldout, args, device)
-    log_eval(args.rl_steps, trained, final=True)
+    log_eval(logger, args.rl_steps, trained, names, final=True)
+    return trained, rl_s
 
-    # -- phase 3: the control: the warm start cloned on the same demonstrations for RL's seconds --
-    control_s, control_steps = 0.0, 0
-    if args.control:
-        print(f"BC control: behaviour cloning from the warm start for RL's {rl_s:.0f} s")
-        t0 = time.perf_counter()
-        _, control_steps = behaviour_cloning(warm_model, enc, demos, 0, args.bc_batch, args.bc_lr, device,
-                                             args.seed + 1, logger, args.grad_clip, time_budget=rl_s,
-                                             log_kind="bc_control")
-        control_s = time.perf_counter() - t0
-        print(f"BC control: {control_steps} steps in {control_s:.0f} s")
-        control = {name: evaluate_model(warm_model, enc, name, heldout, args.max_action_tokens) for name in names}
 
+def bc_control(warm_model, enc, demos, seconds, names, heldout, logger, args, device):
+    """Phase 3, the control: the warm start cloned on the same demonstrations for RL's seconds.
+    -> ({env: greedy held-out summary}, seconds taken, BC steps taken)"""
+    print(f"BC control: behaviour cloning from the warm start for RL's {seconds:.0f} s")
+    t0 = time.perf_counter()
+    _, control_steps = behaviour_cloning(warm_model, enc, demos, 0, args.bc_batch, args.bc_lr, device,
+                                         args.seed + 1, logger, args.grad_clip, time_budget=seconds,
+                                         log_kind="bc_control")
+    control_s = time.perf_counter() - t0
+    print(f"BC control: {control_steps} steps in {control_s:.0f} s")
+    control = {name: evaluate_model(warm_model, enc, name, heldout, args.max_action_tokens) for name in names}
+    return control, control_s, control_steps
+
+
+def results_table(names, heldout, warm, trained, control, args) -> dict:
+    """{policy: {env: summary}} on the held-out seeds: random, the demonstrations, the warm start and RL (greedy
+    and sampled), the BC control (greedy; left out when control is None) and the expert."""
     policy_rng, demo_rng = random.Random(args.seed + 1), random.Random(args.seed + 2)
-    table = {"random": {name: evaluate_policy(name, lambda env: random_policy(env, policy_rng), heldout)
-                        for name in names},
-             "demonstrations": {name: evaluate_policy(name, lambda env: mixed_policy(env, args.expert_share,
-                                                                                     demo_rng), heldout)
-                                for name in names},
-             "warm start (greedy)": warm["greedy"], f"warm start (T={args.temperature:g})": warm["sampled"],
-             "RL (greedy)": trained["greedy"], f"RL (T={args.temperature:g})": trained["sampled"],
-             **({"BC control (greedy)": control} if args.control else {}),
-             "expert": {name: evaluate_policy(name, lambda env: env.expert, heldout) for name in names}}
-    results = {"table": table, "bc_seconds": bc_s, "rl_seconds": rl_s, "control_seconds": control_s,
-               "control_steps": control_steps, "expert_share": args.expert_share, "params": model.num_params(),
-               "heldout_seeds": [HELDOUT_SEED, HELDOUT_SEED + args.eval_episodes]}
-    checkpoints.save(os.path.join(args.out, "model.pt"), model, enc, args=asdict(args), results=results)
-    with rundir.atomic_write(os.path.join(args.out, "results.json")) as f:
-        json.dump(results, f, indent=2)
-    logger.close()
+    return {"random": {name: evaluate_policy(name, lambda env: random_policy(env, policy_rng), heldout)
+                       for name in names},
+            "demonstrations": {name: evaluate_policy(name, lambda env: mixed_policy(env, args.expert_share,
+                                                                                    demo_rng), heldout)
+                               for name in names},
+            "warm start (greedy)": warm["greedy"], f"warm start (T={args.temperature:g})": warm["sampled"],
+            "RL (greedy)": trained["greedy"], f"RL (T={args.temperature:g})": trained["sampled"],
+            **({"BC control (greedy)": control} if control is not None else {}),
+            "expert": {name: evaluate_policy(name, lambda env: env.expert, heldout) for name in names}}
 
+
+def print_report(model, enc, table, results, names, args):
+    """The table, what RL changed in each environment, and one RL-trained greedy episode."""
+    bc_s, rl_s, control_s = results["bc_seconds"], results["rl_seconds"], results["control_seconds"]
     print(f"\nheld-out env seeds ({args.eval_episodes} per environment): success +- its standard error, mean "
           f"turns, share of episodes that use the skill;\nBC {bc_s:.0f} s ({args.bc_steps} steps), RL {rl_s:.0f} s "
-          f"({args.rl_steps} steps)" + (f", BC control {control_s:.0f} s ({control_steps} more steps)"
+          f"({args.rl_steps} steps)" + (f", BC control {control_s:.0f} s ({results['control_steps']} more steps)"
                                         if args.control else "") + ":")
     print(format_table(table, names))
     print("\n" + what_rl_learned(table, names, args.temperature))
@@ -944,6 +945,47 @@ def run(args) -> dict:
     print(f"\nan RL-trained greedy episode ({names[0]}, seed {HELDOUT_SEED}; environment text in [brackets]):")
     print(transcript(enc, example))
     print(f"saved {args.out}/model.pt, warm_start.pt, metrics.jsonl, results.json, args.json")
+
+
+def run(args) -> dict:
+    """Warm start (BC on mixed demonstrations), RL, the equal-time BC control, the table. Returns the
+    results dict (also written to <out>/results.json)."""
+    names = check_args(args)
+    device = cli.get_device(args.device)
+    cli.seed_everything(args.seed)
+    model, enc = load_model(args, names, device)
+    rundir.save_args(args.out, args)
+    logger = rundir.MetricsLogger(args.out, total=args.bc_steps or None)
+    rng = random.Random(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    heldout = range(HELDOUT_SEED, HELDOUT_SEED + args.eval_episodes)
+    print(f"agent_env: {', '.join(names)} | model {model.num_params() / 1e6:.2f}M params "
+          f"({'from ' + args.init if args.init else 'new'}) | device {device}")
+
+    # -- phase 1: behaviour cloning on demonstrations of mixed quality (the warm start) --
+    demos, warm_model, warm, bc_s = warm_start(model, enc, names, rng, heldout, logger, args, device)
+    logger.close()
+    logger = rundir.MetricsLogger(args.out, total=args.rl_steps or None, append=True)   # RL's own ETA
+    log_eval(logger, 0, warm, names)
+
+    # -- phase 2: RL from the warm start --
+    trained, rl_s = train_rl(model, enc, names, rng, generator, heldout, logger, args, device)
+
+    # -- phase 3: the control: the warm start cloned on the same demonstrations for RL's seconds --
+    control, control_s, control_steps = None, 0.0, 0
+    if args.control:
+        control, control_s, control_steps = bc_control(warm_model, enc, demos, rl_s, names, heldout, logger, args,
+                                                       device)
+
+    table = results_table(names, heldout, warm, trained, control, args)
+    results = {"table": table, "bc_seconds": bc_s, "rl_seconds": rl_s, "control_seconds": control_s,
+               "control_steps": control_steps, "expert_share": args.expert_share, "params": model.num_params(),
+               "heldout_seeds": [HELDOUT_SEED, HELDOUT_SEED + args.eval_episodes]}
+    checkpoints.save(os.path.join(args.out, "model.pt"), model, enc, args=asdict(args), results=results)
+    with rundir.atomic_write(os.path.join(args.out, "results.json")) as f:
+        json.dump(results, f, indent=2)
+    logger.close()
+    print_report(model, enc, table, results, names, args)
     return results
 
 
@@ -953,11 +995,12 @@ def what_rl_learned(table: dict, names, temperature: float) -> str:
     lines = []
     for name in names:
         skill = make_env(name).skill_name
-        row = lambda policy: table[policy][name]["skill"]   # noqa: E731
-        lines.append(f"{name}: share of episodes that use the skill ({skill}): demonstrations {row('demonstrations'):.2f}, warm start "
-                     f"{row('warm start (greedy)'):.2f} greedy / {row(f'warm start ({sampled})'):.2f} sampled -> "
-                     f"RL {row('RL (greedy)'):.2f} / {row(f'RL ({sampled})'):.2f}"
-                     + (f"; BC control {row('BC control (greedy)'):.2f}" if "BC control (greedy)" in table else ""))
+        share = {policy: by_env[name]["skill"] for policy, by_env in table.items()}
+        lines.append(f"{name}: share of episodes that use the skill ({skill}): demonstrations "
+                     f"{share['demonstrations']:.2f}, warm start {share['warm start (greedy)']:.2f} greedy / "
+                     f"{share[f'warm start ({sampled})']:.2f} sampled -> "
+                     f"RL {share['RL (greedy)']:.2f} / {share[f'RL ({sampled})']:.2f}"
+                     + (f"; BC control {share['BC control (greedy)']:.2f}" if "BC control (greedy)" in table else ""))
     return "\n".join(lines)
 
 

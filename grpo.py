@@ -521,8 +521,102 @@ def prepare_inputs(args, main_process: bool, ddp: bool):
 # Training: rollout -> advantages -> update -> log and evaluate
 # ----------------------------------------------------------------------------------------------
 
+class PromptOrder:
+    """This rank's share of the training prompts, in one fixed shuffled order, cycling: rank r takes
+    positions r, r + world, r + 2 * world, ... so the ranks never share a prompt within a pass.
+    take(n) -> the next n rows (collect_rollouts calls it, once per sampling round)."""
+
+    def __init__(self, rows, seed: int, rank: int, world: int):
+        self.rows, self.world, self.cursor = rows, world, rank
+        self.order = list(range(len(rows)))
+        random.Random(seed).shuffle(self.order)
+
+    def take(self, n: int) -> list:
+        chosen = []
+        for _ in range(n):
+            chosen.append(self.rows[self.order[self.cursor % len(self.order)]])
+            self.cursor += self.world
+        return chosen
+
+
+@dataclass
+class Setup:
+    """What set-up builds and the loop only reads."""
+    args: Args
+    rank: int
+    world: int
+    ddp: bool
+    main_process: bool
+    device: torch.device
+    weights: dict                # reward name -> weight (--rewards)
+    policy: M.GPT                # the policy (sharded under --fsdp)
+    model: torch.nn.Module       # the policy, or its DDP wrapper for the training forward
+    reference: M.GPT | None      # frozen copy of the start for the KL term (beta > 0), else None
+    optimizer: torch.optim.Optimizer
+    enc: object
+    eval_rows: list
+    prompts: PromptOrder
+    generator: torch.Generator   # the rollouts' sampling
+    logger: rundir.MetricsLogger
+    init_hash: str
+    params_by_role: dict
+
+
+@dataclass
+class RunState:
+    """What the loop changes, passed to every phase (never read from a closure): steps done, training seconds
+    (generation + updates, evals excluded), the training minutes at which the next periodic eval is due, and
+    the curves for the report (held-out accuracy against minutes, mean training reward per step)."""
+    step: int
+    train_s: float
+    next_eval: float
+    history: dict
+
+
 def train(args) -> dict:
+    """Set-up, then the loop of the four phases (rollout -> advantages -> update -> log and evaluate), then
+    finish: save, evaluate and summarise. -> the results dict (empty on ranks other than 0)."""
     check_args(args)
+    setup = set_up(args)
+    policy, device, world = setup.policy, setup.device, setup.world
+    start_eval = evaluate_start(setup)
+    state = RunState(step=0, train_s=0.0, next_eval=args.eval_minutes,
+                     history={"minutes": [0.0], "accuracy": [start_eval.get("greedy", 0.0)], "reward": []})
+    while not budget_spent(args, state.step, state.train_s, device, setup.ddp):
+        t0 = time.time()
+        state.step += 1
+        # ALGO LOGIC: phases 1 to 3, what GRPO is
+        # 1. Rollouts: G completions per prompt (dynamic sampling is off under DDP, so that every rank
+        #    runs the same number of backward passes).
+        #    FSDP: generation runs on the full weights, gathered once per rollout on every rank and freed
+        #    before the update (model.gathered: its docstring gives the memory and time it costs, and what
+        #    verl and OpenRLHF do instead: a separate vLLM engine).
+        with distributed.gathered(policy):
+            batch, seen = collect_rollouts(policy, setup.enc, setup.prompts.take, args.prompts_per_step // world,
+                                           args, setup.weights, setup.generator,
+                                           args.dynamic_sampling and not setup.ddp)
+        gen_s = time.time() - t0 - batch.score_s    # sampling with the KV cache, decoding, batch building
+        # 2. Advantages, the same for every token of a completion.
+        t1 = time.time()
+        advantages = group_advantages(batch.rewards, args.scale).flatten()                  # (N,)
+        adv_s = time.time() - t1
+        # 3. update_epochs passes of clipped-surrogate updates, old log-probs held fixed.
+        t2 = time.time()
+        stats = update(policy, setup.model, setup.optimizer, batch, advantages, setup.reference, args, device,
+                       state.step, world)
+        update_s = time.time() - t2
+        step_s = time.time() - t0
+        state.train_s += step_s
+        # TRY NOT TO MODIFY: 4. Log, and evaluate every eval_minutes of training.
+        log_step(setup, state, batch, seen, stats, gen_s=gen_s, adv_s=adv_s, update_s=update_s, step_s=step_s)
+        evaluate_if_due(setup, state)
+    return finish(setup, state, start_eval)
+
+
+def set_up(args) -> Setup:
+    """Everything before the first step: processes and device, the inputs (made if missing, all checked),
+    the seeds (one per rank), the policy, its frozen reference and its optimizer (sharded under --fsdp, the
+    policy wrapped under DDP), the run folder and the metrics log."""
     rank, world, ddp = distributed.setup_ddp()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -564,104 +658,20 @@ def train(args) -> dict:
         print(f"GRPO from {args.init} | {policy.num_params() / 1e6:.2f} M params | {len(rows)} RL prompts | "
               f"{args.prompts_per_step} prompts x {args.group_size} samples per step | budget {budget} | "
               f"{world} process(es) on {device}", flush=True)
-    with distributed.gathered(policy):    # FSDP: every rank gathers the full weights, rank 0 evaluates (no-op otherwise)
-        start_eval = eval_row(policy, enc, eval_rows, args, samples=args.pass_k, seed=args.seed) if main_process else {}
-    if main_process:
-        logger.log(0, kind="eval", train_minutes=0.0, eval_accuracy=start_eval["greedy"],
-                   eval_stderr=start_eval["stderr"], eval_sampled=start_eval["sampled"])
+    return Setup(args, rank, world, ddp, main_process, device, weights, policy, model, reference, optimizer, enc,
+                 eval_rows, PromptOrder(rows, args.seed, rank, world), generator, logger, init_hash, params_by_role)
 
-    order = list(range(len(rows)))
-    random.Random(args.seed).shuffle(order)
-    cursor = rank
 
-    def next_prompts(n):
-        """The next n prompts of this rank's share of a fixed shuffled order (cycling)."""
-        nonlocal cursor
-        chosen = []
-        for _ in range(n):
-            chosen.append(rows[order[cursor % len(order)]])
-            cursor += world
-        return chosen
-
-    step, train_s, next_eval = 0, 0.0, args.eval_minutes
-    history = {"minutes": [0.0], "accuracy": [start_eval.get("greedy", 0.0)], "reward": []}
-    while not budget_spent(args, step, train_s, device, ddp):
-        t0 = time.time()
-        step += 1
-        # 1. Rollouts: G completions per prompt (dynamic sampling is off under DDP, so that every rank
-        #    runs the same number of backward passes).
-        #    FSDP: generation runs on the full weights, gathered once per rollout on every rank and freed
-        #    before the update (model.gathered: its docstring gives the memory and time it costs, and what
-        #    verl and OpenRLHF do instead: a separate vLLM engine).
-        with distributed.gathered(policy):
-            batch, seen = collect_rollouts(policy, enc, next_prompts, args.prompts_per_step // world, args, weights,
-                                           generator, args.dynamic_sampling and not ddp)
-        gen_s = time.time() - t0 - batch.score_s    # sampling with the KV cache, decoding, batch building
-        # 2. Advantages, the same for every token of a completion.
-        t1 = time.time()
-        advantages = group_advantages(batch.rewards, args.scale).flatten()                  # (N,)
-        adv_s = time.time() - t1
-        # 3. update_epochs passes of clipped-surrogate updates, old log-probs held fixed.
-        t2 = time.time()
-        stats = update(policy, model, optimizer, batch, advantages, reference, args, device, step, world)
-        update_s = time.time() - t2
-        step_s = time.time() - t0
-        train_s += step_s
-        # 4. Log, and evaluate every eval_minutes of training.
-        N = batch.tokens.shape[0]
-        history["reward"].append(seen["rewards"].mean().item())
-        logger.log(step, kind="train", train_minutes=train_s / 60, reward_mean=seen["rewards"].mean().item(),
-                   reward_std=seen["rewards"].std().item(), accuracy=seen["correct"].mean().item(),
-                   frac_zero_var=seen["frac_zero_var"], groups_used=batch.rewards.shape[0],
-                   completions=seen["rewards"].numel(),
-                   response_length=batch.lengths.float().mean().item() if N else 0.0,
-                   truncated=batch.truncated.float().mean().item() if N else 0.0,
-                   gen_s=gen_s, score_s=batch.score_s, adv_s=adv_s, update_s=update_s, step_s=step_s,
-                   tokens_per_s=float(batch.lengths.sum()) / step_s if N else 0.0,
-                   peak_mem_mb=rundir.peak_memory_mb(device), **stats)
-        eval_due = train_s / 60 >= next_eval
-        if args.fsdp:   # the gather needs every rank: rank 0's clock decides, as in budget_spent
-            flag = torch.tensor([float(eval_due)], device=device)
-            dist.broadcast(flag, src=0)
-            eval_due = bool(flag.item())
-        if eval_due and (main_process or args.fsdp):
-            next_eval += args.eval_minutes
-            with distributed.gathered(policy):    # FSDP: every rank gathers the full weights, rank 0 evaluates
-                accuracy = tasks.evaluate(policy, enc, eval_rows[:args.n_eval_during], args.max_new_tokens) \
-                    if main_process else None
-            if main_process:
-                history["minutes"].append(train_s / 60)
-                history["accuracy"].append(accuracy["accuracy"])
-                logger.log(step, kind="eval", train_minutes=train_s / 60, eval_accuracy=accuracy["accuracy"],
-                           eval_stderr=accuracy["stderr"], eval_n=accuracy["n"])
-
-    results = {}
-    if args.fsdp:       # collective: rank 0 gets a plain model with the full weights; it saves and evaluates it
-        policy = distributed.full_model(policy, device)
-    if main_process:
-        checkpoints.save(os.path.join(args.out, "model.pt"), policy, enc, step=step, args=asdict(args), init_sha256=init_hash)
-        end_eval = eval_row(policy, enc, eval_rows, args, samples=args.pass_k, seed=args.seed)
-        logger.log(step, kind="eval", train_minutes=train_s / 60, eval_accuracy=end_eval["greedy"],
-                   eval_stderr=end_eval["stderr"], eval_sampled=end_eval["sampled"], final=True)
-        history["minutes"].append(train_s / 60)
-        history["accuracy"].append(end_eval["greedy"])
-        train_rows = [r for r in tasks.read_jsonl(os.path.join(args.out, "metrics.jsonl")) if r.get("kind") == "train"]
-        mean = lambda k: sum(r[k] for r in train_rows) / max(len(train_rows), 1)
-        results = {"algo": "grpo", "init": args.init, "init_sha256": init_hash, "steps": step,
-                   "train_minutes": train_s / 60, "start": start_eval, "grpo": end_eval, "history": history,
-                   "params_by_role": params_by_role, "peak_mem_mb": rundir.peak_memory_mb(device),
-                   "sec_per_step": mean("step_s"),
-                   "time_split": {k: mean(k) for k in ("gen_s", "score_s", "adv_s", "update_s")},
-                   "start_accuracy": start_eval["greedy"], "final_accuracy": end_eval["greedy"]}
-    logger.close()
-    if ddp:
-        # Every rank leaves together, the others waiting here while rank 0 saves and evaluates. This alone
-        # narrows, but does not close, the race that model.cli's os._exit closes: a gloo worker thread still
-        # dropping the last all-gather (its tensors have Python objects, so it needs the GIL) meets the
-        # interpreter's shutdown: SIGABRT, "terminate called without an active exception".
-        dist.barrier()
-        distributed.cleanup_ddp()
-    return results
+def evaluate_start(setup: Setup) -> dict:
+    """The SFT start's row of the final table (eval_row), logged as the eval at step 0. -> {} on other ranks."""
+    args = setup.args
+    with distributed.gathered(setup.policy):    # FSDP: every rank gathers the full weights (no-op otherwise)
+        start_eval = eval_row(setup.policy, setup.enc, setup.eval_rows, args, samples=args.pass_k, seed=args.seed) \
+            if setup.main_process else {}
+    if setup.main_process:
+        setup.logger.log(0, kind="eval", train_minutes=0.0, eval_accuracy=start_eval["greedy"],
+                         eval_stderr=start_eval["stderr"], eval_sampled=start_eval["sampled"])
+    return start_eval
 
 
 def budget_spent(args, step: int, train_s: float, device, ddp: bool) -> bool:
@@ -673,6 +683,80 @@ def budget_spent(args, step: int, train_s: float, device, ddp: bool) -> bool:
         dist.broadcast(flag, src=0)
         spent = bool(flag.item())
     return spent
+
+
+def log_step(setup: Setup, state: RunState, batch: Rollout, seen: dict, stats: dict, **seconds) -> None:
+    """One "train" row: what the rollouts earned (every sampled group, dropped ones too), what the update
+    did (stats), and where the step's seconds went (gen_s, score_s, adv_s, update_s, step_s)."""
+    N = batch.tokens.shape[0]
+    state.history["reward"].append(seen["rewards"].mean().item())
+    setup.logger.log(state.step, kind="train", train_minutes=state.train_s / 60,
+                     reward_mean=seen["rewards"].mean().item(),
+                     reward_std=seen["rewards"].std().item(), accuracy=seen["correct"].mean().item(),
+                     frac_zero_var=seen["frac_zero_var"], groups_used=batch.rewards.shape[0],
+                     completions=seen["rewards"].numel(),
+                     response_length=batch.lengths.float().mean().item() if N else 0.0,
+                     truncated=batch.truncated.float().mean().item() if N else 0.0,
+                     gen_s=seconds["gen_s"], score_s=batch.score_s, adv_s=seconds["adv_s"],
+                     update_s=seconds["update_s"], step_s=seconds["step_s"],
+                     tokens_per_s=float(batch.lengths.sum()) / seconds["step_s"] if N else 0.0,
+                     peak_mem_mb=rundir.peak_memory_mb(setup.device), **stats)
+
+
+def evaluate_if_due(setup: Setup, state: RunState) -> None:
+    """Every eval_minutes of training: greedy accuracy on the first n_eval_during held-out prompts, an "eval"
+    row and a point of the accuracy curve (rank 0)."""
+    args, main_process = setup.args, setup.main_process
+    eval_due = state.train_s / 60 >= state.next_eval
+    if args.fsdp:   # the gather needs every rank: rank 0's clock decides, as in budget_spent
+        flag = torch.tensor([float(eval_due)], device=setup.device)
+        dist.broadcast(flag, src=0)
+        eval_due = bool(flag.item())
+    if eval_due and (main_process or args.fsdp):
+        state.next_eval += args.eval_minutes
+        with distributed.gathered(setup.policy):    # FSDP: every rank gathers the full weights, rank 0 evaluates
+            accuracy = tasks.evaluate(setup.policy, setup.enc, setup.eval_rows[:args.n_eval_during],
+                                      args.max_new_tokens) if main_process else None
+        if main_process:
+            state.history["minutes"].append(state.train_s / 60)
+            state.history["accuracy"].append(accuracy["accuracy"])
+            setup.logger.log(state.step, kind="eval", train_minutes=state.train_s / 60,
+                             eval_accuracy=accuracy["accuracy"], eval_stderr=accuracy["stderr"], eval_n=accuracy["n"])
+
+
+def finish(setup: Setup, state: RunState, start_eval: dict) -> dict:
+    """Rank 0 saves the policy and evaluates it (the GRPO row of the table) and summarises the run; every
+    rank joins the FSDP gather and the last barrier. -> the results dict (empty on other ranks)."""
+    args, device, policy, step, train_s = setup.args, setup.device, setup.policy, state.step, state.train_s
+    history = state.history
+    results = {}
+    if args.fsdp:       # collective: rank 0 gets a plain model with the full weights; it saves and evaluates it
+        policy = distributed.full_model(policy, device)
+    if setup.main_process:
+        checkpoints.save(os.path.join(args.out, "model.pt"), policy, setup.enc, step=step, args=asdict(args),
+                         init_sha256=setup.init_hash)
+        end_eval = eval_row(policy, setup.enc, setup.eval_rows, args, samples=args.pass_k, seed=args.seed)
+        setup.logger.log(step, kind="eval", train_minutes=train_s / 60, eval_accuracy=end_eval["greedy"],
+                         eval_stderr=end_eval["stderr"], eval_sampled=end_eval["sampled"], final=True)
+        history["minutes"].append(train_s / 60)
+        history["accuracy"].append(end_eval["greedy"])
+        train_rows = [r for r in tasks.read_jsonl(os.path.join(args.out, "metrics.jsonl")) if r.get("kind") == "train"]
+        mean = lambda k: sum(r[k] for r in train_rows) / max(len(train_rows), 1)
+        results = {"algo": "grpo", "init": args.init, "init_sha256": setup.init_hash, "steps": step,
+                   "train_minutes": train_s / 60, "start": start_eval, "grpo": end_eval, "history": history,
+                   "params_by_role": setup.params_by_role, "peak_mem_mb": rundir.peak_memory_mb(device),
+                   "sec_per_step": mean("step_s"),
+                   "time_split": {k: mean(k) for k in ("gen_s", "score_s", "adv_s", "update_s")},
+                   "start_accuracy": start_eval["greedy"], "final_accuracy": end_eval["greedy"]}
+    setup.logger.close()
+    if setup.ddp:
+        # Every rank leaves together, the others waiting here while rank 0 saves and evaluates. This alone
+        # narrows, but does not close, the race that model.cli's os._exit closes: a gloo worker thread still
+        # dropping the last all-gather (its tensors have Python objects, so it needs the GIL) meets the
+        # interpreter's shutdown: SIGABRT, "terminate called without an active exception".
+        dist.barrier()
+        distributed.cleanup_ddp()
+    return results
 
 
 # ----------------------------------------------------------------------------------------------

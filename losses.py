@@ -597,21 +597,21 @@ def tempered(logits, temperature: float):
 # 7. Worked example
 # ----------------------------------------------------------------------------------------------
 
-def walkthrough(samples=4000, seed=0):
-    """Print every quantity on a 4-token vocabulary with known distributions, and the identities
-    that tie them together. Returns the numbers in a dict."""
-    vocab = ["a", "b", "c", "d"]
-    p = torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64)     # the data distribution
-    q = torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64)          # a model that loves 'a'
-    p_logits, q_logits = p.log(), q.log() + 3.0                            # logits: any shift works
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.multinomial(p, samples, replacement=True, generator=gen)    # (n,) tokens from p
-    fmt = lambda t: "[" + " ".join(f"{v:.3f}" for v in t.tolist()) + "]"  # noqa: E731
-    r = {}
+def _format_vector(values) -> str:
+    """A 1-D tensor as "[0.500 0.250 ...]"."""
+    return "[" + " ".join(f"{v:.3f}" for v in values.tolist()) + "]"
 
+
+def _vec(*values):
+    """A float64 tensor of the numbers given."""
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def show_likelihood(vocab, p, q_logits, x):
+    """Section 1: likelihood, log-likelihood and NLL of 8 sampled tokens: one quantity."""
     print("== 1. Probability, likelihood, NLL: one quantity ==")
-    print(f"vocabulary {vocab};  data p = {fmt(p)};  model q = softmax(z) = {fmt(torch.softmax(q_logits, 0))}"
-          "  with logits z = log q + 3")
+    print(f"vocabulary {vocab};  data p = {_format_vector(p)};  model q = softmax(z) = "
+          f"{_format_vector(torch.softmax(q_logits, 0))}  with logits z = log q + 3")
     seq = x[:8]
     ll = log_likelihood(q_logits.expand(8, 4), seq)                       # (8,) log q(x_t)
     print(f"8 tokens drawn from p: {' '.join(vocab[i] for i in seq.tolist())}")
@@ -620,6 +620,10 @@ def walkthrough(samples=4000, seed=0):
     print(f"  NLL             -sum_t log q(x_t)  = {-ll.sum().item():.4f}   (per token "
           f"{-ll.mean().item():.4f})")
 
+
+def show_expectations(p, p_logits, q_logits) -> dict:
+    """Section 2: entropy, cross-entropy and KL in both directions, exact over the vocabulary:
+    H(p, q) = H(p) + KL(p||q)."""
     print("\n== 2. Expectations over the vocabulary (exact) ==")
     h_p, h_pq = entropy(p_logits).item(), soft_cross_entropy(p, q_logits).item()
     kl_pq, kl_qp = kl_divergence(p_logits, q_logits).item(), kl_divergence(q_logits, p_logits).item()
@@ -632,8 +636,12 @@ def walkthrough(samples=4000, seed=0):
     kl_shifted = kl_divergence(q_logits, q_logits + 7).item()
     print(f"  H(q,q) = {h_qq:.4f} = H(q) = {h_q:.4f};   KL(q || softmax(z + 7)) = {kl_shifted:.1e}"
           "  (softmax is shift invariant)")
-    r.update(entropy_p=h_p, cross_entropy_pq=h_pq, kl_pq=kl_pq, kl_qp=kl_qp)
+    return {"entropy_p": h_p, "cross_entropy_pq": h_pq, "kl_pq": kl_pq, "kl_qp": kl_qp}
 
+
+def show_mean_nll(q_logits, x, h_p, h_pq) -> dict:
+    """Section 3: the mean NLL of samples x ~ p estimates H(p, q); perplexity and bits from it."""
+    samples = len(x)
     print(f"\n== 3. From {samples} samples: mean NLL estimates H(p, q) ==")
     logits_n = q_logits.expand(samples, 4)                                # (n, 4)
     token_nll = nll(logits_n, x)                                          # (n,)
@@ -648,42 +656,68 @@ def walkthrough(samples=4000, seed=0):
           f"{math.exp(h_p):.4f} = 2^1.75; uniform model = V = 4)")
     print(f"  bits/token              = {bits_per_token(mean_nll).item():.4f};  bits/byte if each token "
           f"were 2 bytes = {bits_per_byte(mean_nll, samples, 2 * samples).item():.4f}")
-    r.update(mean_nll=mean_nll, mean_nll_stderr=stderr, perplexity=perplexity(mean_nll).item())
+    return {"mean_nll": mean_nll, "mean_nll_stderr": stderr, "perplexity": perplexity(mean_nll).item()}
 
+
+def show_kl_estimators(p, q, x, kl_pq) -> dict:
+    """Section 4: k1, k2 and k3 from samples x ~ p, each an estimate of the exact KL(p||q)."""
+    samples = len(x)
     print(f"\n== 4. KL from samples x ~ p (p plays the policy, q the reference), log r = log q(x) - log p(x):"
           f"\n   each estimates KL(p||q) = {kl_pq:.4f} ==")
     logp_x, logq_x = p.log()[x], q.log()[x]                               # log-probs of sampled tokens
+    means = {}
     for name, fn, note in [("k1 = -log r       ", kl_k1, "unbiased, can be < 0 per sample"),
                            ("k2 = (log r)^2 / 2", kl_k2, "biased, 2nd-order approximation"),
                            ("k3 = r - 1 - log r", kl_k3, "unbiased, >= 0 per sample")]:
         k = fn(logp_x, logq_x)                                            # (n,)
         print(f"  {name}: mean {k.mean().item():.4f} +- {k.std().item() / math.sqrt(samples):.4f}  "
               f"per-sample std {k.std().item():.3f}  min {k.min().item():+.3f}   {note}")
-        r[f"{fn.__name__}_mean"] = k.mean().item()
+        means[f"{fn.__name__}_mean"] = k.mean().item()
+    return means
 
+
+def show_training_losses(q_logits, x, mean_nll) -> dict:
+    """Section 5: label smoothing, z-loss, Bradley-Terry, DPO and PPO's clip on this example, each beside
+    the closed form it should equal."""
     print("\n== 5. The training losses on this example ==")
-    vec = lambda *values: torch.tensor(values, dtype=torch.float64)      # noqa: E731
+    logits_n = q_logits.expand(len(x), 4)                                 # (n, 4)
     smooth = cross_entropy(logits_n, x, label_smoothing=0.1).item()
     closed = 0.9 * mean_nll + 0.1 * (-torch.log_softmax(q_logits, 0)).mean().item()
     print(f"  label smoothing 0.1: {smooth:.4f} = 0.9 * NLL + 0.1 * mean_v(-log q_v) = {closed:.4f}")
     z_term = (cross_entropy(logits_n, x, z_loss=1e-4) - cross_entropy(logits_n, x)).item()
     print(f"  z-loss 1e-4 * (log Z)^2, log Z = logsumexp(z) = {torch.logsumexp(q_logits, 0).item():.4f}: "
           f"{z_term:.6f} (= 1e-4 * 3^2)")
-    bt, _ = bradley_terry_loss(vec(1.0), vec(0.0))
-    bt_shift, _ = bradley_terry_loss(vec(11.0), vec(10.0))
+    bt, _ = bradley_terry_loss(_vec(1.0), _vec(0.0))
+    bt_shift, _ = bradley_terry_loss(_vec(11.0), _vec(10.0))
     print(f"  Bradley-Terry, rewards (1, 0): {bt.item():.4f} = -log sigmoid(1);  rewards (11, 10): "
           f"{bt_shift.item():.4f} (only the difference counts)")
-    ref_chosen, ref_rejected = vec(-12.0), vec(-15.0)                     # summed sequence log-probs
+    ref_chosen, ref_rejected = _vec(-12.0), _vec(-15.0)                   # summed sequence log-probs
     dpo_same, _ = dpo_loss(ref_chosen, ref_rejected, ref_chosen, ref_rejected, beta=0.1)
-    dpo_moved, st = dpo_loss(vec(-11.0), vec(-16.0), ref_chosen, ref_rejected, beta=0.1)
+    dpo_moved, st = dpo_loss(_vec(-11.0), _vec(-16.0), ref_chosen, ref_rejected, beta=0.1)
     print(f"  DPO, policy == reference: {dpo_same.item():.4f} = log 2;  policy +1 nat on chosen, -1 on "
           f"rejected: {dpo_moved.item():.4f} (implicit reward margin {st['reward_margin'].item():.2f})")
-    ratio, adv = vec(0.7, 0.9, 1.0, 1.1, 1.3, 1.3), vec(-1.0, -1.0, 1.0, 1.0, 1.0, -1.0)
+    ratio, adv = _vec(0.7, 0.9, 1.0, 1.1, 1.3, 1.3), _vec(-1.0, -1.0, 1.0, 1.0, 1.0, -1.0)
     ppo, st = ppo_policy_loss(ratio.log(), torch.zeros_like(ratio), adv, eps_low=0.2, eps_high=0.28)
-    print(f"  PPO, ratios {fmt(ratio)} advantages {fmt(adv)} eps 0.2/0.28: loss {ppo.item():.4f}, "
-          f"clipfrac {st['clipfrac'].item():.3f}\n    (clipped: 0.7 with A<0 and 1.3 with A>0; not 1.3 with "
-          "A<0, where the min keeps the unclipped, more pessimistic term)")
-    r.update(label_smoothing=smooth, dpo_at_reference=dpo_same.item(), ppo_clipfrac=st["clipfrac"].item())
+    print(f"  PPO, ratios {_format_vector(ratio)} advantages {_format_vector(adv)} eps 0.2/0.28: loss "
+          f"{ppo.item():.4f}, clipfrac {st['clipfrac'].item():.3f}\n    (clipped: 0.7 with A<0 and 1.3 with A>0; "
+          "not 1.3 with A<0, where the min keeps the unclipped, more pessimistic term)")
+    return {"label_smoothing": smooth, "dpo_at_reference": dpo_same.item(), "ppo_clipfrac": st["clipfrac"].item()}
+
+
+def walkthrough(samples=4000, seed=0):
+    """Print every quantity on a 4-token vocabulary with known distributions, and the identities
+    that tie them together, section by section. Returns the numbers in a dict."""
+    vocab = ["a", "b", "c", "d"]
+    p = torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64)     # the data distribution
+    q = torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64)          # a model that loves 'a'
+    p_logits, q_logits = p.log(), q.log() + 3.0                            # logits: any shift works
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.multinomial(p, samples, replacement=True, generator=gen)    # (n,) tokens from p
+    show_likelihood(vocab, p, q_logits, x)
+    r = show_expectations(p, p_logits, q_logits)
+    r.update(show_mean_nll(q_logits, x, r["entropy_p"], r["cross_entropy_pq"]))
+    r.update(show_kl_estimators(p, q, x, r["kl_pq"]))
+    r.update(show_training_losses(q_logits, x, r["mean_nll"]))
     return r
 
 

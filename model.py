@@ -12,8 +12,8 @@ KV cache, and the per-token log-probabilities that SFT, DPO, PPO and GRPO all tr
 
 The file reads in that order: 1. the model, 2. sampling, 3. generation, 4. log-probabilities, then
 5. the fast paths (a denser eager cache, a CPU decode kernel, a compiled or CUDA-graph decode step), each
-tested to give what the plain path gives, and 6. a demonstration. It imports only torch and numpy, so it can
-be copied alone; tokenizers, checkpoint files and run plumbing live in lib/.
+tested to give what the plain path gives, and 6. a demonstration. It imports only torch and the standard
+library, so it can be copied alone; tokenizers, checkpoint files and run plumbing live in lib/.
 
     python model.py              # train a tiny GPT on a paragraph, then generate from it with the KV cache
     python model.py export --checkpoint runs/grpo/model.pt --to hf/grpo      # a folder transformers loads
@@ -27,7 +27,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

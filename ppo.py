@@ -36,7 +36,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -618,8 +618,35 @@ def load_inputs(args, device):
     return models, enc, train_rows, eval_rows
 
 
-def train(args):
-    """Run PPO; returns summary.json's dict."""
+@dataclass
+class Run:
+    """What set_up() builds once for the whole run: the models, the optimizer, the log, the random streams."""
+    device: torch.device
+    models: dict              # {"policy", "reference", "value", "reward"} (build_models)
+    enc: object               # the policy's tokenizer
+    train_rows: list          # training prompts that fit every model's context
+    eval_rows: list           # held-out prompts of the first and last (full) evals
+    drift_rows: list          # eval_rows[:n_eval_during]: the same prompts and sampling seed at every eval
+    optimizer: torch.optim.Optimizer
+    logger: rundir.MetricsLogger
+    generators: dict          # "sample": rollouts, "shuffle": minibatch order
+    prompt_order: random.Random   # shuffles the training prompts, one pass at a time
+    roles: dict               # params_by_role(models)
+
+
+@dataclass
+class RunState:
+    """What the training loop changes from step to step."""
+    beta: float                                   # KL coefficient (moved by the adaptive controller)
+    next_eval: float                              # training seconds at which the next periodic eval is due
+    step: int = 0
+    train_seconds: float = 0.0                    # training time, evals excluded
+    pool: list = field(default_factory=list)      # indices of the prompts still to visit in this pass
+    history: list = field(default_factory=list)   # the "train" rows of metrics.jsonl
+
+
+def set_up(args) -> Run:
+    """Check the options, read every input, build the models and the optimizer, start the log; print the header."""
     check_args(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -642,83 +669,106 @@ def train(args):
     params = ", ".join(f"{role} {count / 1e6:.2f}M" for role, count in roles.items())
     print(f"ppo: reward {args.reward}, {len(train_rows)} training prompts, {args.completions_per_step} completions "
           f"per step, params {params}, device {device}")
+    return Run(device, models, enc, train_rows, eval_rows, eval_rows[:args.n_eval_during], optimizer, logger,
+               generators, prompt_order, roles)
 
-    drift_rows = eval_rows[:args.n_eval_during]   # the same prompts and sampling seed at every eval
 
-    def evaluate(step, train_seconds, full: bool):
-        """Greedy held-out accuracy, and where the policy stands: KL to the start, proxy and gold reward of
-        its samples (drift). The first and last evals are whole table rows (eval_row)."""
-        if full:
-            row = eval_row(policy, models["reference"], models["reward"], enc, eval_rows, drift_rows, args, args.seed)
-            greedy = {"accuracy": row["greedy"], "stderr": row["stderr"], "n": row["n"], "styles": row["styles"]}
-        else:
-            row = None
-            greedy = tasks.evaluate(policy, enc, drift_rows, max_new_tokens=args.max_new_tokens)
-        moved = row["drift"] if full else drift(policy, models["reference"], models["reward"], enc, drift_rows, args,
-                                               args.seed)
-        logger.log(step, kind="eval", train_minutes=train_seconds / 60, eval_accuracy=greedy["accuracy"],
+def budget_spent(state: RunState, args) -> bool:
+    """The step limit or the time budget (training seconds, evals excluded) is reached."""
+    return bool(args.max_steps and state.step >= args.max_steps) or bool(
+        args.time_budget and state.train_seconds >= 60 * args.time_budget)
+
+
+def next_prompts(train_rows, pool, prompt_order, n):
+    """The next n training prompts, from a fresh shuffle of all of them each pass -> (rows, the pool left)."""
+    if len(pool) < n:
+        order = list(range(len(train_rows)))
+        prompt_order.shuffle(order)
+        pool = pool + order
+    return [train_rows[i] for i in pool[:n]], pool[n:]
+
+
+def evaluate_and_log(run: Run, args, step, train_seconds, full: bool):
+    """Greedy held-out accuracy, and where the policy stands: KL to the start, proxy and gold reward of
+    its samples (drift), logged as an "eval" row. The first and last evals are whole table rows (eval_row),
+    returned; the periodic ones return None."""
+    policy, reference, reward_model = run.models["policy"], run.models["reference"], run.models["reward"]
+    if full:
+        row = eval_row(policy, reference, reward_model, run.enc, run.eval_rows, run.drift_rows, args, args.seed)
+        greedy = {"accuracy": row["greedy"], "stderr": row["stderr"], "n": row["n"], "styles": row["styles"]}
+    else:
+        row = None
+        greedy = tasks.evaluate(policy, run.enc, run.drift_rows, max_new_tokens=args.max_new_tokens)
+    moved = row["drift"] if full else drift(policy, reference, reward_model, run.enc, run.drift_rows, args, args.seed)
+    run.logger.log(step, kind="eval", train_minutes=train_seconds / 60, eval_accuracy=greedy["accuracy"],
                    eval_stderr=greedy["stderr"], eval_n=greedy["n"], eval_styles=greedy["styles"],
                    eval_kl=moved["kl"], eval_kl_stderr=moved["kl_stderr"], eval_proxy=moved["proxy"],
                    eval_gold=moved["gold"], eval_truncated=moved["truncated"], eval_drift_n=moved["n"])
-        return row
+    return row
 
-    start_row = evaluate(0, 0.0, full=True)
-    step, train_seconds, beta, history = 0, 0.0, args.beta, []
-    next_eval = 60 * args.eval_minutes
-    pool = []
 
-    def finished():
-        return bool(args.max_steps and step >= args.max_steps) or bool(
-            args.time_budget and train_seconds >= 60 * args.time_budget)
-
-    while not finished():
-        if len(pool) < args.completions_per_step:   # a fresh shuffle of the prompts each pass
-            order = list(range(len(train_rows)))
-            prompt_order.shuffle(order)
-            pool += order
-        rows = [train_rows[i] for i in pool[:args.completions_per_step]]
-        pool = pool[args.completions_per_step:]
-        metrics = ppo_step(models, optimizer, enc, rows, args, beta, generators, device, step=step + 1)
-        step += 1
-        train_seconds += metrics["step_s"]
+def train(args):
+    """Run PPO; returns summary.json's dict. Set-up, the first eval, then per step: the next prompts, one
+    PPO step (ppo_step), the KL controller, the log and a periodic eval; the last eval, then finish()."""
+    run = set_up(args)
+    start_row = evaluate_and_log(run, args, 0, 0.0, full=True)
+    state = RunState(beta=args.beta, next_eval=60 * args.eval_minutes)
+    while not budget_spent(state, args):
+        rows, state.pool = next_prompts(run.train_rows, state.pool, run.prompt_order, args.completions_per_step)
+        # ALGO LOGIC: rollout -> rewards -> GAE -> clipped updates, then the adaptive KL controller
+        metrics = ppo_step(run.models, run.optimizer, run.enc, rows, args, state.beta, run.generators, run.device,
+                           step=state.step + 1)
+        state.step += 1
+        state.train_seconds += metrics["step_s"]
         if args.kl_target > 0:
-            beta = adaptive_beta(beta, metrics["kl_seq"], args.kl_target, args.kl_horizon, len(rows))
-        metrics.update(train_minutes=train_seconds / 60, peak_mem_mb=rundir.peak_memory_mb(device))
-        history.append(metrics)
-        logger.log(step, kind="train", **metrics)
-        if train_seconds >= next_eval and not finished():   # the final eval follows anyway
-            evaluate(step, train_seconds, full=False)
-            next_eval += 60 * args.eval_minutes
-    final_row = evaluate(step, train_seconds, full=True)
+            state.beta = adaptive_beta(state.beta, metrics["kl_seq"], args.kl_target, args.kl_horizon, len(rows))
+        # TRY NOT TO MODIFY: log the step; evaluate every eval_minutes of training
+        metrics.update(train_minutes=state.train_seconds / 60, peak_mem_mb=rundir.peak_memory_mb(run.device))
+        state.history.append(metrics)
+        run.logger.log(state.step, kind="train", **metrics)
+        if state.train_seconds >= state.next_eval and not budget_spent(state, args):   # the final eval follows anyway
+            evaluate_and_log(run, args, state.step, state.train_seconds, full=False)
+            state.next_eval += 60 * args.eval_minutes
+    final_row = evaluate_and_log(run, args, state.step, state.train_seconds, full=True)
+    return finish(run, state, start_row, final_row, args)
+
+
+def mean_of(key, metrics_rows):
+    """The mean of one metric over metrics rows (0 for none)."""
+    return sum(row[key] for row in metrics_rows) / max(len(metrics_rows), 1)
+
+
+def finish(run: Run, state: RunState, start_row, final_row, args):
+    """Save the policy and summary.json, close the log, print the run's report -> summary."""
     start_eval = {"accuracy": start_row["greedy"], "stderr": start_row["stderr"]}
     final_eval = {"accuracy": final_row["greedy"], "stderr": final_row["stderr"]}
 
-    checkpoints.save(os.path.join(args.out, "model.pt"), policy, enc, args=asdict(args), step=step,
+    checkpoints.save(os.path.join(args.out, "model.pt"), run.models["policy"], run.enc, args=asdict(args),
+                     step=state.step,
                      results={"start_accuracy": start_eval["accuracy"], "final_accuracy": final_eval["accuracy"]})
 
-    def mean(key, metrics_rows=history):
-        return sum(row[key] for row in metrics_rows) / max(len(metrics_rows), 1)
-    summary = {"algo": "ppo", "reward": args.reward, "params_by_role": roles,
-               "peak_mem_mb": rundir.peak_memory_mb(device), "sec_per_step": mean("step_s"),
-               "time_split": {key: mean(key) for key in ("gen_s", "score_s", "adv_s", "update_s")},
+    history = state.history
+    summary = {"algo": "ppo", "reward": args.reward, "params_by_role": run.roles,
+               "peak_mem_mb": rundir.peak_memory_mb(run.device), "sec_per_step": mean_of("step_s", history),
+               "time_split": {key: mean_of(key, history) for key in ("gen_s", "score_s", "adv_s", "update_s")},
                "final_accuracy": final_eval["accuracy"], "start_accuracy": start_eval["accuracy"],
                "final_stderr": final_eval["stderr"], "start_stderr": start_eval["stderr"],
-               "train_minutes": train_seconds / 60, "steps": step, "n_eval": len(eval_rows),
+               "train_minutes": state.train_seconds / 60, "steps": state.step, "n_eval": len(run.eval_rows),
                "start": start_row, "ppo": final_row}
     with rundir.atomic_write(os.path.join(args.out, "summary.json")) as f:
         json.dump(summary, f, indent=2)
-    logger.close()
+    run.logger.close()
 
     last = history[-5:]
-    print(f"\nppo ({args.reward} reward): {step} steps in {train_seconds / 60:.1f} min, "
+    print(f"\nppo ({args.reward} reward): {state.step} steps in {state.train_seconds / 60:.1f} min, "
           f"{summary['sec_per_step']:.2f} s/step (gen " + " | ".join(
               f"{key[:-2]} {seconds:.2f}" for key, seconds in summary["time_split"].items()).removeprefix("gen ") + ")")
     if history:
         print(f"{'':28}{'first step':>12}{'last 5 steps':>14}")
         for key, name in (("reward_mean", "reward (rollouts)"), ("accuracy", "rollout accuracy"),
                           ("kl", "KL(pi || ref), k3/token"), ("response_length", "response length")):
-            print(f"{name:<28}{history[0][key]:>12.3f}{mean(key, last):>14.3f}")
-    print(f"held-out accuracy (greedy, {len(eval_rows)} prompts): "
+            print(f"{name:<28}{history[0][key]:>12.3f}{mean_of(key, last):>14.3f}")
+    print(f"held-out accuracy (greedy, {len(run.eval_rows)} prompts): "
           f"{100 * start_eval['accuracy']:.1f}% +/- {100 * start_eval['stderr']:.1f} before -> "
           f"{100 * final_eval['accuracy']:.1f}% +/- {100 * final_eval['stderr']:.1f} after")
     print(f"peak memory {summary['peak_mem_mb']:.0f} MB | {args.out}/model.pt, metrics.jsonl, summary.json")

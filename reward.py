@@ -114,8 +114,8 @@ def encode_pair(enc, prompt, completion):
 
 
 def save_reward_model(path, reward_model: RewardModel, **meta):
-    """model.save of the body; the head's weights go in the checkpoint's meta as plain tensors, so any
-    file can rebuild the reward model with model.load and three lines (ppo.py does)."""
+    """checkpoints.save of the body; the head's weights go in the checkpoint's meta as plain tensors, so any
+    file can rebuild the reward model with checkpoints.load and three lines (ppo.py does)."""
     head = {"weight": reward_model.head.weight.detach().cpu(), "bias": reward_model.head.bias.detach().cpu()}
     checkpoints.save(path, reward_model.body, reward_model.enc, kind="reward_model", reward_head=head, **meta)
 
@@ -241,7 +241,8 @@ def evaluate_pairs(reward_model, pairs, pad, device, n_bins=5, batch_size=64, tr
 
 
 def lr_at(step, progress, peak, warmup_steps, min_ratio):
-    """lr = peak * min(1, (step + 1) / warmup) * (r + (1 - r) * (1 + cos(pi * progress)) / 2)."""
+    """lr = peak * min(1, (step + 1) / warmup) * (r + (1 - r) * (1 + cos(pi * progress)) / 2): sft.py's lr_at,
+    the project's one warm-up rule, copied (a concept file imports no other; tests/test_reward.py checks they agree)."""
     warm = min(1.0, (step + 1) / max(1, warmup_steps))
     return peak * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
@@ -280,7 +281,7 @@ MAX_MARGIN = 1e6   # a row's margin beyond this is a typo (and inf in float32 be
 def read_pairs(path):
     """Preference pairs {"prompt", "chosen", "rejected"} (TRL's format, strings), with an optional number
     "margin" (|m| <= MAX_MARGIN) and an optional "kind" label. tasks.read_jsonl(path, PAIR_SCHEMA) row by row
-    (model.py's reader and checks) plus the margin's, so every bad row is a UserError naming file:line."""
+    (lib/tasks.py's reader and checks) plus the margin's, so every bad row is a UserError naming file:line."""
     rows = []
     for number, row in tasks.jsonl_objects(path):
         where = f"{path}:{number}"

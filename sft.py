@@ -21,7 +21,7 @@ AdamW: Loshchilov & Hutter 2019; warmup + cosine: Loshchilov & Hutter 2017, Goya
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import tiktoken
 import torch
@@ -420,6 +420,40 @@ def checkpoint(args, policy, enc, optimizer, step, train_seconds, results=None, 
                          args=asdict(args), results=results or {})
 
 
+@dataclass
+class Setup:
+    """What set-up builds and the loop only reads."""
+    args: Args
+    rank: int
+    world_size: int
+    main_proc: bool
+    device: torch.device
+    policy: M.GPT
+    enc: object
+    optimizer: torch.optim.Optimizer
+    logger: rundir.MetricsLogger
+    train_examples: list     # (tokens, n_prompt) pairs that fit the context
+    test_examples: list      # the same, for the eval loss
+    heldout_rows: list       # prompt/answer rows for held-out accuracy
+    pad_token: int
+
+
+def new_window():
+    """The sums of one logging window (log_window): reset after each metric line."""
+    return {"loss": 0.0, "grad_norm": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
+
+
+@dataclass
+class RunState:
+    """What the loop changes, passed to every phase (never read from a closure): updates done, training
+    seconds (evals excluded), when the next eval is due under --eval-minutes, and the logging window's sums.
+    checkpoint() saves step and train_seconds; --resume restores them."""
+    step: int = 0
+    train_seconds: float = 0.0
+    next_eval_s: float = float("inf")
+    window: dict = field(default_factory=new_window)
+
+
 def run(args):
     """Train; returns the final results dict (held-out accuracy, eval loss, steps, minutes).
     With args.resume, args.init (if any) only records where the run first started."""
@@ -433,6 +467,42 @@ def run(args):
 
 
 def _run(args, rank, world_size):
+    """Set-up, then the loop of phases (schedule -> batch -> update -> log -> clock -> evaluate), then finish."""
+    setup, state = set_up(args, rank, world_size)
+    try:
+        if args.init and not args.resume and (args.eval_minutes > 0 or args.eval_every > 0):
+            evaluate_and_save(setup, state)  # the starting point of a continued run: the first point of its curve
+        progress, _ = clock(setup, state)
+        while progress < 1.0:
+            step_start = time.perf_counter()
+            # ALGO LOGIC: one AdamW update on this step's batch, at the scheduled learning rate
+            lr = schedule(setup.optimizer, state.step, progress, args)
+            indices, micro_batches = rank_batch(setup, state.step)
+            loss, grad_norm, _ = train_step(setup.policy, setup.optimizer, micro_batches, setup.device,
+                                            args.grad_clip, world_size,
+                                            args.aux_loss_weight if setup.policy.config.ffn == "moe" else 0.0,
+                                            args.batch_size, where=f"step {state.step + 1}", fsdp=args.fsdp)
+            # TRY NOT TO MODIFY: count the update, log it, evaluate and checkpoint when due
+            state.step += 1
+            seconds = time.perf_counter() - step_start
+            state.train_seconds += seconds
+            log_window(setup, state, lr, loss, grad_norm, indices, seconds)
+            progress, eval_due = clock(setup, state)
+            if eval_due and progress < 1.0:  # the final eval follows the loop
+                while state.next_eval_s <= state.train_seconds:
+                    state.next_eval_s += 60 * args.eval_minutes
+                evaluate_and_save(setup, state)
+    except KeyboardInterrupt:
+        save_interrupted(setup, state)
+        raise SystemExit(130)
+    return finish(setup, state)
+
+
+def set_up(args, rank, world_size):
+    """Everything before the first update, in this order (the model's initial weights are the first draws
+    after the seed): device and seed, the inputs (all checked before anything is written), the model (sharded
+    under --fsdp), the optimizer, what --resume restores, the run folder and the metrics log.
+    -> (Setup, RunState)"""
     main_proc = distributed.is_main(rank)
     if args.batch_size < world_size:
         raise cli.UserError(f"--batch-size {args.batch_size} is smaller than the {world_size} processes")
@@ -459,128 +529,144 @@ def _run(args, rank, world_size):
               f"test examples longer than the context ({block_size} tokens)")
     if not train_examples:
         raise cli.UserError(f"{args.data}: no example fits the context of {block_size} tokens")
-    pad_token = tokenizer.pad_id(enc)
 
     # -- optimiser and state -------------------------------------------------------------------
     optimizer = adamw(policy, args.lr, args.weight_decay, (args.beta1, args.beta2))
-    step, train_seconds = 0, 0.0
+    state = RunState()
     if args.resume:
-        path = os.path.join(args.out, "model.pt")
-        _, optimizer_state, step, train_seconds, rng_state = training_state(path, ckpt)
-        rng_by_rank = ckpt["meta"].get("rng_by_rank")
-        if isinstance(rng_by_rank, list) and len(rng_by_rank) == world_size:  # saved by as many ranks
-            rng_state = rng_by_rank[rank]
-        try:
-            if args.fsdp:  # rank 0's full state, broadcast: each rank keeps its shards
-                distributed.load_full_optimizer_state(policy, optimizer, optimizer_state)
-            else:
-                optimizer.load_state_dict(optimizer_state)
-            torch.set_rng_state(rng_state.cpu())
-        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
-            raise cli.UserError(f"{path}: optimizer or RNG state does not fit ({str(err)[:120]})") from None
+        state.step, state.train_seconds = restore(args, policy, optimizer, ckpt, rank, world_size)
     if main_proc:
         rundir.save_args(args.out, args)  # claims the folder: a second writer stops here, having written nothing
-        start = ("resumed at step %d" % step if args.resume else f"from {args.init}" if args.init
+        start = ("resumed at step %d" % state.step if args.resume else f"from {args.init}" if args.init
                  else "from scratch")
         print(f"sft: {policy.num_params() / 1e6:.2f}M params {start}, {len(train_examples)} examples, "
               f"batch {args.batch_size} over {world_size} process(es), peak lr {args.lr:g}, device {device}, "
               f"budget {args.max_steps or '-'} steps / {args.time_budget or '-'} min")
     logger = rundir.MetricsLogger(args.out, total=args.max_steps or None, enabled=main_proc, append=args.resume,
                                   budget_s=None if args.max_steps else 60 * args.time_budget)
-
-    def evaluate():
-        """Rank 0: greedy held-out accuracy (model.evaluate, the protocol every stage reports) and the
-        eval loss; logged as an "eval" row and saved in an atomic checkpoint. Other ranks wait. Under FSDP
-        every rank first gathers the full weights (model.gathered), and joins the checkpoint's gather."""
-        results = {}
-        with distributed.gathered(policy):
-            if main_proc:
-                report = tasks.evaluate(policy, enc, heldout_rows, args.max_new_tokens, temperature=0.0,
-                                        batch_size=args.eval_batch)
-                policy.train()
-                results = {"eval_accuracy": report["accuracy"], "eval_stderr": report["stderr"],
-                           "eval_n": report["n"], "per_difficulty": report["per_difficulty"],
-                           "styles": report["styles"],
-                           "eval_loss": eval_loss(policy, test_examples, pad_token, device),
-                           "steps": step, "train_minutes": train_seconds / 60}
-                logger.log(step, kind="eval", train_minutes=train_seconds / 60,
-                           eval_accuracy=results["eval_accuracy"], eval_stderr=results["eval_stderr"],
-                           eval_loss=results["eval_loss"])
-        checkpoint(args, policy, enc, optimizer, step, train_seconds, results, main_proc, world_size)
-        if world_size > 1:
-            dist.barrier()
-        return results
-
-    # -- the loop ------------------------------------------------------------------------------
     policy.train()
-    window = {"loss": 0.0, "grad_norm": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
-    next_eval_s = (math.floor(train_seconds / (60 * args.eval_minutes)) + 1) * 60 * args.eval_minutes \
-        if args.eval_minutes > 0 else float("inf")
+    if args.eval_minutes > 0:  # the first multiple of eval_minutes after the (resumed) training time
+        state.next_eval_s = (math.floor(state.train_seconds / (60 * args.eval_minutes)) + 1) * 60 * args.eval_minutes
+    return Setup(args, rank, world_size, main_proc, device, policy, enc, optimizer, logger, train_examples,
+                 test_examples, heldout_rows, tokenizer.pad_id(enc)), state
 
-    def clock():
-        """(progress in [0, 1], is an eval due): progress = step / max_steps or train time / time budget,
-        the larger when both are set (the budget that ends first). Rank 0's clock decides, so every rank
-        stops and evaluates at the same step."""
-        shared = torch.tensor([0.0, 0.0], dtype=torch.float64, device=device)  # progress exactly step / max_steps
-        if main_proc:
-            shared[0] = max(step / args.max_steps if args.max_steps > 0 else 0.0,
-                            train_seconds / (60 * args.time_budget) if args.time_budget > 0 else 0.0)
-            shared[1] = float((args.eval_every > 0 and step % args.eval_every == 0) or train_seconds >= next_eval_s)
-        if world_size > 1:
-            dist.broadcast(shared, src=0)
-        return float(shared[0]), bool(shared[1])
 
+def restore(args, policy, optimizer, ckpt, rank, world_size):
+    """--resume: load the optimizer state and this rank's RNG state from the run's checkpoint.
+    -> (step, train_seconds) where it stopped."""
+    path = os.path.join(args.out, "model.pt")
+    _, optimizer_state, step, train_seconds, rng_state = training_state(path, ckpt)
+    rng_by_rank = ckpt["meta"].get("rng_by_rank")
+    if isinstance(rng_by_rank, list) and len(rng_by_rank) == world_size:  # saved by as many ranks
+        rng_state = rng_by_rank[rank]
     try:
-        if args.init and not args.resume and (args.eval_minutes > 0 or args.eval_every > 0):
-            evaluate()  # the starting point of a continued run: the first point of its curve
-        progress, _ = clock()
-        while progress < 1.0:
-            step_start = time.perf_counter()
-            lr = lr_at(step, progress, args.lr, args.warmup_steps, args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            indices = batch_indices(len(train_examples), args.batch_size, step, args.seed)
-            my_indices = torch.tensor_split(torch.tensor(indices), world_size)[rank].tolist()  # this rank's share
-            micro_batches = length_sorted_micro_batches([train_examples[i] for i in my_indices], args.micro_batch,
-                                                        pad_token)
-            loss, grad_norm, _ = train_step(policy, optimizer, micro_batches, device, args.grad_clip,
-                                            world_size, args.aux_loss_weight if policy.config.ffn == "moe" else 0.0,
-                                            args.batch_size, where=f"step {step + 1}", fsdp=args.fsdp)
-            step += 1
-            seconds = time.perf_counter() - step_start
-            train_seconds += seconds
-            window["loss"] += loss
-            window["grad_norm"] += grad_norm
-            window["tokens"] += sum(len(train_examples[i][0]) - 1 for i in indices)  # real tokens, all ranks
-            window["seconds"] += seconds
-            window["steps"] += 1
-            if main_proc and (step % args.log_every == 0 or step == 1):
-                logger.log(step, kind="train", loss=window["loss"] / window["steps"], lr=lr,
-                           grad_norm=window["grad_norm"] / window["steps"],
-                           tokens_per_s=window["tokens"] / max(window["seconds"], 1e-9),
-                           train_minutes=train_seconds / 60)
-                window = dict.fromkeys(window, 0)
-            progress, eval_due = clock()
-            if eval_due and progress < 1.0:  # the final eval follows the loop
-                while next_eval_s <= train_seconds:
-                    next_eval_s += 60 * args.eval_minutes
-                evaluate()
-    except KeyboardInterrupt:
-        if main_proc and not args.fsdp:  # the state of the last finished step: weights and optimizer are untouched
-            checkpoint(args, policy, enc, optimizer, step, train_seconds)
-            print(f"interrupted after step {step}; saved {args.out}/model.pt, continue with --resume")
-        elif main_proc:  # gathering the shards needs every rank, and an interrupt stops them at different points
-            print(f"interrupted after step {step}; under --fsdp {args.out}/model.pt holds the last eval's "
-                  "checkpoint (--eval-every / --eval-minutes); continue from it with --resume")
-        raise SystemExit(130)
+        if args.fsdp:  # rank 0's full state, broadcast: each rank keeps its shards
+            distributed.load_full_optimizer_state(policy, optimizer, optimizer_state)
+        else:
+            optimizer.load_state_dict(optimizer_state)
+        torch.set_rng_state(rng_state.cpu())
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+        raise cli.UserError(f"{path}: optimizer or RNG state does not fit ({str(err)[:120]})") from None
+    return step, train_seconds
 
-    # -- the end: final eval and checkpoint, the report ----------------------------------------
-    results = evaluate()
-    if main_proc:
-        logger.close()
+
+def clock(setup, state):
+    """(progress in [0, 1], is an eval due): progress = step / max_steps or train time / time budget,
+    the larger when both are set (the budget that ends first). Rank 0's clock decides, so every rank
+    stops and evaluates at the same step (a broadcast every rank joins)."""
+    args = setup.args
+    shared = torch.tensor([0.0, 0.0], dtype=torch.float64, device=setup.device)  # progress exactly step / max_steps
+    if setup.main_proc:
+        shared[0] = max(state.step / args.max_steps if args.max_steps > 0 else 0.0,
+                        state.train_seconds / (60 * args.time_budget) if args.time_budget > 0 else 0.0)
+        shared[1] = float((args.eval_every > 0 and state.step % args.eval_every == 0)
+                          or state.train_seconds >= state.next_eval_s)
+    if setup.world_size > 1:
+        dist.broadcast(shared, src=0)
+    return float(shared[0]), bool(shared[1])
+
+
+def schedule(optimizer, step, progress, args):
+    """Set the learning rate of update `step` (lr_at: warmup, then cosine on progress) on every group."""
+    lr = lr_at(step, progress, args.lr, args.warmup_steps, args.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def rank_batch(setup, step):
+    """-> (indices of the global batch at `step`, this rank's share of it as length-sorted micro-batches)."""
+    indices = batch_indices(len(setup.train_examples), setup.args.batch_size, step, setup.args.seed)
+    my_indices = torch.tensor_split(torch.tensor(indices), setup.world_size)[setup.rank].tolist()  # this rank's share
+    return indices, length_sorted_micro_batches([setup.train_examples[i] for i in my_indices], setup.args.micro_batch,
+                                                setup.pad_token)
+
+
+def log_window(setup, state, lr, loss, grad_norm, indices, seconds):
+    """Add an update to the window; every log_every updates (and after the first) rank 0 logs the window's
+    means as a "train" row and starts a new window."""
+    window = state.window
+    window["loss"] += loss
+    window["grad_norm"] += grad_norm
+    window["tokens"] += sum(len(setup.train_examples[i][0]) - 1 for i in indices)  # real tokens, all ranks
+    window["seconds"] += seconds
+    window["steps"] += 1
+    if setup.main_proc and (state.step % setup.args.log_every == 0 or state.step == 1):
+        setup.logger.log(state.step, kind="train", loss=window["loss"] / window["steps"], lr=lr,
+                         grad_norm=window["grad_norm"] / window["steps"],
+                         tokens_per_s=window["tokens"] / max(window["seconds"], 1e-9),
+                         train_minutes=state.train_seconds / 60)
+        state.window = dict.fromkeys(window, 0)
+
+
+def evaluate_and_save(setup, state):
+    """Rank 0: greedy held-out accuracy (model.evaluate, the protocol every stage reports) and the
+    eval loss; logged as an "eval" row and saved in an atomic checkpoint. Other ranks wait. Under FSDP
+    every rank first gathers the full weights (model.gathered), and joins the checkpoint's gather.
+    -> the results dict (empty on other ranks)."""
+    args, policy = setup.args, setup.policy
+    results = {}
+    with distributed.gathered(policy):
+        if setup.main_proc:
+            report = tasks.evaluate(policy, setup.enc, setup.heldout_rows, args.max_new_tokens, temperature=0.0,
+                                    batch_size=args.eval_batch)
+            policy.train()
+            results = {"eval_accuracy": report["accuracy"], "eval_stderr": report["stderr"],
+                       "eval_n": report["n"], "per_difficulty": report["per_difficulty"],
+                       "styles": report["styles"],
+                       "eval_loss": eval_loss(policy, setup.test_examples, setup.pad_token, setup.device),
+                       "steps": state.step, "train_minutes": state.train_seconds / 60}
+            setup.logger.log(state.step, kind="eval", train_minutes=state.train_seconds / 60,
+                             eval_accuracy=results["eval_accuracy"], eval_stderr=results["eval_stderr"],
+                             eval_loss=results["eval_loss"])
+    checkpoint(args, policy, setup.enc, setup.optimizer, state.step, state.train_seconds, results, setup.main_proc,
+               setup.world_size)
+    if setup.world_size > 1:
+        dist.barrier()
+    return results
+
+
+def save_interrupted(setup, state):
+    """Ctrl-C: save the state of the last finished step (its weights and optimizer are untouched), so that
+    --resume continues exactly; under FSDP only say where the last eval's checkpoint is."""
+    args = setup.args
+    if setup.main_proc and not args.fsdp:
+        checkpoint(args, setup.policy, setup.enc, setup.optimizer, state.step, state.train_seconds)
+        print(f"interrupted after step {state.step}; saved {args.out}/model.pt, continue with --resume")
+    elif setup.main_proc:  # gathering the shards needs every rank, and an interrupt stops them at different points
+        print(f"interrupted after step {state.step}; under --fsdp {args.out}/model.pt holds the last eval's "
+              "checkpoint (--eval-every / --eval-minutes); continue from it with --resume")
+
+
+def finish(setup, state):
+    """The final eval and checkpoint (every rank), then rank 0's report. -> the results dict."""
+    args = setup.args
+    results = evaluate_and_save(setup, state)
+    if setup.main_proc:
+        setup.logger.close()
         print(f"held-out accuracy (greedy, {results['eval_n']} prompts of {args.eval_data}): "
               f"{100 * results['eval_accuracy']:.1f}% +/- {100 * results['eval_stderr']:.1f} | "
-              f"eval loss {results['eval_loss']:.4f} | {step} steps in {train_seconds / 60:.1f} min "
+              f"eval loss {results['eval_loss']:.4f} | {state.step} steps in {state.train_seconds / 60:.1f} min "
               f"| {args.out}/model.pt")
         print("  by difficulty: " + "  ".join(f"{d}: {100 * a:.1f}%" for d, a in results["per_difficulty"].items())
               + " | outputs: " + "  ".join(f"{s} {100 * v:.0f}%" for s, v in results["styles"].items()))

@@ -16,7 +16,7 @@ Broder 1997 and Lee et al. 2022 (near-duplicate removal); Shumailov et al. 2024 
 A second task family swaps the verifier, and with it the capability RL teaches: Countdown, as in
 TinyZero (Pan et al. 2025). The prompt gives a target and allowed numbers; the completion ends with
 '#### <expression>', which must use only those numbers (each at most once) and evaluate to the target
-(model.expression_hits_target). Targets are drawn only among the values a brute-force search reaches,
+(tasks.expression_hits_target). Targets are drawn only among the values a brute-force search reaches,
 and its shortest expression is the demonstration, so every row is solvable by construction:
 
     reach(S) = S  u  { a op b : a in reach(A), b in reach(S - A), A a non-empty proper part of S }
@@ -384,9 +384,9 @@ def worked_steps(problem: Problem, wrong=None):
 
 def verify(completion: str, answer, numbers=None) -> bool:
     """The verifier of every family and every stage: the final answer after '####' equals the answer
-    (model.is_correct) or, for a Countdown row (its allowed `numbers` given), the final expression uses
-    only those numbers and hits the answer (model.expression_hits_target); and no written step is
-    arithmetically wrong (model.completion_style)."""
+    (tasks.is_correct) or, for a Countdown row (its allowed `numbers` given), the final expression uses
+    only those numbers and hits the answer (tasks.expression_hits_target); and no written step is
+    arithmetically wrong (tasks.completion_style)."""
     row = {"answer": answer} if numbers is None else {"answer": answer, "numbers": numbers}
     return tasks.verify(completion, row) and tasks.completion_style(completion) != "wrong_step"
 
@@ -540,7 +540,7 @@ def draw_split(rng: random.Random, n: int, families, difficulties, taken: set, u
 
 
 def allowed_numbers(problem: Problem) -> dict:
-    """A Countdown row lists its allowed numbers (model.verify knows the task by this key)."""
+    """A Countdown row lists its allowed numbers (tasks.verify knows the task by this key)."""
     return {"numbers": list(problem.operands)} if problem.family == COUNTDOWN else {}
 
 
@@ -734,11 +734,11 @@ def dataset_command(out_dir: str) -> list[str]:
 
 
 def read_sampling_prompts(args: Args, enc, block_size: int, rng: random.Random) -> list[dict]:
-    """--prompts rows (model.read_prompts: {"prompt", "answer"} or GSM8K {"question", "answer"}), the optional
+    """--prompts rows (tasks.read_prompts: {"prompt", "answer"} or GSM8K {"question", "answer"}), the optional
     labels "family" (text) and "difficulty" (an integer) and a Countdown row's "numbers" (a list of numbers)
     checked by line; prompts that leave no room for
-    --max-new-tokens in the context are skipped (model.fit_prompts); then --n-prompts of them at random.
-    A missing DEFAULT --prompts file is made by this file's default mode (model.ensure_input)."""
+    --max-new-tokens in the context are skipped (tasks.fit_prompts); then --n-prompts of them at random.
+    A missing DEFAULT --prompts file is made by this file's default mode (stages.ensure_input)."""
     default = Args().prompts
     path = stages.ensure_input(args.prompts, default, dataset_command(os.path.dirname(default)))
     rows = tasks.read_prompts(path)
@@ -798,7 +798,7 @@ def from_model(args: Args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def claim_folders(*paths: str) -> None:
-    """Claim the folder of each output (model.claim_run_dir): one writer per folder, so two runs never mix
+    """Claim the folder of each output (rundir.claim_run_dir): one writer per folder, so two runs never mix
     their files; a second writer gets a one-line error before it writes anything."""
     for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
         try:
@@ -812,7 +812,7 @@ def jsonl_text(rows: list[dict]) -> str:
 
 
 def write_file_set(contents: dict[str, str]) -> None:
-    """Write {path: text} as ONE set. Each file goes to its temporary name (model.atomic_write) and only when
+    """Write {path: text} as ONE set. Each file goes to its temporary name (rundir.atomic_write) and only when
     every one is complete are they renamed into place. A run that fails or is killed while writing leaves
     the previous set untouched, never a mix of two runs (held-out prompts of one seed beside the training
     prompts of another); its temporary files are deleted, or cleaned up by the next writer if it was killed."""

@@ -3,8 +3,8 @@
 GRPO's loss never looks at the task; the task lives in the reward. Every other run of this project
 rewards `#### <number>` equal to the answer. Here the reward is Countdown's (as in TinyZero): the prompt
 gives a target and allowed numbers, and the completion's final `#### <expression>` earns 1 when it
-uses only those numbers, each at most once, and evaluates to the target (model.expression_hits_target,
-evaluated by the safe model.arith, never eval):
+uses only those numbers, each at most once, and evaluates to the target (tasks.expression_hits_target,
+evaluated by the safe tasks.arith, never eval):
 
     r(x, y) = 1[ numbers(expr(y)) is a sub-multiset of allowed(x)  and  arith(expr(y)) = target(x) ]
     A_i = (r_i - mean_j r_j) / (std_j r_j + eps)        over a group of G samples (Shao et al. 2024)

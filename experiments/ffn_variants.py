@@ -138,7 +138,9 @@ def token_rows(path: str, seq_len: int, enc) -> torch.Tensor:
 
 
 def lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warmup over the first 10 % of steps, then cosine decay to lr / 10 at the last step."""
+    """Linear warmup over the first 10 % of steps, then cosine decay to lr / 10 at the last step. Not sft.py's
+    rule (warm-up counted in updates, as a factor on a cosine over the whole run, which also serves a time
+    budget): a sweep at a fixed step count wants the same schedule shape at every run length (optim.lr_cosine's)."""
     warmup = max(1, steps // 10)
     if step < warmup:
         return lr * (step + 1) / warmup

@@ -20,7 +20,7 @@ its d needs no estimate. PPO's d is estimated from one sample per held-out promp
 The stages run as subprocesses and talk through files: reward.py trains the proxy into OUT/rm/ (unless
 --reward-model names one), ppo.py optimises against it at each KL penalty beta in --betas into
 OUT/ppo_beta<b>/, and their metrics.jsonl are read back. Best-of-n runs here, in this process (it is
-sampling and scoring, no training): model.load + model.generate from the start, the reward head read
+sampling and scoring, no training): checkpoints.load + model.generate from the start, the reward head read
 from the reward checkpoint's meta, where reward.py saves it. The fitted curves, their peaks and a text
 plot are printed; OUT/overoptimization.json holds every point, OUT/overoptimization.png the plot
 when matplotlib is installed.

@@ -122,7 +122,7 @@ def gathered(model):
 
 def full_model(model, device="cpu"):
     """Collective: every rank calls it. Rank 0 gets a plain GPT holding the full fp32 weights, gathered from
-    the shards (get_model_state_dict with full_state_dict=True, cpu_offload=True), for model.save and for
+    the shards (get_model_state_dict with full_state_dict=True, cpu_offload=True), for checkpoints.save and for
     evaluation in one process; the other ranks get None. A model that is not sharded is returned as it is."""
     if not fsdp_units(model):
         return model

