@@ -32,7 +32,7 @@ action (no stop string, too long, garbage) costs a turn and gets an `error: ...`
 after `done` raises. Each tests one skill, which the expert uses and a novice skips:
     calc     tool use (Toolformer, Schick et al. 2023; ReAct, Yao et al. 2023): "47*38=?" ->
              <calc>47*38</calc> -> <result>1786</result> -> <answer>1786</answer>; the calculator
-             walks the `ast` with bounded sizes (model.arith) and never calls eval. The novice estimates:
+             walks the `ast` with bounded sizes (tasks.arith) and never calls eval. The novice estimates:
              it sends the factors rounded to tens (<calc>50*40</calc>) and answers with that result,
              so it is almost always wrong; the skill is calling the tool on the question itself.
     guess    partial observability, delayed reward: a hidden number in 1..15, feedback higher/lower;
@@ -213,9 +213,9 @@ def format_number(value) -> str:
 
 def calculator(expression: str) -> str:
     """The tool. Numbers, + - * / // % ** and parentheses, evaluated by walking the `ast` with bounded
-    sizes (model.arith: <= 200 characters, nesting <= 32, |values| <= 1e60, exponents checked BEFORE
+    sizes (tasks.arith: <= 200 characters, nesting <= 32, |values| <= 1e60, exponents checked BEFORE
     computing, so 9**9**9 is refused at once). Never eval. -> the value as text, or 'error: <why>' for
-    any input that is not such an expression: its one documented failure (model.arith raises only
+    any input that is not such an expression: its one documented failure (tasks.arith raises only
     ValueError, whatever the string), an observation for the agent, never an exception."""
     try:
         value = tasks.arith(expression)
@@ -650,7 +650,10 @@ def agent_grpo_loss(logprobs, old_logprobs, advantages, action_mask, eps_low: fl
 
 def lr_at(progress: float, peak: float, warmup: float = 0.1, min_ratio: float = 0.1) -> float:
     """progress in [0, 1] of the run -> lr: linear warmup over the first `warmup` share, then cosine
-    decay to peak * min_ratio: lr = peak * min(1, p / w) * (m + (1 - m) (1 + cos(pi p)) / 2)."""
+    decay to peak * min_ratio: lr = peak * min(1, p / w) * (m + (1 - m) (1 + cos(pi p)) / 2).
+    sft.py's rule with the warm-up as a share of the run, not a count of updates: behaviour_cloning passes
+    p = (step + 1) / steps, so a step budget gives sft.py's min(1, (step + 1) / W) with W = steps / 10, and the
+    equal-time control, which has no step count, warms up over the same share of its seconds."""
     progress = min(max(progress, 0.0), 1.0)
     warm = min(1.0, progress / warmup) if warmup > 0 else 1.0
     return peak * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

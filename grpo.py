@@ -589,7 +589,7 @@ def train(args) -> dict:
         # 1. Rollouts: G completions per prompt (dynamic sampling is off under DDP, so that every rank
         #    runs the same number of backward passes).
         #    FSDP: generation runs on the full weights, gathered once per rollout on every rank and freed
-        #    before the update (model.gathered: its docstring gives the memory and time it costs, and what
+        #    before the update (distributed.gathered: its docstring gives the memory and time it costs, and what
         #    verl and OpenRLHF do instead: a separate vLLM engine).
         with distributed.gathered(policy):
             batch, seen = collect_rollouts(policy, setup.enc, setup.prompts.take, args.prompts_per_step // world,
@@ -751,7 +751,7 @@ def finish(setup: Setup, state: RunState, start_eval: dict) -> dict:
     setup.logger.close()
     if setup.ddp:
         # Every rank leaves together, the others waiting here while rank 0 saves and evaluates. This alone
-        # narrows, but does not close, the race that model.cli's os._exit closes: a gloo worker thread still
+        # narrows, but does not close, the race that cli.run's os._exit closes: a gloo worker thread still
         # dropping the last all-gather (its tensors have Python objects, so it needs the GIL) meets the
         # interpreter's shutdown: SIGABRT, "terminate called without an active exception".
         dist.barrier()

@@ -16,11 +16,11 @@ Schulman et al. 2017 (PPO) and 2016 (GAE); Ziegler et al. 2019 (KL-shaped reward
 Stiennon et al. 2020; Ouyang et al. 2022 (InstructGPT); Huang et al. 2024 (the N+ implementation
 details of RLHF with PPO). The value model is a copy of the REWARD model (body and head), the usual
 choice: it starts out already reading "how good is this text". With --reward verifier (1 if the
-final answer is correct by model.is_correct, else 0, on the last token: grpo.py's reward) there is
+final answer is correct by tasks.is_correct, else 0, on the last token: grpo.py's reward) there is
 no reward model; the value body then starts from the SFT checkpoint with a zero head.
 
 The run ends with one table: the start, PPO, and the equal-time control (sft.py continued from the
-same start for the same training minutes, as grpo.py does), each evaluated by model.evaluate: greedy
+same start for the same training minutes, as grpo.py does), each evaluated by tasks.evaluate: greedy
 accuracy and style shares, and pass_k samples per prompt scored by BOTH the verifier (gold) and the
 reward model (proxy), side by side, with the KL to the start. Every eval also logs, in metrics.jsonl,
 the KL(pi || pi_init) of one sample per held-out prompt and its proxy and gold rewards: the axes of
@@ -334,7 +334,7 @@ def response_values(value_model, batch):
 
 
 def verifier_scores(texts, answers):
-    """1.0 where model.is_correct(completion, answer) else 0.0: grpo.py's reward, on the completion only."""
+    """1.0 where tasks.is_correct(completion, answer) else 0.0: grpo.py's reward, on the completion only."""
     return torch.tensor([float(tasks.is_correct(t, a)) for t, a in zip(texts, answers)])
 
 
@@ -486,7 +486,7 @@ def drift(policy, reference, reward_model, enc, rows, args, seed: int) -> dict:
                 (the k1 estimator summed over the completion: unbiased for the sequence KL; pi_init = the frozen
                 reference, i.e. the start checkpoint)
         proxy = E_y[ R_rm(x, y) ]      the learned reward model (None with --reward verifier)
-        gold  = E_y[ verifier(x, y) ]  1 if the final answer is right (model.is_correct)
+        gold  = E_y[ verifier(x, y) ]  1 if the final answer is right (tasks.is_correct)
 
     under the sampling transform PPO trains with (temperature, top-k)."""
     device = next(policy.parameters()).device
@@ -503,7 +503,7 @@ def drift(policy, reference, reward_model, enc, rows, args, seed: int) -> dict:
 
 
 def eval_row(policy, reference, reward_model, enc, rows, drift_rows, args, seed: int) -> dict:
-    """One row of the final table, every number from the one shared evaluation (model.evaluate):
+    """One row of the final table, every number from the one shared evaluation (tasks.evaluate):
     greedy accuracy (with stderr, per difficulty) and style shares; `pass_k` samples per prompt at the
     training temperature: their verifier accuracy, pass@k and, beside it, their mean reward-model score;
     and the KL to the start (drift, on drift_rows)."""
@@ -619,7 +619,7 @@ def load_inputs(args, device):
 
 
 @dataclass
-class Run:
+class Setup:
     """What set_up() builds once for the whole run: the models, the optimizer, the log, the random streams."""
     device: torch.device
     models: dict              # {"policy", "reference", "value", "reward"} (build_models)
@@ -636,7 +636,7 @@ class Run:
 
 @dataclass
 class RunState:
-    """What the training loop changes from step to step."""
+    """What the training loop changes from step to step, passed to each phase (never read from a closure)."""
     beta: float                                   # KL coefficient (moved by the adaptive controller)
     next_eval: float                              # training seconds at which the next periodic eval is due
     step: int = 0
@@ -645,7 +645,7 @@ class RunState:
     history: list = field(default_factory=list)   # the "train" rows of metrics.jsonl
 
 
-def set_up(args) -> Run:
+def set_up(args) -> Setup:
     """Check the options, read every input, build the models and the optimizer, start the log; print the header."""
     check_args(args)
     if args.threads > 0:
@@ -669,8 +669,8 @@ def set_up(args) -> Run:
     params = ", ".join(f"{role} {count / 1e6:.2f}M" for role, count in roles.items())
     print(f"ppo: reward {args.reward}, {len(train_rows)} training prompts, {args.completions_per_step} completions "
           f"per step, params {params}, device {device}")
-    return Run(device, models, enc, train_rows, eval_rows, eval_rows[:args.n_eval_during], optimizer, logger,
-               generators, prompt_order, roles)
+    return Setup(device, models, enc, train_rows, eval_rows, eval_rows[:args.n_eval_during], optimizer, logger,
+                 generators, prompt_order, roles)
 
 
 def budget_spent(state: RunState, args) -> bool:
@@ -688,49 +688,50 @@ def next_prompts(train_rows, pool, prompt_order, n):
     return [train_rows[i] for i in pool[:n]], pool[n:]
 
 
-def evaluate_and_log(run: Run, args, step, train_seconds, full: bool):
+def evaluate_and_log(setup: Setup, args, step, train_seconds, full: bool):
     """Greedy held-out accuracy, and where the policy stands: KL to the start, proxy and gold reward of
     its samples (drift), logged as an "eval" row. The first and last evals are whole table rows (eval_row),
     returned; the periodic ones return None."""
-    policy, reference, reward_model = run.models["policy"], run.models["reference"], run.models["reward"]
+    policy, reference, reward_model = setup.models["policy"], setup.models["reference"], setup.models["reward"]
     if full:
-        row = eval_row(policy, reference, reward_model, run.enc, run.eval_rows, run.drift_rows, args, args.seed)
+        row = eval_row(policy, reference, reward_model, setup.enc, setup.eval_rows, setup.drift_rows, args, args.seed)
         greedy = {"accuracy": row["greedy"], "stderr": row["stderr"], "n": row["n"], "styles": row["styles"]}
     else:
         row = None
-        greedy = tasks.evaluate(policy, run.enc, run.drift_rows, max_new_tokens=args.max_new_tokens)
-    moved = row["drift"] if full else drift(policy, reference, reward_model, run.enc, run.drift_rows, args, args.seed)
-    run.logger.log(step, kind="eval", train_minutes=train_seconds / 60, eval_accuracy=greedy["accuracy"],
-                   eval_stderr=greedy["stderr"], eval_n=greedy["n"], eval_styles=greedy["styles"],
-                   eval_kl=moved["kl"], eval_kl_stderr=moved["kl_stderr"], eval_proxy=moved["proxy"],
-                   eval_gold=moved["gold"], eval_truncated=moved["truncated"], eval_drift_n=moved["n"])
+        greedy = tasks.evaluate(policy, setup.enc, setup.drift_rows, max_new_tokens=args.max_new_tokens)
+    moved = row["drift"] if full else drift(policy, reference, reward_model, setup.enc, setup.drift_rows, args,
+                                           args.seed)
+    setup.logger.log(step, kind="eval", train_minutes=train_seconds / 60, eval_accuracy=greedy["accuracy"],
+                     eval_stderr=greedy["stderr"], eval_n=greedy["n"], eval_styles=greedy["styles"],
+                     eval_kl=moved["kl"], eval_kl_stderr=moved["kl_stderr"], eval_proxy=moved["proxy"],
+                     eval_gold=moved["gold"], eval_truncated=moved["truncated"], eval_drift_n=moved["n"])
     return row
 
 
 def train(args):
     """Run PPO; returns summary.json's dict. Set-up, the first eval, then per step: the next prompts, one
     PPO step (ppo_step), the KL controller, the log and a periodic eval; the last eval, then finish()."""
-    run = set_up(args)
-    start_row = evaluate_and_log(run, args, 0, 0.0, full=True)
+    setup = set_up(args)
+    start_row = evaluate_and_log(setup, args, 0, 0.0, full=True)
     state = RunState(beta=args.beta, next_eval=60 * args.eval_minutes)
     while not budget_spent(state, args):
-        rows, state.pool = next_prompts(run.train_rows, state.pool, run.prompt_order, args.completions_per_step)
+        rows, state.pool = next_prompts(setup.train_rows, state.pool, setup.prompt_order, args.completions_per_step)
         # ALGO LOGIC: rollout -> rewards -> GAE -> clipped updates, then the adaptive KL controller
-        metrics = ppo_step(run.models, run.optimizer, run.enc, rows, args, state.beta, run.generators, run.device,
-                           step=state.step + 1)
+        metrics = ppo_step(setup.models, setup.optimizer, setup.enc, rows, args, state.beta, setup.generators,
+                           setup.device, step=state.step + 1)
         state.step += 1
         state.train_seconds += metrics["step_s"]
         if args.kl_target > 0:
             state.beta = adaptive_beta(state.beta, metrics["kl_seq"], args.kl_target, args.kl_horizon, len(rows))
         # TRY NOT TO MODIFY: log the step; evaluate every eval_minutes of training
-        metrics.update(train_minutes=state.train_seconds / 60, peak_mem_mb=rundir.peak_memory_mb(run.device))
+        metrics.update(train_minutes=state.train_seconds / 60, peak_mem_mb=rundir.peak_memory_mb(setup.device))
         state.history.append(metrics)
-        run.logger.log(state.step, kind="train", **metrics)
+        setup.logger.log(state.step, kind="train", **metrics)
         if state.train_seconds >= state.next_eval and not budget_spent(state, args):   # the final eval follows anyway
-            evaluate_and_log(run, args, state.step, state.train_seconds, full=False)
+            evaluate_and_log(setup, args, state.step, state.train_seconds, full=False)
             state.next_eval += 60 * args.eval_minutes
-    final_row = evaluate_and_log(run, args, state.step, state.train_seconds, full=True)
-    return finish(run, state, start_row, final_row, args)
+    final_row = evaluate_and_log(setup, args, state.step, state.train_seconds, full=True)
+    return finish(setup, state, start_row, final_row, args)
 
 
 def mean_of(key, metrics_rows):
@@ -738,26 +739,26 @@ def mean_of(key, metrics_rows):
     return sum(row[key] for row in metrics_rows) / max(len(metrics_rows), 1)
 
 
-def finish(run: Run, state: RunState, start_row, final_row, args):
+def finish(setup: Setup, state: RunState, start_row, final_row, args):
     """Save the policy and summary.json, close the log, print the run's report -> summary."""
     start_eval = {"accuracy": start_row["greedy"], "stderr": start_row["stderr"]}
     final_eval = {"accuracy": final_row["greedy"], "stderr": final_row["stderr"]}
 
-    checkpoints.save(os.path.join(args.out, "model.pt"), run.models["policy"], run.enc, args=asdict(args),
+    checkpoints.save(os.path.join(args.out, "model.pt"), setup.models["policy"], setup.enc, args=asdict(args),
                      step=state.step,
                      results={"start_accuracy": start_eval["accuracy"], "final_accuracy": final_eval["accuracy"]})
 
     history = state.history
-    summary = {"algo": "ppo", "reward": args.reward, "params_by_role": run.roles,
-               "peak_mem_mb": rundir.peak_memory_mb(run.device), "sec_per_step": mean_of("step_s", history),
+    summary = {"algo": "ppo", "reward": args.reward, "params_by_role": setup.roles,
+               "peak_mem_mb": rundir.peak_memory_mb(setup.device), "sec_per_step": mean_of("step_s", history),
                "time_split": {key: mean_of(key, history) for key in ("gen_s", "score_s", "adv_s", "update_s")},
                "final_accuracy": final_eval["accuracy"], "start_accuracy": start_eval["accuracy"],
                "final_stderr": final_eval["stderr"], "start_stderr": start_eval["stderr"],
-               "train_minutes": state.train_seconds / 60, "steps": state.step, "n_eval": len(run.eval_rows),
+               "train_minutes": state.train_seconds / 60, "steps": state.step, "n_eval": len(setup.eval_rows),
                "start": start_row, "ppo": final_row}
     with rundir.atomic_write(os.path.join(args.out, "summary.json")) as f:
         json.dump(summary, f, indent=2)
-    run.logger.close()
+    setup.logger.close()
 
     last = history[-5:]
     print(f"\nppo ({args.reward} reward): {state.step} steps in {state.train_seconds / 60:.1f} min, "
@@ -768,7 +769,7 @@ def finish(run: Run, state: RunState, start_row, final_row, args):
         for key, name in (("reward_mean", "reward (rollouts)"), ("accuracy", "rollout accuracy"),
                           ("kl", "KL(pi || ref), k3/token"), ("response_length", "response length")):
             print(f"{name:<28}{history[0][key]:>12.3f}{mean_of(key, last):>14.3f}")
-    print(f"held-out accuracy (greedy, {len(run.eval_rows)} prompts): "
+    print(f"held-out accuracy (greedy, {len(setup.eval_rows)} prompts): "
           f"{100 * start_eval['accuracy']:.1f}% +/- {100 * start_eval['stderr']:.1f} before -> "
           f"{100 * final_eval['accuracy']:.1f}% +/- {100 * final_eval['stderr']:.1f} after")
     print(f"peak memory {summary['peak_mem_mb']:.0f} MB | {args.out}/model.pt, metrics.jsonl, summary.json")

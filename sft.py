@@ -80,7 +80,7 @@ class Args:
 
 
 def check_args(args):
-    """Every option against its rule (model.OPTION_RULES), before anything is read or written: the first
+    """Every option against its rule (cli.OPTION_RULES), before anything is read or written: the first
     that breaks its rule is a UserError naming the flag (one line, exit status 2)."""
     cli.check_options(args, positive=("n_head", "n_kv_head", "n_embd", "block_size", "batch_size", "lr",
                                       "max_new_tokens", "eval_batch", "log_every"),
@@ -239,9 +239,9 @@ def train_step(model, optimizer, micro_batches, device, grad_clip=1.0, world_siz
     processes the gradients are then SUMMED (each already carries 1/N_global): the update equals
     one process on the whole batch (what DistributedDataParallel does, minus overlapping the
     communication with the backward pass). A loss or gradient norm that is NaN or infinite stops the
-    run (model.NonFiniteError naming `where`) BEFORE optimizer.step(), so the weights stay finite.
+    run (cli.NonFiniteError naming `where`) BEFORE optimizer.step(), so the weights stay finite.
 
-    fsdp (a model from model.shard_model(..., sum_gradients=True)): each backward reduce-scatters its
+    fsdp (a model from distributed.shard_model(..., sum_gradients=True)): each backward reduce-scatters its
     gradient into this rank's shards, summed over ranks, so there is no all-reduce here. Every forward
     gathers weights from every rank, so all ranks run the same number of micro-batches: a rank with
     fewer runs empty ones (no loss token: a zero gradient). Returns (loss, grad_norm, n_tokens)."""
@@ -289,7 +289,7 @@ def train_step(model, optimizer, micro_batches, device, grad_clip=1.0, world_siz
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: loss on held-out demonstrations (held-out accuracy is model.evaluate, shared by all stages)
+# Evaluation: loss on held-out demonstrations (held-out accuracy is tasks.evaluate, shared by all stages)
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -327,8 +327,8 @@ def synth_command():
 
 
 def read_inputs(args, rank, world_size):
-    """-> (training rows, test rows, held-out prompt rows), every row checked (model.read_demonstrations,
-    model.read_prompts: errors name file:line; GSM8K's {"question", "answer"} rows are accepted). A
+    """-> (training rows, test rows, held-out prompt rows), every row checked (tasks.read_demonstrations,
+    tasks.read_prompts: errors name file:line; GSM8K's {"question", "answer"} rows are accepted). A
     missing DEFAULT input is made by synth.py (rank 0; the others wait); a missing explicit one is an error."""
     defaults = Args()
     if rank == 0:
@@ -381,7 +381,7 @@ def training_state(path, ckpt):
 
 def resumed_args(args, argv):
     """--resume: the run's own arguments, saved in out/model.pt, with the options given again on this
-    command line overriding them (one printed line each; model.resume_args)."""
+    command line overriding them (one printed line each; cli.resume_args)."""
     path = os.path.join(args.out, "model.pt")
     if not os.path.exists(path):
         raise cli.UserError(f"--resume: checkpoint {path} does not exist")
@@ -408,7 +408,7 @@ def rng_states(world_size):
 
 
 def checkpoint(args, policy, enc, optimizer, step, train_seconds, results=None, main_proc=True, world_size=1):
-    """Atomic save (model.save writes a temporary file, then renames it) of everything --resume needs.
+    """Atomic save (checkpoints.save writes a temporary file, then renames it) of everything --resume needs.
     With world_size > 1 every rank calls it (collective): the RNG states of all ranks are gathered, and
     under FSDP the shards of the weights and of the optimizer state too; rank 0 writes the full, unsharded
     file a single process writes (it loads and resumes in one process)."""
@@ -620,9 +620,9 @@ def log_window(setup, state, lr, loss, grad_norm, indices, seconds):
 
 
 def evaluate_and_save(setup, state):
-    """Rank 0: greedy held-out accuracy (model.evaluate, the protocol every stage reports) and the
+    """Rank 0: greedy held-out accuracy (tasks.evaluate, the protocol every stage reports) and the
     eval loss; logged as an "eval" row and saved in an atomic checkpoint. Other ranks wait. Under FSDP
-    every rank first gathers the full weights (model.gathered), and joins the checkpoint's gather.
+    every rank first gathers the full weights (distributed.gathered), and joins the checkpoint's gather.
     -> the results dict (empty on other ranks)."""
     args, policy = setup.args, setup.policy
     results = {}

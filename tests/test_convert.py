@@ -128,7 +128,7 @@ def test_save_hf_then_transformers_from_pretrained_gives_the_same_logits(family,
 
 def test_a_model_trained_here_exports_and_reloads_with_its_tokenizer(tmp_path):
     """This project's own byte-level model: save_hf writes a Llama that transformers loads unchanged, with a
-    tokenizer.json that encodes like the built-in byte tokenizer; and model.load reads the folder back."""
+    tokenizer.json that encodes like the built-in byte tokenizer; and checkpoints.load reads the folder back."""
     enc = tokenizer.get_tokenizer()
     torch.manual_seed(0)
     ours = M.GPT(M.Config(vocab_size=enc.n_vocab, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)).eval()

@@ -1,10 +1,10 @@
-"""FSDP2 (model.shard_model) under two gloo processes: sharded SFT and GRPO updates equal one process on
+"""FSDP2 (distributed.shard_model) under two gloo processes: sharded SFT and GRPO updates equal one process on
 the whole batch; checkpoints gathered on rank 0 load in one process; resume under FSDP is exact; and
 `torchrun --nproc_per_node 2 sft.py --fsdp` / `grpo.py --fsdp` run end to end.
 
 References: one process on the whole batch (sft.train_step, grpo.update, model.generate), the per-rank
 normalisation that the whole-batch count must NOT give (so the comparison can fail), an uninterrupted
-FSDP run for resume, and model.load in one process for the saved files. Every multi-process computation
+FSDP run for resume, and checkpoints.load in one process for the saved files. Every multi-process computation
 runs in ONE spawn of two processes (the `fsdp` fixture; spawn, never fork), so the interpreter start-ups,
 the cost of these tests, are paid once; each test then asserts one property of what it wrote."""
 import json
@@ -153,7 +153,7 @@ def _fsdp_worker(rank, world, ports, folder, states):
                                  "grads": {n: full(p.grad) for n, p in policy.named_parameters()},
                                  "params": {n: full(p.detach()) for n, p in policy.named_parameters()}})
 
-    # The checkpoint of that sharded model: gathered on rank 0, written by model.save; logits of the sharded model
+    # The checkpoint of that sharded model: gathered on rank 0, written by checkpoints.save; logits of the sharded model
     inputs = torch.arange(40).view(2, 20) % 256
     with torch.no_grad():
         logits = policy(inputs)                            # every rank: the forward gathers from every rank
@@ -210,7 +210,7 @@ def _fsdp_worker(rank, world, ports, folder, states):
             shutil.copy(os.path.join(folder, "resumed", name), os.path.join(folder, "stopped", name))
     os.environ["MASTER_PORT"] = str(ports[3])
     sft.main(["--out", os.path.join(folder, "resumed"), "--resume", "--fsdp"])
-    cli.exit_without_shutdown(0)   # as model.cli ends a torchrun rank: spawn's exit would shut the interpreter down
+    cli.exit_without_shutdown(0)   # as cli.run ends a torchrun rank: spawn's exit would shut the interpreter down
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +303,7 @@ def test_sharded_gradient_clip_uses_the_norm_over_every_shard(fsdp):
 # ---- checkpoints and generation ----------------------------------------------------------------
 
 def test_a_checkpoint_gathered_under_fsdp_loads_in_one_process_with_the_same_logits(fsdp):
-    """model.save of full_model's copy: a plain checkpoint (model.load validates it), tied embeddings tied,
+    """checkpoints.save of full_model's copy: a plain checkpoint (checkpoints.load validates it), tied embeddings tied,
     the weights the sharded model held (gathering copies, bit for bit) and the logits it computed."""
     loaded, _, _ = checkpoints.load(os.path.join(fsdp, "fsdp_saved.pt"))
     assert loaded.lm_head.weight is loaded.wte.weight
@@ -317,7 +317,7 @@ def test_a_checkpoint_gathered_under_fsdp_loads_in_one_process_with_the_same_log
 
 
 def test_generation_on_gathered_weights_equals_one_process_and_frees_them_after(fsdp):
-    """Inside model.gathered each rank decodes alone (3 and 12 new tokens: a collective per decode step would
+    """Inside distributed.gathered each rank decodes alone (3 and 12 new tokens: a collective per decode step would
     hang); greedy tokens equal the single-process model's; on exit the parameters are shards again."""
     loaded, _, _ = checkpoints.load(os.path.join(fsdp, "fsdp_saved.pt"))
     for rank in range(WORLD):

@@ -1,6 +1,6 @@
 """ppo.py: GAE against brute-force sums, the KL-shaped rewards, the clipped losses and their gradients
 in closed form, the adaptive KL controller, the first importance ratio being 1, the verifiable reward
-equal to model.is_correct, the reward model equal to reward.py's, and tiny end-to-end runs (the
+equal to tasks.is_correct, the reward model equal to reward.py's, and tiny end-to-end runs (the
 reward-model score rises; timing, memory and parameters-by-role fields are present and right)."""
 import dataclasses
 import hashlib
@@ -385,7 +385,7 @@ def gpt_params_closed_form(cfg):
     return cfg.vocab_size * C + cfg.n_layer * per_layer + C
 
 
-#: constructed completions and answers: the shared set for "the verifier reward equals model.is_correct"
+#: constructed completions and answers: the shared set for "the verifier reward equals tasks.is_correct"
 VERIFIER_CASES = [("3+4=7\n#### 7", "7", True), ("#### 8", "7", True), ("#### 7.0", "7", True),
                   ("#### 1,000", "1000", True), ("7", "7", True), ("#### 12 then #### 13", "13", True),
                   ("#### 1,000", "100", False), ("####", "0", False), ("#### -5", "-5", True)]
@@ -471,7 +471,7 @@ def test_drift_kl_is_the_mean_over_samples_of_each_sequences_summed_log_ratio():
 
 
 def test_eval_row_numbers_are_model_evaluate_s():
-    """Every accuracy and style share in the table comes from model.evaluate, the one shared evaluation."""
+    """Every accuracy and style share in the table comes from tasks.evaluate, the one shared evaluation."""
     policy = tiny_gpt(seed=1).eval()
     args = P.Args(temperature=1.0, max_new_tokens=6, pass_k=3)
     rows = [{"prompt": f"{a}+{a}=?\n", "answer": str(2 * a), "difficulty": 1 + a % 2} for a in range(6)]
@@ -638,7 +638,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 # ---- non-finite losses and gradients stop the run before the update ---------------------------------
 
 def run_cli_in_process(main, argv, capsys):
-    """model.cli(main) on argv in this process -> (exit status, stderr lines)."""
+    """cli.run(main) on argv in this process -> (exit status, stderr lines)."""
     with pytest.raises(SystemExit) as stopped:
         cli.run(lambda: main(argv))
     return stopped.value.code, capsys.readouterr().err.strip().splitlines()
@@ -848,7 +848,7 @@ def test_option_combinations_and_defaults():
 
 # ---- the bad-input table: `python ppo.py` on each kind of bad input ---------------------------------------
 # Each case runs either as a real `python ppo.py` subprocess ("cli": the kinds issue 18 lists) or through
-# model.cli(ppo.main) in this process ("in-process": the same assertions without paying ~1.5 s of torch import).
+# cli.run(ppo.main) in this process ("in-process": the same assertions without paying ~1.5 s of torch import).
 # Either way: exit status 2, exactly one line on stderr naming the file:line or the option, no traceback, and
 # no file written in the case's folder (the working directory, which also holds --out).
 

@@ -411,7 +411,7 @@ def test_a_scratch_body_that_cannot_be_built_is_refused_by_its_option():
 
 # ---- the bad-input table: `python reward.py` on each kind of bad input -----------------------------------
 # Each case runs either as a real `python reward.py` subprocess ("cli": the kinds issue 18 lists) or through
-# model.cli(reward.main) in this process ("in-process": the same assertions without ~1.5 s of torch import).
+# cli.run(reward.main) in this process ("in-process": the same assertions without ~1.5 s of torch import).
 # Either way: exit status 2, exactly one line on stderr naming the file:line or the option, no traceback, and
 # no file written in the case's folder (the working directory, which also holds --out).
 

@@ -340,7 +340,7 @@ def _ddp_worker(rank, world, port, pairs, state, out_dir):
     torch.save({"loss": loss, "params": {n: p.detach() for n, p in policy.named_parameters()},
                 "grads": {n: p.grad for n, p in policy.named_parameters()}}, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
-    cli.exit_without_shutdown(0)   # as model.cli ends a torchrun rank: spawn's exit would shut the interpreter down
+    cli.exit_without_shutdown(0)   # as cli.run ends a torchrun rank: spawn's exit would shut the interpreter down
 
 
 def test_ddp_two_gloo_processes_match_one_process_on_the_whole_batch(tmp_path):

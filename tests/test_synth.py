@@ -457,7 +457,7 @@ OPTION_CASES = [  # (extra argv, the option the error names)
 
 
 def run_cli(argv, capsys):
-    """`python synth.py ARGV` in this process: model.cli turns a UserError into one line and exit 2."""
+    """`python synth.py ARGV` in this process: cli.run turns a UserError into one line and exit 2."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         cli.run(lambda: S.main(argv))

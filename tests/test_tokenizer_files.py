@@ -92,7 +92,7 @@ texts = st.lists(st.lists(st.one_of(st.text(max_size=6), st.sampled_from(PIECES)
 
 
 def lacks_bytes(enc, text) -> bool:
-    """Does the text hold a byte the vocabulary has no token for? model.encode_text drops such a byte's id
+    """Does the text hold a byte the vocabulary has no token for? tokenizer.encode_text drops such a byte's id
     AFTER the merges, Hugging Face before them, so only on such text may the two tokenizations differ."""
     return any(b in enc.unknown_bytes for b in text.encode("utf-8", "replace"))
 
