@@ -35,6 +35,7 @@ def unpermute_llama_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
             .transpose(1, 2).reshape(weight.shape))                              # (H, 2, D/2, ...) -> rows
 
 
+# Names: ours on the left, Hugging Face's on the right ({i} = layer); GGUF's beside Hugging Face's.
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                     "Qwen3ForCausalLM": "qwen3"}
 HF_NAMES = {"wte.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight",

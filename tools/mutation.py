@@ -473,9 +473,15 @@ def module_of(target: str) -> str:
     return target.replace("/", ".")
 
 
+# A target whose functions are tested in more than its own test file: the spec-built encodings of lib/tokenizer
+# are compared with Hugging Face's tokenizers in test_tokenizer_files.py; lib/convert's unpermute_llama_qk is
+# tested without transformers in test_formats.py (test_convert.py skips whole where transformers is missing).
+EXTRA_TESTS = {"lib/tokenizer": ["tests/test_tokenizer_files.py"], "lib/convert": ["tests/test_formats.py"]}
+
+
 def tests_of(target: str) -> str:
-    """A target's own test file: tests/test_model.py, tests/test_tasks.py for lib/tasks."""
-    return f"tests/test_{Path(target).name}.py"
+    """A target's own test files, space-separated: tests/test_model.py; tests/test_tasks.py for lib/tasks."""
+    return " ".join([f"tests/test_{Path(target).name}.py", *EXTRA_TESTS.get(target, [])])
 
 
 def patterns(target: str, functions) -> list[str]:
@@ -525,7 +531,8 @@ def write_config(tree: Path, target: str, deselect=()) -> None:
     extra = "pytest_add_cli_args =\n" + "".join(f"    --deselect={node}\n" for node in deselect) if deselect else ""
     (tree / "setup.cfg").write_text(
         "[mutmut]\nsource_paths =\n" + "".join(f"    {s}\n" for s in sources)
-        + f"only_mutate = {target}.py\npytest_add_cli_args_test_selection = {tests_of(target)}\n" + extra)
+        + f"only_mutate = {target}.py\npytest_add_cli_args_test_selection =\n"
+        + "".join(f"    {tests}\n" for tests in tests_of(target).split()) + extra)
 
 
 def run_mutmut(target: str, functions, work: Path, max_children: int, env: dict, deselect=()) -> dict:
@@ -538,7 +545,7 @@ def run_mutmut(target: str, functions, work: Path, max_children: int, env: dict,
         if owner == target and any(fnmatch.fnmatch(qualname, f) for f in functions):
             undecorate(tree / f"{target}.py", qualname, decorator, reapply)
     write_config(tree, target, DESELECT.get(target, []) + [node for node in deselect
-                                                            if node.startswith(f"{tests_of(target)}::")])
+                                                            if node.split("::")[0] in tests_of(target).split()])
     names = patterns(target, functions)
     command = [mutmut_executable(), "run", "--max-children", str(max_children), *names]
     print(f"[{target}] OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {' '.join(command[1:])}   (in {tree})", flush=True)
