@@ -1188,6 +1188,23 @@ def test_eager_decoding_never_reads_an_unwritten_slot_of_its_uninitialised_cache
     assert kinds and set(kinds) == {"zeros"}
 
 
+def test_a_bfloat16_model_decodes_on_a_cpu_and_the_dense_cache_gives_the_plain_caches_tokens():
+    """Weights in bf16 (--dtype bfloat16 on a CPU): both caches hold keys and values in the dtype the layers
+    produce (a float32 buffer would meet bf16 queries in attention), and the fast path's DenseKVCache gives
+    the plain KVCache's sampled tokens and log-probs bit for bit (the same arithmetic on the same slots, and the
+    same random numbers)."""
+    model = tiny_model(seed=31).to(torch.bfloat16)
+    prompts = [[5, 9, 1], [44, 2, 7, 8]]
+    runs = {}
+    for name in ("KVCache", "DenseKVCache"):
+        with unittest.mock.patch.object(M, "DenseKVCache", getattr(M, name)):
+            runs[name] = M.generate(model, prompts, 6, stop_ids=(), compile=False,
+                                    generator=torch.Generator().manual_seed(3))
+    assert torch.equal(runs["KVCache"].tokens, runs["DenseKVCache"].tokens)
+    assert torch.equal(runs["KVCache"].logprobs, runs["DenseKVCache"].logprobs)
+    assert torch.isfinite(runs["DenseKVCache"].logprobs).all()
+
+
 def test_eager_decode_attends_to_the_written_slots_only(monkeypatch):
     """The eager decode step reads the slots written so far (prompt + tokens decoded), not the whole static
     buffer of prompt + max_new_tokens slots: with a 3-token prompt and 6 new tokens the five decode steps
