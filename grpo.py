@@ -20,7 +20,7 @@ One training step is four phases, each a function below: rollout (sample G compl
 and score them) -> advantages (group-relative) -> update (update_epochs passes of the clipped
 surrogate, old log-probs fixed) -> log and evaluate.
 
-`python grpo.py` (about 11 minutes on 2 CPU cores): builds its inputs if missing (synth.py data, an
+`python grpo.py` (about 10 minutes on 2 CPU cores): builds its inputs if missing (synth.py data, an
 SFT start from sft.py), trains with GRPO for a fixed number of steps, then runs the control that
 keeps the comparison honest: SFT continued from the byte-identical start on the same demonstrations
 for the same wall-clock minutes that GRPO took (sft.py as a subprocess). It ends with one table for
@@ -80,7 +80,7 @@ class Args:
     weight_decay: float = 0.0              # AdamW weight decay
     grad_clip: float = 1.0                 # global gradient-norm clip (0 = off)
     # budget and evaluation
-    max_steps: int = 100                   # training steps (about 2.5 minutes on 2 CPU cores; 0 = time budget only)
+    max_steps: int = 100                   # training steps (about 2 minutes on 2 CPU cores; 0 = time budget only)
     time_budget: float = 0.0               # minutes of training, generation + updates, evals excluded (0 = steps only)
     n_eval: int = 500                      # held-out prompts in the final table
     n_eval_during: int = 200               # held-out prompts in the periodic greedy eval

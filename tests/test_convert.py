@@ -126,6 +126,32 @@ def test_save_hf_then_transformers_from_pretrained_gives_the_same_logits(family,
         assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(enc, text)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_an_export_holds_the_tensor_names_transformers_itself_saves(family, tokenizer_files, tmp_path):
+    """The exported model.safetensors names exactly the tensors transformers' save_pretrained writes for the same
+    architecture (read with the safetensors library): a tied lm_head is stored once, as the embedding."""
+    safe_open = pytest.importorskip("safetensors", reason="the safetensors library reads both files").safe_open
+    theirs, folder = saved(family, tokenizer_files, tmp_path)
+    ours, enc, _ = checkpoints.load(folder)
+    convert.save_hf(str(tmp_path / "export"), ours, enc)
+
+    def names(path):
+        with safe_open(str(path), framework="pt") as file:
+            return set(file.keys())
+    assert names(tmp_path / "export" / "model.safetensors") == names(os.path.join(folder, "model.safetensors"))
+    assert ("lm_head.weight" in names(tmp_path / "export" / "model.safetensors")) != theirs.config.tie_word_embeddings
+
+
+def test_a_missing_projection_is_a_checkpoint_error_naming_the_tensor_and_the_folder():
+    """A layer with k_proj but no v_proj (a damaged or partial file) is refused with the tensor's name."""
+    cfg = M.Config(n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    tensors = convert.state_dict_to_hf(M.GPT(cfg).state_dict(), cfg)
+    del tensors["model.layers.1.self_attn.v_proj.weight"]
+    with pytest.raises(cli.CheckpointError, match=r"^some/folder: tensor 'model.layers.1.self_attn.v_proj.weight' "
+                                                  r"is missing$"):
+        convert.state_dict_from_hf(tensors, cfg, "some/folder")
+
+
 def test_a_model_trained_here_exports_and_reloads_with_its_tokenizer(tmp_path):
     """This project's own byte-level model: save_hf writes a Llama that transformers loads unchanged, with a
     tokenizer.json that encodes like the built-in byte tokenizer; and checkpoints.load reads the folder back."""

@@ -456,6 +456,13 @@ def test_unpermute_llama_qk_inverts_llama_cpps_permute(n_heads, half_dim, column
     assert torch.equal(llama_cpp_permute(convert.unpermute_llama_qk(weight, n_heads), n_heads), weight)
 
 
+def test_unpermute_llama_qk_refuses_rows_that_do_not_split_into_heads_of_even_size():
+    with pytest.raises(ValueError, match=r"^10 rows do not split into 3 heads of even size$"):
+        convert.unpermute_llama_qk(torch.zeros(10, 4), 3)
+    with pytest.raises(ValueError, match=r"^12 rows do not split into 4 heads of even size$"):
+        convert.unpermute_llama_qk(torch.zeros(12), 4)                    # heads of 3 rows: no halves
+
+
 def rope_half_split(x, position, base=10000.0):
     """Hugging Face: rotate (x_i, x_{i+D/2}) by position * base^(-2i/D). x: (n_heads, D)."""
     half = x.shape[-1] // 2

@@ -489,6 +489,10 @@ EQUIVALENT = {
         "previous_end an empty tensor replaces is <= b (else it raised); no overlap is raised right after an empty "
         "tensor either way, and right after a non-empty one both hold (its end, its name): the same errors, the "
         "same messages, the same layout"),
+    # lib/convert.py
+    "lib.convert.x_state_dict_from_hf__mutmut_22": "torch.cat's default dim is 0",
+    "lib.convert.x_state_dict_to_hf__mutmut_5": ("pop without a default: a tied model's state_dict lists the shared "
+                                                 "weight under both names, so lm_head.weight is always there to pop"),
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
