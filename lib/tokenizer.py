@@ -122,7 +122,7 @@ def encode(enc: tiktoken.Encoding, text: str) -> list[int]:
 
 
 def decode(enc: tiktoken.Encoding, ids) -> str:
-    """Ids to text, dropping <|endoftext|> and <|pad|>."""
+    """Ids to text, dropping the end-of-sequence, end-of-turn and pad tokens (what generate leaves after a stop)."""
     skip = {enc.eot_token, pad_id(enc), end_of_turn(enc)}
     return enc.decode([int(i) for i in ids if int(i) not in skip])
 

@@ -204,6 +204,16 @@ FIRST_PIECE = ("s.split(sep, n)[0] is the text before the first sep for any n >=
 BOOL_SHARES = ("verify returns a bool, so the array is bool instead of float64: .mean() of a bool array is the float64 "
                "share of True, .reshape and .max(1) (any) then .mean() give the same float64 numbers, and the per-"
                "difficulty means are of the same values; an empty list makes a float64 array either way")
+CHAT_DEFAULT = ("the default of getattr(enc, 'chat_format', 'none') is read only for a tokenizer on which no format "
+                "was ever set, and the value is only compared with 'chatml' and 'llama3': any other default (None, "
+                "'XXnoneXX', 'NONE') takes the same last branch as 'none' (the plain text in encode_prompt, "
+                "enc.eot_token in end_of_turn); a tokenizer with no chat_format attribute is tested")
+LONGEST_FIRST = ("sorted(tokens, reverse=True) without key=len (key=None is sorted's default): the tokens that can "
+                 "match at one position of the text are all prefixes of the text there, so of one another, and a "
+                 "proper prefix sorts before its extension, so reverse lexicographic order tries them longest first, "
+                 "as the length order does; re's alternation takes the first alternative that matches at the leftmost "
+                 "position, so the same match (two matching tokens of one length are the same string, and the tokens "
+                 "are dict keys); the order of tokens that never match at the same position changes nothing")
 EQUIVALENT = {
     "grpo.x_group_advantages__mutmut_5": "numel() == 1 instead of == 0: an empty (0, G) batch gives the same empty "
                                          "result through the main path, and a single reward is a constant group (0)",
@@ -493,6 +503,19 @@ EQUIVALENT = {
     "lib.convert.x_state_dict_from_hf__mutmut_22": "torch.cat's default dim is 0",
     "lib.convert.x_state_dict_to_hf__mutmut_5": ("pop without a default: a tied model's state_dict lists the shared "
                                                  "weight under both names, so lm_head.weight is always there to pop"),
+    # lib/tokenizer.py
+    "lib.tokenizer.x_encode_prompt__mutmut_4": CHAT_DEFAULT,
+    "lib.tokenizer.x_encode_prompt__mutmut_10": CHAT_DEFAULT,
+    "lib.tokenizer.x_encode_prompt__mutmut_11": CHAT_DEFAULT,
+    "lib.tokenizer.x_end_of_turn__mutmut_4": CHAT_DEFAULT,
+    "lib.tokenizer.x_end_of_turn__mutmut_10": CHAT_DEFAULT,
+    "lib.tokenizer.x_end_of_turn__mutmut_11": CHAT_DEFAULT,
+    "lib.tokenizer.x_pad_id__mutmut_9": (
+        "getattr(enc, 'pad_token_id') without its default, in the branch taken only when getattr(enc, "
+        "'pad_token_id', None) has just returned a value that is not None: the attribute exists, so the default is "
+        "never used and the same value is returned"),
+    "lib.tokenizer.x_added_tokens_pattern__mutmut_3": LONGEST_FIRST,
+    "lib.tokenizer.x_added_tokens_pattern__mutmut_6": LONGEST_FIRST,
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
