@@ -63,6 +63,9 @@ demonstrations only) there is no novice to outgrow, and more imitation is the na
     python agent_env.py --expert-share 1          # expert demonstrations only
     python agent_env.py --init runs/sft/model.pt  # warm-start from a checkpoint (byte tokenizer), then BC
 """
+import signal
+if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
 import json
 import math
 import os
@@ -232,7 +235,7 @@ class CalculatorEnv(TextEnv):
     name = "calc"
     max_turns = 4
     CALL = re.compile(r"<calc>(.*)</calc>")
-    ANSWER = re.compile(r"<answer>(-?\d+)</answer>")
+    ANSWER = re.compile(r"<answer>(-?[0-9]+)</answer>")     # ASCII digits: \d and int() accept any script's
 
     def _reset(self, rng):
         a, b = rng.randint(32, 99), rng.randint(32, 99)
@@ -309,7 +312,7 @@ class GuessNumberEnv(TextEnv):
         return f"guess 1-{self.n}\n"
 
     def _step(self, action):
-        if not re.fullmatch(r"\d{1,4}", action) or not 1 <= int(action) <= self.n:
+        if not re.fullmatch(r"[0-9]{1,4}", action) or not 1 <= int(action) <= self.n:   # ASCII digits only
             return f"error: not 1-{self.n}\n", 0.0, False, False, f"not a number from 1 to {self.n}"
         guess = int(action)
         if guess == self.secret:
@@ -321,7 +324,7 @@ class GuessNumberEnv(TextEnv):
         """(low, high): the numbers the feedback so far still allows (read from the transcript)."""
         low, high = 1, int(re.fullmatch(r"guess 1-(\d+)\n", observations[0]).group(1))
         for action, feedback in zip(actions, observations[1:]):
-            if not re.fullmatch(r"\d{1,4}\n", action):
+            if not re.fullmatch(r"[0-9]{1,4}\n", action):     # as _step: ASCII digits only
                 continue
             guess = int(action)
             if feedback == "higher\n":
@@ -369,7 +372,7 @@ def random_guess_success(n: int, turns: int) -> float:
 class KeyDoorEnv(TextEnv):
     """A corridor: cells 0..D (D in 1..max_distance, not shown), the agent at 0, a locked door at D.
     The first observation is a note with the code (a digit), shown once. Actions: 'east', 'west',
-    'enter <digit>'. Each observation shows only the current cell: 'hall', 'door', 'wall'. Entering
+    'enter <digit>' (ASCII 0-9 only). Each observation shows only the current cell: 'hall', 'door', 'wall'. Entering
     the right code at the door opens it (reward 1); a wrong code sounds the alarm (episode over, 0);
     'enter' away from the door wastes the turn. Solving it means recalling the code D turns later."""
 
@@ -391,7 +394,7 @@ class KeyDoorEnv(TextEnv):
                 return "wall\n", 0.0, False, False, None
             self.position += move
             return ("door\n" if self.position == self.distance else "hall\n"), 0.0, False, False, None
-        if enter := re.fullmatch(r"enter (\d)", action):
+        if enter := re.fullmatch(r"enter ([0-9])", action):     # ASCII only: \d also matches '१' (Devanagari 1)
             if self.position != self.distance:
                 return "no door here\n", 0.0, False, False, None
             success = int(enter.group(1)) == self.code
@@ -690,7 +693,8 @@ def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, 
     """Minimise bc_loss on random batches of demonstrations for `steps` updates, or, with time_budget > 0,
     for that many seconds of wall time (the equal-time control; the schedule then runs on elapsed time).
     lr: linear warmup over the first 10 %, cosine decay. A NaN/inf loss or gradient norm stops it before
-    the update (cli.NonFiniteError naming the step). -> (last loss, steps taken)"""
+    the update, a weight that is NaN, inf or past cli.MAX_WEIGHT right after it (cli.NonFiniteError naming
+    the step), so no checkpoint is saved from it. -> (last loss, steps taken)"""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(seed)
     pad, loss_value = tokenizer.pad_id(enc), float("nan")
@@ -710,6 +714,7 @@ def behaviour_cloning(model, enc, trajs, steps, batch_size, lr, device, seed=0, 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
         cli.check_finite(f"behaviour cloning step {step + 1}", bc_loss=loss.detach(), grad_norm=grad_norm)
         optimizer.step()
+        cli.check_weights(f"behaviour cloning step {step + 1}", model)   # before warm_start.pt can hold it
         step += 1
         loss_value = loss.item()
         echo = steps > 0 and (step == 1 or step % max(1, steps // 10) == 0)   # ~10 progress lines
@@ -723,7 +728,8 @@ def rl_step(model, optimizer, enc, names, rng, args, device, generator=None, ste
     each group, `update_epochs` gradient steps on agent_grpo_loss. The batch goes through in
     micro-batches of similar length (sorted), so short episodes are not padded to the longest one;
     the loss is normalised by the whole batch's action tokens, so the gradient is the same. A NaN/inf
-    loss or gradient norm stops it before the update (cli.NonFiniteError naming `step`). -> metrics"""
+    loss or gradient norm stops it before the update, a weight that is NaN, inf or past cli.MAX_WEIGHT
+    right after it (cli.NonFiniteError naming `step`). -> metrics"""
     t0 = time.perf_counter()
     envs, seeds = [], []
     for name in names:
@@ -765,6 +771,7 @@ def rl_step(model, optimizer, enc, names, rng, args, device, generator=None, ste
                                                    args.grad_clip if args.grad_clip > 0 else math.inf)
         cli.check_finite(f"RL step {step}, update epoch {epoch + 1}", loss=loss_sum, grad_norm=grad_norm)
         optimizer.step()
+        cli.check_weights(f"RL step {step}, update epoch {epoch + 1}", model)
     per_env = args.states_per_step * args.group_size
     return {"loss": loss_sum, "grad_norm": float(grad_norm), **stats, "reward": float(rewards.mean()),
             "zero_adv_groups": float((rewards.std(-1) == 0).float().mean()),
@@ -831,6 +838,7 @@ def check_args(args) -> list[str]:
     cli.check_options(args, positive=("bc_lr", "rl_lr", "temperature", "eps_high"), open_unit=("eps_low",),
                       probability=("expert_share",),
                       non_negative=("grad_clip",), seed=("seed",))
+    cli.require_at_most(args, cli.MAX_LR, "bc_lr", "rl_lr")    # Adam moves each weight by ~lr a step
     if not args.init:
         model_config(args, tokenizer.get_tokenizer("bytes").n_vocab)     # n_embd / n_head that make no model
     if not DEVICE.fullmatch(args.device):

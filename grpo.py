@@ -32,6 +32,9 @@ the SFT start, GRPO and the control, all evaluated by the same function on the s
     torchrun --nproc_per_node=2 grpo.py --no-control # rollouts split over 2 processes
     torchrun --nproc_per_node=2 grpo.py --no-control --fsdp   # and the model sharded over them (docs/fsdp.md)
 """
+import signal
+if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
 import copy
 import json
 import math
@@ -76,7 +79,7 @@ class Args:
     mask_truncated: bool = True            # truncated completions carry no loss (DAPO overlong filtering)
     update_epochs: int = 2                 # mu: optimisation passes over each batch of rollouts (old log-probs fixed)
     micro_batch: int = 64                  # sequences per forward/backward (gradient accumulation, exact)
-    lr: float = 2e-5                       # AdamW learning rate (constant)
+    lr: float = 2e-5                       # AdamW learning rate (constant, <= 1)
     weight_decay: float = 0.0              # AdamW weight decay
     grad_clip: float = 1.0                 # global gradient-norm clip (0 = off)
     # budget and evaluation
@@ -111,6 +114,7 @@ def check_args(args) -> None:
                       non_negative=("refill_rounds", "top_k", "threads", "beta", "lr", "weight_decay", "grad_clip",
                                     "eps_low", "eps_high", "control_lr"),
                       probability=("top_p",), seed=("seed",), temperature=("temperature",))
+    cli.require_at_most(args, cli.MAX_LR, "lr", "control_lr")   # the control's lr reaches sft.py's own check too late
     cli.check_budget(args)
     if args.top_p <= 0:
         raise cli.UserError(f"--top-p must be > 0, got {args.top_p}")
@@ -394,7 +398,9 @@ def update(policy, model, optimizer, batch: Rollout, advantages, reference, args
            world: int = 1) -> dict:
     """update_epochs passes of grpo_loss over the batch in micro-batches (gradient accumulation with the
     WHOLE batch's normalisers, so the gradient does not depend on the split), one optimizer step per
-    pass. `model` is the policy or its DDP wrapper. -> mean stats over micro-batches, and grad_norm."""
+    pass. `model` is the policy or its DDP wrapper. A NaN/inf loss or gradient norm stops the run before the
+    step, a weight past cli.MAX_WEIGHT right after it (cli.NonFiniteError naming the step and epoch), so no
+    checkpoint ever holds it. -> mean stats over micro-batches, and grad_norm."""
     N = batch.tokens.shape[0]
     if N == 0:
         return {"grad_norm": 0.0}
@@ -431,6 +437,7 @@ def update(policy, model, optimizer, batch: Rollout, advantages, reference, args
                                                          args.grad_clip if args.grad_clip > 0 else float("inf")))
         cli.check_finite(f"step {step}, epoch {epoch + 1}", grad_norm=grad_norm)
         optimizer.step()
+        cli.check_weights(f"step {step}, epoch {epoch + 1}", policy)    # no absurd weight reaches model.pt
         optimizer.zero_grad(set_to_none=True)
     return {**{k: v / max(n_stats, 1) for k, v in stats_sum.items()}, "grad_norm": grad_norm}
 

@@ -29,8 +29,21 @@ that is exactly 0 there (multiplying by the mask afterwards would compute 0 * in
 forward or the backward pass). A fully masked input gives 0 with a zero gradient; unmasked logits up
 to 1e4 and log-ratios of +-100 give finite values and gradients.
 
+Edges: an empty batch, a zero-length sequence, a fully masked batch and a whole-batch `denom` of 0 (the
+count of an empty batch) give 0, with a zero gradient; a single element is a batch like any other. A
+logit of -inf is a class of probability 0: it counts 0 wherever it is weighted by its own probability
+(entropy, the p side of KL and of soft cross-entropy, log Z), so those stay finite. A value is +inf only
+where it is infinite in exact arithmetic, as in F.cross_entropy: the NLL of a target whose logit is -inf,
+label smoothing or a soft target p that puts mass on such a class, KL(p||q) where p has mass and q's logit
+is -inf. A parameter outside its domain (a temperature or IPO beta <= 0, a row of counts summing to 0, ...)
+is a one-line ValueError. Inputs that are not numbers of the kind asked for (NaN or +inf logits, a row of
+all -inf logits, a sampled token's log-prob of -inf, all outside the mask) give NaN or inf: garbage in.
+
 Run:  python losses.py   (a worked example, then chunked vs plain cross-entropy at vocab 50257)
 """
+import signal
+if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
 import gc
 import math
 import os
@@ -68,10 +81,11 @@ def masked_mean(values, mask=None, dim=None, denom=None):
 
     denom: divide by this count instead, e.g. the number of tokens in the whole batch, so that a
     batch split into micro-batches with gradient accumulation gets the same gradient as the batch
-    at once (dividing each micro-batch by its own count would weight tokens unequally)."""
+    at once (dividing each micro-batch by its own count would weight tokens unequally). A count
+    below 1 (0: the whole batch is empty, so is this sum) divides by 1, as the mask's count does."""
     total = masked_sum(values, mask, dim)
     if denom is not None:
-        return total / denom
+        return total / (denom.clamp_min(1) if torch.is_tensor(denom) else max(denom, 1))
     if mask is None:
         count = values.numel() if dim is None else values.shape[dim]
         return total / max(count, 1)
@@ -155,7 +169,8 @@ def soft_cross_entropy(target_probs, logits, mask=None):
     """H(p, q) = -sum_v p_v log q_v  for soft targets p (..., V) and q = softmax(logits) (..., V).
 
     With one-hot p this is the hard-target NLL; with p = q it is the entropy H(q). -> (...)
-    mask (...): 0 where False, whatever the targets and logits hold there."""
+    Classes with p_v = 0 count 0 (q's logit may be -inf there); +inf, the exact value, when p puts mass
+    on a class whose logit is -inf. mask (...): 0 where False, whatever the targets and logits hold there."""
     logq = torch.log_softmax(_keep_rows(_fp32(logits), mask), dim=-1)
     target_probs = _keep_rows(target_probs.to(logq.dtype), mask)               # masked rows: p = 0, H = 0
     return -(target_probs * logq.masked_fill(target_probs == 0, 0.0)).sum(-1)
@@ -166,7 +181,9 @@ def kl_divergence(p_logits, q_logits, mask=None):
     logits (..., V) -> (...). Zero iff p == q (logits equal up to a constant per row).
 
     Direction matters: KL(p||q) weights by p, so it is large where p has mass and q does not.
-    mask (...): 0 where False, whatever either set of logits holds there."""
+    A class whose p-logit is -inf counts 0 whatever q holds there (q's -inf too): KL is the sum over
+    p's support, finite when q gives that support mass; +inf, its exact value, when p has mass on a
+    class whose q-logit is -inf. mask (...): 0 where False, whatever either set of logits holds there."""
     logp = torch.log_softmax(_keep_rows(_fp32(p_logits), mask), dim=-1)
     logq = torch.log_softmax(_keep_rows(_fp32(q_logits), mask), dim=-1)
     p = logp.exp()                                       # masked rows: p = q = uniform, KL = 0 exactly
@@ -175,8 +192,9 @@ def kl_divergence(p_logits, q_logits, mask=None):
 
 def perplexity(mean_nll):
     """PPL = exp(mean NLL in nats) = 1 / (geometric mean of q(x_t)): the effective number of
-    equally likely tokens the model is choosing between (V for a uniform model)."""
-    return torch.as_tensor(mean_nll).exp()
+    equally likely tokens the model is choosing between (V for a uniform model). A number is taken
+    in float64, finite up to a mean NLL of 709 nats (float32 overflows past 88); beyond, +inf."""
+    return (mean_nll if torch.is_tensor(mean_nll) else torch.tensor(mean_nll, dtype=torch.float64)).exp()
 
 
 def bits_per_token(mean_nll):
@@ -186,7 +204,10 @@ def bits_per_token(mean_nll):
 
 def bits_per_byte(mean_nll, n_tokens, n_bytes):
     """bits/byte = (mean NLL per token * n_tokens) / (ln 2 * n_bytes): the tokenizer-independent
-    number, comparable across vocabularies (a byte-level tokenizer has bits/byte = bits/token)."""
+    number, comparable across vocabularies (a byte-level tokenizer has bits/byte = bits/token).
+    n_bytes must be >= 1 (ValueError): no text has no bits per byte."""
+    if not n_bytes >= 1:
+        raise ValueError(f"losses.bits_per_byte: n_bytes={n_bytes} must be >= 1")
     return torch.as_tensor(mean_nll) * n_tokens / (LN2 * n_bytes)
 
 
@@ -248,7 +269,9 @@ def cross_entropy(logits, targets, ignore_index=-100, mask=None, label_smoothing
       log Z toward 0 so that the softmax normaliser stays near 1 in bf16.
     logits (..., V), targets (...) -> scalar ('mean' over valid tokens, or 'sum'), or (...) ('none').
     A fully masked batch gives 0 (F.cross_entropy gives NaN). Masked and ignored rows are zeroed
-    before the arithmetic (one copy of the logits; chunked_cross_entropy never builds them)."""
+    before the arithmetic (one copy of the logits; chunked_cross_entropy never builds them). A -inf
+    logit is a class of probability 0: +inf (as F.cross_entropy) if it is the target, or with label
+    smoothing (whose target puts eps / V on it); z-loss's (log Z)^2 overflows float32 past |log Z| ~ 1e19."""
     valid = _valid(targets, ignore_index, mask)
     logits = _keep_rows(_fp32(logits), valid)                                   # (..., V)
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
@@ -348,8 +371,9 @@ def chunked_cross_entropy(hidden, weight, targets, ignore_index=-100, mask=None,
     hidden2d = _keep_rows(hidden2d, valid)               # masked rows -> 0: inf/NaN there cannot leak
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     row_weight = valid.to(acc_dtype)                                                   # (N,)
-    if reduction == "mean":
-        row_weight = row_weight / (valid.sum().clamp_min(1).to(acc_dtype) if denom is None else denom)
+    if reduction == "mean":                                    # as masked_mean: a count below 1 divides by 1
+        count = valid.sum() if denom is None else torch.as_tensor(denom, device=valid.device)
+        row_weight = row_weight / count.clamp_min(1).to(acc_dtype)
     safe_targets = torch.where(valid, targets1d, torch.zeros_like(targets1d))
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return ChunkedCrossEntropy.apply(hidden2d, weight, safe_targets, row_weight, int(chunk_size),
@@ -419,7 +443,9 @@ def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
 
     A squared loss regresses h to a finite target, so unlike DPO it does not push h to infinity
     on deterministic preferences. A polynomial in the log-ratios (no exp): finite for log-ratios of
-    +-100. mask (B,): the pairs that count. -> (loss, stats)"""
+    +-100. beta must be > 0 (ValueError: 1 / (2 beta)). mask (B,): the pairs that count. -> (loss, stats)"""
+    if not beta > 0:
+        raise ValueError(f"losses.ipo_loss: beta={beta} must be > 0 (the target margin is 1 / (2 beta))")
     policy_chosen, policy_rejected = _keep(policy_chosen, mask), _keep(policy_rejected, mask)
     ref_chosen, ref_rejected = _keep(ref_chosen, mask), _keep(ref_rejected, mask)
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)          # (B,)
@@ -507,7 +533,7 @@ def reinforce_loss(logp, returns, baseline=0.0, mask=None, denom=None):
     'mean' (batch mean of returns) or 'loo' (leave-one-out mean over dim 0, unbiased as in RLOO).
     mask: the tokens that count (masked ones are replaced by 0 before the product); denom: divide
     the masked sum by this count instead (see masked_mean).
-    -> (loss, stats{advantage_mean, advantage_std} over the advantages as given, unmasked)"""
+    -> (loss, stats{advantage_mean, advantage_std} over the advantages as given, unmasked; 0 when empty)"""
     if isinstance(baseline, str):
         if baseline == "mean":
             baseline = returns.mean(0, keepdim=True)
@@ -523,7 +549,9 @@ def reinforce_loss(logp, returns, baseline=0.0, mask=None, denom=None):
     loss = masked_mean(-_keep(advantages, mask) * _keep(logp, mask), mask, denom=denom)
     with torch.no_grad():
         advantages = _fp32(advantages)
-        stats = {"advantage_mean": advantages.mean(), "advantage_std": advantages.std(correction=0)}
+        mean = advantages.sum() / max(advantages.numel(), 1)                # an empty batch: 0, not NaN
+        stats = {"advantage_mean": mean,
+                 "advantage_std": ((advantages - mean) ** 2).sum().div(max(advantages.numel(), 1)).sqrt()}
     return loss, stats
 
 
@@ -536,8 +564,11 @@ def categorical_mle(counts):
 
     It minimises the mean NLL  -1/N sum_k n_k log p_k  over the simplex (Lagrange: n_k / p_k = lambda),
     and the minimum equals the empirical entropy H(n / N): training a model by cross-entropy on data from
-    p is fitting p by maximum likelihood, and the loss cannot go below the data's own entropy."""
+    p is fitting p by maximum likelihood, and the loss cannot go below the data's own entropy.
+    Counts must be >= 0 with every row's sum > 0 (ValueError): no data, no estimate."""
     counts = counts.to(torch.float64)
+    if (counts < 0).any() or (counts.sum(-1) <= 0).any():
+        raise ValueError("losses.categorical_mle: counts must be >= 0 and every row must have one > 0")
     return counts / counts.sum(-1, keepdim=True)
 
 
@@ -548,7 +579,10 @@ def dirichlet_posterior_mean(counts, alpha):
         E[p_k | n] = (n_k + alpha) / (N + K alpha) = (1 - w) * n_k / N + w * 1 / K,   w = K alpha / (N + K alpha)
 
     the same mixture of the data and the uniform distribution that label smoothing trains towards
-    (cross_entropy's label_smoothing = w: the target is (1 - w) onehot + w / K)."""
+    (cross_entropy's label_smoothing = w: the target is (1 - w) onehot + w / K). alpha must be > 0
+    (ValueError): alpha = 0 is the maximum-likelihood estimate, categorical_mle."""
+    if not alpha > 0:
+        raise ValueError(f"losses.dirichlet_posterior_mean: alpha={alpha} must be > 0 (0 is categorical_mle)")
     counts = counts.to(torch.float64)
     K = counts.shape[-1]
     return (counts + alpha) / (counts.sum(-1, keepdim=True) + K * alpha)
@@ -563,7 +597,9 @@ def map_l2_loss(nll_value, params, prior_std: float, n_examples: int):
     Adam with that penalty in its gradient is NOT AdamW: Adam divides the penalty's gradient by sqrt(v)
     like any other, so heavily-updated weights are barely decayed; AdamW's decoupled decay
     theta <- theta - lr * wd * theta shrinks every weight at the same rate (Loshchilov & Hutter 2019;
-    adam_l2_vs_adamw shows the two apart)."""
+    adam_l2_vs_adamw shows the two apart). prior_std > 0 and n_examples >= 1 (else ValueError)."""
+    if not (prior_std > 0 and n_examples >= 1):
+        raise ValueError(f"losses.map_l2_loss: prior_std={prior_std} must be > 0 and n_examples={n_examples} >= 1")
     return nll_value + sum(p.pow(2).sum() for p in params) / (2 * n_examples * prior_std ** 2)
 
 
@@ -589,7 +625,10 @@ def adam_l2_vs_adamw(grads, weight, lr: float, wd: float, steps: int, betas=(0.9
 def tempered(logits, temperature: float):
     """Sampling at temperature tau is sampling from the tempered distribution p_tau(x) ∝ p(x)^(1/tau):
     softmax(z / tau) = p^(1/tau) / sum p^(1/tau), since p = softmax(z) ∝ e^z. tau -> 0 is the argmax
-    (greedy), tau = 1 the model itself, tau -> inf uniform; the entropy rises with tau."""
+    (greedy), tau = 1 the model itself, tau -> inf uniform; the entropy rises with tau. -> log p_tau
+    (-inf for a class whose logit is -inf: log 0). tau must be > 0 (ValueError): greedy is a limit."""
+    if not temperature > 0:
+        raise ValueError(f"losses.tempered: temperature={temperature} must be > 0 (greedy is its limit, argmax)")
     return (_fp32(logits) / temperature).log_softmax(-1)
 
 

@@ -23,6 +23,9 @@ weight decay, LR schedules as pure functions of the step, global-norm clipping, 
 
 The optimizers, schedules and diagnostics need only torch; model.py and lib are used by the demo alone.
 """
+import signal
+if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
 import math
 import statistics
 import time
@@ -736,6 +739,7 @@ RECIPES = {
                                             weight_decay=0.0)]),
 }
 BASELINE = "torch AdamW"
+MAX_LR_SCALE = 100.0     # --lr-scale: a sweep factor around the tuned rates; 100x is far outside any useful sweep
 
 
 def recipe_key(name):
@@ -785,9 +789,12 @@ def evaluate(net, eval_data, device):
 def train(args, cfg, data, eval_data, optimizers, device, warmup, name, logger=None, echo=False, seed=None):
     """Train a fresh model (seeded, so every run starts from the same weights) on `data`
     ((steps, B, T) tokens) with the optimizers `optimizers(model)` returns, a warmup + cosine
-    schedule and optional clipping. Returns the curves, per-step wall times and diagnostics."""
+    schedule and optional clipping. An update that leaves a weight NaN, inf or past cli.MAX_WEIGHT stops
+    it (cli.NonFiniteError naming the run and step): a diverged run is an error, not a row of NaN.
+    Returns the curves, per-step wall times and diagnostics."""
     import model as M
     import torch.nn.functional as F
+    from lib import cli
 
     torch.manual_seed(args.seed if seed is None else seed)
     net = M.GPT(cfg).to(device)
@@ -817,6 +824,7 @@ def train(args, cfg, data, eval_data, optimizers, device, warmup, name, logger=N
             opt.step()
         _sync(device)
         step_s.append(time.perf_counter() - t0)
+        cli.check_weights(f"{name} step {step}", net)                              # untimed
         losses.append(loss.item())
         spike = spikes.update(losses[-1])
         if step % args.eval_every == 0 or step == steps:
@@ -969,6 +977,9 @@ def check_args(args):
     cli.check_options(args, probability=("noise",), positive=("lr_scale", "beta_lr"),
                       non_negative=("warmup", "weight_decay", "clip", "target", "beta_steps", "threads"),
                       seed=("seed",))
+    # a sweep factor around the tuned rates, kept far inside float32 (--lr-scale 1e308 overflowed inside torch)
+    cli.require_at_most(args, MAX_LR_SCALE, "lr_scale")
+    cli.require_at_most(args, cli.MAX_LR, "beta_lr")      # AdamW moves each weight by ~lr a step
     if 0 < args.beta_steps < 3:
         raise cli.UserError(f"--beta-steps must be 0 (skip) or >= 3, got {args.beta_steps}")
     try:

@@ -15,6 +15,9 @@ Ding et al. 2024, "Fewer Truncations Improve Language Modeling" (best-fit packin
 
     python packing.py     # efficiency table, packed-vs-padded training, packing speed on 2M documents
 """
+import signal
+if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
 import math
 import os
 import re
@@ -320,7 +323,8 @@ def compare_training(docs, args, device, out_dir=None):
     """Train two copies of one model on the same documents, step by step: one on padded batches, one
     on packed rows (best-fit decreasing). Same documents, same loss, so the same gradients: the losses
     agree to fp32 rounding while the packed run computes far fewer token positions.
-    Time the steps side by side (alternating) so machine load hits both alike."""
+    Time the steps side by side (alternating) so machine load hits both alike. An update that leaves a weight
+    NaN, inf (a NaN loss does) or past cli.MAX_WEIGHT stops the comparison (cli.NonFiniteError naming it)."""
     enc = tokenizer.get_tokenizer("bytes")
     pad = tokenizer.pad_id(enc)
     T, B = args.train_seq_len, args.batch_size
@@ -351,6 +355,7 @@ def compare_training(docs, args, device, out_dir=None):
                 run["seconds"] += time.perf_counter() - t0
                 run["real"] += sum(len(d) for d in steps[step])
                 run["computed"] += batch.tokens.numel()
+            cli.check_weights(f"{name} step {step + 1}", run["model"])     # untimed; a NaN loss leaves NaN weights
         if step % max(1, len(steps) // 5) == 0 or step == len(steps) - 1:
             logger.log(step + 1, echo=False, **{f"{name}_loss": run["losses"][-1] for name, run in runs.items()})
     logger.close()
@@ -417,6 +422,7 @@ def check_args(args) -> None:
     if not 2 <= args.train_median_len <= MAX_DOC_TOKENS:
         raise cli.UserError(f"--train-median-len must be in [2, {MAX_DOC_TOKENS}], got {args.train_median_len}")
     cli.check_options(args, non_negative=("sigma",), positive=("lr",), seed=("seed",))
+    cli.require_at_most(args, cli.MAX_LR, "lr")     # Adam moves each weight by ~lr a step
     model_config(args, tokenizer.get_tokenizer("bytes").n_vocab)
     if args.out_dir:
         rundir.check_run_folder("--out-dir", args.out_dir)

@@ -30,6 +30,9 @@ reward-model overoptimization (Gao, Schulman & Hilton 2022; experiments/overopti
     python ppo.py --reward verifier       # the verifiable reward grpo.py uses, for the GRPO-vs-PPO comparison
     python ppo.py --beta 0.0              # no KL penalty: the RM score rises; watch the verifier's accuracy
 """
+import signal
+if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
 import copy
 import json
 import math
@@ -358,7 +361,8 @@ def scores(batch, answers, reward_model, missing_eos_penalty=0.0):
 def ppo_update(models, optimizer, batch, old_logprobs, old_values, advantages, returns, args, generator, step=0):
     """Epochs over shuffled minibatches of the rollout; early stop once approx KL passes the threshold.
     Before each optimizer.step() the loss and both gradient norms must be finite (cli.check_finite), and
-    after the last one every weight: a NaN stops the run, naming the step, before it reaches a checkpoint.
+    after each one every weight finite and within cli.MAX_WEIGHT (cli.check_weights): a NaN or a diverging
+    weight stops the run, naming the step, before it reaches a checkpoint.
     -> dict of means over the minibatch updates done (losses, entropy, clipfrac, approx_kl, grad norms)."""
     policy, value_model = models["policy"], models["value"]
     device = batch.tokens.device
@@ -389,9 +393,10 @@ def ppo_update(models, optimizer, batch, old_logprobs, old_values, advantages, r
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
             value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), max_norm)
-            cli.check_finite(f"step {step}, epoch {epoch + 1}, minibatch {start // minibatch_size + 1}",
-                             loss=loss.detach(), grad_norm=grad_norm, value_grad_norm=value_grad_norm)
+            where = f"step {step}, epoch {epoch + 1}, minibatch {start // minibatch_size + 1}"
+            cli.check_finite(where, loss=loss.detach(), grad_norm=grad_norm, value_grad_norm=value_grad_norm)
             optimizer.step()
+            cli.check_weights(where, policy, value_model)    # NaN, inf or past cli.MAX_WEIGHT: stop before a save
             # TRY NOT TO MODIFY: log what practitioners read
             if first_ratio is None:   # before any update: ratio == 1 up to float error
                 first_ratio = float(policy_stats["ratio_mean"])
@@ -405,7 +410,6 @@ def ppo_update(models, optimizer, batch, old_logprobs, old_values, advantages, r
         epochs_done = epoch + 1
         if early_stop:
             break
-    check_weights_finite(f"step {step}: after the update", policy, value_model)
     return ({name: sum(values) / len(values) for name, values in history.items()}
             | {"first_ratio": first_ratio, "early_stop": early_stop, "epochs_done": epochs_done})
 
@@ -555,7 +559,8 @@ def check_args(args):
     cli.check_options(args, positive=("lr", "value_lr", "eval_minutes"),
                       non_negative=("eps_high", "value_clip", "vf_coef", "ent_coef", "beta", "kl_target",
                                     "early_stop_kl", "grad_clip", "missing_eos_penalty"),
-                      probability=("eps_low", "gamma", "lam", "lr", "value_lr"), seed=("seed",))
+                      probability=("eps_low", "gamma", "lam"), seed=("seed",))
+    cli.require_at_most(args, cli.MAX_LR, "lr", "value_lr")   # Adam moves each weight by ~lr a step
     cli.require_at_most(args, 10 ** 9, "completions_per_step", "n_minibatches", "update_epochs", "max_new_tokens",
                   "n_eval", "n_eval_during", "kl_horizon", "top_k", "max_steps", "pass_k")
     cli.require_at_most(args, 1024, "threads")

@@ -21,6 +21,9 @@ off_by_one probe whether it checks arithmetic, which it does not learn in minute
     python reward.py                     # 2 epochs, ~35 s on 2 CPU cores -> runs/rm/model.pt, metrics.jsonl
     python reward.py --init scratch      # the same body, randomly initialised (compare the two)
 """
+import signal
+if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
 import math
 import os
 import time
@@ -334,8 +337,9 @@ def check_args(args):
     cli.get_device(args.device)
     cli.require_at_least(args, 1, "epochs", "batch_size", "n_bins", "log_every", "n_head", "n_embd", "block_size")
     cli.require_at_least(args, 0, "n_layer", "warmup_steps", "max_test")
-    cli.check_options(args, positive=("lr",), probability=("min_lr_ratio", "lr"), seed=("seed",),
+    cli.check_options(args, positive=("lr",), probability=("min_lr_ratio",), seed=("seed",),
                       non_negative=("weight_decay", "grad_clip", "margin", "center_coef", "time_budget"))
+    cli.require_at_most(args, cli.MAX_LR, "lr")    # Adam moves each weight by ~lr a step
     cli.require_at_most(args, 10 ** 9, "n_layer", "n_head", "n_embd", "block_size", "epochs", "batch_size", "warmup_steps",
                   "max_test", "log_every")
     cli.require_at_most(args, 1000, "n_bins")
@@ -392,7 +396,9 @@ def load_inputs(args, device):
 
 
 def train(args):
-    """Train the reward model; returns the final held-out results dict."""
+    """Train the reward model; returns the final held-out results dict. A NaN/inf loss or gradient norm stops
+    the run before the update, a weight that is NaN, inf or past cli.MAX_WEIGHT right after it
+    (cli.NonFiniteError naming the step); model.pt is written only at the end, from checked weights."""
     check_args(args)
     device = cli.get_device(args.device)
     cli.seed_everything(args.seed)
@@ -442,6 +448,7 @@ def train(args):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             cli.check_finite(f"step {step + 1}", loss=loss.detach(), grad_norm=grad_norm)   # before the weights move
             optimizer.step()
+            cli.check_weights(f"step {step + 1}", reward_model)   # NaN, inf or past cli.MAX_WEIGHT: before any save
             step += 1
             train_seconds += time.perf_counter() - step_started
             if step % args.log_every == 0 or step == 1:

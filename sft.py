@@ -18,6 +18,9 @@ AdamW: Loshchilov & Hutter 2019; warmup + cosine: Loshchilov & Hutter 2017, Goya
     python sft.py --init runs/sft/model.pt --max-steps 0 --time-budget 5 --out runs/control  # 5 more minutes
     python sft.py --resume                            # continue an interrupted run exactly, with its arguments
 """
+import signal
+if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
 import math
 import os
 import time
@@ -52,7 +55,7 @@ class Args:
     dropout: float = 0.0                     # dropout probability (from scratch only)
     batch_size: int = 64                     # sequences per update, over all processes together
     micro_batch: int = 16                    # sequences per forward/backward, length-sorted (0 = whole share)
-    lr: float = 2e-3                         # peak learning rate, from scratch and when continuing (--init)
+    lr: float = 2e-3                         # peak learning rate (<= 1), from scratch and when continuing (--init)
     min_lr_ratio: float = 0.1                # the cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20                   # linear warmup updates (fresh Adam moments need a few)
     weight_decay: float = 0.1                # AdamW decay on matrices/embeddings, never on norms/biases
@@ -88,6 +91,7 @@ def check_args(args):
                                     "aux_loss_weight", "eval_minutes", "eval_every", "eval_examples", "n_eval",
                                     "threads"),
                       probability=("min_lr_ratio",), seed=("seed",))
+    cli.require_at_most(args, cli.MAX_LR, "lr")   # Adam moves each weight by ~lr a step; 1e308 overflowed its step
     for name in ("dropout", "beta1", "beta2"):  # [0, 1): a probability that is never 1
         value = getattr(args, name)
         if not 0 <= value < 1:
@@ -239,7 +243,9 @@ def train_step(model, optimizer, micro_batches, device, grad_clip=1.0, world_siz
     processes the gradients are then SUMMED (each already carries 1/N_global): the update equals
     one process on the whole batch (what DistributedDataParallel does, minus overlapping the
     communication with the backward pass). A loss or gradient norm that is NaN or infinite stops the
-    run (cli.NonFiniteError naming `where`) BEFORE optimizer.step(), so the weights stay finite.
+    run (cli.NonFiniteError naming `where`) BEFORE optimizer.step(), so the weights stay finite; an update
+    that leaves a weight non-finite or past cli.MAX_WEIGHT stops it right after (cli.check_weights), before
+    any checkpoint can hold that weight.
 
     fsdp (a model from distributed.shard_model(..., sum_gradients=True)): each backward reduce-scatters its
     gradient into this rank's shards, summed over ranks, so there is no all-reduce here. Every forward
@@ -285,6 +291,7 @@ def train_step(model, optimizer, micro_batches, device, grad_clip=1.0, world_siz
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     cli.check_finite(where, loss=loss_sum, grad_norm=grad_norm)  # the same sums on every rank: all stop
     optimizer.step()
+    cli.check_weights(where, model)   # FSDP: each rank's shards, the largest all-reduced: all stop together
     return loss_sum, float(grad_norm), n_tokens
 
 

@@ -26,6 +26,9 @@ and its shortest expression is the demonstration, so every row is solvable by co
     python synth.py --from-model runs/sft/model.pt    # sample, verify, dedup, balance -> data/sft_model.jsonl
     python synth.py --families countdown              # data/countdown_*.jsonl: the Countdown task
 """
+import signal
+if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
 import contextlib
 import functools
 import itertools

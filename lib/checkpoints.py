@@ -13,6 +13,7 @@ import dataclasses
 import io
 import os
 import re
+import sys
 from dataclasses import dataclass, asdict
 
 import tiktoken
@@ -47,28 +48,25 @@ def save(path: str, model, enc: tiktoken.Encoding, **meta) -> None:
 
 def config_from_checkpoint(ckpt, path: str) -> M.Config:
     """The checkpoint's Config, validated against its own state dict BEFORE any weight is allocated:
-    known fields of the right types, and exactly the tensor names and shapes that Config implies
-    (built on the meta device, which allocates nothing). A hostile or damaged file fails here."""
+    known fields of the right types, then convert.check_weights: as many layers as the file holds, and
+    exactly the tensor names and shapes that Config implies, in time proportional to the file (a config
+    claiming 10**9 layers is refused at once). A hostile or damaged file fails here."""
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
         raise cli.CheckpointError(f"{path}: not a checkpoint of this project (no config and model state)")
     fields = {f.name: f for f in dataclasses.fields(M.Config)}
-    unknown = sorted(set(ckpt["config"]) - set(fields))
+    unknown = sorted(map(str, set(ckpt["config"]) - set(fields)))
     if unknown:
-        raise cli.CheckpointError(f"{path}: config has unknown field(s) {', '.join(map(str, unknown[:5]))}")
+        raise cli.CheckpointError(f"{path}: config has unknown field(s) {', '.join(name[:80] for name in unknown[:5])}")
+    for name, value in ckpt["config"].items():     # each field of its default's type (a bool is not an int)
+        kind = type(fields[name].default)
+        if not (type(value) is kind or kind is float and type(value) is int and abs(value) <= sys.float_info.max):
+            raise cli.CheckpointError(f"{path}: invalid config ({name} must be {kind.__name__}, "
+                                      f"not {repr(value)[:80]})")
     try:
         cfg = M.Config(**ckpt["config"])
     except (TypeError, ValueError) as e:
-        raise cli.CheckpointError(f"{path}: invalid config ({e})") from None
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in M.GPT(cfg).state_dict().items()}
-    state = ckpt["model"]
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and (not torch.is_tensor(state[k]) or tuple(state[k].shape) != expected[k])]
-    if missing or extra or wrong:
-        detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
-                  f"{wrong[0]} has shape {tuple(getattr(state[wrong[0]], 'shape', ()))}, config implies {expected[wrong[0]]}")
-        raise cli.CheckpointError(f"{path}: weights do not match its config ({detail})")
+        raise cli.CheckpointError(f"{path}: invalid config ({str(e)[:200]})") from None
+    convert.check_weights(cfg, ckpt["model"], path)
     return cfg
 
 
@@ -94,6 +92,11 @@ def load(path: str, device="cpu", dtype=None, chat_format: str = "auto"):
         raise cli.CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]})")
     if chat_format != "auto":
         tokenizer.set_chat_format(enc, chat_format)
+    try:
+        tokenizer.stop_ids(enc)                 # every generation reads them: refused now, not after training
+    except KeyError:
+        raise cli.CheckpointError(f"{path}: its tokenizer names no end-of-sequence token "
+                                  "(eos or <|endoftext|>)") from None
     return model.to(device=device, dtype=dtype), enc, ckpt
 
 
@@ -102,8 +105,9 @@ def load_pt(path: str):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         cfg = config_from_checkpoint(ckpt, path)
         enc = tokenizer.tokenizer_from_spec(ckpt.get("tokenizer"))
-        if enc.n_vocab > cfg.vocab_size and not isinstance(enc, tokenizer.SpecEncoding):
-            raise cli.CheckpointError(f"{path}: tokenizer has {enc.n_vocab} tokens, the model only {cfg.vocab_size}")
+        n_ids = enc.spec["vocab_size"] if isinstance(enc, tokenizer.SpecEncoding) else enc.n_vocab   # ids < n_ids
+        if n_ids > cfg.vocab_size:
+            raise cli.CheckpointError(f"{path}: tokenizer has {n_ids} token ids, the model only {cfg.vocab_size}")
         model = M.GPT(cfg)
         model.load_state_dict(ckpt["model"])
     except cli.UserError as e:
@@ -136,14 +140,19 @@ def reward_head_weights(ckpt, path: str, width: int) -> dict:
 @dataclass
 class ExportArgs:
     checkpoint: str = ""         # what to export: a .pt checkpoint, a Hugging Face folder or a .gguf file
-    to: str = ""                 # the Hugging Face folder to write (config.json, model.safetensors, tokenizer files)
+    to: str = ""                 # the Hugging Face folder to write, replaced whole: new, empty or an earlier export
 
 
 def export(argv) -> None:
-    """python model.py export --checkpoint runs/grpo/model.pt --to hf/grpo: a folder transformers loads."""
+    """python model.py export --checkpoint runs/grpo/model.pt --to hf/grpo: a folder transformers loads.
+    The folder is written whole or not at all (convert.save_hf): a crash or a kill leaves the previous export
+    as it was. --to must be new, empty, or an earlier export (it has config.json), checked before the model
+    is read."""
     args = cli.parse_args(ExportArgs, argv, description=export.__doc__)
     if not args.checkpoint or not args.to:
         raise cli.UserError("export needs --checkpoint PATH and --to FOLDER")
+    rundir.check_run_folder("--to", args.to)
+    rundir.check_replaceable(args.to, "config.json")
     model, enc, _ = load(args.checkpoint)
     convert.save_hf(args.to, model, enc)
     print(f"wrote {args.to}: {', '.join(sorted(os.listdir(args.to)))}")

@@ -10,7 +10,7 @@
         ...
 
     if __name__ == "__main__":
-        cli.run(main)             # a UserError is one line on stderr and exit status 2, never a traceback
+        cli.run(main)             # bad input (a UserError) or Ctrl-C: one line on stderr, never a traceback
 
 Also the --device and --seed helpers, and the finite checks a training step makes before it updates.
 """
@@ -24,7 +24,9 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import tokenize
 import traceback
 import typing
@@ -192,8 +194,10 @@ def check_budget(args) -> None:
 
 def check_fsdp(args) -> None:
     """sft.py's and grpo.py's --fsdp: it needs torchrun with 2 or more processes, and not --compile-train."""
-    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise UserError("--fsdp shards the model over processes: run under torchrun --nproc_per_node N (N >= 2)")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if args.fsdp and not (re.fullmatch(r"[0-9]+", world) and int(world) >= 2):
+        raise UserError(f"--fsdp shards the model over processes (WORLD_SIZE={world!r}): "
+                        "run under torchrun --nproc_per_node N (N >= 2)")
     if args.compile_train and args.fsdp:
         raise UserError("--compile-train with --fsdp is not supported: compile the blocks or shard them, not both")
 
@@ -203,7 +207,21 @@ def check_fsdp(args) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def run(main) -> None:
-    """Run main(); a UserError becomes one line on stderr and exit status 2, not a traceback.
+    """Run main() as a command: how it ends is at most one line on stderr, and a traceback only for a bug.
+
+        main() returns                        exit status 0
+        UserError (bad input)                 "error: <message>", status 2
+        KeyboardInterrupt (Ctrl-C, SIGINT)    "interrupted", status 130 (128 + SIGINT, the shell's convention)
+        SystemExit                            what the interpreter does with it (sft.py's Ctrl-C: 130)
+        another BaseException                 "error: <type>: <first line>", status 1: tiktoken's Rust panic
+          (not an Exception)                  (pyo3's PanicException), GeneratorExit, ...
+        an Exception (a bug)                  its traceback, status 1
+
+    A Ctrl-C leaves the run folder whole: a stage saves what it can (sft.py's loop) and every file is
+    written atomically (lib/rundir.py); a temporary file that a second Ctrl-C strands is deleted by the
+    next write of that file, and the folder's lock ends with the process.
+    SIGINT at SIG_DFL (a script's setting while its imports load, so that Ctrl-C then ends it at once,
+    silently, with nothing written) raises KeyboardInterrupt while main() runs, and is SIG_DFL again after.
 
     One of torchrun's ranks (WORLD_SIZE > 1) leaves with os._exit once main() is done, after flushing
     stdout and stderr: it skips the interpreter's shutdown. A gloo worker thread can still be dropping
@@ -212,23 +230,38 @@ def run(main) -> None:
     called without an active exception": an SFT run on two ranks in CI, once). Whatever a stage writes
     is closed and renamed into place before main() returns, so nothing is lost."""
     world_size = os.environ.get("WORLD_SIZE", "1")
-    a_rank = world_size.isdigit() and int(world_size) > 1
+    a_rank = re.fullmatch(r"[0-9]+", world_size) is not None and int(world_size) > 1
+    start_up_sigint = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.SIG_DFL
     try:
-        main()
+        if start_up_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            main()
+        finally:
+            if start_up_sigint:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
         status = 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         status = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        status = 130
     except SystemExit as e:  # sys.exit(n) or sys.exit("message"): the status the interpreter would give
         if not a_rank:
             raise
         if e.code is not None and not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
         status = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException:  # a bug: the traceback the interpreter would print
+    except Exception:  # a bug: the traceback the interpreter would print
         if not a_rank:
             raise
         traceback.print_exc()
+        status = 1
+    except BaseException as e:  # not an Exception (tiktoken's panic, GeneratorExit): one line, not a traceback
+        print(f"error: {type(e).__name__}" + (f": {str(e).splitlines()[0][:200]}" if str(e).strip() else ""),
+              file=sys.stderr)
         status = 1
     if a_rank:
         exit_without_shutdown(status)
@@ -286,3 +319,46 @@ def check_finite(where: str, **values) -> None:
             shown = float(value) if not torch.is_tensor(value) or value.numel() == 1 else "not finite"
             raise NonFiniteError(f"{where}: {name} is {shown}; stopped before the update, so no saved "
                                  "checkpoint holds it (a smaller --lr, or --grad-clip, usually helps)")
+
+
+# The largest |w| a training run may reach. Trained models stay far below it: SmolLM2-135M-Instruct's largest
+# weight is 9.25 (blocks.27.ffn.w1 of its Q4_1 GGUF, as checkpoints.load reads it), and a model built here
+# starts near 0.02 (matrices) and 1 (norm gains). A weight past 1e4, 1000x that, is a run that has diverged (a
+# far too large --lr or --weight-decay): still finite, so checkpoints.save would write it, but every forward
+# pass through it is garbage, and fp16 (max 65504) overflows on its first product.
+MAX_WEIGHT = 1e4
+
+# The largest learning rate a training script accepts. The Adam family moves each weight by about lr per step
+# whatever the scale of the gradient (the first step by exactly lr * sign(g)), so lr is in the weights' own
+# units: transformers train at 1e-5..1e-2, and an lr of 1 already moves every weight by more than its size.
+# It also keeps Adam's step size lr / (1 - beta1^t) inside float32: --lr 1e308 overflowed it (a RuntimeError
+# inside addcdiv_, a traceback).
+MAX_LR = 1.0
+
+
+def check_weights(where: str, *modules) -> None:
+    """Every floating-point parameter of the modules must be finite with |w| <= MAX_WEIGHT; else
+    NonFiniteError naming `where`, the tensor and its largest |w|. Call it after each optimizer.step(), so a run
+    stops at the update that made its weights absurd and no checkpoint is ever written with them.
+
+    Cost: one max |w| per tensor, a pass over the weights and one host sync: 2 ms for sft.py's default model
+    on one CPU core, against ~800 ms for one of its micro-batches, so every step can afford it. Under FSDP each
+    process holds shards (DTensor): it reads its own and the largest is all-reduced, so every process calls
+    it and all stop together."""
+    named = [(name, param) for module in modules for name, param in module.named_parameters()
+             if param.is_floating_point() and param.numel()]
+    if not named:
+        return
+    local = [param.to_local() if hasattr(param, "to_local") else param for _, param in named]   # FSDP: own shard
+    zero = torch.zeros((), device=local[0].device)
+    largest = torch.stack([shard.detach().abs().amax().float() if shard.numel() else zero for shard in local])
+    largest = largest.nan_to_num(nan=math.inf, posinf=math.inf)            # NaN counts as the largest
+    if any(hasattr(param, "to_local") for _, param in named):
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+    worst = int(largest.argmax())
+    value = float(largest[worst])
+    if not value <= MAX_WEIGHT:
+        state = ("holds NaN or inf" if math.isinf(value)
+                 else f"reached |w| = {value:.6g}, past cli.MAX_WEIGHT = {MAX_WEIGHT:g}")
+        raise NonFiniteError(f"{where}: weight {named[worst][0]} {state}; stopped, so no saved "
+                             "checkpoint holds it (a smaller --lr or --weight-decay usually helps)")

@@ -5,6 +5,12 @@
 
 A plain python x.py run is one process and none of this is used.
 
+setup_ddp checks the variables torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT: a bad one is a one-line error naming it), then waits for every process to reach MASTER_ADDR:MASTER_PORT
+for DIST_JOIN_TIMEOUT_S seconds (default 120; a rank other than 0 retries a refused connection once, so at most
+about twice that): a missing peer is a one-line error saying what it waited for, not a silent hang. Once joined,
+a collective may wait an hour (rank 0 evaluates alone while the others wait at the next collective).
+
 FSDP2 (Zhao et al. 2023, "PyTorch FSDP"; torch.distributed.fsdp.fully_shard): every rank keeps 1/world of each
 parameter (a DTensor sharded on dim 0), of its gradient and of the optimizer state built on it. A unit's
 forward all-gathers its parameters and frees them after; its backward reduce-scatters the gradients. Under
@@ -14,7 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
+import re
+import sys
+import tempfile
+import time
 
 import torch
 
@@ -22,23 +33,100 @@ import model as M
 from lib import cli
 
 
+JOIN_TIMEOUT_S = 120.0                                  # default of DIST_JOIN_TIMEOUT_S: the wait for every process
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)    # once joined: rank 0 may evaluate alone this long
+
+
+def env_int(name: str, low: int, high: int, default: int | None = None) -> int:
+    """The environment variable `name` as a whole number in low..high (`default` where it is unset);
+    anything else is a UserError naming the variable."""
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    if text is None:
+        raise cli.UserError(f"{name} is not set, but WORLD_SIZE={os.environ['WORLD_SIZE']}: run under torchrun "
+                            f"--nproc_per_node N, or set RANK, MASTER_ADDR and MASTER_PORT for every process")
+    if not re.fullmatch(r"[0-9]+", text) or not low <= int(text) <= high:
+        raise cli.UserError(f"{name}={text!r}: must be a whole number in {low}..{high}")
+    return int(text)
+
+
+def ddp_environment() -> dict | None:
+    """The torchrun variables, checked: None for one process (WORLD_SIZE unset or 1), else
+    {world, rank, local_world, local_rank, addr, port, join_s}. A bad variable is a UserError naming it."""
+    world = env_int("WORLD_SIZE", 1, 2 ** 31 - 1, default=1)
+    if world == 1:
+        return None
+    rank = env_int("RANK", 0, world - 1)
+    local_world = env_int("LOCAL_WORLD_SIZE", 1, world, default=world)
+    local_rank = env_int("LOCAL_RANK", 0, local_world - 1, default=0)
+    addr = os.environ.get("MASTER_ADDR", "").strip()
+    if not addr:
+        raise cli.UserError(f"MASTER_ADDR is not set, but WORLD_SIZE={world}: name the host of rank 0 (torchrun sets it)")
+    port = env_int("MASTER_PORT", 1, 65535)
+    text = os.environ.get("DIST_JOIN_TIMEOUT_S", str(JOIN_TIMEOUT_S))
+    join_s = float(text) if re.fullmatch(r"[0-9]+(\.[0-9]*)?", text) else math.nan
+    if not 0 < join_s < 1e7:
+        raise cli.UserError(f"DIST_JOIN_TIMEOUT_S={text!r}: must be a number of seconds > 0")
+    return dict(world=world, rank=rank, local_world=local_world, local_rank=local_rank, addr=addr, port=port,
+                join_s=join_s)
+
+
+@contextlib.contextmanager
+def cpp_log_held_back():
+    """Hold back what is written to file descriptor 2 inside the block (c10d's C++ log: a retry, a timed-out
+    poll, with stack frames): written out after the block, or dropped when the block raises a UserError, whose
+    one line says what went wrong."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except cli.UserError:
+            held.truncate(0)
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            os.write(2, held.read())
+
+
 def setup_ddp():
-    """Under torchrun (RANK/WORLD_SIZE set): join the process group (nccl on CUDA, gloo on CPU).
+    """Under torchrun (WORLD_SIZE > 1): check the environment (ddp_environment), wait for every process at
+    MASTER_ADDR:MASTER_PORT (at most DIST_JOIN_TIMEOUT_S seconds, else a UserError saying what it waited for),
+    and join the process group (nccl on CUDA, gloo on CPU) with an hour's timeout for collectives.
     -> (rank, world_size, is_ddp). A plain `python file.py` gives (0, 1, False)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    env = ddp_environment()
+    if env is None:
         return 0, 1, False
     import torch.distributed as dist
     # nccl when every process on this node has a GPU of its own; otherwise (a CPU, or more processes than
     # GPUs, as in the CPU tests on a one-GPU machine) gloo, with the tensors on the CPU
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "gloo"
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= env["local_world"] else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(env["local_rank"])
     if not dist.is_initialized():
-        # rank 0 evaluates alone while the other ranks wait at the next collective: a timeout of an hour instead
-        # of NCCL's default 10 minutes, so that a long evaluation of a real model is not taken for a hang
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
+        where = f"{env['addr']}:{env['port']} (MASTER_ADDR:MASTER_PORT)"
+        start = time.monotonic()
+        with cpp_log_held_back():
+            try:
+                # the rendezvous (every process connects to rank 0's store) and gloo's connections wait join_s,
+                # the store's timeout; collectives get an hour, so that a long evaluation is not taken for a hang
+                store, _, _ = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=env["join_s"])))
+                dist.init_process_group(backend, store=store, rank=env["rank"], world_size=env["world"],
+                                        timeout=COLLECTIVE_TIMEOUT)
+            except dist.DistError as e:
+                reason = (str(e).strip().splitlines() or ["?"])[0][:200]
+                if "time" in reason.lower():
+                    raise cli.UserError(f"rank {env['rank']}: waited {time.monotonic() - start:.0f} s for the "
+                                        f"{env['world']} processes of WORLD_SIZE={env['world']} to join at {where}: "
+                                        f"start every rank, or raise DIST_JOIN_TIMEOUT_S={env['join_s']:g} "
+                                        f"({reason})") from None
+                raise cli.UserError(f"rank {env['rank']}: cannot join the processes at {where}: {reason}") from None
+        store.set_timeout(COLLECTIVE_TIMEOUT)       # NCCL's lazy set-up reads the store at the first collective
     return dist.get_rank(), dist.get_world_size(), True
 
 

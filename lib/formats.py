@@ -15,10 +15,11 @@ import math
 import mmap
 import os
 import struct
-import tempfile
 
 import numpy as np
 import torch
+
+from lib import rundir
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -29,7 +30,9 @@ SAFETENSORS_MAX_HEADER = 100_000_000          # the safetensors library's own li
 
 
 def safetensors_layout(path: str, header_bytes: bytes, data_size: int) -> dict:
-    """Check a safetensors header against the data area; returns {name: (dtype, shape, begin, end)}."""
+    """Check a safetensors header against the data area; returns {name: (dtype, shape, begin, end)}.
+    No dimension may exceed the file's size in bytes: a tensor with elements cannot have one, and an empty
+    one (a 0 elsewhere in its shape) claiming one would reach torch as a shape it cannot take."""
     def no_duplicates(pairs):
         if len({key for key, _ in pairs}) != len(pairs):
             raise ValueError("duplicate key")
@@ -40,15 +43,16 @@ def safetensors_layout(path: str, header_bytes: bytes, data_size: int) -> dict:
         raise ValueError(f"{path}: the safetensors header is not valid JSON (or repeats a name)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the safetensors header is not a JSON object")
-    layout = {}
+    layout, file_size = {}, 8 + len(header_bytes) + data_size
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         if not (isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES
                 and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)
-                and all(type(n) is int and n >= 0 for n in entry["shape"])
+                and all(type(n) is int and 0 <= n <= file_size for n in entry["shape"])   # an empty tensor too
                 and len(entry["data_offsets"]) == 2 and all(type(n) is int for n in entry["data_offsets"])):
-            raise ValueError(f"{path}: tensor {name[:80]!r} needs a known dtype, a shape and two data_offsets")
+            raise ValueError(f"{path}: tensor {name[:80]!r} needs a known dtype, a shape (no dimension above the "
+                             f"file's {file_size} bytes) and two data_offsets")
         dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
         if not 0 <= begin <= end <= data_size:
             raise ValueError(f"{path}: tensor {name[:80]!r} lies outside the file's {data_size} data bytes")
@@ -120,8 +124,9 @@ def read_safetensors_folder(folder: str) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors in the safetensors format (layout in read_safetensors), atomically: a temporary
-    file beside `path`, then os.replace. Each tensor's own elements are written (a view of a larger
+    """Write tensors in the safetensors format (layout in read_safetensors), atomically (rundir.atomic_write:
+    a temporary file .<name>.<pid>.tmp beside `path`, then os.replace; a killed writer's temporary file is
+    removed by the next write). Each tensor's own elements are written (a view of a larger
     storage writes only its view); tied weights appear once per name the caller passes. The header
     is padded with spaces to a multiple of 8 bytes and tensors are ordered by item size, largest
     first, so every tensor starts at an offset aligned to its item size."""
@@ -145,20 +150,12 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
         header["__metadata__"] = dict(metadata)
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
-    folder = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
-            for name in order:
-                file.write(contiguous[name].reshape(-1).view(torch.uint8).numpy().data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with rundir.atomic_write(path, "wb") as file:
+        file.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+        for name in order:
+            file.write(contiguous[name].reshape(-1).view(torch.uint8).numpy().data)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 # Metadata value types (ggml/docs/gguf.md, enum gguf_metadata_value_type): struct format, size.

@@ -2,7 +2,9 @@
 
 Every stage writes into one run folder: model.pt, args.json and metrics.jsonl. claim_run_dir holds an
 exclusive lock on the folder for the life of the process, so a second run on the same folder is refused
-before it writes anything; atomic_write makes each file appear whole or not at all.
+before it writes anything; atomic_write makes each file appear whole or not at all, and atomic_folder a folder
+(an export). Temporary files and folders are named .<name>.<pid>.tmp, so that those of killed writers are found
+and removed.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -23,10 +26,12 @@ import torch
 from lib import cli
 
 
-def temp_path(path: str) -> str:
-    """Where `path` is written before the rename that makes it appear whole: .<name>.<pid>.tmp beside it."""
+def temp_path(path: str, kind: str = "tmp") -> str:
+    """Where `path` is written before the rename that makes it appear whole: .<name>.<pid>.tmp beside it
+    (a file or a folder; kind "old": where atomic_folder sets the previous folder aside). The pid in the name
+    lets remove_stale_temps tell a killed writer's leftovers from a live writer's."""
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    return os.path.join(folder, f".{name}.{os.getpid()}.{kind}")
 
 
 def pid_alive(pid: int) -> bool:
@@ -40,18 +45,35 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(path: str) -> None:
-    """Delete the temporary files of `path` left by writers that were killed (their pid is gone)."""
+    """Delete what killed writers of `path` left beside it: temporary files and folders (temp_path) whose pid is
+    gone, or is this process's own (a pid reused since, as in a restarted container: this process has no
+    temporary file of `path` open while it cleans). A folder set aside (.old) while `path` is missing, a writer
+    killed between atomic_folder's two renames, is put back as `path` instead."""
     folder, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.tmp$")
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.(tmp|old)$")
     try:
         entries = os.listdir(folder)
     except OSError:
         return
     for entry in entries:
         match = pattern.match(entry)
-        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, entry))
+        if not match or int(match.group(1)) != os.getpid() and pid_alive(int(match.group(1))):
+            continue
+        stale = os.path.join(folder, entry)
+        with contextlib.suppress(OSError):
+            if match.group(2) == "old" and not os.path.lexists(path):
+                os.rename(stale, path)
+            else:
+                delete(stale)
+
+
+def delete(path: str) -> None:
+    """Remove a file, a link or a folder with all it holds (what is already gone is no error)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 @contextlib.contextmanager
@@ -70,6 +92,67 @@ def atomic_write(path: str, mode: str = "w"):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
+@contextlib.contextmanager
+def locked(folder: str):
+    """Hold an exclusive lock on `folder` itself for the block (flock on its descriptor: no file is made);
+    another process waits at the same call. Without advisory locks (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)                        # closing it releases the lock
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str):
+    """Write a folder whole or not at all: yield a new empty folder beside `path` (temp_path) to write into;
+    when the block succeeds it takes the place of `path`, when it fails it is deleted and `path` is as it was.
+
+    The swap is two renames, then a delete: `path` aside (.<name>.<pid>.old), the new folder in, the old one
+    removed. A reader that looks `path` up sees the old folder, then for the microseconds between the two
+    renames no folder at all, then the new one; never a mix of the two. (Files a reader opened before the
+    swap stay those of the old folder.) A writer killed while writing leaves its temporary folder, and one
+    killed between the renames leaves the old folder aside: the next atomic_folder or remove_stale_temps of
+    `path` deletes the first and puts the second back. Two writers at once each swap in a whole folder, one
+    after the other (a lock on the parent folder): the last one wins."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    with locked(parent):
+        remove_stale_temps(path)
+    new, old = temp_path(path), temp_path(path, "old")
+    os.mkdir(new)
+    try:
+        yield new
+        with locked(parent):
+            if os.path.lexists(path):
+                os.rename(path, old)
+            try:
+                os.rename(new, path)
+            except BaseException:
+                if os.path.lexists(old):
+                    os.rename(old, path)
+                raise
+        delete(old)
+    finally:
+        delete(new)
+
+
+def check_replaceable(path: str, marker: str) -> None:
+    """`path`, which atomic_folder is to replace whole, must be new, an empty folder, or a folder holding
+    `marker` (a file of what is written there, e.g. an export's config.json); anything else (a file, a folder
+    of other things) is a UserError naming it, so that no one's files are deleted by mistake."""
+    if os.path.lexists(path) and not (os.path.isdir(path) and (os.path.isfile(os.path.join(path, marker))
+                                                               or not os.listdir(path))):
+        raise cli.UserError(f"{path}: exists and is not a folder this writes (no {marker}); it would be replaced "
+                            "whole, so name a new or empty folder")
 
 _RUN_LOCKS: dict = {}
 

@@ -3,14 +3,20 @@
 A tokenizer is a tiktoken.Encoding: the byte-level default built in code (256 byte tokens, <|endoftext|> and
 <|pad|>; no download), a named tiktoken encoding, or a real model's own, a SpecEncoding built from the spec
 that lib/tokenizer_files.py reads out of tokenizer.json, GGUF metadata or a tiktoken ranks file. Every
-checkpoint stores its tokenizer's spec (tokenizer_spec), so it reloads offline and never fetches a file.
+checkpoint stores its tokenizer's spec (tokenizer_spec), so it reloads offline and never fetches a file. A
+spec's split regex is probed when it is loaded (check_spec): one that makes tiktoken panic or crawl is refused.
 
 Chat formats wrap a prompt in the turns an instruct model was tuned on (ChatML, Llama 3). The user's text is
 always encoded as ordinary text; only the template's own markers are special tokens.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import re
+import sys
+import time
 import unicodedata
 
 import tiktoken
@@ -155,9 +161,66 @@ def tokenizer_from_spec(spec: dict) -> tiktoken.Encoding:
     return set_chat_format(enc, format_ if format_ in CHAT_FORMATS else "auto")
 
 
+def is_panic(error: BaseException) -> bool:
+    """A Rust panic inside tiktoken reaches Python as pyo3's PanicException: a BaseException, which
+    `except Exception` does not catch."""
+    return type(error).__name__ == "PanicException"
+
+
+@contextlib.contextmanager
+def stderr_fd_silenced():
+    """File descriptor 2 to /dev/null for the block: a Rust panic prints its message there, past sys.stderr."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+# A split regex read from a file is probed before use. tiktoken matches it with fancy-regex, which stops a
+# match after 1,000,000 backtracking steps and then panics (is_panic) in the middle of an encode; a pattern
+# under that cap can still take seconds per text. The probes are runs of one kind of character, then one
+# more: where overlapping repeats blow up ((.|.)+ or \s*\s*\s* before a lookahead, a backreference repeated).
+PROBE_TEXTS = tuple(char * 1024 + end for char in ("a", "A", "é", "中", "1", "٣", " ", "\t", "\n", "\r\n", "'", "!",
+                                                   "\x00", "😀") for end in ("", "a", "1", " ", "!", "\n", "\x00"))
+PROBE_SECONDS = 1.0     # of this thread's CPU time (a loaded machine does not count); GPT-2's, Llama 3's and
+                        # Qwen's splits take ~0.02 s on all of them
+
+
+@functools.lru_cache(maxsize=64)
+def split_pattern_problem(pat_str: str) -> str | None:
+    """Why tiktoken cannot use `pat_str` as its split regex, or None: it does not compile, or on
+    PROBE_TEXTS it panics (past fancy-regex's backtracking cap, or on an empty match) or takes over
+    PROBE_SECONDS. A probe, not a proof: encode_text also turns a later panic into a UserError."""
+    try:
+        probe = tiktoken.Encoding(name="probe", pat_str=pat_str, mergeable_ranks={bytes([b]): b for b in range(256)},
+                                  special_tokens={})
+    except ValueError as error:
+        return f"does not compile ({(str(error).splitlines() or [''])[0][:120]})"
+    start = time.thread_time()
+    with stderr_fd_silenced():
+        for text in PROBE_TEXTS:
+            try:
+                probe.encode_ordinary(text)
+            except BaseException as error:
+                if not is_panic(error):
+                    raise
+                return (f"makes tiktoken panic on {text[:3]!r}... ({len(text)} characters: "
+                        f"{(str(error).splitlines() or [''])[0][:120]})")
+            if time.thread_time() - start > PROBE_SECONDS:
+                return (f"takes over {PROBE_SECONDS:g} s of CPU to split {len(PROBE_TEXTS)} texts of ~1,000 characters "
+                        "(catastrophic backtracking)")
+    return None
+
+
 def check_spec(spec, where: str = "tokenizer spec") -> None:
     """A spec read from a checkpoint is checked before use: every field's type, ids that do not collide,
-    a vocab_size above every id. (tiktoken itself rejects a pat_str that is not a valid regex.)"""
+    a vocab_size above every id, and a split regex that tiktoken compiles and runs in bounded time
+    (split_pattern_problem)."""
     fields = {"name": str, "pat_str": str, "ranks": dict, "special_tokens": dict, "added_tokens": dict,
               "normalized_added_tokens": list, "vocab_size": int}
     if not isinstance(spec, dict) or any(type(spec.get(k)) is not t for k, t in fields.items()) or \
@@ -172,6 +235,9 @@ def check_spec(spec, where: str = "tokenizer spec") -> None:
     ids = [token_id for group in groups for token_id in group.values()]
     if len(set(ids)) != len(ids) or max(ids, default=-1) >= spec["vocab_size"]:
         raise ValueError(f"{where}: two tokens share an id, or an id is not below vocab_size")
+    problem = split_pattern_problem(spec["pat_str"])
+    if problem:
+        raise ValueError(f"{where}: split regex {spec['pat_str'][:60]!r} {problem}")
 
 
 class SpecEncoding(tiktoken.Encoding):
@@ -266,7 +332,9 @@ def encode_text(enc: tiktoken.Encoding, text: str) -> list[int]:
          bytes the vocabulary lacks. (Hugging Face drops such a byte BEFORE its BPE merges, so in the
          rare text holding one, e.g. SmolLM2's six missing ASCII control characters, the tokens on
          either side of it can differ from Hugging Face's; all other text encodes identically.)
-    Special-token strings in the text stay plain text. Works on plain tiktoken Encodings too."""
+    Special-token strings in the text stay plain text. Works on plain tiktoken Encodings too. A panic in
+    tiktoken (a split regex that check_spec's probe let through, past fancy-regex's backtracking cap on a
+    longer text) is a one-line UserError."""
     if not isinstance(enc, SpecEncoding):
         return enc.encode_ordinary(text)
     ids = []
@@ -280,7 +348,14 @@ def encode_text(enc: tiktoken.Encoding, text: str) -> list[int]:
             if isinstance(part, int):
                 ids.append(part)
                 continue
-            ids += [i for i in tiktoken.Encoding.encode_ordinary(enc, part) if i not in enc.unknown_byte_ids]
+            try:
+                part_ids = tiktoken.Encoding.encode_ordinary(enc, part)
+            except BaseException as error:   # a panic past check_spec's probe: one line, not an escaping BaseException
+                if not is_panic(error):
+                    raise
+                raise cli.UserError(f"tokenizer {enc.name}: its split regex {enc._pat_str[:60]!r} failed on a text of "
+                                    f"{len(part)} characters ({(str(error).splitlines() or [''])[0][:120]})") from None
+            ids += [i for i in part_ids if i not in enc.unknown_byte_ids]
     return ids
 
 

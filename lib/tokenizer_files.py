@@ -79,7 +79,8 @@ def check_merges(merges, ids: dict[str, int], where: str) -> None:
 def pattern_from_pre_tokenizer(pre_tokenizer, where: str) -> str:
     """tokenizer.json's pre_tokenizer -> one tiktoken split regex. Accepted (what byte-level models ship):
     ByteLevel(use_regex=True) -> GPT-2's; [Digits(individual_digits), ByteLevel(use_regex=True)] ->
-    DIGITS_GPT2_PATTERN; [Split(Regex P, Isolated), ByteLevel(use_regex=False)] -> P."""
+    DIGITS_GPT2_PATTERN; [Split(Regex P, Isolated), ByteLevel(use_regex=False)] -> P, the file's own regex,
+    which finish_spec's check_spec probes (a regex that makes tiktoken panic or crawl is refused)."""
     steps = pre_tokenizer.get("pretokenizers", []) if isinstance(pre_tokenizer, dict) and \
         pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
     kinds = [step.get("type") if isinstance(step, dict) else None for step in steps]

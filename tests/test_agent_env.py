@@ -181,6 +181,45 @@ def test_keydoor_expert_solves_every_code_and_distance():
             assert info["success"] and info["turn"] == distance + 1 and moves[-1] == f"enter {code}\n"
 
 
+NON_ASCII_DIGITS = st.characters(categories=["Nd"]).filter(lambda c: c not in "0123456789")   # '१', '٣', '３'...
+
+
+@given(code=st.integers(0, 9), digit=NON_ASCII_DIGITS)
+def test_only_ascii_digits_open_the_door(code, digit):
+    """`enter १` opened the door whose code is 1: Python's \\d and int() accept a decimal digit of any script.
+    A non-ASCII digit is now an error observation (not an action), the door stays shut and the episode goes on;
+    the ASCII digit of the code still opens it."""
+    def at_the_door():
+        env = A.KeyDoorEnv(max_distance=1)
+        env.reset(0)
+        env.code, env.distance = code, 1
+        assert env.step("east\n")[0] == "door\n"
+        return env
+    env = at_the_door()
+    observation, reward, done, info = env.step(f"enter {digit}\n")
+    assert observation == "error: not an action\n" and reward == 0.0 and not done and not info["success"]
+    observation, reward, done, info = at_the_door().step(f"enter {code}\n")
+    assert observation == "open\n" and reward == 1.0 and done and info["success"]
+
+
+@given(digit=NON_ASCII_DIGITS)
+def test_the_calculator_and_guessing_envs_accept_only_ascii_digits_too(digit):
+    """The same rule in every environment: a guess or an answer written in another script's digits is
+    malformed (an error observation, no reward), never read as the number it spells."""
+    guess = A.GuessNumberEnv(n=15)
+    guess.reset(0)
+    guess.secret = int(digit) if 1 <= int(digit) <= 15 else 1
+    observation, reward, _, _ = guess.step(f"{digit}\n")
+    assert observation.startswith("error:") and reward == 0.0
+    calc = A.CalculatorEnv()
+    calc.reset(0)
+    calc.answer = int(digit)
+    observation, reward, _, _ = calc.step(f"<answer>{digit}</answer>\n")
+    assert observation.startswith("error:") and reward == 0.0
+    calc.answer = 7
+    assert calc.step("<answer>7</answer>\n")[:2] == ("correct\n", 1.0)
+
+
 def test_experts_solve_every_heldout_seed():
     for name in A.ENVS:
         result = A.evaluate_policy(name, lambda env: env.expert, range(A.HELDOUT_SEED, A.HELDOUT_SEED + 300))
@@ -902,6 +941,40 @@ def test_a_non_finite_warm_start_saves_no_checkpoint(tmp_path, monkeypatch):
     assert not (out / "warm_start.pt").exists() and not (out / "model.pt").exists()
 
 
+def test_a_warm_start_whose_weights_pass_the_bound_stops_with_one_line_and_saves_nothing(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """`--bc-lr 1e30` exited 2 but left warm_start.pt with weights near 1e29 (finite, so saved; RL then failed).
+    Now every BC update is followed by cli.check_weights: with the largest lr allowed (cli.MAX_LR = 1: norm gains
+    of 1 move by about 1 per Adam step) and the bound lowered to 1.5, the first BC update crosses it. One line,
+    exit 2, and neither warm_start.pt nor model.pt is written."""
+    monkeypatch.setattr(cli, "MAX_WEIGHT", 1.5)
+    out = tmp_path / "agent"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(lambda: A.main(["--out", str(out), *TINY_RUN, "--bc-lr", str(cli.MAX_LR)]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("error: behaviour cloning step 1: weight ") and "past cli.MAX_WEIGHT = 1.5" in err[0]
+    assert not (out / "warm_start.pt").exists() and not (out / "model.pt").exists()
+
+
+def test_rl_and_the_bc_control_stop_at_the_update_that_passes_the_bound(monkeypatch):
+    """The same check after every RL update (rl_step) and every update of the BC control (behaviour_cloning on
+    a time budget, whose lr warms up over its first 10 % of seconds): the largest lr allowed, the bound lowered
+    to 1.5: an early update crosses it (the first one in RL)."""
+    monkeypatch.setattr(cli, "MAX_WEIGHT", 1.5)
+    monkeypatch.setattr(A, "group_advantages", lambda rewards, scale_by_std=False: torch.ones_like(rewards))
+    model = tiny_model(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cli.MAX_LR, weight_decay=0.0)
+    args = A.Args(states_per_step=1, group_size=2, max_action_tokens=4)
+    with pytest.raises(cli.NonFiniteError, match=r"^RL step 7, update epoch 1: weight .* past cli.MAX_WEIGHT = 1.5"):
+        A.rl_step(model, optimizer, ENC, ["keydoor"], random.Random(0), args, torch.device("cpu"),
+                  torch.Generator().manual_seed(0), step=7)
+    with pytest.raises(cli.NonFiniteError, match=r"^behaviour cloning step \d+: weight .* past cli.MAX_WEIGHT = 1.5"):
+        A.behaviour_cloning(tiny_model(1), ENC, expert_trajs(2), 0, 4, cli.MAX_LR, torch.device("cpu"),
+                            time_budget=60.0, log_kind="bc_control")
+
+
 def test_an_init_checkpoint_with_too_few_learned_positions_is_refused_before_writing(tmp_path):
     ckpt = tmp_path / "learned.pt"
     checkpoints.save(str(ckpt), M.GPT(M.Config(**{**TINY, "block_size": 64, "pos": "learned"})), ENC)
@@ -941,6 +1014,8 @@ BAD_OPTIONS = [   # (argv, what the one line on stderr names, files the case's f
     (["--bc-batch", "0"], "--bc-batch", {}),
     (["--bc-lr", "0"], "--bc-lr", {}),
     (["--bc-lr", "nan"], "--bc-lr", {}),
+    (["--bc-lr", "1e30"], "--bc-lr must be <= 1, got 1e+30", {}),      # left warm_start.pt with weights ~1e29
+    (["--rl-lr", "1e308"], "--rl-lr must be <= 1, got 1e+308", {}),
     (["--rl-steps", "-1"], "--rl-steps", {}),
     (["--states-per-step", "0"], "--states-per-step", {}),
     (["--group-size", "-3"], "--group-size", {}),

@@ -3,7 +3,8 @@ get_device and check_finite.
 
 Oracles: the dataclass's own defaults and comments (parse_args and --help), each option rule's definition
 (and numpy's own check for seeds), and a plain Python process: a rank run under torchrun (WORLD_SIZE 2) that
-cli.run ends without the interpreter's shutdown gives the exit status, stdout and stderr of WORLD_SIZE 1.
+cli.run ends without the interpreter's shutdown gives the exit status, stdout and stderr of WORLD_SIZE 1; a
+real SIGINT (the process signals itself) and a real Rust panic in tiktoken.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_cli.py
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -70,8 +72,10 @@ CLI_RANK = ("import atexit, sys; sys.path.insert(0, {root!r}); from lib import c
     ("raise SystemExit(130)", 130, ""),
     ("raise SystemExit('stopped')", 1, "stopped"),
     ("1 / 0", 1, "ZeroDivisionError"),
+    ("raise KeyboardInterrupt", 130, "interrupted"),
+    ("raise GeneratorExit('closed')", 1, "error: GeneratorExit: closed"),
 ])
-@pytest.mark.parametrize("world_size", ["1", "2"])
+@pytest.mark.parametrize("world_size", ["1", "2", "\u00b2"])     # "²" passes str.isdigit and fails int(): one process
 def test_cli_ends_a_torchrun_rank_without_the_interpreter_shutdown_and_the_same_exit_status(body, status, err,
                                                                                            world_size):
     """A rank (WORLD_SIZE 2) skips the interpreter's shutdown, where a gloo worker thread that takes the GIL
@@ -80,10 +84,67 @@ def test_cli_ends_a_torchrun_rank_without_the_interpreter_shutdown_and_the_same_
     done = subprocess.run([sys.executable, "-c", CLI_RANK.format(root=ROOT, body=body)], capture_output=True,
                           text=True, env={**os.environ, "WORLD_SIZE": world_size}, timeout=60)
     assert done.returncode == status, done.stderr
-    shutdown = "interpreter shutdown ran\n" if world_size == "1" else ""
+    shutdown = "interpreter shutdown ran\n" if world_size != "2" else ""
     assert done.stdout == "partial line, not yet flushed" + shutdown
     assert (err in done.stderr) if err else done.stderr == ""
-    assert err != "error: rl.jsonl:2: bad line" or done.stderr == err + "\n"
+    assert not (err.startswith("error: ") or err == "interrupted") or done.stderr == err + "\n"   # one line
+
+
+@pytest.mark.parametrize("world_size", ["1", "abc", "\u00b2", "-2", ""])
+def test_fsdp_outside_torchrun_is_one_line_naming_world_size(monkeypatch, world_size):
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    args = type("Args", (), {"fsdp": True, "compile_train": False})()
+    with pytest.raises(cli.UserError, match=f"WORLD_SIZE={world_size!r}"):
+        cli.check_fsdp(args)
+
+
+SIGINT_SCRIPT = ("import os, signal, sys, time; sys.path.insert(0, {root!r})\n"
+                 "{start_up}\n"
+                 "from lib import cli\n"
+                 "def main():\n"
+                 "    os.kill(os.getpid(), signal.SIGINT)\n"
+                 "    time.sleep(1)\n"
+                 "    print('main ran to its end', flush=True)\n"
+                 "cli.run(main)\n"
+                 "os.kill(os.getpid(), signal.SIGINT)\n"
+                 "print('a SIGINT after cli.run did nothing', flush=True)\n")
+
+
+@pytest.mark.parametrize("start_up, status, stdout, stderr", [
+    ("", 130, "", "interrupted\n"),                                                # Python's own handler
+    ("signal.signal(signal.SIGINT, signal.SIG_DFL)", 130, "", "interrupted\n"),   # a script's start-up setting
+    ("signal.signal(signal.SIGINT, signal.SIG_IGN)", 0,                            # a background job's: kept
+     "main ran to its end\na SIGINT after cli.run did nothing\n", ""),
+])
+def test_a_real_sigint_during_main_is_one_line_and_status_130_unless_the_process_ignores_it(start_up, status,
+                                                                                            stdout, stderr):
+    """main() signals its own process, as Ctrl-C does: "interrupted" and exit status 130 (128 + SIGINT), with
+    Python's handler or SIG_DFL in place before cli.run; a process that ignores SIGINT (SIG_IGN: how a shell
+    starts a background job) goes on ignoring it."""
+    done = subprocess.run([sys.executable, "-c", SIGINT_SCRIPT.format(root=ROOT, start_up=start_up)],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (status, stdout, stderr)
+
+
+def test_sig_dfl_is_back_after_main_so_a_later_sigint_ends_the_process_at_once():
+    """A script that sets SIG_DFL before its imports gets it back once main() is done: a SIGINT then ends the
+    process at once, silently (the default action: killed by SIGINT), as it would during the imports."""
+    script = SIGINT_SCRIPT.format(root=ROOT, start_up="signal.signal(signal.SIGINT, signal.SIG_DFL)")
+    script = script.replace("    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(1)\n", "")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "main ran to its end\n", "")
+
+
+def test_a_rust_panic_in_tiktoken_is_one_line_not_a_traceback():
+    """pyo3's PanicException is a BaseException, not an Exception: cli.run prints it as one line (status 1)
+    after the message that Rust itself writes to the stderr file descriptor."""
+    body = ("import tiktoken\n"   # a split regex that matches the empty string makes tiktoken panic
+            "def main():\n"
+            "    tiktoken.Encoding(name='x', pat_str='', mergeable_ranks={b'a': 0}, special_tokens={}).encode('a')\n")
+    done = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); from lib import cli\n"
+                           + body + "cli.run(main)\n"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("error: PanicException: "), done.stderr
 
 
 def test_check_finite_names_the_place_and_the_value():

@@ -11,12 +11,15 @@ gguf or the package is missing (the README's test command installs them).
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_convert.py
 """
+import dataclasses
 import importlib.util
 import json
+import math
 import os
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import model as M
 from lib import checkpoints, cli, convert, tasks, tokenizer
@@ -150,6 +153,52 @@ def test_a_missing_projection_is_a_checkpoint_error_naming_the_tensor_and_the_fo
     with pytest.raises(cli.CheckpointError, match=r"^some/folder: tensor 'model.layers.1.self_attn.v_proj.weight' "
                                                   r"is missing$"):
         convert.state_dict_from_hf(tensors, cfg, "some/folder")
+
+
+def test_state_dict_from_hf_inverts_state_dict_to_hf_in_one_pass_whatever_the_config_claims():
+    """The names come from the tensors present, never from a loop over the config's layer count: with the
+    config claiming 10**9 layers the conversion still takes the 2 layers' time and gives back our state dict
+    exactly (state_dict_to_hf's inverse); a name that is not a weight here is left out."""
+    from helpers import watchdog
+    for tie in (True, False):
+        cfg = M.Config(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, qkv_bias=True, tie_embeddings=tie)
+        ours = M.GPT(cfg).state_dict()
+        tensors = convert.state_dict_to_hf(ours, cfg)
+        tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)     # an old checkpoint's buffer
+        with watchdog(5):
+            back = convert.state_dict_from_hf(tensors, dataclasses.replace(cfg, n_layer=10**9), "folder")
+        assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+
+
+@given(value=st.one_of(st.none(), st.booleans(), st.integers(-10**400, 10**400), st.floats(allow_nan=True),
+                       st.text(max_size=3), st.lists(st.integers(), max_size=2),
+                       st.dictionaries(st.text(max_size=2), st.integers(), max_size=2)),
+       kind=st.sampled_from([int, float, bool, str, list, dict]), low=st.integers(0, 2),
+       high=st.none() | st.integers(0, 9))
+def test_checked_takes_exactly_the_values_of_its_kind_and_names_the_field_otherwise(value, kind, low, high):
+    """The contract, case by case: an int is never a bool; a float is an int or float that Python turns into a
+    finite float > 0; the other kinds their own type; an absent (or null) field gives the default, or is an error
+    when it is required. A refusal is one CheckpointError line that starts with the file and names the field."""
+    def as_float(number):                      # NaN where Python cannot make it a float (an int of 10**400)
+        try:
+            return float(number)
+        except OverflowError:
+            return math.nan
+
+    accepted = (value is not None and type(value) is int and value >= low and (high is None or value <= high)
+                if kind is int else
+                type(value) in (int, float) and as_float(value) > 0 and math.isfinite(as_float(value))
+                if kind is float else type(value) is kind)
+    source = {} if value is None else {"field": value}
+    if value is None:
+        assert convert.checked(source, "field", kind, "a/config.json", "default") == "default"
+    if accepted:
+        got = convert.checked(source, "field", kind, "a/config.json", low=low, high=high)
+        assert type(got) is (float if kind is float else kind) and got == (float(value) if kind is float else value)
+    else:
+        with pytest.raises(cli.CheckpointError) as error:
+            convert.checked(source, "field", kind, "a/config.json", low=low, high=high)
+        assert str(error.value).startswith("a/config.json: field must be ") and "\n" not in str(error.value)
 
 
 def test_a_model_trained_here_exports_and_reloads_with_its_tokenizer(tmp_path):

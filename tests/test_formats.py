@@ -121,6 +121,9 @@ def write_hostile_safetensors(path, case):
     elif case == "huge_shape":   # would be 2**82 bytes if allocated from the shape alone
         write_raw_safetensors(path, {"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}},
                               bytes(16))
+    elif case == "empty_past_int64":   # no elements (a 0 in the shape), but a dimension torch cannot take
+        write_raw_safetensors(path, {**good, "e": {"dtype": "F32", "shape": [10**30, 0], "data_offsets": [16, 16]}},
+                              bytes(16))
     elif case == "negative_dims":   # -2 * -3 * 4 bytes = the 24 bytes there, but no tensor has a negative size
         write_raw_safetensors(path, {"a": {"dtype": "F32", "shape": [-2, -3], "data_offsets": [0, 24]}}, bytes(24))
     elif case == "overlap":
@@ -149,7 +152,8 @@ def write_hostile_safetensors(path, case):
             file.write(struct.pack("<Q", len(header)) + header + b"\x00")
 
 
-HOSTILE_SAFETENSORS = ["header_past_end", "offsets_past_end", "wrong_size", "huge_shape", "negative_dims", "overlap",
+HOSTILE_SAFETENSORS = ["header_past_end", "offsets_past_end", "wrong_size", "huge_shape", "empty_past_int64",
+                       "negative_dims", "overlap",
                        "empty_inside_another", "not_json", "not_an_object", "truncated", "too_short", "unknown_dtype",
                        "duplicate_name"]
 
@@ -174,6 +178,20 @@ def test_the_safetensors_library_refuses_the_hostile_files_too(tmp_path, case):
     write_hostile_safetensors(path, case)
     with pytest.raises(SafetensorError, match="deserializing"):
         safetensors_torch.load_file(path)
+
+
+def test_an_empty_tensor_may_not_claim_a_dimension_beyond_the_files_size(tmp_path):
+    """A tensor with elements has every dimension <= its bytes <= the file's size; an empty one (a 0 elsewhere
+    in its shape) could claim any dimension, which reaches torch and every shape check after it. Refused past
+    the file's size (the safetensors library takes [2**40, 0]; it refuses only what overflows its usize)."""
+    write_raw_safetensors(str(tmp_path / "small.safetensors"), {"e": {"dtype": "F32", "shape": [5, 0, 3],
+                                                                        "data_offsets": [0, 0]}}, b"")
+    assert formats.read_safetensors(str(tmp_path / "small.safetensors"))["e"].shape == (5, 0, 3)
+    path = str(tmp_path / "big.safetensors")
+    write_raw_safetensors(path, {"e": {"dtype": "F32", "shape": [2**40, 0], "data_offsets": [0, 0]}}, b"")
+    with pytest.raises(ValueError, match=rf"^{path}: tensor 'e' needs .*no dimension above the file's "
+                                         rf"{os.path.getsize(path)} bytes"):
+        formats.read_safetensors(path)
 
 
 def test_safetensors_errors_quote_long_names_to_80_characters_and_give_the_byte_counts(tmp_path):
@@ -429,6 +447,32 @@ def test_truncated_and_hostile_gguf_raise_value_error_naming_the_path(tmp_path):
     (tmp_path / "magic.gguf").write_bytes(b"GGML" + data[4:])
     with pytest.raises(ValueError, match="magic"):
         formats.read_gguf(str(tmp_path / "magic.gguf"))
+
+
+def test_gguf_counts_and_lengths_claimed_in_the_header_are_bounded_by_the_file(tmp_path):
+    """Every count and length a GGUF header claims (metadata and tensor counts, a string's length, an array's
+    element count, a tensor's dims) is held to the bytes left in the file before anything is allocated for it:
+    a few hundred bytes claiming terabytes are refused at once, naming the path."""
+    from helpers import watchdog
+    head = lambda n_tensors, n_kv: b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv)
+    key = lambda name, value_type: gguf_string(name) + struct.pack("<I", value_type)
+    cases = {  # what the header claims: (bytes, text of the error)
+        "2**40 metadata keys": (head(0, 2**40) + bytes(64), "cannot fit"),
+        "2**40 tensors": (head(2**40, 0) + bytes(64), "cannot fit"),
+        "a 2**60-byte string": (head(0, 1) + key("general.name", 8) + struct.pack("<Q", 2**60) + bytes(64),
+                                "ends inside"),
+        "2**40 bytes in an array": (head(0, 1) + key("big", 9) + struct.pack("<IQ", 0, 2**40) + bytes(64), "2**40"),
+        "2**40 strings in an array": (head(0, 1) + key("big", 9) + struct.pack("<IQ", 8, 2**40) + bytes(64), "2**40"),
+        "a 2**40-row tensor": (head(1, 0) + gguf_string("t") + struct.pack("<I2QIQ", 2, 32, 2**40, 0, 0) + bytes(64),
+                               "'t'"),
+    }
+    for name, (data, text) in cases.items():
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(data)
+        with watchdog(5), pytest.raises(ValueError) as error:
+            formats.read_gguf(str(path))
+        message = str(error.value).replace(str(2**40), "2**40")
+        assert message.startswith(str(path)) and text in message and "\n" not in message, (name, message)
 
 
 def test_gguf_tensor_of_an_unsupported_type_is_named_in_the_error(tmp_path):

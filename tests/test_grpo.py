@@ -729,3 +729,48 @@ def test_compile_train_compiles_the_policy_after_the_reference_copy_and_passes_t
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(cli.UserError, match="--compile-train with --fsdp"):
         grpo.check_args(tiny_args(tmp, compile_train=True, fsdp=True))
+
+
+# ---------------------------------------------------------------- learning rates and weights at the edge
+
+def argv_of(args):
+    """The command line of grpo.Args `args`: every field as its flag."""
+    argv = []
+    for k, v in vars(args).items():
+        flag = "--" + k.replace("_", "-")
+        argv += [flag if v else "--no-" + k.replace("_", "-")] if isinstance(v, bool) else [flag, str(v)]
+    return argv
+
+
+def run_main_in_process(argv, capsys):
+    """cli.run(grpo.main) on argv, as `python grpo.py` runs it -> (exit status, stderr lines)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(lambda: grpo.main(argv))
+    return stopped.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("extra, flag", [(["--lr", "1e30"], "--lr"), (["--lr", "1e308", "--grad-clip", "0"], "--lr"),
+                                         (["--control", "--control-lr", "1e30"], "--control-lr")])
+def test_an_absurd_lr_or_control_lr_is_one_line_before_anything_is_written(tmp_path, capsys, extra, flag):
+    """`--control --control-lr 1e30` exited 0 with a control model whose weights reached 5e28 (sft.py took the
+    lr and its weights stayed finite). Both learning rates are bounded by cli.MAX_LR in grpo.py's own
+    check_args, before GRPO or the control writes anything."""
+    tmp = tiny_setup(tmp_path)
+    status, err = run_main_in_process(argv_of(tiny_args(tmp)) + extra, capsys)
+    assert status == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith(f"error: {flag} must be <= {cli.MAX_LR:g}"), err
+    assert not (tmp / "run").exists()
+
+
+def test_an_update_that_takes_a_weight_past_the_bound_stops_grpo_and_writes_no_model(tmp_path, capsys, monkeypatch):
+    """--weight-decay 1e7 with lr 3e-3: AdamW multiplies every weight by 1 - 3e4 at the first update (the loss and
+    gradient are still finite). The run stops at that update naming the weight (cli.check_weights), exit 2, one
+    line; grpo.py saves model.pt only at the end, so no model is written (none was ever good)."""
+    tmp = tiny_setup(tmp_path)
+    monkeypatch.setitem(grpo.REWARDS, "digits", digit_reward)     # dense: every group has an advantage
+    args = tiny_args(tmp, rewards="digits=1", weight_decay=1e7, max_steps=5)
+    status, err = run_main_in_process(argv_of(args), capsys)
+    assert status == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("error: step 1, epoch 1: weight ") and "past cli.MAX_WEIGHT" in err[0], err
+    assert not (tmp / "run" / "model.pt").exists()

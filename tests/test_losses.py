@@ -1373,3 +1373,244 @@ def test_soft_cross_entropy_answers_in_the_dtype_of_the_log_probs_and_reduce_nam
     with pytest.raises(ValueError) as error:
         L.cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), reduction="avg")
     assert str(error.value) == "losses.py: reduction='avg'; choose 'mean', 'sum' or 'none'"
+
+
+# ---------------------------------------------------------------- edges: empty, zero-length, -inf and huge logits
+
+INF = math.inf
+DEMO = {"walkthrough", "benchmark", "main", "check_args"}      # the worked example and its CLI, not losses
+
+
+def public_functions():
+    return {name for name, obj in vars(L).items() if callable(obj) and getattr(obj, "__module__", None) == L.__name__
+            and not name.startswith(("_", "show_")) and not isinstance(obj, type)} - DEMO
+
+
+@st.composite
+def edge_batch(draw):
+    """A (B, T, V) batch at the edges: B and T may be 0 or 1, V may be 1; logits from {+-1e4, -inf, ...} with
+    the target of every position finite (a row always has a class of probability > 0), a mask that may keep
+    nothing. -> dict of tensors (float64) and sizes."""
+    b, t, v = draw(st.sampled_from([0, 1, 3])), draw(st.sampled_from([0, 1, 4])), draw(st.sampled_from([1, 2, 6]))
+    gen = torch.Generator().manual_seed(draw(SEEDS))
+    values = torch.tensor([-1e4, -30.0, -1.0, 0.0, 0.5, 7.0, 1e4], dtype=torch.float64)
+    pick = lambda: values[torch.randint(len(values), (b, t, v), generator=gen)]
+    targets = torch.randint(v, (b, t), generator=gen)
+    on_target = F.one_hot(targets, v).bool()                                          # (B, T, V)
+    neg_inf = (torch.rand(b, t, v, generator=gen) < draw(st.sampled_from([0.0, 0.5]))) & ~on_target
+    logits = torch.where(neg_inf, -INF, pick())                                       # q: -inf off the target
+    p_logits = torch.where(neg_inf, -INF, pick())        # p: -inf wherever q is, so p's support is inside q's
+    keep = torch.rand(b, t, generator=gen) < draw(st.sampled_from([0.0, 0.6, 1.0]))
+    return dict(b=b, t=t, v=v, gen=gen, logits=logits, finite_logits=pick(), p_logits=p_logits,
+                targets=targets, keep=keep, denom=draw(st.sampled_from([None, 0, 5])))
+
+
+def leaf(x):
+    return x.clone().requires_grad_()
+
+
+def edge_calls(e):
+    """name -> (outputs, leaves): every public loss function of losses.py called on the edge batch."""
+    z, zf, pz = leaf(e["logits"]), leaf(e["finite_logits"]), leaf(e["p_logits"])
+    y, keep, denom, b, t = e["targets"], e["keep"], e["denom"], e["b"], e["t"]
+    logp = L.log_likelihood(z, y)                                                     # (B, T) finite
+    ref_logp = L.log_likelihood(torch.where(torch.isinf(z), z, 2 * z).detach(), y)    # the same support
+    adv = torch.linspace(-2, 2, b * t, dtype=torch.float64).view(b, t)
+    values, returns = leaf(torch.full((b, t), 0.5, dtype=torch.float64)), adv * 3
+    seq = L.sequence_logprob(logp, keep)                                              # (B,)
+    hidden = leaf(torch.randn(b, t, 3, generator=e["gen"], dtype=torch.float64) * 30)
+    weight = leaf(torch.randn(e["v"], 3, generator=e["gen"], dtype=torch.float64) * 30)
+    counts = torch.randint(0, 4, (b, e["v"]), generator=e["gen"]).double()
+    counts[:, 0] += 1                                                                 # every row has data
+    theta = leaf(torch.randn(3, dtype=torch.float64))
+    return {
+        "masked_sum": (L.masked_sum(logp, keep), [z]),
+        "masked_mean": (L.masked_mean(logp, keep, denom=denom), [z]),
+        "log_likelihood": (L.log_likelihood(z, y, mask=keep), [z]),
+        "nll": (L.nll(z, y, mask=keep), [z]),
+        "entropy": (L.entropy(z, keep), [z]),
+        "soft_cross_entropy": (L.soft_cross_entropy(torch.softmax(pz, -1), z, keep), [z, pz]),
+        "kl_divergence": (L.kl_divergence(pz, z, keep), [z, pz]),
+        "perplexity": (L.perplexity(L.masked_mean(-L.log_likelihood(z / 100, y), keep)), [z]),   # <= 709 nats
+        "bits_per_token": (L.bits_per_token(L.masked_mean(-logp, keep)), [z]),
+        "bits_per_byte": (L.bits_per_byte(L.masked_mean(-logp, keep), int(keep.sum()), max(int(keep.sum()), 1)),
+                          [z]),
+        "kl_k1": (L.kl_k1(logp, ref_logp, keep), [z]),
+        "kl_k2": (L.kl_k2(logp, ref_logp, keep), [z]),
+        "kl_k3": (L.kl_k3(logp, ref_logp, keep), [z]),
+        "cross_entropy": (L.cross_entropy(z, y, mask=keep, z_loss=1e-4, denom=denom)
+                          + L.cross_entropy(zf, y, mask=keep, label_smoothing=0.1, reduction="sum"), [z, zf]),
+        "chunked_cross_entropy": (L.chunked_cross_entropy(hidden, weight, y, mask=keep, label_smoothing=0.1,
+                                                          z_loss=1e-4, chunk_size=2, denom=denom), [hidden, weight]),
+        "sequence_logprob": (seq, [z]),
+        "bradley_terry_loss": (L.bradley_terry_loss(seq, seq.detach() - 1.0, margin=0.5), [z]),
+        "dpo_loss": (L.dpo_loss(seq, seq.detach() * 2, seq.detach() - 1, seq.detach()), [z]),
+        "ipo_loss": (L.ipo_loss(seq, seq.detach() * 2, seq.detach() - 1, seq.detach()), [z]),
+        "ppo_policy_loss": (L.ppo_policy_loss(logp, ref_logp, adv, keep, denom=denom), [z]),
+        "value_loss": (L.value_loss(values, values.detach() * 0, returns, keep, denom=denom), [values]),
+        "entropy_bonus": (L.entropy_bonus(z, keep, denom=denom), [z]),
+        "reinforce_loss": (L.reinforce_loss(logp, returns, baseline="mean", mask=keep, denom=denom), [z]),
+        "categorical_mle": (L.categorical_mle(counts), []),
+        "dirichlet_posterior_mean": (L.dirichlet_posterior_mean(counts * 0, 0.5), []),
+        "map_l2_loss": (L.map_l2_loss(L.masked_mean(-logp, keep), [theta], 0.5, max(b, 1)), [z, theta]),
+        "adam_l2_vs_adamw": (L.adam_l2_vs_adamw(torch.ones(t, 2, dtype=torch.float64), torch.ones(2), 0.01, 0.1, t),
+                             []),
+        "tempered": (torch.where(torch.isinf(z), 0.0, L.tempered(z, 0.5)), [z]),   # -inf is log 0: exact
+    }
+
+
+def tensors_in(output):
+    if isinstance(output, (tuple, list)):
+        return [x for item in output for x in tensors_in(item)]
+    if isinstance(output, dict):
+        return [x for item in output.values() for x in tensors_in(item)]
+    return [output] if torch.is_tensor(output) else []
+
+
+def test_the_edge_sweep_covers_every_public_loss_function():
+    """A new function in losses.py must join test_every_loss_is_finite_with_finite_gradients_at_the_edges."""
+    gen = torch.Generator().manual_seed(0)
+    sample = dict(b=1, t=1, v=2, gen=gen, logits=torch.zeros(1, 1, 2, dtype=torch.float64),
+                  finite_logits=torch.zeros(1, 1, 2, dtype=torch.float64),
+                  p_logits=torch.zeros(1, 1, 2, dtype=torch.float64), targets=torch.zeros(1, 1, dtype=torch.long),
+                  keep=torch.ones(1, 1, dtype=torch.bool), denom=None)
+    assert set(edge_calls(sample)) == public_functions()
+
+
+@given(edge_batch())
+def test_every_loss_is_finite_with_finite_gradients_at_the_edges(e):
+    """Empty batches (B = 0), zero-length sequences (T = 0), single elements, a vocabulary of 1, -inf logits
+    (off the target), logits of +-1e4, masks that keep nothing, a whole-batch denom of 0: every public function
+    gives finite values and finite gradients (what the module docstring promises)."""
+    for name, (output, leaves) in edge_calls(e).items():
+        values = tensors_in(output)
+        assert all(torch.isfinite(x).all() for x in values), (name, output)
+        scalars = [x.sum() for x in values if x.requires_grad]
+        if scalars and leaves:
+            grads = torch.autograd.grad(sum(scalars), leaves, allow_unused=True, retain_graph=True)
+            assert all(g is None or torch.isfinite(g).all() for g in grads), name
+
+
+@given(edge_batch())
+def test_an_empty_or_fully_masked_batch_gives_zero_whatever_its_denominator(e):
+    """Nothing counted: every loss is exactly 0 (the sum of nothing, divided by a count of at least 1), with
+    a zero gradient, for denom None, 0 (the whole batch is empty) or any count."""
+    nothing = torch.zeros_like(e["keep"])
+    z = leaf(e["logits"])
+    adv = torch.ones(e["b"], e["t"], dtype=torch.float64)
+    logp = L.log_likelihood(z, e["targets"])
+    hidden = leaf(torch.ones(e["b"], e["t"], 3, dtype=torch.float64))
+    losses = [L.cross_entropy(z, e["targets"], mask=nothing, denom=e["denom"]),
+              L.chunked_cross_entropy(hidden, torch.ones(e["v"], 3, dtype=torch.float64), e["targets"], mask=nothing,
+                                      denom=e["denom"]),
+              L.ppo_policy_loss(logp, logp.detach(), adv, nothing, denom=e["denom"])[0],
+              L.value_loss(logp, logp.detach(), adv, nothing, denom=e["denom"])[0],
+              L.entropy_bonus(z, nothing, denom=e["denom"]),
+              L.reinforce_loss(logp, adv, mask=nothing, denom=e["denom"])[0],
+              L.masked_mean(logp, nothing, denom=e["denom"])]
+    for loss in losses:
+        assert float(loss.detach()) == 0.0
+    grads = torch.autograd.grad(sum(losses), [z, hidden])
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_reinforce_statistics_of_an_empty_batch_are_zero():
+    loss, stats = L.reinforce_loss(torch.zeros(0, 3), torch.zeros(0, 1), baseline="mean")
+    assert float(loss) == 0.0 and float(stats["advantage_mean"]) == 0.0 and float(stats["advantage_std"]) == 0.0
+
+
+@given(st.integers(1, 9), st.data(), finite(1e4))
+def test_entropy_of_a_one_hot_distribution_is_zero_with_a_zero_gradient(vocab, data, value):
+    """One finite logit, every other -inf: p is one-hot and H(p) = 0 exactly (0 log 0 := 0); the same row
+    through entropy_bonus, and its cross-entropy with itself (soft_cross_entropy(p, z) = H(p))."""
+    hot = data.draw(st.integers(0, vocab - 1))
+    z = torch.full((1, vocab), -INF, dtype=torch.float64)
+    z[0, hot] = value
+    z.requires_grad_()
+    h = L.entropy(z)
+    assert float(h.detach()) == 0.0
+    assert float(L.entropy_bonus(z[None]).detach()) == 0.0
+    assert float(L.soft_cross_entropy(F.one_hot(torch.tensor([hot]), vocab).double(), z).detach()) == 0.0
+    (grad,) = torch.autograd.grad(h.sum(), z)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@st.composite
+def supports(draw, max_vocab=8):
+    """(p logits, q logits, p's support S, q's support Q) with S inside Q: -inf outside each support."""
+    v = draw(st.integers(2, max_vocab))
+    q_support = draw(st.lists(st.booleans(), min_size=v, max_size=v).filter(any))
+    p_support = [q and draw(st.booleans()) for q in q_support]
+    if not any(p_support):
+        p_support[q_support.index(True)] = True
+    row = lambda: np.array(draw(st.lists(finite(20.0), min_size=v, max_size=v)))
+    p = np.where(p_support, row(), -np.inf)
+    q = np.where(q_support, row(), -np.inf)
+    return torch.tensor(p)[None], torch.tensor(q)[None], np.array(p_support), np.array(q_support)
+
+
+@given(supports())
+def test_kl_and_cross_entropy_with_minus_inf_logits_are_sums_over_p_s_support(pair):
+    """q's logit is -inf on classes where p has no mass either: KL(p||q) = sum_{v in supp p} p_v log(p_v / q_v)
+    and H(p, q) = -sum_{v in supp p} p_v log q_v, brute force in numpy over the supports alone, both finite,
+    with finite gradients (zero on the -inf logits)."""
+    p_logits, q_logits, s, qs = pair
+    p_logits.requires_grad_()
+    q_logits.requires_grad_()
+    lp = p_logits.detach().numpy()[0][s] - np_logsumexp(p_logits.detach().numpy()[0][s])
+    lq_all = q_logits.detach().numpy()[0][qs] - np_logsumexp(q_logits.detach().numpy()[0][qs])
+    lq = np.full(len(s), -np.inf)
+    lq[qs] = lq_all
+    kl = L.kl_divergence(p_logits, q_logits)
+    ce = L.soft_cross_entropy(torch.softmax(p_logits, -1), q_logits)
+    assert torch.isfinite(kl).all() and torch.isfinite(ce).all()
+    np.testing.assert_allclose(kl.item(), (np.exp(lp) * (lp - lq[s])).sum(), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(ce.item(), -(np.exp(lp) * lq[s]).sum(), rtol=1e-9, atol=1e-9)
+    grads = torch.autograd.grad((kl + ce).sum(), [p_logits, q_logits])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert float(grads[0][0][~torch.tensor(s)].abs().sum()) == 0.0
+
+
+@given(supports())
+def test_kl_is_infinite_exactly_when_p_has_mass_where_q_is_minus_inf(pair):
+    """Swap the roles: q's support is then inside p's. Where p has mass that q gives none, KL(p||q) and
+    H(p, q) are +inf, their exact values (a finite number would be wrong); where the supports agree, finite."""
+    q_logits, p_logits, q_support, p_support = pair          # p's support now contains q's
+    infinite = bool((p_support & ~q_support).any())            # a class of p's with no mass under q
+    kl, ce = L.kl_divergence(p_logits, q_logits), L.soft_cross_entropy(torch.softmax(p_logits, -1), q_logits)
+    assert (kl.item() == INF) == infinite and (ce.item() == INF) == infinite
+    assert not torch.isnan(kl).any() and not torch.isnan(ce).any()
+
+
+def test_cross_entropy_of_a_target_whose_logit_is_minus_inf_is_infinite_as_in_pytorch():
+    """-log 0 = +inf, as F.cross_entropy; label smoothing's target puts eps / V on a -inf class: +inf too."""
+    z, y = torch.tensor([[0.0, -INF, 1.0]]), torch.tensor([1])
+    assert L.cross_entropy(z, y).item() == F.cross_entropy(z, y).item() == INF
+    assert L.cross_entropy(z, torch.tensor([0]), label_smoothing=0.1).item() == INF
+    assert L.cross_entropy(z, torch.tensor([0])).item() == pytest.approx(F.cross_entropy(z, torch.tensor([0])).item())
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: L.tempered(torch.zeros(3), 0.0), "losses.tempered: temperature=0.0 must be > 0"),
+    (lambda: L.tempered(torch.zeros(3), -1.0), "losses.tempered: temperature=-1.0 must be > 0"),
+    (lambda: L.ipo_loss(*[torch.zeros(2)] * 4, beta=0.0), "losses.ipo_loss: beta=0.0 must be > 0"),
+    (lambda: L.categorical_mle(torch.zeros(2, 3)), "losses.categorical_mle: counts must be >= 0"),
+    (lambda: L.categorical_mle(torch.tensor([2.0, -1.0])), "losses.categorical_mle: counts must be >= 0"),
+    (lambda: L.dirichlet_posterior_mean(torch.zeros(3), 0.0), "losses.dirichlet_posterior_mean: alpha=0.0"),
+    (lambda: L.map_l2_loss(torch.tensor(1.0), [torch.ones(2)], 0.0, 5), "losses.map_l2_loss: prior_std=0.0"),
+    (lambda: L.map_l2_loss(torch.tensor(1.0), [torch.ones(2)], 1.0, 0), "n_examples=0 >= 1"),
+    (lambda: L.bits_per_byte(1.0, 4, 0), "losses.bits_per_byte: n_bytes=0 must be >= 1"),
+    (lambda: L.reinforce_loss(torch.zeros(1, 2), torch.zeros(1, 1), baseline="loo"), "at least 2 samples"),
+])
+def test_a_parameter_outside_its_domain_is_a_one_line_value_error(call, message):
+    """Where the quantity is undefined (a temperature of 0, no counts, no bytes, ...), a ValueError of one line
+    naming the function and the value, never a NaN or a ZeroDivisionError."""
+    with pytest.raises(ValueError) as error:
+        call()
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_perplexity_of_a_number_is_float64_so_a_mean_nll_of_100_nats_is_finite():
+    """exp(100) = 2.7e43 overflows float32 (max 3.4e38): a Python number is taken in float64 (finite to 709)."""
+    assert L.perplexity(100.0).item() == pytest.approx(math.exp(100.0), rel=1e-12)
+    assert L.perplexity(710.0).item() == INF                    # past float64's range: the honest overflow

@@ -817,7 +817,8 @@ BAD_OPTIONS = [("--steps", "0"), ("--batch-size", "0"), ("--seq-len", "2"), ("--
                ("--weight-decay", "-0.1"), ("--clip", "-1"), ("--target", "-1"), ("--eval-every", "0"),
                ("--eval-size", "0"), ("--lr-scale", "0"), ("--optimizers", "adamax"), ("--beta-steps", "2"),
                ("--beta-steps", "-1"), ("--beta-lr", "0"), ("--beta-seeds", "0"), ("--timing-rounds", "0"),
-               ("--threads", "-1"), ("--device", "tpu"), ("--seed", "-1")]
+               ("--threads", "-1"), ("--device", "tpu"), ("--seed", "-1"),
+               ("--lr-scale", "1e308"), ("--lr-scale", "101"), ("--beta-lr", "1e30"), ("--beta-lr", "1.5")]
 
 
 @pytest.mark.parametrize("flag,value", BAD_OPTIONS)
@@ -826,6 +827,24 @@ def test_every_bad_option_is_refused_before_anything_is_written(tmp_path, flag, 
     with pytest.raises(cli.UserError, match=flag if flag != "--n-head" or value != "3" else "--n-embd"):
         optim.main([flag, value, "--out-dir", str(out)])
     assert not out.exists()
+
+
+def test_a_run_whose_weights_pass_the_bound_stops_with_one_line_and_no_results(tmp_path, capsys):
+    """SGD at 100x its tuned lr (the largest --lr-scale), unclipped: its weights pass cli.MAX_WEIGHT within a few
+    steps. The comparison stops there with one line naming the recipe, the step and the weight, exit 2, and
+    writes no results.json (`--lr-scale 1e30` used to finish with rows of NaN, and 1e308 raised a traceback)."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(lambda: optim.main(["--steps", "20", "--batch-size", "8", "--seq-len", "8", "--n-layer", "1",
+                                    "--n-embd", "16", "--n-head", "2", "--symbols", "4", "--optimizers", "sgd",
+                                    "--lr-scale", str(optim.MAX_LR_SCALE), "--clip", "0", "--warmup", "0",
+                                    "--beta-steps", "0", "--timing-rounds", "1", "--eval-every", "5",
+                                    "--eval-size", "16", "--out-dir", str(out), "--device", "cpu"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("error: SGD step ") and ("past cli.MAX_WEIGHT" in err[0] or "NaN" in err[0]), err
+    assert not (out / "results.json").exists()
 
 
 def test_bad_option_is_one_line_and_exit_status_2(tmp_path):

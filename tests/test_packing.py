@@ -347,6 +347,21 @@ def test_main_end_to_end_tiny(tmp_path, capsys):
         P.main(["--data", str(tmp_path / "missing.jsonl"), "--n-docs", "10", "--bench-docs", "0"])
 
 
+def test_a_training_comparison_whose_weights_pass_the_bound_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """The largest lr allowed (cli.MAX_LR = 1) moves norm gains of 1 by about 1 per Adam step: with the bound
+    lowered to 1.5 the first update of the padded run crosses it, and the comparison stops there (one line
+    naming the run, the step and the weight; exit 2) instead of printing a table of a diverged model."""
+    monkeypatch.setattr(cli, "MAX_WEIGHT", 1.5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(lambda: P.main(["--n-docs", "10", "--bench-docs", "0", "--train-steps", "3", "--batch-size", "4",
+                                "--train-seq-len", "32", "--train-median-len", "8", "--n-embd", "32", "--data", "",
+                                "--lr", str(cli.MAX_LR), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("error: padded step 1: weight ") and "past cli.MAX_WEIGHT = 1.5" in err[0], err
+
+
 def test_demonstration_lengths_read_prompt_completion_and_gsm8k_rows(tmp_path):
     """Byte tokens of prompt + completion + <|endoftext|> = UTF-8 bytes + 1; a GSM8K row's question is the
     prompt and its worked answer the completion (tasks.read_demonstrations)."""
@@ -407,6 +422,8 @@ BAD_INPUTS = [   # (argv, what the one line on stderr names: the option, or file
     (["--lr", "0"], "--lr", {}),
     (["--lr", "-1"], "--lr", {}),
     (["--lr", "nan"], "--lr", {}),
+    (["--lr", "1e308"], "--lr must be <= 1, got 1e+308", {}),           # overflowed inside AdamW: a traceback
+    (["--lr", "1e30"], "--lr must be <= 1, got 1e+30", {}),             # trained on to NaN losses, exit 0
     (["--bench-docs", "-1"], "--bench-docs", {}),
     (["--bench-docs", str(10 ** 8)], "--bench-docs", {}),
     (["--out-dir", "file.txt"], "--out-dir", {"file.txt": b"x"}),

@@ -680,6 +680,36 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_at_its_step_and_keeps_the_l
     assert not (out / "summary.json").exists()
 
 
+@pytest.mark.parametrize("lr_flag", ["--lr", "--value-lr"])
+def test_an_update_that_takes_a_weight_past_the_bound_stops_ppo_and_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch, capsys, lr_flag):
+    """The largest lr allowed (cli.MAX_LR = 1) moves every weight by about 1 per Adam step, so norm gains of 1
+    reach ~2: with the bound lowered to 1.5 (as if MAX_WEIGHT were that small), the first update crosses it.
+    One line naming the step and the weight (cli.check_weights, after every optimizer.step()), exit 2; the
+    run's folder keeps the last good model.pt untouched, and no summary is written."""
+    write_inputs(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(tmp_path / "policy.pt", out / "model.pt")     # the last good checkpoint of an earlier run
+    before = digest(out / "model.pt")
+    monkeypatch.setattr(cli, "MAX_WEIGHT", 1.5)
+    argv = cli_argv(tiny_args(tmp_path, max_steps=3)) + [lr_flag, str(cli.MAX_LR)]
+    status, err = run_cli_in_process(P.main, argv, capsys)
+    assert status == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("error: step 1, epoch 1, minibatch 1: weight ") and "past cli.MAX_WEIGHT = 1.5" in err[0]
+    assert ("body." in err[0] or "head." in err[0]) == (lr_flag == "--value-lr"), err  # the value model's own weight
+    assert digest(out / "model.pt") == before
+    assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("argv", [["--lr", "1e308"], ["--value-lr", "1e30"], ["--lr", "1.5"]])
+def test_an_lr_past_max_lr_is_one_line_naming_it_before_anything_is_written(tmp_path, capsys, argv):
+    write_inputs(tmp_path)
+    status, err = run_cli_in_process(P.main, cli_argv(tiny_args(tmp_path)) + argv, capsys)
+    assert status == 2 and err == [f"error: {argv[0]} must be <= {cli.MAX_LR:g}, got {float(argv[1])}"], err
+    assert not (tmp_path / "run").exists()
+
+
 class ExplodingSGD(torch.optim.SGD):
     """An optimizer whose step leaves an infinite weight behind (what a far too large step size does)."""
 
@@ -700,7 +730,7 @@ def test_an_update_that_makes_a_weight_non_finite_stops_before_the_next_rollout(
     value = P.ScalarHead(tiny_gpt(seed=2))
     optimizer = ExplodingSGD(list(policy.parameters()) + list(value.parameters()), lr=1e-3)
     zeros = torch.zeros_like(old)
-    with pytest.raises(cli.NonFiniteError, match="step 7: after the update: wte.weight holds NaN or inf"):
+    with pytest.raises(cli.NonFiniteError, match="^step 7, epoch 1, minibatch 1: weight wte.weight holds NaN or inf"):
         P.ppo_update({"policy": policy, "value": value}, optimizer, batch, old, zeros, batch.mask.clone(), zeros, args,
                      torch.Generator().manual_seed(0), step=7)
 

@@ -305,6 +305,34 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_at_its_step_and_keeps_the_l
     assert not cli.non_finite_tensors(R.load_reward_model(str(tmp_path / "rm" / "model.pt")).state_dict())
 
 
+def test_an_update_that_takes_a_weight_past_the_bound_stops_the_run_and_keeps_the_last_good_checkpoint(
+        tmp_path, capsys):
+    """--lr 1 (cli.MAX_LR) and --weight-decay 1e6 (its own bound) with no warmup: AdamW multiplies every matrix
+    by 1 - 1e6 at the first update, while the loss and gradient are finite. The run stops at that update with
+    one line naming the weight (cli.check_weights), exit 2; the folder's last good model.pt is untouched."""
+    write_inputs(tmp_path)
+    (tmp_path / "rm").mkdir()
+    R.save_reward_model(str(tmp_path / "rm" / "model.pt"), tiny_rm(seed=3))   # the last good checkpoint
+    before = digest(tmp_path / "rm" / "model.pt")
+    args = small_args(tmp_path, lr=cli.MAX_LR, weight_decay=1e6, warmup_steps=0)
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(lambda: R.main(cli_argv(args)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("error: step 1: weight ") and "past cli.MAX_WEIGHT" in err[0], err
+    assert digest(tmp_path / "rm" / "model.pt") == before
+
+
+@pytest.mark.parametrize("lr", ["1e308", "1e30", "1.5"])
+def test_an_lr_past_max_lr_is_one_line_naming_it_before_anything_is_written(tmp_path, capsys, lr):
+    write_inputs(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(lambda: R.main(cli_argv(small_args(tmp_path)) + ["--lr", lr]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and err == [f"error: --lr must be <= {cli.MAX_LR:g}, got {float(lr)}"], err
+    assert not (tmp_path / "rm").exists()
+
+
 @given(peak=st.floats(1e-5, 1e-1), warmup=st.integers(0, 50), ratio=st.floats(0, 1), step=st.integers(0, 300),
        progress=st.floats(0, 2))
 def test_lr_schedule_closed_form_and_the_same_as_sft(peak, warmup, ratio, step, progress):

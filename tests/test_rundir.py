@@ -1,8 +1,10 @@
 """Tests of lib/rundir.py: the metrics logger, and one writer per run folder.
 
 Oracles: the metrics file read back with json (one line per call, appended on resume) and the printed
-progress lines; a second real process holding the folder's lock (claim_run_dir), whose death frees it.
-Atomic writes are tested through their users: checkpoints.save (test_checkpoints.py) and tasks.write_jsonl
+progress lines; a second real process holding the folder's lock (claim_run_dir), whose death frees it;
+the folder's listing and contents around atomic_folder (a whole folder or the old one) and the cleanup of
+temporary folders left by a process that has exited. Atomic writes are tested through their users too:
+checkpoints.save and export (test_checkpoints.py, with a writer killed mid-write) and tasks.write_jsonl
 (test_tasks.py).
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_rundir.py
@@ -17,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from lib import rundir
+from lib import cli, rundir
 from helpers import ROOT
 
 torch.set_num_threads(1)
@@ -62,3 +64,62 @@ def test_a_second_writer_on_a_claimed_run_folder_is_refused(tmp_path):
         holder.wait()
     rundir.save_args(folder, {"seed": 2})                            # the lock died with its holder
     assert json.load(open(os.path.join(folder, "args.json"))) == {"seed": 2}
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped): a killed writer's."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_atomic_folder_replaces_a_folder_whole_or_leaves_it_as_it_was(tmp_path):
+    target = tmp_path / "export"
+    with rundir.atomic_folder(str(target)) as folder:
+        assert folder == rundir.temp_path(str(target)) and os.listdir(folder) == []   # named as cleanup expects
+        (tmp_path / folder / "a.txt").write_text("first")
+    assert os.listdir(tmp_path) == ["export"] and os.listdir(target) == ["a.txt"]
+    with pytest.raises(RuntimeError, match="crash"):
+        with rundir.atomic_folder(str(target)) as folder:
+            (tmp_path / folder / "b.txt").write_text("second")
+            raise RuntimeError("crash")
+    assert os.listdir(tmp_path) == ["export"] and os.listdir(target) == ["a.txt"]
+    with rundir.atomic_folder(str(target)) as folder:
+        (tmp_path / folder / "b.txt").write_text("second")
+    assert os.listdir(tmp_path) == ["export"] and os.listdir(target) == ["b.txt"]   # a.txt went with the old folder
+
+
+def test_stale_temp_folders_are_removed_and_a_folder_set_aside_is_put_back(tmp_path):
+    """A dead writer's temporary folder is deleted, and one named with this process's pid (a pid reused after a
+    restart), and a live one's kept; a dead writer's folder set aside (.old) comes back when the folder itself
+    is missing (killed between atomic_folder's two renames), and is deleted when the new one made it in."""
+    dead, live = dead_pid(), os.getppid()
+    target = tmp_path / "export"
+    for name in (f".export.{dead}.tmp", f".export.{live}.tmp", f".export.{os.getpid()}.tmp", f".export.{dead}.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(name)
+    rundir.remove_stale_temps(str(target))
+    assert sorted(os.listdir(tmp_path)) == sorted(["export", f".export.{live}.tmp"])
+    assert (target / "config.json").read_text() == f".export.{dead}.old"
+    (tmp_path / f".export.{dead}.old").mkdir()
+    rundir.remove_stale_temps(str(target))
+    assert sorted(os.listdir(tmp_path)) == sorted(["export", f".export.{live}.tmp"])
+    assert (target / "config.json").read_text() == f".export.{dead}.old"
+
+
+@pytest.mark.parametrize("existing", ["file", "folder of other things"])
+def test_check_replaceable_refuses_what_the_writer_did_not_write(tmp_path, existing):
+    target = tmp_path / "export"
+    rundir.check_replaceable(str(target), "config.json")            # new: fine
+    target.mkdir()
+    rundir.check_replaceable(str(target), "config.json")            # empty: fine
+    (target / "config.json").write_text("{}")
+    rundir.check_replaceable(str(target), "config.json")            # an earlier export: fine
+    (target / "config.json").unlink()
+    (target / "notes.txt").write_text("mine")
+    if existing == "file":
+        (target / "notes.txt").rename(tmp_path / "notes.txt")
+        target.rmdir()
+        (tmp_path / "notes.txt").rename(target)
+    with pytest.raises(cli.UserError, match=f"^{target}: exists and is not .*no config.json") as error:
+        rundir.check_replaceable(str(target), "config.json")
+    assert "\n" not in str(error.value)

@@ -555,20 +555,56 @@ def test_a_diverging_run_stops_before_the_update_and_keeps_the_last_good_checkpo
     assert all(torch.isfinite(p).all() for p in policy.state_dict().values())
 
 
-def test_a_huge_lr_is_one_line_exit_2_and_every_saved_weight_is_finite(tmp_path):
-    """`python sft.py --lr 1e30`: the first update moves every weight by ~1e30 (Adam's step is ~lr * sign(g)),
-    the next gradient overflows. One line on stderr naming the step, exit 2; a saved model is finite."""
-    args = tiny_args(tmp_path, lr=1e30, warmup_steps=1, grad_clip=0.0, max_steps=20, eval_every=1)
-    result = run_sft(tiny_argv(args), tmp_path)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("error: step ") and "stopped before the update" in lines[0]
-    failed_step = int(lines[0].split()[2].rstrip(":"))
-    path = os.path.join(args.out, "model.pt")
-    if os.path.exists(path):
-        policy, _, ckpt = checkpoints.load(path)
-        assert ckpt["meta"]["step"] < failed_step
-        assert not cli.non_finite_tensors(policy.state_dict())
+def run_main_in_process(argv, capsys):
+    """cli.run(sft.main) on argv in this process, as `python sft.py` runs it -> (exit status, stderr lines)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(lambda: sft.main(argv))
+    return stopped.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("extra", [["--lr", "1e308", "--grad-clip", "0"], ["--lr", "1e30"], ["--lr", "1.5"]])
+def test_an_absurd_lr_is_refused_by_name_before_anything_is_written(tmp_path, capsys, extra):
+    """`--lr 1e308 --grad-clip 0` raised a RuntimeError inside Adam's addcdiv_ (lr / (1 - beta1) overflows
+    float32): a traceback. An lr past cli.MAX_LR is now one line naming --lr, exit 2, no run folder."""
+    args = tiny_args(tmp_path)
+    status, err = run_main_in_process(tiny_argv(args) + extra, capsys)
+    assert status == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0] == f"error: --lr must be <= {cli.MAX_LR:g}, got {float(extra[1])}"
+    assert not os.path.exists(args.out)
+
+
+def test_weights_that_pass_the_bound_stop_the_run_and_the_checkpoint_on_disk_is_the_last_good_one(tmp_path, capsys):
+    """--weight-decay 1e7: AdamW multiplies every matrix by 1 - lr * wd per update (about -1e4 at the first
+    warmup lr), so the weights pass cli.MAX_WEIGHT within two updates while every loss and gradient is still
+    finite. The run stops at that update with one line naming the weight (cli.check_weights), exit 2; the
+    checkpoint on disk is one saved before it (--eval-every 1), every weight within the bound."""
+    args = tiny_args(tmp_path, weight_decay=1e7, max_steps=20, eval_every=1)
+    status, err = run_main_in_process(tiny_argv(args), capsys)
+    assert status == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("error: step ") and f"past cli.MAX_WEIGHT = {cli.MAX_WEIGHT:g}" in err[0], err
+    failed_step = int(err[0].split()[2].rstrip(":"))
+    policy, _, ckpt = checkpoints.load(os.path.join(args.out, "model.pt"))
+    assert ckpt["meta"]["step"] < failed_step
+    assert max(float(w.abs().max()) for w in policy.state_dict().values()) <= cli.MAX_WEIGHT
+
+
+def test_check_weights_refuses_nan_inf_and_a_weight_past_the_bound_naming_the_tensor():
+    """|w| = cli.MAX_WEIGHT passes; the next float32 up, NaN and -inf each stop it, naming the tensor."""
+    model = tiny_model()
+    weight = model.blocks[0].ffn.w2.weight
+    with torch.no_grad():
+        weight[0, 0] = cli.MAX_WEIGHT
+        cli.check_weights("step 3", model)
+        above = torch.nextafter(torch.tensor(cli.MAX_WEIGHT), torch.tensor(math.inf))   # the next float32 up
+        for value, words in ((above, "reached |w| = "), (math.nan, "holds NaN"),
+                             (-math.inf, "holds NaN or inf")):
+            weight[0, 0] = value
+            with pytest.raises(cli.NonFiniteError, match=r"^step 3: weight blocks\.0\.ffn\.w2\.weight "):
+                cli.check_weights("step 3", model)
+            with pytest.raises(cli.NonFiniteError) as error:
+                cli.check_weights("step 3", torch.nn.Linear(1, 1), model)    # several modules: all checked
+            assert words in str(error.value) and "\n" not in str(error.value)
 
 
 def test_gsm8k_rows_train_and_evaluate_unchanged(tmp_path):

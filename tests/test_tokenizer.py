@@ -7,7 +7,8 @@ to fail as it does offline. Chat prompts: the template text written out byte by 
 looked up by name; tiktoken's own encoding of the whole template text (split at its special tokens) for a
 tokenizer with merges; and transformers' apply_chat_template of the ChatML and Meta's Llama 3 Jinja templates
 over a BPE tokenizer trained in the test (skipped when transformers is missing). The added-token matcher
-against a brute-force leftmost-longest scan. Tokenizers built from tokenizer.json, GGUF metadata and tiktoken
+against a brute-force leftmost-longest scan. Split regexes refused at load: tiktoken itself panics on them, or
+spends over 100x the CPU time of GPT-2's split. Tokenizers built from tokenizer.json, GGUF metadata and tiktoken
 files are tested in test_tokenizer_files.py.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_tokenizer.py
@@ -16,14 +17,15 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import tiktoken
 import torch
 from hypothesis import given, strategies as st
 
-from lib import cli, tokenizer
-from helpers import ENC, EOT, PAD
+from lib import checkpoints, cli, tokenizer
+from helpers import ENC, EOT, PAD, tiny_model
 
 torch.set_num_threads(1)
 
@@ -291,3 +293,72 @@ def test_added_tokens_split_out_of_text_leftmost_longest():
         assert tokenizer.added_tokens_pattern(order).findall("x<think><think think>") == ["<think>", "<think", "think>"]
     enc = spec_encoding(CHATML_IDS, added={"<think": 320, "<think>": 321, "think>": 322})
     assert tokenizer.encode_text(enc, "a<think><think think>") == [*b"a", 321, 320, *b" ", 322]
+
+
+# ----------------------------------------------------------------------------------------------
+# Split regexes read from files: probed when the spec is loaded; a panic in encode is one line
+# ----------------------------------------------------------------------------------------------
+
+PANICKING_SPLITS = {   # split regex -> an ordinary text on which tiktoken itself panics (pyo3's PanicException)
+    "(.|.|.|.)+(?=\x00)|\\s+|.": "hello world " * 3,      # issue 36: 4**n ways to match n characters
+    r"\s*\s*\s*(?=z)|\s+|.": " " * 300,                  # ~n**3 / 6 ways to share a run of spaces out
+    "a*": "b",                                          # an empty match
+}
+
+
+def raw_encoding(pattern: str) -> tiktoken.Encoding:
+    return tiktoken.Encoding(name="raw", pat_str=pattern, mergeable_ranks=BYTE_RANKS, special_tokens={})
+
+
+@pytest.mark.parametrize("pattern", list(PANICKING_SPLITS))
+def test_a_split_regex_that_makes_tiktoken_panic_is_refused_when_the_spec_is_loaded(pattern):
+    with pytest.raises(BaseException) as panic:           # the oracle: tiktoken itself, on ordinary text
+        raw_encoding(pattern).encode_ordinary(PANICKING_SPLITS[pattern])
+    assert tokenizer.is_panic(panic.value) and not isinstance(panic.value, Exception)
+    spec = {**spec_encoding(CHATML_IDS).spec, "pat_str": pattern}
+    with pytest.raises(ValueError, match=r"^run/model.pt: split regex .* makes tiktoken panic"):
+        tokenizer.check_spec(spec, "run/model.pt")
+    with pytest.raises(cli.UserError, match="^tokenizer spec: split regex"):
+        tokenizer.tokenizer_from_spec(spec)
+
+
+def test_a_split_regex_that_backtracks_for_seconds_is_refused():
+    """A backreference under a repeat: no panic, but tiktoken takes over 100x the CPU time of GPT-2's split on the
+    same run of 1,025 characters (the oracle, timed here); the probe gives up after PROBE_SECONDS."""
+    pattern, text = r"(\w+)\1+(?=x)|.", "a" * 1024 + "!"
+    seconds = []
+    for enc in (raw_encoding(pattern), raw_encoding(tokenizer.SPLIT_PATTERN)):
+        start = time.thread_time()             # CPU time: a loaded machine does not change the ratio
+        enc.encode_ordinary(text)
+        seconds.append(time.thread_time() - start)
+    assert seconds[0] > 100 * seconds[1], seconds
+    assert "takes over" in tokenizer.split_pattern_problem(pattern)
+
+
+def test_a_checkpoint_with_a_hostile_split_regex_is_one_line_exit_2_at_load(tmp_path, capfd):
+    """The issue's file: a .pt whose tokenizer spec carries the panicking regex. checkpoints.load refuses it,
+    naming the path; through cli.run that is one line on the stderr file descriptor (Rust's own panic message,
+    written past sys.stderr while the probe runs, is kept out of it) and exit status 2."""
+    path = str(tmp_path / "model.pt")
+    checkpoints.save(path, tiny_model(vocab_size=303), spec_encoding(CHATML_IDS))
+    checkpoints.load(path)                                  # the control: the same file with its own regex loads
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["tokenizer"]["pat_str"] = "(.|.|.|.)+(?=\x00)|\\s+|."
+    torch.save(ckpt, path)
+    tokenizer.split_pattern_problem.cache_clear()           # the probe runs here, not in an earlier test
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda: checkpoints.load(path))
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {path}: ") and err.count("\n") == 1, err
+
+
+def test_a_panic_inside_encode_is_a_one_line_user_error():
+    """Past the probe (a SpecEncoding built here without it), a panic in tiktoken's encode is a UserError, not an
+    escaping BaseException; a text short enough for the regex still encodes."""
+    spec = {**spec_encoding(CHATML_IDS).spec, "pat_str": "(.|.|.|.)+(?=\x00)|\\s+|."}
+    enc = tokenizer.SpecEncoding(spec, dict(spec["ranks"]), frozenset())
+    assert tokenizer.encode(enc, "hi") == list(b"hi")
+    with pytest.raises(cli.UserError, match="split regex") as error:
+        tokenizer.encode(enc, "hello world " * 3)
+    assert "\n" not in str(error.value)

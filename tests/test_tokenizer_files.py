@@ -367,3 +367,21 @@ def test_byte_tokenizer_spec_gives_back_the_built_in_encoding(batch):
     for text in batch:
         assert tokenizer.encode_text(again, text) == tokenizer.encode(enc, text) == list(text.encode("utf-8"))
         assert again.decode(tokenizer.encode(enc, text)) == text
+
+
+def test_every_split_this_reader_produces_passes_the_regex_probe():
+    """GPT-2's, SmolLM2's (digits first), Llama 3's and Qwen2's splits, from GGUF and tokenizer.json: the probe
+    lets each through (the tests above check that each encodes as the tokenizers library does)."""
+    for pattern in {*tokenizer_files.GGUF_PRE_PATTERNS.values(), QWEN_SPLIT, tokenizer.SPLIT_PATTERN}:
+        assert tokenizer.split_pattern_problem(pattern) is None, pattern
+
+
+def test_a_tokenizer_json_whose_split_regex_backtracks_without_end_is_refused_naming_the_file():
+    """Issue 36's Split regex, which makes tiktoken panic on "hello world" (test_tokenizer.py checks that on
+    tiktoken itself), in an otherwise good tokenizer.json: refused when read, with the file's name."""
+    spec = tokenizer_files.tokenizer_spec_from_encoding(tokenizer.get_tokenizer("bytes"))
+    tokenizer_json = tokenizer_files.tokenizer_json_from_spec(spec)
+    tokenizer_files.tokenizer_spec_from_json(copy.deepcopy(tokenizer_json), where="hf/tokenizer.json")  # the control
+    tokenizer_json["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(.|.|.|.)+(?=\x00)|\\s+|."
+    with pytest.raises(ValueError, match=r"^hf/tokenizer.json: split regex .* makes tiktoken panic"):
+        tokenizer_files.tokenizer_spec_from_json(tokenizer_json, where="hf/tokenizer.json")
