@@ -64,8 +64,8 @@ demonstrations only) there is no novice to outgrow, and more imitation is the na
     python agent_env.py --init runs/sft/model.pt  # warm-start from a checkpoint (byte tokenizer), then BC
 """
 import signal
-if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
-    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import json
 import math
 import os

@@ -33,8 +33,8 @@ the SFT start, GRPO and the control, all evaluated by the same function on the s
     torchrun --nproc_per_node=2 grpo.py --no-control --fsdp   # and the model sharded over them (docs/fsdp.md)
 """
 import signal
-if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
-    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import copy
 import json
 import math

@@ -42,8 +42,8 @@ all -inf logits, a sampled token's log-prob of -inf, all outside the mask) give 
 Run:  python losses.py   (a worked example, then chunked vs plain cross-entropy at vocab 50257)
 """
 import signal
-if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
-    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import gc
 import math
 import os

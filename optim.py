@@ -24,8 +24,8 @@ weight decay, LR schedules as pure functions of the step, global-norm clipping, 
 The optimizers, schedules and diagnostics need only torch; model.py and lib are used by the demo alone.
 """
 import signal
-if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
-    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import math
 import statistics
 import time

@@ -16,8 +16,8 @@ Ding et al. 2024, "Fewer Truncations Improve Language Modeling" (best-fit packin
     python packing.py     # efficiency table, packed-vs-padded training, packing speed on 2M documents
 """
 import signal
-if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
-    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import math
 import os
 import re

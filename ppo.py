@@ -31,8 +31,8 @@ reward-model overoptimization (Gao, Schulman & Hilton 2022; experiments/overopti
     python ppo.py --beta 0.0              # no KL penalty: the RM score rises; watch the verifier's accuracy
 """
 import signal
-if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
-    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import copy
 import json
 import math

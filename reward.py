@@ -22,8 +22,8 @@ off_by_one probe whether it checks arithmetic, which it does not learn in minute
     python reward.py --init scratch      # the same body, randomly initialised (compare the two)
 """
 import signal
-if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
-    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import math
 import os
 import time

@@ -19,8 +19,8 @@ AdamW: Loshchilov & Hutter 2019; warmup + cosine: Loshchilov & Hutter 2017, Goya
     python sft.py --resume                            # continue an interrupted run exactly, with its arguments
 """
 import signal
-if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
-    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import math
 import os
 import time

@@ -27,8 +27,8 @@ and its shortest expression is the demonstration, so every row is solvable by co
     python synth.py --families countdown              # data/countdown_*.jsonl: the Countdown task
 """
 import signal
-if __name__ == "__main__":   # Ctrl-C while torch loads ends the process at once, silently; from main() on,
-    signal.signal(signal.SIGINT, signal.SIG_DFL)   # cli.run prints one line ("interrupted")
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import contextlib
 import functools
 import itertools

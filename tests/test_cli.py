@@ -111,7 +111,8 @@ SIGINT_SCRIPT = ("import os, signal, sys, time; sys.path.insert(0, {root!r})\n"
 
 
 @pytest.mark.parametrize("start_up, status, stdout, stderr", [
-    ("", 130, "", "interrupted\n"),                                                # Python's own handler
+    ("signal.signal(signal.SIGINT, signal.default_int_handler)", 130, "",         # Python's own handler, set
+     "interrupted\n"),                                  # here: a background job (CI under nohup) inherits SIG_IGN
     ("signal.signal(signal.SIGINT, signal.SIG_DFL)", 130, "", "interrupted\n"),   # a script's start-up setting
     ("signal.signal(signal.SIGINT, signal.SIG_IGN)", 0,                            # a background job's: kept
      "main ran to its end\na SIGINT after cli.run did nothing\n", ""),

@@ -47,8 +47,10 @@ def start_sft(tmp_path, max_steps):
             "--batch-size", "6", "--max-steps", str(max_steps), "--eval-every", "0", "--eval-minutes", "0",
             "--n-eval", "16", "--max-new-tokens", "20", "--eval-batch", "1", "--log-every", "1",
             "--device", "cpu", "--threads", "1"]
+    # started as from a terminal, SIGINT at its default: a background job (pytest under nohup) inherits SIG_IGN
     return subprocess.Popen([sys.executable, SFT, *argv], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
