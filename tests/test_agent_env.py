@@ -771,7 +771,7 @@ def test_rl_raises_success_over_the_warm_start():
     """The warm start clones two demonstrations of one key-and-door instance: the expert's, and one that
     walks to the door the same way but enters a wrong code. It is unsure at the code (and imperfect
     elsewhere); a few GRPO steps on that initial state raise its sampled success rate. Seeds fixed:
-    before 0.40, after 0.76 when written."""
+    before 0.42, after 0.79 when written."""
     seed = 3
     torch.manual_seed(0)
     args = A.Args(n_layer=1, n_head=2, n_embd=32, states_per_step=1, group_size=16, rl_lr=2e-3)
@@ -787,7 +787,7 @@ def test_rl_raises_success_over_the_warm_start():
     A.behaviour_cloning(model, ENC, demos, steps=150, batch_size=16, lr=1e-2, device=torch.device("cpu"))
 
     def sampled_success():
-        trajs = A.rollout(model, ENC, [A.make_env("keydoor") for _ in range(128)], [seed] * 128, 1.0, 8,
+        trajs = A.rollout(model, ENC, [A.make_env("keydoor") for _ in range(512)], [seed] * 512, 1.0, 8,
                           torch.Generator().manual_seed(7))
         return sum(t.success for t in trajs) / len(trajs)
 
@@ -798,14 +798,17 @@ def test_rl_raises_success_over_the_warm_start():
     before = sampled_success()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.rl_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(1)
-    for step in range(10):
+    for step in range(20):
         for group in optimizer.param_groups:
             group["lr"] = args.rl_lr * min(1.0, (step + 1) / 2)
         metrics = A.rl_step(model, optimizer, ENC, ["keydoor"], OneState(0), args, torch.device("cpu"), generator)
         assert metrics["approx_kl"] < 1e-5                   # ratio 1 at the first (only) update per batch
     after = sampled_success()
     assert 0.2 < before < 0.8, before
-    assert after >= before + 0.15, (before, after)
+    # Over 24 seeds (model init, RL sampler and eval sampler varied together): gain 0.14-0.46, mean 0.35, std 0.07;
+    # 0.1 is mean - 3.6 std. Without training the same eval sampler gives gain 0 exactly. (At the former 10 RL
+    # steps the gain ranged -0.02 to 0.30 over 16 seeds, two runs near 0, and 128 eval episodes added ~0.06 noise.)
+    assert after >= before + 0.1, (before, after)
 
 
 TINY_RUN = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--bc-episodes", "8", "--bc-steps", "3",

@@ -155,6 +155,15 @@ def test_a_missing_projection_is_a_checkpoint_error_naming_the_tensor_and_the_fo
         convert.state_dict_from_hf(tensors, cfg, "some/folder")
 
 
+def test_k_and_v_projections_of_different_shapes_are_a_checkpoint_error_naming_both():
+    cfg = M.Config(n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    tensors = convert.state_dict_to_hf(M.GPT(cfg).state_dict(), cfg)
+    tensors["model.layers.1.self_attn.v_proj.weight"] = torch.zeros(8, 32)        # k_proj is (16, 32)
+    with pytest.raises(cli.CheckpointError, match=r"^some/folder: model.layers.1.self_attn.k_proj.weight is "
+                                                  r"\(16, 32\) but model.layers.1.self_attn.v_proj.weight is \(8, 32\)$"):
+        convert.state_dict_from_hf(tensors, cfg, "some/folder")
+
+
 def test_state_dict_from_hf_inverts_state_dict_to_hf_in_one_pass_whatever_the_config_claims():
     """The names come from the tensors present, never from a loop over the config's layer count: with the
     config claiming 10**9 layers the conversion still takes the 2 layers' time and gives back our state dict

@@ -194,6 +194,21 @@ def test_an_empty_tensor_may_not_claim_a_dimension_beyond_the_files_size(tmp_pat
         formats.read_safetensors(path)
 
 
+def test_an_empty_tensor_may_claim_a_dimension_equal_to_the_files_size_and_not_one_more(tmp_path):
+    """The bound is inclusive: a dimension equal to the file's size is taken, one past it is refused."""
+    path, size = str(tmp_path / "edge.safetensors"), 100
+    while True:                                  # the size depends on the digits of the dimension written into it
+        write_raw_safetensors(path, {"e": {"dtype": "F32", "shape": [size, 0], "data_offsets": [0, 0]}}, b"")
+        if os.path.getsize(path) == size:
+            break
+        size = os.path.getsize(path)
+    assert formats.read_safetensors(path)["e"].shape == (size, 0)
+    write_raw_safetensors(path, {"e": {"dtype": "F32", "shape": [size + 1, 0], "data_offsets": [0, 0]}}, b"")
+    assert os.path.getsize(path) == size         # the same number of digits
+    with pytest.raises(ValueError, match="no dimension above the file's"):
+        formats.read_safetensors(path)
+
+
 def test_safetensors_errors_quote_long_names_to_80_characters_and_give_the_byte_counts(tmp_path):
     """Names come from the file: each message quotes only a name's first 80 characters (one bounded line);
     a wrong size states the bytes the offsets give and the bytes dtype and shape need (3 F32 = 12)."""

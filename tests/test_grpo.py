@@ -259,12 +259,15 @@ def tiny_args(tmp, **kw):
 def test_tiny_run_raises_mean_training_reward(tmp_path, monkeypatch):
     tmp = tiny_setup(tmp_path)
     monkeypatch.setitem(grpo.REWARDS, "digits", digit_reward)
-    args = tiny_args(tmp, rewards="digits=1", max_steps=25)
+    args = tiny_args(tmp, rewards="digits=1", max_steps=25, lr=6e-3)
     grpo.train(args)
     rows = [json.loads(l) for l in open(tmp / "run" / "metrics.jsonl")]
     rewards = [r["reward_mean"] for r in rows if r.get("kind") == "train"]
     assert len(rewards) == 25
-    assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.05, rewards
+    # last-5 minus first-5 mean reward over 12 seeds (tiny_setup's and the run's seed varied together; 1 and 2
+    # threads give the same numbers): 0.34-0.54, mean 0.46, std 0.07; 0.2 is mean - 3.9 std. With lr 0 the gain
+    # is within +-0.012 (6 seeds). (At the former lr 3e-3 it was 0.066-0.124 over 8 seeds against a bar of 0.05.)
+    assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.2, rewards
     for r in rows:
         if r.get("kind") == "train":   # the cost fields the GRPO-vs-PPO comparison reads
             assert r["gen_s"] > 0 and r["score_s"] > 0 and r["adv_s"] > 0 and r["update_s"] > 0

@@ -694,7 +694,9 @@ def test_python_model_py_alone_fits_a_paragraph_and_generates_what_recomputation
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     losses = [float(line.split("loss ")[1].split()[0]) for line in result.stdout.splitlines() if "| loss " in line]
-    assert len(losses) == 2 and losses[-1] < losses[0] - 1.0      # from ln(258) = 5.55 nats/byte at the start
+    # from ln(258) = 5.55 nats/byte at the start. The drop over --seed 0-7: 2.78-2.94, mean 2.86, std 0.06; 1.0 is
+    # mean - 30 std
+    assert len(losses) == 2 and losses[-1] < losses[0] - 1.0
     assert "greedy, 8 new tokens" in result.stdout and "same tokens: True" in result.stdout
 
 

@@ -558,7 +558,7 @@ def test_noiseless_sequences_follow_the_rule():
 
 def test_main_end_to_end_on_a_tiny_config(tmp_path):
     out = tmp_path / "optim"
-    summary = optim.main(["--steps", "16", "--batch-size", "8", "--seq-len", "8", "--n-layer", "1",
+    summary = optim.main(["--steps", "64", "--batch-size", "16", "--seq-len", "8", "--n-layer", "1",
                           "--n-embd", "16", "--n-head", "2", "--symbols", "4", "--optimizers", "SGD,AdamW,Muon",
                           "--beta-steps", "6", "--beta-seeds", "1", "--timing-rounds", "1", "--eval-every", "4",
                           "--eval-size", "16", "--warmup", "2", "--threads", "0", "--out-dir", str(out),
@@ -566,7 +566,10 @@ def test_main_end_to_end_on_a_tiny_config(tmp_path):
     runs = summary["optimizers"]
     assert set(runs) == {"SGD", "AdamW", "Muon", "torch AdamW"}
     assert runs["AdamW"]["final"] == pytest.approx(runs["torch AdamW"]["final"], rel=1e-6)  # same trajectory
-    assert runs["AdamW"]["final"] < math.log(4)                                               # it learned
+    # it learned: below log 4, an untrained model's loss on 4 uniform symbols. AdamW's final held-out loss over
+    # --seed 0-7 (rule, data and init; the floor is 0.50): 0.58-0.89, mean 0.75, std 0.10; log 4 = 1.39 is mean +
+    # 6 std. (At the former 16 steps of batch 8: 0.85-1.27, mean 1.08, std 0.14, log 4 only mean + 2.2 std.)
+    assert runs["AdamW"]["final"] < math.log(4)
     assert all(math.isfinite(r["final"]) and r["opt_step_s"] > 0 for r in runs.values())
     assert len(summary["beta2_warmup"]) == 4
     for name in ("results.json", "metrics.jsonl", "args.json"):

@@ -211,6 +211,8 @@ def train_tiny(tmp_path, random_labels):
 def test_separable_preference_reaches_near_perfect_heldout_accuracy(tmp_path):
     results, args = train_tiny(tmp_path, random_labels=False)
     assert results["start_accuracy"] == 0.5
+    # over 8 seeds (train/test rows and the run's seed varied together): accuracy 1.0 in every run; margin
+    # 3.83-4.47, mean 4.26, std 0.21, so 1.0 is mean - 16 std (the untrained head scores 0.5 and margin ~0)
     assert results["test_accuracy"] >= 0.95
     assert results["test_margin"] > 1.0
     rows = [__import__("json").loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl")]
@@ -219,7 +221,8 @@ def test_separable_preference_reaches_near_perfect_heldout_accuracy(tmp_path):
 
 def test_random_labels_stay_near_chance(tmp_path):
     results, _ = train_tiny(tmp_path, random_labels=True)
-    # 200 held-out pairs: chance has standard deviation 0.035; 0.5 +/- 0.15 is > 4 sigma
+    # 200 held-out pairs: chance has standard deviation 0.035; 0.5 +/- 0.15 is > 4 sigma. Measured over 8 seeds
+    # (rows and run seed varied together): 0.425-0.525, mean 0.48, std 0.04; both bounds >= 3.3 std away
     assert 0.35 <= results["test_accuracy"] <= 0.65
 
 

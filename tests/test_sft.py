@@ -502,6 +502,8 @@ def test_synth_then_sft_lowers_heldout_loss(tmp_path):
     before = sft.eval_loss(M.GPT(M.Config(**{**TINY, "n_embd": 64, "n_head": 4, "n_kv_head": 4,
                                              "block_size": 256})), test_examples, PAD, "cpu")
     after = sft.run(args)["eval_loss"]
+    # the drop over 8 seeds (synth.py --seed and the run's seed varied together): 2.86-2.98 nats, mean 2.93, std
+    # 0.04; 1.0 is mean - 50 std, and an untrained model drops 0
     assert after < before - 1.0, (before, after)
 
 

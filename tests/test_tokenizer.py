@@ -356,9 +356,16 @@ def test_a_checkpoint_with_a_hostile_split_regex_is_one_line_exit_2_at_load(tmp_
 def test_a_panic_inside_encode_is_a_one_line_user_error():
     """Past the probe (a SpecEncoding built here without it), a panic in tiktoken's encode is a UserError, not an
     escaping BaseException; a text short enough for the regex still encodes."""
-    spec = {**spec_encoding(CHATML_IDS).spec, "pat_str": "(.|.|.|.)+(?=\x00)|\\s+|."}
+    pattern = "(.|.|.|.)+(?=\x00)|\\s+|." + "|x" * 40     # the alternatives after "." never match: > 60 characters
+    spec = {**spec_encoding(CHATML_IDS).spec, "pat_str": pattern}
     enc = tokenizer.SpecEncoding(spec, dict(spec["ranks"]), frozenset())
     assert tokenizer.encode(enc, "hi") == list(b"hi")
-    with pytest.raises(cli.UserError, match="split regex") as error:
-        tokenizer.encode(enc, "hello world " * 3)
-    assert "\n" not in str(error.value)
+    text = "hello world " * 3
+    try:                                           # tiktoken's own panic on the same text and regex: the oracle
+        tiktoken.Encoding(name="bare", pat_str=pattern, mergeable_ranks=spec["ranks"], special_tokens={}).encode_ordinary(text)
+    except BaseException as panic:
+        reason = str(panic).splitlines()[0]
+    with pytest.raises(cli.UserError) as error:
+        tokenizer.encode(enc, text)
+    assert str(error.value) == (f"tokenizer {enc.name}: its split regex {pattern[:60]!r} failed on a text of "
+                                f"{len(text)} characters ({reason[:120]})")

@@ -493,17 +493,21 @@ EQUIVALENT = {
         "the inner error is left only in the suppressed __context__, which neither str() nor a traceback shows)"),
     "lib.formats.x_safetensors_layout__mutmut_3": "the same as 2 (another text for the inner ValueError)",
     "lib.formats.x_safetensors_layout__mutmut_4": "the same as 2 (another text for the inner ValueError)",
-    "lib.formats.x_safetensors_layout__mutmut_89": (
+    "lib.formats.x_safetensors_layout__mutmut_93": (
         "end >= begin is always true there (0 <= begin <= end was checked), so empty tensors also become 'previous': "
         "tensors run in (begin, end) order, so the tensor after an empty one at offset b begins at >= b, while the "
         "previous_end an empty tensor replaces is <= b (else it raised); no overlap is raised right after an empty "
         "tensor either way, and right after a non-empty one both hold (its end, its name): the same errors, the "
         "same messages, the same layout"),
     # lib/convert.py
-    "lib.convert.x_state_dict_from_hf__mutmut_22": "torch.cat's default dim is 0",
+    "lib.convert.x_state_dict_from_hf__mutmut_48": "torch.cat's default dim is 0",
     "lib.convert.x_state_dict_to_hf__mutmut_5": ("pop without a default: a tied model's state_dict lists the shared "
                                                  "weight under both names, so lm_head.weight is always there to pop"),
     # lib/tokenizer.py
+    "lib.tokenizer.x_encode_text__mutmut_36": ("the fallback for a panic with no text: pyo3's PanicException always "
+                                               "carries Rust's panic message, so splitlines() is never empty"),
+    "lib.tokenizer.x_encode_text__mutmut_38": ("the panic's first line cut at 121 characters instead of 120: tiktoken's "
+                                               "backtracking panic is 81 characters, shorter than either"),
     "lib.tokenizer.x_encode_prompt__mutmut_4": CHAT_DEFAULT,
     "lib.tokenizer.x_encode_prompt__mutmut_10": CHAT_DEFAULT,
     "lib.tokenizer.x_encode_prompt__mutmut_11": CHAT_DEFAULT,
