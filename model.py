@@ -20,6 +20,9 @@ library, so it can be copied alone; tokenizers, checkpoint files and run plumbin
 """
 from __future__ import annotations
 
+import signal
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (the demo too)
 import argparse
 import contextlib
 import math

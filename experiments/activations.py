@@ -25,6 +25,9 @@ input is dead, it outputs 0 and never gets a gradient again (Lu et al. 2019, "Dy
     python experiments/activations.py                 # 5 activations x 3 seeds, seconds
     python experiments/activations.py --lr 0.03 --steps 2000
 """
+import signal
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import json
 import math
 import os

@@ -23,6 +23,9 @@ TinyZero (Pan et al. 2025); GRPO: Shao et al. 2024 (DeepSeekMath).
     python experiments/countdown.py                          # both tasks, ~20 min on 2 free CPU cores
     python experiments/countdown.py --no-headline --grpo-steps 120 --seed 1
 """
+import signal
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import json
 import os
 import sys

@@ -25,6 +25,9 @@ held-out loss on sft_test over 3 fresh seeds at that rate. The last line says wh
     python experiments/ffn_variants.py                        # 7 variants, a few minutes
     python experiments/ffn_variants.py --variants swiglu,relu --steps 400
 """
+import signal
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import json
 import math
 import os

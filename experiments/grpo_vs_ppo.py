@@ -16,6 +16,9 @@ split, peak memory and the parameters each method holds. Shao et al. 2024 (GRPO)
     python experiments/grpo_vs_ppo.py                    # 3 seeds x (GRPO + PPO), 1 minute each, ~7 minutes
     python experiments/grpo_vs_ppo.py --seeds 0 --max-steps 50
 """
+import signal
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import json
 import os
 import sys

@@ -27,6 +27,9 @@ a bigram table could not.
     python experiments/norm_position.py                   # profile + 2 x 2 arms x 3 seeds, a few minutes
     python experiments/norm_position.py --lr 3e-3 --train-steps 400
 """
+import signal
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import json
 import math
 import os

@@ -28,6 +28,9 @@ when matplotlib is installed.
     python experiments/overoptimization.py                   # reward model, 3 PPO runs, best-of-n
     python experiments/overoptimization.py --betas 0,0.05 --time-budget 2
 """
+import signal
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import json
 import math
 import os

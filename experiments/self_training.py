@@ -22,6 +22,9 @@ step 0, and of its result). The table is read back from those files.
     python experiments/self_training.py                      # 3 rounds from runs/sft/model.pt
     python experiments/self_training.py --rounds 5 --sft-steps 200
 """
+import signal
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
 import json
 import os
 import sys
