@@ -230,14 +230,6 @@ class ScalarHead(nn.Module):
         return self.head(self.body.hidden(tokens, positions, doc_ids).float()).squeeze(-1)   # (B, T)
 
 
-def check_weights_finite(where, *modules):
-    """Every parameter of the modules is finite; else NonFiniteError naming `where` and the tensor."""
-    for module in modules:
-        bad = cli.non_finite_tensors(dict(module.named_parameters()))
-        if bad:
-            raise cli.NonFiniteError(f"{where}: {bad[0]} holds NaN or inf")
-
-
 def load_reward_model(path, device):
     """reward.py's checkpoint: a model.GPT body + the head weights saved in its meta -> (ScalarHead, enc)."""
     body, enc, ckpt = checkpoints.load(path, device=device)
@@ -248,14 +240,13 @@ def load_reward_model(path, device):
 def build_models(args, device):
     """-> (models {"policy", "reference", "value", "reward"}, enc). The reference and the reward model are
     frozen; the value model is a trainable copy of the reward model (or of the SFT body with --reward verifier).
-    Checkpoints whose weights hold NaN or inf are refused here, before anything is written."""
+    Checkpoints whose weights or reward head hold NaN or inf are refused by checkpoints.load and
+    reward_head_weights, before anything is written."""
     policy, enc, _ = checkpoints.load(args.init, device=device, chat_format=args.chat_template)
-    check_weights_finite(args.init, policy)
     reference = copy.deepcopy(policy).requires_grad_(False)
     reward_model = None
     if args.reward == "rm":
         reward_model, reward_enc = load_reward_model(args.reward_model, device)
-        check_weights_finite(args.reward_model, reward_model)
         if reward_enc.name != enc.name:
             raise cli.UserError(f"{args.reward_model}: tokenizer {reward_enc.name!r} differs from the policy's "
                                 f"{enc.name!r}")
