@@ -859,6 +859,7 @@ def load_model(args, names, device):
     could outgrow its learned positions. -> (model, enc)"""
     if args.init:
         model, enc, _ = checkpoints.load(args.init, device=device)
+        checkpoints.require_settings_for_pretrained(args.init, args, ("bc_lr", "rl_lr", "bc_steps"))
     else:
         enc = tokenizer.get_tokenizer("bytes")
         model = new_model(args, enc, device)

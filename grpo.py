@@ -25,8 +25,10 @@ SFT start from sft.py), trains with GRPO for a fixed number of steps, then runs 
 keeps the comparison honest: SFT continued from the byte-identical start on the same demonstrations
 for the same wall-clock minutes that GRPO took (sft.py as a subprocess). It ends with one table for
 the SFT start, GRPO and the control, all evaluated by the same function on the same held-out prompts.
+Two more controls, for the same minutes: rejection-sampling fine-tuning (rft) and GRPO on a random reward.
 
     python grpo.py                                   # the headline: GRPO vs its SFT start vs more SFT
+    python grpo.py --controls sft,rft,random         # and vs RFT, and vs GRPO on a reward that carries nothing
     python grpo.py --no-control --max-steps 50       # GRPO alone
     python grpo.py --time-budget 3 --max-steps 0     # a wall-clock budget instead of a step budget
     torchrun --nproc_per_node=2 grpo.py --no-control # rollouts split over 2 processes
@@ -66,7 +68,7 @@ class Args:
     top_k: int = 0                         # top-k truncation of the sampler (0 = off)
     top_p: float = 1.0                     # nucleus truncation of the sampler (1 = off)
     max_new_tokens: int = tasks.MAX_NEW_TOKENS # completion length limit; longer ones are truncated
-    rewards: str = "correct=1.0"           # weighted reward functions, name=weight: correct, format, overlong, expression
+    rewards: str = "correct=1.0"           # weighted reward functions, name=weight: correct, format, overlong, expression, program
     dynamic_sampling: bool = True          # drop groups whose rewards are all equal (DAPO); refill up to --refill-rounds
     refill_rounds: int = 0                 # extra sampling rounds to refill dropped groups (0 = just drop)
     # loss
@@ -89,10 +91,15 @@ class Args:
     n_eval_during: int = 200               # held-out prompts in the periodic greedy eval
     eval_minutes: float = 1.0              # training minutes between periodic evals
     pass_k: int = 4                        # samples per prompt for sampled accuracy and pass@k
-    control: bool = True                   # run the equal-time SFT control and add it to the table
+    control: bool = True                   # run the control arms (--controls) and add them to the table
+    controls: str = "sft"                  # arms for GRPO's minutes: sft (more SFT), rft (rejection sampling), random
+    random_reward_mean: float = 0.5        # P(reward 1) of the `random` reward (the random arm sets the start's)
     png: bool = True                       # write a PNG plot when matplotlib is installed
     control_lr: float = 0.0                # the control's peak learning rate (0 = sft.py's default; give the SFT start's for a real model)
     chat_template: str = "auto"            # auto|none|chatml|llama3: how prompts are wrapped (auto: from the checkpoint)
+    system_prompt: str = ""                # a system turn before every prompt, kept in the checkpoint ("" = its own)
+    lora_rank: int = 0                     # train LoRA adapters of this rank, the base frozen (0 = every weight)
+    lora_alpha: float = 16.0               # LoRA's scale is lora_alpha / lora_rank
     dtype: str = "float32"                 # float32|bfloat16: the weights' precision (bf16 halves their memory)
     grad_checkpoint: bool = False          # recompute each block in the backward pass: less activation memory
     compile_train: bool = False            # torch.compile each block for the training forward (GPT.compile_blocks)
@@ -101,6 +108,13 @@ class Args:
     device: str = "auto"                   # auto | cpu | cuda
     fsdp: bool = False                     # shard weights, gradients, optimizer state over torchrun processes (FSDP2)
     seed: int = 0                          # seeds sampling, prompt order and (with --fresh-start) the SFT start
+
+
+# A pretrained start (--init names a Hugging Face folder, a .gguf file or a checkpoint fine-tuned from one) takes
+# these defaults instead of the ones above, sized for the 0.8M-parameter model: 32 completions a step instead of
+# 256, a short held-out set. An option given on the command line still wins.
+PRETRAINED_DEFAULTS = {"prompts_per_step": 8, "group_size": 4, "micro_batch": 8, "lr": 1e-5, "max_steps": 20,
+                       "n_eval": 100, "n_eval_during": 50, "eval_minutes": 5.0, "pass_k": 2}
 
 
 def check_args(args) -> None:
@@ -112,15 +126,22 @@ def check_args(args) -> None:
     cli.check_options(args, positive=("prompts_per_step", "update_epochs", "micro_batch", "max_new_tokens", "n_eval",
                                       "n_eval_during", "pass_k", "eval_minutes"),
                       non_negative=("refill_rounds", "top_k", "threads", "beta", "lr", "weight_decay", "grad_clip",
-                                    "eps_low", "eps_high", "control_lr"),
+                                    "eps_low", "eps_high", "control_lr", "lora_rank"),
                       probability=("top_p",), seed=("seed",), temperature=("temperature",))
     cli.require_at_most(args, cli.MAX_LR, "lr", "control_lr")   # the control's lr reaches sft.py's own check too late
     cli.check_budget(args)
     if args.top_p <= 0:
         raise cli.UserError(f"--top-p must be > 0, got {args.top_p}")
     cli.require_at_least(args, 2, "group_size")   # the advantage compares completions within a group
+    unknown = set(parse_controls(args.controls)) - set(CONTROL_ARMS)
+    if unknown:
+        raise cli.UserError(f"--controls: unknown arm {sorted(unknown)[0]!r}; choose from {', '.join(CONTROL_ARMS)}")
+    if not 0 <= args.random_reward_mean <= 1:
+        raise cli.UserError(f"--random-reward-mean must be in [0, 1], got {args.random_reward_mean}")
     cli.get_device(args.device)
     cli.check_fsdp(args)
+    if args.lora_rank and (args.lora_alpha <= 0 or args.fsdp):
+        raise cli.UserError(f"--lora-rank {args.lora_rank}: needs --lora-alpha > 0, and not --fsdp")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,8 +172,25 @@ def expression_reward(text, row, length, truncated, args):
     return float(tasks.expression_hits_target(text, row.get("numbers", ()), row["answer"]))
 
 
+RANDOM_REWARD = random.Random(0)         # the `random` reward's draws; set_up seeds it per run and rank
+
+
+def random_reward(text, row, length, truncated, args):
+    """Spurious Rewards' control (Shao et al. 2025, arXiv 2506.10947): 1 with probability random_reward_mean,
+    drawn independently of the completion. Same scale as the real reward, no information: a gain that
+    survives it was not learned from the reward."""
+    return float(RANDOM_REWARD.random() < args.random_reward_mean)
+
+
+def program_reward(text, row, length, truncated, args):
+    """Program synthesis: the share of the row's hidden tests that the completion's final `#### <program>`
+    passes, run by lib/interpreter.py (tasks.program_score). Partial credit, so a group's programs that pass
+    5 and 7 of 8 tests are told apart; held-out accuracy still asks for all 8."""
+    return tasks.program_score(text, row)
+
+
 REWARDS = {"correct": correct_reward, "format": format_reward, "overlong": overlong_reward,
-           "expression": expression_reward}
+           "expression": expression_reward, "program": program_reward, "random": random_reward}
 
 
 def parse_reward_weights(spec: str) -> dict:
@@ -478,17 +516,84 @@ def start_command(args) -> list:
     return stages.stage_command("sft.py", threads=args.threads)
 
 
-def control_command(args, minutes: float) -> list:
+def control_command(args, minutes: float, start_args: dict) -> list:
     """The equal-time control: SFT continued from the same start checkpoint, on the same demonstrations,
-    for the same wall-clock training minutes GRPO took, in the same chat format and precision, with sft.py's
-    own settings otherwise (its learning rate unless --control-lr is given)."""
-    lr = {"lr": args.control_lr} if args.control_lr > 0 else {}
+    for the same wall-clock training minutes GRPO took, in the same chat format, system prompt, precision and
+    LoRA rank, at the batch size, micro-batch and learning rate that made the start (`start_args`, the sft.py
+    arguments saved in its checkpoint; --control-lr overrides the rate), else at sft.py's own defaults."""
+    start = {k: start_args[k] for k in ("batch_size", "micro_batch", "lr") if type(start_args.get(k)) in (int, float)}
+    if args.control_lr > 0:
+        start["lr"] = args.control_lr
+    lora = {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha} if args.lora_rank else {}
     return stages.stage_command("sft.py", init=args.init, data=args.sft_data, test_data=args.sft_test_data,
                                 eval_data=args.eval_data, n_eval=args.n_eval_during, eval_minutes=args.eval_minutes,
-                                max_new_tokens=args.max_new_tokens, time_budget=f"{minutes:.4f}", max_steps=0,
-                                out=os.path.join(args.out, "control"), seed=args.seed, device=args.device,
+                                eval_every=0, max_new_tokens=args.max_new_tokens, time_budget=f"{minutes:.4f}",
+                                max_steps=0, out=os.path.join(args.out, "control"), seed=args.seed, device=args.device,
                                 threads=args.threads, chat_template=args.chat_template, dtype=args.dtype,
-                                grad_checkpoint=args.grad_checkpoint, compile_train=args.compile_train, **lr)
+                                system_prompt=args.system_prompt, grad_checkpoint=args.grad_checkpoint,
+                                compile_train=args.compile_train, **start, **lora)
+
+
+def parse_controls(spec: str) -> list:
+    return [arm for arm in (part.strip() for part in spec.split(",")) if arm]
+
+
+def rft_sampling_command(args, steps: int) -> list:
+    """Rejection sampling from the start (synth.py --from-model): as many completions as GRPO sampled (its steps x
+    prompts x group size, on the same prompts and temperature), every verified one kept (--keep-bare)."""
+    return stages.stage_command("synth.py", from_model=args.init, prompts=args.data,
+                                n_prompts=max(1, steps * args.prompts_per_step), k=args.group_size,
+                                temperature=args.temperature, max_new_tokens=args.max_new_tokens, keep_bare=True,
+                                out=os.path.join(args.out, "rft", "samples.jsonl"), seed=args.seed, device=args.device)
+
+
+def random_reward_command(args, mean: float) -> list:
+    """GRPO again with every setting the same but the reward: 1 with probability `mean` (the start's mean reward),
+    drawn independently of the completion, so the signal has the real reward's scale and carries nothing."""
+    return stages.stage_command("grpo.py", **{**asdict(args), "out": os.path.join(args.out, "random"),
+                                              "rewards": "random=1", "random_reward_mean": f"{mean:.6f}",
+                                              "control": False, "png": False, "fresh_start": False})
+
+
+def sft_arm(args, results) -> tuple:
+    """More SFT on the demonstrations for GRPO's minutes. -> (its checkpoint, the minutes it trained)."""
+    stages.run_stage(control_command(args, results["train_minutes"], results["start_args"]))
+    path = os.path.join(args.out, "control", "model.pt")
+    return path, checkpoints.load(path)[2]["meta"]["train_seconds"] / 60
+
+
+def rft_arm(args, results) -> tuple:
+    """Rejection-sampling fine-tuning (RAFT, arXiv 2504.11343; RFT; STaR): sample from the start as GRPO did, keep
+    the verified completions, then SFT on them for what is left of GRPO's minutes. Its minutes are the sampling's
+    and the training's; with nothing kept or no time left, it is the start itself."""
+    started = time.perf_counter()
+    stages.run_stage(rft_sampling_command(args, results["steps"]))
+    samples = os.path.join(args.out, "rft", "samples.jsonl")
+    summary = os.path.join(args.out, "rft", "samples.summary.json")     # written with samples.jsonl, or neither
+    sampling = (json.load(open(summary))["seconds"] if os.path.exists(summary)
+                else time.perf_counter() - started) / 60       # its own timing: sampling, not loading the model
+    left = results["train_minutes"] - sampling
+    if not os.path.exists(samples) or left <= 0:
+        print(f"rft: {'no verified sample' if left > 0 else 'no time left after sampling'}; the arm is the start")
+        return args.init, sampling
+    command = control_command(args, left, results["start_args"])
+    command[command.index("--data") + 1] = samples
+    command[command.index("--out") + 1] = os.path.join(args.out, "rft")
+    stages.run_stage(command)
+    path = os.path.join(args.out, "rft", "model.pt")
+    return path, sampling + checkpoints.load(path)[2]["meta"]["train_seconds"] / 60
+
+
+def random_arm(args, results) -> tuple:
+    stages.run_stage(random_reward_command(args, results["start"]["sampled"]))
+    summary = json.load(open(os.path.join(args.out, "random", "summary.json")))
+    return os.path.join(args.out, "random", "model.pt"), summary["train_minutes"]
+
+
+# Each arm starts from the byte-identical start and gets GRPO's measured training minutes; its row in the table
+# is keyed by the first name ("control" is the SFT arm, as summaries have always called it).
+CONTROL_ARMS = {"sft": ("control", "more SFT (control)", sft_arm), "rft": ("rft", "RFT (control)", rft_arm),
+                "random": ("random", "random reward (control)", random_arm)}
 
 
 def prepare_inputs(args, main_process: bool, ddp: bool):
@@ -516,12 +621,16 @@ def prepare_inputs(args, main_process: bool, ddp: bool):
             stages.ensure_input(args.init, defaults.init, start_command(args))
     if ddp:
         dist.barrier()
-    policy, enc, _ = checkpoints.load(args.init, dtype=cli.DTYPES[args.dtype], chat_format=args.chat_template)
+    policy, enc, ckpt = checkpoints.load(args.init, dtype=cli.DTYPES[args.dtype], chat_format=args.chat_template)
+    policy.merge_lora()              # a start with adapters is the model they make
+    if args.system_prompt:
+        tokenizer.set_system_prompt(enc, args.system_prompt)
     policy.checkpoint_blocks = args.grad_checkpoint
     block = policy.config.block_size
     rows = tasks.fit_prompts(tasks.read_prompts(args.data), enc, block, args.max_new_tokens, args.data)
     eval_rows = tasks.fit_prompts(tasks.read_prompts(args.eval_data), enc, block, args.max_new_tokens, args.eval_data)
-    return policy, enc, rows, eval_rows[:args.n_eval]
+    saved = ckpt.get("meta", {}).get("args") if isinstance(ckpt.get("meta"), dict) else None
+    return policy, enc, rows, eval_rows[:args.n_eval], saved if isinstance(saved, dict) else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,6 +676,7 @@ class Setup:
     logger: rundir.MetricsLogger
     init_hash: str
     params_by_role: dict
+    start_args: dict             # the sft.py arguments that made the start (its checkpoint's), {} for another model
 
 
 @dataclass
@@ -634,16 +744,22 @@ def set_up(args) -> Setup:
     if args.prompts_per_step % world:
         raise cli.UserError(f"--prompts-per-step {args.prompts_per_step} must divide evenly over {world} processes")
     weights = parse_reward_weights(args.rewards)
-    policy, enc, rows, eval_rows = prepare_inputs(args, main_process, ddp)
+    policy, enc, rows, eval_rows, start_args = prepare_inputs(args, main_process, ddp)
     if "expression" in weights and not any("numbers" in row for row in rows):
         raise cli.UserError(f"--rewards expression: {args.data} has no Countdown rows (a 'numbers' list), so every "
                             "reward would be 0; make them with `python synth.py --families countdown`")
+    if "program" in weights and not any("tests" in row for row in rows):
+        raise cli.UserError(f"--rewards program: {args.data} has no program rows (hidden 'tests'), so every reward "
+                            "would be 0; make them with `python synth.py --families program`")
     policy.to(device)
     init_hash = rundir.sha256(args.init)
     cli.seed_everything(args.seed + rank)
+    RANDOM_REWARD.seed(args.seed * 1000 + rank)
     generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
     policy.eval()        # dropout off: the policy we update is exactly the policy we sampled from
     reference = copy.deepcopy(policy).requires_grad_(False) if args.beta > 0 else None
+    if args.lora_rank:          # after the copy: the reference is the start itself, with no adapters
+        policy.add_lora(args.lora_rank, args.lora_alpha)
     if args.compile_train:      # after the copy: the reference only runs without gradients, eagerly
         policy.compile_blocks()
     model = torch.nn.parallel.DistributedDataParallel(policy) if ddp and not args.fsdp else policy
@@ -651,7 +767,7 @@ def set_up(args) -> Setup:
         distributed.shard_model(policy, device)
         if reference is not None:
             distributed.shard_model(reference, device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99),
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99),
                                   fused=device.type == "cuda")
     params_by_role = {"policy": policy.num_params(), "reference": reference.num_params() if reference else 0,
                       "value": 0, "reward": 0}
@@ -666,7 +782,8 @@ def set_up(args) -> Setup:
               f"{args.prompts_per_step} prompts x {args.group_size} samples per step | budget {budget} | "
               f"{world} process(es) on {device}", flush=True)
     return Setup(args, rank, world, ddp, main_process, device, weights, policy, model, reference, optimizer, enc,
-                 eval_rows, PromptOrder(rows, args.seed, rank, world), generator, logger, init_hash, params_by_role)
+                 eval_rows, PromptOrder(rows, args.seed, rank, world), generator, logger, init_hash, params_by_role,
+                 start_args)
 
 
 def evaluate_start(setup: Setup) -> dict:
@@ -754,7 +871,8 @@ def finish(setup: Setup, state: RunState, start_eval: dict) -> dict:
                    "params_by_role": setup.params_by_role, "peak_mem_mb": rundir.peak_memory_mb(device),
                    "sec_per_step": mean("step_s"),
                    "time_split": {k: mean(k) for k in ("gen_s", "score_s", "adv_s", "update_s")},
-                   "start_accuracy": start_eval["greedy"], "final_accuracy": end_eval["greedy"]}
+                   "start_accuracy": start_eval["greedy"], "final_accuracy": end_eval["greedy"],
+                   "start_args": setup.start_args}
     setup.logger.close()
     if setup.ddp:
         # Every rank leaves together, the others waiting here while rank 0 saves and evaluates. This alone
@@ -783,7 +901,7 @@ def control_history(out: str) -> tuple[list, list]:
 
 
 def format_table(results: dict, args) -> str:
-    names = [("SFT start", "start"), ("GRPO", "grpo"), ("more SFT (control)", "control")]
+    names = [("SFT start", "start"), ("GRPO", "grpo"), *((label, key) for key, label, _ in CONTROL_ARMS.values())]
     difficulties = sorted(results["start"]["per_difficulty"], key=str)
     head = ["", "greedy acc", *[f"d={d}" for d in difficulties], "sampled acc", f"pass@{args.pass_k}",
             "skips work", "wrong step", "mean len", "minutes"]
@@ -792,7 +910,7 @@ def format_table(results: dict, args) -> str:
         r = results.get(key)
         if not r:
             continue
-        minutes = 0.0 if key == "start" else results["train_minutes"]
+        minutes = {"start": 0.0, "grpo": results["train_minutes"]}.get(key, results.get(f"{key}_minutes"))
         cells = [label, f"{100 * r['greedy']:.1f} ± {100 * r['stderr']:.1f}",
                  *[f"{100 * r['per_difficulty'].get(d, float('nan')):.1f}" for d in difficulties],
                  f"{100 * r['sampled']:.1f}", f"{100 * r['pass_at_k']:.1f}", f"{100 * r['skip_work']:.1f}",
@@ -837,17 +955,25 @@ def plot(results: dict, args) -> None:
 
 def main(argv=None):
     args = cli.parse_args(Args, argv)
+    if not args.fresh_start and checkpoints.is_pretrained(args.init):
+        args = cli.parse_args(Args, argv, defaults=PRETRAINED_DEFAULTS)
+        print(f"--init {args.init} is a pretrained model: its defaults are " + " ".join(
+            f"--{k.replace('_', '-')} {v:g}" for k, v in PRETRAINED_DEFAULTS.items() if getattr(args, k) == v)
+            + " (docs/real_models.md; an option given here wins)", flush=True)
     results = train(args)
     if not results:          # a non-zero rank under torchrun
         return results
-    if args.control:
-        stages.run_stage(control_command(args, results["train_minutes"]))
-        control_dir = os.path.join(args.out, "control")
-        control_model, enc, _ = checkpoints.load(os.path.join(control_dir, "model.pt"), cli.get_device(args.device))
-        eval_rows = tasks.fit_prompts(tasks.read_prompts(args.eval_data), enc, control_model.config.block_size,
+    for arm in parse_controls(args.controls) if args.control else []:
+        key, _, run_arm = CONTROL_ARMS[arm]
+        path, results[f"{key}_minutes"] = run_arm(args, results)     # the minutes it ran, not what it was given
+        model, enc, _ = checkpoints.load(path, cli.get_device(args.device), chat_format=args.chat_template)
+        if args.system_prompt:
+            tokenizer.set_system_prompt(enc, args.system_prompt)
+        eval_rows = tasks.fit_prompts(tasks.read_prompts(args.eval_data), enc, model.config.block_size,
                                       args.max_new_tokens, args.eval_data)[:args.n_eval]
-        results["control"] = eval_row(control_model, enc, eval_rows, args, samples=args.pass_k, seed=args.seed)
-        results["control_history"] = control_history(control_dir)
+        results[key] = eval_row(model, enc, eval_rows, args, samples=args.pass_k, seed=args.seed)
+    if "control" in results:
+        results["control_history"] = control_history(os.path.join(args.out, "control"))
     with rundir.atomic_write(os.path.join(args.out, "summary.json")) as f:
         json.dump(results, f, indent=1)
     table = format_table(results, args)
@@ -859,8 +985,9 @@ def main(argv=None):
     print(table)
     gain = 100 * (results["grpo"]["greedy"] - results["start"]["greedy"])
     line = f"GRPO vs SFT start: {gain:+.1f} points"
-    if "control" in results:
-        line += f" | GRPO vs equal-time SFT control: {100 * (results['grpo']['greedy'] - results['control']['greedy']):+.1f} points"
+    for key, label, _ in CONTROL_ARMS.values():
+        if key in results:
+            line += f" | vs {label}: {100 * (results['grpo']['greedy'] - results[key]['greedy']):+.1f}"
     print(line)
     plot(results, args)
     return results

@@ -28,7 +28,7 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -73,6 +73,9 @@ class Config:
     moe_top_k: int = 2           # MoE: experts per token
     moe_balance_coef: float = 0.01  # MoE: weight of the Switch load-balancing loss in aux_loss
     moe_z_coef: float = 0.001       # MoE: weight of the router z-loss in aux_loss
+    # LoRA (Hu et al. 2021): trainable low-rank adapters beside the frozen weights of every linear layer in the blocks
+    lora_rank: int = 0           # r, the rank of each adapter; 0 = no adapters (every parameter trains)
+    lora_alpha: float = 16.0     # alpha: the update B A is scaled by alpha / r
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_head", "n_kv_head", "n_embd", "n_expert", "moe_top_k",
@@ -80,12 +83,12 @@ class Config:
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"Config.{name}={value!r} must be a positive integer")
-        for name in ("n_layer", "ffn_hidden", "head_dim"):   # 0 layers: a bigram model; 0 width: automatic
+        for name in ("n_layer", "ffn_hidden", "head_dim", "lora_rank"):   # 0 layers: a bigram model; 0 width: automatic
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise ValueError(f"Config.{name}={value!r} must be an integer >= 0")
         for name, low in (("rope_base", 1.0), ("rope_factor", 0.0), ("rope_low_freq_factor", 0.0),
-                          ("rope_high_freq_factor", 0.0), ("norm_eps", 0.0)):
+                          ("rope_high_freq_factor", 0.0), ("norm_eps", 0.0), ("lora_alpha", 0.0)):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > low):
                 raise ValueError(f"Config.{name}={value!r} must be a finite number > {low:g}")
@@ -109,6 +112,8 @@ class Config:
             raise ValueError("RoPE needs an even head dimension")
         if self.ffn == "moe" and not 1 <= self.moe_top_k <= self.n_expert:
             raise ValueError(f"moe_top_k={self.moe_top_k} must be in [1, n_expert={self.n_expert}]")
+        if self.lora_rank and self.ffn == "moe":
+            raise ValueError("LoRA adapters (lora_rank > 0) are not supported with ffn='moe'")
 
     @property
     def ffn_width(self) -> int:
@@ -137,6 +142,51 @@ class RMSNorm(nn.Module):
 def make_norm(cfg: Config, dim: int | None = None) -> nn.Module:
     dim = dim or cfg.n_embd
     return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer with a trainable low-rank update beside its frozen weight (Hu et al. 2021, LoRA:
+    Low-Rank Adaptation of Large Language Models, arXiv 2106.09685):
+
+        y = x W^T + b + (alpha / r) (x A^T) B^T ,    A (r, in), B (out, r), r << min(in, out)
+
+    i.e. the weight W + (alpha / r) B A, learned through r (in + out) numbers instead of in * out. A starts
+    random (kaiming-uniform, as in Hu et al.'s loralib) and B at zero, so training starts exactly from the
+    base model. merged() folds the update into W: the adapted model then costs nothing extra to run."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, alpha: float,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))     # (r, in)
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))    # (out, r)
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    @classmethod
+    def adapting(cls, linear: nn.Linear, rank: int, alpha: float) -> LoRALinear:
+        """`linear` with an adapter: its own weight and bias, a new A and B = 0 on the weight's device and dtype."""
+        lora = cls(linear.in_features, linear.out_features, linear.bias is not None, rank, alpha,
+                   device=linear.weight.device, dtype=linear.weight.dtype)
+        lora.weight, lora.bias = linear.weight, linear.bias
+        return lora
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear computing the same function: W' = W + (alpha / r) B A (summed in fp32), same bias."""
+        with torch.no_grad():
+            weight = self.weight.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())   # (out, in)
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        linear.weight, linear.bias = nn.Parameter(weight.to(self.weight.dtype)), self.bias
+        return linear
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_a), self.lora_b)
+
+
+def make_linear(cfg: Config, in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    """A linear layer of a block: with cfg.lora_rank > 0, one with a LoRA adapter (GPT freezes its weight)."""
+    if cfg.lora_rank:
+        return LoRALinear(in_features, out_features, bias, cfg.lora_rank, cfg.lora_alpha)
+    return nn.Linear(in_features, out_features, bias=bias)
 
 
 def rope_frequencies(cfg: Config, device=None):
@@ -199,9 +249,9 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
-        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.q = make_linear(cfg, cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
+        self.kv = make_linear(cfg, cfg.n_embd, 2 * cfg.n_kv_head * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
+        self.proj = make_linear(cfg, cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.proj.residual = True   # scaled init
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None   # Qwen3
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -245,9 +295,9 @@ class FeedForward(nn.Module):
         super().__init__()
         self.act = ACTIVATIONS[kind]
         self.gated = kind in ("swiglu", "geglu")
-        self.w1 = nn.Linear(cfg.n_embd, cfg.ffn_width, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.n_embd, cfg.ffn_width, bias=cfg.bias) if self.gated else None
-        self.w2 = nn.Linear(cfg.ffn_width, cfg.n_embd, bias=cfg.bias)
+        self.w1 = make_linear(cfg, cfg.n_embd, cfg.ffn_width, bias=cfg.bias)
+        self.w3 = make_linear(cfg, cfg.n_embd, cfg.ffn_width, bias=cfg.bias) if self.gated else None
+        self.w2 = make_linear(cfg, cfg.ffn_width, cfg.n_embd, bias=cfg.bias)
         self.w2.residual = True
 
     def forward(self, x):
@@ -330,6 +380,8 @@ class GPT(nn.Module):
     Optional per-token `positions` (B, T) and `doc_ids` (B, T): with doc_ids a token attends only to
     earlier tokens of the same document, so a packed row (or a left-padded one) gives each document
     the logits it would have alone. `cache` (a KVCache) appends this call's tokens after the cached ones.
+    With config.lora_rank > 0 the blocks' linear layers carry LoRA adapters and only the adapters train;
+    add_lora turns a (pretrained) model into one, merge_lora folds the adapters back into the weights.
     """
 
     def __init__(self, cfg: Config):
@@ -346,6 +398,8 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight   # Press & Wolf 2017
+        if cfg.lora_rank:
+            self.freeze_all_but_adapters()
 
     def _init_weights(self, module):
         """N(0, 0.02); residual output projections N(0, 0.02 / sqrt(2 L)) so the residual stream's
@@ -355,6 +409,42 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+    def add_lora(self, rank: int, alpha: float = 16.0) -> GPT:
+        """LoRA in place (Hu et al. 2021): an adapter of rank r on every linear layer of the blocks (attention
+        q, kv, proj; FFN w1, w2, w3; not the embedding or LM head), A random and B = 0 so the logits do not
+        change; every other parameter frozen. config becomes the one GPT(config) builds this model from."""
+        if self.config.lora_rank:
+            raise ValueError(f"the model already has LoRA adapters of rank {self.config.lora_rank} (merge_lora first)")
+        if type(rank) is not int or rank < 1:
+            raise ValueError(f"LoRA rank={rank!r} must be a positive integer")
+        self.config = replace(self.config, lora_rank=rank, lora_alpha=alpha)   # validates alpha, refuses MoE
+        self.replace_block_linears(lambda linear: LoRALinear.adapting(linear, rank, alpha))
+        self.freeze_all_but_adapters()
+        return self
+
+    def merge_lora(self) -> GPT:
+        """Fold each adapter into its weight, W <- W + (alpha / r) B A, leaving plain nn.Linear layers, no
+        adapter tensors, config.lora_rank = 0 and every parameter trainable. copy.deepcopy(model).merge_lora()
+        exports a copy. Without adapters, a no-op."""
+        if self.config.lora_rank:
+            self.replace_block_linears(LoRALinear.merged)
+            self.config = replace(self.config, lora_rank=0)
+            self.requires_grad_(True)
+        return self
+
+    def replace_block_linears(self, make) -> None:
+        """Each nn.Linear inside the blocks becomes make(linear), under the same name (so the same state-dict keys)."""
+        for block in self.blocks:
+            for parent in list(block.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(parent, name, make(child))
+
+    def freeze_all_but_adapters(self) -> None:
+        """LoRA trains A and B only: every other parameter (embeddings and norms included) is frozen."""
+        for name, p in self.named_parameters():
+            p.requires_grad = name.endswith(("lora_a", "lora_b"))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())   # tied weights are counted once
@@ -876,9 +966,12 @@ def main(argv=None) -> None:
     """Fit the default GPT to DEMO_TEXT byte by byte, then continue a prompt greedily with generate (KV cache)
     and by recomputing the whole sequence per token: the same tokens, at a fraction of the work."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export"]:      # lib's command (checkpoint files are not the model's business)
+    if argv[:1] == ["export"]:      # lib's commands (checkpoint files are not the model's business)
         from lib import checkpoints, cli
         return cli.run(lambda: checkpoints.export(argv[1:]))
+    if argv[:1] == ["chat"]:
+        from lib import chat, cli
+        return cli.run(lambda: chat.main(argv[1:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="AdamW steps on the paragraph (default: 300)")
     parser.add_argument("--new-tokens", type=int, default=100, help="bytes to generate (default: 100)")

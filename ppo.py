@@ -243,6 +243,7 @@ def build_models(args, device):
     Checkpoints whose weights or reward head hold NaN or inf are refused by checkpoints.load and
     reward_head_weights, before anything is written."""
     policy, enc, _ = checkpoints.load(args.init, device=device, chat_format=args.chat_template)
+    checkpoints.require_settings_for_pretrained(args.init, args, ("lr", "max_steps"))
     reference = copy.deepcopy(policy).requires_grad_(False)
     reward_model = None
     if args.reward == "rm":

@@ -365,6 +365,7 @@ def build(args, device):
     else:
         stages.ensure_input(args.init, Args().init, sft_command())
         body, enc, _ = checkpoints.load(args.init)
+        checkpoints.require_settings_for_pretrained(args.init, args, ("lr", "batch_size"))
         bad = cli.non_finite_tensors(body.state_dict())
         if bad:
             raise cli.UserError(f"{args.init}: weights hold NaN or inf (first: {bad[0]})")

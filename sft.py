@@ -73,6 +73,9 @@ class Args:
     eval_batch: int = 256                    # prompts per generation batch
     log_every: int = 10                      # updates between metric lines
     chat_template: str = "auto"              # auto|none|chatml|llama3: how prompts are wrapped (auto: from the checkpoint)
+    system_prompt: str = ""                  # a system turn before every prompt, kept in the checkpoint ("" = its own)
+    lora_rank: int = 0                       # train LoRA adapters of this rank, the base frozen (0 = every weight)
+    lora_alpha: float = 16.0                 # LoRA's scale is lora_alpha / lora_rank
     dtype: str = "float32"                   # float32|bfloat16: the weights' precision (bf16 halves their memory)
     grad_checkpoint: bool = False            # recompute each block in the backward pass: less activation memory
     compile_train: bool = False              # torch.compile each block for the training forward (GPT.compile_blocks)
@@ -80,6 +83,14 @@ class Args:
     threads: int = 0                         # torch CPU threads per process (0 = torch's default)
     fsdp: bool = False                       # shard weights, gradients, optimizer state over torchrun processes (FSDP2)
     seed: int = 0                            # seeds the model init, batch order and dropout
+    keep_state: bool = False                 # keep resume.pt (optimizer and RNG state) once the run has finished
+
+
+# A pretrained model (--init names a Hugging Face folder, a .gguf file or a checkpoint fine-tuned from one) takes
+# these defaults instead of the ones above, which train a 0.8M-parameter model from scratch: an lr 40 times
+# smaller, small batches, short evaluations. An option given on the command line still wins.
+PRETRAINED_DEFAULTS = {"lr": 5e-5, "batch_size": 8, "micro_batch": 8, "max_steps": 200, "warmup_steps": 10,
+                       "eval_minutes": 0.0, "eval_every": 100, "eval_examples": 64, "n_eval": 100, "eval_batch": 50}
 
 
 def check_args(args):
@@ -89,9 +100,11 @@ def check_args(args):
                                       "max_new_tokens", "eval_batch", "log_every"),
                       non_negative=("n_layer", "micro_batch", "warmup_steps", "weight_decay", "grad_clip",
                                     "aux_loss_weight", "eval_minutes", "eval_every", "eval_examples", "n_eval",
-                                    "threads"),
+                                    "threads", "lora_rank"),
                       probability=("min_lr_ratio",), seed=("seed",))
     cli.require_at_most(args, cli.MAX_LR, "lr")   # Adam moves each weight by ~lr a step; 1e308 overflowed its step
+    if args.lora_rank and (args.lora_alpha <= 0 or args.fsdp or args.ffn == "moe" and not args.init):
+        raise cli.UserError(f"--lora-rank {args.lora_rank}: needs --lora-alpha > 0, and neither --fsdp nor --ffn moe")
     for name in ("dropout", "beta1", "beta2"):  # [0, 1): a probability that is never 1
         value = getattr(args, name)
         if not 0 <= value < 1:
@@ -362,28 +375,46 @@ def build_model(args, device):
             raise cli.UserError(f"{'--resume' if args.resume else '--init'}: checkpoint {path} does not exist")
         # a corrupt or hostile file is a CheckpointError naming the path
         model, enc, ckpt = checkpoints.load(path, device=device, dtype=cli.DTYPES[args.dtype], chat_format=args.chat_template)
+        if not args.resume:      # a start with adapters is the model they make: merged, then trained as asked
+            model.merge_lora()
     else:
         enc = tokenizer.set_chat_format(tokenizer.get_tokenizer(args.tokenizer), args.chat_template)
         model = M.GPT(model_config(args, enc.n_vocab)).to(device=device, dtype=cli.DTYPES[args.dtype])
         ckpt = None
+    if args.system_prompt:
+        tokenizer.set_system_prompt(enc, args.system_prompt)
+    if args.lora_rank and not model.config.lora_rank:      # a resumed LoRA run rebuilt its adapters from model.pt
+        model.add_lora(args.lora_rank, args.lora_alpha)
     model.checkpoint_blocks = args.grad_checkpoint
     if args.compile_train:
         model.compile_blocks()
     return model, enc, ckpt
 
 
-def training_state(path, ckpt):
-    """What --resume needs from a checkpoint: (meta, optimizer state, step, train_seconds, rng state).
-    A checkpoint written by another stage (grpo.py, ppo.py) holds weights only: a one-line error."""
+def resume_path(out):
+    """The run's resume state beside its model.pt: the optimizer's moments and the RNG states. A finished run
+    removes it (unless --keep-state), so that its model.pt is the weights alone (a real model's optimizer
+    state is twice its weights)."""
+    return os.path.join(out, "resume.pt")
+
+
+def training_state(out, ckpt):
+    """What --resume needs: (meta, optimizer state, step, train_seconds, rng state, rng by rank), from the run's
+    model.pt (`ckpt`: step, train_seconds, args) and its resume.pt (the rest), which must be of the same step."""
+    path, state_path = os.path.join(out, "model.pt"), resume_path(out)
     meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
-    missing = [key for key in ("optimizer", "step", "train_seconds", "rng") if key not in meta]
-    if missing:
-        raise cli.UserError(f"{path}: holds no optimizer state ({', '.join(missing)} missing; not written by "
-                            f"sft.py), so --resume cannot continue it; to train from its weights use --init {path}")
+    if not os.path.isfile(state_path):
+        raise cli.UserError(f"{state_path}: missing, so --resume cannot continue {path} (a finished run removes it, "
+                            f"a stage other than sft.py never writes one); to train from its weights use --init {path}")
     try:
-        return meta, meta["optimizer"], int(meta["step"]), float(meta["train_seconds"]), meta["rng"]
-    except (TypeError, ValueError):
-        raise cli.UserError(f"{path}: its step or train_seconds is not a number") from None
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        step, train_seconds = int(meta["step"]), float(meta["train_seconds"])
+        if not isinstance(state, dict) or state.get("step") != step:
+            raise ValueError(f"it is not the state of {path}'s step {step}")
+        return meta, state["optimizer"], step, train_seconds, state["rng"], state.get("rng_by_rank")
+    except Exception as err:      # a torn pair of files, a damaged or hostile file: one line
+        raise cli.UserError(f"{state_path}: cannot resume from it ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:120] if str(err) else ''})") from None
 
 
 def resumed_args(args, argv):
@@ -392,7 +423,7 @@ def resumed_args(args, argv):
     path = os.path.join(args.out, "model.pt")
     if not os.path.exists(path):
         raise cli.UserError(f"--resume: checkpoint {path} does not exist")
-    meta = training_state(path, checkpoints.load(path)[2])[0]
+    meta = training_state(args.out, checkpoints.load(path)[2])[0]
     saved = meta.get("args")
     if not isinstance(saved, dict):
         raise cli.UserError(f"{path}: holds no saved arguments to resume with")
@@ -422,9 +453,11 @@ def checkpoint(args, policy, enc, optimizer, step, train_seconds, results=None, 
     weights, optimizer_state = distributed.full_model(policy), distributed.full_optimizer_state(policy, optimizer)
     rng_by_rank = rng_states(world_size)
     if main_proc:
-        checkpoints.save(os.path.join(args.out, "model.pt"), weights, enc, optimizer=optimizer_state, step=step,
-                         train_seconds=train_seconds, rng=torch.get_rng_state(), rng_by_rank=rng_by_rank,
+        checkpoints.save(os.path.join(args.out, "model.pt"), weights, enc, step=step, train_seconds=train_seconds,
                          args=asdict(args), results=results or {})
+        with rundir.atomic_write(resume_path(args.out), "wb") as f:     # after model.pt: training_state checks the step
+            torch.save({"step": step, "optimizer": optimizer_state, "rng": torch.get_rng_state(),
+                        "rng_by_rank": rng_by_rank}, f)
 
 
 @dataclass
@@ -457,6 +490,7 @@ class RunState:
     checkpoint() saves step and train_seconds; --resume restores them."""
     step: int = 0
     train_seconds: float = 0.0
+    last_step_seconds: float = 0.0
     next_eval_s: float = float("inf")
     window: dict = field(default_factory=new_window)
 
@@ -493,6 +527,7 @@ def _run(args, rank, world_size):
             state.step += 1
             seconds = time.perf_counter() - step_start
             state.train_seconds += seconds
+            state.last_step_seconds = seconds
             log_window(setup, state, lr, loss, grad_norm, indices, seconds)
             progress, eval_due = clock(setup, state)
             if eval_due and progress < 1.0:  # the final eval follows the loop
@@ -546,7 +581,9 @@ def set_up(args, rank, world_size):
         rundir.save_args(args.out, args)  # claims the folder: a second writer stops here, having written nothing
         start = ("resumed at step %d" % state.step if args.resume else f"from {args.init}" if args.init
                  else "from scratch")
-        print(f"sft: {policy.num_params() / 1e6:.2f}M params {start}, {len(train_examples)} examples, "
+        trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        lora = f" (LoRA rank {policy.config.lora_rank}: {trained / 1e6:.2f}M trained)" if policy.config.lora_rank else ""
+        print(f"sft: {policy.num_params() / 1e6:.2f}M params{lora} {start}, {len(train_examples)} examples, "
               f"batch {args.batch_size} over {world_size} process(es), peak lr {args.lr:g}, device {device}, "
               f"budget {args.max_steps or '-'} steps / {args.time_budget or '-'} min")
     logger = rundir.MetricsLogger(args.out, total=args.max_steps or None, enabled=main_proc, append=args.resume,
@@ -561,9 +598,8 @@ def set_up(args, rank, world_size):
 def restore(args, policy, optimizer, ckpt, rank, world_size):
     """--resume: load the optimizer state and this rank's RNG state from the run's checkpoint.
     -> (step, train_seconds) where it stopped."""
-    path = os.path.join(args.out, "model.pt")
-    _, optimizer_state, step, train_seconds, rng_state = training_state(path, ckpt)
-    rng_by_rank = ckpt["meta"].get("rng_by_rank")
+    path = resume_path(args.out)
+    _, optimizer_state, step, train_seconds, rng_state, rng_by_rank = training_state(args.out, ckpt)
     if isinstance(rng_by_rank, list) and len(rng_by_rank) == world_size:  # saved by as many ranks
         rng_state = rng_by_rank[rank]
     try:
@@ -584,8 +620,11 @@ def clock(setup, state):
     args = setup.args
     shared = torch.tensor([0.0, 0.0], dtype=torch.float64, device=setup.device)  # progress exactly step / max_steps
     if setup.main_proc:
+        # under a time budget the run ends at the step boundary nearest the budget: a step of a large model may
+        # take a minute, and ending after the first step past the budget could overrun it by that minute
         shared[0] = max(state.step / args.max_steps if args.max_steps > 0 else 0.0,
-                        state.train_seconds / (60 * args.time_budget) if args.time_budget > 0 else 0.0)
+                        (state.train_seconds + state.last_step_seconds / 2) / (60 * args.time_budget)
+                        if args.time_budget > 0 else 0.0)
         shared[1] = float((args.eval_every > 0 and state.step % args.eval_every == 0)
                           or state.train_seconds >= state.next_eval_s)
     if setup.world_size > 1:
@@ -671,6 +710,8 @@ def finish(setup, state):
     results = evaluate_and_save(setup, state)
     if setup.main_proc:
         setup.logger.close()
+        if not args.keep_state:
+            os.remove(resume_path(args.out))
         print(f"held-out accuracy (greedy, {results['eval_n']} prompts of {args.eval_data}): "
               f"{100 * results['eval_accuracy']:.1f}% +/- {100 * results['eval_stderr']:.1f} | "
               f"eval loss {results['eval_loss']:.4f} | {state.step} steps in {state.train_seconds / 60:.1f} min "
@@ -688,6 +729,11 @@ def main(argv=None):
         if args.init:
             raise cli.UserError("--resume continues the run in --out; it cannot be combined with --init")
         args = resumed_args(args, argv)
+    elif args.init and checkpoints.is_pretrained(args.init):
+        args = cli.parse_args(Args, argv, defaults=PRETRAINED_DEFAULTS)
+        print(f"--init {args.init} is a pretrained model: its defaults are " + " ".join(
+            f"--{k.replace('_', '-')} {v:g}" for k, v in PRETRAINED_DEFAULTS.items() if getattr(args, k) == v)
+            + " (docs/real_models.md; an option given here wins)", flush=True)
     run(args)
 
 

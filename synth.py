@@ -21,14 +21,22 @@ and its shortest expression is the demonstration, so every row is solvable by co
 
     reach(S) = S  u  { a op b : a in reach(A), b in reach(S - A), A a non-empty proper part of S }
 
+A third family asks for code: program synthesis from examples. The prompt shows a few input-output pairs of a
+small function on an integer or a list of integers ('f(3) = 10; f(5) = 26; ...'); the completion ends with
+'#### <program>', a Python expression in x ('x*x+1', '[v for v in x if v > 4]'), and the row keeps hidden
+tests the prompt does not show. lib/interpreter.py runs the program (never eval); the reward is the share of
+hidden tests passed, held-out accuracy asks for all of them (tasks.program_score, tasks.verify).
+
     python synth.py                                   # data/*.jsonl in seconds; prints counts, examples
     python synth.py --mix worked=1 --n-sft 10000      # all worked demonstrations, a bigger file
     python synth.py --from-model runs/sft/model.pt    # sample, verify, dedup, balance -> data/sft_model.jsonl
     python synth.py --families countdown              # data/countdown_*.jsonl: the Countdown task
+    python synth.py --families program                # data/program_*.jsonl: programs checked by hidden tests
 """
 import signal
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, signal.SIG_DFL)   # Ctrl-C while torch loads: end at once (then cli.run)
+import ast
 import contextlib
 import functools
 import itertools
@@ -44,10 +52,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 import model as M
-from lib import checkpoints, cli, rundir, stages, tasks, tokenizer
+from lib import checkpoints, cli, interpreter, rundir, stages, tasks, tokenizer
 
 FAMILIES = ("add", "sub", "mul", "word")                  # answers checked as '#### number'
 COUNTDOWN = "countdown"                                    # answers checked as '#### expression'
+PROGRAM = "program"                                        # answers checked by running '#### program' on hidden tests
 STYLES = ("worked", "bare", "noisy")
 PREF_KINDS = ("bare", "bare_wrong", "wrong_answer", "off_by_one", "wrong_step", "bad_format")  # rejected kinds
 DIAGNOSTIC_KINDS = ("length_only", "format_only")          # both correct: probes for reward shortcuts
@@ -58,7 +67,7 @@ MAX_DIFFICULTY = 6
 class Args:
     out_dir: str = "data"                    # folder for the JSONL files and synth_config.json
     seed: int = 0                            # one seed for every draw: same seed, same files
-    families: str = "add,sub,mul"           # task families (add, sub, mul, word), or countdown alone (its own files)
+    families: str = "add,sub,mul"           # task families (add, sub, mul, word), or countdown or program alone
     n_sft: int = 8000                        # demonstrations in sft_train.jsonl (exactly this many)
     mix: str = "worked=0.4,bare=0.6"         # style shares of the demonstrations: worked|bare|noisy
     sft_difficulty: str = "3-4"              # difficulty range of the demonstrations (LO-HI)
@@ -361,7 +370,128 @@ def countdown_demonstration(problem: Problem, style: str) -> str:
     return format_completion(lines, expression) if style != "bare" else f"#### {expression}"
 
 
-DRAW = {"add": draw_add, "sub": draw_sub, "mul": draw_mul, "word": draw_word, COUNTDOWN: draw_countdown}
+# -- Program synthesis: a function from a few examples, checked on hidden tests ----------------------
+
+# (difficulty, argument, template). The difficulty is the template's complexity: its number of operations
+# (binary operators, comparisons, calls, subscripts, comprehensions; program_operations counts them). The
+# constants are drawn: a in 2..5, b in -9..9 but not 0, c in -5..5, t (a threshold) in 1..8, r (a parity) 0..1.
+PROGRAM_TEMPLATES = (
+    (1, "int", "x+{b}"), (1, "int", "{a}*x"), (1, "int", "max(x, {c})"), (1, "int", "min(x, {c})"),
+    (1, "list", "sum(x)"), (1, "list", "max(x)"), (1, "list", "sorted(x)"), (1, "list", "x[::-1]"),
+    (2, "int", "{a}*x+{b}"), (2, "int", "x*x+{b}"), (2, "int", "x*(x+{b})"), (2, "int", "abs(x+{b})"),
+    (2, "list", "[v for v in x if v > {t}]"), (2, "list", "[{a}*v for v in x]"),
+    (3, "int", "{a}*x*x+{b}"), (3, "int", "max({a}*x+{b}, {c})"), (3, "list", "max(x)-min(x)"),
+    (3, "list", "[v for v in x if v % 2 == {r}]"), (3, "list", "sum([v for v in x if v > {t}])"),
+    (3, "list", "len([v for v in x if v > {t}])"), (3, "list", "[{a}*v+{b} for v in x]"),
+    (4, "int", "{a}*x*x+{b}*x"), (4, "list", "sum([v for v in x if v % 2 == {r}])"),
+    (4, "list", "len([v for v in x if v % 2 == {r}])"), (4, "list", "[v*v+{b} for v in x if v > {t}]"),
+    (4, "list", "sum([{a}*v for v in x if v > {t}])"),
+    (5, "int", "{a}*x*x+{b}*x+{c}"),
+)
+PROGRAM_SHOWN, PROGRAM_HIDDEN = 4, 8        # examples in the prompt; hidden tests in the row
+PROGRAM_INTS = range(-9, 10)                # an integer argument; a list argument: 1-4 digits 0-9 (so that a
+                                            # prompt fits 160 bytes: a context of 256 less 96 for the completion)
+
+
+def program_operations(program: str) -> int:
+    """The difficulty of a program: binary operators, comparisons, calls, subscripts and comprehensions."""
+    kinds = (ast.BinOp, ast.Call, ast.Subscript, ast.ListComp)
+    return sum(len(node.ops) if isinstance(node, ast.Compare) else isinstance(node, kinds)
+               for node in ast.walk(interpreter.parse_program(program)))
+
+
+def draw_program_text(rng, template: str) -> str:
+    """The template with its constants drawn, '+-' written '-' (x+-3 is x-3)."""
+    constants = {"a": rng.randint(2, 5), "b": rng.choice([b for b in range(-9, 10) if b]), "c": rng.randint(-5, 5),
+                 "t": rng.randint(1, 8), "r": rng.randint(0, 1)}
+    return template.format(**constants).replace("+-", "-")
+
+
+def draw_program_argument(rng, kind: str):
+    return rng.choice(PROGRAM_INTS) if kind == "int" else [rng.randrange(10) for _ in range(rng.randint(1, 4))]
+
+
+def program_prompt(examples) -> str:
+    """'f(3) = 10; f(5) = 26; f(0) = 1; f(-2) = 5. f(x) = ?' and a newline."""
+    return "; ".join(f"f({argument}) = {output}" for argument, output in examples) + ". f(x) = ?\n"
+
+
+def draw_program(rng, d):
+    """Difficulty d: a template of d operations with drawn constants, PROGRAM_SHOWN + PROGRAM_HIDDEN distinct
+    arguments, the outputs computed by lib/interpreter.py (the executor that later checks the answers); drawn
+    again when the shown outputs are all equal (a constant would fit them). operands: (program, shown, hidden)."""
+    while True:
+        _, kind, template = rng.choice([t for t in PROGRAM_TEMPLATES if t[0] == d])
+        program, arguments = draw_program_text(rng, template), {}
+        while len(arguments) < PROGRAM_SHOWN + PROGRAM_HIDDEN:
+            argument = draw_program_argument(rng, kind)
+            arguments.setdefault(str(argument), argument)
+        tree = interpreter.parse_program(program)
+        tests = [[argument, interpreter.run(tree, argument)] for argument in arguments.values()]
+        shown, hidden = tests[:PROGRAM_SHOWN], tests[PROGRAM_SHOWN:]
+        if len({str(output) for _, output in shown}) > 1:
+            return Problem(program_prompt(shown), program, PROGRAM, d, (program, shown, hidden))
+
+
+def program_space_size(d: int) -> int:
+    """Distinct program prompts at difficulty d: 0 where no template has d operations, else more than any
+    split asks for (the arguments alone give 19^4 or 10^4 prompts per template and constants)."""
+    return 10 ** 12 if any(t[0] == d for t in PROGRAM_TEMPLATES) else 0
+
+
+def program_worked_lines(program: str, shown) -> list[str]:
+    """One step per shown example, the program with the argument written in: '3*(-2)+1=-5', where that is
+    arithmetic tasks.arith can check (integer programs without calls); none otherwise."""
+    lines = []
+    for argument, output in shown:
+        if not isinstance(argument, int):
+            return []
+        step = re.sub(r"\bx\b", f"({argument})" if argument < 0 else str(argument), program)
+        try:
+            if tasks.arith(step) != output:
+                return []
+        except ValueError:
+            return []
+        lines.append(f"{step}={output}")
+    return lines
+
+
+def program_near_miss(program: str, hidden) -> str:
+    """A careless annotator's program: one constant moved by 1, the first such that fails a hidden test;
+    failing that, the program plus 1 (or plus [0], for a list), which fails every test."""
+    for match in re.finditer(r"\d+", program):
+        for delta in (1, -1):
+            number = int(match[0]) + delta
+            if number >= 0:
+                candidate = program[:match.start()] + str(number) + program[match.end():]
+                if interpreter.share_passed(candidate, hidden) < 1:
+                    return candidate
+    return f"({program})+" + ("[0]" if isinstance(hidden[0][1], list) else "1")
+
+
+def program_demonstration(problem: Problem, style: str) -> str:
+    """worked: the program checked on the shown examples where arithmetic can show it (else as bare), then
+    '#### program'; bare: only '#### program'; noisy: a near miss that fails a hidden test (program_near_miss)."""
+    program, shown, hidden = problem.operands
+    if style == "noisy":
+        return f"#### {program_near_miss(program, hidden)}"
+    lines = program_worked_lines(program, shown) if style == "worked" else []
+    return format_completion(lines, program)
+
+
+def program_row(problem: Problem) -> dict:
+    """An RL / held-out row: the reference program as the answer, the hidden tests, the shown examples."""
+    program, shown, hidden = problem.operands
+    return {"prompt": problem.prompt, "answer": program, "tests": hidden, "examples": shown,
+            "family": PROGRAM, "difficulty": problem.difficulty}
+
+
+def program_sft_row(problem: Problem, style: str) -> dict:
+    return {**program_row(problem), "completion": program_demonstration(problem, style), "style": style}
+
+
+DRAW = {"add": draw_add, "sub": draw_sub, "mul": draw_mul, "word": draw_word, COUNTDOWN: draw_countdown,
+        PROGRAM: draw_program}
 STEP_WRITERS = {"add": add_steps, "sub": sub_steps, "mul": mul_steps, "word": word_steps}
 
 
@@ -370,6 +500,8 @@ def space_size(family: str, d: int) -> int:
     count = lambda n: 10 if n == 1 else 9 * 10 ** (n - 1)   # n-digit numbers
     if family == COUNTDOWN:
         return countdown_space_size(d)
+    if family == PROGRAM:
+        return program_space_size(d)
     if family == "add":
         return count(d) ** 2
     if family == "sub":
@@ -568,6 +700,8 @@ def build_dataset(args: Args) -> dict[str, list[dict]]:
     held-out splits are drawn first, so when a small cell (1-digit sums have only 100 prompts) runs out,
     it is the training splits that get fewer of it."""
     families = parse_families(args.families)
+    if families == [PROGRAM]:
+        return build_program_dataset(args)
     mix, test_mix = parse_mix(args.mix, STYLES, "mix"), parse_mix(args.test_mix, STYLES, "test-mix")
     pref_mix = parse_mix(args.pref_mix, PREF_KINDS, "pref-mix")
     sft_d, rl_d = parse_range(args.sft_difficulty, "sft-difficulty"), parse_range(args.rl_difficulty, "rl-difficulty")
@@ -607,6 +741,26 @@ def build_dataset(args: Args) -> dict[str, list[dict]]:
         "rl_train": [rl_row(p) for p in rl_train],
         "rl_test": [rl_row(p) for p in rl_test],
     }
+
+
+def build_program_dataset(args: Args) -> dict[str, list[dict]]:
+    """The program task's four files, as Countdown's (build_dataset): held-out prompts drawn first, every split
+    disjoint from the others by prompt; SFT rows in the --mix styles, RL rows with their hidden tests."""
+    mix, test_mix = parse_mix(args.mix, STYLES, "mix"), parse_mix(args.test_mix, STYLES, "test-mix")
+    rng, taken, used = random.Random(args.seed), set(), Counter()
+
+    def split(n: int, flag: str, name: str) -> list[Problem]:
+        difficulties = parse_range(getattr(args, flag), flag.replace("_", "-"))
+        return draw_split(rng, n, [PROGRAM], difficulties, taken, used, name)
+
+    rl_test = split(args.n_test, "test_difficulty", "rl_test.jsonl (--n-test, --test-difficulty)")
+    sft_test = split(args.n_sft_test, "sft_difficulty", "sft_test.jsonl (--n-sft-test, --sft-difficulty)")
+    sft_train = split(args.n_sft, "sft_difficulty", "sft_train.jsonl (--n-sft, --sft-difficulty)")
+    rl_train = split(args.n_rl, "rl_difficulty", "rl_train.jsonl (--n-rl, --rl-difficulty)")
+    sft_styles, sft_test_styles = shuffled_labels(rng, args.n_sft, mix), shuffled_labels(rng, args.n_sft_test, test_mix)
+    return {"sft_train": [program_sft_row(p, s) for p, s in zip(sft_train, sft_styles)],
+            "sft_test": [program_sft_row(p, s) for p, s in zip(sft_test, sft_test_styles)],
+            "rl_train": [program_row(p) for p in rl_train], "rl_test": [program_row(p) for p in rl_test]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -772,7 +926,7 @@ def from_model(args: Args) -> dict:
     written = kept if args.filter else unfiltered_rows(rows, samples)
     counts["written"] = len(written)
     texts = [text for _, text, _ in samples]
-    summary = {"args": asdict(args), "counts": counts, "pass_rate": pass_rates(rows, samples),
+    summary = {"args": asdict(args), "seconds": seconds, "counts": counts, "pass_rate": pass_rates(rows, samples),
                "sampled_pass": sum(finished and verify(text, rows[i]["answer"], rows[i].get("numbers"))
                                    for i, text, finished in samples)
                / len(samples),
@@ -801,11 +955,11 @@ def from_model(args: Args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def claim_folders(*paths: str) -> None:
-    """Claim the folder of each output (rundir.claim_run_dir): one writer per folder, so two runs never mix
-    their files; a second writer gets a one-line error before it writes anything."""
+    """Claim the folder of each output (rundir.claim_run_dir, no lock file left in it): one writer per folder,
+    so two runs never mix their files; a second writer gets a one-line error before it writes anything."""
     for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
         try:
-            rundir.claim_run_dir(folder)
+            rundir.claim_run_dir(folder, lock_file=False)
         except OSError as e:
             raise cli.UserError(f"{folder}: cannot write here ({e.strerror})") from None
 
@@ -862,21 +1016,24 @@ def parse_mix(text: str, allowed, name: str) -> dict[str, float]:
 
 def parse_families(text: str) -> list[str]:
     families = [f.strip() for f in text.split(",") if f.strip()]
-    unknown = [f for f in families if f not in (*FAMILIES, COUNTDOWN)]
+    unknown = [f for f in families if f not in (*FAMILIES, COUNTDOWN, PROGRAM)]
     if not families or unknown:
-        raise cli.UserError(f"--families {text!r}: choose from {', '.join(FAMILIES)}, or {COUNTDOWN} alone")
-    if COUNTDOWN in families and len(set(families)) > 1:
-        raise cli.UserError(f"--families {text!r}: {COUNTDOWN} is a task of its own (another verifier, its own "
-                            f"files); give it alone")
+        raise cli.UserError(f"--families {text!r}: choose from {', '.join(FAMILIES)}, or {COUNTDOWN} or {PROGRAM} "
+                            "alone")
+    for task in (COUNTDOWN, PROGRAM):
+        if task in families and len(set(families)) > 1:
+            raise cli.UserError(f"--families {text!r}: {task} is a task of its own (another verifier, its own "
+                                f"files); give it alone")
     return families
 
 
 def file_names(families: list[str]) -> dict[str, str]:
-    """The files of a dataset: {split: file name}. Countdown's carry a prefix, so they sit beside the headline
-    task's in one folder (data/countdown_rl_train.jsonl) and a run never mixes the two tasks in one set."""
-    if families == [COUNTDOWN]:
-        return {**{name: f"{COUNTDOWN}_{name}.jsonl" for name in ("sft_train", "sft_test", "rl_train", "rl_test")},
-                "config": f"{COUNTDOWN}_config.json"}
+    """The files of a dataset: {split: file name}. Countdown's and the program task's carry a prefix, so they sit
+    beside the headline task's in one folder (data/countdown_rl_train.jsonl) and a run never mixes two tasks."""
+    if families in ([COUNTDOWN], [PROGRAM]):
+        task = families[0]
+        return {**{name: f"{task}_{name}.jsonl" for name in ("sft_train", "sft_test", "rl_train", "rl_test")},
+                "config": f"{task}_config.json"}
     return {**{name: f"{name}.jsonl" for name in DATA_FILES}, "config": "synth_config.json"}
 
 
@@ -888,7 +1045,8 @@ def summarize(files: dict[str, list[dict]]) -> dict:
         texts = [r.get("completion", r.get("chosen", "")) for r in rows]
         summary[name] = {"rows": len(rows),
                          "difficulty": dict(sorted(Counter(r["difficulty"] for r in rows).items())),
-                         "family": {f: c for f in (*FAMILIES, COUNTDOWN) if (c := sum(r["family"] == f for r in rows))},
+                         "family": {f: c for f in (*FAMILIES, COUNTDOWN, PROGRAM)
+                                    if (c := sum(r["family"] == f for r in rows))},
                          **({label: {k: c for k in (*STYLES, *PREF_KINDS, *DIAGNOSTIC_KINDS)
                                      if (c := sum(r[label] == k for r in rows))}} if label else {}),
                          "max_bytes": max(len((r["prompt"] + t).encode()) for r, t in zip(rows, texts)) if rows else 0,

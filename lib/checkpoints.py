@@ -70,6 +70,32 @@ def config_from_checkpoint(ckpt, path: str) -> M.Config:
     return cfg
 
 
+def is_pretrained(path: str) -> bool:
+    """Is `path` a pretrained model rather than one this project trained from scratch: a Hugging Face folder, a
+    .gguf file, or a .pt checkpoint fine-tuned from one (its tokenizer is the real model's own, a full spec)?
+    Read without loading the weights (torch.load with mmap); anything unreadable is False (load says why)."""
+    if os.path.isdir(path) or path.endswith(".gguf"):
+        return True
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return isinstance(ckpt, dict) and isinstance(ckpt.get("tokenizer"), dict) and "ranks" in ckpt["tokenizer"]
+    except Exception:
+        return False
+
+
+def require_settings_for_pretrained(path: str, args, names: tuple) -> None:
+    """After a pretrained --init `path` has loaded: the options `names` still at the stage's defaults, which are
+    sized for this project's 0.8M-parameter model (an lr 20-40 times too large, thousands of steps), are a
+    UserError naming them, so a real model is never trained at them without a word. (sft.py and grpo.py take
+    PRETRAINED_DEFAULTS instead.)"""
+    defaults = type(args)()
+    left = [name for name in names if getattr(args, name) == getattr(defaults, name)]
+    if left and is_pretrained(path):
+        shown = ", ".join(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in left)
+        raise cli.UserError(f"--init {path} is a pretrained model, and {shown} are the defaults for this project's "
+                            "tiny model: set them for it (docs/real_models.md)")
+
+
 def load(path: str, device="cpu", dtype=None, chat_format: str = "auto"):
     """-> (model, enc, ckpt) from this project's .pt checkpoint, a Hugging Face model folder (config.json,
     safetensors, tokenizer files) or a .gguf file. A .pt file is read with torch.load(weights_only=True):
@@ -77,6 +103,8 @@ def load(path: str, device="cpu", dtype=None, chat_format: str = "auto"):
     is built (config_from_checkpoint). dtype: cast the weights (e.g. torch.bfloat16) after loading.
     chat_format: auto | none | chatml | llama3 (auto: what the checkpoint recorded, else from the tokenizer).
     Any problem is a CheckpointError naming the path."""
+    if os.path.isdir(path) or os.path.isfile(path) and os.path.getsize(path) > 50 * 2**20:
+        print(f"loading {path} ...", flush=True)      # a real model takes 5-15 s to read and convert
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise cli.CheckpointError(f"{path}: is a directory without config.json, not a Hugging Face model folder")

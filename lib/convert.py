@@ -1,16 +1,30 @@
-"""Real models <-> this project's GPT: Hugging Face folders and GGUF files of the Llama and Qwen families.
+"""Real models <-> this project's GPT: Hugging Face folders and GGUF files of the Llama, Mistral and Qwen families.
 
-Llama (Llama 3.x, SmolLM2), Qwen2 / Qwen2.5 and Qwen3 map onto model.GPT with config switches: RMSNorm,
-RoPE (with Llama 3 scaling), SwiGLU, grouped-query attention, q/k/v biases (Qwen2) or q/k norms (Qwen3).
-load_hf and load_gguf read a folder or a .gguf file into (GPT, tokenizer, checkpoint dict); save_hf writes
-a folder that transformers (and vLLM) load unchanged. A file read here may be hostile: every field read is
-checked (checked), and the config's claims are held to the tensors the file holds before anything is built
-(check_weights), so a tiny file claiming 10**9 layers is refused in milliseconds.
+Llama (Llama 3.x, SmolLM2), Mistral (without a sliding window), Qwen2 / Qwen2.5 and Qwen3 map onto model.GPT with
+config switches: RMSNorm, RoPE (with Llama 3 scaling), SwiGLU, grouped-query attention, q/k/v biases (Qwen2) or
+q/k norms (Qwen3). load_hf and load_gguf read a folder or a .gguf file into (GPT, tokenizer, checkpoint dict);
+save_hf writes a folder that transformers (and vLLM) load unchanged.
+
+What loads is a closed list, so a model is never loaded with part of its forward pass silently dropped. Every
+top-level key of config.json is read and implemented (HF_READ), known not to change the forward pass of
+inference or training here (HF_INERT), or accepted only at the value that means "off" (HF_OFF); inside
+rope_scaling / rope_parameters only the keys of default and llama3 RoPE (ROPE_KEYS). A GGUF file's `{arch}.` keys
+likewise (GGUF_READ, GGUF_OFF; general.* and tokenizer.* do not enter the forward pass). Every tensor name must
+map onto a weight here (an old checkpoint's rotary_emb.inv_freq, recomputed from the config, is the one name
+skipped); a GGUF's rope_freqs.weight is recognised as Llama 3 rope scaling (llama3_rope_from_factors). Anything
+else (a sliding window that masks within the context, another RoPE scaling, soft-capping, biases the model does
+not have, experts) is refused with one line naming the file, the field and its value.
+
+A file read here may be hostile: every field read is checked (checked), and the config's claims are held to the
+tensors the file holds before anything is built (check_weights), so a tiny file claiming 10**9 layers is refused
+in milliseconds.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -41,8 +55,8 @@ def unpermute_llama_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 # Names: ours on the left, Hugging Face's on the right ({i} = layer); GGUF's beside Hugging Face's.
-HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                    "Qwen3ForCausalLM": "qwen3"}
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                    "Qwen3ForCausalLM": "qwen3"}       # architecture: its model_type (transformers builds from that)
 HF_NAMES = {"wte.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight",
             "lm_head.weight": "lm_head.weight"}
 HF_LAYER_NAMES = {"norm1.weight": "input_layernorm.weight", "norm2.weight": "post_attention_layernorm.weight",
@@ -59,6 +73,84 @@ GGUF_LAYER_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attentio
                     "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
                     "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
                     "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+SUPPORTED = "supported: Llama, Mistral without a sliding window, Qwen2, Qwen3"
+
+# config.json, a closed list: each top-level key is read into Config below (HF_READ), does not change the forward
+# pass of inference or training here (HF_INERT), or is accepted only at its "off" value (HF_OFF). Anything else is
+# refused, naming the key. Checked against the configs transformers writes (to_dict, save_pretrained) for Llama,
+# Mistral, Qwen2 and Qwen3, and those of Llama 3.x, SmolLM2, Mistral 7B, Qwen2.5, Qwen3, DeepSeek-R1-Distill-Qwen.
+HF_READ = ("architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+           "num_key_value_heads", "head_dim", "intermediate_size", "hidden_act", "rms_norm_eps", "rope_theta",
+           "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "sliding_window",
+           "use_sliding_window", "max_window_layers", "layer_types")
+HF_INERT = {
+    "_name_or_path": "where transformers read it from", "transformers_version": "the version that wrote it",
+    **dict.fromkeys(("torch_dtype", "dtype"), "the stored tensors' dtype: they are read to fp32"),
+    **dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id"),
+                    "ids of special tokens: the tokenizer files and generation_config.json name the ones used"),
+    "use_cache": "whether transformers' generate keeps a KV cache",
+    "initializer_range": "the initialisation of a model trained from scratch",
+    "pretraining_tp": "Llama 2's tensor-parallel split of the same matmuls; transformers 5's Llama ignores it",
+    "is_llama_config": "nanotron's marker (SmolLM2)", "transformers.js_config": "transformers.js's dtype choices",
+    **dict.fromkeys(("unsloth_version", "unsloth_fixed"), "Unsloth's marks of the version that saved it"),
+    **dict.fromkeys(("_attn_implementation", "_attn_implementation_autoset"),
+                    "which attention kernel transformers runs (eager, sdpa, flash): the same math"),
+    **dict.fromkeys(("id2label", "label2id", "problem_type", "finetuning_task", "prefix", "task_specific_params",
+                     "tokenizer_class"), "metadata of tasks and classification heads, which a causal LM does not use"),
+    **dict.fromkeys(("output_attentions", "output_hidden_states", "return_dict", "torchscript", "use_bfloat16",
+                     "tf_legacy_loss", "is_decoder", "chunk_size_feed_forward", "tie_encoder_decoder",
+                     "cross_attention_hidden_size"),
+                    "what transformers' forward returns and how it runs, or encoder-decoder settings; not the math"),
+    **dict.fromkeys(("max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+                     "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+                     "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+                     "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+                     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+                     "suppress_tokens", "begin_suppress_tokens"),
+                    "transformers 4's generation defaults: they pick tokens from the logits, not the logits"),
+}
+HF_OFF = {  # key: (the values that mean off, what another value would turn on)
+    "attention_dropout": ((0,), "dropout on the attention weights in training"),
+    "mlp_bias": ((False,), "biases on the FFN projections"),
+    "attention_bias": ((False,), "biases on q, k, v and o"),
+    "partial_rotary_factor": ((1,), "RoPE on only part of each head"),
+    "attn_logit_softcapping": ((None,), "tanh soft-capping of attention scores"),
+    "final_logit_softcapping": ((None,), "tanh soft-capping of the logits"),
+    "use_mrope": ((False,), "multimodal RoPE sections (Qwen2-VL)"),
+    "rope_interleaved": ((False,), "RoPE on interleaved pairs, not the two halves"),
+    "pruned_heads": (({},), "attention heads removed"),
+    "add_cross_attention": ((False,), "cross-attention to an encoder"),
+    "is_encoder_decoder": ((False,), "an encoder-decoder model"),
+}
+ROPE_KEYS = {  # rope_scaling / rope_parameters: the keys each RoPE type implemented here reads
+    "default": ("rope_type", "type", "rope_theta", "partial_rotary_factor"),
+    "llama3": ("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "low_freq_factor",
+               "high_freq_factor", "original_max_position_embeddings"),
+}
+# GGUF metadata under `{arch}.` (llama.cpp's names), the same closed list; attention.key_length, value_length and
+# rope.dimension_count must equal the head width (rotary over part of a head is refused), attention.sliding_window
+# must not mask within the context.
+GGUF_READ = ("vocab_size", "context_length", "embedding_length", "block_count", "feed_forward_length",
+             "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base",
+             "attention.key_length", "attention.value_length", "rope.dimension_count", "attention.sliding_window")
+GGUF_OFF = {
+    "expert_count": ((0,), "a mixture of experts"), "expert_used_count": ((0,), "a mixture of experts"),
+    "rope.scaling.type": (("none",), "RoPE scaling: linear, yarn, ..."),
+    "rope.scaling.factor": ((1,), "RoPE scaling"),
+    "attention.causal": ((True,), "attention to later tokens"),
+}
+# The one tensor name that maps onto no weight and is skipped: RoPE's frequencies, which older transformers saved
+# and which are recomputed from the config (as transformers itself does).
+HF_SKIPPED_TENSOR = re.compile(r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
+
+
+def is_off(value, offs: tuple) -> bool:
+    """value is one of `offs`, as the same kind of value (an int and a float are both numbers; a bool is not)."""
+    number = (int, float)
+    return any(value == off and (type(value) is type(off) or (type(value) in number and type(off) in number))
+               for off in offs)
 
 
 REQUIRED = object()                 # checked()'s default for a field that must be present
@@ -89,41 +181,79 @@ def checked(source: dict, key: str, kind: type, where: str, default=REQUIRED, lo
 
 
 def config_from_hf(hf: dict, path: str) -> M.Config:
-    """Our Config from a Hugging Face config.json (transformers 4.x keys and 5.x `rope_parameters`). Every field
-    read is checked (missing, wrong type, out of range): a CheckpointError naming config.json and the field."""
+    """Our Config from a Hugging Face config.json (transformers 4.x keys and 5.x `rope_parameters`). Every key is
+    in the closed list (HF_READ, HF_INERT, HF_OFF) and every field read is checked (missing, wrong type, out of
+    range): otherwise a one-line CheckpointError naming config.json, the field and its value."""
     where = os.path.join(path, "config.json")
     def field(key, kind, default=REQUIRED, source=hf, **bounds):
         return checked(source, key, kind, where, default, **bounds)
+    def refuse(key, value, why):
+        raise cli.CheckpointError(f"{where}: {key[:80]} {repr(value)[:80]} is not supported ({why}); {SUPPORTED}")
     architectures = field("architectures", list, [])
-    family = HF_ARCHITECTURES.get(architectures[0]) if architectures and type(architectures[0]) is str else None
-    if family is None:
+    model_type = HF_ARCHITECTURES.get(architectures[0]) if architectures and type(architectures[0]) is str else None
+    if model_type is None:
         raise cli.CheckpointError(f"{where}: architecture {repr(architectures[:1])[:80]} is not supported; "
                                   f"choose one of {', '.join(HF_ARCHITECTURES)}")
-    if (field("hidden_act", str, "silu") != "silu" or field("mlp_bias", bool, False)
-            or (family == "llama" and field("attention_bias", bool, False))):
-        raise cli.CheckpointError(f"{where}: only SiLU-gated FFNs without MLP biases (and Llama without attention "
-                                  "biases) are supported")
-    rope = {**field("rope_scaling", dict, {}), **field("rope_parameters", dict, {})}
+    if field("model_type", str, model_type) != model_type:       # transformers builds the model model_type names
+        refuse("model_type", hf["model_type"], f"{architectures[0]} is model_type {model_type!r}")
+    for key, value in hf.items():      # (Qwen2 ignores attention_bias: its q/k/v always have biases, o never)
+        if key in HF_READ or key in HF_INERT or (key == "attention_bias" and model_type == "qwen2"):
+            continue
+        if key not in HF_OFF:
+            refuse(key, value, "a field this loader does not implement")
+        if not is_off(value, HF_OFF[key][0]):
+            refuse(key, value, f"{HF_OFF[key][1]}; only {HF_OFF[key][0][0]!r} loads")
+    if field("hidden_act", str, "silu") not in ("silu", "swish"):     # transformers' swish is SiLU too
+        refuse("hidden_act", hf["hidden_act"], "the FFN here is SwiGLU, gated by SiLU")
+
+    # RoPE: transformers 4 and 5 both take rope_scaling where it is set, else rope_parameters (5's name)
+    field("rope_parameters", dict, {})
+    rope_key = "rope_scaling" if field("rope_scaling", dict, {}) else "rope_parameters"
+    rope = field(rope_key, dict, {})
     scaling = field("rope_type", str, field("type", str, "default", rope), rope)
-    if scaling not in ("default", "llama3"):
-        raise cli.CheckpointError(f"{where}: rope scaling {scaling[:80]!r} is not supported (default, llama3)")
+    if scaling not in ROPE_KEYS:
+        refuse(f"{rope_key}.rope_type", scaling, "only default and llama3 RoPE are implemented")
+    for key, value in rope.items():
+        if key not in ROPE_KEYS[scaling]:
+            refuse(f"{rope_key}.{key}", value, f"not a field of {scaling} RoPE")
+        if key == "partial_rotary_factor" and not is_off(value, (1,)):
+            refuse(f"{rope_key}.{key}", value, HF_OFF[key][1])
+    llama3 = {} if scaling == "default" else dict(        # transformers requires each of them
+        rope_scaling="llama3", rope_factor=field("factor", float, source=rope),
+        rope_low_freq_factor=field("low_freq_factor", float, source=rope),
+        rope_high_freq_factor=field("high_freq_factor", float, source=rope),
+        rope_original_context=field("original_max_position_embeddings", int, source=rope, high=MAX_CONTEXT))
+
+    # Sliding-window attention, decided as transformers decides it: Qwen2/Qwen3 slide only with use_sliding_window,
+    # in the layers from max_window_layers on (or those layer_types names); Mistral in every layer (Llama ignores
+    # the key; it is held to the same rule). A query at i sees keys j > i - window (masking_utils), so a window at
+    # least the context long (max_position_embeddings) masks nothing within it; a shorter one is refused.
+    block_size = field("max_position_embeddings", int, 2048, high=MAX_CONTEXT)
+    n_layer = field("num_hidden_layers", int, low=0)
+    qwen = model_type in ("qwen2", "qwen3")
+    window = field("sliding_window", int, None)
+    if qwen and not field("use_sliding_window", bool, False):
+        window = None
+    layer_types = field("layer_types", list, None)
+    if layer_types is not None and any(kind not in ("full_attention", "sliding_attention") for kind in layer_types):
+        refuse("layer_types", layer_types, "only full_attention and sliding_attention layers")
+    sliding = (("sliding_attention" in layer_types) if qwen and layer_types is not None else
+               window is not None and (not qwen or field("max_window_layers", int, 28, low=0) < n_layer))
+    if sliding and window is None:
+        refuse("layer_types", layer_types, "sliding_attention layers without a sliding_window")
+    if sliding and window < block_size:
+        refuse("sliding_window", window, "attention here sees the whole context, and this window masks within "
+                                         f"max_position_embeddings {block_size}")
+
     n_head, n_embd = field("num_attention_heads", int), field("hidden_size", int)
     try:
-        return M.Config(vocab_size=field("vocab_size", int),
-                        block_size=field("max_position_embeddings", int, 2048, high=MAX_CONTEXT),
-                        n_layer=field("num_hidden_layers", int, low=0), n_head=n_head,
+        return M.Config(vocab_size=field("vocab_size", int), block_size=block_size, n_layer=n_layer, n_head=n_head,
                         n_kv_head=field("num_key_value_heads", int, n_head), n_embd=n_embd,
                         head_dim=field("head_dim", int, n_embd // n_head), ffn="swiglu",
                         ffn_hidden=field("intermediate_size", int), norm="rmsnorm",
                         norm_eps=field("rms_norm_eps", float, 1e-6),
-                        rope_base=field("rope_theta", float, field("rope_theta", float, 10000.0), rope),
-                        rope_scaling="llama3" if scaling == "llama3" else "none",
-                        rope_factor=field("factor", float, 8.0, rope),
-                        rope_low_freq_factor=field("low_freq_factor", float, 1.0, rope),
-                        rope_high_freq_factor=field("high_freq_factor", float, 4.0, rope),
-                        rope_original_context=field("original_max_position_embeddings", int, 8192, rope,
-                                                    high=MAX_CONTEXT),
-                        qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+                        rope_base=field("rope_theta", float, field("rope_theta", float, 10000.0), rope), **llama3,
+                        qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
                         tie_embeddings=field("tie_word_embeddings", bool, False))
     except ValueError as e:                        # the fields disagree (heads that do not divide, ...)
         raise cli.CheckpointError(f"{where}: invalid config ({e})") from None
@@ -158,19 +288,19 @@ def config_to_hf(cfg: M.Config) -> dict:
 
 def state_dict_from_hf(tensors: dict, cfg: M.Config, path: str) -> dict:
     """Hugging Face tensor names -> ours, in one pass over the tensors the file holds (never a loop over the
-    layers its config claims); k_proj and v_proj become the rows of our fused kv projection. Names that are not
-    weights here (an old checkpoint's rotary_emb.inv_freq) are left out; check_weights finds what is missing."""
+    layers its config claims); k_proj and v_proj become the rows of our fused kv projection. A name that maps onto
+    no weight here (an o_proj bias, experts, ...) is refused, naming it; only HF_SKIPPED_TENSOR (an old
+    checkpoint's rotary_emb.inv_freq) is left out. check_weights then finds what is missing or does not fit."""
     names = {hf: ours for ours, hf in HF_NAMES.items()}
     layer_names = {hf: ours for ours, hf in HF_LAYER_NAMES.items()}
     state = {}
     for name, tensor in tensors.items():
         layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-        if layer is None:
-            if name in names:
-                state[names[name]] = tensor
-        elif layer[2] in layer_names:
+        if name in names:
+            state[names[name]] = tensor
+        elif layer and layer[2] in layer_names:
             state[f"blocks.{layer[1]}.{layer_names[layer[2]]}"] = tensor
-        elif layer[2] in ("self_attn.k_proj.weight", "self_attn.k_proj.bias"):
+        elif layer and layer[2] in ("self_attn.k_proj.weight", "self_attn.k_proj.bias"):
             kind = layer[2].rsplit(".", 1)[1]
             v_name = f"model.layers.{layer[1]}.self_attn.v_proj.{kind}"
             if v_name not in tensors:
@@ -179,6 +309,10 @@ def state_dict_from_hf(tensors: dict, cfg: M.Config, path: str) -> dict:
                 raise cli.CheckpointError(f"{path}: {name} is {tuple(tensor.shape)} but {v_name} is "
                                           f"{tuple(tensors[v_name].shape)}")
             state[f"blocks.{layer[1]}.attn.kv.{kind}"] = torch.cat([tensor, tensors[v_name]], 0)   # (2 Hkv d, ...)
+        elif not (layer and layer[2] in ("self_attn.v_proj.weight", "self_attn.v_proj.bias")   # read with k_proj
+                  or HF_SKIPPED_TENSOR.fullmatch(name)):
+            raise cli.CheckpointError(f"{path}: tensor {name[:120]!r} is not supported (no weight of this model "
+                                      f"maps onto it); {SUPPORTED}")
     if cfg.tie_embeddings and "wte.weight" in state:
         state["lm_head.weight"] = state["wte.weight"]
     return state
@@ -313,36 +447,97 @@ def folder_tokenizer_spec(folder: str, vocab_size: int) -> dict:
     raise cli.CheckpointError(f"{folder}: no tokenizer.json or tokenizer.model")
 
 
+def llama3_rope_from_factors(cfg: M.Config, factors: torch.Tensor, path: str) -> M.Config:
+    """Llama 3's rope scaling read back from a GGUF's rope_freqs.weight. llama.cpp's converter stores it not as
+    metadata but as r (d/2,), the number each RoPE frequency is divided by: theta_i / r_i
+    (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors). In Llama 3's formula (model.rope_frequencies)
+    r_i = factor for long waves, 1 for short ones, and in between 1/r_i = (1 - s_i) / factor + s_i with
+        s_i = (L / lambda_i - low) / (high - low) = a * theta_i + b,     lambda_i = 2 pi / theta_i,
+    so factor = max r, and a line through the in-between points gives low and high for L = 8192 (only L / low
+    and L / high matter; Llama 3.x's own 1 and 4 where fewer than two points lie in between). The config is
+    taken only if its frequencies reproduce theta_i / r_i; anything else is refused, naming the tensor."""
+    def refuse(why):
+        raise cli.CheckpointError(f"{path}: tensor rope_freqs.weight is not supported ({why}; load the Hugging "
+                                  "Face folder instead)")
+    r = factors.double().flatten()                # checked before theta, whose size the file's config claims
+    if 2 * r.numel() != cfg.head_dim or not (torch.isfinite(r).all() and (r >= 1).all()):
+        refuse(f"it holds {tuple(factors.shape)} factors, not head_dim / 2 = {cfg.head_dim // 2} factors >= 1")
+    theta = M.rope_frequencies(cfg).double()                               # (d/2,) unscaled
+    if (r == 1).all():
+        return cfg
+    factor = float(r.max())
+    s = (1 / r - 1 / factor) / (1 - 1 / factor)                            # 0: long waves, 1: short waves
+    between = (s > 1e-6) & (s < 1 - 1e-6)
+    L, low, high = 8192, 1.0, 4.0
+    if between.sum() >= 2:
+        (t0, t1), (s0, s1) = theta[between][[0, -1]].tolist(), s[between][[0, -1]].tolist()
+        a = (s1 - s0) / (t1 - t0)                                           # = L / (2 pi (high - low))
+        width = L / (2 * math.pi * a)
+        low = float(f"{(a * t0 - s0) * width:.6g}")                         # b = -low / (high - low)
+        high = float(f"{low + width:.6g}")
+    try:
+        scaled = dataclasses.replace(cfg, rope_scaling="llama3", rope_factor=factor, rope_low_freq_factor=low,
+                                     rope_high_freq_factor=high, rope_original_context=L)
+    except ValueError:
+        refuse("its factors are not Llama 3's rope scaling")
+    if not torch.allclose(M.rope_frequencies(scaled).double(), theta / r, rtol=1e-5, atol=0):
+        refuse("its factors are not Llama 3's rope scaling")
+    return scaled
+
+
 def config_from_gguf(metadata: dict, tensors: dict, path: str) -> M.Config:
     """Our Config from GGUF metadata ({arch}.block_count, .embedding_length, ...; arch = llama, qwen2, qwen3),
-    every key read checked (missing, wrong type, out of range): a CheckpointError naming the path and the key."""
+    every `{arch}.` key in the closed list (GGUF_READ, GGUF_OFF) and every key read checked (missing, wrong type,
+    out of range): otherwise a CheckpointError naming the path and the key. A rope_freqs.weight tensor is read as
+    Llama 3 rope scaling (llama3_rope_from_factors)."""
     arch = metadata.get("general.architecture")
     if arch not in ("llama", "qwen2", "qwen3"):
         raise cli.CheckpointError(f"{path}: GGUF architecture {repr(arch)[:80]} is not supported "
                                   "(llama, qwen2, qwen3)")
     def key(name, kind, default=REQUIRED, **bounds):
         return checked(metadata, f"{arch}.{name}", kind, path, default, **bounds)
+    def refuse(name, value, why):
+        raise cli.CheckpointError(f"{path}: {name[:80]} {repr(value)[:80]} is not supported ({why}); {SUPPORTED}")
+    for name, value in metadata.items():
+        short = name.removeprefix(f"{arch}.")
+        if short == name or short in GGUF_READ:
+            continue
+        if short not in GGUF_OFF:
+            refuse(name, value, "a field this loader does not implement")
+        if not is_off(value, GGUF_OFF[short][0]):
+            refuse(name, value, f"{GGUF_OFF[short][1]}; only {GGUF_OFF[short][0][0]!r} loads")
     tokens = metadata.get("tokenizer.ggml.tokens")
     n_head, n_embd = key("attention.head_count", int), key("embedding_length", int)
+    head_dim = key("attention.key_length", int, n_embd // n_head)
+    for name in ("attention.value_length", "rope.dimension_count"):        # one width for q, k, v and RoPE
+        if key(name, int, head_dim) != head_dim:
+            refuse(f"{arch}.{name}", metadata[f"{arch}.{name}"], f"it must equal the head width {head_dim}")
+    block_size = key("context_length", int, 2048, high=MAX_CONTEXT)
+    window = key("attention.sliding_window", int, None)
+    if window is not None and window < block_size:
+        refuse(f"{arch}.attention.sliding_window", window, "attention here sees the whole context, and this "
+                                                           f"window masks within context_length {block_size}")
     try:
-        return M.Config(vocab_size=key("vocab_size", int, len(tokens) if type(tokens) is list and tokens else
-                                       REQUIRED),
-                        block_size=key("context_length", int, 2048, high=MAX_CONTEXT),
-                        n_layer=key("block_count", int, low=0), n_head=n_head,
-                        n_kv_head=key("attention.head_count_kv", int, n_head), n_embd=n_embd,
-                        head_dim=key("attention.key_length", int, n_embd // n_head), ffn="swiglu",
-                        ffn_hidden=key("feed_forward_length", int), norm="rmsnorm",
-                        norm_eps=key("attention.layer_norm_rms_epsilon", float, 1e-6),
-                        rope_base=key("rope.freq_base", float, 10000.0), qkv_bias="blk.0.attn_q.bias" in tensors,
-                        qk_norm="blk.0.attn_q_norm.weight" in tensors, tie_embeddings="output.weight" not in tensors)
+        cfg = M.Config(vocab_size=key("vocab_size", int, len(tokens) if type(tokens) is list and tokens else
+                                      REQUIRED),
+                       block_size=block_size, n_layer=key("block_count", int, low=0), n_head=n_head,
+                       n_kv_head=key("attention.head_count_kv", int, n_head), n_embd=n_embd, head_dim=head_dim,
+                       ffn="swiglu", ffn_hidden=key("feed_forward_length", int), norm="rmsnorm",
+                       norm_eps=key("attention.layer_norm_rms_epsilon", float, 1e-6),
+                       rope_base=key("rope.freq_base", float, 10000.0), qkv_bias="blk.0.attn_q.bias" in tensors,
+                       qk_norm="blk.0.attn_q_norm.weight" in tensors, tie_embeddings="output.weight" not in tensors)
     except ValueError as e:                        # the keys disagree (heads that do not divide, ...)
         raise cli.CheckpointError(f"{path}: invalid config ({e})") from None
+    if "rope_freqs.weight" in tensors:
+        cfg = llama3_rope_from_factors(cfg, tensors["rope_freqs.weight"], path)
+    return cfg
 
 
 def load_gguf(path: str):
     """A GGUF file (llama.cpp's format): tensors dequantised to fp32, the tokenizer from its metadata.
     llama.cpp stores Llama's q and k rows permuted for its interleaved RoPE; they are put back in the
-    half-split order of Hugging Face and of this file's apply_rope (unpermute_llama_qk)."""
+    half-split order of Hugging Face and of this file's apply_rope (unpermute_llama_qk). A tensor name outside
+    GGUF_NAMES and GGUF_LAYER_NAMES (and rope_freqs.weight, read into the config) is refused, naming it."""
     try:
         metadata, tensors = formats.read_gguf(path)
         cfg = config_from_gguf(metadata, tensors, path)
@@ -351,8 +546,13 @@ def load_gguf(path: str):
         hf_tensors = {}
         for name, tensor in tensors.items():      # one pass over the tensors present, whatever the layer count
             layer = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-            hf_tensors[f"model.layers.{layer[1]}.{layer_names.get(layer[2], layer[2])}" if layer else
-                       names.get(name, name)] = tensor
+            hf_name = (f"model.layers.{layer[1]}.{layer_names[layer[2]]}" if layer and layer[2] in layer_names
+                       else names.get(name))
+            if hf_name is None and name != "rope_freqs.weight":
+                raise cli.CheckpointError(f"{path}: tensor {name[:120]!r} is not supported (no weight of this model "
+                                          f"maps onto it); {SUPPORTED}")
+            if hf_name is not None:
+                hf_tensors[hf_name] = tensor
         if metadata["general.architecture"] == "llama":
             for name in hf_tensors:
                 for proj, heads in (("q_proj", cfg.n_head), ("k_proj", cfg.n_kv_head)):
@@ -378,6 +578,8 @@ def save_hf(directory: str, model, enc: tiktoken.Encoding) -> None:
     existing `directory` must be a model folder (it has config.json) or empty; anything else is refused
     (UserError) before anything is written."""
     model = M.unwrap(model)
+    if model.config.lora_rank:             # transformers' Llama has no adapters: W + (alpha / r) B A, folded in
+        model = copy.deepcopy(model).merge_lora()
     hf = config_to_hf(model.config)
     spec = (enc.spec if isinstance(enc, tokenizer.SpecEncoding)
             else tokenizer_files.tokenizer_spec_from_encoding(enc, model.config.vocab_size))

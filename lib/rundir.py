@@ -157,16 +157,18 @@ def check_replaceable(path: str, marker: str) -> None:
 _RUN_LOCKS: dict = {}
 
 
-def claim_run_dir(run_dir: str) -> None:
+def claim_run_dir(run_dir: str, lock_file: bool = True) -> None:
     """Make `run_dir` this process's folder to write: create it and hold an exclusive lock on
-    run_dir/.lock until the process exits. A second process that claims it gets a UserError naming the
-    folder and the holder's pid, before it writes anything: a run folder has one writer."""
+    run_dir/.lock (holding our pid) until the process exits. A second process that claims it gets a UserError
+    naming the folder and the holder's pid, before it writes anything: a run folder has one writer.
+    lock_file=False locks the folder's own descriptor instead and leaves no file behind (synth.py's outputs
+    go into folders that are not runs: data/, or wherever --out names)."""
     key = os.path.realpath(run_dir)
     if key in _RUN_LOCKS:
         return
     try:
         os.makedirs(run_dir, exist_ok=True)
-        handle = open(os.path.join(run_dir, ".lock"), "a+")
+        handle = open(os.path.join(run_dir, ".lock"), "a+") if lock_file else os.open(run_dir, os.O_RDONLY)
     except OSError as e:      # a file where the folder should be, no permission, ...
         raise cli.UserError(f"{run_dir}: cannot use it as a run folder ({e.strerror})") from None
     try:
@@ -177,15 +179,20 @@ def claim_run_dir(run_dir: str) -> None:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        if not lock_file:
+            os.close(handle)
+            raise cli.UserError(f"{run_dir}: another process is writing to this folder; wait for it to finish "
+                                "or choose another output folder") from None
         handle.seek(0)
         holder = handle.read().strip() or "?"
         handle.close()
         raise cli.UserError(f"{run_dir}: another run (pid {holder}) is writing to this folder; "
                             "wait for it to finish or choose another output folder") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
+    if lock_file:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
     _RUN_LOCKS[key] = handle
 
 

@@ -2,8 +2,9 @@
 
 A completion ends with its final answer after '#### ' (GSM8K's convention), so a real GSM8K file works with
 the same reward code. verify(text, row) is the one verifier every stage uses: a final answer equal to the
-row's (numbers by value), or, for a Countdown row, an expression over the given numbers that hits its
-target. evaluate() is the held-out protocol every stage reports.
+row's (numbers by value); for a Countdown row, an expression over the given numbers that hits its
+target; for a program-synthesis row, a program that passes every one of its hidden tests (program_score gives
+the share passed, lib/interpreter.py runs the program). evaluate() is the held-out protocol every stage reports.
 
 Data is JSONL in TRL's formats ({"prompt", "completion"}, {"prompt", "answer"}, ...) or GSM8K's own
 {"question", "answer"}; every problem in a file is a UserError naming file:line.
@@ -15,22 +16,31 @@ import json
 import math
 import os
 import re
+import time
 
 import numpy as np
 import torch
 
 import model as M
-from lib import cli, rundir, tokenizer
+from lib import cli, interpreter, rundir, tokenizer
 
 
 NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+# A final number as GSM8K's evaluators read it: a sign, a currency sign (either order), thousands commas, a
+# decimal part; whatever follows (a trailing period, "dollars") is not part of it. ASCII digits only.
+FINAL_NUMBER = re.compile(r"\s*(?P<sign>[+-]?)\s*[$€£]?\s*(?P<sign2>[+-]?)(?P<digits>[0-9][0-9,]*(?:\.[0-9]+)?)")
 
 
 def extract_answer(text: str) -> str | None:
-    """The answer after the LAST '####': its first whitespace-separated token, commas removed."""
+    """The answer after the LAST '####': a number ("#### $1,234.", "#### -$5", "#### +7 apples" give
+    "1234", "-5", "7"), else the first whitespace-separated token without commas or a trailing period."""
     at = text.rfind("####")
     if at < 0:
         return None
+    number = FINAL_NUMBER.match(text, at + 4)
+    if number and not (number["sign"] and number["sign2"]):
+        sign = "-" if "-" in number["sign"] + number["sign2"] else ""
+        return sign + number["digits"].replace(",", "")
     rest = text[at + 4:].split()
     return rest[0].replace(",", "").rstrip(".") if rest else None
 
@@ -137,9 +147,21 @@ def expression_hits_target(text: str, numbers, target) -> bool:
     return math.isclose(value, goal, rel_tol=0.0, abs_tol=1e-9)
 
 
+def program_score(text: str, row: dict) -> float:
+    """Program synthesis: the share of the row's hidden "tests" ([[input, output], ...], never shown in the
+    prompt) that the completion's final '#### <program>' passes, the program run on each input by
+    lib/interpreter.py (never Python's eval). Partial credit: 3 of 8 tests passed is 0.375; no program, a
+    program the interpreter refuses, or a row with no tests is 0. Never raises."""
+    program, tests = final_expression(text), row.get("tests") or []
+    return 0.0 if program is None else interpreter.share_passed(program, tests)
+
+
 def verify(text: str, row: dict) -> bool:
     """The task's own verifier for a prompt row: a Countdown row (it lists its "numbers") is solved by an
-    expression that hits its "answer"; any other row by a final answer equal to its "answer"."""
+    expression that hits its "answer"; a program-synthesis row (it holds hidden "tests") by a program that
+    passes every test; any other row by a final answer equal to its "answer"."""
+    if "tests" in row:
+        return program_score(text, row) == 1.0
     if "numbers" in row:
         return expression_hits_target(text, row["numbers"], row["answer"])
     return is_correct(text, row["answer"])
@@ -197,12 +219,16 @@ def evaluate(model, enc, rows, max_new_tokens: int = MAX_NEW_TOKENS, temperature
     prompts = [tokenizer.encode_prompt(enc, r["prompt"]) for r in rows for _ in range(samples)]
     expanded = [r for r in rows for _ in range(samples)]
     texts, lengths, truncated = [], [], []
+    started = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
         gen = M.generate(model, prompts[start:start + batch_size], max_new_tokens, temperature=temperature,
                          stop_ids=tokenizer.stop_ids(enc), pad_id=tokenizer.pad_id(enc), generator=generator)
         texts += [tokenizer.decode(enc, row) for row in gen.tokens.tolist()]
         lengths += gen.lengths.tolist()
         truncated += (~gen.finished).tolist()
+        seconds = time.perf_counter() - started
+        if seconds > 10 and len(texts) < len(prompts):           # a real model on a CPU: minutes, so say so
+            print(f"  evaluating: {len(texts)}/{len(prompts)} completions in {seconds:.0f} s", flush=True)
     correct = np.array([verify(text, row) for text, row in zip(texts, expanded)], dtype=float)
     per_prompt = correct.reshape(len(rows), samples)
     p, n = float(correct.mean()), len(correct)
@@ -284,18 +310,36 @@ def read_jsonl(path: str, schema=()) -> list[dict]:
 
 def final_answer(answer) -> str:
     """An answer field as the verifier compares it: a number as text, or, for a GSM8K-style worked
-    solution ('... #### 72'), the final answer after its last '####' (commas removed)."""
+    solution ('... #### 72'), the final answer after its last '####' (extract_answer)."""
     text = str(answer)
     if "####" in text:
         return extract_answer(text) or ""
     return text.replace(",", "").strip()
 
 
+def check_tests(tests, where: str) -> None:
+    """A program-synthesis row's hidden "tests": a non-empty list of [input, output] pairs, each side an integer
+    or a list of integers that the interpreter accepts as a value (|n| < 2**64, at most 10,000 items), so that
+    some program can pass every test. Anything else is a UserError naming `where` and the first bad test."""
+    if not isinstance(tests, list) or not tests:
+        raise cli.UserError(f"{where}: 'tests' must be a non-empty list of [input, output] pairs")
+    for index, test in enumerate(tests):
+        try:
+            if not isinstance(test, list) or len(test) != 2:
+                raise interpreter.ProgramError("not a pair")
+            for value in test:
+                interpreter.checked_argument(value)
+        except interpreter.ProgramError:
+            raise cli.UserError(f"{where}: 'tests'[{index}] must be an [input, output] pair of integers or lists of "
+                                f"integers (|n| < 2**64, at most {interpreter.MAX_LIST} items)") from None
+
+
 def read_prompts(path: str) -> list[dict]:
     """RL / evaluation prompts: rows {"prompt": str, "answer": str or number} (TRL's format), or GSM8K's own
     {"question", "answer"} where the answer is a worked solution ending in '#### n'. Every row comes back
     with "prompt" and "answer" (the final answer, as text) beside its other keys; an answer with no final
-    answer is an error naming its line, never a silent 0 reward."""
+    answer is an error naming its line, never a silent 0 reward. A program-synthesis row also holds its hidden
+    "tests" (check_tests); its answer is the reference program, as text, and the tests, not it, are checked."""
     rows = []
     for number, row in jsonl_objects(path):
         where = f"{path}:{number}"
@@ -305,9 +349,18 @@ def read_prompts(path: str) -> list[dict]:
             check_row(row, {"numbers": list}, where)
             if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in row["numbers"]):
                 raise cli.UserError(f"{where}: 'numbers' must be a list of numbers")
+        if "tests" in row:                # a program-synthesis row: its hidden tests decide, not its answer's text
+            check_tests(row["tests"], where)
+            rows.append({**row, "prompt": row[key], "answer": str(row["answer"]).strip()})
+            continue
+        if key == "question" and "####" not in str(row["answer"]):
+            raise cli.UserError(f"{where}: a GSM8K answer must end with '#### <final answer>'; this one has no '####'")
         answer = final_answer(row["answer"])
         if not answer:
             raise cli.UserError(f"{where}: 'answer' holds no final answer")
+        if len(answer.split()) > 1:               # extract_answer reads one token: this could never be matched
+            raise cli.UserError(f"{where}: 'answer' {answer[:60]!r} is not a final answer: give a number or one "
+                                "word, or a worked solution ending in '#### <final answer>'")
         rows.append({**row, "prompt": row[key], "answer": answer})
     if not rows:
         raise cli.UserError(f"{path}: empty, no rows")
@@ -324,6 +377,8 @@ def read_demonstrations(path: str) -> list[dict]:
             rows.append(row)
         else:
             check_row(row, {"question": str, "answer": str}, f"{path}:{number}")
+            if extract_answer(row["answer"]) is None:
+                raise cli.UserError(f"{path}:{number}: a GSM8K answer must end with '#### <final answer>'")
             rows.append({**row, "prompt": row["question"], "completion": row["answer"]})
     if not rows:
         raise cli.UserError(f"{path}: empty, no rows")

@@ -6,8 +6,11 @@ that lib/tokenizer_files.py reads out of tokenizer.json, GGUF metadata or a tikt
 checkpoint stores its tokenizer's spec (tokenizer_spec), so it reloads offline and never fetches a file. A
 spec's split regex is probed when it is loaded (check_spec): one that makes tiktoken panic or crawl is refused.
 
-Chat formats wrap a prompt in the turns an instruct model was tuned on (ChatML, Llama 3). The user's text is
-always encoded as ordinary text; only the template's own markers are special tokens.
+Chat formats render a conversation in the turns an instruct model was tuned on (ChatML, Llama 3, or plain text
+for this project's byte-level models), opened by the tokenizer's default system prompt if it has one
+(encode_chat; encode_prompt is its one-user-turn case). Every message is encoded as ordinary text; only the
+template's own markers are special tokens. The format and the default system prompt travel with the tokenizer:
+in a checkpoint's spec, and in an export's chat template (tokenizer_files.chat_template_from_spec).
 """
 from __future__ import annotations
 
@@ -59,52 +62,136 @@ def pad_id(enc: tiktoken.Encoding) -> int:
     return getattr(enc, "pad_token_id", None) if getattr(enc, "pad_token_id", None) is not None else enc.eot_token
 
 
-# Chat templates: an instruct model expects its prompts wrapped in the turns it was tuned on. The user's
-# text is always encoded as ordinary text; only the template's own markers are special tokens.
+# Chat templates: an instruct model expects its conversation in the turns it was tuned on. Every message is
+# encoded as ordinary text; only the template's own markers are special tokens.
 CHAT_FORMATS = ("none", "chatml", "llama3")
+CHAT_MARKERS = {"none": (), "chatml": ("<|im_start|>", "<|im_end|>"),
+                "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
+ROLES = ("system", "user", "assistant")
 
 
 def chat_format_of(enc: tiktoken.Encoding, choice: str = "auto") -> str:
-    """auto: ChatML if the tokenizer has <|im_start|> (Qwen, SmolLM2), Llama 3's headers if it has
+    """auto: the format a real model's tokenizer spec recorded (a checkpoint's, or read back from this project's
+    export), else ChatML if the tokenizer has <|im_start|> (Qwen, SmolLM2), Llama 3's headers if it has
     <|start_header_id|>, else none (the byte-level models of this project: plain prompts)."""
     if choice != "auto":
         if choice not in CHAT_FORMATS:
             raise cli.UserError(f"--chat-template {choice}: choose auto, {', '.join(CHAT_FORMATS)}")
         return choice
+    recorded = enc.spec.get("chat_format") if isinstance(enc, SpecEncoding) else None
+    if recorded in CHAT_FORMATS:
+        return recorded
     specials = enc._special_tokens
     return "chatml" if "<|im_start|>" in specials else "llama3" if "<|start_header_id|>" in specials else "none"
 
 
 def set_chat_format(enc: tiktoken.Encoding, choice: str = "auto") -> tiktoken.Encoding:
-    """Record on the tokenizer which template its prompts get (encode_prompt, end_of_turn and stop_ids
-    read it); a template whose markers the tokenizer lacks is a UserError."""
+    """Record on the tokenizer which template its conversations get (encode_chat, end_of_turn and stop_ids
+    read it); a template whose markers the tokenizer lacks is a UserError. A SpecEncoding also records it in
+    its spec, which export (convert.save_hf) writes and pickling keeps."""
     template = chat_format_of(enc, choice)
-    needed = {"chatml": ("<|im_start|>", "<|im_end|>"), "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
-    missing = [t for t in needed.get(template, ()) if t not in enc._special_tokens]
+    missing = [t for t in CHAT_MARKERS[template] if t not in enc._special_tokens]
     if missing:
         raise cli.UserError(f"--chat-template {template}: this tokenizer has no {missing[0]} token")
     enc.chat_format = template
+    if isinstance(enc, SpecEncoding):
+        enc.spec = {**enc.spec, "chat_format": template}
     return enc
 
 
+def set_system_prompt(enc: tiktoken.Encoding, text: str) -> tiktoken.Encoding:
+    """Record the default system prompt: encode_chat (so encode_prompt, so every stage's prompts) opens a
+    conversation that has no system message with it; "" for none. Saved in a checkpoint's tokenizer spec, and
+    in an export's chat template, so a model is served with the prompt it was trained with."""
+    if not isinstance(text, str):
+        raise cli.UserError(f"the system prompt must be a string, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")                    # a lone surrogate (from undecodable bytes) cannot be saved
+    except UnicodeEncodeError:
+        raise cli.UserError(f"the system prompt {text[:40]!r}... is not valid Unicode text") from None
+    enc.system_prompt = text
+    if isinstance(enc, SpecEncoding):
+        enc.spec = {**{k: v for k, v in enc.spec.items() if k != "system_prompt"},
+                    **({"system_prompt": text} if text else {})}
+    return enc
+
+
+def check_messages(messages) -> None:
+    """A conversation is a list of {"role": "system" | "user" | "assistant", "content": str}, a system message
+    only first; anything else is a UserError naming the message."""
+    if not isinstance(messages, list):
+        raise cli.UserError(f"a conversation is a list of messages, not {type(messages).__name__}")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or \
+                not isinstance(message.get("content"), str):
+            raise cli.UserError(f"message {index}: must be {{'role': system|user|assistant, 'content': str}}, "
+                                f"not {repr(message)[:80]}")
+        if message["role"] == "system" and index > 0:
+            raise cli.UserError(f"message {index}: a system message may only come first")
+
+
+def render_chat(enc: tiktoken.Encoding, messages: list[dict], add_generation_prompt: bool = True) -> list:
+    r"""The conversation in the tokenizer's chat format: [str | int], ordinary text and the markers' ids.
+    The tokenizer's default system prompt (set_system_prompt) opens it when no message is a system message.
+    chatml: <|im_start|>{role}\n{content}<|im_end|>\n per message; then <|im_start|>assistant\n
+    llama3: <|begin_of_text|> (where the tokenizer has it), then
+            <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|> per message;
+            then <|start_header_id|>assistant<|end_header_id|>\n\n
+    none:   plain text, for the byte-level models of this project: a user message is its text, so one user turn
+            is the prompt itself and the answer follows it directly, as in training; a system message is its
+            text and a blank line ("\n\n"); an assistant message is its text and the end-of-turn token
+            (<|endoftext|>), the token the model itself ended that answer with. Nothing marks the place of
+            the answer: add_generation_prompt adds nothing.
+    add_generation_prompt: end with the opening of the assistant's turn (the prompt the model answers)."""
+    check_messages(messages)
+    system_prompt = getattr(enc, "system_prompt", "")
+    if system_prompt and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    template = getattr(enc, "chat_format", "none")
+    special = enc._special_tokens
+    pieces = []
+    if template == "chatml":
+        start, end = special["<|im_start|>"], special["<|im_end|>"]
+        for message in messages:
+            pieces += [start, message["role"] + "\n" + message["content"], end, "\n"]
+        return pieces + ([start, "assistant\n"] if add_generation_prompt else [])
+    if template == "llama3":
+        head, tail, eot_id = special["<|start_header_id|>"], special["<|end_header_id|>"], special["<|eot_id|>"]
+        pieces = [special["<|begin_of_text|>"]] if "<|begin_of_text|>" in special else []
+        for message in messages:
+            pieces += [head, message["role"], tail, "\n\n" + message["content"], eot_id]
+        return pieces + ([head, "assistant", tail, "\n\n"] if add_generation_prompt else [])
+    for message in messages:
+        pieces += {"system": [message["content"] + "\n\n"], "user": [message["content"]],
+                   "assistant": [message["content"], end_of_turn(enc)]}[message["role"]]
+    return pieces
+
+
+def encode_chat(enc: tiktoken.Encoding, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """A conversation as the model reads it (render_chat), to ids: each run of text between two markers is
+    encoded as one ordinary text (special-token strings in it stay text), each marker is its id. Hugging
+    Face's apply_chat_template tokenizes its rendered string the same way (text between special tokens as one
+    piece), so the chat template of an export gives these ids (test_tokenizer_files.py)."""
+    ids, text = [], ""
+    for piece in render_chat(enc, messages, add_generation_prompt) + [None]:
+        if isinstance(piece, str):
+            text += piece
+            continue
+        ids += encode(enc, text) if text else []
+        text = ""
+        if piece is not None:
+            ids.append(piece)
+    return ids
+
+
 def encode_prompt(enc: tiktoken.Encoding, prompt: str) -> list[int]:
-    """A prompt as the model expects it before its answer:
+    r"""One user prompt as the model expects it before its answer: encode_chat of the user turn, opened by the
+    default system prompt if the tokenizer has one. With none:
     none:   the text itself
     chatml: <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n
     llama3: <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>
             <|start_header_id|>assistant<|end_header_id|>\n\n"""
-    template = getattr(enc, "chat_format", "none")
-    special = enc._special_tokens
-    if template == "chatml":
-        start, end = special["<|im_start|>"], special["<|im_end|>"]
-        return ([start] + encode(enc, "user\n" + prompt) + [end] + encode(enc, "\n") + [start]
-                + encode(enc, "assistant\n"))
-    if template == "llama3":
-        begin = [special["<|begin_of_text|>"]] if "<|begin_of_text|>" in special else []
-        head, tail = special["<|start_header_id|>"], special["<|end_header_id|>"]
-        return (begin + [head] + encode(enc, "user") + [tail] + encode(enc, "\n\n" + prompt) + [special["<|eot_id|>"]]
-                + [head] + encode(enc, "assistant") + [tail] + encode(enc, "\n\n"))
-    return encode(enc, prompt)
+    return encode_chat(enc, [{"role": "user", "content": prompt}])
 
 
 def end_of_turn(enc: tiktoken.Encoding) -> int:
@@ -135,18 +222,25 @@ def decode(enc: tiktoken.Encoding, ids) -> str:
 
 def tokenizer_spec(enc: tiktoken.Encoding) -> dict:
     """What a checkpoint stores of its tokenizer: the name of a built-in or tiktoken encoding, or the whole
-    spec of a real model's tokenizer (tokens as bytes, so it reloads offline); and its chat format."""
+    spec of a real model's tokenizer (tokens as bytes, so it reloads offline); its chat format; and its default
+    system prompt, under "system_prompt", where it has one."""
     spec = dict(enc.spec) if isinstance(enc, SpecEncoding) else {"name": enc.name, "n_vocab": enc.n_vocab}
     spec["chat_format"] = getattr(enc, "chat_format", "none")
+    spec.pop("system_prompt", None)
+    if getattr(enc, "system_prompt", ""):
+        spec["system_prompt"] = enc.system_prompt
     return spec
 
 
 def tokenizer_from_spec(spec: dict) -> tiktoken.Encoding:
     """The tokenizer a checkpoint stores. A full spec (with "ranks") is checked field by field; a name must
-    be the built-in byte encoding or one of tiktoken's, so a checkpoint can never make us fetch a file."""
+    be the built-in byte encoding or one of tiktoken's, so a checkpoint can never make us fetch a file. The chat
+    format and the default system prompt are recorded on the tokenizer (set_chat_format, set_system_prompt)."""
+    if isinstance(spec, dict) and not isinstance(spec.get("system_prompt", ""), str):
+        raise cli.UserError("tokenizer spec: system_prompt must be a string")
     if isinstance(spec, dict) and "ranks" in spec:
         try:
-            enc = encoding_from_spec({k: v for k, v in spec.items() if k != "chat_format"})
+            enc = encoding_from_spec({k: v for k, v in spec.items() if k not in ("chat_format", "system_prompt")})
         except ValueError as e:
             raise cli.UserError(str(e)) from None
     else:
@@ -158,7 +252,8 @@ def tokenizer_from_spec(spec: dict) -> tiktoken.Encoding:
         if enc.n_vocab != spec["n_vocab"]:
             raise cli.UserError(f"tokenizer {spec['name']!r} has {enc.n_vocab} tokens, the checkpoint expects {spec['n_vocab']}")
     format_ = spec.get("chat_format", "auto")
-    return set_chat_format(enc, format_ if format_ in CHAT_FORMATS else "auto")
+    return set_system_prompt(set_chat_format(enc, format_ if format_ in CHAT_FORMATS else "auto"),
+                             spec.get("system_prompt", ""))
 
 
 def is_panic(error: BaseException) -> bool:
@@ -219,15 +314,17 @@ def split_pattern_problem(pat_str: str) -> str | None:
 
 def check_spec(spec, where: str = "tokenizer spec") -> None:
     """A spec read from a checkpoint is checked before use: every field's type, ids that do not collide,
-    a vocab_size above every id, and a split regex that tiktoken compiles and runs in bounded time
-    (split_pattern_problem)."""
+    a vocab_size above every id, a split regex that tiktoken compiles and runs in bounded time
+    (split_pattern_problem), and a recorded chat format whose markers the tokenizer has."""
     fields = {"name": str, "pat_str": str, "ranks": dict, "special_tokens": dict, "added_tokens": dict,
               "normalized_added_tokens": list, "vocab_size": int}
     if not isinstance(spec, dict) or any(type(spec.get(k)) is not t for k, t in fields.items()) or \
-            spec.get("normalizer") not in (None, "NFC") or \
-            not all(spec.get(k) is None or type(spec[k]) is str for k in ("bos", "eos", "pad", "chat_template")):
+            spec.get("normalizer") not in (None, "NFC") or spec.get("chat_format") not in (None, *CHAT_FORMATS) or \
+            not all(spec.get(k) is None or type(spec[k]) is str
+                    for k in ("bos", "eos", "pad", "chat_template", "system_prompt")):
         raise ValueError(f"{where}: needs {', '.join(f'{k} ({t.__name__})' for k, t in fields.items())}, "
-                         "normalizer (None or 'NFC'), bos/eos/pad (str or None)")
+                         "normalizer (None or 'NFC'), bos/eos/pad/chat_template/system_prompt (str or None), "
+                         f"chat_format (None or one of {', '.join(CHAT_FORMATS)})")
     groups = [spec["ranks"], spec["special_tokens"], spec["added_tokens"]]
     for group, key_type in zip(groups, (bytes, str, str)):
         if not all(type(k) is key_type and type(v) is int and v >= 0 for k, v in group.items()):
@@ -235,6 +332,10 @@ def check_spec(spec, where: str = "tokenizer spec") -> None:
     ids = [token_id for group in groups for token_id in group.values()]
     if len(set(ids)) != len(ids) or max(ids, default=-1) >= spec["vocab_size"]:
         raise ValueError(f"{where}: two tokens share an id, or an id is not below vocab_size")
+    missing = [t for t in CHAT_MARKERS[spec.get("chat_format") or "none"]
+               if t not in spec["special_tokens"] and t not in spec["added_tokens"]]
+    if missing:
+        raise ValueError(f"{where}: chat_format {spec['chat_format']} needs the special token {missing[0]}")
     problem = split_pattern_problem(spec["pat_str"])
     if problem:
         raise ValueError(f"{where}: split regex {spec['pat_str'][:60]!r} {problem}")
@@ -246,7 +347,8 @@ class SpecEncoding(tiktoken.Encoding):
     encode_ordinary(text) = encode_text(self, text); decode(ids) = decode_text(self, ids). Attributes:
     spec; normalizer ("NFC" or None); added_tokens {str: id} (non-special, split out of text);
     unknown_bytes (byte values the vocabulary lacks) and unknown_byte_ids (the ids tiktoken gives
-    them here, see encoding_from_spec; encode_text never returns them).
+    them here, see encoding_from_spec; encode_text never returns them); chat_format and system_prompt, from
+    the spec's keys of those names where it has them (set_chat_format and set_system_prompt write both).
     Special and added tokens are also tiktoken special tokens, so encode_single_token and
     encode(..., allowed_special=...) know them. Pickles as its spec."""
 
@@ -260,6 +362,7 @@ class SpecEncoding(tiktoken.Encoding):
         self.normalized_added_pattern = added_tokens_pattern([t for t in self.added_tokens if t in normalized])
         self.known_ids = frozenset((*spec["ranks"].values(), *self._special_tokens.values()))
         self.unknown_bytes = frozenset(b for b in range(256) if bytes([b]) not in spec["ranks"])
+        self.chat_format, self.system_prompt = spec.get("chat_format") or "none", spec.get("system_prompt") or ""
 
     def token_id(self, token: str | None) -> int | None:
         """The id of a special/added token or a vocabulary token named by its text, else None."""

@@ -2,7 +2,9 @@
 
 Read: a Hugging Face tokenizer.json (+ tokenizer_config.json), a GGUF file's tokenizer metadata, or a
 tiktoken ranks file (Llama 3's tokenizer.model). Written: a tokenizer.json and tokenizer_config.json that
-Hugging Face's tokenizers and transformers load and that encode like the spec (export).
+Hugging Face's tokenizers and transformers load and that encode like the spec (export), with a chat template
+that renders conversations exactly as tokenizer.encode_chat does for the spec's chat format and default system
+prompt: a model is served (transformers, vLLM) with the prompts it was trained on, not its original template.
 
 Only byte-level BPE is accepted (GPT-2, Llama 3, Qwen2/2.5/3, SmolLM2), and only where tiktoken's merge
 rule (lowest rank first) gives the same tokens as Hugging Face's merge list (check_merges); anything else is
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
+import re
 
 import tiktoken
 
@@ -188,6 +192,7 @@ def spec_from_json(tokenizer_json: dict, config: dict, vocab_size: int | None, w
             "pad": token_content(config.get("pad_token")), "vocab_size": vocab_size}
     if isinstance(config.get("chat_template"), str):
         spec["chat_template"] = config["chat_template"]
+        spec.update(chat_settings_of_template(spec, config["chat_template"]))   # an export of this project
     return finish_spec(spec, where)
 
 
@@ -273,12 +278,16 @@ def tokenizer_spec_from_tiktoken_file(path: str, special_tokens: dict[str, int],
 
 
 def tokenizer_spec_from_encoding(enc: tiktoken.Encoding, vocab_size: int | None = None) -> dict:
-    """The spec of a plain tiktoken Encoding (tokenizer.get_tokenizer's "bytes", "gpt2", ...), for export."""
+    """The spec of a plain tiktoken Encoding (tokenizer.get_tokenizer's "bytes", "gpt2", ...), for export,
+    with the chat format and default system prompt recorded on it."""
     specials = dict(enc._special_tokens)
     spec = {"name": enc.name, "pat_str": enc._pat_str, "ranks": dict(enc._mergeable_ranks),
             "special_tokens": specials, "added_tokens": {}, "normalized_added_tokens": [], "normalizer": None,
             "bos": None, "eos": "<|endoftext|>" if "<|endoftext|>" in specials else None,
-            "pad": "<|pad|>" if "<|pad|>" in specials else None, "vocab_size": vocab_size}
+            "pad": "<|pad|>" if "<|pad|>" in specials else None, "vocab_size": vocab_size,
+            "chat_format": getattr(enc, "chat_format", "none")}
+    if getattr(enc, "system_prompt", ""):
+        spec["system_prompt"] = enc.system_prompt
     return finish_spec(spec, enc.name)
 
 
@@ -320,11 +329,82 @@ def tokenizer_json_from_spec(spec: dict) -> dict:
 
 def tokenizer_config_from_spec(spec: dict) -> dict:
     """The tokenizer_config.json beside tokenizer_json_from_spec's file (transformers' fast tokenizer):
-    no BOS/EOS added by encode, the bos/eos/pad tokens, and the chat template if the spec has one."""
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
-              "clean_up_tokenization_spaces": False, "bos_token": spec.get("bos"), "eos_token": spec.get("eos"),
-              "pad_token": spec.get("pad"), "unk_token": None, "model_max_length": 1 << 30}
-    if spec.get("chat_template"):
-        config["chat_template"] = spec["chat_template"]
-    return config
+    no BOS/EOS added by encode, the bos/eos/pad tokens, and chat_template_from_spec's template (never the
+    original model's: the model is served as this project trained it)."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+            "clean_up_tokenization_spaces": False, "bos_token": spec.get("bos"), "eos_token": spec.get("eos"),
+            "pad_token": spec.get("pad"), "unk_token": None, "model_max_length": 1 << 30,
+            "chat_template": chat_template_from_spec(spec)}
+
+
+# The chat template of an export: Jinja that renders what tokenizer.render_chat renders, for transformers'
+# apply_chat_template and vLLM. One line, no whitespace outside its tags (transformers renders with trim_blocks
+# and lstrip_blocks); every string from the spec is a Jinja string literal (jinja_string). Its first tag names
+# the format, so that reading the export back (chat_settings_of_template) recovers the format and the prompt.
+TEMPLATE_HEAD = "{#- chat_format: %s; written by lib/tokenizer_files.py to render as tokenizer.encode_chat -#}"
+
+
+def jinja_string(text: str) -> str:
+    """A Jinja string literal of `text`. JSON's escapes are Jinja's (its lexer decodes a literal with Python's
+    unicode-escape, after turning the non-ASCII characters that JSON leaves raw into escapes)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def chat_template_from_spec(spec: dict) -> str:
+    r"""The chat template of the spec's chat format ("none" where it records none) and default system prompt:
+    apply_chat_template(messages, add_generation_prompt=...) renders the text of tokenizer.render_chat, markers
+    included, so its ids are encode_chat's (test_tokenizer_files.py checks it with transformers):
+    - a default system prompt opens a conversation whose first message is not a system message;
+    - chatml: <|im_start|>{role}\n{content}<|im_end|>\n per message, <|im_start|>assistant\n to answer;
+    - llama3: <|begin_of_text|> (where the tokenizer has it), <|start_header_id|>{role}<|end_header_id|>\n\n
+      {content}<|eot_id|> per message, <|start_header_id|>assistant<|end_header_id|>\n\n to answer;
+    - none: a system message's text and a blank line, a user message's text, an assistant message's text and
+      the end-of-turn token (the spec's eos, else <|endoftext|>).
+    Messages with a marker's string in their text differ: apply_chat_template makes it the marker (unless
+    sanitize_control_tokens=True), encode_chat keeps it text."""
+    chat_format = spec.get("chat_format") or "none"
+    system_prompt = spec.get("system_prompt") or ""
+    template = TEMPLATE_HEAD % chat_format
+    if system_prompt:
+        template += ("{% if not messages or messages[0]['role'] != 'system' %}{% set messages = [{'role': 'system', "
+                     f"'content': {jinja_string(system_prompt)}}}] + messages %}}{{% endif %}}")
+    if chat_format == "chatml":
+        turn = "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        answer = "{{ '<|im_start|>assistant\\n' }}"
+    elif chat_format == "llama3":
+        if "<|begin_of_text|>" in {**spec["special_tokens"], **spec["added_tokens"]}:
+            template += "{{ '<|begin_of_text|>' }}"
+        turn = ("{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + "
+                "'<|eot_id|>' }}")
+        answer = "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    else:
+        eos = spec.get("eos") or "<|endoftext|>"        # the end of turn of "none": SpecEncoding.eot_token
+        turn = ("{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+                "{% elif message['role'] == 'assistant' %}{{ message['content'] + " + jinja_string(eos) + " }}"
+                "{% else %}{{ message['content'] }}{% endif %}")
+        answer = ""
+    template += "{% for message in messages %}" + turn + "{% endfor %}"
+    return template + ("{% if add_generation_prompt %}" + answer + "{% endif %}" if answer else "")
+
+
+def chat_settings_of_template(spec: dict, template: str) -> dict:
+    """{"chat_format"[, "system_prompt"]} of a chat template that chat_template_from_spec wrote for this
+    tokenizer (a folder this project exported), so that it reloads as it was trained; {} for any other template.
+    Read from its head and its system prompt's literal, and kept only if writing them again gives the same
+    template, character for character."""
+    head = re.match(re.escape(TEMPLATE_HEAD).replace("%s", "(none|chatml|llama3)"), template)
+    if head is None:
+        return {}
+    settings = {"chat_format": head[1]}
+    literal = re.search(r"'content': (\"(?:[^\"\\]|\\.)*\")\}\] \+ messages", template)
+    if literal:
+        try:
+            settings["system_prompt"] = json.loads(literal[1])
+        except ValueError:
+            return {}
+    markers = {**spec["special_tokens"], **spec["added_tokens"]}
+    if not all(marker in markers for marker in tokenizer.CHAT_MARKERS[head[1]]) or \
+            chat_template_from_spec({**spec, **settings}) != template:
+        return {}
+    return settings
 

@@ -4,15 +4,18 @@
     python tests/bench_model.py                  # the default 0.84 M model
     python tests/bench_model.py --shape 135m     # SmolLM2-135M's shape (0.5b: Qwen2.5-0.5B's), random weights
     python tests/bench_model.py --compile        # also compiled training blocks and the compiled decode step
+    python tests/bench_model.py --shape 135m --lora 8 --layers 8 --batch-size 8 --seq-len 64 --steps 3
+                                                 # full fine-tuning vs LoRA rank 8: step time and training memory
     python tests/bench_model.py --help
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,6 +36,8 @@ BENCH_SHAPES = {   # random weights at real shapes
 @dataclass
 class BenchArgs:
     shape: str = "default"       # default (this project's 0.84 M model) | 135m (SmolLM2-135M) | 0.5b (Qwen2.5-0.5B)
+    layers: int = 0              # transformer blocks; 0 = the shape's own (fewer: a shorter run at the same width)
+    lora: int = 0                # > 0: instead, compare full fine-tuning with LoRA of this rank (step time, memory)
     batch_size: int = 32         # sequences per training step
     seq_len: int = 128           # tokens per training sequence
     steps: int = 10              # timed training steps (after 2 warm-up steps)
@@ -84,10 +89,58 @@ def generate_by_recomputing(model, prompts, new_tokens: int, pad: int):
     return seq[:, -new_tokens:]
 
 
+def compare_lora(args, cfg, device) -> None:
+    """Full fine-tuning vs LoRA (Hu et al. 2021) of rank args.lora from the same random base weights, side by
+    side in this process: the median seconds of a training step (forward + backward + AdamW; the two kinds of
+    step alternate, after one warm-up step each, so a change in the machine's load hits both) and the training
+    memory that differs, counted from the tensors: trainable parameters, their gradients, and AdamW's two
+    moments (exp_avg, exp_avg_sq). Weights and activations are needed by both and not counted."""
+    base = M.GPT(cfg).to(device)
+    models = {"full": base, f"LoRA r={args.lora}": copy.deepcopy(base).add_lora(args.lora)}
+    x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
+    print(f"device {device} | shape {args.shape}: {base.num_params() / 1e6:.2f} M parameters ({cfg.n_layer} layers, "
+          f"width {cfg.n_embd}, vocab {cfg.vocab_size}) | random weights | batch {args.batch_size}x{args.seq_len} | "
+          f"median of {args.steps} steps | {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+    optimizers = {name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4,
+                                          fused=device.type == "cuda") for name, model in models.items()}
+
+    def train_step(name):
+        optimizers[name].zero_grad(set_to_none=True)
+        with M.autocast(device):
+            loss = -M.token_logprobs(models[name], x).mean()
+        loss.backward()
+        optimizers[name].step()
+    seconds = {name: [] for name in models}
+    for step in range(args.steps + 1):
+        for name in models:
+            rundir.sync(device)
+            start = time.perf_counter()
+            train_step(name)
+            rundir.sync(device)
+            if step > 0:                                   # step 0: the warm-up
+                seconds[name].append(time.perf_counter() - start)
+    mib = 2 ** -20
+    rows = []
+    for name, model in models.items():
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        rows.append({
+            "step time (ms)": sorted(seconds[name])[len(seconds[name]) // 2] * 1e3,
+            "trainable parameters (M)": sum(p.numel() for p in trainable) / 1e6,
+            "gradients (MiB)": sum(p.grad.numel() * p.grad.element_size() for p in trainable) * mib,
+            "AdamW state (MiB)": sum(state[k].numel() * state[k].element_size()
+                                     for state in optimizers[name].state.values() for k in ("exp_avg", "exp_avg_sq")) * mib,
+        })
+    full, lora = rows
+    print(f"{'':26s} " + " ".join(f"{name:>12s}" for name in models) + f" {'LoRA / full':>12s}")
+    for quantity in full:
+        print(f"{quantity:26s} {full[quantity]:12,.2f} {lora[quantity]:12,.2f} {lora[quantity] / full[quantity]:12.4f}")
+
+
 def main(argv=None):
     args = cli.parse_args(BenchArgs, argv)
     cli.check_choices(args, shape=tuple(BENCH_SHAPES))
-    cli.check_options(args, positive=("batch_size", "seq_len", "steps", "gen_tokens"), seed=("seed",))
+    cli.check_options(args, positive=("batch_size", "seq_len", "steps", "gen_tokens"), non_negative=("layers", "lora"),
+                      seed=("seed",))
     try:
         gen_batches = [int(b) for b in args.gen_batches.split(",")]
         assert gen_batches and min(gen_batches) > 0
@@ -97,6 +150,10 @@ def main(argv=None):
     device = cli.get_device(args.device)
     enc = tokenizer.get_tokenizer("bytes")
     cfg = M.Config(**{"vocab_size": enc.n_vocab, "block_size": max(256, args.seq_len), **BENCH_SHAPES[args.shape]})
+    if args.layers:
+        cfg = replace(cfg, n_layer=args.layers)
+    if args.lora:
+        return compare_lora(args, cfg, device)
     model = M.GPT(cfg).to(device)
     n_params = model.num_params()
     print(f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''} | shape "

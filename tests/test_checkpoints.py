@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 import model as M
-from lib import checkpoints, cli, rundir
+from lib import checkpoints, cli, convert, rundir
 from helpers import DemoArgs, ENC, EOT, random_tokens, tiny_model, watchdog
 
 torch.set_num_threads(1)
@@ -247,6 +248,22 @@ def test_export_writes_a_folder_that_loads_as_the_source_model_and_replaces_an_e
     assert_loads_as(folder, model_b)
 
 
+def test_export_over_a_sharded_export_leaves_no_stale_shard_and_ordinary_permissions(tmp_path):
+    """An earlier export in shards (model-0000N-of-M.safetensors and their index) is replaced whole: our own
+    loader would otherwise follow the stale index. Files get the permissions the umask gives an ordinary file
+    (not mkstemp's 0600), and no lock or temporary file is left in the folder or beside it."""
+    folder, _, model_b = export_pair(tmp_path)
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "model.safetensors.index.json"):
+        (folder / name).write_text("{}")
+    checkpoints.export(["--checkpoint", str(tmp_path / "b.pt"), "--to", str(folder)])
+    assert sorted(os.listdir(folder)) == EXPORTED and os.listdir(tmp_path / "out") == ["hf"]
+    assert_loads_as(folder, model_b)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(os.stat(folder / name).st_mode) for name in EXPORTED} == {0o666 & ~umask}
+
+
 def test_a_crash_between_two_files_of_an_export_keeps_the_previous_export(tmp_path, monkeypatch):
     """model.safetensors written, then a crash before config.json: the folder is still export A, whole."""
     from lib import convert
@@ -316,3 +333,23 @@ def test_export_refuses_to_replace_what_is_not_an_export_before_reading_the_mode
     assert str(to) in str(error.value) and "\n" not in str(error.value)
     assert sorted(os.listdir(tmp_path)) == listing
     assert (to.read_text() == "notes") if target == "file" else (os.listdir(to) == ["notes.txt"])
+
+
+@dataclasses.dataclass
+class StageArgs:
+    lr: float = 1e-3
+    max_steps: int = 1000
+
+
+def test_a_pretrained_start_at_the_tiny_model_s_defaults_is_refused_naming_them(tmp_path):
+    """ppo.py, reward.py and agent_env.py have no defaults for a real model: a pretrained --init with the options
+    that size a run left at the tiny model's values is one line naming them; set, or a start of ours, it runs."""
+    folder = tmp_path / "hf"
+    convert.save_hf(str(folder), tiny_model(), ENC)
+    with pytest.raises(cli.UserError, match=rf"--init {folder} is a pretrained model, and --lr 0.001, --max-steps 1000"):
+        checkpoints.require_settings_for_pretrained(str(folder), StageArgs(), ("lr", "max_steps"))
+    with pytest.raises(cli.UserError, match=r"and --max-steps 1000 are the defaults"):
+        checkpoints.require_settings_for_pretrained(str(folder), StageArgs(lr=1e-5), ("lr", "max_steps"))
+    checkpoints.require_settings_for_pretrained(str(folder), StageArgs(lr=1e-5, max_steps=5), ("lr", "max_steps"))
+    checkpoints.save(str(tmp_path / "ours.pt"), tiny_model(), ENC)
+    checkpoints.require_settings_for_pretrained(str(tmp_path / "ours.pt"), StageArgs(), ("lr", "max_steps"))

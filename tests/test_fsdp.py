@@ -122,7 +122,7 @@ def sft_args(folder, out, **overrides):
                 eval_data=os.path.join(folder, "heldout.jsonl"), out=os.path.join(folder, out), n_layer=1,
                 n_embd=32, n_head=2, n_kv_head=2, block_size=64, batch_size=5, micro_batch=2, max_steps=3,
                 time_budget=0, eval_every=1, eval_minutes=0, n_eval=4, max_new_tokens=4, log_every=1,
-                warmup_steps=2, dropout=0.1, device="cpu")
+                warmup_steps=2, dropout=0.1, device="cpu", keep_state=True)
     return sft.Args(**{**base, **overrides})
 
 
@@ -206,7 +206,7 @@ def _fsdp_worker(rank, world, ports, folder, states):
     sft.train_step = real_step
     if rank == 0:   # the checkpoint at step k, for a single-process resume in the test process
         os.makedirs(os.path.join(folder, "stopped"))
-        for name in ("model.pt", "args.json", "metrics.jsonl"):
+        for name in ("model.pt", "resume.pt", "args.json", "metrics.jsonl"):
             shutil.copy(os.path.join(folder, "resumed", name), os.path.join(folder, "stopped", name))
     os.environ["MASTER_PORT"] = str(ports[3])
     sft.main(["--out", os.path.join(folder, "resumed"), "--resume", "--fsdp"])
@@ -370,7 +370,8 @@ def test_resume_under_fsdp_continues_bit_identically(fsdp):
     assert ckpt_a["meta"]["step"] == ckpt_b["meta"]["step"] == RESUME_STEPS
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
-    state_a, state_b = ckpt_a["meta"]["optimizer"]["state"], ckpt_b["meta"]["optimizer"]["state"]
+    state_a, state_b = (torch.load(os.path.join(fsdp, run, "resume.pt"), weights_only=True)["optimizer"]["state"]
+                        for run in ("straight", "resumed"))
     assert state_a.keys() == state_b.keys()
     for index in state_a:
         for key in state_a[index]:
@@ -387,7 +388,7 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(fsdp, tmp_path):
     folder = tmp_path / "stopped"
     shutil.copytree(os.path.join(fsdp, "stopped"), folder)
     policy, _, ckpt = checkpoints.load(str(folder / "model.pt"))
-    saved = ckpt["meta"]["optimizer"]
+    saved = torch.load(folder / "resume.pt", weights_only=True)["optimizer"]
     params = [p for group in sft.adamw(policy, 1e-3, 0.1, (0.9, 0.99)).param_groups for p in group["params"]]
     assert ckpt["meta"]["step"] == RESUME_AT and sorted(saved["state"]) == list(range(len(params)))
     for index, param in enumerate(params):

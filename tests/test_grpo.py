@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 import grpo
+import sft
 import model as M
 from lib import checkpoints, cli, rundir, tasks, tokenizer
 
@@ -295,7 +296,7 @@ def test_full_run_produces_the_three_row_table_with_a_fair_control(tmp_path, mon
     """grpo.main with the control: the table has the SFT start, GRPO and the control; the control started
     from the byte-identical checkpoint, trained on the same SFT file, and was evaluated by the same function."""
     tmp = tiny_setup(tmp_path)
-    args = tiny_args(tmp, max_steps=2, control=True)
+    args = tiny_args(tmp, max_steps=2, control=True, controls="sft,rft,random")
     argv = []
     for k, v in vars(args).items():
         flag = "--" + k.replace("_", "-")
@@ -315,6 +316,67 @@ def test_full_run_produces_the_three_row_table_with_a_fair_control(tmp_path, mon
     assert again["greedy"] == results["control"]["greedy"] and again["sampled"] == results["control"]["sampled"]
     summary = json.load(open(tmp / "run" / "summary.json"))
     assert summary["params_by_role"]["policy"] == sum(p.numel() for p in control_model.parameters())
+    # the two other arms: GRPO again on a random reward of the start's mean, and rejection sampling from the start
+    for label in ("RFT (control)", "random reward (control)"):
+        assert label in table
+    random_args = json.load(open(tmp / "run" / "random" / "args.json"))
+    assert random_args["rewards"] == "random=1" and random_args["init"] == args.init
+    assert math.isclose(random_args["random_reward_mean"], results["start"]["sampled"], abs_tol=1e-6)
+    assert {k: v for k, v in random_args.items() if k not in ("rewards", "random_reward_mean", "out", "control",
+                                                              "png")} == \
+        {k: v for k, v in vars(args).items() if k not in ("rewards", "random_reward_mean", "out", "control", "png")}
+    assert results["random_minutes"] == json.load(open(tmp / "run" / "random" / "summary.json"))["train_minutes"]
+    if os.path.exists(tmp / "run" / "rft" / "samples.jsonl"):
+        sampled = json.load(open(tmp / "run" / "rft" / "samples.summary.json"))
+        assert sampled["counts"]["sampled"] == min(2 * args.prompts_per_step, 100) * args.group_size
+    else:                                         # an untrained start: nothing verified, so the arm is the start
+        assert results["rft"]["greedy"] == results["start"]["greedy"] and results["rft_minutes"] > 0
+
+
+def test_the_rft_arm_fine_tunes_on_verified_samples_only_within_grpo_s_minutes(tmp_path):
+    """RFT from a start that solves some prompts: synth.py's filter keeps only completions the verifier accepts,
+    sft.py trains on them from the same start, and the arm's minutes are its sampling's plus its training's,
+    within GRPO's (one step of slack: sft.py stops at the step boundary nearest its budget)."""
+    tmp = tiny_setup(tmp_path)
+    sft.run(sft.Args(data=str(tmp / "sft.jsonl"), test_data=str(tmp / "sft.jsonl"), eval_data=str(tmp / "rl.jsonl"),
+                     out=str(tmp / "start_run"), n_layer=1, n_embd=32, n_head=2, n_kv_head=2, block_size=64,
+                     batch_size=32, max_steps=150, lr=1e-2, warmup_steps=5, eval_minutes=0, n_eval=8,
+                     max_new_tokens=8, device="cpu"))
+    args = tiny_args(tmp, init=str(tmp / "start_run" / "model.pt"), temperature=1.0)
+    path, minutes = grpo.rft_arm(args, {"steps": 2, "train_minutes": 0.1, "start_args": {"batch_size": 4}})
+    kept = tasks.read_jsonl(str(tmp / "run" / "rft" / "samples.jsonl"))
+    assert kept and all(tasks.verify(row["completion"], row) for row in kept)
+    trained = json.load(open(tmp / "run" / "rft" / "args.json"))
+    assert (trained["init"], trained["data"], trained["batch_size"]) == (args.init, str(tmp / "run" / "rft" /
+                                                                                        "samples.jsonl"), 4)
+    assert path == str(tmp / "run" / "rft" / "model.pt") and 0 < minutes < 0.1 + 0.05
+
+
+@given(mean=st.floats(0.0, 1.0), text=st.text(max_size=20))
+@settings(max_examples=10)
+def test_the_random_reward_has_the_given_mean_and_ignores_the_completion(mean, text):
+    """2,000 independent draws: their mean is within 5 standard errors of `mean` (a binomial bound), and the
+    completion's text (here any text) does not enter: a right and a wrong answer draw alike."""
+    args = grpo.Args(random_reward_mean=mean)
+    grpo.RANDOM_REWARD.seed(0)
+    draws = [grpo.random_reward(text, {"answer": "1"}, 3, False, args) for _ in range(2000)]
+    grpo.RANDOM_REWARD.seed(0)
+    again = [grpo.random_reward("#### 1", {"answer": "1"}, 3, False, args) for _ in range(2000)]
+    assert draws == again and set(draws) <= {0.0, 1.0}
+    assert abs(sum(draws) / 2000 - mean) <= 5 * math.sqrt(mean * (1 - mean) / 2000) + 1e-12
+
+
+def test_the_control_arms_commands_parse_with_their_stages_parsers(tmp_path):
+    import synth
+    args = tiny_args(tmp_path, controls="sft,rft,random")
+    sampling = cli.parse_args(synth.Args, grpo.rft_sampling_command(args, 3)[1:])
+    assert (sampling.from_model, sampling.prompts, sampling.n_prompts, sampling.k) == \
+        (args.init, args.data, 3 * args.prompts_per_step, args.group_size)
+    assert sampling.keep_bare and sampling.temperature == args.temperature
+    again = cli.parse_args(grpo.Args, grpo.random_reward_command(args, 0.25)[1:])
+    assert (again.rewards, again.random_reward_mean, again.control) == ("random=1", 0.25, False)
+    with pytest.raises(cli.UserError, match="--controls: unknown arm 'ppo'"):
+        grpo.check_args(tiny_args(tmp_path, controls="sft,ppo"))
 
 
 # ---------------------------------------------------------------- bad input and extreme values
@@ -726,7 +788,7 @@ def test_compile_train_compiles_the_policy_after_the_reference_copy_and_passes_t
     assert len(compiled) == 1 and compiled[0].compiled_blocks is not None
     rows = [json.loads(l) for l in open(tmp / "run" / "metrics.jsonl") if '"train"' in l]
     assert len(rows) == 2 and all(r["grad_norm"] > 0 and math.isfinite(r["kl"]) for r in rows)
-    command = grpo.control_command(tiny_args(tmp, compile_train=True), 1.0)
+    command = grpo.control_command(tiny_args(tmp, compile_train=True), 1.0, {})
     import sft
     assert "--compile-train" in command and cli.parse_args(sft.Args, command[1:]).compile_train
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -777,3 +839,57 @@ def test_an_update_that_takes_a_weight_past_the_bound_stops_grpo_and_writes_no_m
     assert status == 2 and len(err) == 1 and "Traceback" not in err[0], err
     assert err[0].startswith("error: step 1, epoch 1: weight ") and "past cli.MAX_WEIGHT" in err[0], err
     assert not (tmp / "run" / "model.pt").exists()
+
+
+# ---------------------------------------------------------------- LoRA, system prompts, the control's settings
+
+def test_a_lora_run_trains_only_the_adapters_and_its_checkpoint_reloads_them(tmp_path, monkeypatch):
+    """--lora-rank: every base weight of the saved policy equals the start's exactly, the adapters moved, and
+    checkpoints.load rebuilds the adapted model (its config says the rank)."""
+    tmp = tiny_setup(tmp_path)
+    monkeypatch.setitem(grpo.REWARDS, "digits", digit_reward)
+    grpo.train(tiny_args(tmp, rewards="digits=1", max_steps=3, lr=1e-2, lora_rank=2, lora_alpha=4.0))
+    start = checkpoints.load(str(tmp / "start.pt"))[0].state_dict()
+    trained, _, _ = checkpoints.load(str(tmp / "run" / "model.pt"))
+    assert (trained.config.lora_rank, trained.config.lora_alpha) == (2, 4.0)
+    state = trained.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in start.items())
+    assert any(state[name].abs().max() > 0 for name in state if name.endswith("lora_b"))
+
+
+def test_the_control_runs_at_the_start_s_batch_size_and_learning_rate(tmp_path):
+    """The control continues the start at the settings that made it (sft.py's saved arguments), so an equal-time
+    comparison on a slow model is not one of batch 64 against the start's 8; --control-lr still wins."""
+    args = tiny_args(tmp_path, system_prompt="Answer after ####.", lora_rank=4)
+    control = cli.parse_args(sft.Args, grpo.control_command(args, 1.5, {"batch_size": 8, "micro_batch": 4,
+                                                                           "lr": 5e-5, "n_layer": 9})[1:])
+    assert (control.batch_size, control.micro_batch, control.lr) == (8, 4, 5e-5)
+    assert (control.system_prompt, control.lora_rank, control.time_budget) == ("Answer after ####.", 4, 1.5)
+    assert control.n_layer == sft.Args().n_layer                    # only the optimisation settings carry over
+    args.control_lr = 1e-4
+    assert cli.parse_args(sft.Args, grpo.control_command(args, 1.5, {"lr": 5e-5})[1:]).lr == 1e-4
+    assert cli.parse_args(sft.Args, grpo.control_command(args, 1.5, {})[1:]).batch_size == sft.Args().batch_size
+
+
+def test_the_table_prints_each_arm_s_own_minutes(tmp_path):
+    row = {"greedy": 0.5, "stderr": 0.01, "per_difficulty": {3: 0.5}, "sampled": 0.4, "pass_at_k": 0.6,
+           "skip_work": 0.1, "wrong_step": 0.1, "mean_length": 9.0}
+    table = grpo.format_table({"start": row, "grpo": row, "control": row, "train_minutes": 0.33,
+                               "control_minutes": 1.59}, tiny_args(tmp_path))
+    minutes = [line.rstrip(" |").rsplit("| ", 1)[1] for line in table.splitlines()[2:]]
+    assert minutes == ["0.0", "0.3", "1.6"]
+
+
+def test_program_reward_is_the_share_of_hidden_tests_passed_and_needs_program_rows(tmp_path):
+    """The program reward grpo.py registers: 2 of 4 hidden tests passed is 0.5 (x+1 agrees with x*x+1 at 0 and
+    1 only); on data with no program rows it is refused before anything trains (every reward would be 0)."""
+    args = grpo.Args()
+    row = {"prompt": "f(2) = 5. f(x) = ?\n", "answer": "x*x+1", "tests": [[0, 1], [1, 2], [2, 5], [3, 10]]}
+    reward = lambda text: grpo.REWARDS["program"](text, row, 10, False, args)
+    assert reward("#### x*x+1") == 1.0 and reward("#### x+1") == 0.5 and reward("#### x") == 0.0
+    assert reward("#### x.__class__") == 0.0 and reward("no program") == 0.0
+    assert grpo.parse_reward_weights("program=1") == {"program": 1.0}
+    tmp = tiny_setup(tmp_path)
+    with pytest.raises(cli.UserError, match="--rewards program: .* no program rows"):
+        grpo.train(tiny_args(tmp, rewards="program=1"))
+    assert not (tmp / "run").exists()

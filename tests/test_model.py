@@ -11,6 +11,8 @@ Models are tiny (n_layer <= 2, n_embd <= 32) so the file runs in well under a mi
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import itertools
 import math
 import os
@@ -18,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import unittest.mock
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings, strategies as st
 
 import model as M
-from lib import tokenizer
+from lib import checkpoints, tokenizer
 from helpers import EOT, PAD, ROOT, random_tokens, tiny_model
 
 FFNS = ("swiglu", "geglu", "gelu", "relu", "relu2", "moe")
@@ -685,6 +688,22 @@ def test_model_benchmark_smoke_runs():
         assert word in result.stdout
 
 
+def test_model_benchmark_lora_mode_prints_full_and_lora_side_by_side():
+    """--lora R: the table of step time, trainable parameters, gradient and AdamW bytes, full vs LoRA; the
+    memory ratios are r sum (in + out) / N, the same for the three (one float per trainable parameter each)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "tests/bench_model.py", "--lora", "2", "--layers", "1", "--steps", "1",
+                             "--batch-size", "2", "--seq-len", "8", "--device", "cpu"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    base = M.GPT(M.Config(n_layer=1))
+    ratio = sum(2 * (m.in_features + m.out_features) for _, m in block_linears(base)) / base.num_params()
+    lines = {line[:26].strip(): line[26:].split() for line in result.stdout.splitlines()[2:]}
+    assert set(lines) == {"step time (ms)", "trainable parameters (M)", "gradients (MiB)", "AdamW state (MiB)"}
+    for quantity in ("gradients (MiB)", "AdamW state (MiB)"):
+        assert float(lines[quantity][-1]) == pytest.approx(ratio, abs=1e-4)
+
+
 def test_python_model_py_alone_fits_a_paragraph_and_generates_what_recomputation_generates(tmp_path):
     """model.py copied alone into an empty folder (no lib/, no other file) runs its demonstration: the loss
     falls, and greedy decoding with the KV cache gives the tokens recomputing the whole sequence gives."""
@@ -1285,12 +1304,12 @@ def test_sample_draws_the_first_token_whose_cumulative_probability_reaches_u_and
 
 # ---- compiled blocks for training (GPT.compile_blocks) ----------------------------------------------------------
 
-@pytest.mark.parametrize("overrides", [dict(), dict(pos="learned", n_kv_head=1), dict(ffn="moe"), dict(checkpoint=True)],
-                         ids=str)
+@pytest.mark.parametrize("overrides", [dict(), dict(pos="learned", n_kv_head=1), dict(ffn="moe"), dict(checkpoint=True),
+                                       dict(lora_rank=4, checkpoint=True)], ids=str)
 def test_compiled_blocks_give_the_eager_loss_and_gradients(overrides):
     """torch.compile'd blocks (backend aot_eager here: the same graph dynamo captures for inductor, run by
-    eager kernels) give the eager loss and every parameter's gradient, with GQA, learned positions, MoE routing
-    and gradient checkpointing; the parameters and state_dict are the eager model's own."""
+    eager kernels) give the eager loss and every parameter's gradient, with GQA, learned positions, MoE routing,
+    LoRA adapters (tiny_model draws B != 0) and gradient checkpointing; the parameters and state_dict are the eager model's own."""
     torch._dynamo.reset()
     overrides = dict(overrides)
     checkpoint = overrides.pop("checkpoint", False)
@@ -1328,3 +1347,210 @@ def test_compiled_blocks_run_only_in_training_forwards():
     assert calls == []
     model(tokens).sum().backward()
     assert len(calls) == len(model.blocks)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): low-rank adapters beside the frozen weights of the blocks' linear layers
+# ----------------------------------------------------------------------------------------------
+
+LORA_CONFIGS = [dict(), dict(ffn="gelu", bias=True, norm="layernorm"), dict(qkv_bias=True, qk_norm=True, n_kv_head=1),
+                dict(pos="learned", ffn="geglu", tie_embeddings=False, norm_position="post")]
+
+
+def block_linears(model):
+    """(name, module) of every nn.Linear inside the blocks: the layers LoRA adapts."""
+    return [(name, m) for name, m in model.named_modules() if name.startswith("blocks.") and isinstance(m, nn.Linear)]
+
+
+def randomise_adapters(model, seed: int, std: float = 0.2):
+    """Every A and B drawn from N(0, std^2): an adapter as training might leave it (B no longer 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lora_a", "lora_b")):
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    return model
+
+
+def test_lora_adapts_every_linear_layer_of_the_blocks_under_its_own_name_and_nothing_else():
+    """q, kv, proj, w1, w2, w3 of each block get A (r, in) and B (out, r) named <layer>.lora_a / .lora_b; the
+    base tensors keep their names and values; the embedding, LM head and norms get no adapter."""
+    base = tiny_model(tie_embeddings=False, bias=True)
+    model = copy.deepcopy(base).add_lora(3)
+    state, base_state = model.state_dict(), base.state_dict()
+    layers = block_linears(base)
+    assert {name.split(".", 2)[2] for name, _ in layers} == {"attn.q", "attn.kv", "attn.proj", "ffn.w1", "ffn.w2", "ffn.w3"}
+    assert set(state) - set(base_state) == {f"{name}.lora_{ab}" for name, _ in layers for ab in "ab"}
+    for name, linear in layers:
+        assert state[f"{name}.lora_a"].shape == (3, linear.in_features)
+        assert state[f"{name}.lora_b"].shape == (linear.out_features, 3)
+    assert all(torch.equal(state[k], v) for k, v in base_state.items())
+
+
+@pytest.mark.parametrize("overrides", LORA_CONFIGS, ids=str)
+@settings(max_examples=4)
+@given(seed=st.integers(0, 1000), rank=st.integers(1, 8), alpha=st.sampled_from([1.0, 16.0, 32.0]))
+def test_lora_starts_from_b_zero_so_the_adapted_model_gives_the_base_models_logits(overrides, seed, rank, alpha):
+    """B = 0 at the start (Hu et al. 2021, sec. 4.1), A random: the adapted model computes exactly what the base
+    model computes, whether made by add_lora or built by GPT(config with lora_rank) and given the base weights
+    (GPT's weight initialisation must leave B at 0)."""
+    base = tiny_model(seed=seed, **overrides)
+    tokens = random_tokens(seed, 2, 12)
+    added = copy.deepcopy(base).add_lora(rank, alpha)
+    built = M.GPT(M.Config(**{**asdict(base.config), "lora_rank": rank, "lora_alpha": alpha})).eval()
+    missing, unexpected = built.load_state_dict(base.state_dict(), strict=False)
+    assert unexpected == [] and sorted(missing) == sorted(k for k in built.state_dict() if "lora" in k)
+    with torch.no_grad():
+        want = base(tokens)
+        for model in (added, built):
+            adapters = {name: p for name, p in model.named_parameters() if "lora" in name}
+            assert len(adapters) == 2 * len(block_linears(base))
+            assert all(p.eq(0).all() == name.endswith("lora_b") for name, p in adapters.items())
+            assert torch.equal(model(tokens), want)
+
+
+@pytest.mark.parametrize("overrides", LORA_CONFIGS, ids=str)
+@settings(max_examples=4)
+@given(seed=st.integers(0, 1000), rank=st.integers(1, 8), alpha=st.sampled_from([1.0, 4.0, 16.0]))
+def test_lora_logits_equal_the_merged_model_and_the_weights_w_plus_scaled_ba_written_out(overrides, seed, rank, alpha):
+    """With random A and B, the adapted model, its merge_lora() copy, and the base model with each weight replaced
+    by W + (alpha / r) B A (written out here) give the same logits up to fp32 rounding (1e-5 of the logits'
+    scale). The merged copy is the base model's layout again: plain nn.Linear layers, the same state-dict
+    names, lora_rank 0 (alpha is kept), every parameter trainable; the model it was copied from keeps its adapters."""
+    base = tiny_model(seed=seed, **overrides)
+    lora = randomise_adapters(copy.deepcopy(base).add_lora(rank, alpha), seed)
+    brute = copy.deepcopy(base)
+    merged = copy.deepcopy(lora).merge_lora()
+    with torch.no_grad():
+        for name, linear in block_linears(brute):
+            A, B = lora.get_parameter(f"{name}.lora_a"), lora.get_parameter(f"{name}.lora_b")   # (r, in), (out, r)
+            linear.weight += alpha / rank * B @ A
+        tokens = random_tokens(seed, 2, 12)
+        want, base_logits = brute(tokens), base(tokens)
+        scale = float(want.abs().max())
+        assert (want - base_logits).abs().max() > 0.01 * scale                   # the adapters matter
+        for got in (lora(tokens), merged(tokens)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+    assert all(type(m) is nn.Linear for _, m in block_linears(merged))
+    assert list(merged.state_dict()) == list(base.state_dict()) and merged.config == replace(base.config, lora_alpha=alpha)
+    assert all(p.requires_grad for p in merged.parameters())
+    assert lora.config.lora_rank == rank and len(block_linears(lora)) == len(block_linears(base))
+    assert all(isinstance(m, M.LoRALinear) for _, m in block_linears(lora))
+
+
+@settings(max_examples=4)
+@given(seed=st.integers(0, 1000), rank=st.integers(1, 6))
+def test_only_adapters_get_gradients_and_they_follow_from_the_merged_weights_gradient(seed, rank):
+    """For W' = W + s B A (s = alpha / r), the chain rule gives dL/dB = s (dL/dW') A^T and dL/dA = s B^T (dL/dW'),
+    with dL/dW' taken from the merged model. Every other parameter is frozen and gets no gradient. At the start
+    B = 0, so dL/dA = 0 exactly and only B moves in the first step; once B is not 0, A's gradient is not."""
+    alpha = 8.0
+    tokens = random_tokens(seed, 2, 10)
+    lora = copy.deepcopy(tiny_model(seed=seed)).add_lora(rank, alpha).train()
+    for start in (True, False):
+        if not start:
+            randomise_adapters(lora, seed)
+        lora.zero_grad(set_to_none=True)
+        merged = copy.deepcopy(lora).merge_lora()
+        for model in (lora, merged):
+            (-M.token_logprobs(model, tokens).mean()).backward()
+        for name, p in lora.named_parameters():
+            if not name.endswith(("lora_a", "lora_b")):
+                assert not p.requires_grad and p.grad is None, name
+        for name, linear in block_linears(lora):
+            dW = merged.get_submodule(name).weight.grad                                   # (out, in)
+            A, B = linear.lora_a.detach(), linear.lora_b.detach()
+            close(linear.lora_b.grad, alpha / rank * dW @ A.T, tol=1e-4)
+            close(linear.lora_a.grad, alpha / rank * B.T @ dW, tol=1e-4)
+            if start:
+                assert linear.lora_b.grad.abs().max() > 0 and not linear.lora_a.grad.any()
+            else:
+                assert linear.lora_a.grad.abs().max() > 0
+
+
+def test_adamw_state_holds_two_floats_per_adapter_parameter_and_scales_with_the_rank():
+    """AdamW keeps exp_avg and exp_avg_sq for each trainable parameter: with LoRA, 2 sum_layers r (in + out)
+    floats (from the base model's layer shapes), proportional to r; with full fine-tuning, 2 N."""
+    base = tiny_model(seed=3)
+    tokens = random_tokens(3, 2, 10)
+
+    def adam_state_floats(model):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        (-M.token_logprobs(model.train(), tokens).mean()).backward()
+        optimizer.step()
+        return sum(state[k].numel() for state in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq"))
+
+    full = adam_state_floats(copy.deepcopy(base))
+    assert full == 2 * base.num_params()
+    lora = {rank: adam_state_floats(copy.deepcopy(base).add_lora(rank)) for rank in (1, 4)}
+    for rank, floats in lora.items():
+        assert floats == 2 * sum(rank * (m.in_features + m.out_features) for _, m in block_linears(base))
+    assert lora[4] == 4 * lora[1] and lora[4] < full / 5
+
+
+def test_a_lora_checkpoint_reloads_into_gpt_of_its_config_with_the_same_logits():
+    """state_dict + asdict(config) through torch.save and torch.load(weights_only=True) (a BytesIO): lib's
+    config_from_checkpoint accepts it (field types, tensor names and shapes), GPT(config) loads it strictly,
+    and gives the same logits, with the same parameters trainable."""
+    model = randomise_adapters(tiny_model(seed=4, qkv_bias=True).add_lora(3, 6.0), seed=5)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "config": asdict(model.config)}, buffer)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    reloaded = M.GPT(checkpoints.config_from_checkpoint(ckpt, "lora.pt")).eval()
+    reloaded.load_state_dict(ckpt["model"])
+    tokens = random_tokens(6, 2, 12)
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens), model(tokens))
+    trainable = {name for name, p in reloaded.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, p in model.named_parameters() if p.requires_grad} and trainable
+
+
+@pytest.mark.parametrize("bad", [dict(lora_rank=-1), dict(lora_rank=2.0), dict(lora_alpha=0.0), dict(lora_alpha=-1.0),
+                                 dict(lora_alpha=math.inf), dict(lora_alpha=math.nan), dict(lora_rank=4, ffn="moe")],
+                         ids=str)
+def test_config_refuses_a_negative_rank_a_non_positive_alpha_and_lora_with_moe(bad):
+    with pytest.raises(ValueError):
+        M.Config(**bad)
+
+
+def test_add_lora_refuses_a_second_adapter_moe_and_rank_zero_and_merge_lora_without_adapters_changes_nothing():
+    for make, rank, alpha in ((lambda: tiny_model().add_lora(2), 2, 16.0), (lambda: tiny_model(ffn="moe"), 2, 16.0),
+                              (tiny_model, 0, 16.0), (tiny_model, -1, 16.0), (tiny_model, 2, 0.0)):
+        model = make()
+        before = model.config
+        with pytest.raises(ValueError):
+            model.add_lora(rank, alpha)
+        assert model.config == before
+    plain = tiny_model()
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    assert plain.merge_lora() is plain and plain.config.lora_rank == 0
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in state.items()) and list(plain.state_dict()) == list(state)
+    assert all(p.requires_grad for p in plain.parameters())
+
+
+def test_add_lora_puts_adapters_on_the_weights_dtype_and_merging_keeps_it():
+    model = tiny_model(seed=7).to(torch.bfloat16).add_lora(2)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    merged = copy.deepcopy(randomise_adapters(model, seed=8)).merge_lora()
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    tokens = random_tokens(9, 2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens), model(tokens), rtol=0.05, atol=0.05 * float(model(tokens).abs().max()))
+
+
+def test_generate_with_adapters_gives_the_merged_models_tokens_and_logprobs_eager_and_compiled():
+    """The KV-cache decode goes through the adapters: greedy tokens, and sampled tokens and log-probs, of the
+    adapted model (eager, and the compiled decode step, backend aot_eager) equal the merged model's."""
+    torch._dynamo.reset()
+    model = randomise_adapters(tiny_model(seed=11, n_kv_head=2).add_lora(4, 8.0), seed=12, std=0.1)
+    merged = copy.deepcopy(model).merge_lora()
+    base_tokens = M.generate(tiny_model(seed=11, n_kv_head=2), RAGGED_PROMPTS, 12, temperature=0.0, stop_ids=()).tokens
+    for temperature in (0.0, 1.0):
+        want = M.generate(merged, RAGGED_PROMPTS, 12, temperature=temperature, stop_ids=(),
+                          generator=torch.Generator().manual_seed(7))
+        if temperature == 0.0:
+            assert not torch.equal(want.tokens, base_tokens)                     # the adapters change the tokens
+        for got in decode_both_ways(model, "cpu", temperature, backend="aot_eager"):
+            assert torch.equal(got.tokens, want.tokens)
+            close(got.logprobs, want.logprobs, tol=1e-4)

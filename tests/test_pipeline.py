@@ -36,7 +36,7 @@ def parsed(command):
 def test_grpo_control_arrives_as_sft_continued_for_the_same_minutes():
     args = grpo.Args(init="a.pt", sft_data="demos.jsonl", sft_test_data="demos_test.jsonl", eval_data="held.jsonl",
                      out="runs/x", seed=3, threads=1, max_new_tokens=77, device="cpu")
-    control = parsed(grpo.control_command(args, 2.5))
+    control = parsed(grpo.control_command(args, 2.5, {}))
     assert (control.init, control.data, control.test_data, control.eval_data) == ("a.pt", "demos.jsonl",
                                                                                   "demos_test.jsonl", "held.jsonl")
     assert (control.time_budget, control.max_steps) == (2.5, 0)       # equal time, no step cap

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings, strategies as st
 
 import model as M
-from lib import checkpoints, cli, stages, tasks, tokenizer
+from lib import checkpoints, cli, convert, stages, tasks, tokenizer
 import optim
 import sft
 
@@ -425,6 +425,27 @@ def test_resume_k_then_n_minus_k_steps_equals_n_steps(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
     lines = [json.loads(x) for x in open(tmp_path / "resumed" / "metrics.jsonl")]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, n_steps + 1))  # appended, not restarted
+    assert not os.path.exists(tmp_path / "resumed" / "resume.pt")    # finished: model.pt alone is the result
+    assert "optimizer" not in ckpt_b["meta"]
+
+
+def test_a_finished_run_keeps_no_optimizer_state_and_resume_reads_its_own_file(tmp_path, monkeypatch):
+    """model.pt holds the weights, step and arguments; the optimizer's moments and the RNG state for --resume
+    live in resume.pt beside it while the run is unfinished, and a finished run removes that file (unless
+    --keep-state). A resume.pt of another step than model.pt's (a torn pair) is refused in one line."""
+    sft.run(tiny_args(tmp_path, out="kept", max_steps=2, keep_state=True))
+    state = torch.load(tmp_path / "kept" / "resume.pt", weights_only=True)
+    ckpt = checkpoints.load(str(tmp_path / "kept" / "model.pt"))[2]
+    assert state["step"] == ckpt["meta"]["step"] == 2 and "optimizer" not in ckpt["meta"]
+    n_adam_floats = sum(t.numel() for s in state["optimizer"]["state"].values() for k, t in s.items() if k != "step")
+    assert n_adam_floats == 2 * sum(p.numel() for p in tiny_model_of(tmp_path / "kept").parameters())
+    torch.save({**state, "step": 1}, tmp_path / "kept" / "resume.pt")
+    with pytest.raises(cli.UserError, match=r"resume.pt: cannot resume from it .*not the state of .*step 2"):
+        sft.main(["--out", str(tmp_path / "kept"), "--resume"])
+
+
+def tiny_model_of(folder):
+    return checkpoints.load(str(folder / "model.pt"))[0]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -517,7 +538,7 @@ def tiny_argv(args):
 def test_resume_uses_the_saved_arguments_and_an_option_given_again_overrides_them(tmp_path, capsys):
     """`--resume` reads the run's own arguments from its checkpoint (not the defaults): the lr, data and
     sizes of the first run; an option given again wins, announced with one line, and args.json says so."""
-    sft.main(tiny_argv(tiny_args(tmp_path, max_steps=2, lr=5e-3, warmup_steps=1, min_lr_ratio=0.5)))
+    sft.main(tiny_argv(tiny_args(tmp_path, max_steps=2, lr=5e-3, warmup_steps=1, min_lr_ratio=0.5, keep_state=True)))
     run_dir = tmp_path / "run"
     capsys.readouterr()
     sft.main(["--out", str(run_dir), "--resume", "--max-steps", "3"])
@@ -887,3 +908,45 @@ def test_compile_train_with_fsdp_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(cli.UserError, match="--compile-train with --fsdp"):
         sft.check_args(tiny_args(tmp_path, compile_train=True, fsdp=True))
+
+
+# ---- pretrained starts: their defaults, LoRA, a system prompt ---------------------------------
+
+def pretrained_folder(tmp_path):
+    """A tiny model exported as a Hugging Face folder: to the stages, a pretrained model like any other."""
+    folder = tmp_path / "hf"
+    convert.save_hf(str(folder), tiny_model(), tokenizer.get_tokenizer("bytes"))
+    return folder
+
+
+def test_a_pretrained_start_takes_its_own_defaults_and_an_option_given_wins(tmp_path, capsys):
+    """--init naming a Hugging Face folder (or a .gguf, or a checkpoint fine-tuned from one) trains at
+    PRETRAINED_DEFAULTS, says so in one line, and an option on the command line still wins."""
+    folder = pretrained_folder(tmp_path)
+    argv = tiny_argv(tiny_args(tmp_path, max_steps=2))
+    for name in ("lr", "batch_size", "eval_examples"):        # left to the defaults: not given
+        index = argv.index("--" + name.replace("_", "-"))
+        del argv[index:index + 2]
+    sft.main(argv + ["--init", str(folder), "--max-steps", "2"])
+    saved = json.load(open(tmp_path / "run" / "args.json"))
+    assert (saved["lr"], saved["batch_size"], saved["eval_examples"]) == (5e-5, 8, 64)
+    assert saved["max_steps"] == 2 and "is a pretrained model: its defaults are --lr 5e-05" in capsys.readouterr().out
+    assert checkpoints.is_pretrained(str(folder)) and checkpoints.is_pretrained(str(tmp_path / "run" / "model.pt"))
+    assert not checkpoints.is_pretrained(str(tmp_path / "nothing.pt"))
+    checkpoints.save(str(tmp_path / "scratch.pt"), tiny_model(), tokenizer.get_tokenizer("bytes"))
+    assert not checkpoints.is_pretrained(str(tmp_path / "scratch.pt"))
+
+
+def test_lora_sft_moves_only_the_adapters_and_keeps_the_system_prompt(tmp_path):
+    """--lora-rank trains adapters on a frozen base: every base tensor of the result equals the start's, the
+    adapters moved, the saved model reloads with them; --system-prompt is kept in the checkpoint, so every
+    later stage (and the export's chat template) wraps prompts as this run did."""
+    start = tmp_path / "start.pt"
+    checkpoints.save(str(start), tiny_model(), tokenizer.get_tokenizer("bytes"))
+    sft.run(tiny_args(tmp_path, init=str(start), max_steps=3, lr=1e-2, lora_rank=2, system_prompt="Be brief."))
+    trained, enc, _ = checkpoints.load(str(tmp_path / "run" / "model.pt"))
+    base = checkpoints.load(str(start))[0].state_dict()
+    state = trained.state_dict()
+    assert trained.config.lora_rank == 2 and all(torch.equal(state[k], v) for k, v in base.items())
+    assert any(state[k].abs().max() > 0 for k in state if k.endswith("lora_b"))
+    assert tokenizer.encode_prompt(enc, "2+2=?") == tokenizer.encode(enc, "Be brief.\n\n2+2=?")

@@ -15,7 +15,7 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 import model as M
-from lib import checkpoints, cli, rundir, tasks, tokenizer
+from lib import checkpoints, cli, interpreter, rundir, tasks, tokenizer
 import synth as S
 
 SEEDS = st.integers(0, 2 ** 32 - 1)
@@ -532,7 +532,7 @@ def test_an_out_dir_holding_a_folder_where_a_data_file_goes_is_refused(tmp_path,
 # -- one writer per folder, and a set of files written whole or not at all -----------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOLD_FOLDER = "import sys; from lib import rundir; rundir.claim_run_dir(sys.argv[1]); print('claimed', flush=True); sys.stdin.read()"
+HOLD_FOLDER = "import sys; from lib import rundir; rundir.claim_run_dir(sys.argv[1], lock_file=False); print('claimed', flush=True); sys.stdin.read()"
 
 
 def files_of(folder):
@@ -548,11 +548,11 @@ def test_a_second_writer_on_a_claimed_folder_is_refused_and_writes_nothing(tmp_p
         before = files_of(data)
         second = subprocess.run([sys.executable, "synth.py", *small_args(tmp_path)], cwd=ROOT, capture_output=True,
                                 text=True, timeout=300)               # process 2: `python synth.py` on it
-        assert_one_line_error(second.returncode, second.stderr, f"{data}: another run (pid {holder.pid})")
+        assert_one_line_error(second.returncode, second.stderr, f"{data}: another process is writing")
         code, err = run_cli(["--from-model", str(inputs / "tiny.pt"), "--prompts", str(inputs / "good.jsonl"),
                              "--device", "cpu", "--out", str(data / "model.jsonl")], capsys)   # and this one
-        assert_one_line_error(code, err, f"{data}: another run (pid {holder.pid})")
-        assert files_of(data) == before and list(before) == [".lock"]
+        assert_one_line_error(code, err, f"{data}: another process is writing")
+        assert files_of(data) == before == {}                         # and the holder left no lock file
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
@@ -723,3 +723,95 @@ def test_from_model_checks_countdown_numbers_by_line_and_verifies_with_them(tmp_
     args = S.Args(keep_bare=True)
     kept, counts = S.filter_samples([row], samples, args, random.Random(0))
     assert counts["verified"] == 1 and kept[0]["completion"] == "3+4=7\n#### 3+4" and kept[0]["numbers"] == [3, 4]
+
+
+# ----------------------------------------------------------------------------------------------
+# Program synthesis: prompts of examples, hidden tests, '#### program'
+# ----------------------------------------------------------------------------------------------
+
+def operations_by_hand(program: str) -> int:
+    """Binary operators, comparisons, calls, subscripts and comprehensions, counted on the source text (a minus
+    that follows no operand, as in max(x, -3) or x[::-1], is a sign, not an operation)."""
+    unsigned = re.sub(r"(?<![\w)\]])-(?=\d)", "", program)
+    return (len(re.findall(r"\*\*|//|[-+*%]|<=|>=|==|!=|<|>", unsigned)) + len(re.findall(r"\w+\(", program))
+            + len(re.findall(r"\w\[", program)) + len(re.findall(r"\bfor\b", program)))
+
+
+@settings(max_examples=40)
+@given(seed=SEEDS)
+def test_each_program_templates_difficulty_is_its_number_of_operations(seed):
+    rng = random.Random(seed)
+    for d, _, template in S.PROGRAM_TEMPLATES:
+        program = S.draw_program_text(rng, template)
+        assert "+-" not in program and S.program_operations(program) == d == operations_by_hand(program), program
+    assert {d for d, _, _ in S.PROGRAM_TEMPLATES} == {d for d in range(1, S.MAX_DIFFICULTY + 1)
+                                                      if S.space_size(S.PROGRAM, d) > 0}
+
+
+def read_examples(prompt: str):
+    """The shown examples read back from the prompt text: 'f(ARG) = OUT; ...' with JSON values."""
+    assert prompt.endswith(". f(x) = ?\n")
+    pairs = re.findall(r"f\(([^()]*)\) = (-?\d+|\[[-\d, ]*\])", prompt)
+    return [[json.loads(a), json.loads(b)] for a, b in pairs]
+
+
+def program_argv(tmp_path, *extra):
+    return ["--families", "program", "--out-dir", str(tmp_path / "data"), "--n-sft", "90", "--n-sft-test", "12",
+            "--n-rl", "30", "--n-test", "20", "--sft-difficulty", "1-5", "--rl-difficulty", "2-4",
+            "--test-difficulty", "3-4", "--mix", "worked=1,bare=1,noisy=1", "--n-examples", "0", *extra]
+
+
+def test_program_rows_are_solved_by_their_answer_show_examples_hide_tests_and_sit_in_their_own_files(tmp_path, capsys):
+    S.main(small_args(tmp_path, "--n-examples", "0"))             # the headline task's set, in the same folder
+    before = files_of(tmp_path / "data")
+    S.main(program_argv(tmp_path))
+    assert "families: sft_train program:90, rl_test program:20" in capsys.readouterr().out
+    after = files_of(tmp_path / "data")
+    assert all(after[name] == blob for name, blob in before.items())   # the headline files are untouched
+    names = {"sft_train": (90, range(1, 6)), "sft_test": (12, range(1, 6)), "rl_train": (30, range(2, 5)),
+             "rl_test": (20, range(3, 5))}
+    assert set(after) - set(before) == {f"program_{n}.jsonl" for n in names} | {"program_config.json"}
+    prompts = []
+    for name, (size, difficulties) in names.items():
+        rows = tasks.read_jsonl(str(tmp_path / "data" / f"program_{name}.jsonl"))
+        assert len(rows) == size and all(r["family"] == "program" for r in rows)
+        for r in rows:
+            shown, hidden = read_examples(r["prompt"]), r["tests"]
+            assert shown == r["examples"] and len(shown) == S.PROGRAM_SHOWN and len(hidden) == S.PROGRAM_HIDDEN
+            assert len({json.dumps(a) for a, _ in shown + hidden}) == len(shown + hidden)   # hidden inputs are new
+            assert len({json.dumps(out) for _, out in shown}) > 1                           # not a constant's examples
+            assert interpreter.share_passed(r["answer"], shown + hidden) == 1.0
+            assert r["difficulty"] in difficulties and r["difficulty"] == operations_by_hand(r["answer"])
+            assert len(r["prompt"].encode()) + tasks.MAX_NEW_TOKENS <= 256                  # fits the default context
+            if "completion" in r:
+                correct = r["style"] != "noisy"
+                assert tasks.verify(r["completion"], r) == correct
+                assert (tasks.final_expression(r["completion"]) == r["answer"]) == correct
+                assert tasks.completion_style(r["completion"]) != "wrong_step"
+        prompts.append({r["prompt"] for r in rows})
+        assert len(prompts[-1]) == size                          # no repeats inside a split
+    assert sum(map(len, prompts)) == len(set().union(*prompts))  # splits disjoint
+    read = tasks.read_prompts(str(tmp_path / "data" / "program_rl_test.jsonl"))
+    assert all(r["tests"] and r["answer"] == " ".join(r["answer"].split()) for r in read)   # the tests reach grpo.py
+
+
+def test_a_worked_program_demonstration_checks_the_examples_in_arithmetic_the_verifier_can_read():
+    problem = S.Problem("", "3*x-4", S.PROGRAM, 2, ("3*x-4", [[2, 2], [-1, -7]], [[0, -4]]))
+    assert S.program_demonstration(problem, "worked") == "3*2-4=2\n3*(-1)-4=-7\n#### 3*x-4"
+    assert tasks.completion_style(S.program_demonstration(problem, "worked")) == "worked"
+    assert S.program_demonstration(problem, "bare") == "#### 3*x-4"
+    calls = S.Problem("", "max(x, 2)", S.PROGRAM, 1, ("max(x, 2)", [[1, 2], [5, 5]], [[0, 2]]))
+    assert S.program_demonstration(calls, "worked") == "#### max(x, 2)"        # no arithmetic to show: as bare
+    # The hidden test f(0) = -4 sees only the constant term: 4*x-4 and 2*x-4 pass it, 3*x-5 is the first that fails.
+    assert S.program_demonstration(problem, "noisy") == "#### 3*x-5"
+    assert S.program_demonstration(S.Problem("", "sorted(x)", S.PROGRAM, 1, ("sorted(x)", [], [[[2, 1], [1, 2]]])),
+                                   "noisy") == "#### (sorted(x))+[0]"                   # no constant to move
+
+
+@pytest.mark.parametrize("bad, names", [(["--families", "program,add"], "--families"),
+                                        (["--families", "program,countdown"], "--families"),
+                                        (["--sft-difficulty", "6"], "unused distinct prompts")])
+def test_a_bad_program_option_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, bad, names):
+    code, err = run_cli(program_argv(tmp_path, *bad), capsys)
+    assert_one_line_error(code, err, names)
+    assert list(tmp_path.iterdir()) == []

@@ -396,6 +396,18 @@ def test_evaluate_on_a_tiny_model_matches_its_own_greedy_completions():
     assert result["per_difficulty"] == {"all": expected}          # rows without a difficulty are reported as 'all'
 
 
+def test_a_long_evaluation_prints_its_progress_and_a_short_one_prints_nothing(monkeypatch, capsys):
+    """A real model on a CPU evaluates for minutes: after 10 s each batch but the last prints how far it got."""
+    model, rows = tiny_model(seed=15), [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(5)]
+    tasks.evaluate(model, ENC, rows, max_new_tokens=2, batch_size=2)
+    assert capsys.readouterr().out == ""
+    clock = iter(range(0, 1000, 11))                     # every reading of the clock 11 s after the last
+    monkeypatch.setattr(tasks.time, "perf_counter", lambda: next(clock))
+    tasks.evaluate(model, ENC, rows, max_new_tokens=2, batch_size=2)
+    assert capsys.readouterr().out.splitlines() == ["  evaluating: 2/5 completions in 11 s",
+                                                    "  evaluating: 4/5 completions in 22 s"]
+
+
 def test_evaluate_samples_with_the_callers_generator():
     """Sampled completions come from the generator passed in, not the global RNG: evaluate's completions are the
     model's own samples under that seed (M.generate called alone), whatever the global seed, and another seed
@@ -698,3 +710,135 @@ def test_verify_solves_a_countdown_row_by_its_expression_and_any_other_row_by_it
     """The one verifier every stage uses: a row that lists "numbers" is a Countdown row (an expression over them
     that hits "answer"), any other row is checked by its final answer; each case worked out by hand."""
     assert tasks.verify(text, row) is solved
+
+
+# ----------------------------------------------------------------------------------------------
+# GSM8K's final answers: what its evaluators accept, against a plain reference parser
+# ----------------------------------------------------------------------------------------------
+
+def reference_final_number(text: str):
+    """A plain character scan, independent of extract_answer's regex: after the last '####', spaces, at most
+    one sign (before or after a currency sign $ € £), then ASCII digits and commas, then '.digits'. The value
+    as a float, or None where no number starts there."""
+    at = text.rfind("####")
+    if at < 0:
+        return None
+    chars, i, signs = text[at + 4:], 0, []
+    def skip_spaces():
+        nonlocal i
+        while i < len(chars) and chars[i].isspace():
+            i += 1
+    skip_spaces()
+    if i < len(chars) and chars[i] in "+-":
+        signs.append(chars[i]); i += 1
+    skip_spaces()
+    if i < len(chars) and chars[i] in "$€£":
+        i += 1
+    skip_spaces()
+    if i < len(chars) and chars[i] in "+-":
+        signs.append(chars[i]); i += 1
+    if len(signs) > 1 or i >= len(chars) or chars[i] not in "0123456789":
+        return None
+    whole = ""
+    while i < len(chars) and (chars[i] in "0123456789,"):
+        whole += chars[i] if chars[i] != "," else ""
+        i += 1
+    fraction = ""
+    if i + 1 < len(chars) and chars[i] == "." and chars[i + 1] in "0123456789":
+        i += 1
+        while i < len(chars) and chars[i] in "0123456789":
+            fraction += chars[i]; i += 1
+    value = float(whole + ("." + fraction if fraction else ""))
+    return -value if signs == ["-"] else value
+
+
+def with_commas(n: int) -> str:
+    return f"{n:,}"
+
+
+answers_as_written = st.builds(
+    lambda before, spaces, sign, currency, sign_after, number, commas, fraction, after: (
+        before + "####" + spaces + sign + currency + sign_after + (with_commas(number) if commas else str(number))
+        + fraction + after),
+    before=st.sampled_from(["", "so 3+4=7\n", "#### 9\n", "The total is 18 dollars.\n"]),
+    spaces=st.sampled_from(["", " ", "  ", "\n "]), sign=st.sampled_from(["", "-", "+"]),
+    currency=st.sampled_from(["", "$", "€", "£", "$ "]), sign_after=st.sampled_from(["", "-"]),
+    number=st.integers(0, 10**7), commas=st.booleans(), fraction=st.sampled_from(["", ".5", ".25", ".0"]),
+    after=st.sampled_from(["", ".", " dollars", "%", ".\n", " apples.", ",", "\nThat is all."]))
+
+
+@given(text=answers_as_written, gold=st.integers(-10**7, 10**7))
+def test_final_numbers_are_read_as_gsm8k_evaluators_read_them(text, gold):
+    """A sign, a currency sign, thousands commas and a trailing period or word: is_correct agrees with a plain
+    reference parser (the number's value equals the gold one), and the parsed value is the written one."""
+    reference = reference_final_number(text)
+    assert tasks.is_correct(text, gold) == (reference is not None and reference == gold)
+    if reference is not None:
+        assert float(tasks.extract_answer(text)) == reference
+        assert tasks.is_correct(text, str(int(reference)) if reference.is_integer() else str(reference))
+
+
+@pytest.mark.parametrize("text,gold", [("#### $18", 18), ("#### $18.", 18), ("#### -$5", -5), ("#### $-5", -5),
+                                       ("#### 1,234.50.", "1234.5"), ("#### +7 apples", 7), ("#### €3", 3)])
+def test_gsm8k_answer_forms_are_rewarded(text, gold):
+    assert tasks.is_correct(text, gold)
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"question": "How many?", "answer": "She had 18 apples."}, "has no '####'"),
+    ({"question": "How many?", "answer": 18}, "has no '####'"),
+    ({"prompt": "How many?", "answer": "She had 18 apples."}, "is not a final answer"),
+])
+def test_a_row_with_no_final_answer_is_refused_naming_its_line(tmp_path, row, message):
+    """A GSM8K row whose answer lacks '####' would make its whole text the gold answer, which nothing can ever
+    match: an error naming file:line instead of a prompt that can never be rewarded."""
+    path = tmp_path / "gsm8k.jsonl"
+    tasks.write_jsonl(str(path), [{"question": "ok?", "answer": "1+1=2\n#### 2"}, row])
+    with pytest.raises(cli.UserError, match=f"gsm8k.jsonl:2: .*{message}"):
+        tasks.read_prompts(str(path))
+    tasks.write_jsonl(str(path), [{"question": "q", "answer": "no marker"}])
+    with pytest.raises(cli.UserError, match=r"gsm8k.jsonl:1: a GSM8K answer must end"):
+        tasks.read_demonstrations(str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Program synthesis rows: hidden "tests" read and checked, verify asks for every test
+# ----------------------------------------------------------------------------------------------
+
+def test_read_prompts_keeps_a_program_rows_tests_and_its_program_answer(tmp_path):
+    """A program row's answer is the reference program (spaces and all, never cut to one token) and its hidden
+    tests come through unchanged, so verify and program_score see them."""
+    path = tmp_path / "program.jsonl"
+    row = {"prompt": "f([3, 8]) = [8]. f(x) = ?\n", "answer": "[v for v in x if v > 4]",
+           "tests": [[[1, 9], [9]], [[5], [5]], [[], []]]}
+    tasks.write_jsonl(str(path), [row, {"prompt": "f(1) = 2. f(x) = ?\n", "answer": "x+1", "tests": [[4, 5]]}])
+    read = tasks.read_prompts(str(path))
+    assert read[0]["answer"] == row["answer"] and read[0]["tests"] == row["tests"] and read[1]["tests"] == [[4, 5]]
+    assert tasks.verify(f"#### {row['answer']}", read[0]) and not tasks.verify("#### [v for v in x if v > 5]", read[0])
+    assert tasks.program_score("#### [v for v in x if v > 5]", read[0]) == 2 / 3      # [5] -> [] is wrong
+
+
+@pytest.mark.parametrize("tests, index", [
+    (5, None), ([], None), ("[[1, 2]]", None), ([[1]], 0), ([[1, 2, 3]], 0), ([[1, 2], [1, "a"]], 1), ([[1, True]], 0),
+    ([[[1, [2]], 3]], 0), ([[2 ** 64, 1]], 0), ([[1.5, 1]], 0), ([[None, 1]], 0), ([{"in": 1, "out": 2}], 0),
+    ([[[0] * 10001, 1]], 0)])
+def test_read_prompts_refuses_malformed_tests_naming_file_line_and_the_test(tmp_path, tests, index):
+    path = tmp_path / "program.jsonl"
+    tasks.write_jsonl(str(path), [{"prompt": "p", "answer": "x", "tests": [[1, 1]]},
+                                  {"prompt": "q", "answer": "x", "tests": tests}])
+    where = "'tests'" if index is None else rf"'tests'\[{index}\]"
+    with pytest.raises(cli.UserError, match=rf"program.jsonl:2: {where}"):
+        tasks.read_prompts(str(path))
+
+
+@pytest.mark.parametrize("text, row, solved", [
+    ("#### x*x+1", {"answer": "x*x+1", "tests": [[0, 1], [2, 5], [-3, 10]]}, True),
+    ("#### x+1", {"answer": "x*x+1", "tests": [[0, 1], [2, 5], [-3, 10]]}, False),          # 1 of 3
+    ("#### 1+x*x\nmore", {"answer": "x*x+1", "tests": [[0, 1], [2, 5]]}, True),        # another program, same function
+    ("#### x*x+1", {"answer": "x*x+1", "numbers": [1], "tests": [[3, 10]]}, True),          # tests decide first
+    ("#### 10", {"answer": "10", "tests": [[3, 10]]}, True),                                # a constant program
+    ("#### import os", {"answer": "x", "tests": [[1, 1]]}, False),
+])
+def test_verify_solves_a_program_row_only_by_passing_every_hidden_test(text, row, solved):
+    assert tasks.verify(text, row) == solved
+    assert (tasks.program_score(text, row) == 1.0) == solved

