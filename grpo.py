@@ -544,7 +544,8 @@ def rft_sampling_command(args, steps: int) -> list:
     return stages.stage_command("synth.py", from_model=args.init, prompts=args.data,
                                 n_prompts=max(1, steps * args.prompts_per_step), k=args.group_size,
                                 temperature=args.temperature, max_new_tokens=args.max_new_tokens, keep_bare=True,
-                                out=os.path.join(args.out, "rft", "samples.jsonl"), seed=args.seed, device=args.device)
+                                system_prompt=args.system_prompt, out=os.path.join(args.out, "rft", "samples.jsonl"),
+                                seed=args.seed, device=args.device)
 
 
 def random_reward_command(args, mean: float) -> list:

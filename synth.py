@@ -85,6 +85,7 @@ class Args:
     n_examples: int = 1                      # examples printed per file
     # -- model-generated data: rejection sampling (--from-model) --------------------------------------
     from_model: str = ""                     # checkpoint to sample from; "" = write the synthetic files
+    system_prompt: str = ""                  # a system turn before every prompt sampled on ("" = the checkpoint's own)
     prompts: str = "data/rl_train.jsonl"     # prompt/answer JSONL (or GSM8K question/answer) to sample on
     n_prompts: int = 128                     # prompts drawn from --prompts
     k: int = 4                               # completions sampled per prompt
@@ -517,13 +518,20 @@ def worked_steps(problem: Problem, wrong=None):
     return STEP_WRITERS[problem.family](*problem.operands, wrong=wrong)
 
 
-def verify(completion: str, answer, numbers=None) -> bool:
+def verify(completion: str, answer, numbers=None, tests=None) -> bool:
     """The verifier of every family and every stage: the final answer after '####' equals the answer
     (tasks.is_correct) or, for a Countdown row (its allowed `numbers` given), the final expression uses
-    only those numbers and hits the answer (tasks.expression_hits_target); and no written step is
+    only those numbers and hits the answer (tasks.expression_hits_target), or, for a program row (its hidden
+    `tests` given), the program passes every test (lib/interpreter.py); and no written step is
     arithmetically wrong (tasks.completion_style)."""
-    row = {"answer": answer} if numbers is None else {"answer": answer, "numbers": numbers}
+    row = {"answer": answer, **({} if numbers is None else {"numbers": numbers}),
+           **({} if tests is None else {"tests": tests})}
     return tasks.verify(completion, row) and tasks.completion_style(completion) != "wrong_step"
+
+
+def verify_row(completion: str, row: dict) -> bool:
+    """verify() of a prompt row: its answer, and its Countdown numbers or program tests where it has them."""
+    return verify(completion, row["answer"], row.get("numbers"), row.get("tests"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -826,7 +834,7 @@ def filter_samples(rows: list[dict], samples: list[tuple], args: Args, rng: rand
     by_prompt = defaultdict(list)
     for i, text, finished in samples:
         style = tasks.completion_style(text)
-        if finished and verify(text, rows[i]["answer"], rows[i].get("numbers")) and (style == "worked" or args.keep_bare):
+        if finished and verify_row(text, rows[i]) and (style == "worked" or args.keep_bare):
             by_prompt[i].append((text, style))
     verified, unique = sum(map(len, by_prompt.values())), []
     for i, items in by_prompt.items():
@@ -867,7 +875,7 @@ def pass_rates(rows: list[dict], samples) -> dict:
     """Share of samples that verify(), per difficulty."""
     hits = defaultdict(list)
     for i, text, finished in samples:
-        hits[rows[i].get("difficulty", 0)].append(finished and verify(text, rows[i]["answer"], rows[i].get("numbers")))
+        hits[rows[i].get("difficulty", 0)].append(finished and verify_row(text, rows[i]))
     return {d: sum(v) / len(v) for d, v in sorted(hits.items())}
 
 
@@ -914,6 +922,8 @@ def from_model(args: Args) -> dict:
     summary still counts what the filter would have kept. -> the summary (counts, pass rates, distinct-n)."""
     device, rng = cli.get_device(args.device), random.Random(args.seed)
     policy, enc, _ = checkpoints.load(args.from_model, device)           # inputs first: a bad one writes nothing
+    if args.system_prompt:
+        tokenizer.set_system_prompt(enc, args.system_prompt)
     rows = read_sampling_prompts(args, enc, policy.config.block_size, rng)
     summary_file = summary_path(args)
     claim_folders(args.out, summary_file)                      # a second writer is refused before sampling
@@ -927,7 +937,7 @@ def from_model(args: Args) -> dict:
     counts["written"] = len(written)
     texts = [text for _, text, _ in samples]
     summary = {"args": asdict(args), "seconds": seconds, "counts": counts, "pass_rate": pass_rates(rows, samples),
-               "sampled_pass": sum(finished and verify(text, rows[i]["answer"], rows[i].get("numbers"))
+               "sampled_pass": sum(finished and verify_row(text, rows[i])
                                    for i, text, finished in samples)
                / len(samples),
                "distinct_n": {"samples": diversity(texts), "written": diversity([r["completion"] for r in written])}}

@@ -38,6 +38,7 @@ class Args:
     chat_template: str = "auto"   # auto|none|chatml|llama3: how turns are wrapped (auto: from the checkpoint)
     device: str = "auto"          # auto|cpu|cuda
     dtype: str = "float32"        # float32|bfloat16: the weights' precision
+    threads: int = 0              # torch CPU threads (0 = torch's default; 1 is often faster on a busy machine)
 
 
 def fit_context(enc, messages: list[dict], block_size: int, max_new_tokens: int) -> tuple[list[int], int]:
@@ -85,11 +86,13 @@ def main(argv=None) -> None:
     args = cli.parse_args(Args, argv, description=__doc__)
     if not args.checkpoint:
         raise cli.UserError("chat needs --checkpoint PATH (a .pt checkpoint, a Hugging Face folder or a .gguf file)")
-    cli.check_options(args, positive=("max_new_tokens",), temperature=("temperature",), non_negative=("top_k",),
-                      seed=("seed",))
+    cli.check_options(args, positive=("max_new_tokens",), temperature=("temperature",),
+                      non_negative=("top_k", "threads"), seed=("seed",))
     if not 0 < args.top_p <= 1:
         raise cli.UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     cli.check_choices(args, chat_template=("auto", *tokenizer.CHAT_FORMATS), dtype=tuple(cli.DTYPES))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = cli.get_device(args.device)         # checkpoints.load says "loading PATH ..." before a slow load
     model, enc, _ = checkpoints.load(args.checkpoint, device, cli.DTYPES[args.dtype], args.chat_template)
     model.eval()

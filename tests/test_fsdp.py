@@ -412,7 +412,8 @@ def test_torchrun_sft_fsdp_on_a_time_budget_exits_0_with_one_writer(tmp_path):
     update starts from the same weights as one process's: the same loss and gradient norm, which a
     gradient averaged instead of summed over the ranks (half the norm) would not give."""
     write_sft_data(str(tmp_path))
-    args = sft_args(str(tmp_path), "run", max_steps=0, time_budget=0.01, eval_every=0, fsdp=True, dropout=0.0)
+    args = sft_args(str(tmp_path), "run", max_steps=0, time_budget=0.01, eval_every=0, fsdp=True, dropout=0.0,
+                    keep_state=False)                       # finished: model.pt alone, no resume.pt
     argv = stages.stage_command("sft.py", **{k: v for k, v in vars(args).items() if k not in ("init", "resume")})[1:]
     done = torchrun("sft.py", argv, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

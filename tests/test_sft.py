@@ -675,10 +675,16 @@ def test_default_paths_are_written_only_in_args():
 
 
 def test_a_time_budget_alone_ends_the_run(tmp_path):
-    """--max-steps 0 --time-budget M (the control's command): progress is train time / budget; the run
-    stops once M minutes of training have passed."""
-    results = sft.run(tiny_args(tmp_path, max_steps=0, time_budget=0.002))
-    assert results["steps"] >= 1 and results["train_minutes"] >= 0.002
+    """--max-steps 0 --time-budget M (the control's command): the run ends at the step boundary nearest M
+    minutes of training: after the first step whose end, counted as t + (its duration) / 2, reaches M, and not
+    before (every earlier step's t + duration / 2 fell short). Read from the per-step train rows."""
+    budget = 0.002
+    results = sft.run(tiny_args(tmp_path, max_steps=0, time_budget=budget))
+    t = [r["train_minutes"] for r in tasks.read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    durations = [b - a for a, b in zip([0.0] + t, t)]
+    assert results["steps"] == len(t) >= 1 and results["train_minutes"] == t[-1]
+    assert t[-1] + durations[-1] / 2 >= budget
+    assert all(end + step / 2 < budget for end, step in zip(t[:-1], durations[:-1]))
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "synth.py")), reason="synth.py is not written yet")

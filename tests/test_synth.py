@@ -371,6 +371,7 @@ def test_from_model_writes_only_verified_rows(tmp_path, monkeypatch):
     kept = tasks.read_jsonl(str(out))
     assert all(S.verify(r["completion"], r["answer"]) and r["source"] == "model" for r in kept)
     assert result["counts"]["verified"] == 6 and result["counts"]["deduplicated"] == 3   # k copies -> 1
+    assert not (tmp_path / ".lock").exists() and not (data / ".lock").exists()   # no lock file left behind
 
 
 def test_defaults_come_from_model_py():
@@ -815,3 +816,12 @@ def test_a_bad_program_option_is_one_line_exit_2_and_writes_nothing(tmp_path, ca
     code, err = run_cli(program_argv(tmp_path, *bad), capsys)
     assert_one_line_error(code, err, names)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rejection_sampling_verifies_a_program_row_by_its_hidden_tests():
+    """synth.py --from-model on program rows (the RFT control on the code task): a sample is kept only when its
+    program passes every hidden test; one that passes some is not, whatever its text says."""
+    row = {"prompt": "f(1) = 2. f(x) = ?", "answer": "x+1", "tests": [[1, 2], [5, 6], [-3, -2]]}
+    assert S.verify_row("#### 1+x", row) and S.verify_row("#### x+1", row)
+    assert not S.verify_row("#### x*2", row) and not S.verify_row("#### 2", row)     # 1 of 3, then 0 of 3
+    assert S.verify_row("#### 7", {"answer": "7"}) and not S.verify_row("#### 7", {"answer": "8"})
