@@ -516,19 +516,21 @@ def start_command(args) -> list:
     return stages.stage_command("sft.py", threads=args.threads)
 
 
-def control_command(args, minutes: float, start_args: dict) -> list:
+def control_command(args, minutes: float, start_args: dict, data: str = "", out: str = "") -> list:
     """The equal-time control: SFT continued from the same start checkpoint, on the same demonstrations,
     for the same wall-clock training minutes GRPO took, in the same chat format, system prompt, precision and
     LoRA rank, at the batch size, micro-batch and learning rate that made the start (`start_args`, the sft.py
-    arguments saved in its checkpoint; --control-lr overrides the rate), else at sft.py's own defaults."""
+    arguments saved in its checkpoint; --control-lr overrides the rate), else at sft.py's own defaults. The RFT
+    arm trains the same way on other `data` into another `out`."""
     start = {k: start_args[k] for k in ("batch_size", "micro_batch", "lr") if type(start_args.get(k)) in (int, float)}
     if args.control_lr > 0:
         start["lr"] = args.control_lr
     lora = {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha} if args.lora_rank else {}
-    return stages.stage_command("sft.py", init=args.init, data=args.sft_data, test_data=args.sft_test_data,
+    return stages.stage_command("sft.py", init=args.init, data=data or args.sft_data, test_data=args.sft_test_data,
                                 eval_data=args.eval_data, n_eval=args.n_eval_during, eval_minutes=args.eval_minutes,
                                 eval_every=0, max_new_tokens=args.max_new_tokens, time_budget=f"{minutes:.4f}",
-                                max_steps=0, out=os.path.join(args.out, "control"), seed=args.seed, device=args.device,
+                                max_steps=0, out=out or os.path.join(args.out, "control"), seed=args.seed,
+                                device=args.device,
                                 threads=args.threads, chat_template=args.chat_template, dtype=args.dtype,
                                 system_prompt=args.system_prompt, grad_checkpoint=args.grad_checkpoint,
                                 compile_train=args.compile_train, **start, **lora)
@@ -577,10 +579,8 @@ def rft_arm(args, results) -> tuple:
     if not os.path.exists(samples) or left <= 0:
         print(f"rft: {'no verified sample' if left > 0 else 'no time left after sampling'}; the arm is the start")
         return args.init, sampling
-    command = control_command(args, left, results["start_args"])
-    command[command.index("--data") + 1] = samples
-    command[command.index("--out") + 1] = os.path.join(args.out, "rft")
-    stages.run_stage(command)
+    stages.run_stage(control_command(args, left, results["start_args"], data=samples,
+                                     out=os.path.join(args.out, "rft")))
     path = os.path.join(args.out, "rft", "model.pt")
     return path, sampling + checkpoints.load(path)[2]["meta"]["train_seconds"] / 60
 
@@ -957,10 +957,7 @@ def plot(results: dict, args) -> None:
 def main(argv=None):
     args = cli.parse_args(Args, argv)
     if not args.fresh_start and checkpoints.is_pretrained(args.init):
-        args = cli.parse_args(Args, argv, defaults=PRETRAINED_DEFAULTS)
-        print(f"--init {args.init} is a pretrained model: its defaults are " + " ".join(
-            f"--{k.replace('_', '-')} {v:g}" for k, v in PRETRAINED_DEFAULTS.items() if getattr(args, k) == v)
-            + " (docs/real_models.md; an option given here wins)", flush=True)
+        args = checkpoints.args_for_pretrained(Args, argv, PRETRAINED_DEFAULTS)
     results = train(args)
     if not results:          # a non-zero rank under torchrun
         return results

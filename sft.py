@@ -730,10 +730,7 @@ def main(argv=None):
             raise cli.UserError("--resume continues the run in --out; it cannot be combined with --init")
         args = resumed_args(args, argv)
     elif args.init and checkpoints.is_pretrained(args.init):
-        args = cli.parse_args(Args, argv, defaults=PRETRAINED_DEFAULTS)
-        print(f"--init {args.init} is a pretrained model: its defaults are " + " ".join(
-            f"--{k.replace('_', '-')} {v:g}" for k, v in PRETRAINED_DEFAULTS.items() if getattr(args, k) == v)
-            + " (docs/real_models.md; an option given here wins)", flush=True)
+        args = checkpoints.args_for_pretrained(Args, argv, PRETRAINED_DEFAULTS)
     run(args)
 
 

@@ -83,6 +83,16 @@ def is_pretrained(path: str) -> bool:
         return False
 
 
+def args_for_pretrained(cls, argv, defaults: dict):
+    """A stage's arguments when --init is a pretrained model: `defaults` (its PRETRAINED_DEFAULTS) replace the
+    tiny model's, an option given on the command line still wins, and one line says which took effect."""
+    args = cli.parse_args(cls, argv, defaults=defaults)
+    print(f"--init {args.init} is a pretrained model: its defaults are " + " ".join(
+        f"--{k.replace('_', '-')} {v:g}" for k, v in defaults.items() if getattr(args, k) == v)
+        + " (docs/real_models.md; an option given here wins)", flush=True)
+    return args
+
+
 def require_settings_for_pretrained(path: str, args, names: tuple) -> None:
     """After a pretrained --init `path` has loaded: the options `names` still at the stage's defaults, which are
     sized for this project's 0.8M-parameter model (an lr 20-40 times too large, thousands of steps), are a
