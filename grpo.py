@@ -25,7 +25,7 @@ SFT start from sft.py), trains with GRPO for a fixed number of steps, then runs 
 keeps the comparison honest: SFT continued from the byte-identical start on the same demonstrations
 for the same wall-clock minutes that GRPO took (sft.py as a subprocess). It ends with one table for
 the SFT start, GRPO and the control, all evaluated by the same function on the same held-out prompts.
-Two more controls, for the same minutes: rejection-sampling fine-tuning (rft) and GRPO on a random reward.
+Two more controls: rejection-sampling fine-tuning (rft) for the same minutes, and GRPO's own steps on a random reward.
 
     python grpo.py                                   # the headline: GRPO vs its SFT start vs more SFT
     python grpo.py --controls sft,rft,random         # and vs RFT, and vs GRPO on a reward that carries nothing
@@ -92,7 +92,7 @@ class Args:
     eval_minutes: float = 1.0              # training minutes between periodic evals
     pass_k: int = 4                        # samples per prompt for sampled accuracy and pass@k
     control: bool = True                   # run the control arms (--controls) and add them to the table
-    controls: str = "sft"                  # arms for GRPO's minutes: sft (more SFT), rft (rejection sampling), random
+    controls: str = "sft"                  # arms: sft (more SFT), rft (rejection sampling) for GRPO's minutes; random
     random_reward_mean: float = 0.5        # P(reward 1) of the `random` reward (the random arm sets the start's)
     png: bool = True                       # write a PNG plot when matplotlib is installed
     control_lr: float = 0.0                # the control's peak learning rate (0 = sft.py's default; give the SFT start's for a real model)
