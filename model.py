@@ -713,15 +713,18 @@ def decode_one_token(model: GPT, token, position, cache: KVCache, slot=None):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, stop_ids=(BYTE_EOT_ID,), pad_id: int = BYTE_PAD_ID,
-             generator=None, compile: bool | None = None, compact: bool = True, check_every: int = 0) -> Generation:
+             generator=None, compile: bool | str | None = None, compact: bool = True, check_every: int = 0) -> Generation:
     """Batched sampling with a static KV cache: prefill the left-padded prompts in one forward (each distinct
     prompt once; its samples copy its cache rows), then decode one token per row per step (Decoder), attending
     to the written slots only when the step runs eagerly. Pads form their own document and positions start at
     each row's first real token, so a row samples as it would alone. A row stops at its first stop id (the
     defaults are the byte tokenizer's; pass enc-specific ids).
 
-    compile: the Decoder's compiled step; None = on CUDA (a CUDA graph: same tokens, a fraction of the launch
-    cost), not on a CPU (inductor's first compile takes about a minute there, more than it saves in a run).
+    compile: the Decoder's mode: "eager", "cuda_graph" or "inductor" (see Decoder), or True (cuda_graph on CUDA,
+    inductor on a CPU), False (eager), None (the default: True on CUDA, False on a CPU). On CUDA the default stays
+    the hand-captured graph of the eager step until a GPU measurement shows inductor's faster at GRPO's shapes
+    (docs/performance.md; inductor compiles anew for each batch size). On a CPU inductor's first compile takes
+    about a minute, more than it saves in a run.
     compact: once at most half of the rows are still running, the finished ones are dropped from the batch
     and the cache (they would otherwise keep costing a full row of work per step). check_every: steps
     between checks of which rows are done (each check makes a GPU wait for the CPU; 0 = every step on a
@@ -741,6 +744,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
         prefill_row = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
         tokens, mask = padded_batch(list(distinct), pad_id, side="left", device=device)
         positions, doc_ids = left_pad_inputs(mask)
+        # None: the hand-captured CUDA graph on CUDA (not inductor, until a GPU measurement says so), eager on a CPU
         decoder = Decoder(model, device.type == "cuda" if compile is None else compile)
         cache_type = DenseKVCache if decoder.mode == "eager" else KVCache      # eager: the denser layout
         cache = cache_type(model.config, len(distinct), P + max_new_tokens, device)
@@ -881,41 +885,55 @@ def decode_attention(q, k, v, mask):
     return y.reshape(B, H, 1, d)
 
 
-DECODE_BACKEND = "inductor"   # torch.compile backend of the CPU decode step (tests swap in "aot_eager")
+DECODE_BACKEND = "inductor"   # torch.compile backend of the "inductor" decode step (tests swap in "aot_eager")
+DECODE_MODES = ("eager", "cuda_graph", "inductor")
 
 
 class Decoder:
-    """The decode step generate runs max_new_tokens times: decode_one_token, eager or (FAST PATH) compiled.
-    Prefill (the prompt, once) stays a plain forward.
+    """The decode step generate runs max_new_tokens times: decode_one_token, eager or (FAST PATH) fused.
+    Prefill (the prompt, once) stays a plain forward. The modes, each tested to give the eager step's greedy
+    tokens and sampling log-probs:
 
-    compile=False: eager PyTorch.
-    compile=True:  on CUDA the step is captured as a CUDA graph (one per batch size, re-captured when
-                   finished rows are dropped) and replayed, so a step costs one launch instead of a few
-                   hundred (decoding a small model at small batch is launch-bound); on a CPU it is compiled
-                   with torch.compile (inductor). Both compute what the eager step computes; tests check
-                   that greedy tokens and sampling log-probs agree. A mixture-of-experts FFN routes with
-                   data-dependent shapes, so it always decodes eagerly."""
+    eager:       eager PyTorch; attention reads the written slots only.
+    cuda_graph:  (CUDA) the eager step captured as a CUDA graph (one per batch size, re-captured when finished
+                 rows are dropped) and replayed: one launch per step instead of a few hundred (a small model
+                 decoding a small batch is launch-bound). The default on CUDA.
+    inductor:    the step compiled by torch.compile (inductor): the norms, RoPE, activations, mask and cache
+                 writes fuse into a few kernels between the matmuls. On CUDA the compiled step is then captured
+                 in the same hand-made CUDA graph, as vLLM does (inductor fuses, the graph removes the launches),
+                 so it is cuda_graph with fewer kernels; on a CPU it is called as it is. Each batch size compiles
+                 anew (dynamic=False: the fastest kernels), about a minute the first time, which is why it is not
+                 the default for rollouts whose batch shrinks as rows finish.
+    compile=True picks cuda_graph on CUDA and inductor on a CPU; False, eager. A mixture-of-experts FFN routes
+    with data-dependent shapes, so it always decodes eagerly. Not torch.compile(mode="reduce-overhead"): its
+    CUDA graphs skip a step that writes into its inputs (the cache) unless each buffer is marked with
+    torch._dynamo.mark_static_address, and re-record on their own terms; one capture serves both modes here."""
 
-    def __init__(self, model: GPT, compile: bool = False):
+    def __init__(self, model: GPT, compile: bool | str = False):
         self.model = model
-        self.mode = "eager"
-        if compile and model.config.ffn != "moe":
-            self.mode = "cuda_graph" if model.wte.weight.device.type == "cuda" else "inductor"
+        cuda = model.wte.weight.device.type == "cuda"
+        mode = {True: "cuda_graph" if cuda else "inductor", False: "eager"}.get(compile, compile)
+        if mode not in DECODE_MODES or (mode == "cuda_graph" and not cuda):
+            raise ValueError(f"compile={compile!r}: True, False or one of {DECODE_MODES} (cuda_graph needs CUDA)")
+        self.mode = "eager" if model.config.ffn == "moe" else mode
         self.graph = None
-        self.compiled = torch.compile(self.step, dynamic=False, backend=DECODE_BACKEND) if self.mode == "inductor" else None
+        self.fixed_shape_step = self.step             # the step at fixed shapes, the slot a tensor: what is captured
+        if self.mode == "inductor":
+            self.fixed_shape_step = torch.compile(self.step, dynamic=False, backend=DECODE_BACKEND)
 
     def step(self, token, position, slot, cache: KVCache):
         return decode_one_token(self.model, token, position, cache, slot)
 
     def __call__(self, token, position, slot: int, cache: KVCache):
-        if self.mode == "inductor":
-            logits = self.compiled(token, position, torch.tensor([slot], device=token.device), cache)
-        elif self.mode == "cuda_graph":
+        if self.mode != "eager" and token.is_cuda:
             try:
                 logits = self.replay(token, position, slot, cache)
-            except RuntimeError as e:       # a capture this device or op cannot do: decode eagerly instead
-                print(f"note: CUDA graph capture failed ({str(e).splitlines()[0][:120]}); decoding eagerly", flush=True)
+            except RuntimeError as e:       # a compile or capture this device or op cannot do: decode eagerly instead
+                print(f"note: {self.mode} decode step failed ({str(e).splitlines()[0][:120]}); decoding eagerly",
+                      flush=True)
                 self.mode, self.graph = "eager", None
+        elif self.mode == "inductor":
+            logits = self.fixed_shape_step(token, position, torch.tensor([slot], device=token.device), cache)
         if self.mode == "eager":            # the slot as cache.length: attention reads the written slots only
             cache.length = slot
             logits = self.step(token, position, None, cache)
@@ -923,19 +941,20 @@ class Decoder:
         return logits
 
     def replay(self, token, position, slot: int, cache: KVCache):
-        """CUDA graph: static input buffers, captured once per batch size (after warm-up on a side stream),
-        then replayed with this step's inputs copied in. The cache's buffers are fixed addresses."""
+        """CUDA graph: static input buffers, captured once per batch size (after warm-up on a side stream, where an
+        inductor step compiles and tunes its kernels), then replayed with this step's inputs copied in. The
+        cache's buffers are fixed addresses."""
         if self.graph is None or self.graph_batch != token.shape[0] or self.graph_cache is not cache.k[0]:
             self.inputs = (token.clone(), position.clone(), torch.tensor([slot], device=token.device))
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):     # warm-up: writes this slot, which the real replay overwrites
-                    self.step(*self.inputs, cache)
+                    self.fixed_shape_step(*self.inputs, cache)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.outputs = self.step(*self.inputs, cache)
+                self.outputs = self.fixed_shape_step(*self.inputs, cache)
             self.graph_batch, self.graph_cache = token.shape[0], cache.k[0]
         self.inputs[0].copy_(token)
         self.inputs[1].copy_(position)

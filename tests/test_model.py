@@ -16,6 +16,7 @@ import io
 import itertools
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -704,6 +705,68 @@ def test_model_benchmark_lora_mode_prints_full_and_lora_side_by_side():
         assert float(lines[quantity][-1]) == pytest.approx(ratio, abs=1e-4)
 
 
+@pytest.mark.parametrize("tie, pos, dtype", [(True, "rope", torch.float32), (False, "learned", torch.bfloat16)])
+def test_decode_bytes_per_token_reads_each_weight_once_the_head_whole_an_embedding_row_and_the_cache(tie, pos, dtype):
+    """The bandwidth bound's bytes (tests/bench_vs_transformers.py) written out from the config: per layer q
+    (C x H d), kv (C x 2 Hkv d), proj (H d x C), the FFN's three C x F matrices and two norms; the final norm;
+    the LM head (V x C) whole, tied or not; per row of the batch one C-row of each embedding table and the keys
+    and values of L layers over the context; every element in the weights' dtype on a CPU."""
+    import bench_vs_transformers as bench
+    C, H, Hkv, F, L, V = 32, 4, 2, 48, 3, 300
+    cfg = M.Config(vocab_size=V, n_layer=L, n_embd=C, n_head=H, n_kv_head=Hkv, ffn_hidden=F, tie_embeddings=tie,
+                   pos=pos)
+    model = M.GPT(cfg).to(dtype)
+    size, d, tables = (4 if dtype == torch.float32 else 2), C // H, (2 if pos == "learned" else 1)
+    weights = L * (C * H * d + C * 2 * Hkv * d + H * d * C + 3 * C * F + 2 * C) + C + V * C
+    for batch, context in ((1, 10), (8, 24.5)):
+        per_step = (weights + batch * (tables * C + 2 * L * Hkv * d * context)) * size
+        assert bench.decode_bytes_per_token(model, batch, context) == pytest.approx(per_step / batch)
+
+
+def table_rows(text: str, shape: str) -> list:
+    """The cells of every markdown table row of `shape` in text."""
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {shape} |")]
+
+
+def test_bench_vs_transformers_prints_its_three_tables_at_a_tiny_size(tmp_path, capsys, monkeypatch):
+    """tests/bench_vs_transformers.py end to end on a CPU: one layer of the default shape, aot_eager in place of
+    inductor (seconds, not minutes). A decode row per batch and decoder; the fused step's greedy tokens equal the
+    eager step's on the timed weights and in fp32; each share of the bound is tok/s x bytes per token / bandwidth,
+    recomputed from the printed figures; the training rows and the GRPO split; --out holds the same tables."""
+    pytest.importorskip("transformers", reason="transformers is the other side of the benchmark")
+    import bench_vs_transformers as bench
+    compile_blocks = M.GPT.compile_blocks
+    monkeypatch.setattr(M, "DECODE_BACKEND", "aot_eager")
+    monkeypatch.setattr(M.GPT, "compile_blocks", lambda model: compile_blocks(model, backend="aot_eager"))
+    out = tmp_path / "tables.md"
+    bench.main(["--shapes", "default", "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--gen-batches", "1,3",
+                "--gen-tokens", "6", "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr().out
+    bandwidth = float(re.search(r"bound = copy bandwidth ([\d,.]+) GB/s", printed)[1].replace(",", "")) * 1e9
+    decode = [row for row in table_rows(printed, "default") if len(row) == 12]
+    decoders = ("eager", "inductor", "transformers")
+    assert [(row[1], row[2]) for row in decode] == [(batch, name) for batch in ("1", "3") for name in decoders]
+    for _, _, name, speed, _, step, mb, bound, share, step_share, same_timed, same_fp32 in decode:
+        speed, mb, bound = float(speed.replace(",", "")), float(mb), float(bound.replace(",", ""))
+        assert speed > 0 and bound == pytest.approx(bandwidth / (mb * 1e6), rel=0.02)
+        assert float(share[:-1]) / 100 == pytest.approx(speed * mb * 1e6 / bandwidth, rel=0.02, abs=6e-4)
+        if name == "inductor":
+            assert same_timed == same_fp32 == "True"
+            assert float(step_share[:-1]) / 100 == pytest.approx(float(step.replace(",", "")) * mb * 1e6 / bandwidth,
+                                                                  rel=0.02, abs=6e-4)
+    training = [row for row in table_rows(printed, "default") if len(row) == 6]
+    assert [row[1] for row in training] == ["transformers", "ours, eager", "ours, compiled blocks"]
+    assert all(float(row[2].replace(",", "")) > 0 for row in training)
+    [grpo_row] = [row for row in table_rows(printed, "default") if len(row) == 8]
+    assert grpo_row[1] == "32 x 8" and all(float(seconds) >= 0 for seconds in grpo_row[4:])
+    written = [line for line in out.read_text().splitlines() if line.startswith("|")]
+    assert written == [line for line in printed.splitlines() if line.startswith("|")] and len(written) == 6 + 3 + 1 + 6
+    from lib import cli
+    with pytest.raises(cli.UserError, match="--gen-tokens >= 4"):
+        bench.main(["--gen-tokens", "3", "--device", "cpu"])
+
+
 def test_python_model_py_alone_fits_a_paragraph_and_generates_what_recomputation_generates(tmp_path):
     """model.py copied alone into an empty folder (no lib/, no other file) runs its demonstration: the loss
     falls, and greedy decoding with the KV cache gives the tokens recomputing the whole sequence gives."""
@@ -766,6 +829,67 @@ def test_compiled_decode_step_is_traced_once_for_a_rollout_of_one_batch_size():
         M.generate(tiny_model(seed=11), RAGGED_PROMPTS, 12, temperature=1.0, stop_ids=(), compile=True,
                    generator=torch.Generator().manual_seed(0))
     assert counter.frame_count == 1
+
+
+def test_decoder_mode_comes_from_compile_and_what_a_device_cannot_run_is_refused():
+    """compile=True is cuda_graph on CUDA and inductor on a CPU, False is eager, a mode's name is that mode; a
+    mixture-of-experts FFN decodes eagerly whatever is asked; an unknown name, or cuda_graph without CUDA, is
+    refused before any decoding."""
+    model = tiny_model(seed=11)
+    for compile, mode in ((True, "inductor"), (False, "eager"), ("eager", "eager"), ("inductor", "inductor")):
+        assert M.Decoder(model, compile).mode == mode
+    assert M.Decoder(tiny_model(seed=11, ffn="moe"), "inductor").mode == "eager"
+    for bad in ("cuda_graph", "reduce-overhead", "", None):
+        with pytest.raises(ValueError, match="compile="):
+            M.Decoder(model, bad)
+    with pytest.raises(ValueError, match="cuda_graph needs CUDA"):
+        M.generate(model, RAGGED_PROMPTS, 2, compile="cuda_graph")
+
+
+def fused_and_eager_runs(model, device, mode, temperature, stop_ids=(), seed=7):
+    """generate's output with the decode step in `mode` and with the eager step, from the same generator seed."""
+    return [M.generate(model, STOP_PROMPTS, 10, temperature=temperature, stop_ids=stop_ids, compile=compile,
+                       generator=torch.Generator(device).manual_seed(seed)) for compile in (mode, "eager")]
+
+
+def test_generate_takes_the_decoder_mode_by_name_and_inductor_drops_finished_rows_as_eager_does():
+    """generate(compile="inductor") decodes as the eager step does (backend aot_eager): the same greedy tokens,
+    and sampled tokens and log-probs; with stop ids, rows that finish are dropped from the batch and the compiled
+    step is traced again for each smaller batch (dynamic=False), and tokens, lengths and flags still equal eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    model = tiny_model(seed=20)
+    stop = stop_ids_for(model, STOP_PROMPTS, 10)
+    for temperature, stop_ids in ((0.0, ()), (1.0, ()), (0.0, stop)):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        with unittest.mock.patch.object(M, "DECODE_BACKEND", counter):
+            fused, eager = fused_and_eager_runs(model, "cpu", "inductor", temperature, stop_ids)
+        assert torch.equal(fused.tokens, eager.tokens) and torch.equal(fused.lengths, eager.lengths)
+        assert torch.equal(fused.finished, eager.finished)
+        close(fused.logprobs, eager.logprobs)
+        assert counter.frame_count == (1 if not stop_ids else 2)   # a trace per batch size: 6 rows, then one compaction
+    assert eager.finished.sum() >= 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CUDA graph and inductor paths)")
+@pytest.mark.parametrize("mode", ["cuda_graph", "inductor"])
+@pytest.mark.parametrize("config", list(DECODE_CONFIGS))
+def test_fused_cuda_decode_steps_give_the_eager_tokens_and_logprobs_in_fp32(config, mode, monkeypatch, capsys):
+    """fp32 weights with autocast off, so the fused steps differ from the eager one at most in the order of fp32
+    sums: inductor's compiled step captured in a CUDA graph, and the eager step captured, each give the eager
+    step's greedy tokens, and its sampled tokens and log-probs (the uniforms are drawn outside the graph, from one
+    generator); with stop ids, the graphs are captured (and inductor compiles) again for each smaller batch and
+    tokens, lengths and flags still agree. No step fell back to eager (generate says so when one does)."""
+    monkeypatch.setattr(M, "autocast", lambda device: contextlib.nullcontext())
+    torch._dynamo.reset()
+    model = tiny_model(seed=20, **DECODE_CONFIGS[config]).cuda()
+    stop = stop_ids_for(model, STOP_PROMPTS, 10)
+    for temperature, stop_ids in ((0.0, ()), (1.0, ()), (0.0, stop)):
+        fused, eager = fused_and_eager_runs(model, "cuda", mode, temperature, stop_ids)
+        assert torch.equal(fused.tokens, eager.tokens) and torch.equal(fused.lengths, eager.lengths)
+        assert torch.equal(fused.finished, eager.finished)
+        torch.testing.assert_close(fused.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
+    assert "decoding eagerly" not in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CUDA graph path)")
