@@ -330,6 +330,7 @@ class Rollout:
     rewards: torch.Tensor        # (P, G)
     correct: torch.Tensor        # (P, G) 1 if the answer is right
     lengths: torch.Tensor        # (N,) completion tokens
+    prompt_lengths: torch.Tensor # (N,) prompt tokens (in the chat format)
     truncated: torch.Tensor      # (N,) cut by max_new_tokens (not ended with EOS)
     texts: list
     score_s: float = 0.0         # seconds spent computing rewards
@@ -363,8 +364,8 @@ def rollout(policy, enc, rows, args, weights, generator) -> Rollout:
         mask[i, start - 1:start - 1 + n] = 0.0 if (args.mask_truncated and truncated[i]) else 1.0
         old_logprobs[i, start - 1:start - 1 + n] = sampled_logprobs[i, :n]
     P = len(rows)
-    return Rollout(tokens, mask, old_logprobs, rewards.view(P, G), correct.view(P, G), lengths, truncated, texts,
-                   score_s)
+    return Rollout(tokens, mask, old_logprobs, rewards.view(P, G), correct.view(P, G), lengths,
+                   torch.tensor([len(p) for p in prompts]), truncated, texts, score_s)
 
 
 def select_groups(batch: Rollout, keep) -> Rollout:
@@ -372,7 +373,7 @@ def select_groups(batch: Rollout, keep) -> Rollout:
     G = batch.rewards.shape[1]
     rows = keep.repeat_interleave(G)
     return Rollout(batch.tokens[rows], batch.mask[rows], batch.old_logprobs[rows], batch.rewards[keep],
-                   batch.correct[keep], batch.lengths[rows], batch.truncated[rows],
+                   batch.correct[keep], batch.lengths[rows], batch.prompt_lengths[rows], batch.truncated[rows],
                    [text for text, kept in zip(batch.texts, rows.tolist()) if kept], batch.score_s)
 
 
@@ -384,7 +385,8 @@ def concat_rollouts(a: Rollout, b: Rollout, pad: int) -> Rollout:
                    torch.cat([pad_to(a.mask, T - 1, 0.0), pad_to(b.mask, T - 1, 0.0)]),
                    torch.cat([pad_to(a.old_logprobs, T - 1, 0.0), pad_to(b.old_logprobs, T - 1, 0.0)]),
                    torch.cat([a.rewards, b.rewards]), torch.cat([a.correct, b.correct]),
-                   torch.cat([a.lengths, b.lengths]), torch.cat([a.truncated, b.truncated]), a.texts + b.texts,
+                   torch.cat([a.lengths, b.lengths]), torch.cat([a.prompt_lengths, b.prompt_lengths]),
+                   torch.cat([a.truncated, b.truncated]), a.texts + b.texts,
                    a.score_s + b.score_s)
 
 
@@ -399,7 +401,8 @@ def collect_rollouts(policy, enc, next_prompts, n_prompts: int, args, weights, g
     -> (batch, seen) where `seen` holds every sampled group's rewards and correctness (for logging)."""
     batch = rollout(policy, enc, next_prompts(n_prompts), args, weights, generator)
     seen = {"rewards": [batch.rewards.flatten()], "correct": [batch.correct.flatten()],
-            "frac_zero_var": constant_groups(batch.rewards).float().mean().item()}
+            "frac_zero_var": constant_groups(batch.rewards).float().mean().item(),
+            "sampled_tokens": int(batch.lengths.sum())}
     if dynamic_sampling:
         batch = select_groups(batch, ~constant_groups(batch.rewards))
         for _ in range(args.refill_rounds):
@@ -409,6 +412,7 @@ def collect_rollouts(policy, enc, next_prompts, n_prompts: int, args, weights, g
             extra = rollout(policy, enc, next_prompts(missing), args, weights, generator)
             seen["rewards"].append(extra.rewards.flatten())
             seen["correct"].append(extra.correct.flatten())
+            seen["sampled_tokens"] += int(extra.lengths.sum())
             batch = concat_rollouts(batch, select_groups(extra, ~constant_groups(extra.rewards)), tokenizer.pad_id(enc))
     seen["rewards"], seen["correct"] = torch.cat(seen["rewards"]), torch.cat(seen["correct"])
     return batch, seen
@@ -812,7 +816,8 @@ def budget_spent(args, step: int, train_s: float, device, ddp: bool) -> bool:
 
 def log_step(setup: Setup, state: RunState, batch: Rollout, seen: dict, stats: dict, **seconds) -> None:
     """One "train" row: what the rollouts earned (every sampled group, dropped ones too), what the update
-    did (stats), and where the step's seconds went (gen_s, score_s, adv_s, update_s, step_s)."""
+    did (stats), where the step's seconds went (gen_s, score_s, adv_s, update_s, step_s), and its tokens: sampled
+    (completions) and trained (prompt and completion tokens predicted in the update, each epoch counted)."""
     N = batch.tokens.shape[0]
     state.history["reward"].append(seen["rewards"].mean().item())
     setup.logger.log(state.step, kind="train", train_minutes=state.train_s / 60,
@@ -825,6 +830,8 @@ def log_step(setup: Setup, state: RunState, batch: Rollout, seen: dict, stats: d
                      gen_s=seconds["gen_s"], score_s=batch.score_s, adv_s=seconds["adv_s"],
                      update_s=seconds["update_s"], step_s=seconds["step_s"],
                      tokens_per_s=float(batch.lengths.sum()) / seconds["step_s"] if N else 0.0,
+                     sampled_tokens=seen["sampled_tokens"],       # every completion token sampled, dropped groups too
+                     trained_tokens=setup.args.update_epochs * int((batch.prompt_lengths + batch.lengths - 1).sum()),
                      peak_mem_mb=rundir.peak_memory_mb(setup.device), **stats)
 
 
@@ -872,6 +879,8 @@ def finish(setup: Setup, state: RunState, start_eval: dict) -> dict:
                    "params_by_role": setup.params_by_role, "peak_mem_mb": rundir.peak_memory_mb(device),
                    "sec_per_step": mean("step_s"),
                    "time_split": {k: mean(k) for k in ("gen_s", "score_s", "adv_s", "update_s")},
+                   "sampled_tokens": sum(r["sampled_tokens"] for r in train_rows),
+                   "trained_tokens": sum(r["trained_tokens"] for r in train_rows),
                    "start_accuracy": start_eval["greedy"], "final_accuracy": end_eval["greedy"],
                    "start_args": setup.start_args}
     setup.logger.close()

@@ -853,22 +853,24 @@ def filter_samples(rows: list[dict], samples: list[tuple], args: Args, rng: rand
 
 @torch.no_grad()
 def sample_completions(policy, enc, prompts: list[str], k: int, temperature: float, max_new_tokens: int,
-                       batch_size: int, generator=None) -> list[tuple[int, str, bool]]:
+                       batch_size: int, generator=None) -> tuple[list[tuple[int, str, bool]], int]:
     """k completions per prompt with model.generate, batch_size sequences per call.
-    -> [(prompt index, completion text, finished)], finished=False: cut by max_new_tokens."""
+    -> ([(prompt index, completion text, finished)], completion tokens sampled); finished=False: cut by
+    max_new_tokens."""
     jobs = [i for i in range(len(prompts)) for _ in range(k)]
     encoded = [tokenizer.encode_prompt(enc, p) for p in prompts]          # in the checkpoint's chat format
-    samples = []
+    samples, n_tokens = [], 0
     for start in range(0, len(jobs), batch_size):
         idx = jobs[start:start + batch_size]
         room = policy.config.block_size - max(len(encoded[i]) for i in idx)
         gen = M.generate(policy, [encoded[i] for i in idx], max(1, min(max_new_tokens, room)),
                          temperature=temperature, stop_ids=tokenizer.stop_ids(enc), pad_id=tokenizer.pad_id(enc),
                          generator=generator)
+        n_tokens += int(gen.lengths.sum())
         for row, i in enumerate(idx):
             text = tokenizer.decode(enc, gen.tokens[row, :int(gen.lengths[row])].tolist())
             samples.append((i, text, bool(gen.finished[row])))
-    return samples
+    return samples, n_tokens
 
 
 def pass_rates(rows: list[dict], samples) -> dict:
@@ -929,14 +931,14 @@ def from_model(args: Args) -> dict:
     claim_folders(args.out, summary_file)                      # a second writer is refused before sampling
     generator = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.time()
-    samples = sample_completions(policy, enc, [r["prompt"] for r in rows], args.k, args.temperature,
+    samples, sampled_tokens = sample_completions(policy, enc, [r["prompt"] for r in rows], args.k, args.temperature,
                                  args.max_new_tokens, args.batch_size, generator)
     seconds = time.time() - t0
     kept, counts = filter_samples(rows, samples, args, rng)
     written = kept if args.filter else unfiltered_rows(rows, samples)
     counts["written"] = len(written)
     texts = [text for _, text, _ in samples]
-    summary = {"args": asdict(args), "seconds": seconds, "counts": counts, "pass_rate": pass_rates(rows, samples),
+    summary = {"args": asdict(args), "seconds": seconds, "sampled_tokens": sampled_tokens, "counts": counts, "pass_rate": pass_rates(rows, samples),
                "sampled_pass": sum(finished and verify_row(text, rows[i])
                                    for i, text, finished in samples)
                / len(samples),

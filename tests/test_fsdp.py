@@ -81,7 +81,7 @@ def grpo_batch(seed=0, N=4, T=14):
 def grpo_rollout(tokens, mask, old_logprobs):
     n = tokens.shape[0]
     return grpo.Rollout(tokens, mask, old_logprobs, torch.zeros(n // 2, 2), torch.zeros(n // 2, 2),
-                        mask.sum(1).long(), torch.zeros(n, dtype=torch.bool), [""] * n)
+                        mask.sum(1).long(), torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool), [""] * n)
 
 
 def grpo_args():

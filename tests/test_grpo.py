@@ -276,6 +276,22 @@ def test_tiny_run_raises_mean_training_reward(tmp_path, monkeypatch):
             assert r["tokens_per_s"] > 0
 
 
+def test_the_token_counts_are_every_sampled_completion_and_every_predicted_token_of_each_epoch(tmp_path):
+    """sampled_tokens counts every completion token generated; trained_tokens the positions the update predicts:
+    (prompt + completion - 1) per kept sequence, once per epoch. tiny_setup's prompts are 6 bytes ("a+b=?\\n")."""
+    tmp = tiny_setup(tmp_path)
+    args = tiny_args(tmp, max_steps=3, update_epochs=2, dynamic_sampling=False)
+    results = grpo.train(args)
+    rows = [r for r in tasks.read_jsonl(str(tmp / "run" / "metrics.jsonl")) if r.get("kind") == "train"]
+    n = args.prompts_per_step * args.group_size
+    assert len(tokenizer.encode_prompt(tokenizer.get_tokenizer(), "1+2=?\n")) == 6
+    for r in rows:
+        assert n <= r["sampled_tokens"] <= n * args.max_new_tokens           # 1 to max_new_tokens each
+        assert r["trained_tokens"] == 2 * (n * (6 - 1) + r["sampled_tokens"])
+    assert results["sampled_tokens"] == sum(r["sampled_tokens"] for r in rows)
+    assert results["trained_tokens"] == sum(r["trained_tokens"] for r in rows)
+
+
 def test_first_update_ratio_is_one_with_sampler_logprobs(tmp_path):
     """The sampler's log-probs (KV cache, temperature, top-k) and the training forward agree, so the
     importance ratio at the first update is 1 to fp32 precision."""

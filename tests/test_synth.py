@@ -337,11 +337,14 @@ def tiny_checkpoint(path):
 def test_batched_greedy_sampling_matches_one_prompt_at_a_time(tmp_path):
     policy, enc, _ = checkpoints.load(tiny_checkpoint(tmp_path / "tiny.pt"))
     prompts = ["7+6=?\n", "357+486=?\n", "Ann has 12 apples. She buys 7 more. How many apples now?\n", "9*9=?\n"]
-    batched = S.sample_completions(policy, enc, prompts, 2, 0.0, 12, batch_size=8)
-    alone = []
+    batched, n_batched = S.sample_completions(policy, enc, prompts, 2, 0.0, 12, batch_size=8)
+    alone, n_alone = [], 0
     for i, p in enumerate(prompts):                           # one sequence per generate() call, no padding
-        alone += [(i, text, done) for _, text, done in S.sample_completions(policy, enc, [p], 2, 0.0, 12, 1)]
+        samples, n = S.sample_completions(policy, enc, [p], 2, 0.0, 12, 1)
+        alone += [(i, text, done) for _, text, done in samples]
+        n_alone += n
     assert [i for i, _, _ in batched] == [0, 0, 1, 1, 2, 2, 3, 3] and batched == alone
+    assert n_batched == n_alone and 8 <= n_batched <= 8 * 12     # 1 to 12 new tokens per completion
 
 
 def test_from_model_writes_only_verified_rows(tmp_path, monkeypatch):
@@ -352,7 +355,7 @@ def test_from_model_writes_only_verified_rows(tmp_path, monkeypatch):
     argv = ["--from-model", ckpt, "--prompts", str(data / "rl_train.jsonl"), "--n-prompts", "6", "--k", "2",
             "--max-new-tokens", "8", "--out", str(out), "--device", "cpu"]
     result = S.main(argv)                                      # a random model: real sampling, batched
-    assert result["counts"]["sampled"] == 12
+    assert result["counts"]["sampled"] == 12 and 12 <= result["sampled_tokens"] <= 12 * 8
     assert not out.exists() or all(S.verify(r["completion"], r["answer"]) for r in tasks.read_jsonl(str(out)))
 
     def oracle(policy, enc, prompts, k, *rest, **kw):          # a model that solves every other prompt
@@ -362,7 +365,7 @@ def test_from_model_writes_only_verified_rows(tmp_path, monkeypatch):
             problem = S.Problem(p, 0, {"+": "add", "-": "sub", "*": "mul"}[op], 0, (int(a), int(b)))
             text = S.format_completion(*S.worked_steps(problem)) if i % 2 == 0 else "1+1=2\n#### -1"
             samples += [(i, text, True)] * k
-        return samples
+        return samples, sum(len(text) for _, text, _ in samples)
 
     monkeypatch.setattr(S, "sample_completions", oracle)
     prompts = tmp_path / "arith.jsonl"
