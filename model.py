@@ -591,13 +591,13 @@ def sample(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
     A token of probability 0 is never drawn: its c_i equals c_(i-1), which was already >= u c_V; and u > 0.
     The sums and u are float64: in fp32 a token's share c_i - c_(i-1) is rounded to about 3e-8 and u comes
     in steps of 6e-8, which at a 152k-token vocabulary would misplace up to 0.5 % of the probability mass."""
+    if temperature == 0:        # greedy: a point mass on argmax z, log-prob 0 (sampling_logprobs' greedy case)
+        tokens = logits.argmax(-1)
+        return tokens, torch.zeros(tokens.shape, device=logits.device)
     logp = sampling_logprobs(logits, temperature, top_k, top_p, min_p)
-    if temperature == 0:
-        tokens = logp.argmax(-1)
-    else:
-        cumulative = logp.double().exp().cumsum(-1)                                            # (..., V)
-        u = 1.0 - torch.rand(logp.shape[:-1], generator=generator, dtype=torch.float64, device=logp.device)
-        tokens = torch.searchsorted(cumulative, (u * cumulative[..., -1])[..., None]).squeeze(-1)   # (...,)
+    cumulative = logp.double().exp().cumsum(-1)                                                # (..., V)
+    u = 1.0 - torch.rand(logp.shape[:-1], generator=generator, dtype=torch.float64, device=logp.device)
+    tokens = torch.searchsorted(cumulative, (u * cumulative[..., -1])[..., None]).squeeze(-1)   # (...,)
     return tokens, logp.gather(-1, tokens[..., None]).squeeze(-1)
 
 
@@ -751,8 +751,6 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
         stop = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
         out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         out_logprobs = torch.zeros(B, max_new_tokens, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        lengths = torch.zeros(B, dtype=torch.long, device=device)
         rows = torch.arange(B, device=device)       # the original row of each row still in the batch
         done = torch.zeros(B, dtype=torch.bool, device=device)
         next_pos = positions[prefill_row, -1] + 1                                 # (B,)
@@ -766,10 +764,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
                 token, logprob = token.masked_fill(done, pad_id), logprob.masked_fill(done, 0.0)
                 out_tokens[rows, t] = token
                 out_logprobs[rows, t] = logprob
-                lengths[rows] += (~done).long()        # count tokens, not non-pad ids
-                hit = torch.isin(token, stop) & ~done
-                finished[rows] |= hit
-                done |= hit
+                done |= torch.isin(token, stop)
                 n = t + 1
                 if t == max_new_tokens - 1:
                     break
@@ -783,6 +778,11 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
                         cache.keep(keep)
                 logits = decoder(token, next_pos, P + t, cache)
                 next_pos = next_pos + 1
+        # Each row's end, read off its tokens once rather than tracked every step: a row stops at its first stop
+        # id and holds pad_id after it, so that first stop id is its own (even when pad_id is a stop id).
+        stops = torch.isin(out_tokens[:, :n], stop)                             # (B, n)
+        finished = stops.any(1)                                                 # (B,)
+        lengths = (stops.cumsum(1) == 0).sum(1) + finished                      # (B,) tokens to the stop, included
     model.train(was_training)
     return Generation(out_tokens[:, :n].clone(), out_logprobs[:, :n].clone(), lengths.clone(), finished.clone())
 

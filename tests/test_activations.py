@@ -1,9 +1,7 @@
 """Tests for experiments/activations.py: a linear stack IS one matrix (built here from the weights), the best
 additive model of parity is exactly at chance (a convex fit, solved here), the activations' derivatives and
 their Gaussian moments against closed forms, dead units against a brute-force count, and a tiny end-to-end run."""
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -11,11 +9,9 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 from lib import cli
+from helpers import load_experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("activations", os.path.join(ROOT, "experiments", "activations.py"))
-E = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(E)
+E = load_experiment("activations")
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 stage's own parser; both tasks' GRPO runs share every setting but the data, the reward and the folder; the
 table is what the runs' summaries hold; and one tiny run goes through synth.py and grpo.py (with its control)
 for real, as subprocesses."""
-import importlib.util
 import json
 import os
 
@@ -14,11 +13,9 @@ import model as M
 from lib import checkpoints, cli, tasks, tokenizer
 import sft
 import synth as S
+from helpers import load_experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("countdown", os.path.join(ROOT, "experiments", "countdown.py"))
-E = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(E)
+E = load_experiment("countdown")
 
 CASES = [E.Args(), E.Args(out="o", data_dir="d", difficulty="2-4", n_sft=50, n_sft_test=5, n_rl=7, n_test=9,
                           mix="worked=1,bare=1", start="", sft_steps=7, grpo_steps=3, prompts_per_step=4,

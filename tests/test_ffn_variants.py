@@ -1,10 +1,8 @@
 """Tests for experiments/ffn_variants.py: the matched widths against the closed-form parameter counts (2Ch,
 3Ch_g, E 3C h_e + CE), the active/total split of MoE, the schedule's closed form, the held-out loss against
 F.cross_entropy on the whole set at once, the expert loads, the verdict's rule, and a tiny end-to-end run."""
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -13,11 +11,9 @@ from hypothesis import given, strategies as st
 
 from lib import cli, tasks
 import synth as S
+from helpers import load_experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("ffn_variants", os.path.join(ROOT, "experiments", "ffn_variants.py"))
-E = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(E)
+E = load_experiment("ffn_variants")
 
 
 @pytest.fixture

@@ -1,22 +1,12 @@
 """experiments/grpo_vs_ppo.py: both arms run as subprocesses of their own stage file with the same start,
 prompts, completions per step and budget; the table is read from each run's own files."""
-import importlib.util
 import json
-import os
 
 from lib import cli, tasks
 import grpo
 import ppo
 from test_grpo import tiny_setup
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_experiment():
-    spec = importlib.util.spec_from_file_location("grpo_vs_ppo", os.path.join(ROOT, "experiments", "grpo_vs_ppo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_experiment
 
 
 def tiny_argv(tmp):
@@ -27,7 +17,7 @@ def tiny_argv(tmp):
 
 
 def test_both_arms_get_the_same_inputs_and_parse_with_their_own_parsers(tmp_path):
-    experiment = load_experiment()
+    experiment = load_experiment("grpo_vs_ppo")
     args = cli.parse_args(experiment.Args, tiny_argv(tmp_path))
     grpo_args = cli.parse_args(grpo.Args, experiment.grpo_command(args, 0)[1:])
     ppo_args = cli.parse_args(ppo.Args, experiment.ppo_command(args, 0)[1:])
@@ -40,7 +30,7 @@ def test_both_arms_get_the_same_inputs_and_parse_with_their_own_parsers(tmp_path
 
 def test_tiny_comparison_produces_the_table_with_both_rows(tmp_path):
     tmp = tiny_setup(tmp_path)
-    table = load_experiment().main(tiny_argv(tmp))
+    table = load_experiment("grpo_vs_ppo").main(tiny_argv(tmp))
     text = open(tmp / "cmp" / "comparison.md").read()
     assert "| GRPO |" in text and "| PPO |" in text
     for algo in ("grpo", "ppo"):

@@ -1,7 +1,6 @@
 """Tests for experiments/norm_position.py: the per-layer gradient norms add up to torch's total norm, the bigram
 entropy equals the cross-entropy of the fitted bigram table (F.cross_entropy), the warmup and the paper's init
 against their closed forms, pre-LN's identity path, and a tiny end-to-end run that prints both tables."""
-import importlib.util
 import json
 import math
 import os
@@ -13,11 +12,9 @@ from hypothesis import given, strategies as st
 
 from lib import cli, tasks, tokenizer
 import synth as S
+from helpers import load_experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("norm_position", os.path.join(ROOT, "experiments", "norm_position.py"))
-E = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(E)
+E = load_experiment("norm_position")
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 estimator against enumeration of every subset, the fits against synthetic curves with known alpha and beta,
 the peaks against a dense grid, every stage command parsed by its target's own parser, and a tiny end-to-end
 run that produces the table."""
-import importlib.util
 import itertools
 import json
 import math
@@ -19,19 +18,10 @@ from lib import checkpoints, cli, tasks, tokenizer
 import ppo
 import reward
 import sft
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_experiment():
-    spec = importlib.util.spec_from_file_location("overoptimization",
-                                                  os.path.join(ROOT, "experiments", "overoptimization.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_experiment
 
 
-X = load_experiment()
+X = load_experiment("overoptimization")
 
 
 # ---- best-of-n: the KL closed form and the estimator ---------------------------------------------------

@@ -7,7 +7,6 @@ one of them with the target's own `cli.parse_args(target.Args, ...)` and checks 
 it checks by reading the source that no file builds a command any other way."""
 import ast
 import importlib
-import importlib.util
 import os
 
 import pytest
@@ -16,15 +15,9 @@ from lib import cli
 import grpo
 import sft
 import synth
+from helpers import load_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def experiment(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parsed(command):
@@ -63,7 +56,7 @@ def test_sft_builds_its_data_with_synth():
 
 
 def test_grpo_vs_ppo_arms_parse_with_their_own_parsers():
-    E = experiment("grpo_vs_ppo")
+    E = load_experiment("grpo_vs_ppo")
     args = cli.parse_args(E.Args, ["--seeds", "4", "--max-steps", "3", "--time-budget", "0"])
     g, p = parsed(E.grpo_command(args, 4)), parsed(E.ppo_command(args, 4))
     assert (g.seed, p.seed, g.max_steps, p.max_steps, g.control, p.control, p.reward) == (4, 4, 3, 3, False, False,
@@ -71,7 +64,7 @@ def test_grpo_vs_ppo_arms_parse_with_their_own_parsers():
 
 
 def test_self_training_commands_parse_with_their_own_parsers():
-    E = experiment("self_training")
+    E = load_experiment("self_training")
     args = cli.parse_args(E.Args, [])
     assert parsed(E.sample_command(args, "c.pt", "o")).from_model == "c.pt"
     assert parsed(E.sft_command(args, "c.pt", "d.jsonl", "r")).init == "c.pt"
@@ -115,6 +108,7 @@ NAMED_BUT_MISSING = {   # script, its arguments: every other input is a default 
     "ppo --reward-model": ("ppo.py", ["--reward", "rm", "--reward-model", "typo.pt"], "typo.pt"),
     "reward --test-data": ("reward.py", ["--test-data", "typo.jsonl"], "typo.jsonl"),
     "self_training --init": ("experiments/self_training.py", ["--init", "typo.pt"], "typo.pt"),
+    "rl_from_instruct --init": ("experiments/rl_from_instruct.py", ["--init", "typo.gguf"], "typo.gguf"),
 }
 
 

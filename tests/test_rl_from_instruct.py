@@ -1,6 +1,5 @@
 """experiments/rl_from_instruct.py: one grpo.py run per seed makes GRPO and its three controls from the same start;
 the SFT arm trains on the prompts' final answers alone; the table is read from each arm's own records."""
-import importlib.util
 import json
 import os
 
@@ -10,16 +9,7 @@ from lib import checkpoints, cli, rundir, tasks
 import grpo
 import synth
 from test_grpo import tiny_setup
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_experiment():
-    spec = importlib.util.spec_from_file_location("rl_from_instruct",
-                                                  os.path.join(ROOT, "experiments", "rl_from_instruct.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_experiment
 
 
 def gsm8k_files(tmp):
@@ -41,7 +31,7 @@ def tiny_argv(tmp, *extra):
 def test_the_sft_arm_trains_on_each_prompt_s_final_answer_alone(tmp_path):
     tmp = tiny_setup(tmp_path)
     gsm8k_files(tmp)
-    load_experiment().write_answers(str(tmp / "train.jsonl"), str(tmp / "answers.jsonl"))
+    load_experiment("rl_from_instruct").write_answers(str(tmp / "train.jsonl"), str(tmp / "answers.jsonl"))
     prompts, answers = tasks.read_prompts(str(tmp / "train.jsonl")), tasks.read_demonstrations(str(tmp / "answers.jsonl"))
     assert [a["prompt"] for a in answers] == [p["prompt"] for p in prompts]
     for prompt, answer in zip(prompts, answers):
@@ -50,7 +40,7 @@ def test_the_sft_arm_trains_on_each_prompt_s_final_answer_alone(tmp_path):
 
 
 def test_the_seed_command_runs_every_arm_from_the_same_start_and_parses(tmp_path):
-    experiment = load_experiment()
+    experiment = load_experiment("rl_from_instruct")
     args = cli.parse_args(experiment.Args, tiny_argv(tmp_path))
     data = {"prompts": "p.jsonl", "eval": "e.jsonl", "answers": "a.jsonl", "eval_answers": "ea.jsonl"}
     run = cli.parse_args(grpo.Args, experiment.grpo_command(args, 3, data)[1:])
@@ -68,16 +58,29 @@ def test_the_seed_command_runs_every_arm_from_the_same_start_and_parses(tmp_path
     (["--data", "a.jsonl"], "--data and --eval-data go together"), (["--dtype", "fp8"], "--dtype"),
 ])
 def test_bad_options_are_one_line_before_anything_runs(tmp_path, argv, message):
-    experiment = load_experiment()
+    experiment = load_experiment("rl_from_instruct")
     with pytest.raises(cli.UserError, match=message):
         experiment.check_args(cli.parse_args(experiment.Args, ["--out", str(tmp_path / "exp"), *argv]))
     assert not (tmp_path / "exp").exists()
 
 
+def test_a_bad_named_file_is_one_line_before_the_output_folder_exists(tmp_path):
+    tmp = tiny_setup(tmp_path)
+    gsm8k_files(tmp)
+    (tmp / "bad.jsonl").write_text('{"question": "1+1=?", "answer": "2"}\n')        # a GSM8K answer with no '####'
+    experiment = load_experiment("rl_from_instruct")
+    for argv, message in ((["--eval-data", str(tmp / "bad.jsonl")], r"bad.jsonl:1: a GSM8K answer must end with"),
+                          (["--data", str(tmp / "none.jsonl")], r"none.jsonl: no such file"),
+                          (["--report"], r"exp: no such folder")):
+        with pytest.raises(cli.UserError, match=message):
+            experiment.main(tiny_argv(tmp, *argv))
+        assert not (tmp / "exp").exists()
+
+
 def test_tiny_run_on_a_gsm8k_file_reads_every_arm_from_its_own_records(tmp_path):
     tmp = tiny_setup(tmp_path)
     gsm8k_files(tmp)
-    experiment = load_experiment()
+    experiment = load_experiment("rl_from_instruct")
     done = experiment.main(tiny_argv(tmp))
     run = tmp / "exp" / "seed0"
     summary = json.load(open(run / "summary.json"))
@@ -112,7 +115,7 @@ def test_tiny_run_on_a_gsm8k_file_reads_every_arm_from_its_own_records(tmp_path)
 
 
 def test_the_verdict_needs_ten_points_and_two_standard_errors_over_every_control():
-    verdict = load_experiment().verdict
+    verdict = load_experiment("rl_from_instruct").verdict
     arm = lambda greedy, stderr=0.02: {"greedy": greedy, "stderr": stderr}
     arms = {"start": arm(0.10), "grpo": arm(0.40), "control": arm(0.30), "rft": arm(0.30), "random": arm(0.05)}
     result = verdict(arms)

@@ -1,7 +1,6 @@
 """Tests for experiments/self_training.py: every command line it builds is parsed by the target stage's own
 parser (no stand-in scripts that accept any flag), and one round runs for real (synth.py and sft.py as
 subprocesses, on a tiny model), checked against the files the stages wrote."""
-import importlib.util
 import json
 import os
 
@@ -12,11 +11,9 @@ import model as M
 from lib import checkpoints, cli, tasks, tokenizer
 import sft
 import synth as S
+from helpers import load_experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("self_training", os.path.join(ROOT, "experiments", "self_training.py"))
-E = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(E)
+E = load_experiment("self_training")
 
 
 def small_data(tmp_path):
