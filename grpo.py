@@ -551,7 +551,7 @@ def rft_sampling_command(args, steps: int) -> list:
                                 n_prompts=max(1, steps * args.prompts_per_step), k=args.group_size,
                                 temperature=args.temperature, max_new_tokens=args.max_new_tokens, keep_bare=True,
                                 system_prompt=args.system_prompt, out=os.path.join(args.out, "rft", "samples.jsonl"),
-                                seed=args.seed, device=args.device)
+                                seed=args.seed, device=args.device, threads=args.threads)
 
 
 def random_reward_command(args, mean: float) -> list:

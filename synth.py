@@ -99,6 +99,7 @@ class Args:
     out: str = "data/sft_model.jsonl"        # the SFT file of sampled rows
     summary: str = ""                        # JSON of counts, pass rates, distinct-n ("" = --out's stem + .summary.json)
     device: str = "auto"                     # auto|cpu|cuda
+    threads: int = 0                         # torch CPU threads of --from-model sampling (0 = torch's default)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,6 +924,8 @@ def from_model(args: Args) -> dict:
     summary as one set (neither when no sample passes). With --no-filter, --out holds every sample and the
     summary still counts what the filter would have kept. -> the summary (counts, pass rates, distinct-n)."""
     device, rng = cli.get_device(args.device), random.Random(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     policy, enc, _ = checkpoints.load(args.from_model, device)           # inputs first: a bad one writes nothing
     if args.system_prompt:
         tokenizer.set_system_prompt(enc, args.system_prompt)
@@ -1100,7 +1103,7 @@ def check_args(args: Args) -> None:
     """Every option, before anything is read or written (a bad value: one line, exit 2, no file): sizes, the
     seed, the temperature and the Jaccard threshold, the families, style and kind mixes and difficulty ranges
     (parsed here, so a typo fails before any file is touched), the device and the output paths."""
-    cli.check_options(args, seed=("seed",), non_negative=("temperature",), probability=("jaccard",))
+    cli.check_options(args, seed=("seed",), non_negative=("temperature", "threads"), probability=("jaccard",))
     cli.require_at_least(args, 1, "n_sft", "n_sft_test", "n_rl", "n_test", "n_prefs", "n_prefs_test", "n_prompts", "k",
                          "max_new_tokens", "batch_size", "ngram")
     cli.require_at_least(args, 0, "n_diagnostic", "n_examples")

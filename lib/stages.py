@@ -8,6 +8,7 @@ tests/test_pipeline.py parses every such command with the target's parser.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -53,14 +54,20 @@ def ensure_input(path: str, default_path: str, command: list[str]) -> str:
     if os.path.exists(path):
         return path
     check_named_inputs((path, default_path))
-    print(f"{path} is missing; making it with: python {' '.join(command)}", flush=True)
+    print(f"{path} is missing; making it with: {shell_line(command)}", flush=True)
     try:
         run_stage(command, echo=False)
     except cli.UserError as e:
         raise cli.UserError(f"{path}: could not make it: {e}") from None
     if not os.path.exists(path):
-        raise cli.UserError(f"{path}: `python {' '.join(command)}` finished without making it")
+        raise cli.UserError(f"{path}: `{shell_line(command)}` finished without making it")
     return path
+
+
+def shell_line(command: list[str]) -> str:
+    """The command as a line a shell runs as given: `python` and each argument quoted where it must be (a system
+    prompt with spaces or newlines stays one argument)."""
+    return shlex.join(["python", *command])
 
 
 def run_stage(command: list[str], echo: bool = True) -> None:
@@ -68,8 +75,8 @@ def run_stage(command: list[str], echo: bool = True) -> None:
     arguments, run with this Python. A non-zero exit is a UserError naming the command."""
     script = os.path.join(PROJECT_ROOT, command[0])
     if echo:
-        print(f"running: python {' '.join(command)}", flush=True)
+        print(f"running: {shell_line(command)}", flush=True)
     result = subprocess.run([sys.executable, script, *command[1:]])
     if result.returncode != 0:
-        raise cli.UserError(f"`python {' '.join(command)}` failed with exit status {result.returncode}")
+        raise cli.UserError(f"`{shell_line(command)}` failed with exit status {result.returncode}")
 

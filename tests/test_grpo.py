@@ -384,8 +384,9 @@ def test_the_random_reward_has_the_given_mean_and_ignores_the_completion(mean, t
 
 def test_the_control_arms_commands_parse_with_their_stages_parsers(tmp_path):
     import synth
-    args = tiny_args(tmp_path, controls="sft,rft,random")
+    args = tiny_args(tmp_path, controls="sft,rft,random", threads=1)
     sampling = cli.parse_args(synth.Args, grpo.rft_sampling_command(args, 3)[1:])
+    assert sampling.threads == 1                             # sampling shares the CPU as the other arms do
     assert (sampling.from_model, sampling.prompts, sampling.n_prompts, sampling.k) == \
         (args.init, args.data, 3 * args.prompts_per_step, args.group_size)
     assert sampling.keep_bare and sampling.temperature == args.temperature

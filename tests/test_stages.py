@@ -8,6 +8,8 @@ reads stage_command's arguments back to the same fields.
 """
 from __future__ import annotations
 
+import shlex
+
 import pytest
 import torch
 
@@ -41,3 +43,9 @@ def test_stage_command_parses_back_to_the_same_fields():
     args = cli.parse_args(RuleArgs, command[1:])
     assert (args.lr, args.steps, args.top_p) == (0.25, 3, 0.5)
     assert stages.stage_command("x.py", control=True, png=False) == ["x.py", "--control", "--no-png"]
+
+
+def test_a_printed_command_line_splits_back_into_the_same_arguments():
+    """shell_line quotes what a shell would split: a system prompt with spaces, quotes and newlines is one argument."""
+    command = stages.stage_command("grpo.py", system_prompt="Solve it.\nQ: 1+1=?\nA: it's 2\n#### 2", out="runs/a b")
+    assert shlex.split(stages.shell_line(command)) == ["python", *command]

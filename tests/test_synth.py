@@ -451,6 +451,7 @@ OPTION_CASES = [  # (extra argv, the option the error names)
     (["--batch-size", "0"], "--batch-size"), (["--ngram", "0"], "--ngram"), (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--temperature", "-1"], "--temperature"), (["--temperature", "nan"], "--temperature"),
     (["--temperature", "1e-300"], "--temperature"), (["--jaccard", "1.5"], "--jaccard"), (["--jaccard", "nan"], "--jaccard"),
+    (["--threads", "-1"], "--threads"),
     (["--mix", "worked=x"], "--mix"), (["--mix", "lazy=1"], "--mix"), (["--mix", "worked=0"], "--mix"),
     (["--test-mix", ""], "--test-mix"), (["--pref-mix", "off_by_one=-1"], "--pref-mix"),
     (["--sft-difficulty", "0-3"], "--sft-difficulty"), (["--rl-difficulty", "4-2"], "--rl-difficulty"),
