@@ -40,9 +40,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lib import cli, rundir, stages, tasks  # noqa: E402  (the project root is on the path only now)
 
 
-# The format instruction with one worked example: SmolLM2-135M-Instruct's greedy accuracy on one-digit additions is
-# 50 % with it and 5 % with the instruction alone (docs/real_models.md).
-SYSTEM_PROMPT = "Solve the problem. End your reply with the final answer after ####. Example:\nQ: 12+7=?\nA: 12+7=19\n#### 19"
+# The format instruction with one worked example (a name and an item synth.py never draws, so it is no held-out
+# prompt): SmolLM2-135M-Instruct's zero-shot accuracy with it and without it in docs/real_models.md.
+SYSTEM_PROMPT = ("Solve the problem. End your reply with the final answer after ####. Example:\n"
+                 "Q: Lia has 12 plums. She buys 7 more. How many plums now?\nA: 12+7=19\n#### 19")
 
 
 @dataclass
@@ -51,10 +52,11 @@ class Args:
     system_prompt: str = SYSTEM_PROMPT     # tells the start the answer format (the verifier reads `#### answer`)
     data: str = ""                         # RL prompts with final answers, {"prompt", "answer"} or GSM8K's ("" = the synthetic task into OUT/data)
     eval_data: str = ""                    # held-out prompts, the same for every arm ("" = the synthetic task's)
-    families: str = "add,sub,word"         # the synthetic task (synth.py --families), when --data is not given
-    difficulty: str = "1"                  # its difficulty (synth.py --rl-difficulty and --test-difficulty)
+    families: str = "word"                 # the synthetic task (synth.py --families), when --data is not given
+    difficulty: str = "1"                  # its difficulty: 1 = one-step word problems (synth.py --rl-difficulty)
+    n_rl: int = 5000                       # its training prompts (held-out: --n-eval)
     out: str = "runs/rl_from_instruct"     # folder: data/, seed<S>/ (grpo.py's run, its control arms inside), results.md
-    seeds: str = "0,1,2"                   # comma-separated seeds, one grpo.py run each; a finished seed is read, not rerun
+    seeds: str = "0,1,2"                   # comma-separated seeds, one grpo.py run each; a seed run on the same inputs is read
     report: bool = False                   # only read the seeds already run and print the table
     # GRPO (each control gets GRPO's minutes, the random arm its steps)
     max_steps: int = 30                    # GRPO steps per seed
@@ -93,7 +95,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def check_args(args) -> None:
     parse_seeds(args.seeds)
-    cli.check_options(args, positive=("prompts_per_step", "max_new_tokens", "n_eval", "pass_k"),
+    cli.check_options(args, positive=("prompts_per_step", "max_new_tokens", "n_eval", "pass_k", "n_rl"),
                       non_negative=("lr", "control_lr", "threads"), temperature=("temperature",))
     cli.require_at_least(args, 2, "group_size")
     cli.check_budget(args)
@@ -117,12 +119,14 @@ def default_model() -> str:
 
 
 def task_command(args) -> list:
-    """synth.py: the synthetic prompts (final answers only are used) and held-out prompts, into OUT/data."""
+    """synth.py: --n-rl prompts and --n-eval held-out prompts, disjoint, into OUT/data. Only their final answers are
+    used; synth.py also writes demonstrations and preference pairs, one each here (every split draws distinct
+    prompts from the same pool)."""
     return stages.stage_command("synth.py", out_dir=os.path.join(args.out, "data"), families=args.families,
                                 rl_difficulty=args.difficulty, test_difficulty=args.difficulty,
                                 sft_difficulty=args.difficulty, pref_difficulty=args.difficulty,
-                                n_sft=200, n_sft_test=50, n_prefs=50, n_prefs_test=20, n_diagnostic=5,
-                                n_rl=5000, n_test=max(args.n_eval, 100), n_examples=0)
+                                n_sft=1, n_sft_test=1, n_prefs=1, n_prefs_test=1, n_diagnostic=0,
+                                n_rl=args.n_rl, n_test=args.n_eval, n_examples=0)
 
 
 def write_answers(prompts: str, out: str) -> None:
@@ -151,10 +155,9 @@ def prepare_data(args) -> dict:
     folder = os.path.join(args.out, "data")
     if args.data:
         prompts, eval_prompts = args.data, args.eval_data
-    else:
+    else:                   # made every time (a second): the same files for the same options, new ones for new
         prompts, eval_prompts = os.path.join(folder, "rl_train.jsonl"), os.path.join(folder, "rl_test.jsonl")
-        if not (os.path.exists(prompts) and os.path.exists(eval_prompts)):
-            stages.run_stage(task_command(args))
+        stages.run_stage(task_command(args))
     data = {"prompts": prompts, "eval": eval_prompts, "answers": os.path.join(folder, "answers_train.jsonl"),
             "eval_answers": os.path.join(folder, "answers_test.jsonl")}
     os.makedirs(folder, exist_ok=True)
@@ -241,22 +244,24 @@ def main(argv=None) -> dict:
     if not args.report:             # every named input, before anything is written
         args.init = args.init or default_model()
         stages.check_named_inputs((args.init, ""), *([(args.data, ""), (args.eval_data, "")] if args.data else []))
-        if args.data:
-            tasks.read_prompts(args.data), tasks.read_prompts(args.eval_data)     # a malformed line: file:line
+        for path in (args.data, args.eval_data) if args.data else ():
+            tasks.read_prompts(path)                                # a malformed line: one error naming file:line
     rundir.claim_run_dir(args.out)
     if not args.report:
         data = prepare_data(args)
         for seed in seeds:
             run = os.path.join(args.out, f"seed{seed}")
+            # what the run depends on: its command line and the bytes of the files it names
             command = grpo_command(args, seed, data)
-            record = os.path.join(args.out, f"seed{seed}.command.json")     # ours; the run folder is grpo.py's
+            inputs = {"command": command, "sha256": {path: rundir.sha256(path) for path in (args.init, *data.values())}}
+            record = os.path.join(args.out, f"seed{seed}.inputs.json")      # ours; the run folder is grpo.py's
             if os.path.exists(os.path.join(run, "summary.json")) and os.path.exists(record) \
-                    and json.load(open(record)) == command:
-                print(f"seed {seed}: already run with this command ({run}); reading it")
+                    and json.load(open(record)) == inputs:
+                print(f"seed {seed}: already run on these inputs ({run}); reading it")
                 continue
             stages.run_stage(command)
             with rundir.atomic_write(record) as f:
-                json.dump(command, f)
+                json.dump(inputs, f, indent=1)
     done = {s: read_seed(os.path.join(args.out, f"seed{s}")) for s in seeds
             if os.path.exists(os.path.join(args.out, f"seed{s}", "summary.json"))}
     if not done:

@@ -50,7 +50,7 @@ def test_the_seed_command_runs_every_arm_from_the_same_start_and_parses(tmp_path
     assert (run.seed, run.system_prompt, run.lr, run.control_lr) == (3, "", args.lr, args.control_lr)
     task = cli.parse_args(synth.Args, experiment.task_command(args)[1:])        # the synthetic task, by synth.py's parser
     assert (task.families, task.rl_difficulty, task.test_difficulty) == (args.families, args.difficulty, args.difficulty)
-    assert task.n_test >= args.n_eval and task.out_dir == str(tmp_path / "exp" / "data")
+    assert (task.n_rl, task.n_test, task.out_dir) == (args.n_rl, args.n_eval, str(tmp_path / "exp" / "data"))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -105,7 +105,12 @@ def test_tiny_run_on_a_gsm8k_file_reads_every_arm_from_its_own_records(tmp_path)
     assert 32 <= sum(r["sampled_tokens"] for r in train_rows) == summary["sampled_tokens"] <= 32 * 6
     assert arms["grpo"]["sampled_tps"] == pytest.approx(summary["sampled_tokens"] / (60 * summary["train_minutes"]))
     assert arms["start"]["sampled_tps"] == arms["control"]["sampled_tps"] == 0.0 and arms["control"]["trained_tps"] > 0
-    # the same command again reads the finished seed instead of running it; --report only reads
+    # the same command again, on the same files, reads the finished seed instead of running it; --report only reads
+    record = json.load(open(tmp / "exp" / "seed0.inputs.json"))
+    assert record["command"][0] == "grpo.py" and record["sha256"] == {
+        path: rundir.sha256(path) for path in (str(tmp / "start.pt"), str(tmp / "train.jsonl"), str(tmp / "test.jsonl"),
+                                               str(tmp / "exp" / "data" / "answers_train.jsonl"),
+                                               str(tmp / "exp" / "data" / "answers_test.jsonl"))}
     before = os.path.getmtime(run / "summary.json")
     assert experiment.main(tiny_argv(tmp))[0]["arms"] == arms
     assert experiment.main(tiny_argv(tmp, "--report"))[0]["arms"] == arms
