@@ -744,7 +744,6 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
         prefill_row = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
         tokens, mask = padded_batch(list(distinct), pad_id, side="left", device=device)
         positions, doc_ids = left_pad_inputs(mask)
-        # None: the hand-captured CUDA graph on CUDA (not inductor, until a GPU measurement says so), eager on a CPU
         decoder = Decoder(model, device.type == "cuda" if compile is None else compile)
         cache_type = DenseKVCache if decoder.mode == "eager" else KVCache      # eager: the denser layout
         cache = cache_type(model.config, len(distinct), P + max_new_tokens, device)

