@@ -245,6 +245,7 @@ def main(argv=None) -> dict:
         stages.check_named_inputs((args.init, ""), *([(args.data, ""), (args.eval_data, "")] if args.data else []))
         for path in (args.data, args.eval_data) if args.data else ():
             tasks.read_prompts(path)                                # a malformed line: one error naming file:line
+        checkpoints.load(args.init)         # a damaged or hostile model: one line naming it (grpo.py loads it again)
     rundir.claim_run_dir(args.out)
     if not args.report:
         data = prepare_data(args)

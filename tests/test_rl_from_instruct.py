@@ -68,10 +68,12 @@ def test_a_bad_named_file_is_one_line_before_the_output_folder_exists(tmp_path):
     tmp = tiny_setup(tmp_path)
     gsm8k_files(tmp)
     (tmp / "bad.jsonl").write_text('{"question": "1+1=?", "answer": "2"}\n')        # a GSM8K answer with no '####'
+    (tmp / "bad.gguf").write_bytes(bytes(range(256)) * 4)                              # not a model
     experiment = load_experiment("rl_from_instruct")
     for argv, message in ((["--eval-data", str(tmp / "bad.jsonl")], r"bad.jsonl:1: a GSM8K answer must end with"),
                           (["--data", str(tmp / "none.jsonl")], r"none.jsonl: no such file"),
-                          (["--report"], r"exp: no such folder")):
+                          (["--report"], r"exp: no such folder"),
+                          (["--init", str(tmp / "bad.gguf")], r"bad.gguf: not a GGUF file")):
         with pytest.raises(cli.UserError, match=message):
             experiment.main(tiny_argv(tmp, *argv))
         assert not (tmp / "exp").exists()
